@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` (the main job) and `make test`.
+# Each creates or reuses .venv and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastvae-installed
+# A bare `torch` requirement pulls a multi-GB CUDA build; this pin takes the CPU build.
+TORCH_CPU := torch==2.13.0
+
+.PHONY: install test demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_CPU)"
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) -m fastvae demo
+
+bench: $(STAMP)
+	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-only --benchmark-json=benchmarks/results/latest.json
+	$(PY) -m benchmarks.report benchmarks/results/latest.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

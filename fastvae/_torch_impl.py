@@ -1,0 +1,231 @@
+"""The PyTorch path: implementation for every device the Triton kernels don't
+serve, and the reference the kernels are held to.
+
+Each function computes, in the same pass as the value, the gradient of the
+reduced value with respect to its inputs (before ``grad_output`` and ``beta``
+are applied), so the backward only scales it. Math runs in float32 (float64
+for float64 inputs); gradients come back in each input's own dtype. Inputs are
+never written; every buffer written in place here was allocated here.
+
+Formulas (per element, summed over each sample's non-batch dims):
+  mse         (x_hat - x)^2                         d/dx_hat = 2 (x_hat - x)
+  l1          |x_hat - x|                           d/dx_hat = sign(x_hat - x)
+  bce         -(x max(log p, -100) + (1 - x) max(log(1 - p), -100)),  p = x_hat
+                                                    d/dp = (p - x) / max(p (1 - p), 1e-12)
+  bce_logits  softplus(l) - l x,  l = x_hat         d/dl = sigmoid(l) - x
+  kl          -1/2 (1 + lv - mu^2 - exp(lv))        d/dmu = mu, d/dlv = (exp(lv) - 1) / 2
+with lv = clamp(logvar, lo, hi) and d/dlogvar = 0 where the clamp was active.
+"""
+
+import torch
+
+BCE_LOG_FLOOR = -100.0  # F.binary_cross_entropy clamps its logs here
+BCE_GRAD_EPS = 1e-12  # ...and the denominator of its gradient here
+
+
+def compute_dtype(*tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def reduction_scale(reduction, batch, numel):
+    """Factor that turns a sum over everything into the given reduction."""
+    if reduction == "batchmean":
+        return 1.0 / batch
+    if reduction == "mean":
+        return 1.0 / numel
+    return 1.0  # "sum", and "none" (per-sample sums)
+
+
+def reduce_per_sample(per_sample, reduction, scale):
+    if reduction == "none":
+        return per_sample
+    total = per_sample.sum()
+    return total if scale == 1.0 else total * scale
+
+
+def _as(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _empty_like_contiguous(t, dtype):
+    return torch.empty(t.shape, dtype=dtype, device=t.device)
+
+
+def _difference(x_hat, x, dtype):
+    """x_hat - x in ``dtype``, in a fresh contiguous buffer (it becomes the gradient)."""
+    out = _empty_like_contiguous(x_hat, dtype)
+    return torch.sub(_as(x_hat, dtype), _as(x, dtype), out=out)
+
+
+def _rows(t):
+    return t.reshape(t.shape[0], -1)
+
+
+def _row_dot(a, b):
+    return torch.linalg.vecdot(_rows(a), _rows(b), dim=1)
+
+
+def _row_sum(t):
+    return _rows(t).sum(dim=1)
+
+
+def recon_per_sample(x_hat, x, recon, dtype, grad_scale):
+    """Per-sample reconstruction sums (N,) and, if ``grad_scale`` is not None,
+    ``grad_scale`` times the gradient of their sum with respect to ``x_hat``."""
+    want_grad = grad_scale is not None
+    if recon in ("mse", "l1"):
+        diff = _difference(x_hat, x, dtype)
+        if recon == "mse":
+            per_sample = _row_dot(diff, diff)
+            grad = diff.mul_(2.0 * grad_scale) if want_grad else None
+        else:
+            per_sample = torch.linalg.vector_norm(_rows(diff), ord=1, dim=1)
+            grad = diff.sign_().mul_(grad_scale) if want_grad else None
+        return per_sample, grad
+
+    p, target = _as(x_hat, dtype), _as(x, dtype)
+    if recon == "bce_logits":
+        per_sample = _row_sum(torch.nn.functional.softplus(p)) - _row_dot(p, target)
+        grad = None
+        if want_grad:
+            grad = torch.sigmoid(p, out=_empty_like_contiguous(p, dtype))
+            grad.sub_(target).mul_(grad_scale)
+        return per_sample, grad
+
+    # bce: -(x log p + (1 - x) log(1 - p)) = -lerp(log(1 - p), log p, x)
+    log_p = torch.log(p).clamp_min_(BCE_LOG_FLOOR)
+    log_1mp = torch.neg(p).log1p_().clamp_min_(BCE_LOG_FLOOR)
+    per_sample = -_row_sum(torch.lerp(log_1mp, log_p, target, out=log_p))
+    grad = None
+    if want_grad:
+        denom = torch.mul(p, 1.0 - p).clamp_min_(BCE_GRAD_EPS)
+        grad = _difference(p, target, dtype).div_(denom).mul_(grad_scale)
+    return per_sample, grad
+
+
+def recon_grad_wrt_target(x_hat, recon, dtype):
+    """Gradient of the per-element recon term with respect to the target ``x``,
+    for the losses where it is not simply -d/dx_hat (bce, bce_logits)."""
+    p = _as(x_hat, dtype)
+    if recon == "bce_logits":
+        return -p
+    log_p = torch.log(p).clamp_min_(BCE_LOG_FLOOR)
+    log_1mp = torch.neg(p).log1p_().clamp_min_(BCE_LOG_FLOOR)
+    return log_1mp.sub_(log_p)
+
+
+def _clamped(logvar, lo, hi):
+    if lo is None:
+        return logvar
+    return logvar.clamp(lo, hi)
+
+
+def _unclamped_mask(logvar, lo, hi):
+    """1 where clamp(logvar, lo, hi) passes the gradient (torch.clamp's rule), else 0."""
+    return (logvar >= lo) & (logvar <= hi)
+
+
+def kl_per_sample(mu, logvar, lo, hi, dtype, grad_scale):
+    """Per-sample KL(N(mu, exp(logvar)) || N(0, I)) sums (N,) and, if
+    ``grad_scale`` is not None, ``grad_scale`` times the gradients of their sum
+    with respect to mu and logvar."""
+    mu_c, lv = _as(mu, dtype), _clamped(_as(logvar, dtype), lo, hi)
+    var = torch.exp(lv)
+    # exp(lv) - 1 - lv, reused below as the logvar gradient's exp(lv) - 1
+    per_sample = 0.5 * (_row_dot(mu_c, mu_c) + _row_sum(var - 1.0 - lv))
+    if grad_scale is None:
+        return per_sample, None, None
+    grad_mu = torch.mul(mu_c, grad_scale, out=_empty_like_contiguous(mu_c, dtype))
+    grad_logvar = var.sub_(1.0).mul_(0.5 * grad_scale)
+    if lo is not None:
+        grad_logvar.mul_(_unclamped_mask(_as(logvar, dtype), lo, hi))
+    return per_sample, grad_mu, grad_logvar
+
+
+def vae_loss_forward(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
+                     clamp_lo, clamp_hi, grad_recon, grad_kl):
+    """Returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar); the
+    gradients are of the *reduced* recon and kl (beta not applied), or empty
+    tensors when not asked for."""
+    dtype = compute_dtype(x_hat, x, mu, logvar)
+    batch = x_hat.shape[0]
+    recon_scale = reduction_scale(reduction, batch, x_hat.numel())
+    kl_scale = reduction_scale(reduction, batch, mu.numel())
+
+    recon_rows, g_xhat = recon_per_sample(
+        x_hat, x, recon, dtype, recon_scale if grad_recon else None)
+    kl_rows, g_mu, g_lv = kl_per_sample(
+        mu, logvar, clamp_lo, clamp_hi, dtype, kl_scale if grad_kl else None)
+
+    recon_out = reduce_per_sample(recon_rows, reduction, recon_scale)
+    kl_out = reduce_per_sample(kl_rows, reduction, kl_scale)
+    beta_c = beta_value if beta is None else _as(beta, dtype)
+    loss = recon_out + beta_c * kl_out
+    empty = x_hat.new_empty(0)
+    return (
+        loss, recon_out, kl_out,
+        empty if g_xhat is None else _as(g_xhat, x_hat.dtype),
+        empty if g_mu is None else _as(g_mu, mu.dtype),
+        empty if g_lv is None else _as(g_lv, logvar.dtype),
+    )
+
+
+def kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
+    """Returns (kl, grad_mu, grad_logvar) for the reduced KL; gradients empty if not asked for."""
+    dtype = compute_dtype(mu, logvar)
+    scale = reduction_scale(reduction, mu.shape[0], mu.numel())
+    rows, g_mu, g_lv = kl_per_sample(mu, logvar, clamp_lo, clamp_hi, dtype,
+                                     scale if want_grad else None)
+    empty = mu.new_empty(0)
+    return (
+        reduce_per_sample(rows, reduction, scale),
+        empty if g_mu is None else _as(g_mu, mu.dtype),
+        empty if g_lv is None else _as(g_lv, logvar.dtype),
+    )
+
+
+# ---- reparameterization -------------------------------------------------
+
+def standard_normal(seed, shape, dtype, device):
+    """The noise eps ~ N(0, I) of one reparameterize call, reproducible from ``seed``
+    so that the backward can regenerate it instead of saving it."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return torch.randn(shape, generator=gen, dtype=dtype, device=device)
+
+
+def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
+    """z = mu + exp(lv / 2) * eps and, if ``with_kl``, the per-sample KL (N,)."""
+    dtype = compute_dtype(mu, logvar)
+    lv = _clamped(_as(logvar, dtype), clamp_lo, clamp_hi)
+    std = torch.mul(lv, 0.5).exp_()
+    eps = standard_normal(seed, mu.shape, dtype, mu.device)
+    z = eps.mul_(std).add_(_as(mu, dtype))
+    z = _as(z, torch.promote_types(mu.dtype, logvar.dtype))
+    if not with_kl:
+        return z, mu.new_empty(0, dtype=dtype)
+    mu_c = _as(mu, dtype)
+    kl = 0.5 * (_row_dot(mu_c, mu_c) + _row_sum(std.square_().sub_(1.0).sub_(lv)))
+    return z, kl
+
+
+def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_hi):
+    """Gradients of reparameterize(+KL) with respect to mu and logvar.
+
+    dz/dmu = 1, dz/dlv = eps * exp(lv / 2) / 2; dkl/dmu = mu, dkl/dlv = (exp(lv) - 1) / 2.
+    """
+    dtype = compute_dtype(mu, logvar)
+    logvar_c = _as(logvar, dtype)
+    lv = _clamped(logvar_c, clamp_lo, clamp_hi)
+    std = torch.mul(lv, 0.5).exp_()
+    eps = standard_normal(seed, mu.shape, dtype, mu.device)
+    g_z = _as(grad_z, dtype)
+    grad_logvar = eps.mul_(std).mul_(g_z).mul_(0.5)
+    grad_mu = g_z.clone() if g_z is grad_z else g_z
+    if grad_kl is not None:
+        g_kl = _as(grad_kl, dtype).reshape((-1,) + (1,) * (mu.dim() - 1))
+        grad_mu.addcmul_(_as(mu, dtype), g_kl)
+        grad_logvar.addcmul_(std.square_().sub_(1.0), g_kl, value=0.5)
+    if clamp_lo is not None:
+        grad_logvar.mul_(_unclamped_mask(logvar_c, clamp_lo, clamp_hi))
+    return _as(grad_mu, mu.dtype), _as(grad_logvar, logvar.dtype)

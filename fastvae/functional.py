@@ -1,0 +1,132 @@
+"""The public functions: ``vae_loss``, ``kl_divergence``, ``reparameterize``,
+``sample_and_kl``.
+
+Each checks its arguments, then calls the custom op of ``fastvae.ops``.
+During ONNX export the ops are replaced by the plain torch formulas below, so a
+module that uses fastvae exports with ``torch.onnx.export(..., dynamo=True)``
+and no extra arguments.
+"""
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from fastvae import _validate, ops
+
+
+class LossParts(NamedTuple):
+    """What ``vae_loss(..., return_parts=True)`` returns, each reduced the same way."""
+
+    loss: torch.Tensor
+    recon: torch.Tensor
+    kl: torch.Tensor
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def vae_loss(x_hat, x, mu, logvar, *, recon="mse", beta=1.0, reduction="sum",
+             logvar_clamp=None, return_parts=False):
+    """Reconstruction loss + beta * KL(N(mu, exp(logvar)) || N(0, I)).
+
+    Args:
+        x_hat: decoder output; probabilities for ``recon="bce"``, logits for
+            ``"bce_logits"``. Dim 0 is the batch.
+        x: the data, same shape as ``x_hat`` (any float dtype).
+        mu, logvar: the encoder's Gaussian, one shape, same batch size.
+        recon: ``"mse"``, ``"l1"``, ``"bce"`` or ``"bce_logits"``.
+        beta: weight of the KL term, a float or a 0-dim tensor.
+        reduction: ``"sum"`` (sum over everything), ``"batchmean"`` (that / N),
+            ``"mean"`` (recon mean over N*D elements + beta * KL mean over N*d
+            elements) or ``"none"`` (per-sample sums, shape (N,)).
+        logvar_clamp: None or (lo, hi): logvar is clamped before use.
+        return_parts: return ``LossParts(loss, recon, kl)`` instead of the loss.
+
+    The loss is float32 for half-precision inputs, float64 for float64 inputs.
+    """
+    (beta_t, beta_v), (lo, hi) = _validate.check_loss_args(
+        x_hat, x, mu, logvar, recon, reduction, beta, logvar_clamp)
+    if torch.onnx.is_in_onnx_export():
+        parts = _vae_loss_formula(x_hat, x, mu, logvar, recon, beta, reduction, lo, hi)
+    else:
+        parts = LossParts(*ops.vae_loss_op(
+            x_hat, x, mu, logvar, beta_t, beta_v, recon, reduction, lo, hi,
+            _needs_grad(x_hat, x), _needs_grad(mu, logvar))[:3])
+    return parts if return_parts else parts.loss
+
+
+def kl_divergence(mu, logvar, *, reduction="sum", logvar_clamp=None):
+    """KL(N(mu, exp(logvar)) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - exp(logvar)),
+    reduced like ``vae_loss`` ("mean" divides by the number of latent elements)."""
+    lo, hi = _validate.check_latent_args(mu, logvar, logvar_clamp)
+    _validate.check_choice("reduction", reduction, _validate.REDUCTIONS)
+    if torch.onnx.is_in_onnx_export():
+        return _reduce(_kl_rows(mu, logvar, lo, hi), reduction, mu[0].numel())
+    return ops.kl_divergence_op(mu, logvar, reduction, lo, hi, _needs_grad(mu, logvar))[0]
+
+
+def reparameterize(mu, logvar, *, generator=None):
+    """z = mu + exp(logvar / 2) * eps with eps ~ N(0, I), differentiable in mu
+    and logvar. The noise is regenerated in the backward from a seed drawn from
+    ``generator`` (or PyTorch's default generator), never saved."""
+    _validate.check_latent_args(mu, logvar, None)
+    if torch.onnx.is_in_onnx_export():
+        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+    seed = _draw_seed(generator)
+    return ops.reparameterize_op(mu, logvar, seed, None, None, False)[0]
+
+
+def sample_and_kl(mu, logvar, *, generator=None, logvar_clamp=None):
+    """``(z, kl)``: a reparameterized sample and the per-sample KL (shape (N,)) in one pass."""
+    lo, hi = _validate.check_latent_args(mu, logvar, logvar_clamp)
+    if torch.onnx.is_in_onnx_export():
+        lv = logvar if lo is None else logvar.clamp(lo, hi)
+        z = mu + torch.exp(0.5 * lv) * torch.randn_like(mu)
+        return z, _kl_rows(mu, logvar, lo, hi)
+    return ops.reparameterize_op(mu, logvar, _draw_seed(generator), lo, hi, True)
+
+
+def _draw_seed(generator):
+    """A 0-dim int64 CPU tensor seeding one draw of noise, taken from ``generator``
+    without a device sync: CPU generators draw on the host; a CUDA generator's
+    Philox state (seed, offset) is read and advanced on the host."""
+    if generator is not None and generator.device.type != "cpu":
+        seed, offset = generator.initial_seed(), generator.get_offset()
+        generator.set_offset(offset + 4)
+        return torch.tensor(hash((seed, offset)) & (2**62 - 1))
+    return torch.randint(0, 2**62, (), generator=generator)
+
+
+# ---- the plain formulas, used while exporting to ONNX -------------------
+
+_RECON_FORMULAS = {
+    "mse": lambda x_hat, x: F.mse_loss(x_hat, x, reduction="none"),
+    "l1": lambda x_hat, x: F.l1_loss(x_hat, x, reduction="none"),
+    "bce": lambda x_hat, x: F.binary_cross_entropy(x_hat, x, reduction="none"),
+    "bce_logits": lambda x_hat, x: F.binary_cross_entropy_with_logits(x_hat, x, reduction="none"),
+}
+
+
+def _kl_rows(mu, logvar, lo, hi):
+    lv = logvar.float() if lo is None else logvar.float().clamp(lo, hi)
+    mu = mu.float()
+    return (-0.5 * (1 + lv - mu * mu - lv.exp())).flatten(1).sum(1)
+
+
+def _reduce(rows, reduction, per_sample_numel):
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    if reduction == "batchmean":
+        return rows.mean()
+    return rows.mean() / per_sample_numel
+
+
+def _vae_loss_formula(x_hat, x, mu, logvar, recon, beta, reduction, lo, hi):
+    recon_rows = _RECON_FORMULAS[recon](x_hat.float(), x.float()).flatten(1).sum(1)
+    recon_out = _reduce(recon_rows, reduction, x_hat[0].numel())
+    kl_out = _reduce(_kl_rows(mu, logvar, lo, hi), reduction, mu[0].numel())
+    return LossParts(recon_out + beta * kl_out, recon_out, kl_out)

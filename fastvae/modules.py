@@ -1,0 +1,33 @@
+"""``VAELoss``: ``fastvae.vae_loss`` as an ``nn.Module``."""
+
+import torch
+
+from fastvae import _validate
+from fastvae.functional import vae_loss
+
+
+class VAELoss(torch.nn.Module):
+    """Reconstruction + beta * KL loss; see ``fastvae.vae_loss`` for the options.
+
+    ``beta`` may be a float or a 0-dim tensor; assign ``loss_fn.beta`` to
+    follow a schedule (a tensor changes value without recompiling).
+    """
+
+    def __init__(self, *, recon="mse", beta=1.0, reduction="sum", logvar_clamp=None,
+                 return_parts=False):
+        super().__init__()
+        _validate.check_choice("recon", recon, _validate.RECONS)
+        _validate.check_choice("reduction", reduction, _validate.REDUCTIONS)
+        _validate.check_beta(beta)
+        _validate.check_logvar_clamp(logvar_clamp)
+        self.recon, self.beta, self.reduction = recon, beta, reduction
+        self.logvar_clamp, self.return_parts = logvar_clamp, return_parts
+
+    def forward(self, x_hat, x, mu, logvar):
+        return vae_loss(x_hat, x, mu, logvar, recon=self.recon, beta=self.beta,
+                        reduction=self.reduction, logvar_clamp=self.logvar_clamp,
+                        return_parts=self.return_parts)
+
+    def extra_repr(self):
+        return (f"recon={self.recon!r}, beta={self.beta}, reduction={self.reduction!r}, "
+                f"logvar_clamp={self.logvar_clamp}")

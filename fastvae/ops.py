@@ -1,0 +1,208 @@
+"""fastvae's fused operations as ``torch.library`` custom ops.
+
+Each op has a fake (meta) implementation and registered autograd, so
+``torch.compile(fullgraph=True)`` traces through it without a graph break and
+``torch.library.opcheck`` passes. The implementation of each op asks
+``fastvae._dispatch`` which backend runs; both backends expose the same
+functions.
+
+The loss ops return, besides their values, the gradients of those values
+computed in the same pass (empty tensors when nothing needs them); the
+backward only scales them by ``grad_output`` — per sample for
+``reduction="none"`` — and never writes into a saved tensor.
+
+Noise for the reparameterization is drawn from an integer seed (a 0-dim int64
+CPU tensor, an op input so that it may be symbolic under compile); its
+backward is its own op that regenerates the noise from the same seed, so no
+noise-sized tensor is saved.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastvae import _dispatch, _validate
+
+# ---- fastvae::vae_loss --------------------------------------------------
+
+
+@torch.library.custom_op("fastvae::vae_loss", mutates_args=())
+def vae_loss_op(
+    x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor,
+    beta: Optional[Tensor], beta_value: float,
+    recon: str, reduction: str,
+    clamp_lo: Optional[float], clamp_hi: Optional[float],
+    grad_recon: bool, grad_kl: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, recon, kl, d recon/d x_hat, d kl/d mu, d kl/d logvar)."""
+    _validate.check_loss_values(x_hat, x, recon, beta)
+    impl = _dispatch.implementation(x_hat, x, mu, logvar)
+    return impl.vae_loss_forward(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
+                                 clamp_lo, clamp_hi, grad_recon, grad_kl)
+
+
+def _out_dtype(*tensors):
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _grad_buffer(t, wanted):
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device) if wanted else t.new_empty(0)
+
+
+@vae_loss_op.register_fake
+def _(x_hat, x, mu, logvar, beta, beta_value, recon, reduction, clamp_lo, clamp_hi,
+      grad_recon, grad_kl):
+    dtype = _out_dtype(x_hat, x, mu, logvar)
+    shape = (x_hat.shape[0],) if reduction == "none" else ()
+    values = [x_hat.new_empty(shape, dtype=dtype) for _ in range(3)]
+    return (*values, _grad_buffer(x_hat, grad_recon),
+            _grad_buffer(mu, grad_kl), _grad_buffer(logvar, grad_kl))
+
+
+def _per_sample_view(g, like):
+    """Reshape a (N,) grad_output of reduction="none" to broadcast over ``like``."""
+    return g.reshape((-1,) + (1,) * (like.dim() - 1)) if g.dim() == 1 else g
+
+
+def _vae_loss_setup(ctx, inputs, output):
+    x_hat, x, mu, logvar, beta, beta_value, recon, reduction, clamp_lo, clamp_hi, _, _ = inputs
+    _, _, kl, g_xhat, g_mu, g_lv = output
+    ctx.mark_non_differentiable(g_xhat, g_mu, g_lv)
+    ctx.recon, ctx.reduction, ctx.beta_value = recon, reduction, beta_value
+    ctx.dtypes = (x_hat.dtype, x.dtype, mu.dtype, logvar.dtype)
+    ctx.save_for_backward(x_hat, beta, kl, g_xhat, g_mu, g_lv)
+
+
+def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_):
+    x_hat, beta, kl, g_xhat, g_mu, g_lv = ctx.saved_tensors
+    xhat_dtype, x_dtype, mu_dtype, lv_dtype = ctx.dtypes
+    need = ctx.needs_input_grad
+    grads = [None] * 12
+    w_recon = g_loss + g_recon
+    beta_c = ctx.beta_value if beta is None else beta.to(g_loss.dtype)
+    w_kl = g_loss * beta_c + g_kl
+
+    if need[0] or need[1]:
+        w = _per_sample_view(w_recon, g_xhat)
+        grad_xhat = g_xhat * w.to(g_xhat.dtype)
+        if need[0]:
+            grads[0] = grad_xhat.to(xhat_dtype)
+        if need[1]:
+            if ctx.recon in ("mse", "l1"):
+                grads[1] = grad_xhat.neg().to(x_dtype)
+            else:
+                grads[1] = _target_grad(ctx, x_hat, w).to(x_dtype)
+    if need[2]:
+        grads[2] = (g_mu * _per_sample_view(w_kl, g_mu).to(g_mu.dtype)).to(mu_dtype)
+    if need[3]:
+        grads[3] = (g_lv * _per_sample_view(w_kl, g_lv).to(g_lv.dtype)).to(lv_dtype)
+    if need[4]:
+        grads[4] = (g_loss * kl).sum().to(device=beta.device, dtype=beta.dtype)
+    return tuple(grads)
+
+
+def _target_grad(ctx, x_hat, w):
+    """d loss / d x for bce and bce_logits (rarely needed: targets seldom require grad)."""
+    from fastvae import _torch_impl
+
+    dtype = _out_dtype(x_hat)
+    scale = _torch_impl.reduction_scale(ctx.reduction, x_hat.shape[0], x_hat.numel())
+    return _torch_impl.recon_grad_wrt_target(x_hat, ctx.recon, dtype) * (w * scale)
+
+
+vae_loss_op.register_autograd(_vae_loss_backward, setup_context=_vae_loss_setup)
+
+
+# ---- fastvae::kl_divergence ---------------------------------------------
+
+
+@torch.library.custom_op("fastvae::kl_divergence", mutates_args=())
+def kl_divergence_op(
+    mu: Tensor, logvar: Tensor, reduction: str,
+    clamp_lo: Optional[float], clamp_hi: Optional[float], want_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(kl, d kl/d mu, d kl/d logvar)."""
+    impl = _dispatch.implementation(mu, logvar)
+    return impl.kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad)
+
+
+@kl_divergence_op.register_fake
+def _(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
+    shape = (mu.shape[0],) if reduction == "none" else ()
+    return (mu.new_empty(shape, dtype=_out_dtype(mu, logvar)),
+            _grad_buffer(mu, want_grad), _grad_buffer(logvar, want_grad))
+
+
+def _kl_setup(ctx, inputs, output):
+    _, g_mu, g_lv = output
+    ctx.mark_non_differentiable(g_mu, g_lv)
+    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+    ctx.save_for_backward(g_mu, g_lv)
+
+
+def _kl_backward(ctx, g_kl, *_):
+    g_mu, g_lv = ctx.saved_tensors
+    grads = [None] * 6
+    for i, (g, dtype) in enumerate(zip((g_mu, g_lv), ctx.dtypes)):
+        if ctx.needs_input_grad[i]:
+            grads[i] = (g * _per_sample_view(g_kl, g).to(g.dtype)).to(dtype)
+    return tuple(grads)
+
+
+kl_divergence_op.register_autograd(_kl_backward, setup_context=_kl_setup)
+
+
+# ---- fastvae::reparameterize --------------------------------------------
+
+
+@torch.library.custom_op("fastvae::reparameterize", mutates_args=())
+def reparameterize_op(
+    mu: Tensor, logvar: Tensor, seed: Tensor,
+    clamp_lo: Optional[float], clamp_hi: Optional[float], with_kl: bool,
+) -> Tuple[Tensor, Tensor]:
+    """(z, per-sample kl or an empty tensor)."""
+    impl = _dispatch.implementation(mu, logvar)
+    return impl.reparameterize_forward(mu, logvar, int(seed), clamp_lo, clamp_hi, with_kl)
+
+
+@reparameterize_op.register_fake
+def _(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
+    z = torch.empty(mu.shape, dtype=torch.promote_types(mu.dtype, logvar.dtype), device=mu.device)
+    dtype = _out_dtype(mu, logvar)
+    kl = mu.new_empty((mu.shape[0],) if with_kl else (0,), dtype=dtype)
+    return z, kl
+
+
+@torch.library.custom_op("fastvae::reparameterize_backward", mutates_args=())
+def reparameterize_backward_op(
+    grad_z: Tensor, grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Tensor,
+    clamp_lo: Optional[float], clamp_hi: Optional[float],
+) -> Tuple[Tensor, Tensor]:
+    """(grad_mu, grad_logvar), with the noise regenerated from ``seed``."""
+    impl = _dispatch.implementation(mu, logvar)
+    return impl.reparameterize_backward(grad_z, grad_kl, mu, logvar, int(seed), clamp_lo, clamp_hi)
+
+
+@reparameterize_backward_op.register_fake
+def _(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_hi):
+    return (torch.empty(mu.shape, dtype=mu.dtype, device=mu.device),
+            torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device))
+
+
+def _reparameterize_setup(ctx, inputs, output):
+    mu, logvar, seed, clamp_lo, clamp_hi, with_kl = inputs
+    ctx.clamp, ctx.with_kl = (clamp_lo, clamp_hi), with_kl
+    ctx.save_for_backward(mu, logvar, seed)
+
+
+def _reparameterize_backward(ctx, grad_z, grad_kl):
+    mu, logvar, seed = ctx.saved_tensors
+    grad_mu, grad_logvar = reparameterize_backward_op(
+        grad_z, grad_kl if ctx.with_kl else None, mu, logvar, seed, *ctx.clamp)
+    need = ctx.needs_input_grad
+    return (grad_mu if need[0] else None, grad_logvar if need[1] else None,
+            None, None, None, None)
+
+
+reparameterize_op.register_autograd(_reparameterize_backward, setup_context=_reparameterize_setup)

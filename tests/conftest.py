@@ -1,0 +1,24 @@
+"""Shared test set-up.
+
+Without a GPU the Triton kernels run under Triton's interpreter on CPU
+tensors; TRITON_INTERPRET must be set before triton is first imported.
+"""
+
+import os
+import sys
+
+assert "triton" not in sys.modules, "triton was imported before tests/conftest.py"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Every device present: CPU always, CUDA where there is one."""
+    return torch.device(request.param)
