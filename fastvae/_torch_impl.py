@@ -142,6 +142,12 @@ def kl_per_sample(mu, logvar, lo, hi, dtype, grad_scale):
     return per_sample, grad_mu, grad_logvar
 
 
+def _grad_or_empty(grad, like):
+    """The gradient in the input's dtype, or a fresh empty tensor when none was computed
+    (custom-op outputs may not alias each other)."""
+    return like.new_empty(0) if grad is None else _as(grad, like.dtype)
+
+
 def vae_loss_forward(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
                      clamp_lo, clamp_hi, grad_recon, grad_kl):
     """Returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar); the
@@ -161,13 +167,8 @@ def vae_loss_forward(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
     kl_out = reduce_per_sample(kl_rows, reduction, kl_scale)
     beta_c = beta_value if beta is None else _as(beta, dtype)
     loss = recon_out + beta_c * kl_out
-    empty = x_hat.new_empty(0)
-    return (
-        loss, recon_out, kl_out,
-        empty if g_xhat is None else _as(g_xhat, x_hat.dtype),
-        empty if g_mu is None else _as(g_mu, mu.dtype),
-        empty if g_lv is None else _as(g_lv, logvar.dtype),
-    )
+    return (loss, recon_out, kl_out, _grad_or_empty(g_xhat, x_hat),
+            _grad_or_empty(g_mu, mu), _grad_or_empty(g_lv, logvar))
 
 
 def kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
@@ -176,12 +177,8 @@ def kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
     scale = reduction_scale(reduction, mu.shape[0], mu.numel())
     rows, g_mu, g_lv = kl_per_sample(mu, logvar, clamp_lo, clamp_hi, dtype,
                                      scale if want_grad else None)
-    empty = mu.new_empty(0)
-    return (
-        reduce_per_sample(rows, reduction, scale),
-        empty if g_mu is None else _as(g_mu, mu.dtype),
-        empty if g_lv is None else _as(g_lv, logvar.dtype),
-    )
+    return (reduce_per_sample(rows, reduction, scale),
+            _grad_or_empty(g_mu, mu), _grad_or_empty(g_lv, logvar))
 
 
 # ---- reparameterization -------------------------------------------------
