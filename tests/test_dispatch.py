@@ -1,0 +1,30 @@
+"""The one place that decides which implementation runs."""
+
+import pytest
+import torch
+
+from fastvae import _dispatch, _torch_impl
+
+
+def test_cpu_defaults_to_the_pytorch_path(monkeypatch):
+    monkeypatch.delenv("FASTVAE_BACKEND", raising=False)
+    t = torch.zeros(2, 3)
+    assert _dispatch.backend_for(t) == "torch"
+    assert _dispatch.implementation(t) is _torch_impl
+
+
+def test_forced_backends(monkeypatch):
+    t = torch.zeros(2, 3)
+    monkeypatch.setenv("FASTVAE_BACKEND", "torch")
+    assert _dispatch.backend_for(t) == "torch"
+    monkeypatch.setenv("FASTVAE_BACKEND", "TRITON")
+    if _dispatch.triton_available():
+        assert _dispatch.backend_for(t) == "triton"
+    # float64 always takes the PyTorch path
+    assert _dispatch.backend_for(t.double()) == "torch"
+
+
+def test_bad_backend_name(monkeypatch):
+    monkeypatch.setenv("FASTVAE_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FASTVAE_BACKEND must be 'torch' or 'triton', got 'cuda'"):
+        _dispatch.backend_for(torch.zeros(1))

@@ -1,0 +1,125 @@
+"""reparameterize and sample_and_kl: distribution, reproducibility, gradients."""
+
+import math
+
+import pytest
+import torch
+
+import fastvae
+import reference as ref
+
+
+def latents(shape=(64, 32), dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(shape, generator=g, dtype=torch.float64)
+    logvar = torch.randn(shape, generator=g, dtype=torch.float64)
+    return (mu.to(device, dtype).requires_grad_(), logvar.to(device, dtype).requires_grad_())
+
+
+def ks_statistic(samples):
+    """Kolmogorov-Smirnov distance of samples from N(0, 1), from the definition."""
+    xs = sorted(samples.double().tolist())
+    n = len(xs)
+    return max(max((i + 1) / n - ref.normal_cdf(v), ref.normal_cdf(v) - i / n)
+               for i, v in enumerate(xs))
+
+
+def test_samples_are_standard_normal_after_standardizing(device):
+    mu, logvar = latents((200, 100), device=device)
+    z = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(1))
+    eps = ((z - mu) / torch.exp(0.5 * logvar)).detach().flatten().cpu()
+    n = eps.numel()
+    assert abs(eps.mean().item()) < 5 / math.sqrt(n)  # 5 standard errors
+    assert abs(eps.std().item() - 1) < 5 * math.sqrt(0.5 / n)
+    # KS critical value at alpha = 0.001 is about 1.95 / sqrt(n)
+    assert ks_statistic(eps) < 1.95 / math.sqrt(n)
+
+
+def test_scale_and_shift():
+    mu = torch.full((20000, 1), 3.0)
+    logvar = torch.full((20000, 1), math.log(4.0))
+    z = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(0))
+    assert abs(z.mean().item() - 3.0) < 5 * 2.0 / math.sqrt(20000)
+    assert abs(z.std().item() - 2.0) < 0.05
+
+
+def test_reproducible_with_generator_and_manual_seed(device):
+    mu, logvar = latents(device=device)
+    a = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(7))
+    b = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(7))
+    c = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    torch.manual_seed(3)
+    d = fastvae.reparameterize(mu, logvar)
+    e = fastvae.reparameterize(mu, logvar)  # no generator: fresh noise every call
+    torch.manual_seed(3)
+    f = fastvae.reparameterize(mu, logvar)
+    assert torch.equal(d, f) and not torch.equal(d, e)
+
+
+def test_gradients_and_sample_and_kl(device):
+    mu, logvar = latents((6, 5, 2), device=device)
+    gen_state = torch.Generator().manual_seed(11)
+    z, kl = fastvae.sample_and_kl(mu, logvar, generator=gen_state)
+    z_only = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(z, z_only)  # same seed, same noise, with or without the KL
+    torch.testing.assert_close(kl.double().cpu(), ref.per_sample(ref.kl_elementwise(mu.cpu(), logvar.cpu())),
+                               rtol=1e-5, atol=1e-6)
+    w_z, w_kl = torch.randn_like(z), torch.randn_like(kl)
+    g_mu, g_lv = torch.autograd.grad((z * w_z).sum() + (kl * w_kl).sum(), (mu, logvar))
+    # from the math: dz/dmu = 1, dz/dlogvar = (z - mu) / 2; dkl/dmu = mu, dkl/dlogvar = (exp(lv) - 1) / 2
+    w = w_kl.reshape(-1, 1, 1)
+    want_mu = w_z + w * mu
+    want_lv = w_z * (z - mu) / 2 + w * (torch.exp(logvar) - 1) / 2
+    torch.testing.assert_close(g_mu, want_mu.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_lv, want_lv.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_sample_and_kl_clamp():
+    mu, logvar = latents((4, 8))
+    with torch.no_grad():
+        logvar.mul_(5)
+    z, kl = fastvae.sample_and_kl(mu, logvar, logvar_clamp=(-1.0, 1.0),
+                                  generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(kl.double(), ref.per_sample(ref.kl_elementwise(mu, logvar, (-1.0, 1.0))),
+                               rtol=1e-5, atol=1e-5)
+    spread = ((z - mu).abs() / torch.exp(0.5 * logvar.clamp(-1, 1))).detach()
+    assert spread.max() < 6  # the clamped std was used
+    (z.sum() + kl.sum()).backward()
+    clamped = (logvar < -1) | (logvar > 1)
+    assert clamped.any() and (logvar.grad[clamped] == 0).all()
+
+
+@pytest.mark.parametrize("with_kl", [False, True])
+def test_gradcheck_float64(with_kl):
+    mu, logvar = latents((3, 4), dtype=torch.float64)
+
+    def fn(mu, logvar):  # a fresh generator each call: gradcheck needs a deterministic function
+        gen = torch.Generator().manual_seed(5)
+        if with_kl:
+            return fastvae.sample_and_kl(mu, logvar, generator=gen, logvar_clamp=(-2.5, 2.5))
+        return fastvae.reparameterize(mu, logvar, generator=gen)
+
+    assert torch.autograd.gradcheck(fn, (mu, logvar))
+
+
+def test_no_noise_sized_tensor_saved_for_backward():
+    mu, logvar = latents((32, 16))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        z, kl = fastvae.sample_and_kl(mu, logvar)
+    big = [t for t in saved if t.numel() == mu.numel()]
+    # only mu and logvar themselves (no eps, std or z)
+    assert len(big) == 2 and all(any(t is s for s in (mu, logvar)) for t in big)
+    (z.sum() + kl.sum()).backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(dtype):
+    mu, logvar = latents((8, 16), dtype=dtype)
+    z, kl = fastvae.sample_and_kl(mu, logvar, generator=torch.Generator().manual_seed(0))
+    assert z.dtype == dtype and kl.dtype == torch.float32
+    torch.testing.assert_close(kl.double(), ref.per_sample(ref.kl_elementwise(mu, logvar)),
+                               rtol=1e-5, atol=1e-5)
+    (z.float().sum() + kl.sum()).backward()
+    assert mu.grad.dtype == dtype and logvar.grad.dtype == dtype

@@ -1,0 +1,92 @@
+"""The custom ops: opcheck, and torch.compile(fullgraph=True) of a training step."""
+
+import pytest
+import torch
+
+import fastvae
+from fastvae import ops
+
+
+def tensors(requires_grad):
+    g = torch.Generator().manual_seed(0)
+    x_hat = torch.randn(3, 2, 4, 4, generator=g).requires_grad_(requires_grad)
+    x = torch.rand(3, 2, 4, 4, generator=g)
+    mu = torch.randn(3, 5, generator=g).requires_grad_(requires_grad)
+    logvar = torch.randn(3, 5, generator=g).requires_grad_(requires_grad)
+    return x_hat, x, mu, logvar
+
+
+@pytest.mark.parametrize("recon,reduction,beta,clamp,grad", [
+    ("mse", "sum", None, None, True),
+    ("l1", "none", torch.tensor(0.3), (-1.0, 1.0), True),
+    ("bce_logits", "mean", None, None, True),
+    ("bce_logits", "batchmean", torch.tensor(2.0), None, False),
+])
+def test_opcheck_vae_loss(recon, reduction, beta, clamp, grad):
+    x_hat, x, mu, logvar = tensors(grad)
+    lo, hi = clamp or (None, None)
+    torch.library.opcheck(ops.vae_loss_op, (x_hat, x, mu, logvar, beta, 0.5, recon, reduction,
+                                            lo, hi, grad, grad))
+
+
+@pytest.mark.parametrize("reduction,grad", [("sum", True), ("none", True), ("mean", False)])
+def test_opcheck_kl(reduction, grad):
+    _, _, mu, logvar = tensors(grad)
+    torch.library.opcheck(ops.kl_divergence_op, (mu, logvar, reduction, -2.0, 2.0, grad))
+
+
+@pytest.mark.parametrize("with_kl", [False, True])
+def test_opcheck_reparameterize(with_kl):
+    _, _, mu, logvar = tensors(True)
+    seed = torch.tensor(1234)
+    torch.library.opcheck(ops.reparameterize_op, (mu, logvar, seed, None, None, with_kl))
+    grad_kl = torch.randn(3) if with_kl else None
+    torch.library.opcheck(ops.reparameterize_backward_op,
+                          (torch.randn(3, 5), grad_kl, mu.detach(), logvar.detach(), seed, -1.0, 1.0))
+
+
+class TinyVAE(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(12, 8)
+        self.dec = torch.nn.Linear(4, 12)
+
+    def forward(self, x, beta):
+        mu, logvar = self.enc(x).chunk(2, dim=1)
+        z = fastvae.reparameterize(mu, logvar)
+        loss = fastvae.vae_loss(self.dec(z), x, mu, logvar, recon="bce_logits", beta=beta,
+                                reduction="batchmean")
+        _, kl = fastvae.sample_and_kl(mu, logvar, logvar_clamp=(-30.0, 20.0))
+        return loss + 0.0 * kl.sum()
+
+
+def test_compiled_training_step_has_no_graph_break_and_no_recompile_for_beta():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = TinyVAE()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    x = torch.rand(6, 12)
+    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for step, beta in enumerate((0.1, 0.5, 0.9)):
+        torch.manual_seed(step)
+        loss = compiled(x, torch.tensor(beta))
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        assert torch.isfinite(loss)
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before
+    assert graphs == 1, f"beta as a tensor must not recompile; compiled {graphs} graphs"
+
+
+def test_compiled_loss_equals_eager():
+    x_hat, x, mu, logvar = tensors(True)
+    fn = torch.compile(lambda *a: fastvae.vae_loss(*a, recon="mse", reduction="none", beta=0.7),
+                       fullgraph=True)
+    eager = fastvae.vae_loss(x_hat, x, mu, logvar, recon="mse", reduction="none", beta=0.7)
+    compiled = fn(x_hat, x, mu, logvar)
+    torch.testing.assert_close(compiled, eager)
+    g_eager = torch.autograd.grad(eager.sum(), (x_hat, mu, logvar))
+    g_comp = torch.autograd.grad(compiled.sum(), (x_hat, mu, logvar))
+    for a, b in zip(g_eager, g_comp):
+        torch.testing.assert_close(a, b)

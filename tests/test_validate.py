@@ -1,0 +1,111 @@
+"""Bad input: a clear ValueError/TypeError naming the argument, never a wrong number."""
+
+import math
+
+import pytest
+import torch
+
+import fastvae
+
+
+def good(n=4):
+    return [torch.rand(n, 6), torch.rand(n, 6), torch.randn(n, 3), torch.randn(n, 3)]
+
+
+def call(*args, **kwargs):
+    return fastvae.vae_loss(*args, **kwargs)
+
+
+@pytest.mark.parametrize("case,error,match", [
+    ("x shape", ValueError, r"x_hat and x must have the same shape.*\(4, 6\).*\(4, 5\)"),
+    ("latent shape", ValueError, r"mu and logvar must have the same shape"),
+    ("batch", ValueError, r"same batch size.*\(4, 6\).*\(3, 3\)"),
+    ("empty batch", ValueError, r"x_hat has an empty batch"),
+    ("0-dim", ValueError, r"mu must have a batch dimension"),
+    ("int", TypeError, r"x must be a float16, bfloat16, float32 or float64 tensor, got torch.int64"),
+    ("complex", TypeError, r"logvar must be .* got torch.complex64"),
+    ("not a tensor", TypeError, r"x_hat must be a torch.Tensor, got list"),
+    ("recon", ValueError, r"recon must be one of .*got 'cross_entropy'"),
+    ("reduction", ValueError, r"reduction must be one of .*got 'avg'"),
+    ("beta nan", ValueError, r"beta must be finite, got nan"),
+    ("beta inf tensor", ValueError, r"beta must be finite, got inf"),
+    ("beta str", TypeError, r"beta must be a float or a 0-dim tensor, got str"),
+    ("beta 1-d", TypeError, r"beta must be a float or a 0-dim floating-point tensor"),
+    ("clamp order", ValueError, r"logvar_clamp must satisfy lo <= hi, got \(5.0, -5.0\)"),
+    ("clamp shape", TypeError, r"logvar_clamp must be None or a pair"),
+    ("bce probs", ValueError, r"x_hat must hold probabilities in \[0, 1\]"),
+    ("bce targets", ValueError, r"x must hold targets in \[0, 1\]"),
+    ("bce_logits targets", ValueError, r"x must hold targets in \[0, 1\]"),
+    ("bce nan", ValueError, r"x_hat must hold probabilities in \[0, 1\]"),
+])
+def test_bad_loss_input(case, error, match):
+    x_hat, x, mu, logvar = good()
+    kwargs = {}
+    if case == "x shape":
+        x = torch.rand(4, 5)
+    elif case == "latent shape":
+        logvar = torch.randn(4, 2)
+    elif case == "batch":
+        mu, logvar = torch.randn(3, 3), torch.randn(3, 3)
+    elif case == "empty batch":
+        x_hat, x = torch.rand(0, 6), torch.rand(0, 6)
+    elif case == "0-dim":
+        mu, logvar = torch.tensor(1.0), torch.tensor(1.0)
+    elif case == "int":
+        x = torch.ones(4, 6, dtype=torch.int64)
+    elif case == "complex":
+        logvar = torch.randn(4, 3, dtype=torch.complex64)
+    elif case == "not a tensor":
+        x_hat = [[0.5] * 6] * 4
+    elif case == "recon":
+        kwargs["recon"] = "cross_entropy"
+    elif case == "reduction":
+        kwargs["reduction"] = "avg"
+    elif case == "beta nan":
+        kwargs["beta"] = math.nan
+    elif case == "beta inf tensor":
+        kwargs["beta"] = torch.tensor(math.inf)
+    elif case == "beta str":
+        kwargs["beta"] = "1"
+    elif case == "beta 1-d":
+        kwargs["beta"] = torch.ones(2)
+    elif case == "clamp order":
+        kwargs["logvar_clamp"] = (5, -5)
+    elif case == "clamp shape":
+        kwargs["logvar_clamp"] = (1, 2, 3)
+    elif case == "bce probs":
+        x_hat = x_hat + 1.0
+        kwargs["recon"] = "bce"
+    elif case in ("bce targets", "bce_logits targets"):
+        x = x - 2.0
+        kwargs["recon"] = case.split()[0]
+    elif case == "bce nan":
+        x_hat[0, 0] = math.nan
+        kwargs["recon"] = "bce"
+    with pytest.raises(error, match=match):
+        call(x_hat, x, mu, logvar, **kwargs)
+
+
+def test_different_devices():
+    x_hat, x, mu, logvar = good()
+    x = x.to("meta")
+    with pytest.raises(ValueError, match=r"one device.*x on meta"):
+        call(x_hat, x, mu, logvar)
+
+
+def test_vae_loss_module_checks_options_early():
+    with pytest.raises(ValueError, match="recon must be one of"):
+        fastvae.VAELoss(recon="kl")
+    with pytest.raises(ValueError, match="logvar_clamp must satisfy"):
+        fastvae.VAELoss(logvar_clamp=(1, 0))
+
+
+@pytest.mark.parametrize("fn", ["kl_divergence", "reparameterize", "sample_and_kl"])
+def test_bad_latent_input(fn):
+    f = getattr(fastvae, fn)
+    with pytest.raises(ValueError, match="mu and logvar must have the same shape"):
+        f(torch.randn(4, 3), torch.randn(4, 2))
+    with pytest.raises(TypeError, match="mu must be a float16"):
+        f(torch.ones(4, 3, dtype=torch.int32), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="empty batch"):
+        f(torch.randn(0, 3), torch.randn(0, 3))
