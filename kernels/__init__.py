@@ -1,10 +1,27 @@
 """Triton kernels for fastvae (installed as ``fastvae.kernels``).
 
 Each fused operation lives in its own module with its math, its kernels and
-the launcher that picks block sizes. This package exposes the same functions
-as ``fastvae._torch_impl``; ``fastvae._dispatch`` decides which one runs.
-The kernels themselves arrive with the kernels issue; until then the PyTorch
-path serves every device.
+the launcher that picks block sizes:
+
+- ``vae_loss``: reconstruction + beta * KL with its gradients in one pass
+  (also the KL-only op);
+- ``reparameterize``: z = mu + exp(logvar / 2) * eps with in-kernel Philox
+  noise, optionally the per-sample KL, and the backward that regenerates eps.
+
+This package exposes the same functions as ``fastvae._torch_impl``;
+``fastvae._dispatch`` decides which one runs. Importing it imports triton
+(``import fastvae`` does not). ``AVAILABLE`` is False when triton cannot be
+imported.
 """
 
-AVAILABLE = False
+try:
+    import triton  # noqa: F401
+except ImportError:
+    AVAILABLE = False
+else:
+    AVAILABLE = True
+    from .reparameterize import reparameterize_backward, reparameterize_forward  # noqa: F401
+    from .vae_loss import kl_forward, vae_loss_forward  # noqa: F401
+
+__all__ = ["AVAILABLE", "vae_loss_forward", "kl_forward",
+           "reparameterize_forward", "reparameterize_backward"]

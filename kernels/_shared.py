@@ -1,0 +1,203 @@
+"""Pieces shared by the fused kernels: the KL terms, the second stage of the
+deterministic two-stage reduction, the launch-size heuristics and the device
+checks.
+
+Two-stage reduction. A per-sample sum (one row of a (N, D) view) is split over
+``chunks`` programs; program ``row * chunks + c`` writes the float32 sum of its
+chunk to ``partials[row * chunks + c]`` (no atomics). ``_finish_rows_kernel``
+then adds each row's partials and the rows themselves in one fixed order, so
+the same inputs and sizes give bitwise-equal results on every run.
+"""
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+# ---- KL terms ------------------------------------------------------------
+
+
+@triton.jit
+def kl_terms(mu, logvar, clamp_lo, clamp_hi, HAS_CLAMP: tl.constexpr):
+    """Per-element KL(N(mu, exp(lv)) || N(0, 1)) and its derivatives, in float32.
+
+        lv       = clamp(logvar, lo, hi)                (if HAS_CLAMP)
+        kl       = 1/2 (mu^2 + exp(lv) - 1 - lv)
+        d kl/dmu = mu
+        d kl/dlv = 1/2 (exp(lv) - 1)   (0 where the clamp was active)
+
+    Returns (kl, d kl/d logvar); d kl/d mu is ``mu`` itself.
+    """
+    lv = logvar
+    if HAS_CLAMP:
+        lv = tl.minimum(tl.maximum(logvar, clamp_lo), clamp_hi)
+    var = tl.exp(lv)
+    kl = 0.5 * (mu * mu + (var - 1.0 - lv))
+    grad_lv = 0.5 * (var - 1.0)
+    if HAS_CLAMP:
+        # torch.clamp passes the gradient where lo <= logvar <= hi
+        grad_lv = tl.where((logvar >= clamp_lo) & (logvar <= clamp_hi), grad_lv, 0.0)
+    return kl, grad_lv
+
+
+# ---- second stage of the reduction ---------------------------------------
+
+
+@triton.jit
+def _row_sums(partials_ptr, rows, row_mask, base, chunks,
+              BLOCK_ROWS: tl.constexpr, BLOCK_CHUNKS: tl.constexpr):
+    """Sum of each row's ``chunks`` partials, read from ``partials_ptr + base``."""
+    acc = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+    for c0 in range(0, chunks, BLOCK_CHUNKS):
+        cols = c0 + tl.arange(0, BLOCK_CHUNKS)
+        offs = base + rows[:, None] * chunks + cols[None, :]
+        mask = row_mask[:, None] & (cols[None, :] < chunks)
+        acc += tl.sum(tl.load(partials_ptr + offs, mask=mask, other=0.0), axis=1)
+    return acc
+
+
+@triton.jit
+def _finish_rows_kernel(
+    partials_ptr, loss_ptr, recon_ptr, kl_ptr, beta_ptr,
+    beta_value, rows_total, recon_chunks, kl_chunks, kl_base, recon_scale, kl_scale,
+    HAS_RECON: tl.constexpr, BETA_FROM_PTR: tl.constexpr, PER_SAMPLE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_RECON: tl.constexpr, BLOCK_KL: tl.constexpr,
+):
+    """One program: per-row sums of the partials, then either per-sample outputs
+    (PER_SAMPLE: recon[n], kl[n], loss[n] = recon[n] + beta kl[n]) or the scaled
+    totals (recon = scale_r sum_n recon[n], kl = scale_k sum_n kl[n],
+    loss = recon + beta kl). Without HAS_RECON only ``kl`` is written."""
+    if BETA_FROM_PTR:
+        beta = tl.load(beta_ptr).to(tl.float32)
+    else:
+        beta = beta_value
+    recon_total = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+    kl_total = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+    for r0 in range(0, rows_total, BLOCK_ROWS):
+        rows = r0 + tl.arange(0, BLOCK_ROWS)
+        row_mask = rows < rows_total
+        kl_rows = _row_sums(partials_ptr, rows, row_mask, kl_base, kl_chunks,
+                            BLOCK_ROWS, BLOCK_KL)
+        if HAS_RECON:
+            recon_rows = _row_sums(partials_ptr, rows, row_mask, 0, recon_chunks,
+                                   BLOCK_ROWS, BLOCK_RECON)
+        if PER_SAMPLE:
+            tl.store(kl_ptr + rows, kl_rows, mask=row_mask)
+            if HAS_RECON:
+                tl.store(recon_ptr + rows, recon_rows, mask=row_mask)
+                tl.store(loss_ptr + rows, recon_rows + beta * kl_rows, mask=row_mask)
+        else:
+            kl_total += kl_rows
+            if HAS_RECON:
+                recon_total += recon_rows
+    if not PER_SAMPLE:
+        kl_out = tl.sum(kl_total, axis=0) * kl_scale
+        tl.store(kl_ptr, kl_out)
+        if HAS_RECON:
+            recon_out = tl.sum(recon_total, axis=0) * recon_scale
+            tl.store(recon_ptr, recon_out)
+            tl.store(loss_ptr, recon_out + beta * kl_out)
+
+
+def finish_rows(partials, rows, kl_chunks, kl_base, kl_scale, kl_out, *,
+                recon_chunks=0, recon_scale=1.0, recon_out=None, loss_out=None,
+                beta=None, beta_value=0.0, per_sample):
+    """Launch the second stage (one program) on ``partials``."""
+    has_recon = recon_out is not None
+    block_rows = min(triton.next_power_of_2(rows), 64 if is_interpreted() else 128)
+    _finish_rows_kernel[(1,)](
+        partials,
+        loss_out if has_recon else kl_out, recon_out if has_recon else kl_out, kl_out,
+        beta if beta is not None else kl_out,
+        float(beta_value), rows, recon_chunks, kl_chunks, kl_base,
+        float(recon_scale), float(kl_scale),
+        HAS_RECON=has_recon, BETA_FROM_PTR=beta is not None, PER_SAMPLE=per_sample,
+        BLOCK_ROWS=block_rows,
+        BLOCK_RECON=min(triton.next_power_of_2(max(recon_chunks, 1)), 64),
+        BLOCK_KL=min(triton.next_power_of_2(max(kl_chunks, 1)), 64),
+        num_warps=4,
+    )
+
+
+# ---- launch sizes --------------------------------------------------------
+
+# Forced sizes for tests: (max block, max iterations per program); None = heuristics.
+_forced_split = None
+
+
+@contextlib.contextmanager
+def force_split(max_block, max_iters):
+    """Test helper: cap block sizes and iterations so that even tiny rows are
+    split over several programs (exercising the two-stage reduction)."""
+    global _forced_split
+    previous, _forced_split = _forced_split, (max_block, max_iters)
+    try:
+        yield
+    finally:
+        _forced_split = previous
+
+
+@functools.lru_cache(maxsize=256)
+def _row_split(cols, rows, interpreted, sm_count):
+    """(BLOCK, ITERS, chunks, num_warps) for rows of ``cols`` elements: each
+    program reduces ITERS blocks of BLOCK contiguous elements of one row."""
+    block_cap = 1 << 16 if interpreted else 2048
+    block = min(triton.next_power_of_2(cols), block_cap)
+    blocks_per_row = triton.cdiv(cols, block)
+    if interpreted:
+        # Programs run one after another: as few as possible.
+        iters = min(blocks_per_row, 64)
+    else:
+        # Enough programs to fill the GPU several times over, each still
+        # streaming a few blocks so its partial sum is worth writing.
+        target_programs = 8 * sm_count
+        chunks_wanted = max(1, target_programs // rows)
+        iters = max(1, min(8, blocks_per_row // chunks_wanted))
+    num_warps = 8 if block >= 2048 else 4 if block >= 512 else 2 if block >= 128 else 1
+    return block, iters, triton.cdiv(cols, block * iters), num_warps
+
+
+def row_split(cols, rows, device):
+    if _forced_split is not None:
+        max_block, max_iters = _forced_split
+        block = min(triton.next_power_of_2(cols), max_block)
+        iters = min(triton.cdiv(cols, block), max_iters)
+        return block, iters, triton.cdiv(cols, block * iters), 1
+    return _row_split(cols, rows, is_interpreted(), _sm_count(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device):
+    if device.type != "cuda":
+        return 1
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# ---- devices ---------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def is_interpreted():
+    """True when Triton was imported with TRITON_INTERPRET=1 (kernels run on CPU tensors)."""
+    return type(kl_terms).__name__ == "InterpretedFunction"
+
+
+def device_guard(t):
+    """Launch on ``t``'s device (Triton launches on the current CUDA device);
+    checks that the kernels can run on it at all."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    if t.device.type == "cpu" and is_interpreted():
+        return contextlib.nullcontext()
+    raise RuntimeError(
+        f"fastvae's Triton kernels cannot run on {t.device} tensors"
+        + (" unless TRITON_INTERPRET=1 is set before triton is first imported"
+           if t.device.type == "cpu" else "")
+        + "; unset FASTVAE_BACKEND=triton to use the PyTorch path"
+    )

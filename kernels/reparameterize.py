@@ -1,0 +1,140 @@
+"""Fused reparameterization (+ per-sample KL), forward and backward.
+
+With mu and logvar viewed as (N, d) and lv = clamp(logvar, lo, hi):
+
+    eps[i]   = randn(seed, i)           Philox, i = flat element index (int64)
+    z        = mu + exp(lv / 2) eps
+    kl[n]    = sum_k 1/2 (mu^2 + exp(lv) - 1 - lv)          (optional, same pass)
+
+Backward, given dL/dz and (when the KL was produced) dL/dkl per sample:
+
+    dL/dmu = dL/dz + dL/dkl[n] mu
+    dL/dlv = dL/dz eps exp(lv / 2) / 2 + dL/dkl[n] (exp(lv) - 1) / 2   (0 where clamped)
+
+eps is regenerated from (seed, i) in the backward, so nothing noise-sized is
+saved. Since eps depends only on the element index, z does not depend on the
+block sizes. The per-sample KL uses the two-stage reduction of ``_shared``.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _shared
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _reparameterize_kernel(
+    mu_ptr, logvar_ptr, z_ptr, partials_ptr,
+    seed, cols, chunks, clamp_lo, clamp_hi,
+    HAS_CLAMP: tl.constexpr, WITH_KL: tl.constexpr,
+    BLOCK: tl.constexpr, ITERS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // chunks
+    col0 = (pid % chunks) * (BLOCK * ITERS)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(ITERS):
+        cols_i = col0 + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = cols_i < cols
+        offs = row * cols + cols_i
+        mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        lv = logvar
+        if HAS_CLAMP:
+            lv = tl.minimum(tl.maximum(logvar, clamp_lo), clamp_hi)
+        eps = tl.randn(seed, offs)
+        z = mu + tl.exp(0.5 * lv) * eps
+        tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
+        if WITH_KL:
+            value, _ = _shared.kl_terms(mu, logvar, clamp_lo, clamp_hi, HAS_CLAMP)
+            acc += tl.where(mask, value, 0.0)
+    if WITH_KL:
+        tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _reparameterize_backward_kernel(
+    grad_z_ptr, grad_kl_ptr, mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr,
+    seed, cols, chunks, clamp_lo, clamp_hi,
+    HAS_CLAMP: tl.constexpr, WITH_KL: tl.constexpr,
+    BLOCK: tl.constexpr, ITERS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row = pid // chunks
+    col0 = (pid % chunks) * (BLOCK * ITERS)
+    if WITH_KL:
+        g_kl = tl.load(grad_kl_ptr + row).to(tl.float32)
+    for i in range(ITERS):
+        cols_i = col0 + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        mask = cols_i < cols
+        offs = row * cols + cols_i
+        g_z = tl.load(grad_z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        lv = logvar
+        if HAS_CLAMP:
+            lv = tl.minimum(tl.maximum(logvar, clamp_lo), clamp_hi)
+        eps = tl.randn(seed, offs)
+        grad_mu = g_z
+        grad_lv = 0.5 * g_z * eps * tl.exp(0.5 * lv)
+        if WITH_KL:
+            grad_mu += g_kl * mu
+            grad_lv += g_kl * (0.5 * (tl.exp(lv) - 1.0))
+        if HAS_CLAMP:
+            grad_lv = tl.where((logvar >= clamp_lo) & (logvar <= clamp_hi), grad_lv, 0.0)
+        tl.store(grad_mu_ptr + offs, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
+        tl.store(grad_logvar_ptr + offs, grad_lv.to(grad_logvar_ptr.dtype.element_ty), mask=mask)
+
+
+def _clamp_arguments(clamp_lo, clamp_hi):
+    has_clamp = clamp_lo is not None
+    return (float(clamp_lo) if has_clamp else 0.0, float(clamp_hi) if has_clamp else 0.0,
+            has_clamp)
+
+
+def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
+    """z = mu + exp(lv / 2) * eps and, if ``with_kl``, the per-sample KL (N,) in
+    float32 (an empty float32 tensor otherwise), like
+    ``fastvae._torch_impl.reparameterize_forward``; z has the promoted dtype of
+    mu and logvar."""
+    with _shared.device_guard(mu):
+        batch, device = mu.shape[0], mu.device
+        mu, logvar = mu.contiguous(), logvar.contiguous()
+        cols = mu.numel() // batch
+        block, iters, chunks, num_warps = _shared.row_split(cols, batch, device)
+        z = torch.empty(mu.shape, dtype=torch.promote_types(mu.dtype, logvar.dtype), device=device)
+        partials = torch.empty(batch * chunks if with_kl else 0, dtype=torch.float32, device=device)
+        lo, hi, has_clamp = _clamp_arguments(clamp_lo, clamp_hi)
+        _reparameterize_kernel[(batch * chunks,)](
+            mu, logvar, z, partials, int(seed), cols, chunks, lo, hi,
+            HAS_CLAMP=has_clamp, WITH_KL=bool(with_kl), BLOCK=block, ITERS=iters,
+            num_warps=num_warps,
+        )
+        kl = torch.empty((batch,) if with_kl else (0,), dtype=torch.float32, device=device)
+        if with_kl:
+            _shared.finish_rows(partials, batch, chunks, 0, 1.0, kl, per_sample=True)
+    return z, kl
+
+
+def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_hi):
+    """(grad_mu, grad_logvar) in mu's and logvar's dtypes, with eps regenerated
+    from ``seed``; ``grad_kl`` is None when the forward produced no KL."""
+    with _shared.device_guard(mu):
+        batch, device = mu.shape[0], mu.device
+        mu, logvar, grad_z = mu.contiguous(), logvar.contiguous(), grad_z.contiguous()
+        with_kl = grad_kl is not None
+        if with_kl:
+            grad_kl = grad_kl.contiguous()
+        cols = mu.numel() // batch
+        block, iters, chunks, num_warps = _shared.row_split(cols, batch, device)
+        grad_mu = torch.empty(mu.shape, dtype=mu.dtype, device=device)
+        grad_logvar = torch.empty(logvar.shape, dtype=logvar.dtype, device=device)
+        lo, hi, has_clamp = _clamp_arguments(clamp_lo, clamp_hi)
+        _reparameterize_backward_kernel[(batch * chunks,)](
+            grad_z, grad_kl if with_kl else grad_z, mu, logvar, grad_mu, grad_logvar,
+            int(seed), cols, chunks, lo, hi,
+            HAS_CLAMP=has_clamp, WITH_KL=with_kl, BLOCK=block, ITERS=iters,
+            num_warps=num_warps,
+        )
+    return grad_mu, grad_logvar

@@ -1,0 +1,223 @@
+"""Fused VAE loss: reconstruction + beta * KL, with its gradients, in one pass.
+
+For a batch of N samples, x_hat and x viewed as (N, D), mu and logvar as (N, d):
+
+    recon[n] = sum_j r(x_hat[n, j], x[n, j])
+    kl[n]    = sum_k 1/2 (mu[n, k]^2 + exp(lv[n, k]) - 1 - lv[n, k]),  lv = clamp(logvar, lo, hi)
+
+    r (per element)                                      dr/dx_hat
+    mse         (x_hat - x)^2                            2 (x_hat - x)
+    l1          |x_hat - x|                              sign(x_hat - x)
+    bce         -(x max(log p, -100)                     (p - x) / max(p (1 - p), 1e-12),  p = x_hat
+                  + (1 - x) max(log(1 - p), -100))
+    bce_logits  max(l, 0) + log(1 + exp(-|l|)) - l x     sigmoid(l) - x,  l = x_hat
+
+reduced as  sum: S = sum_n;  batchmean: S / N;  mean: recon S / (N D), kl S / (N d);
+none: per sample; and loss = recon + beta kl.
+
+The forward kernel reads each of x_hat, x, mu, logvar once and, when asked,
+writes in the same pass the gradients of the *reduced* recon and kl (beta not
+applied; d kl/d mu = scale mu, d kl/d logvar = scale (exp(lv) - 1) / 2, zero
+where the clamp was active), so the backward only scales them by grad_output.
+All math and accumulation is float32; offsets are int64.
+
+Programs: the recon rows are split into ``recon_chunks`` programs each, then
+the KL rows into ``kl_chunks``; all of them in one 1-D grid. Each writes one
+float32 partial sum; ``_shared.finish_rows`` adds them in a fixed order
+(two-stage, deterministic, no atomics).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _shared
+
+# recon codes, passed to the kernel as a tl.constexpr argument
+RECON_CODES = {"mse": 0, "l1": 1, "bce": 2, "bce_logits": 3}
+
+
+@triton.jit
+def _log1p(v):
+    """log(1 + v) accurate for small |v| (Goldberg's trick: the rounding error of
+    1 + v cancels in log(u) * v / (u - 1))."""
+    u = 1.0 + v
+    return tl.where(u == 1.0, v, tl.log(u) * (v / (u - 1.0)))
+
+
+@triton.jit
+def _recon_terms(x_hat, x, RECON: tl.constexpr):
+    """Per-element reconstruction term and its derivative in x_hat (float32)."""
+    if RECON == 0:  # mse
+        diff = x_hat - x
+        value = diff * diff
+        grad = 2.0 * diff
+    elif RECON == 1:  # l1
+        diff = x_hat - x
+        value = tl.abs(diff)
+        grad = tl.where(diff > 0, 1.0, 0.0) - tl.where(diff < 0, 1.0, 0.0)
+    elif RECON == 2:  # bce, x_hat = probabilities; logs floored at -100 like F.binary_cross_entropy
+        log_p = tl.maximum(tl.log(x_hat), -100.0)
+        log_1mp = tl.maximum(_log1p(-x_hat), -100.0)
+        value = -(x * log_p + (1.0 - x) * log_1mp)
+        grad = (x_hat - x) / tl.maximum(x_hat * (1.0 - x_hat), 1e-12)
+    else:  # bce_logits, x_hat = logits
+        value = tl.maximum(x_hat, 0.0) + _log1p(tl.exp(-tl.abs(x_hat))) - x_hat * x
+        grad = tl.sigmoid(x_hat) - x
+    return value, grad
+
+
+@triton.jit
+def _vae_loss_partials_kernel(
+    x_hat_ptr, x_ptr, mu_ptr, logvar_ptr,
+    grad_x_hat_ptr, grad_mu_ptr, grad_logvar_ptr, partials_ptr,
+    recon_cols, kl_cols, recon_chunks, kl_chunks, recon_programs,
+    recon_grad_scale, kl_grad_scale, clamp_lo, clamp_hi,
+    RECON: tl.constexpr, HAS_CLAMP: tl.constexpr,
+    WRITE_RECON_GRAD: tl.constexpr, WRITE_KL_GRAD: tl.constexpr,
+    RECON_BLOCK: tl.constexpr, RECON_ITERS: tl.constexpr,
+    KL_BLOCK: tl.constexpr, KL_ITERS: tl.constexpr,
+):
+    """Stage 1: one partial sum per program (recon chunks first, then KL chunks),
+    and the gradients of the elements it read."""
+    pid = tl.program_id(0).to(tl.int64)
+    if pid < recon_programs:  # never true for the KL-only op (recon_programs = 0)
+        row = pid // recon_chunks
+        col0 = (pid % recon_chunks) * (RECON_BLOCK * RECON_ITERS)
+        acc = tl.zeros((RECON_BLOCK,), dtype=tl.float32)
+        for i in range(RECON_ITERS):
+            cols = col0 + i * RECON_BLOCK + tl.arange(0, RECON_BLOCK).to(tl.int64)
+            mask = cols < recon_cols
+            offs = row * recon_cols + cols
+            # 0.5 keeps the logs of masked-out bce lanes finite; they are zeroed below anyway
+            x_hat = tl.load(x_hat_ptr + offs, mask=mask, other=0.5).to(tl.float32)
+            x = tl.load(x_ptr + offs, mask=mask, other=0.5).to(tl.float32)
+            value, grad = _recon_terms(x_hat, x, RECON)
+            acc += tl.where(mask, value, 0.0)
+            if WRITE_RECON_GRAD:
+                grad = grad * recon_grad_scale
+                tl.store(grad_x_hat_ptr + offs,
+                         grad.to(grad_x_hat_ptr.dtype.element_ty), mask=mask)
+        tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
+    else:
+        kl_pid = pid - recon_programs
+        row = kl_pid // kl_chunks
+        col0 = (kl_pid % kl_chunks) * (KL_BLOCK * KL_ITERS)
+        acc = tl.zeros((KL_BLOCK,), dtype=tl.float32)
+        for i in range(KL_ITERS):
+            cols = col0 + i * KL_BLOCK + tl.arange(0, KL_BLOCK).to(tl.int64)
+            mask = cols < kl_cols
+            offs = row * kl_cols + cols
+            mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            value, grad_lv = _shared.kl_terms(mu, logvar, clamp_lo, clamp_hi, HAS_CLAMP)
+            acc += tl.where(mask, value, 0.0)
+            if WRITE_KL_GRAD:
+                tl.store(grad_mu_ptr + offs,
+                         (mu * kl_grad_scale).to(grad_mu_ptr.dtype.element_ty), mask=mask)
+                tl.store(grad_logvar_ptr + offs,
+                         (grad_lv * kl_grad_scale).to(grad_logvar_ptr.dtype.element_ty),
+                         mask=mask)
+        tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
+
+
+# ---- launchers --------------------------------------------------------------
+
+
+def _scale(reduction, batch, numel):
+    if reduction == "batchmean":
+        return 1.0 / batch
+    if reduction == "mean":
+        return 1.0 / numel
+    return 1.0
+
+
+def _grad_buffer(t, wanted):
+    """A fresh contiguous gradient buffer in ``t``'s dtype (never an input), or an empty one."""
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device) if wanted else t.new_empty(0)
+
+
+def _beta_arguments(beta, beta_value, device):
+    """(tensor for the kernel to read or None, float). A CPU beta with CUDA data
+    is read on the host: a CPU tensor's value needs no device sync."""
+    if beta is None:
+        return None, beta_value
+    if beta.device == device:
+        return beta, 0.0
+    if beta.device.type == "cpu":
+        return None, float(beta)
+    return beta.to(device, non_blocking=True), 0.0
+
+
+def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
+            grad_recon, grad_kl, beta, beta_value):
+    """Run both stages; returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar)
+    (loss, recon and grad_x_hat are None without x_hat)."""
+    has_recon = x_hat is not None
+    batch, device = mu.shape[0], mu.device
+    mu, logvar = mu.contiguous(), logvar.contiguous()
+    kl_cols = mu.numel() // batch
+    kl_block, kl_iters, kl_chunks, kl_warps = _shared.row_split(kl_cols, batch, device)
+    if has_recon:
+        x_hat, x = x_hat.contiguous(), x.contiguous()
+        recon_cols = x_hat.numel() // batch
+        r_block, r_iters, recon_chunks, r_warps = _shared.row_split(recon_cols, batch, device)
+        recon_scale = _scale(reduction, batch, x_hat.numel())
+    else:
+        recon_cols, r_block, r_iters, recon_chunks, r_warps, recon_scale = 1, 1, 1, 0, 1, 1.0
+    kl_scale = _scale(reduction, batch, mu.numel())
+
+    recon_programs = batch * recon_chunks
+    n_programs = recon_programs + batch * kl_chunks
+    partials = torch.empty(n_programs, dtype=torch.float32, device=device)
+    grad_x_hat = _grad_buffer(x_hat, grad_recon) if has_recon else None
+    grad_mu, grad_logvar = _grad_buffer(mu, grad_kl), _grad_buffer(logvar, grad_kl)
+    has_clamp = clamp_lo is not None
+    _vae_loss_partials_kernel[(n_programs,)](
+        x_hat if has_recon else mu, x if has_recon else mu, mu, logvar,
+        grad_x_hat if grad_recon else partials, grad_mu if grad_kl else partials,
+        grad_logvar if grad_kl else partials, partials,
+        recon_cols, kl_cols, max(recon_chunks, 1), kl_chunks, recon_programs,
+        float(recon_scale), float(kl_scale),
+        float(clamp_lo) if has_clamp else 0.0, float(clamp_hi) if has_clamp else 0.0,
+        RECON=RECON_CODES[recon] if has_recon else 0, HAS_CLAMP=has_clamp,
+        WRITE_RECON_GRAD=bool(has_recon and grad_recon), WRITE_KL_GRAD=bool(grad_kl),
+        RECON_BLOCK=r_block, RECON_ITERS=r_iters, KL_BLOCK=kl_block, KL_ITERS=kl_iters,
+        num_warps=max(r_warps, kl_warps),
+    )
+
+    per_sample = reduction == "none"
+    out_shape = (batch,) if per_sample else ()
+    new_value = lambda: torch.empty(out_shape, dtype=torch.float32, device=device)  # noqa: E731
+    kl_out = new_value()
+    loss_out = recon_out = None
+    beta_ptr = None
+    if has_recon:
+        loss_out, recon_out = new_value(), new_value()
+        beta_ptr, beta_value = _beta_arguments(beta, beta_value, device)
+    _shared.finish_rows(
+        partials, batch, kl_chunks, recon_programs, kl_scale, kl_out,
+        recon_chunks=recon_chunks, recon_scale=recon_scale, recon_out=recon_out,
+        loss_out=loss_out, beta=beta_ptr, beta_value=beta_value, per_sample=per_sample)
+    return loss_out, recon_out, kl_out, grad_x_hat, grad_mu, grad_logvar
+
+
+def vae_loss_forward(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
+                     clamp_lo, clamp_hi, grad_recon, grad_kl):
+    """Returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar) like
+    ``fastvae._torch_impl.vae_loss_forward``: values in float32, gradients of the
+    reduced recon and kl (beta not applied) in each input's dtype, or empty
+    tensors when not asked for."""
+    with _shared.device_guard(x_hat):
+        return _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
+                       grad_recon, grad_kl, beta, beta_value)
+
+
+def kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
+    """Returns (kl, grad_mu, grad_logvar) like ``fastvae._torch_impl.kl_forward``,
+    with the loss kernel's KL programs alone."""
+    with _shared.device_guard(mu):
+        _, _, kl, _, grad_mu, grad_logvar = _launch(
+            None, None, mu, logvar, "mse", reduction, clamp_lo, clamp_hi,
+            False, want_grad, None, 0.0)
+    return kl, grad_mu, grad_logvar
