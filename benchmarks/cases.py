@@ -1,0 +1,560 @@
+"""The benchmark cases, shared by the pytest-benchmark suite and ``benchmarks/gpu_check.py``.
+
+A case is one operation at one size and dtype; each case runs under several
+implementations side by side: ``fastvae`` and the baselines people would
+otherwise write.
+
+Stable API (other modules import these names; keep them):
+
+    IMPLS = ("fastvae", "eager", "compile", "distributions")
+    BASELINES = IMPLS[1:]
+        eager          the formulas as people write them: F.mse_loss / F.binary_cross_entropy /
+                       F.binary_cross_entropy_with_logits + -0.5 * sum(1 + logvar - mu^2 - exp(logvar));
+                       z = mu + randn_like(std) * std with std = exp(0.5 * logvar)
+        compile        the eager function under torch.compile (static shapes; each ``step``
+                       call starts from ``torch._dynamo.reset()``, so its first call
+                       compiles: time that call separately as the compile time)
+        distributions  torch.distributions: Normal(mu, std).rsample() and
+                       kl_divergence(Normal(mu, std), Normal(0, 1))
+    OPS = ("loss_fwd", "loss_fwd_bwd", "kl_fwd_bwd", "reparam_fwd_bwd",
+           "reparam_kl_fwd_bwd", "train_step")
+    Size(name, x_shape, latent_shape)   a problem size; SIZES maps name -> Size:
+        mnist_mlp   x 128x784,          latents 128x20
+        cpu_target  x 512x12288,        latents 512x128   (issue 6's CPU target)
+        ldm         x 8x3x256x256,      latents 8x4x32x32 (latent-diffusion autoencoder)
+        gpu_target  x 64x3x256x256,     latents 64x4x32x32 (issue 3's GPU target)
+        reparam     latents 4096x512 (x unused)
+        conv64      x 64x3x64x64,       latents 64x4x8x8  (conv VAE training step)
+        tiny_*      small versions of the above for CI (benchmarks run once as tests)
+    Case(op, size, dtype, recon=None, reduction="sum")   frozen dataclass
+        .id                  e.g. "loss_fwd_bwd/mse/sum/cpu_target/float32"
+        .impls               the implementations this case runs ("fastvae" first)
+        .inputs(device, seed=0)   fresh inputs: a dict of tensors (train_step: also model,
+                             optimizer); the same values on every device
+        .step(impl, inputs)  a zero-argument callable that runs one iteration (forward, and
+                             backward where the op has one, via torch.autograd.grad so no
+                             .grad accumulation is timed); no device synchronization inside
+        .run(impl, inputs)   one iteration returning the tensors that are compared:
+                             the values, then the gradients
+        .check(impl, device) run ``impl`` and compare with a float64 reference computed from
+                             the math; raises AssertionError on a mismatch
+        .bytes_moved()       bytes that must move: each input read once, each output and
+                             gradient written once (None for train_step)
+    suite(device, full=True) -> list[Case]   the cases to run on this device; full=False
+                             gives the small CI set (same ops, tiny sizes)
+    copy_bandwidth(device, nbytes=None, repeats=20) -> bytes/s, the median of
+                             ``dst.copy_(src)`` counting read + write
+    synchronize(device)      wait for the device (no-op on CPU)
+"""
+
+import dataclasses
+import math
+import statistics
+import time
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import distributions as D
+from torch import nn
+
+IMPLS = ("fastvae", "eager", "compile", "distributions")
+BASELINES = IMPLS[1:]
+OPS = ("loss_fwd", "loss_fwd_bwd", "kl_fwd_bwd", "reparam_fwd_bwd", "reparam_kl_fwd_bwd",
+       "train_step")
+RECONS = ("mse", "bce", "bce_logits")
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    name: str
+    x_shape: Optional[Tuple[int, ...]]
+    latent_shape: Tuple[int, ...]
+
+
+SIZES = {s.name: s for s in [
+    Size("mnist_mlp", (128, 784), (128, 20)),
+    Size("cpu_target", (512, 12288), (512, 128)),
+    Size("ldm", (8, 3, 256, 256), (8, 4, 32, 32)),
+    Size("gpu_target", (64, 3, 256, 256), (64, 4, 32, 32)),
+    Size("reparam", None, (4096, 512)),
+    Size("conv64", (64, 3, 64, 64), (64, 4, 8, 8)),
+    # CI: the same code paths at sizes that take milliseconds
+    Size("tiny_flat", (8, 97), (8, 5)),
+    Size("tiny_image", (2, 3, 16, 16), (2, 4, 4, 4)),
+    Size("tiny_reparam", None, (64, 33)),
+    Size("tiny_mnist_mlp", (16, 784), (16, 20)),
+    Size("tiny_conv64", (4, 3, 64, 64), (4, 4, 8, 8)),
+]}
+
+
+def synchronize(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- inputs --------------------------------------------------------------
+
+def _randn(shape, gen):
+    return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+def _loss_tensors(size, recon, gen):
+    """x_hat, x, mu, logvar in float64 on the CPU: x_hat is a probability for
+    bce, a logit for bce_logits, a value for mse; x in [0, 1] for the bces."""
+    if recon == "mse":
+        x_hat, x = _randn(size.x_shape, gen), _randn(size.x_shape, gen)
+    else:
+        x_hat = _randn(size.x_shape, gen) * 2.0
+        x = torch.rand(size.x_shape, generator=gen, dtype=torch.float64)
+        if recon == "bce":
+            x_hat = torch.sigmoid(x_hat)
+    return x_hat, x, *_latents(size, gen)
+
+
+def _latents(size, gen):
+    return _randn(size.latent_shape, gen), _randn(size.latent_shape, gen) * 0.5
+
+
+def _leaf(t, device, dtype, requires_grad):
+    return t.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+
+
+# ---- eager formulas, as people write them ----------------------------------
+
+_RECON_EAGER = {
+    "mse": F.mse_loss,
+    "bce": F.binary_cross_entropy,
+    "bce_logits": F.binary_cross_entropy_with_logits,
+}
+
+
+def _per_sample(t):
+    return t.flatten(1).sum(1)
+
+
+def eager_kl(mu, logvar, reduction):
+    """-1/2 sum(1 + logvar - mu^2 - exp(logvar)), the VAE paper's formula."""
+    terms = 1 + logvar - mu.pow(2) - logvar.exp()
+    if reduction == "sum":
+        return -0.5 * torch.sum(terms)
+    return -0.5 * _per_sample(terms)
+
+
+def distributions_kl(mu, logvar, reduction):
+    q = D.Normal(mu, torch.exp(0.5 * logvar))
+    prior = D.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    kl = D.kl_divergence(q, prior)
+    return kl.sum() if reduction == "sum" else _per_sample(kl)
+
+
+def eager_recon(x_hat, x, recon, reduction):
+    if reduction == "sum":
+        return _RECON_EAGER[recon](x_hat, x, reduction="sum")
+    return _per_sample(_RECON_EAGER[recon](x_hat, x, reduction="none"))
+
+
+def eager_reparameterize(mu, logvar):
+    std = torch.exp(0.5 * logvar)
+    eps = torch.randn_like(std)
+    return mu + eps * std
+
+
+def distributions_reparameterize(mu, logvar):
+    return D.Normal(mu, torch.exp(0.5 * logvar)).rsample()
+
+
+def _loss_fn(impl, recon, reduction):
+    if impl == "fastvae":
+        import fastvae
+
+        return lambda x_hat, x, mu, logvar: fastvae.vae_loss(
+            x_hat, x, mu, logvar, recon=recon, reduction=reduction)
+    kl = distributions_kl if impl == "distributions" else eager_kl
+
+    def loss(x_hat, x, mu, logvar):
+        return eager_recon(x_hat, x, recon, reduction) + kl(mu, logvar, reduction)
+
+    return _compiled(loss) if impl == "compile" else loss
+
+
+def _kl_fn(impl):
+    if impl == "fastvae":
+        import fastvae
+
+        return lambda mu, logvar: fastvae.kl_divergence(mu, logvar)
+    if impl == "distributions":
+        return lambda mu, logvar: distributions_kl(mu, logvar, "sum")
+    fn = lambda mu, logvar: eager_kl(mu, logvar, "sum")  # noqa: E731
+    return _compiled(fn) if impl == "compile" else fn
+
+
+def _reparam_fn(impl, with_kl):
+    """(mu, logvar) -> z, or (z, per-sample kl) when ``with_kl``."""
+    if impl == "fastvae":
+        import fastvae
+
+        return fastvae.sample_and_kl if with_kl else fastvae.reparameterize
+    sample = distributions_reparameterize if impl == "distributions" else eager_reparameterize
+    kl = distributions_kl if impl == "distributions" else eager_kl
+
+    def fn(mu, logvar):
+        z = sample(mu, logvar)
+        return (z, kl(mu, logvar, "none")) if with_kl else z
+
+    return _compiled(fn) if impl == "compile" else fn
+
+
+def _compiled(fn):
+    # A fresh Dynamo cache per case: the cases share code objects, and a warm
+    # cache would hit the recompile limit and fall back to eager silently.
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False)
+
+
+# ---- small VAEs for the training-step cases ---------------------------------
+
+class MLPVAE(nn.Module):
+    """The PyTorch examples' MNIST VAE: 784 -> 400 -> (20, 20) -> 400 -> 784."""
+
+    def __init__(self, data_dim=784, hidden=400, latent=20):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(data_dim, hidden), nn.ReLU())
+        self.to_mu, self.to_logvar = nn.Linear(hidden, latent), nn.Linear(hidden, latent)
+        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, data_dim), nn.Sigmoid())
+
+    def encode(self, x):
+        h = self.encoder(x)
+        return self.to_mu(h), self.to_logvar(h)
+
+
+class ConvVAE(nn.Module):
+    """A small 64x64 conv VAE with a 4x8x8 latent map, latent-diffusion style."""
+
+    def __init__(self, channels=3, width=32, latent_channels=4):
+        super().__init__()
+        w = width
+        self.encoder = nn.Sequential(
+            nn.Conv2d(channels, w, 4, 2, 1), nn.SiLU(),
+            nn.Conv2d(w, 2 * w, 4, 2, 1), nn.SiLU(),
+            nn.Conv2d(2 * w, 4 * w, 4, 2, 1), nn.SiLU(),
+            nn.Conv2d(4 * w, 2 * latent_channels, 1))
+        self.decoder = nn.Sequential(
+            nn.Conv2d(latent_channels, 4 * w, 1), nn.SiLU(),
+            nn.ConvTranspose2d(4 * w, 2 * w, 4, 2, 1), nn.SiLU(),
+            nn.ConvTranspose2d(2 * w, w, 4, 2, 1), nn.SiLU(),
+            nn.ConvTranspose2d(w, channels, 4, 2, 1))
+
+    def encode(self, x):
+        return self.encoder(x).chunk(2, dim=1)
+
+
+_TRAIN_MODELS = {"mnist_mlp": (MLPVAE, "bce"), "conv64": (ConvVAE, "mse")}
+
+
+def _train_model_kind(size):
+    return size.name.removeprefix("tiny_")
+
+
+def _vae_step_loss(impl, recon):
+    """(model, x, eps) -> loss of one VAE forward. ``eps`` None: each
+    implementation draws its own noise; a tensor: that noise is used (checks)."""
+    if impl == "fastvae":
+        import fastvae
+
+        def loss(model, x, eps):
+            mu, logvar = model.encode(x)
+            z = fastvae.reparameterize(mu, logvar) if eps is None else mu + eps * torch.exp(0.5 * logvar)
+            return fastvae.vae_loss(model.decoder(z), x, mu, logvar, recon=recon)
+        return loss
+    sample = distributions_reparameterize if impl == "distributions" else eager_reparameterize
+    kl = distributions_kl if impl == "distributions" else eager_kl
+
+    def loss(model, x, eps):
+        mu, logvar = model.encode(x)
+        z = sample(mu, logvar) if eps is None else mu + eps * torch.exp(0.5 * logvar)
+        return eager_recon(model.decoder(z), x, recon, "sum") + kl(mu, logvar, "sum")
+
+    return _compiled(loss) if impl == "compile" else loss
+
+
+# ---- cases -------------------------------------------------------------------
+
+_TOLERANCE = {  # rtol per output dtype; atol is rtol times the mean magnitude
+    torch.float64: 1e-7, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3,
+}
+
+
+def _assert_close(name, got, want):
+    rtol = max(_TOLERANCE[got.dtype], _TOLERANCE[torch.float32])
+    got, want = got.detach(), want.detach().to(torch.float64)
+    atol = rtol * float(want.abs().mean()) + 1e-12
+    torch.testing.assert_close(got.to(torch.float64), want, rtol=rtol, atol=atol,
+                               msg=lambda m: f"{name}: {m}")
+
+
+def _dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str
+    size: Size
+    dtype: torch.dtype = torch.float32
+    recon: Optional[str] = None
+    reduction: str = "sum"
+
+    @property
+    def id(self):
+        parts = [self.op]
+        if self.recon is not None:
+            parts += [self.recon, self.reduction]
+        return "/".join(parts + [self.size.name, _dtype_name(self.dtype)])
+
+    @property
+    def impls(self):
+        return IMPLS
+
+    # -- inputs --
+    def inputs(self, device, seed=0):
+        device = torch.device(device)
+        gen = torch.Generator().manual_seed(seed)
+        grad = self.op != "loss_fwd"
+        if self.op.startswith("loss"):
+            x_hat, x, mu, logvar = _loss_tensors(self.size, self.recon, gen)
+            out = dict(x_hat=_leaf(x_hat, device, self.dtype, grad),
+                       x=_leaf(x, device, self.dtype, False),
+                       mu=_leaf(mu, device, self.dtype, grad),
+                       logvar=_leaf(logvar, device, self.dtype, grad))
+        elif self.op == "train_step":
+            model_cls, _ = _TRAIN_MODELS[_train_model_kind(self.size)]
+            torch.manual_seed(seed)
+            model = model_cls().to(device)
+            x = torch.rand(self.size.x_shape, generator=gen, dtype=torch.float64)
+            out = dict(model=model, x=x.to(device, torch.float32),
+                       optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+                       eps=_randn(self.size.latent_shape, gen).to(device, torch.float32))
+        else:
+            mu, logvar = _latents(self.size, gen)
+            out = dict(mu=_leaf(mu, device, self.dtype, True),
+                       logvar=_leaf(logvar, device, self.dtype, True))
+        if self.op.startswith("reparam"):
+            # the upstream gradients a backward receives
+            out["grad_z"] = _randn(self.size.latent_shape, gen).to(device, self.dtype)
+            out["grad_kl"] = _randn(self.size.latent_shape[:1], gen).to(device, torch.float32)
+        return out
+
+    # -- one iteration --
+    def step(self, impl, inputs):
+        """A zero-argument callable running one iteration of ``impl``."""
+        if impl not in self.impls:
+            raise ValueError(f"impl must be one of {self.impls}, got {impl!r}")
+        if self.op == "train_step":
+            return self._train_step(impl, inputs)
+        run = self._runner(impl, inputs)
+        return lambda: run()
+
+    def run(self, impl, inputs):
+        """One iteration; the compared tensors: values, then gradients."""
+        if self.op == "train_step":
+            return self._train_grads(impl, inputs)
+        return list(self._runner(impl, inputs)())
+
+    def _runner(self, impl, inp):
+        if self.op.startswith("loss"):
+            fn = _loss_fn(impl, self.recon, self.reduction)
+            args = (inp["x_hat"], inp["x"], inp["mu"], inp["logvar"])
+            wrt = (inp["x_hat"], inp["mu"], inp["logvar"])
+            if self.op == "loss_fwd":
+                return lambda: (fn(*args),)
+            seed = torch.ones(inp["x_hat"].shape[:1] if self.reduction == "none" else ())
+
+            def fwd_bwd():
+                loss = fn(*args)
+                return (loss, *torch.autograd.grad(loss, wrt, seed.to(loss)))
+            return fwd_bwd
+        wrt = (inp["mu"], inp["logvar"])
+        if self.op == "kl_fwd_bwd":
+            fn = _kl_fn(impl)
+
+            def kl_fwd_bwd():
+                kl = fn(*wrt)
+                return (kl, *torch.autograd.grad(kl, wrt))
+            return kl_fwd_bwd
+        with_kl = self.op == "reparam_kl_fwd_bwd"
+        fn = _reparam_fn(impl, with_kl)
+
+        def reparam_fwd_bwd():
+            out = fn(*wrt)
+            outs, grads = ((out[0], out[1]), (inp["grad_z"], inp["grad_kl"])) if with_kl \
+                else ((out,), (inp["grad_z"],))
+            grads = tuple(g.to(o.dtype) for g, o in zip(grads, outs))
+            return (*outs, *torch.autograd.grad(outs, wrt, grads))
+        return reparam_fwd_bwd
+
+    def _train_step(self, impl, inp):
+        model, x, opt = inp["model"], inp["x"], inp["optimizer"]
+        loss_fn = _vae_step_loss(impl, _TRAIN_MODELS[_train_model_kind(self.size)][1])
+
+        def train_step():
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model, x, None)
+            loss.backward()
+            opt.step()
+            return loss
+        return train_step
+
+    def _train_grads(self, impl, inp):
+        model, x = inp["model"], inp["x"]
+        loss = _vae_step_loss(impl, _TRAIN_MODELS[_train_model_kind(self.size)][1])(
+            model, x, inp["eps"])
+        return [loss, *torch.autograd.grad(loss, list(model.parameters()))]
+
+    # -- correctness --
+    def check(self, impl, device):
+        """Compare ``impl`` with a float64 reference written from the math."""
+        inputs = self.inputs(device)
+        got = self.run(impl, inputs)
+        if self.op == "train_step":
+            # the reference: the eager formulas on a float64 copy of the model, same noise
+            ref_inputs = {k: v.double() if torch.is_tensor(v) else v for k, v in inputs.items()}
+            ref_inputs["model"] = inputs["model"].double()
+            want = self.run("eager", ref_inputs)
+            names = ["loss"] + [f"grad {n}" for n, _ in inputs["model"].named_parameters()]
+            for name, g, w in zip(names, got, want):
+                _assert_close(f"{self.id} {impl} {name}", g.float(), w)
+            return
+        ref = self._reference(inputs, got)
+        names = self._output_names()
+        assert len(got) == len(ref) == len(names), (len(got), len(ref))
+        for name, g, w in zip(names, got, ref):
+            assert g.shape == w.shape, f"{self.id} {impl} {name}: shape {tuple(g.shape)} != {tuple(w.shape)}"
+            _assert_close(f"{self.id} {impl} {name}", g, w)
+
+    def _output_names(self):
+        if self.op == "loss_fwd":
+            return ["loss"]
+        if self.op.startswith("loss"):
+            return ["loss", "grad x_hat", "grad mu", "grad logvar"]
+        if self.op == "kl_fwd_bwd":
+            return ["kl", "grad mu", "grad logvar"]
+        if self.op == "reparam_fwd_bwd":
+            return ["z", "grad mu", "grad logvar"]
+        return ["z", "kl", "grad mu", "grad logvar"]
+
+    def _reference(self, inp, got):
+        """float64 values and gradients from the formulas, written out by hand."""
+        inp = {k: v.detach() for k, v in inp.items()}
+        got = [g.detach() for g in got]
+        mu, lv = inp["mu"].double(), inp["logvar"].double()
+        kl_terms = 0.5 * (mu * mu + lv.exp() - 1.0 - lv)
+        kl_rows = _per_sample(kl_terms)
+        if self.op.startswith("loss"):
+            x_hat, x = inp["x_hat"].double(), inp["x"].double()
+            if self.recon == "mse":
+                terms, grad = (x_hat - x) ** 2, 2.0 * (x_hat - x)
+            elif self.recon == "bce":
+                terms = -(x * x_hat.log().clamp_min(-100) + (1 - x) * (1 - x_hat).log().clamp_min(-100))
+                grad = (x_hat - x) / (x_hat * (1 - x_hat)).clamp_min(1e-12)
+            else:
+                terms = torch.clamp(x_hat, min=0) - x_hat * x + torch.log1p(torch.exp(-x_hat.abs()))
+                grad = torch.sigmoid(x_hat) - x
+            rows = _per_sample(terms) + kl_rows
+            loss = rows.sum() if self.reduction == "sum" else rows
+            if self.op == "loss_fwd":
+                return [loss]
+            return [loss, grad, mu, 0.5 * (lv.exp() - 1.0)]
+        if self.op == "kl_fwd_bwd":
+            return [kl_rows.sum(), mu, 0.5 * (lv.exp() - 1.0)]
+        # reparameterization: the noise each implementation drew is recovered from its z
+        z = got[0].double()
+        std = torch.exp(0.5 * lv)
+        eps = (z - mu) / std
+        if eps.numel() >= 1000:  # the noise must look like N(0, 1)
+            assert abs(float(eps.mean())) < 0.1 and abs(float(eps.std()) - 1) < 0.1, \
+                f"{self.id}: recovered noise has mean {float(eps.mean()):.3f}, std {float(eps.std()):.3f}"
+        g_z = inp["grad_z"].double()
+        grad_mu, grad_lv = g_z, 0.5 * g_z * (z - mu)
+        out = [mu + eps * std]
+        if self.op == "reparam_kl_fwd_bwd":
+            g_kl = inp["grad_kl"].double().reshape((-1,) + (1,) * (mu.dim() - 1))
+            grad_mu = grad_mu + g_kl * mu
+            grad_lv = grad_lv + g_kl * 0.5 * (lv.exp() - 1.0)
+            out.append(kl_rows)
+        return out + [grad_mu, grad_lv]
+
+    def bytes_moved(self):
+        """Bytes that must move: inputs read once, outputs and gradients written once."""
+        if self.op == "train_step":
+            return None
+        item = self.dtype.itemsize
+        latent = math.prod(self.size.latent_shape) * item
+        if self.op.startswith("loss"):
+            x = math.prod(self.size.x_shape) * item
+            reads = 2 * x + 2 * latent
+            writes = 0 if self.op == "loss_fwd" else x + 2 * latent
+            return reads + writes
+        if self.op == "kl_fwd_bwd":
+            return 4 * latent
+        # forward reads mu, logvar and writes z; backward reads grad_z, mu, logvar, writes two grads
+        return 8 * latent
+
+
+def _loss_cases(sizes, dtypes, full_grid_size):
+    out = []
+    for size in sizes:
+        for dtype in dtypes:
+            for recon in RECONS:
+                for reduction in ("sum", "none"):
+                    full = size == full_grid_size
+                    if reduction == "none" and not full:
+                        continue
+                    out.append(Case("loss_fwd_bwd", size, dtype, recon, reduction))
+                    if full or dtype == torch.float32:
+                        out.append(Case("loss_fwd", size, dtype, recon, reduction))
+    return out
+
+
+def suite(device, full=True):
+    """The cases for ``device``: issue 6's sizes when ``full``, else tiny CI sizes
+    exercising the same code paths."""
+    cuda = torch.device(device).type == "cuda"
+    dtypes = [torch.float32, torch.bfloat16] + ([torch.float16] if cuda else [])
+    S = SIZES
+    if full:
+        loss_sizes = [S["mnist_mlp"], S["cpu_target"], S["ldm"]] + ([S["gpu_target"]] if cuda else [])
+        latent_sizes = [S["reparam"], S["ldm"]]
+        train_sizes = [S["mnist_mlp"], S["conv64"]]
+        grid = S["gpu_target"] if cuda else S["cpu_target"]
+    else:
+        loss_sizes, latent_sizes = [S["tiny_flat"], S["tiny_image"]], [S["tiny_reparam"], S["tiny_image"]]
+        train_sizes = [S["tiny_mnist_mlp"], S["tiny_conv64"]]
+        grid = S["tiny_flat"]
+    cases = _loss_cases(loss_sizes, dtypes, grid)
+    for size in latent_sizes:
+        for dtype in dtypes:
+            cases += [Case(op, size, dtype)
+                      for op in ("reparam_kl_fwd_bwd", "reparam_fwd_bwd", "kl_fwd_bwd")]
+    cases += [Case("train_step", size, torch.float32) for size in train_sizes]
+    return cases
+
+
+# ---- the memory system ---------------------------------------------------------
+
+def copy_bandwidth(device, nbytes=None, repeats=20):
+    """Median bytes/s of ``dst.copy_(src)``, counting the read and the write."""
+    device = torch.device(device)
+    if nbytes is None:
+        nbytes = (1 << 30) if device.type == "cuda" else (256 << 20)
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 2):
+        synchronize(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times[2:])
