@@ -1,0 +1,458 @@
+"""Export a trained VAE to ONNX, for inference without PyTorch (``fastvae.runtime``).
+
+``export(model, out_dir)`` writes one graph per part and ``metadata.json``:
+
+- ``encoder.onnx``: x -> (mu, logvar);
+- ``decoder.onnx``: z -> x_hat in data space (probabilities for BCE models);
+- ``scorer.onnx``:  x -> per-sample VAE loss (``reduction="none"``) at z = mu.
+
+The graphs hold no random op: sampling draws its noise outside, in numpy.
+Every file is checked with ``onnx.checker`` and every part is run in
+onnxruntime against PyTorch before anything lands in ``out_dir``; the export
+is built in a temporary directory that replaces ``out_dir`` only once it is
+complete.
+
+The model needs ``encode(x) -> (mu, logvar)``, ``decode(z)`` (data space) and
+the attributes ``recon``, ``beta``, ``input_shape``, ``latent_shape``; its
+``score(x)`` is used for the scorer when it has one. fastvae's loss and
+sampling functions switch to plain torch formulas while
+``torch.onnx.is_in_onnx_export()``, so the dynamo exporter sees standard ops.
+
+Command line: ``fastvae export CHECKPOINT --out DIR``.
+"""
+
+import contextlib
+import copy
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+import fastvae
+from fastvae import runtime as _rt
+
+PARITY_RTOL = 1e-4
+# ONNX ops whose results are unseeded or differ between runtimes: never in an export.
+RANDOM_OPS = frozenset({"RandomNormal", "RandomNormalLike", "RandomUniform",
+                        "RandomUniformLike", "Multinomial", "Bernoulli", "Dropout"})
+MIN_OPSET = 18  # the dynamo exporter's lowest
+
+
+class ExportParityError(RuntimeError):
+    """onnxruntime disagrees with PyTorch on an exported part beyond ``PARITY_RTOL``."""
+
+
+# ---- the parts, as modules with one input each ---------------------------
+
+
+class _Encoder(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        mu, logvar = self.model.encode(x)
+        return mu, logvar
+
+
+class _Decoder(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z):
+        return self.model.decode(z)
+
+
+class _Scorer(nn.Module):
+    """Per-sample VAE loss at z = mu: ``model.score`` when the model has one;
+    otherwise built from encode/decode (decode gives probabilities, so a
+    ``bce_logits`` model is scored with ``bce`` on them: the same loss)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        if hasattr(self.model, "score"):
+            return self.model.score(x)
+        mu, logvar = self.model.encode(x)
+        recon = "bce" if self.model.recon == "bce_logits" else self.model.recon
+        return fastvae.vae_loss(self.model.decode(mu), x, mu, logvar, recon=recon,
+                                beta=self.model.beta, reduction="none")
+
+
+_PART_MODULES = {"encoder": _Encoder, "decoder": _Decoder, "scorer": _Scorer}
+
+
+# ---- accurate lowerings of ops whose default ONNX translation is not -----
+#
+# onnxscript lowers aten.log_sigmoid (which binary_cross_entropy_with_logits
+# uses) to Log(Sigmoid(x)), and onnxruntime's Sigmoid is a fast approximation
+# that returns exactly 0 below x ~ -17 and is 17% off at -15. A BCE loss built
+# on them gives inf, or a wrong score, wherever a logit is very negative, which
+# for a trained model on mostly-dark images is everywhere. These lowerings are
+# exact in the tails and cost one or two elementwise ops more.
+
+
+def _translation_table():
+    from onnxscript import opset18 as op
+
+    def log_sigmoid(x):
+        return op.Neg(op.Softplus(op.Neg(x)))  # log sigmoid(x) = -softplus(-x)
+
+    def sigmoid(x):
+        one = op.CastLike(1.0, x)
+        return op.Reciprocal(op.Add(one, op.Exp(op.Neg(x))))
+
+    return {torch.ops.aten.log_sigmoid.default: log_sigmoid,
+            torch.ops.aten.sigmoid.default: sigmoid}
+
+
+# ---- argument checks -----------------------------------------------------
+
+
+def _shape_attr(model, name):
+    value = getattr(model, name, None)
+    try:
+        shape = tuple(int(s) for s in value)
+    except TypeError:
+        shape = ()
+    if not shape or min(shape) <= 0:
+        raise TypeError(f"model.{name} must be a tuple of positive sizes, got {value!r}")
+    return shape
+
+
+def _model_facts(model):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    for method in ("encode", "decode"):
+        if not callable(getattr(model, method, None)):
+            raise TypeError(f"model must have an {method}() method; {type(model).__name__} has none")
+    recon = getattr(model, "recon", None)
+    if recon not in _rt.RECONS:
+        raise TypeError(f"model.recon must be one of {_rt.RECONS}, got {recon!r}")
+    beta = getattr(model, "beta", None)
+    if isinstance(beta, torch.Tensor) and beta.numel() == 1:
+        beta = beta.item()
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
+        raise TypeError(f"model.beta must be a finite float, got {beta!r}")
+    return {"input_shape": _shape_attr(model, "input_shape"),
+            "latent_shape": _shape_attr(model, "latent_shape"),
+            "recon": recon, "beta": float(beta)}
+
+
+def _check_options(parts, opset, batch, quantize):
+    if isinstance(parts, str):
+        parts = (parts,)
+    parts = tuple(parts)
+    unknown = [p for p in parts if p not in _rt.PARTS]
+    if unknown or not parts or len(set(parts)) != len(parts):
+        raise ValueError(f"parts must be distinct names among {_rt.PARTS}, got {parts!r}")
+    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)
+                              or opset < MIN_OPSET):
+        raise ValueError(f"opset must be None or an int >= {MIN_OPSET}, got {opset!r}")
+    if batch != "dynamic" and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        raise ValueError(f"batch must be 'dynamic' or a positive int, got {batch!r}")
+    if not isinstance(quantize, bool):
+        raise TypeError(f"quantize must be a bool, got {type(quantize).__name__}")
+    return tuple(p for p in _rt.PARTS if p in parts)
+
+
+def _check_out_dir(out_dir):
+    """``out_dir`` may be new, empty, or an earlier export (replaced whole);
+    anything else is refused rather than deleted."""
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.lexists(out_dir):
+        if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+            raise NotADirectoryError(f"out_dir {out_dir!r} exists and is not a directory")
+        entries = set(os.listdir(out_dir))
+        if entries:
+            try:
+                _rt.read_metadata(out_dir)
+                ours = entries <= _rt.EXPORT_FILES
+            except (ValueError, FileNotFoundError):
+                ours = False
+            if not ours:
+                raise FileExistsError(
+                    f"out_dir {out_dir!r} exists and is not empty, and is not an earlier fastvae "
+                    f"export; refusing to replace it")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    return out_dir
+
+
+# ---- export --------------------------------------------------------------
+
+
+def export(model, out_dir, *, parts=("encoder", "decoder", "scorer"), opset=None,
+           batch="dynamic", quantize=False):
+    """Export ``model``'s parts to ONNX files in ``out_dir``; return the metadata.
+
+    Args:
+        model: a VAE (see the module docstring). It is copied to float32 on
+            the CPU in eval mode for the export; the model itself is untouched.
+        out_dir: the directory to write; created, or replaced if it holds an
+            earlier export.
+        parts: any of ``"encoder"``, ``"decoder"``, ``"scorer"``.
+        opset: ONNX opset; None takes the exporter's default.
+        batch: ``"dynamic"`` (any batch size) or a fixed batch size.
+        quantize: also write int8 (dynamic quantization) encoder/decoder files,
+            with their error against PyTorch and speed against fp32 recorded.
+
+    Raises ``ExportParityError`` if onnxruntime's fp32 result differs from
+    PyTorch's by more than ``PARITY_RTOL`` (max abs error / max abs value).
+    """
+    facts = _model_facts(model)
+    parts = _check_options(parts, opset, batch, quantize)
+    out_dir = _check_out_dir(out_dir)
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter needs it)
+    except ImportError:
+        raise ImportError("fastvae.onnx.export needs onnxscript: pip install onnxscript "
+                          "(or fastvae[onnx])") from None
+
+    source = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-",
+                           dir=os.path.dirname(out_dir))
+    try:
+        meta = {"format": _rt.FORMAT, "format_version": _rt.FORMAT_VERSION,
+                "fastvae_version": fastvae.__version__, "torch_version": torch.__version__,
+                "model_class": type(model).__name__,
+                "input_shape": list(facts["input_shape"]),
+                "latent_shape": list(facts["latent_shape"]),
+                "recon": facts["recon"], "beta": facts["beta"], "batch": batch,
+                "parity_rtol": PARITY_RTOL, "parts": {}}
+        opsets = set()
+        for part in parts:
+            path = os.path.join(tmp, _rt.part_file(part))
+            module = _PART_MODULES[part](source).eval()
+            opsets.add(_export_part(module, part, path, facts, opset, batch))
+            err = _parity(module, part, path, facts, batch)
+            if err > PARITY_RTOL:
+                raise ExportParityError(
+                    f"{part}: onnxruntime differs from PyTorch by a relative error of {err:.3g} "
+                    f"> {PARITY_RTOL:g}")
+            meta["parts"][part] = {"file": _rt.part_file(part), "max_rel_err": err,
+                                   "sha256": _rt.sha256_of(path)}
+        meta["opset"] = max(opsets)
+        if quantize:
+            meta["quantized"] = {}
+            for part in parts:
+                if part in _rt.QUANTIZABLE_PARTS:
+                    module = _PART_MODULES[part](source).eval()
+                    meta["quantized"][part] = _quantize_part(module, part, tmp, facts, batch)
+        with open(os.path.join(tmp, _rt.METADATA_FILE), "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=2)
+            f.write("\n")
+        _install(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+class _DropTorchvisionNotice(logging.Filter):
+    """The exporter logs one warning per torchvision op on every export when
+    torchvision is absent; it is irrelevant to a VAE."""
+
+    def filter(self, record):
+        return "torchvision is not installed" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
+    notice = _DropTorchvisionNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
+def _example(part, facts, batch, generator):
+    """A random input for a part: data in [0, 1] (valid for every recon), z ~ N(0, I)."""
+    if part == "decoder":
+        return torch.randn(batch, *facts["latent_shape"], generator=generator)
+    return torch.rand(batch, *facts["input_shape"], generator=generator)
+
+
+def _export_part(module, part, path, facts, opset, batch):
+    """Export one part with the dynamo exporter, check the file; return its opset."""
+    import onnx
+
+    names_in, names_out = _rt.PART_IO[part]
+    # torch.export specializes size-1 dims, so a dynamic batch is traced at 2.
+    example = _example(part, facts, 2 if batch == "dynamic" else batch,
+                       torch.Generator().manual_seed(0))
+    dynamic_shapes = None
+    if batch == "dynamic":
+        dynamic_shapes = {names_in[0]: {0: torch.export.Dim("batch", min=1)}}
+    with torch.no_grad(), _quiet_exporter():
+        program = torch.onnx.export(
+            module, (example,), dynamo=True, input_names=list(names_in),
+            output_names=list(names_out), opset_version=opset, dynamic_shapes=dynamic_shapes,
+            custom_translation_table=_translation_table(), verbose=False)
+    program.save(path, external_data=False)
+    onnx.checker.check_model(path, full_check=True)
+    proto = onnx.load(path)
+    random_ops = sorted(_op_types(proto) & RANDOM_OPS)
+    if random_ops:
+        raise ValueError(f"the {part} graph holds random ops {random_ops}; export needs a "
+                         f"deterministic {part} (eval mode, no sampling inside encode/decode/score)")
+    return next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def _op_types(proto):
+    """Every op type in a model: main graph, subgraphs and local functions."""
+    found = set()
+
+    def visit(graph):
+        for node in graph.node:
+            found.add(node.op_type)
+            for attr in node.attribute:
+                if attr.g is not None and attr.HasField("g"):
+                    visit(attr.g)
+                for g in attr.graphs:
+                    visit(g)
+
+    visit(proto.graph)
+    for function in proto.functions:
+        for node in function.node:
+            found.add(node.op_type)
+    return found
+
+
+def relative_error(got, want):
+    """max |got - want| / max |want|: the error relative to the output's scale
+    (element-wise ratios blow up where a value crosses zero)."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if got.shape != want.shape:
+        return math.inf
+    scale = max(float(np.abs(want).max()), np.finfo(np.float32).tiny)
+    return float(np.abs(got - want).max() / scale)
+
+
+def _parity_batches(batch):
+    return (1, 16) if batch == "dynamic" else (batch,)
+
+
+def _parity(module, part, path, facts, batch, session=None):
+    """Max relative error of onnxruntime against PyTorch over random inputs."""
+    session = session or _rt.open_session(path, ["CPUExecutionProvider"])
+    generator = torch.Generator().manual_seed(1)
+    worst = 0.0
+    for n in _parity_batches(batch):
+        example = _example(part, facts, n, generator)
+        with torch.no_grad():
+            want = module(example)
+        want = want if isinstance(want, tuple) else (want,)
+        got = session.run(None, {_rt.PART_IO[part][0][0]: example.numpy()})
+        if len(got) != len(want):
+            return math.inf
+        for g, w in zip(got, want):
+            worst = max(worst, relative_error(g, w.numpy()))
+    return worst
+
+
+def _median_ms(fn, repeats=30):
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
+def _quantize_part(module, part, tmp, facts, batch):
+    """int8 dynamic quantization of a part's weights; its error and speed."""
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+
+    fp32_path = os.path.join(tmp, _rt.part_file(part))
+    int8_path = os.path.join(tmp, _rt.part_file(part, quantized=True))
+    with tempfile.TemporaryDirectory(dir=tmp) as scratch:
+        # shape inference + graph clean-up first, as onnxruntime recommends
+        prepared = os.path.join(scratch, "prepared.onnx")
+        quant_pre_process(fp32_path, prepared)
+        quantize_dynamic(prepared, int8_path, weight_type=QuantType.QInt8)
+    fp32 = _rt.open_session(fp32_path, ["CPUExecutionProvider"])
+    int8 = _rt.open_session(int8_path, ["CPUExecutionProvider"])
+    name = _rt.PART_IO[part][0][0]
+    n = 1 if batch == "dynamic" else batch
+    feed = {name: _example(part, facts, n, torch.Generator().manual_seed(2)).numpy()}
+    return {"file": _rt.part_file(part, quantized=True),
+            "max_rel_err": _parity(module, part, int8_path, facts, batch, session=int8),
+            "latency_ms": {"batch": n,
+                           "fp32": _median_ms(lambda: fp32.run(None, feed)),
+                           "int8": _median_ms(lambda: int8.run(None, feed))},
+            "sha256": _rt.sha256_of(int8_path)}
+
+
+def _install(tmp, out_dir):
+    """Move the finished export into place: ``out_dir`` never holds a partial export."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp made it private
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        old = tmp + ".old"
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)
+        os.replace(tmp, out_dir)
+
+
+# ---- the `fastvae export` command ----------------------------------------
+
+
+def add_arguments(parser):
+    parser.add_argument("checkpoint", help="checkpoint written by `fastvae train`")
+    parser.add_argument("--out", required=True, help="directory to write the export to")
+    parser.add_argument("--parts", default=",".join(_rt.PARTS),
+                        help="comma-separated parts to export (default: %(default)s)")
+    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: exporter's)")
+    parser.add_argument("--batch", default="dynamic",
+                        help="'dynamic' (default) or a fixed batch size")
+    parser.add_argument("--quantize", action="store_true",
+                        help="also write int8 (dynamic quantization) encoder/decoder")
+
+
+def run(args):
+    from fastvae.checkpoint import load_model
+
+    batch = args.batch
+    if batch != "dynamic":
+        try:
+            batch = int(batch)
+        except ValueError:
+            raise ValueError(f"--batch must be 'dynamic' or an int, got {batch!r}") from None
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    model = load_model(args.checkpoint)
+    try:
+        meta = export(model, args.out, parts=parts, opset=args.opset, batch=batch,
+                      quantize=args.quantize)
+    except (FileExistsError, ExportParityError) as err:
+        raise ValueError(str(err)) from None
+    for part, info in meta["parts"].items():
+        print(f"{os.path.join(args.out, info['file'])}: max relative error vs PyTorch "
+              f"{info['max_rel_err']:.2e}")
+    for part, info in meta.get("quantized", {}).items():
+        lat = info["latency_ms"]
+        print(f"{os.path.join(args.out, info['file'])}: int8, max relative error "
+              f"{info['max_rel_err']:.2e}, {lat['int8']:.3f} ms vs {lat['fp32']:.3f} ms fp32 "
+              f"at batch {lat['batch']}")
+    print(f"{os.path.join(args.out, _rt.METADATA_FILE)}: opset {meta['opset']}")
+    return 0

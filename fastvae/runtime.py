@@ -1,0 +1,399 @@
+"""Run an exported VAE with numpy and onnxruntime alone (no PyTorch).
+
+``fastvae.onnx.export`` writes a directory with one ``.onnx`` file per part
+(``encoder``: x -> (mu, logvar); ``decoder``: z -> x_hat in data space;
+``scorer``: x -> per-sample VAE loss at z = mu) and ``metadata.json``.
+``VAERuntime`` loads it; sampling draws z ~ N(0, I) with numpy, outside the
+graphs, so the same seed gives the same samples on any runtime.
+
+This module imports only numpy and onnxruntime (Pillow, lazily, to draw a PNG
+grid): it must keep working where PyTorch is not installed.
+
+Command line: ``fastvae infer DIR --sample 64 --out grid.png``,
+``--score data.npy --out scores.csv``, ``--reconstruct data.npy --out out.npy``.
+"""
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+
+import numpy as np
+import onnxruntime as ort
+
+# ---- the export format (shared with fastvae.onnx, which writes it) --------
+
+FORMAT = "fastvae-onnx"
+FORMAT_VERSION = 1
+METADATA_FILE = "metadata.json"
+PARTS = ("encoder", "decoder", "scorer")
+QUANTIZABLE_PARTS = ("encoder", "decoder")
+# part -> (input names, output names) of its graph
+PART_IO = {
+    "encoder": (("x",), ("mu", "logvar")),
+    "decoder": (("z",), ("x_hat",)),
+    "scorer": (("x",), ("score",)),
+}
+RECONS = ("mse", "l1", "bce", "bce_logits")
+
+
+def part_file(part, quantized=False):
+    """The file name of a part inside an export directory."""
+    return f"{part}.int8.onnx" if quantized else f"{part}.onnx"
+
+
+EXPORT_FILES = frozenset(
+    [METADATA_FILE] + [part_file(p) for p in PARTS] + [part_file(p, True) for p in QUANTIZABLE_PARTS])
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_metadata(out_dir):
+    """Load and check ``metadata.json`` of an export directory."""
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
+    out_dir = os.fspath(out_dir)
+    if not os.path.exists(out_dir):
+        raise FileNotFoundError(f"out_dir {out_dir!r} does not exist")
+    if not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"out_dir {out_dir!r} is not a directory")
+    path = os.path.join(out_dir, METADATA_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"out_dir {out_dir!r} has no {METADATA_FILE}: not a fastvae ONNX export")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is corrupt (not valid JSON): {err}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not fastvae ONNX metadata (format must be {FORMAT!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {meta.get('format_version')!r}; "
+                         f"this fastvae reads version {FORMAT_VERSION}")
+    try:
+        shapes = [tuple(int(s) for s in meta[k]) for k in ("input_shape", "latent_shape")]
+        parts = meta["parts"]
+        if not isinstance(parts, dict) or not set(parts) <= set(PARTS):
+            raise ValueError(f"unknown parts {sorted(parts)}")
+        if meta["recon"] not in RECONS:
+            raise ValueError(f"unknown recon {meta['recon']!r}")
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is corrupt: {err!r}") from None
+    if any(not s or min(s) <= 0 for s in shapes):
+        raise ValueError(f"{path} is corrupt: bad shapes {shapes}")
+    return meta
+
+
+def _default_providers():
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def _check_providers(providers):
+    if providers is None:
+        return _default_providers()
+    if isinstance(providers, str) or not all(isinstance(p, str) for p in providers):
+        raise TypeError(f"providers must be None or a list of provider names, got {providers!r}")
+    providers = list(providers)
+    available = ort.get_available_providers()
+    unknown = [p for p in providers if p not in available]
+    if unknown or not providers:
+        raise ValueError(f"providers {providers!r}: not available in this onnxruntime "
+                         f"(available: {', '.join(available)})")
+    return providers
+
+
+def open_session(path, providers, sha256=None):
+    """An ``InferenceSession`` with all graph optimizations, or a clear error for
+    a missing or corrupt file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ONNX model file {path!r} is missing")
+    if sha256 is not None and sha256_of(path) != sha256:
+        raise ValueError(f"ONNX model file {path!r} is corrupt: its SHA-256 does not match "
+                         f"the one recorded in {METADATA_FILE} at export")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only; warnings go to stderr otherwise
+    try:
+        return ort.InferenceSession(path, sess_options=options, providers=providers)
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise ValueError(f"ONNX model file {path!r} cannot be loaded (corrupt?): {err}") from None
+
+
+def _as_float32_batch(name, value, sample_shape):
+    """Check an input batch of shape (N, *sample_shape) and return it as
+    contiguous float32; float64/float16 are cast, other dtypes are errors."""
+    if isinstance(value, (np.ndarray, list, tuple)) or hasattr(value, "__array__"):
+        try:
+            arr = np.asarray(value)
+        except Exception as err:
+            raise TypeError(f"{name} must be a float array, got {type(value).__name__}: {err}") from None
+    else:
+        raise TypeError(f"{name} must be a numpy array of floats, got {type(value).__name__}")
+    if arr.dtype.kind != "f":
+        raise TypeError(f"{name} must hold floating-point values (float32; float64 and float16 "
+                        f"are cast), got dtype {arr.dtype}")
+    expected = "(N, " + ", ".join(map(str, sample_shape)) + ")"
+    if arr.ndim != len(sample_shape) + 1 or tuple(arr.shape[1:]) != tuple(sample_shape):
+        raise ValueError(f"{name} must have shape {expected}, got {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} has an empty batch: shape {arr.shape}")
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    finite = np.isfinite(arr)
+    if not finite.all():
+        bad = arr.size - int(finite.sum())
+        raise ValueError(f"{name} contains NaN or Inf ({bad} of {arr.size} values, "
+                         f"after the cast to float32)")
+    return arr
+
+
+class VAERuntime:
+    """An exported VAE in onnxruntime.
+
+    Args:
+        out_dir: the directory written by ``fastvae.onnx.export``.
+        providers: onnxruntime execution providers; default CUDA when this
+            onnxruntime has it, then CPU.
+        quantized: use the int8 encoder/decoder written by
+            ``export(..., quantize=True)``.
+
+    All methods take and return float32 numpy arrays with the batch first.
+    """
+
+    def __init__(self, out_dir, providers=None, *, quantized=False):
+        self.metadata = meta = read_metadata(out_dir)
+        self.out_dir = os.fspath(out_dir)
+        self.input_shape = tuple(meta["input_shape"])
+        self.latent_shape = tuple(meta["latent_shape"])
+        self.recon = meta["recon"]
+        self.beta = float(meta["beta"])
+        batch = meta.get("batch", "dynamic")
+        self.static_batch = None if batch == "dynamic" else int(batch)
+        self.providers = _check_providers(providers)
+        self._sessions = {}
+        for part, info in meta["parts"].items():
+            use_int8 = quantized and part in QUANTIZABLE_PARTS
+            if use_int8:
+                info = meta.get("quantized", {}).get(part)
+                if info is None:
+                    raise ValueError(f"quantized=True but out_dir {self.out_dir!r} has no int8 "
+                                     f"{part}; export with quantize=True")
+            path = os.path.join(self.out_dir, info["file"])
+            self._sessions[part] = open_session(path, self.providers, info.get("sha256"))
+            self._check_graph_io(part, path)
+
+    def _check_graph_io(self, part, path):
+        session = self._sessions[part]
+        names_in, names_out = PART_IO[part]
+        got_in = tuple(i.name for i in session.get_inputs())
+        got_out = tuple(o.name for o in session.get_outputs())
+        if got_in != names_in or got_out != names_out:
+            raise ValueError(f"ONNX model file {path!r} has inputs {got_in} and outputs {got_out}; "
+                             f"a fastvae {part} has {names_in} and {names_out}")
+
+    @property
+    def parts(self):
+        """The parts this export has."""
+        return tuple(self._sessions)
+
+    def _session(self, part):
+        if part not in self._sessions:
+            raise ValueError(f"this export ({self.out_dir!r}) has no {part} part; "
+                             f"export it with parts including {part!r}")
+        return self._sessions[part]
+
+    def _run(self, part, array):
+        """Run a part on a checked batch; a static-batch export runs in padded chunks."""
+        session = self._session(part)
+        name = PART_IO[part][0][0]
+        b = self.static_batch
+        if b is None or len(array) == b:
+            return session.run(None, {name: array})
+        chunks = []
+        for start in range(0, len(array), b):
+            chunk = array[start:start + b]
+            n = len(chunk)
+            if n < b:
+                chunk = np.concatenate([chunk, np.zeros((b - n,) + chunk.shape[1:], chunk.dtype)])
+            chunks.append([out[:n] for out in session.run(None, {name: chunk})])
+        return [np.concatenate(outs) for outs in zip(*chunks)]
+
+    def encode(self, x):
+        """x (N, *input_shape) -> (mu, logvar), each (N, *latent_shape)."""
+        x = _as_float32_batch("x", x, self.input_shape)
+        mu, logvar = self._run("encoder", x)
+        return mu, logvar
+
+    def decode(self, z):
+        """z (N, *latent_shape) -> x_hat (N, *input_shape) in data space
+        (probabilities for BCE models)."""
+        z = _as_float32_batch("z", z, self.latent_shape)
+        return self._run("decoder", z)[0]
+
+    def reconstruct(self, x):
+        """Decode the posterior mean of each input: deterministic reconstructions."""
+        mu, _ = self.encode(x)
+        return self._run("decoder", mu)[0]
+
+    def sample(self, n, seed=None):
+        """Decode ``n`` codes z ~ N(0, I) drawn by numpy from ``seed``
+        (same seed -> same samples; None -> fresh randomness)."""
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+            raise TypeError(f"n must be an int, got {type(n).__name__}")
+        if n <= 0:
+            raise ValueError(f"n must be positive, got {n}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise TypeError(f"seed must be None or an int, got {type(seed).__name__}")
+        if seed is not None and seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
+        rng = np.random.default_rng(seed)
+        z = rng.standard_normal((int(n),) + self.latent_shape, dtype=np.float32)
+        return self._run("decoder", z)[0]
+
+    def score(self, x):
+        """Per-sample anomaly score (N,): the VAE loss (recon + beta * KL) at z = mu."""
+        x = _as_float32_batch("x", x, self.input_shape)
+        if self.recon in ("bce", "bce_logits") and (x.min() < 0 or x.max() > 1):
+            raise ValueError(f"x must hold values in [0, 1] for a {self.recon!r} model, "
+                             f"got values in [{x.min():.6g}, {x.max():.6g}]")
+        return self._run("scorer", x)[0]
+
+
+# ---- the `fastvae infer` command ----------------------------------------
+
+
+def add_arguments(parser):
+    parser.add_argument("dir", help="directory written by `fastvae export`")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--sample", type=int, metavar="N", help="decode N samples from the prior")
+    what.add_argument("--score", metavar="DATA", help=".npy/.npz data to score (anomaly scores)")
+    what.add_argument("--reconstruct", metavar="DATA", help=".npy/.npz data to reconstruct")
+    parser.add_argument("--out", required=True,
+                        help="output file: .png or .npy for --sample/--reconstruct, "
+                             ".csv or .npy for --score")
+    parser.add_argument("--seed", type=int, default=None, help="seed of --sample")
+    parser.add_argument("--quantized", action="store_true", help="use the int8 encoder/decoder")
+    parser.add_argument("--provider", action="append", dest="providers", metavar="NAME",
+                        help="onnxruntime execution provider (repeatable; default CUDA then CPU)")
+
+
+def run(args):
+    if args.score is not None:
+        allowed = (".csv", ".npy")
+    else:
+        allowed = (".png", ".npy")
+    ext = os.path.splitext(args.out)[1].lower()
+    if ext not in allowed:
+        raise ValueError(f"--out must end with {' or '.join(allowed)}, got {args.out!r}")
+    rt = VAERuntime(args.dir, providers=args.providers, quantized=args.quantized)
+    if args.sample is not None:
+        result = rt.sample(args.sample, seed=args.seed)
+    else:
+        data = load_array(args.score if args.score is not None else args.reconstruct,
+                          rt.input_shape)
+        result = rt.score(data) if args.score is not None else rt.reconstruct(data)
+    if ext == ".npy":
+        _write_atomic(args.out, lambda f: np.save(f, result))
+    elif ext == ".csv":
+        lines = ["index,score"] + [f"{i},{s:.9g}" for i, s in enumerate(result.tolist())]
+        _write_atomic(args.out, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+    else:
+        write_grid_png(args.out, result, rt.input_shape)
+    print(f"wrote {args.out} ({len(result)} {'scores' if args.score else 'images'})")
+    return 0
+
+
+def load_array(path, sample_shape):
+    """A float array of samples from a .npy file or a one-array .npz file. Flat
+    samples (N, D) are reshaped to ``sample_shape`` when the sizes agree, and
+    vice versa."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as err:
+        raise ValueError(f"data file {path!r} is not a readable .npy/.npz array: {err}") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            if len(loaded.files) != 1:
+                raise ValueError(f"data file {path!r} must hold exactly one array, "
+                                 f"got {loaded.files}")
+            loaded = loaded[loaded.files[0]]
+    arr = loaded
+    size = math.prod(sample_shape)
+    flat_pair = arr.ndim == 2 or len(sample_shape) == 1
+    if (arr.ndim >= 2 and tuple(arr.shape[1:]) != tuple(sample_shape) and flat_pair
+            and math.prod(arr.shape[1:]) == size):
+        arr = arr.reshape((arr.shape[0],) + tuple(sample_shape))
+    return arr
+
+
+def _write_atomic(path, write):
+    """Write through ``write(file)`` into a temp file beside ``path``, then rename."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"--out: directory {directory!r} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def images_hwc(batch, sample_shape):
+    """(N, *sample_shape) -> (N, H, W, C) for drawing: (C, H, W) with C = 1 or 3,
+    (H, W), or flat (D,) with D a perfect square."""
+    shape = tuple(sample_shape)
+    if len(shape) == 3 and shape[0] in (1, 3):
+        return batch.transpose(0, 2, 3, 1)
+    if len(shape) == 2:
+        return batch[..., None]
+    if len(shape) == 1 and math.isqrt(shape[0]) ** 2 == shape[0]:
+        side = math.isqrt(shape[0])
+        return batch.reshape(len(batch), side, side, 1)
+    raise ValueError(f"samples of shape {shape} cannot be drawn as images; write .npy instead")
+
+
+def write_grid_png(path, batch, sample_shape, min_tile=32):
+    """Tile a batch of images (values clipped to [0, 1]) into one PNG, each image
+    enlarged by an integer factor to at least ``min_tile`` pixels."""
+    images = images_hwc(np.asarray(batch, dtype=np.float32), sample_shape)
+    n, h, w, c = images.shape
+    scale = max(1, math.ceil(min_tile / max(h, w)))
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+    h, w = h * scale, w * scale
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    pad = 2
+    grid = np.ones((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.float32)
+    for i, image in enumerate(images):
+        r, col = divmod(i, cols)
+        top, left = pad + r * (h + pad), pad + col * (w + pad)
+        grid[top:top + h, left:left + w] = image
+    pixels = (np.clip(grid, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError("writing a .png needs Pillow (pip install pillow); "
+                          "or write .npy instead") from None
+    image = Image.fromarray(pixels[..., 0] if c == 1 else pixels)
+    _write_atomic(path, lambda f: image.save(f, format="PNG"))
