@@ -1,0 +1,165 @@
+"""Data sets for training: everything lands in memory as float32 tensors (N, C, H, W)
+or (N, D), scaled to [0, 1] for image data, with a fixed train/test split.
+
+Sources (``load_data(source)``):
+- ``"digits"`` (default): scikit-learn's bundled 8x8 digits, 1,797 images, no download;
+- ``"mnist"`` / ``"fashion-mnist"``: through torchvision, from files already under
+  ``root``; a download happens only with ``download=True``;
+- a ``.npy`` file (an array), a ``.npz`` file (array ``x``, optional labels ``y``);
+  shapes (N, D), (N, H, W) or (N, C, H, W); uint8 is divided by 255, floats are
+  taken as they are (BCE models need them in [0, 1]: ``check_range``);
+- a directory of images (png, jpg, bmp, gif, tif, webp), read with Pillow as
+  grayscale; all must have one size.
+"""
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+TORCHVISION_SETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
+SPLIT_SEED = 0  # the fixed train/test split: a permutation drawn from this seed
+
+
+@dataclass
+class Data:
+    name: str
+    train: torch.Tensor
+    test: torch.Tensor
+    train_labels: torch.Tensor = None  # int64 class labels where the source has them
+    test_labels: torch.Tensor = None
+
+    @property
+    def input_shape(self):
+        return tuple(self.train.shape[1:])
+
+
+def _split(name, x, y, test_fraction):
+    n = len(x)
+    if n < 2:
+        raise ValueError(f"data {name!r} has {n} sample(s); need at least 2 (train + test)")
+    order = np.random.default_rng(SPLIT_SEED).permutation(n)
+    n_test = min(n - 1, max(1, round(n * test_fraction)))
+    test, train = order[:n_test], order[n_test:]
+    x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    y = None if y is None else torch.from_numpy(np.asarray(y, dtype=np.int64))
+    return Data(name, x[train], x[test], None if y is None else y[train],
+                None if y is None else y[test])
+
+
+def _as_images(name, x):
+    """Array -> float32 (N, D) or (N, C, H, W), uint8 scaled to [0, 1]."""
+    if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+        raise TypeError(f"data {name!r}: expected a numeric array, got dtype {x.dtype}")
+    if x.dtype == np.uint8:
+        x = x.astype(np.float32) / 255.0
+    elif np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.complexfloating):
+        raise TypeError(f"data {name!r}: dtype {x.dtype} is ambiguous; give uint8 images "
+                        f"(0..255) or floats (in [0, 1] for BCE models)")
+    x = x.astype(np.float32)
+    if x.ndim == 3:
+        x = x[:, None]
+    if x.ndim not in (2, 4):
+        raise ValueError(f"data {name!r}: expected shape (N, D), (N, H, W) or (N, C, H, W), "
+                         f"got {x.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError(f"data {name!r} contains NaN or infinite values")
+    return x
+
+
+def _load_digits():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return digits.images[:, None].astype(np.float32) / 16.0, digits.target
+
+
+def _load_array_file(path):
+    try:
+        if path.endswith(".npz"):
+            with np.load(path, allow_pickle=False) as archive:
+                keys = list(archive.keys())
+                key = "x" if "x" in keys else (keys[0] if len(keys) == 1 else None)
+                if key is None:
+                    raise ValueError(f"an .npz needs an array named 'x' (optional labels 'y'); "
+                                     f"found {keys}")
+                return archive[key], (archive["y"] if "y" in keys else None)
+        return np.load(path, allow_pickle=False), None
+    except FileNotFoundError:
+        raise FileNotFoundError(f"data file not found: {path}") from None
+    except Exception as err:  # numpy raises many kinds on a corrupt file
+        raise ValueError(f"cannot read data file {path}: {err}") from None
+
+
+def _load_image_folder(path):
+    from PIL import Image, UnidentifiedImageError
+
+    files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in directory {path}")
+    images = []
+    for f in files:
+        try:
+            with Image.open(os.path.join(path, f)) as im:
+                images.append(np.asarray(im.convert("L"), dtype=np.uint8))
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"cannot read image {os.path.join(path, f)}: {err}") from None
+        if images[-1].shape != images[0].shape:
+            raise ValueError(f"images in {path} differ in size: {files[0]} is "
+                             f"{images[0].shape[::-1]}, {f} is {images[-1].shape[::-1]} (W, H)")
+    return np.stack(images), None
+
+
+def _load_torchvision(name, root, download):
+    try:
+        import torchvision.datasets as tvd
+    except ImportError:
+        raise ValueError(f"data {name!r} needs torchvision, which is not installed; install it "
+                         f"or pass the images as a .npy/.npz file or an image folder") from None
+    cls = getattr(tvd, TORCHVISION_SETS[name])
+    try:
+        train = cls(root, train=True, download=download)
+        test = cls(root, train=False, download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found. You can use download=True"
+        raise FileNotFoundError(f"{name} files not found under {root!r} ({err}); pass "
+                                f"--download to fetch them") from None
+    to_x = lambda ds: ds.data.numpy()[:, None].astype(np.float32) / 255.0  # noqa: E731
+    return Data(name, torch.from_numpy(to_x(train)), torch.from_numpy(to_x(test)),
+                train.targets.clone(), test.targets.clone())
+
+
+def load_data(source="digits", *, root="data", download=False, test_fraction=0.2):
+    """Load ``source`` (see the module docstring) as a ``Data`` with a fixed split."""
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"data source must be a name or a path, got {source!r}")
+    if source == "digits":
+        x, y = _load_digits()
+        return _split(source, x, y, test_fraction)
+    if source in TORCHVISION_SETS:
+        return _load_torchvision(source, root, download)
+    if os.path.isdir(source):
+        x, y = _load_image_folder(source)
+    elif source.endswith((".npy", ".npz")):
+        x, y = _load_array_file(source)
+    elif os.path.exists(source):
+        raise ValueError(f"data file {source}: unsupported type (use .npy, .npz or a folder of images)")
+    else:
+        raise FileNotFoundError(
+            f"data {source!r} not found: give 'digits', 'mnist', 'fashion-mnist', a .npy/.npz "
+            f"file or a folder of images")
+    x = _as_images(source, x)
+    if y is not None and (np.ndim(y) != 1 or len(y) != len(x)):
+        raise ValueError(f"data {source!r}: labels 'y' must have shape ({len(x)},), got {np.shape(y)}")
+    return _split(source, x, y, test_fraction)
+
+
+def check_range(data, recon):
+    """BCE losses need targets in [0, 1]: say so before any training starts."""
+    if recon in ("bce", "bce_logits"):
+        lo = min(data.train.min().item(), data.test.min().item())
+        hi = max(data.train.max().item(), data.test.max().item())
+        if lo < 0 or hi > 1:
+            raise ValueError(f"data {data.name!r} has values in [{lo:.4g}, {hi:.4g}] but recon "
+                             f"{recon!r} needs them in [0, 1]: rescale the data or use --recon mse")

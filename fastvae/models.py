@@ -1,0 +1,274 @@
+"""Autoencoders and VAEs built on fastvae's loss and sampling.
+
+Four models with one interface, so that training, the demo and the ONNX
+export treat them alike:
+
+- ``MLPVAE`` / ``ConvVAE``: ``forward(x, generator=None) -> (out, mu, logvar)``
+  where ``out`` is what ``fastvae.vae_loss`` takes (logits for
+  ``recon="bce_logits"``, probabilities for ``"bce"``, values for mse/l1);
+  ``encode(x) -> (mu, logvar)``; ``decode(z)`` in data space;
+  ``sample(n, generator=None)``; ``reconstruct(x)`` (decodes z = mu);
+  ``score(x)``: per-sample loss at z = mu (an anomaly score);
+  ``loss(x) -> LossParts`` (the batch-mean ELBO with a reparameterized sample).
+- ``MLPAutoencoder`` / ``ConvAutoencoder``: the same without the KL:
+  ``forward(x) -> out``, ``encode(x) -> code``, ``loss`` = reconstruction only.
+  ``sample`` decodes z ~ N(0, I) too: an autoencoder has no prior, which is
+  exactly what the demo measures.
+
+Attributes used by the ONNX export: ``recon``, ``beta``, ``input_shape``,
+``latent_shape``. ``config()`` / ``model_from_config`` rebuild a model for
+checkpoints.
+"""
+
+import torch
+from torch import nn
+
+from fastvae import _validate
+from fastvae.functional import LossParts, kl_divergence, reparameterize, vae_loss
+
+
+def _check_shape(name, shape):
+    shape = tuple(int(s) for s in shape)
+    if not shape or any(s <= 0 for s in shape):
+        raise ValueError(f"{name} must be a non-empty tuple of positive sizes, got {shape}")
+    return shape
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _mlp_nets(input_shape, encoder_out, latent_dim, hidden):
+    """Encoder: flatten -> hidden layers -> encoder_out; decoder mirrors it."""
+    hidden = [int(h) for h in hidden]
+    if any(h <= 0 for h in hidden):
+        raise ValueError(f"hidden sizes must be positive, got {hidden}")
+    sizes = [_numel(input_shape)] + hidden
+    enc = [nn.Flatten()]
+    for a, b in zip(sizes, sizes[1:]):
+        enc += [nn.Linear(a, b), nn.SiLU()]
+    enc.append(nn.Linear(sizes[-1], encoder_out))
+    dec_sizes = [latent_dim] + hidden[::-1]
+    dec = []
+    for a, b in zip(dec_sizes, dec_sizes[1:]):
+        dec += [nn.Linear(a, b), nn.SiLU()]
+    dec += [nn.Linear(dec_sizes[-1], sizes[0]), nn.Unflatten(1, input_shape)]
+    return nn.Sequential(*enc), nn.Sequential(*dec)
+
+
+def _conv_nets(input_shape, encoder_out, latent_dim, channels):
+    """Stride-2 4x4 convolutions halve H and W per level (transposed ones double
+    them back), then one linear layer to and from the latent vector."""
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape must be (C, H, W) for a conv model, got {input_shape}")
+    channels = [int(c) for c in channels]
+    if not channels or any(c <= 0 for c in channels):
+        raise ValueError(f"channels must be a non-empty list of positive sizes, got {channels}")
+    c_in, h, w = input_shape
+    factor = 2 ** len(channels)
+    if h % factor or w % factor:
+        raise ValueError(
+            f"input_shape {input_shape}: H and W must be divisible by 2**len(channels) = {factor} "
+            f"(channels={channels}); use fewer channel levels or pad the images")
+    inner = (channels[-1], h // factor, w // factor)
+    enc, prev = [], c_in
+    for c in channels:
+        enc += [nn.Conv2d(prev, c, 4, stride=2, padding=1), nn.SiLU()]
+        prev = c
+    enc += [nn.Flatten(), nn.Linear(_numel(inner), encoder_out)]
+    dec = [nn.Linear(latent_dim, _numel(inner)), nn.Unflatten(1, inner)]
+    outs = channels[-2::-1] + [c_in]
+    for i, c in enumerate(outs):
+        dec.append(nn.ConvTranspose2d(prev, c, 4, stride=2, padding=1))
+        if i < len(outs) - 1:
+            dec.append(nn.SiLU())
+        prev = c
+    return nn.Sequential(*enc), nn.Sequential(*dec)
+
+
+class _Autoencoding(nn.Module):
+    """What AEs and VAEs share: shapes, recon type, config, data-space decoding."""
+
+    is_vae = False
+
+    def __init__(self, input_shape, latent_dim, recon, beta, nets, **arch):
+        super().__init__()
+        _validate.check_choice("recon", recon, _validate.RECONS)
+        _validate.check_beta(beta)
+        if isinstance(beta, torch.Tensor):
+            raise TypeError("beta of a model must be a float (it is saved in the JSON config)")
+        latent_dim = int(latent_dim)
+        if latent_dim <= 0:
+            raise ValueError(f"latent_dim must be positive, got {latent_dim}")
+        self.input_shape = _check_shape("input_shape", input_shape)
+        self.latent_shape = (latent_dim,)
+        self.recon, self.beta = recon, float(beta)
+        encoder_out = 2 * latent_dim if self.is_vae else latent_dim
+        self.encoder, self.decoder = nets(self.input_shape, encoder_out, latent_dim, **arch)
+        self._arch = {k: list(v) for k, v in arch.items()}
+
+    def config(self):
+        """A JSON-able dict from which ``model_from_config`` rebuilds this model."""
+        return {"class": type(self).__name__, "input_shape": list(self.input_shape),
+                "latent_dim": self.latent_shape[0], "recon": self.recon, "beta": self.beta,
+                **self._arch}
+
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        if tuple(x.shape[1:]) != self.input_shape or x.dim() != len(self.input_shape) + 1:
+            raise ValueError(f"x must have shape (N, {', '.join(map(str, self.input_shape))}) "
+                             f"for this model, got {tuple(x.shape)}")
+
+    def _to_data(self, out):
+        """Decoder output -> data space (the mean of the likelihood)."""
+        return torch.sigmoid(out) if self.recon == "bce_logits" else out
+
+    def _decoder_out(self, z):
+        out = self.decoder(z)
+        # A "bce" model's decoder emits probabilities, which is what vae_loss takes.
+        return torch.sigmoid(out) if self.recon == "bce" else out
+
+    def decode(self, z):
+        """Latent codes (N, latent_dim) -> data space (probabilities for BCE models)."""
+        return self._to_data(self._decoder_out(z))
+
+    @torch.no_grad()
+    def sample(self, n, generator=None):
+        """Decode ``n`` codes drawn from N(0, I)."""
+        p = next(self.parameters())
+        z = torch.randn(int(n), *self.latent_shape, generator=generator, device=p.device,
+                        dtype=p.dtype)
+        return self.decode(z)
+
+    def loss(self, x, *, beta=None, free_bits=0.0, generator=None):
+        """``LossParts(loss, recon, kl)`` for a batch, averaged over the batch."""
+        return self.criterion(x, self(x, generator=generator), beta=beta, free_bits=free_bits)
+
+    def extra_repr(self):
+        return f"input_shape={self.input_shape}, latent_shape={self.latent_shape}, recon={self.recon!r}"
+
+
+class _VAE(_Autoencoding):
+    is_vae = True
+
+    def encode(self, x):
+        """x -> (mu, logvar) of the Gaussian posterior q(z | x)."""
+        self._check_input(x)
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        return mu, logvar
+
+    def forward(self, x, generator=None):
+        mu, logvar = self.encode(x)
+        z = reparameterize(mu, logvar, generator=generator)
+        return self._decoder_out(z), mu, logvar
+
+    def criterion(self, x, outputs, *, beta=None, free_bits=0.0):
+        """The batch-mean ELBO of ``outputs = self(x)``.
+
+        With ``free_bits`` > 0, each latent dimension's batch-mean KL counts as at
+        least ``free_bits`` nats in the loss (Kingma et al. 2016), so the encoder
+        is not pushed to collapse dimensions early; the reported ``kl`` is the true KL.
+        """
+        out, mu, logvar = outputs
+        beta = self.beta if beta is None else beta
+        if not free_bits:
+            return vae_loss(out, x, mu, logvar, recon=self.recon, beta=beta,
+                            reduction="batchmean", return_parts=True)
+        parts = vae_loss(out, x, mu, logvar, recon=self.recon, beta=0.0,
+                         reduction="batchmean", return_parts=True)
+        # Transposed, dim 0 runs over latent dimensions: "none" gives the KL of
+        # each dimension summed over the batch.
+        kl_per_dim = kl_divergence(mu.flatten(1).T, logvar.flatten(1).T, reduction="none")
+        kl_floored = (kl_per_dim / x.shape[0]).clamp(min=free_bits).sum()
+        return LossParts(parts.recon + beta * kl_floored, parts.recon, parts.kl)
+
+    def reconstruct(self, x):
+        """Decode the posterior mean: deterministic reconstructions in data space."""
+        return self.decode(self.encode(x)[0])
+
+    def score(self, x):
+        """Per-sample loss (recon + beta * KL) at z = mu, shape (N,): higher = more anomalous."""
+        mu, logvar = self.encode(x)
+        return vae_loss(self._decoder_out(mu), x, mu, logvar, recon=self.recon, beta=self.beta,
+                        reduction="none")
+
+
+class _AE(_Autoencoding):
+    def encode(self, x):
+        """x -> its code (N, latent_dim)."""
+        self._check_input(x)
+        return self.encoder(x)
+
+    def forward(self, x, generator=None):  # generator: same call as a VAE; unused
+        return self._decoder_out(self.encode(x))
+
+    def _recon_parts(self, x, out, reduction):
+        # A dummy posterior equal to the prior, N(0, I), has KL exactly 0, so this is
+        # the reconstruction term alone, through vae_loss's fused path.
+        zeros = out.new_zeros(out.shape[0], 1, dtype=torch.float32)
+        return vae_loss(out, x, zeros, zeros, recon=self.recon, beta=0.0,
+                        reduction=reduction, return_parts=True)
+
+    def criterion(self, x, outputs, *, beta=None, free_bits=0.0):
+        """The batch-mean reconstruction loss (``kl`` is 0: there is no posterior)."""
+        return self._recon_parts(x, outputs, "batchmean")
+
+    def reconstruct(self, x):
+        return self._to_data(self(x))
+
+    def score(self, x):
+        """Per-sample reconstruction loss, shape (N,): higher = more anomalous."""
+        return self._recon_parts(x, self(x), "none").recon
+
+
+class MLPVAE(_VAE):
+    """VAE with fully connected encoder and decoder."""
+
+    def __init__(self, input_shape, latent_dim=8, hidden=(256, 128), recon="bce_logits", beta=1.0):
+        super().__init__(input_shape, latent_dim, recon, beta, _mlp_nets, hidden=hidden)
+
+
+class ConvVAE(_VAE):
+    """VAE with stride-2 convolutions; ``input_shape=(C, H, W)`` with H, W divisible
+    by ``2**len(channels)`` (8x8 digits, 28x28 MNIST, 64x64 images...)."""
+
+    def __init__(self, input_shape, latent_dim=8, channels=(32, 64), recon="bce_logits", beta=1.0):
+        super().__init__(input_shape, latent_dim, recon, beta, _conv_nets, channels=channels)
+
+
+class MLPAutoencoder(_AE):
+    """Plain autoencoder with the MLPVAE architecture."""
+
+    def __init__(self, input_shape, latent_dim=8, hidden=(256, 128), recon="bce_logits", beta=0.0):
+        super().__init__(input_shape, latent_dim, recon, beta, _mlp_nets, hidden=hidden)
+
+
+class ConvAutoencoder(_AE):
+    """Plain autoencoder with the ConvVAE architecture."""
+
+    def __init__(self, input_shape, latent_dim=8, channels=(32, 64), recon="bce_logits", beta=0.0):
+        super().__init__(input_shape, latent_dim, recon, beta, _conv_nets, channels=channels)
+
+
+MODELS = {cls.__name__: cls for cls in (MLPVAE, ConvVAE, MLPAutoencoder, ConvAutoencoder)}
+
+# (--model, --arch) on the command line -> class
+BY_KIND = {("vae", "mlp"): MLPVAE, ("vae", "conv"): ConvVAE,
+           ("ae", "mlp"): MLPAutoencoder, ("ae", "conv"): ConvAutoencoder}
+
+
+def model_from_config(config):
+    """Rebuild a model (fresh weights) from ``model.config()``."""
+    if not isinstance(config, dict) or config.get("class") not in MODELS:
+        known = ", ".join(MODELS)
+        raise ValueError(f"not a fastvae model config (class must be one of {known}): {config!r}")
+    kwargs = {k: v for k, v in config.items() if k != "class"}
+    for key in ("input_shape", "hidden", "channels"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
+    return MODELS[config["class"]](**kwargs)
