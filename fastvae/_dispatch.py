@@ -51,4 +51,6 @@ def implementation(*tensors):
 
         if kernels.AVAILABLE:
             return kernels
+        if _forced_backend() == "triton":
+            raise RuntimeError("FASTVAE_BACKEND=triton but fastvae.kernels could not import triton")
     return _torch_impl

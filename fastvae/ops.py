@@ -65,6 +65,26 @@ def _per_sample_view(g, like):
     return g.reshape((-1,) + (1,) * (like.dim() - 1)) if g.dim() == 1 else g
 
 
+def _last_use_of_saved_buffers():
+    """True when this backward is the last use of the op's saved gradient
+    buffers: no retain_graph (the engine frees them right after this node),
+    no create_graph, and not tracing under torch.compile."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return (keep_graph is not None and not keep_graph() and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())
+
+
+def _scale_grad(g, w):
+    """``g * w`` (w per sample for reduction="none"), ``g`` being a gradient
+    buffer that the op allocated and saved. On the buffer's last use it is
+    scaled in place and handed on, so loss fwd+bwd holds one gradient-sized
+    buffer per input instead of two (peak memory at or below eager's). The
+    buffers are the op's own outputs, never a user's input; with retain_graph
+    or create_graph they are left intact and a new tensor is returned."""
+    w = _per_sample_view(w, g).to(g.dtype)
+    return g.mul_(w) if _last_use_of_saved_buffers() else g * w
+
+
 def _vae_loss_setup(ctx, inputs, output):
     x_hat, x, mu, logvar, beta, beta_value, recon, reduction, clamp_lo, clamp_hi, _, _ = inputs
     _, _, kl, g_xhat, g_mu, g_lv = output
@@ -83,22 +103,20 @@ def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_):
     beta_c = ctx.beta_value if beta is None else beta.to(g_loss.dtype)
     w_kl = g_loss * beta_c + g_kl
 
-    if need[0] or need[1]:
-        w = _per_sample_view(w_recon, g_xhat)
-        grad_xhat = g_xhat * w.to(g_xhat.dtype)
-        if need[0]:
-            grads[0] = grad_xhat.to(xhat_dtype)
-        if need[1]:
-            if ctx.recon in ("mse", "l1"):
-                grads[1] = grad_xhat.neg().to(x_dtype)
-            else:
-                grads[1] = _target_grad(ctx, x_hat, w).to(x_dtype)
-    if need[2]:
-        grads[2] = (g_mu * _per_sample_view(w_kl, g_mu).to(g_mu.dtype)).to(mu_dtype)
-    if need[3]:
-        grads[3] = (g_lv * _per_sample_view(w_kl, g_lv).to(g_lv.dtype)).to(lv_dtype)
     if need[4]:
         grads[4] = (g_loss * kl).sum().to(device=beta.device, dtype=beta.dtype)
+    if need[1] and ctx.recon not in ("mse", "l1"):
+        grads[1] = _target_grad(ctx, x_hat, _per_sample_view(w_recon, g_xhat)).to(x_dtype)
+    if need[0] or (need[1] and grads[1] is None):
+        grad_xhat = _scale_grad(g_xhat, w_recon)
+        if need[1] and grads[1] is None:  # mse, l1: d/dx = -d/dx_hat
+            grads[1] = grad_xhat.neg().to(x_dtype)
+        if need[0]:
+            grads[0] = grad_xhat.to(xhat_dtype)
+    if need[2]:
+        grads[2] = _scale_grad(g_mu, w_kl).to(mu_dtype)
+    if need[3]:
+        grads[3] = _scale_grad(g_lv, w_kl).to(lv_dtype)
     return tuple(grads)
 
 
@@ -146,7 +164,7 @@ def _kl_backward(ctx, g_kl, *_):
     grads = [None] * 6
     for i, (g, dtype) in enumerate(zip((g_mu, g_lv), ctx.dtypes)):
         if ctx.needs_input_grad[i]:
-            grads[i] = (g * _per_sample_view(g_kl, g).to(g.dtype)).to(dtype)
+            grads[i] = _scale_grad(g, g_kl).to(dtype)
     return tuple(grads)
 
 

@@ -3,14 +3,16 @@ deterministic two-stage reduction, the launch-size heuristics and the device
 checks.
 
 Two-stage reduction. A per-sample sum (one row of a (N, D) view) is split over
-``chunks`` programs; program ``row * chunks + c`` writes the float32 sum of its
-chunk to ``partials[row * chunks + c]`` (no atomics). ``_finish_rows_kernel``
+``chunks`` column chunks; the program for (row block b, chunk c) writes, for each
+row n of its block, the float32 sum of its chunk of row n to
+``partials[n * chunks + c]`` (no atomics). ``_finish_rows_kernel``
 then adds each row's partials and the rows themselves in one fixed order, so
 the same inputs and sizes give bitwise-equal results on every run.
 """
 
 import contextlib
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -123,49 +125,70 @@ def finish_rows(partials, rows, kl_chunks, kl_base, kl_scale, kl_out, *,
 
 # ---- launch sizes --------------------------------------------------------
 
-# Forced sizes for tests: (max block, max iterations per program); None = heuristics.
+
+class Split(NamedTuple):
+    """How a (rows, cols) view is cut into programs. Each program reduces a tile
+    of ROWS rows by ITERS blocks of BLOCK columns; ``chunks`` programs cover one
+    row block; ``programs`` = cdiv(rows, ROWS) * chunks."""
+
+    block: int
+    rows: int
+    iters: int
+    chunks: int
+    programs: int
+    num_warps: int
+
+
+# Forced sizes for tests: (max block, max rows per program, max iterations); None = heuristics.
 _forced_split = None
 
 
 @contextlib.contextmanager
-def force_split(max_block, max_iters):
-    """Test helper: cap block sizes and iterations so that even tiny rows are
-    split over several programs (exercising the two-stage reduction)."""
+def force_split(max_block, max_rows, max_iters):
+    """Test helper: cap the tile sizes so that even tiny tensors are split over
+    several programs (exercising the two-stage reduction)."""
     global _forced_split
-    previous, _forced_split = _forced_split, (max_block, max_iters)
+    previous, _forced_split = _forced_split, (max_block, max_rows, max_iters)
     try:
         yield
     finally:
         _forced_split = previous
 
 
+def _make_split(rows, cols, block, tile_rows, iters, num_warps):
+    chunks = triton.cdiv(cols, block * iters)
+    return Split(block, tile_rows, iters, chunks, triton.cdiv(rows, tile_rows) * chunks, num_warps)
+
+
 @functools.lru_cache(maxsize=256)
-def _row_split(cols, rows, interpreted, sm_count):
-    """(BLOCK, ITERS, chunks, num_warps) for rows of ``cols`` elements: each
-    program reduces ITERS blocks of BLOCK contiguous elements of one row."""
-    block_cap = 1 << 16 if interpreted else 2048
-    block = min(triton.next_power_of_2(cols), block_cap)
-    blocks_per_row = triton.cdiv(cols, block)
+def _heuristic_split(rows, cols, interpreted, sm_count):
     if interpreted:
-        # Programs run one after another: as few as possible.
-        iters = min(blocks_per_row, 64)
-    else:
-        # Enough programs to fill the GPU several times over, each still
-        # streaming a few blocks so its partial sum is worth writing.
-        target_programs = 8 * sm_count
-        chunks_wanted = max(1, target_programs // rows)
-        iters = max(1, min(8, blocks_per_row // chunks_wanted))
-    num_warps = 8 if block >= 2048 else 4 if block >= 512 else 2 if block >= 128 else 1
-    return block, iters, triton.cdiv(cols, block * iters), num_warps
+        # Programs run one after another on the CPU: as few and as large as possible.
+        block = min(triton.next_power_of_2(cols), 1 << 15)
+        tile_rows = min(triton.next_power_of_2(rows), max(1, (1 << 15) // block))
+        return _make_split(rows, cols, block, tile_rows, min(triton.cdiv(cols, block), 64), 1)
+    # GPU: 2048-element tiles (8 warps x 32 threads x 8 elements); short rows
+    # share a tile. Enough programs to fill every SM several times over, each
+    # streaming up to 8 tiles so that its partial sum is worth writing.
+    block = min(triton.next_power_of_2(cols), 2048)
+    tile_rows = min(triton.next_power_of_2(rows), max(1, 2048 // block))
+    row_blocks = triton.cdiv(rows, tile_rows)
+    chunks_wanted = max(1, (8 * sm_count) // row_blocks)
+    iters = max(1, min(8, triton.cdiv(cols, block) // chunks_wanted))
+    tile = block * tile_rows
+    num_warps = 8 if tile >= 2048 else 4 if tile >= 512 else 2 if tile >= 128 else 1
+    return _make_split(rows, cols, block, tile_rows, iters, num_warps)
 
 
-def row_split(cols, rows, device):
+def row_split(rows, cols, device):
+    """The Split for per-row sums over a (rows, cols) view on ``device`` (cached)."""
     if _forced_split is not None:
-        max_block, max_iters = _forced_split
+        max_block, max_rows, max_iters = _forced_split
         block = min(triton.next_power_of_2(cols), max_block)
-        iters = min(triton.cdiv(cols, block), max_iters)
-        return block, iters, triton.cdiv(cols, block * iters), 1
-    return _row_split(cols, rows, is_interpreted(), _sm_count(device))
+        tile_rows = min(triton.next_power_of_2(rows), max_rows)
+        return _make_split(rows, cols, block, tile_rows,
+                           min(triton.cdiv(cols, block), max_iters), 1)
+    return _heuristic_split(rows, cols, is_interpreted(), _sm_count(device))
 
 
 @functools.lru_cache(maxsize=None)

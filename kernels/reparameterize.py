@@ -13,7 +13,7 @@ Backward, given dL/dz and (when the KL was produced) dL/dkl per sample:
 
 eps is regenerated from (seed, i) in the backward, so nothing noise-sized is
 saved. Since eps depends only on the element index, z does not depend on the
-block sizes. The per-sample KL uses the two-stage reduction of ``_shared``.
+tile sizes. The per-sample KL uses the two-stage reduction of ``_shared``.
 """
 
 import torch
@@ -23,21 +23,27 @@ import triton.language as tl
 from . import _shared
 
 
+@triton.jit
+def _tile(pid, chunks, n_rows, n_cols, i, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+          ITERS: tl.constexpr):
+    """Rows, element offsets and mask of iteration ``i`` of program ``pid``'s tile."""
+    rows = (pid // chunks) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    cols = (pid % chunks) * (BLOCK * ITERS) + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+    return rows, rows[:, None] * n_cols + cols[None, :], mask
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _reparameterize_kernel(
     mu_ptr, logvar_ptr, z_ptr, partials_ptr,
-    seed, cols, chunks, clamp_lo, clamp_hi,
+    seed, n_rows, n_cols, chunks, clamp_lo, clamp_hi,
     HAS_CLAMP: tl.constexpr, WITH_KL: tl.constexpr,
-    BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, ITERS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    row = pid // chunks
-    col0 = (pid % chunks) * (BLOCK * ITERS)
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
     for i in range(ITERS):
-        cols_i = col0 + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        mask = cols_i < cols
-        offs = row * cols + cols_i
+        rows, offs, mask = _tile(pid, chunks, n_rows, n_cols, i, BLOCK, ROWS, ITERS)
         mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         lv = logvar
@@ -50,25 +56,21 @@ def _reparameterize_kernel(
             value, _ = _shared.kl_terms(mu, logvar, clamp_lo, clamp_hi, HAS_CLAMP)
             acc += tl.where(mask, value, 0.0)
     if WITH_KL:
-        tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
+        rows = (pid // chunks) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+        tl.store(partials_ptr + rows * chunks + pid % chunks, tl.sum(acc, axis=1),
+                 mask=rows < n_rows)
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _reparameterize_backward_kernel(
     grad_z_ptr, grad_kl_ptr, mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr,
-    seed, cols, chunks, clamp_lo, clamp_hi,
+    seed, n_rows, n_cols, chunks, clamp_lo, clamp_hi,
     HAS_CLAMP: tl.constexpr, WITH_KL: tl.constexpr,
-    BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    BLOCK: tl.constexpr, ROWS: tl.constexpr, ITERS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    row = pid // chunks
-    col0 = (pid % chunks) * (BLOCK * ITERS)
-    if WITH_KL:
-        g_kl = tl.load(grad_kl_ptr + row).to(tl.float32)
     for i in range(ITERS):
-        cols_i = col0 + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-        mask = cols_i < cols
-        offs = row * cols + cols_i
+        rows, offs, mask = _tile(pid, chunks, n_rows, n_cols, i, BLOCK, ROWS, ITERS)
         g_z = tl.load(grad_z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -79,8 +81,9 @@ def _reparameterize_backward_kernel(
         grad_mu = g_z
         grad_lv = 0.5 * g_z * eps * tl.exp(0.5 * lv)
         if WITH_KL:
-            grad_mu += g_kl * mu
-            grad_lv += g_kl * (0.5 * (tl.exp(lv) - 1.0))
+            g_kl = tl.load(grad_kl_ptr + rows, mask=rows < n_rows, other=0.0).to(tl.float32)
+            grad_mu += g_kl[:, None] * mu
+            grad_lv += g_kl[:, None] * (0.5 * (tl.exp(lv) - 1.0))
         if HAS_CLAMP:
             grad_lv = tl.where((logvar >= clamp_lo) & (logvar <= clamp_hi), grad_lv, 0.0)
         tl.store(grad_mu_ptr + offs, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
@@ -102,18 +105,19 @@ def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
         batch, device = mu.shape[0], mu.device
         mu, logvar = mu.contiguous(), logvar.contiguous()
         cols = mu.numel() // batch
-        block, iters, chunks, num_warps = _shared.row_split(cols, batch, device)
+        split = _shared.row_split(batch, cols, device)
         z = torch.empty(mu.shape, dtype=torch.promote_types(mu.dtype, logvar.dtype), device=device)
-        partials = torch.empty(batch * chunks if with_kl else 0, dtype=torch.float32, device=device)
+        partials = torch.empty(batch * split.chunks if with_kl else 0, dtype=torch.float32,
+                               device=device)
         lo, hi, has_clamp = _clamp_arguments(clamp_lo, clamp_hi)
-        _reparameterize_kernel[(batch * chunks,)](
-            mu, logvar, z, partials, int(seed), cols, chunks, lo, hi,
-            HAS_CLAMP=has_clamp, WITH_KL=bool(with_kl), BLOCK=block, ITERS=iters,
-            num_warps=num_warps,
+        _reparameterize_kernel[(split.programs,)](
+            mu, logvar, z, partials, int(seed), batch, cols, split.chunks, lo, hi,
+            HAS_CLAMP=has_clamp, WITH_KL=bool(with_kl),
+            BLOCK=split.block, ROWS=split.rows, ITERS=split.iters, num_warps=split.num_warps,
         )
         kl = torch.empty((batch,) if with_kl else (0,), dtype=torch.float32, device=device)
         if with_kl:
-            _shared.finish_rows(partials, batch, chunks, 0, 1.0, kl, per_sample=True)
+            _shared.finish_rows(partials, batch, split.chunks, 0, 1.0, kl, per_sample=True)
     return z, kl
 
 
@@ -127,14 +131,14 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_h
         if with_kl:
             grad_kl = grad_kl.contiguous()
         cols = mu.numel() // batch
-        block, iters, chunks, num_warps = _shared.row_split(cols, batch, device)
+        split = _shared.row_split(batch, cols, device)
         grad_mu = torch.empty(mu.shape, dtype=mu.dtype, device=device)
         grad_logvar = torch.empty(logvar.shape, dtype=logvar.dtype, device=device)
         lo, hi, has_clamp = _clamp_arguments(clamp_lo, clamp_hi)
-        _reparameterize_backward_kernel[(batch * chunks,)](
+        _reparameterize_backward_kernel[(split.programs,)](
             grad_z, grad_kl if with_kl else grad_z, mu, logvar, grad_mu, grad_logvar,
-            int(seed), cols, chunks, lo, hi,
-            HAS_CLAMP=has_clamp, WITH_KL=with_kl, BLOCK=block, ITERS=iters,
-            num_warps=num_warps,
+            int(seed), batch, cols, split.chunks, lo, hi,
+            HAS_CLAMP=has_clamp, WITH_KL=with_kl,
+            BLOCK=split.block, ROWS=split.rows, ITERS=split.iters, num_warps=split.num_warps,
         )
     return grad_mu, grad_logvar

@@ -21,10 +21,11 @@ applied; d kl/d mu = scale mu, d kl/d logvar = scale (exp(lv) - 1) / 2, zero
 where the clamp was active), so the backward only scales them by grad_output.
 All math and accumulation is float32; offsets are int64.
 
-Programs: the recon rows are split into ``recon_chunks`` programs each, then
-the KL rows into ``kl_chunks``; all of them in one 1-D grid. Each writes one
-float32 partial sum; ``_shared.finish_rows`` adds them in a fixed order
-(two-stage, deterministic, no atomics).
+Programs: the recon view is cut into tiles (a few rows when rows are short,
+column chunks when they are long), then the KL view; all in one 1-D grid.
+Each program writes one float32 partial sum per row it covers;
+``_shared.finish_rows`` adds them in a fixed order (two-stage, deterministic,
+no atomics).
 """
 
 import torch
@@ -71,24 +72,29 @@ def _recon_terms(x_hat, x, RECON: tl.constexpr):
 def _vae_loss_partials_kernel(
     x_hat_ptr, x_ptr, mu_ptr, logvar_ptr,
     grad_x_hat_ptr, grad_mu_ptr, grad_logvar_ptr, partials_ptr,
-    recon_cols, kl_cols, recon_chunks, kl_chunks, recon_programs,
+    n_rows, recon_cols, kl_cols, recon_chunks, kl_chunks, recon_programs, kl_base,
     recon_grad_scale, kl_grad_scale, clamp_lo, clamp_hi,
     RECON: tl.constexpr, HAS_CLAMP: tl.constexpr,
     WRITE_RECON_GRAD: tl.constexpr, WRITE_KL_GRAD: tl.constexpr,
-    RECON_BLOCK: tl.constexpr, RECON_ITERS: tl.constexpr,
-    KL_BLOCK: tl.constexpr, KL_ITERS: tl.constexpr,
+    RECON_BLOCK: tl.constexpr, RECON_ROWS: tl.constexpr, RECON_ITERS: tl.constexpr,
+    KL_BLOCK: tl.constexpr, KL_ROWS: tl.constexpr, KL_ITERS: tl.constexpr,
 ):
-    """Stage 1: one partial sum per program (recon chunks first, then KL chunks),
-    and the gradients of the elements it read."""
+    """Stage 1. Programs [0, recon_programs) each sum the recon terms of a tile
+    of RECON_ROWS rows x (RECON_ITERS x RECON_BLOCK) columns and write one
+    partial per row to partials[row * recon_chunks + chunk]; the other programs
+    do the same for the KL terms at partials[kl_base + row * kl_chunks + chunk].
+    Each also writes the gradients of the elements it read."""
     pid = tl.program_id(0).to(tl.int64)
     if pid < recon_programs:  # never true for the KL-only op (recon_programs = 0)
-        row = pid // recon_chunks
-        col0 = (pid % recon_chunks) * (RECON_BLOCK * RECON_ITERS)
-        acc = tl.zeros((RECON_BLOCK,), dtype=tl.float32)
+        chunk = pid % recon_chunks
+        rows = (pid // recon_chunks) * RECON_ROWS + tl.arange(0, RECON_ROWS).to(tl.int64)
+        row_mask = rows < n_rows
+        col0 = chunk * (RECON_BLOCK * RECON_ITERS)
+        acc = tl.zeros((RECON_ROWS, RECON_BLOCK), dtype=tl.float32)
         for i in range(RECON_ITERS):
             cols = col0 + i * RECON_BLOCK + tl.arange(0, RECON_BLOCK).to(tl.int64)
-            mask = cols < recon_cols
-            offs = row * recon_cols + cols
+            mask = row_mask[:, None] & (cols < recon_cols)[None, :]
+            offs = rows[:, None] * recon_cols + cols[None, :]
             # 0.5 keeps the logs of masked-out bce lanes finite; they are zeroed below anyway
             x_hat = tl.load(x_hat_ptr + offs, mask=mask, other=0.5).to(tl.float32)
             x = tl.load(x_ptr + offs, mask=mask, other=0.5).to(tl.float32)
@@ -98,16 +104,18 @@ def _vae_loss_partials_kernel(
                 grad = grad * recon_grad_scale
                 tl.store(grad_x_hat_ptr + offs,
                          grad.to(grad_x_hat_ptr.dtype.element_ty), mask=mask)
-        tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
+        tl.store(partials_ptr + rows * recon_chunks + chunk, tl.sum(acc, axis=1), mask=row_mask)
     else:
         kl_pid = pid - recon_programs
-        row = kl_pid // kl_chunks
-        col0 = (kl_pid % kl_chunks) * (KL_BLOCK * KL_ITERS)
-        acc = tl.zeros((KL_BLOCK,), dtype=tl.float32)
+        chunk = kl_pid % kl_chunks
+        rows = (kl_pid // kl_chunks) * KL_ROWS + tl.arange(0, KL_ROWS).to(tl.int64)
+        row_mask = rows < n_rows
+        col0 = chunk * (KL_BLOCK * KL_ITERS)
+        acc = tl.zeros((KL_ROWS, KL_BLOCK), dtype=tl.float32)
         for i in range(KL_ITERS):
             cols = col0 + i * KL_BLOCK + tl.arange(0, KL_BLOCK).to(tl.int64)
-            mask = cols < kl_cols
-            offs = row * kl_cols + cols
+            mask = row_mask[:, None] & (cols < kl_cols)[None, :]
+            offs = rows[:, None] * kl_cols + cols[None, :]
             mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             value, grad_lv = _shared.kl_terms(mu, logvar, clamp_lo, clamp_hi, HAS_CLAMP)
@@ -118,7 +126,8 @@ def _vae_loss_partials_kernel(
                 tl.store(grad_logvar_ptr + offs,
                          (grad_lv * kl_grad_scale).to(grad_logvar_ptr.dtype.element_ty),
                          mask=mask)
-        tl.store(partials_ptr + pid, tl.sum(acc, axis=0))
+        tl.store(partials_ptr + kl_base + rows * kl_chunks + chunk, tl.sum(acc, axis=1),
+                 mask=row_mask)
 
 
 # ---- launchers --------------------------------------------------------------
@@ -157,48 +166,49 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
     batch, device = mu.shape[0], mu.device
     mu, logvar = mu.contiguous(), logvar.contiguous()
     kl_cols = mu.numel() // batch
-    kl_block, kl_iters, kl_chunks, kl_warps = _shared.row_split(kl_cols, batch, device)
+    kl_split = _shared.row_split(batch, kl_cols, device)
     if has_recon:
         x_hat, x = x_hat.contiguous(), x.contiguous()
         recon_cols = x_hat.numel() // batch
-        r_block, r_iters, recon_chunks, r_warps = _shared.row_split(recon_cols, batch, device)
+        r_split = _shared.row_split(batch, recon_cols, device)
         recon_scale = _scale(reduction, batch, x_hat.numel())
-    else:
-        recon_cols, r_block, r_iters, recon_chunks, r_warps, recon_scale = 1, 1, 1, 0, 1, 1.0
+    else:  # no recon programs at all
+        recon_cols, recon_scale = 1, 1.0
+        r_split = _shared.Split(block=1, rows=1, iters=1, chunks=1, programs=0, num_warps=1)
     kl_scale = _scale(reduction, batch, mu.numel())
 
-    recon_programs = batch * recon_chunks
-    n_programs = recon_programs + batch * kl_chunks
-    partials = torch.empty(n_programs, dtype=torch.float32, device=device)
+    kl_base = batch * r_split.chunks if has_recon else 0
+    partials = torch.empty(kl_base + batch * kl_split.chunks, dtype=torch.float32, device=device)
     grad_x_hat = _grad_buffer(x_hat, grad_recon) if has_recon else None
     grad_mu, grad_logvar = _grad_buffer(mu, grad_kl), _grad_buffer(logvar, grad_kl)
     has_clamp = clamp_lo is not None
-    _vae_loss_partials_kernel[(n_programs,)](
+    _vae_loss_partials_kernel[(r_split.programs + kl_split.programs,)](
         x_hat if has_recon else mu, x if has_recon else mu, mu, logvar,
         grad_x_hat if grad_recon else partials, grad_mu if grad_kl else partials,
         grad_logvar if grad_kl else partials, partials,
-        recon_cols, kl_cols, max(recon_chunks, 1), kl_chunks, recon_programs,
+        batch, recon_cols, kl_cols, r_split.chunks, kl_split.chunks, r_split.programs, kl_base,
         float(recon_scale), float(kl_scale),
         float(clamp_lo) if has_clamp else 0.0, float(clamp_hi) if has_clamp else 0.0,
         RECON=RECON_CODES[recon] if has_recon else 0, HAS_CLAMP=has_clamp,
         WRITE_RECON_GRAD=bool(has_recon and grad_recon), WRITE_KL_GRAD=bool(grad_kl),
-        RECON_BLOCK=r_block, RECON_ITERS=r_iters, KL_BLOCK=kl_block, KL_ITERS=kl_iters,
-        num_warps=max(r_warps, kl_warps),
+        RECON_BLOCK=r_split.block, RECON_ROWS=r_split.rows, RECON_ITERS=r_split.iters,
+        KL_BLOCK=kl_split.block, KL_ROWS=kl_split.rows, KL_ITERS=kl_split.iters,
+        num_warps=max(r_split.num_warps, kl_split.num_warps),
     )
 
     per_sample = reduction == "none"
     out_shape = (batch,) if per_sample else ()
     new_value = lambda: torch.empty(out_shape, dtype=torch.float32, device=device)  # noqa: E731
     kl_out = new_value()
-    loss_out = recon_out = None
-    beta_ptr = None
+    loss_out = recon_out = beta_ptr = None
     if has_recon:
         loss_out, recon_out = new_value(), new_value()
         beta_ptr, beta_value = _beta_arguments(beta, beta_value, device)
     _shared.finish_rows(
-        partials, batch, kl_chunks, recon_programs, kl_scale, kl_out,
-        recon_chunks=recon_chunks, recon_scale=recon_scale, recon_out=recon_out,
-        loss_out=loss_out, beta=beta_ptr, beta_value=beta_value, per_sample=per_sample)
+        partials, batch, kl_split.chunks, kl_base, kl_scale, kl_out,
+        recon_chunks=r_split.chunks if has_recon else 0, recon_scale=recon_scale,
+        recon_out=recon_out, loss_out=loss_out, beta=beta_ptr, beta_value=beta_value,
+        per_sample=per_sample)
     return loss_out, recon_out, kl_out, grad_x_hat, grad_mu, grad_logvar
 
 
