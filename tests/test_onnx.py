@@ -1,0 +1,451 @@
+"""ONNX export (fastvae.onnx): parity with PyTorch in onnxruntime, dynamic
+batch, no random ops, metadata, int8, atomic writes, bad arguments, and a
+user's own module that calls fastvae exported with plain torch.onnx.export.
+
+Each model is exported once per module (the dynamo exporter takes seconds).
+"""
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+import fastvae  # noqa: E402
+from fastvae import onnx as fv_onnx  # noqa: E402
+
+RTOL = 1e-4
+
+
+# ---- small models with the interface the export needs ---------------------
+
+
+class TinyMLPVAE(nn.Module):
+    """Flat data; has score() (through fastvae.vae_loss)."""
+
+    def __init__(self, input_dim=12, latent_dim=3, hidden=16, recon="bce_logits", beta=0.5):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(input_dim, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, 2 * latent_dim))
+        self.dec = nn.Sequential(nn.Linear(latent_dim, hidden), nn.Tanh(),
+                                 nn.Linear(hidden, input_dim))
+        self.input_shape, self.latent_shape = (input_dim,), (latent_dim,)
+        self.recon, self.beta = recon, beta
+
+    def encode(self, x):
+        mu, logvar = self.enc(x).chunk(2, dim=1)
+        return mu, logvar
+
+    def loss_input(self, z):
+        """What vae_loss takes: logits for bce_logits, probabilities for bce."""
+        out = self.dec(z)
+        return torch.sigmoid(out) if self.recon == "bce" else out
+
+    def decode(self, z):
+        out = self.loss_input(z)
+        return torch.sigmoid(out) if self.recon == "bce_logits" else out
+
+    def score(self, x):
+        mu, logvar = self.encode(x)
+        return fastvae.vae_loss(self.loss_input(mu), x, mu, logvar, recon=self.recon,
+                                beta=self.beta, reduction="none")
+
+
+class TinyConvVAE(nn.Module):
+    """(1, 8, 8) images, a (2, 4, 4) latent map, and no score(): the export
+    builds the scorer from encode/decode."""
+
+    def __init__(self, recon="mse", beta=2.0):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Conv2d(1, 6, 3, padding=1), nn.SiLU(),
+                                 nn.Conv2d(6, 4, 4, stride=2, padding=1))
+        self.dec = nn.Sequential(nn.ConvTranspose2d(2, 6, 4, stride=2, padding=1), nn.SiLU(),
+                                 nn.Conv2d(6, 1, 3, padding=1))
+        self.input_shape, self.latent_shape = (1, 8, 8), (2, 4, 4)
+        self.recon, self.beta = recon, beta
+
+    def encode(self, x):
+        mu, logvar = self.enc(x).chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(self, z):
+        return self.dec(z)
+
+
+def seeded(cls, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return cls(**kwargs).eval()
+
+
+# ---- independent reference formulas (numpy, from the math) ---------------
+
+
+def kl_rows(mu, logvar):
+    kl = -0.5 * (1 + logvar - mu**2 - np.exp(logvar))
+    return kl.reshape(len(kl), -1).sum(1)
+
+
+def recon_rows(out, x, recon):
+    out, x = out.astype(np.float64), x.astype(np.float64)
+    if recon == "mse":
+        terms = (out - x) ** 2
+    elif recon == "l1":
+        terms = np.abs(out - x)
+    elif recon == "bce":  # logs clamped at -100, as PyTorch does
+        with np.errstate(divide="ignore"):
+            log_p, log_1mp = np.log(out), np.log1p(-out)
+        terms = -(x * np.maximum(log_p, -100) + (1 - x) * np.maximum(log_1mp, -100))
+    else:  # bce_logits: log(1 + e^l) - x*l, written stably
+        terms = np.maximum(out, 0) - out * x + np.log1p(np.exp(-np.abs(out)))
+    return terms.reshape(len(terms), -1).sum(1)
+
+
+def rel_err(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape
+    return np.abs(got - want).max() / np.abs(want).max()
+
+
+def session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run1(path, array):
+    s = session(path)
+    return s.run(None, {s.get_inputs()[0].name: np.ascontiguousarray(array, np.float32)})
+
+
+# ---- exports shared by the tests of this module -----------------------------
+
+
+@pytest.fixture(scope="module")
+def mlp_export(tmp_path_factory):
+    model = seeded(TinyMLPVAE)
+    out = tmp_path_factory.mktemp("mlp") / "export"
+    meta = fv_onnx.export(model, out, quantize=True)
+    return model, out, meta
+
+
+@pytest.fixture(scope="module")
+def conv_export(tmp_path_factory):
+    model = seeded(TinyConvVAE, seed=1)
+    out = tmp_path_factory.mktemp("conv") / "export"
+    meta = fv_onnx.export(model, out)
+    return model, out, meta
+
+
+@pytest.fixture(params=["mlp", "conv"])
+def exported(request, mlp_export, conv_export):
+    return mlp_export if request.param == "mlp" else conv_export
+
+
+# ---- parity -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("batch", [1, 37])
+def test_encoder_and_decoder_match_pytorch(exported, batch):
+    model, out, _ = exported
+    g = torch.Generator().manual_seed(batch)
+    x = torch.rand(batch, *model.input_shape, generator=g)
+    z = torch.randn(batch, *model.latent_shape, generator=g)
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        x_hat = model.decode(z)
+    got_mu, got_logvar = run1(out / "encoder.onnx", x.numpy())
+    (got_x_hat,) = run1(out / "decoder.onnx", z.numpy())
+    assert got_mu.shape == (batch, *model.latent_shape)
+    assert got_x_hat.shape == (batch, *model.input_shape)
+    assert rel_err(got_mu, mu.numpy()) <= RTOL
+    assert rel_err(got_logvar, logvar.numpy()) <= RTOL
+    assert rel_err(got_x_hat, x_hat.numpy()) <= RTOL
+
+
+@pytest.mark.parametrize("batch", [1, 37])
+def test_scorer_is_the_per_sample_vae_loss_at_the_posterior_mean(exported, batch):
+    model, out, _ = exported
+    x = torch.rand(batch, *model.input_shape, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        if model.recon == "bce_logits":
+            loss_input = model.dec(mu)  # logits
+        else:
+            loss_input = model.decode(mu)
+    mu, logvar, loss_input = mu.double().numpy(), logvar.double().numpy(), loss_input.numpy()
+    want = recon_rows(loss_input, x.numpy(), model.recon) + model.beta * kl_rows(mu, logvar)
+    (got,) = run1(out / "scorer.onnx", x.numpy())
+    assert got.shape == (batch,)
+    assert rel_err(got, want) <= RTOL
+
+
+def test_dynamic_batch_runs_at_1000(exported):
+    model, out, meta = exported
+    assert meta["batch"] == "dynamic"
+    x = torch.rand(1000, *model.input_shape, generator=torch.Generator().manual_seed(3))
+    z = torch.randn(1000, *model.latent_shape, generator=torch.Generator().manual_seed(4))
+    mu, _ = run1(out / "encoder.onnx", x.numpy())
+    (x_hat,) = run1(out / "decoder.onnx", z.numpy())
+    (score,) = run1(out / "scorer.onnx", x.numpy())
+    with torch.no_grad():
+        assert rel_err(mu, model.encode(x)[0].numpy()) <= RTOL
+        assert rel_err(x_hat, model.decode(z).numpy()) <= RTOL
+    assert score.shape == (1000,) and np.isfinite(score).all()
+
+
+@pytest.mark.parametrize("recon", ["bce_logits", "bce"])
+def test_scorer_is_exact_for_saturated_logits(tmp_path, recon):
+    """A trained model emits logits far below -17 for dark pixels; a naive
+    Log(Sigmoid(l)) lowering gives inf or a wrong loss there (onnxruntime's
+    Sigmoid is 0 below about -17). Here half the logits are -60 or +60 and the
+    targets disagree with most of them."""
+    model = seeded(TinyMLPVAE, recon=recon, beta=1.0)
+    with torch.no_grad():
+        last = model.dec[-1]
+        last.weight.mul_(0.1)
+        last.bias.copy_(torch.tensor([-60.0, 60.0, -25.0, 25.0, -16.0, 16.0] * 2))
+    out = tmp_path / "export"
+    fv_onnx.export(model, out, parts=("scorer",))
+    x = torch.zeros(5, 12)
+    x[:, ::4] = 1.0  # targets 1 under logits -60, -16, -60; 0 under +60, +25, +16
+    with torch.no_grad():
+        want = model.score(x).double().numpy()
+        mu, logvar = (t.double().numpy() for t in model.encode(x))
+        loss_input = model.loss_input(torch.from_numpy(mu).float()).numpy()
+    reference = recon_rows(loss_input, x.numpy(), recon) + kl_rows(mu, logvar)
+    (got,) = run1(out / "scorer.onnx", x.numpy())
+    assert np.isfinite(got).all()
+    assert rel_err(want, reference) <= 1e-5  # PyTorch agrees with the math
+    assert rel_err(got, reference) <= RTOL
+
+
+@pytest.mark.parametrize("recon", ["l1", "bce"])
+def test_scorer_parity_other_recons(tmp_path, recon):
+    model = seeded(TinyMLPVAE, recon=recon, beta=0.25)
+    meta = fv_onnx.export(model, tmp_path / "e", parts=("scorer",))
+    x = torch.rand(9, 12, generator=torch.Generator().manual_seed(5))
+    (got,) = run1(tmp_path / "e" / "scorer.onnx", x.numpy())
+    with torch.no_grad():
+        assert rel_err(got, model.score(x).numpy()) <= RTOL
+    assert set(meta["parts"]) == {"scorer"}
+    assert sorted(os.listdir(tmp_path / "e")) == ["metadata.json", "scorer.onnx"]
+
+
+# ---- the files ------------------------------------------------------------
+
+
+def all_op_types(model_proto):
+    ops = set()
+
+    def visit(graph):
+        for node in graph.node:
+            ops.add(node.op_type)
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    visit(attr.g)
+                for sub in attr.graphs:
+                    visit(sub)
+
+    visit(model_proto.graph)
+    for function in model_proto.functions:
+        for node in function.node:
+            ops.add(node.op_type)
+    return ops
+
+
+def test_files_pass_the_checker_and_hold_no_random_op(exported):
+    _, out, meta = exported
+    for part in ("encoder", "decoder", "scorer"):
+        path = out / f"{part}.onnx"
+        onnx.checker.check_model(str(path), full_check=True)
+        ops = all_op_types(onnx.load(str(path)))
+        assert ops, part
+        assert not any(op.startswith("Random") or op in ("Multinomial", "Bernoulli") for op in ops)
+        opset = {o.domain: o.version for o in onnx.load(str(path)).opset_import}[""]
+        assert meta["opset"] == opset
+
+
+def test_metadata(exported):
+    model, out, meta = exported
+    with open(out / "metadata.json") as f:
+        on_disk = json.load(f)
+    assert on_disk == json.loads(json.dumps(meta))
+    assert on_disk["input_shape"] == list(model.input_shape)
+    assert on_disk["latent_shape"] == list(model.latent_shape)
+    assert on_disk["recon"] == model.recon and on_disk["beta"] == model.beta
+    assert on_disk["fastvae_version"] == fastvae.__version__
+    assert on_disk["torch_version"] == torch.__version__
+    for part in ("encoder", "decoder", "scorer"):
+        info = on_disk["parts"][part]
+        assert 0.0 <= info["max_rel_err"] <= RTOL
+        assert info["sha256"] == hashlib.sha256((out / info["file"]).read_bytes()).hexdigest()
+
+
+def test_int8_quantized_encoder_and_decoder(mlp_export):
+    model, out, meta = mlp_export
+    assert set(meta["quantized"]) == {"encoder", "decoder"}
+    for part, inp in (("encoder", torch.rand(37, 12)), ("decoder", torch.randn(37, 3))):
+        info = meta["quantized"][part]
+        path = out / info["file"]
+        onnx.checker.check_model(str(path))
+        ops = all_op_types(onnx.load(str(path)))
+        assert ops & {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"}, ops
+        with torch.no_grad():
+            want = model.encode(inp)[0] if part == "encoder" else model.decode(inp)
+        got = run1(path, inp.numpy())[0]
+        # int8 weights: a few percent at most, and recorded honestly (not 0)
+        assert rel_err(got, want.numpy()) < 0.05
+        assert 0 < info["max_rel_err"] < 0.05
+        lat = info["latency_ms"]
+        assert lat["fp32"] > 0 and lat["int8"] > 0
+
+
+def test_export_leaves_the_model_untouched(tmp_path):
+    model = seeded(TinyMLPVAE).train().double()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fv_onnx.export(model, tmp_path / "e", parts=("decoder",))
+    assert model.training
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_static_batch(tmp_path):
+    model = seeded(TinyMLPVAE)
+    meta = fv_onnx.export(model, tmp_path / "e", parts=("encoder",), batch=5)
+    assert meta["batch"] == 5
+    s = session(tmp_path / "e" / "encoder.onnx")
+    assert s.get_inputs()[0].shape == [5, 12]
+    x = torch.rand(5, 12)
+    with torch.no_grad():
+        assert rel_err(s.run(None, {"x": x.numpy()})[0], model.encode(x)[0].numpy()) <= RTOL
+    with pytest.raises(Exception):
+        s.run(None, {"x": torch.rand(6, 12).numpy()})
+
+
+# ---- nothing half-written -------------------------------------------------
+
+
+class RandomDecoder(TinyMLPVAE):
+    def decode(self, z):
+        return super().decode(z + torch.randn_like(z))
+
+
+def test_random_op_is_refused_and_nothing_is_written(tmp_path):
+    with pytest.raises(ValueError, match="random ops"):
+        fv_onnx.export(seeded(RandomDecoder), tmp_path / "e", parts=("encoder", "decoder"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_export_keeps_the_previous_export(tmp_path, monkeypatch):
+    out = tmp_path / "e"
+    fv_onnx.export(seeded(TinyMLPVAE), out, parts=("decoder",))
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    monkeypatch.setattr(fv_onnx, "PARITY_RTOL", -1.0)  # every part now "fails" its check
+    with pytest.raises(fv_onnx.ExportParityError, match="encoder"):
+        fv_onnx.export(seeded(TinyMLPVAE, seed=5), out, parts=("encoder", "decoder"))
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert os.listdir(tmp_path) == ["e"]  # no temp dir left behind
+
+
+def test_reexport_replaces_an_earlier_export(tmp_path):
+    out = tmp_path / "e"
+    fv_onnx.export(seeded(TinyMLPVAE), out, parts=("encoder", "decoder"))
+    fv_onnx.export(seeded(TinyMLPVAE, seed=3), out, parts=("decoder",))
+    assert sorted(os.listdir(out)) == ["decoder.onnx", "metadata.json"]
+    assert sorted(os.listdir(tmp_path)) == ["e"]
+
+
+def test_refuses_to_replace_a_directory_that_is_not_an_export(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="out_dir"):
+        fv_onnx.export(seeded(TinyMLPVAE), tmp_path, parts=("decoder",))
+    assert os.listdir(tmp_path) == ["notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_out_dir_that_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(NotADirectoryError, match="out_dir"):
+        fv_onnx.export(seeded(TinyMLPVAE), tmp_path / "f", parts=("decoder",))
+
+
+# ---- bad arguments --------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"parts": ("encoder", "generator")}, ValueError, "parts"),
+    ({"parts": ()}, ValueError, "parts"),
+    ({"parts": ("decoder", "decoder")}, ValueError, "parts"),
+    ({"opset": 9}, ValueError, "opset"),
+    ({"opset": "18"}, ValueError, "opset"),
+    ({"batch": 0}, ValueError, "batch"),
+    ({"batch": "static"}, ValueError, "batch"),
+    ({"quantize": "yes"}, TypeError, "quantize"),
+])
+def test_bad_options(tmp_path, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fv_onnx.export(seeded(TinyMLPVAE), tmp_path / "e", **kwargs)
+    assert os.listdir(tmp_path) == []
+
+
+def test_bad_models(tmp_path):
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        fv_onnx.export(lambda x: x, tmp_path / "e")
+    with pytest.raises(TypeError, match="encode"):
+        fv_onnx.export(nn.Linear(2, 2), tmp_path / "e")
+    for attr, value, match in (("recon", "gauss", "model.recon"), ("beta", float("nan"), "model.beta"),
+                               ("input_shape", None, "model.input_shape"),
+                               ("latent_shape", (3, 0), "model.latent_shape")):
+        model = seeded(TinyMLPVAE)
+        setattr(model, attr, value)
+        with pytest.raises(TypeError, match=match):
+            fv_onnx.export(model, tmp_path / "e")
+    assert os.listdir(tmp_path) == []
+
+
+# ---- a user's own module exports with plain torch.onnx.export ------------
+
+
+class UserVAEStep(nn.Module):
+    """Someone's model that calls fastvae's loss and sampling in its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(10, 8)
+        self.dec = nn.Linear(4, 10)
+
+    def forward(self, x):
+        mu, logvar = self.enc(x).chunk(2, dim=1)
+        logvar = logvar - 40.0  # std ~ 2e-9: z is mu up to noise far below the tolerance
+        z = fastvae.reparameterize(mu, logvar)
+        loss = fastvae.vae_loss(self.dec(z), x, mu, logvar, recon="bce_logits", beta=0.5,
+                                reduction="none")
+        kl = fastvae.kl_divergence(mu, logvar, reduction="none")
+        return loss, kl
+
+
+def test_user_module_exports_with_plain_dynamo_export(tmp_path):
+    model = seeded(UserVAEStep)
+    x = torch.rand(3, 10)
+    program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+    path = tmp_path / "user.onnx"
+    program.save(str(path))
+    onnx.checker.check_model(str(path))
+    assert not any(op.startswith("fastvae") for op in all_op_types(onnx.load(str(path))))
+    x = torch.rand(3, 10, generator=torch.Generator().manual_seed(9))
+    loss, kl = run1(path, x.numpy())
+    # the reference, straight from the math (z = mu at this tiny std)
+    with torch.no_grad():
+        mu, logvar = model.enc(x).chunk(2, dim=1)
+        logvar = logvar - 40.0
+        logits = model.dec(mu)
+    mu, logvar = mu.double().numpy(), logvar.double().numpy()
+    want_kl = kl_rows(mu, logvar)
+    want_loss = recon_rows(logits.numpy(), x.numpy(), "bce_logits") + 0.5 * want_kl
+    assert rel_err(kl, want_kl) <= RTOL
+    assert rel_err(loss, want_loss) <= RTOL
