@@ -1,0 +1,173 @@
+"""`fastvae train`: end to end, schedules, determinism, exact resume, DDP, bad input."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastvae import checkpoint, cli
+from fastvae import train as train_module
+from fastvae.train import TrainConfig, beta_at
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--hidden", "32", "16", "--channels", "8", "16", "--latent-dim", "4", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # These models are tiny: with the cores shared, extra intra-op threads only wait on each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(out, *args):
+    return cli.main(["train", "--out", str(out), *SMALL, *args])
+
+
+def weights(path):
+    return checkpoint.model_state(checkpoint.load(path)[1])
+
+
+def history(path):
+    return checkpoint.load(path)[0]["train"]["history"]
+
+
+@pytest.mark.parametrize("args", [
+    ["--model", "vae", "--arch", "mlp", "--anneal", "linear", "--anneal-epochs", "2"],
+    ["--model", "vae", "--arch", "conv", "--free-bits", "0.1", "--recon", "bce"],
+    ["--model", "ae", "--arch", "mlp", "--recon", "mse"],
+    ["--model", "ae", "--arch", "conv"],
+], ids=["vae-mlp", "vae-conv", "ae-mlp", "ae-conv"])
+def test_train_end_to_end(tmp_path, capsys, args):
+    assert train(tmp_path / "run", "--epochs", "2", *args) == 0
+    printed = capsys.readouterr().out
+    assert str(tmp_path / "run" / checkpoint.FILENAME) in printed
+    model = checkpoint.load_model(tmp_path / "run")
+    assert model.config()["class"].startswith(("MLP" if "mlp" in args else "Conv"))
+    assert model.is_vae == ("vae" in args)
+    epochs = history(tmp_path / "run")
+    assert [e["epoch"] for e in epochs] == [1, 2]
+    assert all(np.isfinite(e[k]) for e in epochs for k in ("loss", "recon", "kl", "test_loss"))
+
+
+def test_training_learns(tmp_path):
+    assert train(tmp_path, "--epochs", "6") == 0
+    test_losses = [e["test_loss"] for e in history(tmp_path)]
+    assert test_losses[-1] < 0.8 * test_losses[0]
+
+
+def test_beta_schedules():
+    linear = TrainConfig(epochs=10, beta=2.0, anneal="linear", anneal_epochs=4)
+    assert [beta_at(linear, t) for t in (0, 1, 2, 4, 7)] == [0.0, 0.5, 1.0, 2.0, 2.0]
+    cyc = TrainConfig(epochs=8, beta=1.0, anneal="cyclical", cycles=2)  # two 4-epoch cycles
+    assert [beta_at(cyc, t) for t in (0, 1, 2, 3, 4, 5, 6.5)] == [0, 0.5, 1, 1, 0, 0.5, 1]
+    assert beta_at(TrainConfig(beta=0.3), 5) == 0.3
+
+
+def test_seed_makes_training_deterministic(tmp_path):
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert train(tmp_path / name, "--epochs", "1", "--seed", seed) == 0
+    a, b, c = (weights(tmp_path / n) for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_equals_uninterrupted_training(tmp_path, monkeypatch):
+    common = ["--epochs", "3", "--anneal", "cyclical", "--cycles", "2", "--free-bits", "0.05",
+              "--seed", "3"]
+    assert train(tmp_path / "full", *common) == 0
+
+    save = train_module._save
+
+    def save_then_crash(*args, **kwargs):  # the job dies right after its first checkpoint
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "part", *common)
+    monkeypatch.setattr(train_module, "_save", save)
+    assert [e["epoch"] for e in history(tmp_path / "part")] == [1]
+    assert train(tmp_path / "part", *common, "--resume", str(tmp_path / "part")) == 0
+
+    full, resumed = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert full.keys() == resumed.keys()
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+    assert history(tmp_path / "full") == history(tmp_path / "part")
+    t_full, t_part = checkpoint.load(tmp_path / "full")[1], checkpoint.load(tmp_path / "part")[1]
+    assert all(torch.equal(t_full[k], t_part[k]) for k in t_full if k.startswith(("optim.", "rng.")))
+
+
+def test_resume_can_extend_a_finished_run(tmp_path):
+    assert train(tmp_path / "full", "--epochs", "3", "--anneal", "linear") == 0
+    assert train(tmp_path / "part", "--epochs", "2", "--anneal", "linear") == 0
+    assert train(tmp_path / "part", "--epochs", "3", "--anneal", "linear",
+                 "--resume", str(tmp_path / "part" / checkpoint.FILENAME)) == 0
+    full, resumed = weights(tmp_path / "full"), weights(tmp_path / "part")
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def _rejected(capsys, code, match):
+    err = capsys.readouterr().err
+    assert code == 2 and match in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "out"
+    _rejected(capsys, train(out, "--data", str(tmp_path / "missing.npy")), "not found")
+    (tmp_path / "corrupt.npy").write_bytes(b"junk")
+    _rejected(capsys, train(out, "--data", str(tmp_path / "corrupt.npy")), "cannot read data file")
+    np.save(tmp_path / "wide.npy", np.linspace(0, 3, 40, dtype=np.float32).reshape(10, 4))
+    _rejected(capsys, train(out, "--data", str(tmp_path / "wide.npy")), "needs them in [0, 1]")
+    np.save(tmp_path / "flat.npy", np.random.default_rng(0).random((10, 6)).astype(np.float32))
+    _rejected(capsys, train(out, "--data", str(tmp_path / "flat.npy"), "--arch", "conv"),
+              "(C, H, W) for a conv model")
+    np.save(tmp_path / "odd.npy", np.random.default_rng(0).random((10, 1, 6, 6)).astype(np.float32))
+    _rejected(capsys, train(out, "--data", str(tmp_path / "odd.npy"), "--arch", "conv"),
+              "divisible by 2**len(channels)")
+    _rejected(capsys, train(out, "--model", "ae", "--free-bits", "1"), "VAEs (--model vae) only")
+    _rejected(capsys, train(out, "--epochs", "0"), "epochs must be >= 1")
+    _rejected(capsys, train(out, "--resume", str(tmp_path / "nothing")), "checkpoint not found")
+    assert not out.exists()
+    (tmp_path / "file").write_text("x")
+    _rejected(capsys, train(tmp_path / "file" / "out", "--epochs", "1"), "is not writable")
+    _rejected(capsys, train(tmp_path / "file", "--epochs", "1"), "is not a directory")
+
+
+def test_resume_of_another_architecture_is_refused(tmp_path, capsys):
+    assert train(tmp_path / "vae", "--epochs", "1") == 0
+    before = (tmp_path / "vae" / checkpoint.FILENAME).read_bytes()
+    for other in (["--arch", "conv"], ["--model", "ae"], ["--latent-dim", "5"]):
+        code = cli.main(["train", "--out", str(tmp_path / "vae"), *SMALL, *other, "--epochs", "2",
+                         "--resume", str(tmp_path / "vae")])
+        _rejected(capsys, code, "pass the same model options")
+    assert (tmp_path / "vae" / checkpoint.FILENAME).read_bytes() == before
+
+
+def test_ddp_two_cpu_processes_match_one_process(tmp_path):
+    """Two gloo processes, each taking half of every batch, average their gradients:
+    for an AE (no sampling noise) that equals one process on the whole batch."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "d.npy", rng.random((80, 12)).astype(np.float32))  # 64 train = 4 batches
+    args = ["train", "--data", str(tmp_path / "d.npy"), "--model", "ae", "--batch-size", "16",
+            "--epochs", "2", "--hidden", "16", "--latent-dim", "3", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "fastvae", *args, "--out", str(tmp_path / "ddp")],
+        env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("checkpoint:") == 1  # only rank 0 reports and saves
+    assert cli.main([*args, "--out", str(tmp_path / "single")]) == 0
+    config, tensors = checkpoint.load(tmp_path / "ddp")
+    assert config["train"]["world_size"] == 2 and {"rng.noise.0", "rng.noise.1"} <= set(tensors)
+    ddp, single = weights(tmp_path / "ddp"), weights(tmp_path / "single")
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5)
+    for a, b in zip(history(tmp_path / "ddp"), history(tmp_path / "single")):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
