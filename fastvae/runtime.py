@@ -146,7 +146,8 @@ def _as_float32_batch(name, value, sample_shape):
         raise ValueError(f"{name} must have shape {expected}, got {arr.shape}")
     if arr.shape[0] == 0:
         raise ValueError(f"{name} has an empty batch: shape {arr.shape}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf: caught below
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
     finite = np.isfinite(arr)
     if not finite.all():
         bad = arr.size - int(finite.sum())
@@ -306,7 +307,10 @@ def run(args):
         lines = ["index,score"] + [f"{i},{s:.9g}" for i, s in enumerate(result.tolist())]
         _write_atomic(args.out, lambda f: f.write(("\n".join(lines) + "\n").encode()))
     else:
-        write_grid_png(args.out, result, rt.input_shape)
+        try:
+            write_grid_png(args.out, result, rt.input_shape)
+        except ImportError as err:  # Pillow is optional
+            raise ValueError(str(err)) from None
     print(f"wrote {args.out} ({len(result)} {'scores' if args.score else 'images'})")
     return 0
 
