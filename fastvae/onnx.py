@@ -149,6 +149,26 @@ def _model_facts(model):
             "recon": recon, "beta": float(beta)}
 
 
+def _check_interface(model, facts):
+    """Run encode/decode once: a clear error now beats a confusing one from the exporter."""
+    x = torch.rand(2, *facts["input_shape"])
+    z = torch.randn(2, *facts["latent_shape"])
+    with torch.no_grad():
+        encoded = model.encode(x)
+        decoded = model.decode(z)
+    latent = (2, *facts["latent_shape"])
+    if (not isinstance(encoded, (tuple, list)) or len(encoded) != 2
+            or any(not isinstance(t, torch.Tensor) or tuple(t.shape) != latent for t in encoded)):
+        what = (f"a {type(encoded).__name__}" if not isinstance(encoded, (tuple, list))
+                else f"{len(encoded)} values")
+        raise TypeError(f"model.encode(x) must return (mu, logvar), each of shape (N, *latent_shape) "
+                        f"= {latent} here, got {what} (an autoencoder has no posterior to export)")
+    if not isinstance(decoded, torch.Tensor) or tuple(decoded.shape) != (2, *facts["input_shape"]):
+        raise TypeError(f"model.decode(z) must return a tensor of shape (N, *input_shape) = "
+                        f"{(2, *facts['input_shape'])} here, got "
+                        f"{tuple(getattr(decoded, 'shape', ())) or type(decoded).__name__}")
+
+
 def _check_options(parts, opset, batch, quantize):
     if isinstance(parts, str):
         parts = (parts,)
@@ -222,6 +242,7 @@ def export(model, out_dir, *, parts=("encoder", "decoder", "scorer"), opset=None
                           "(or fastvae[onnx])") from None
 
     source = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
+    _check_interface(source, facts)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-",
                            dir=os.path.dirname(out_dir))
     try:

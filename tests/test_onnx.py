@@ -22,6 +22,8 @@ import fastvae  # noqa: E402
 from fastvae import onnx as fv_onnx  # noqa: E402
 
 RTOL = 1e-4
+# torch's exporter trips its own deprecation warning (torch 2.13); not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 
 
 # ---- small models with the interface the export needs ---------------------
@@ -449,3 +451,64 @@ def test_user_module_exports_with_plain_dynamo_export(tmp_path):
     want_loss = recon_rows(logits.numpy(), x.numpy(), "bce_logits") + 0.5 * want_kl
     assert rel_err(kl, want_kl) <= RTOL
     assert rel_err(loss, want_loss) <= RTOL
+
+
+# ---- fastvae.models, and `fastvae export CHECKPOINT` ---------------------
+
+
+@pytest.fixture(scope="module")
+def library_exports(tmp_path_factory):
+    """fastvae.models' MLP VAE exported with the API, and its conv VAE saved as a
+    checkpoint and exported with the command line."""
+    from fastvae import checkpoint, cli
+    from fastvae.models import ConvVAE, MLPVAE
+
+    root = tmp_path_factory.mktemp("library")
+    mlp = seeded(MLPVAE, input_shape=(64,), latent_dim=4, hidden=(32, 16), recon="bce_logits",
+                 beta=1.5)
+    fv_onnx.export(mlp, root / "mlp")
+    conv = seeded(ConvVAE, seed=2, input_shape=(1, 8, 8), latent_dim=5, channels=(4, 8),
+                  recon="bce")
+    (root / "ckpt").mkdir()
+    checkpoint.save(root / "ckpt", conv)
+    assert cli.main(["export", str(root / "ckpt"), "--out", str(root / "conv")]) == 0
+    return {"mlp": (mlp, root / "mlp"), "conv": (conv, root / "conv")}
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("batch", [1, 37])
+def test_library_models_match_pytorch(library_exports, kind, batch):
+    model, out = library_exports[kind]
+    g = torch.Generator().manual_seed(batch)
+    x = torch.rand(batch, *model.input_shape, generator=g)
+    z = torch.randn(batch, *model.latent_shape, generator=g)
+    with torch.no_grad():
+        mu, logvar = model.encode(x)
+        x_hat, score = model.decode(z), model.score(x)
+    got_mu, got_logvar = run1(out / "encoder.onnx", x.numpy())
+    assert rel_err(got_mu, mu.numpy()) <= RTOL
+    assert rel_err(got_logvar, logvar.numpy()) <= RTOL
+    assert rel_err(run1(out / "decoder.onnx", z.numpy())[0], x_hat.numpy()) <= RTOL
+    assert rel_err(run1(out / "scorer.onnx", x.numpy())[0], score.numpy()) <= RTOL
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["model_class"] == type(model).__name__ and meta["recon"] == model.recon
+
+
+def test_export_command_bad_input(tmp_path, capsys):
+    from fastvae import checkpoint, cli
+    from fastvae.models import MLPAutoencoder
+
+    assert cli.main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "e")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    (tmp_path / "ae").mkdir()
+    checkpoint.save(tmp_path / "ae", seeded(MLPAutoencoder, input_shape=(64,), hidden=(8,)))
+    assert cli.main(["export", str(tmp_path / "ae"), "--out", str(tmp_path / "e")]) == 2
+    assert "must return (mu, logvar)" in capsys.readouterr().err
+    assert cli.main(["export", str(tmp_path / "ae"), "--out", str(tmp_path / "e"),
+                     "--batch", "many"]) == 2
+    assert "--batch" in capsys.readouterr().err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("mine")
+    assert cli.main(["export", str(tmp_path / "ae"), "--out", str(tmp_path / "busy")]) == 2
+    assert "refusing to replace" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["ae", "busy"]

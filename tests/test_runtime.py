@@ -26,6 +26,8 @@ from fastvae.runtime import VAERuntime  # noqa: E402
 from test_onnx import TinyConvVAE, TinyMLPVAE, rel_err, seeded  # noqa: E402
 
 RTOL = 1e-4
+# torch's exporter trips its own deprecation warning (torch 2.13); not ours to fix
+pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
