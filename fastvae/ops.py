@@ -21,6 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from fastvae import _dispatch, _validate
 
@@ -65,24 +66,36 @@ def _per_sample_view(g, like):
     return g.reshape((-1,) + (1,) * (like.dim() - 1)) if g.dim() == 1 else g
 
 
-def _last_use_of_saved_buffers():
+def _only_holder(g):
+    """True when ``g`` (a saved gradient buffer, saved as a detached alias of the
+    op's output) is the only tensor on its storage: the caller dropped the op's
+    output and holds no view of it. Counted: ``g`` and the storage handle."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count is not None and use_count(g.untyped_storage()._cdata) == 2
+
+
+def _last_use_of_saved_buffers(g):
     """True when this backward is the last use of the op's saved gradient
-    buffers: no retain_graph (the engine frees them right after this node),
-    no create_graph, and not tracing under torch.compile."""
+    buffer ``g`` and nothing else can see it: no retain_graph (the engine frees
+    it right after this node), no create_graph, a plain tensor outside any
+    tracing (torch.compile, make_fx, opcheck), and no other tensor on its
+    storage (e.g. a direct caller of the op still holding the output)."""
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     return (keep_graph is not None and not keep_graph() and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling())
+            and type(g) is torch.Tensor and not torch.compiler.is_compiling()
+            and not is_in_torch_dispatch_mode() and _only_holder(g))
 
 
 def _scale_grad(g, w):
     """``g * w`` (w per sample for reduction="none"), ``g`` being a gradient
-    buffer that the op allocated and saved. On the buffer's last use it is
-    scaled in place and handed on, so loss fwd+bwd holds one gradient-sized
-    buffer per input instead of two (peak memory at or below eager's). The
-    buffers are the op's own outputs, never a user's input; with retain_graph
-    or create_graph they are left intact and a new tensor is returned."""
+    buffer that the op allocated and saved. On the buffer's last use, when
+    nothing else can see it, it is scaled in place and handed on, so loss
+    fwd+bwd holds one gradient-sized buffer per input instead of two (eager's
+    fused mse/bce kernels hold one). The buffers are the op's own outputs,
+    never a user's input; with retain_graph or create_graph, under tracing, or
+    while the op's output is still referenced, a new tensor is returned."""
     w = _per_sample_view(w, g).to(g.dtype)
-    return g.mul_(w) if _last_use_of_saved_buffers() else g * w
+    return g.mul_(w) if _last_use_of_saved_buffers(g) else g * w
 
 
 def _vae_loss_setup(ctx, inputs, output):
@@ -91,7 +104,8 @@ def _vae_loss_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(g_xhat, g_mu, g_lv)
     ctx.recon, ctx.reduction, ctx.beta_value = recon, reduction, beta_value
     ctx.dtypes = (x_hat.dtype, x.dtype, mu.dtype, logvar.dtype)
-    ctx.save_for_backward(x_hat, beta, kl, g_xhat, g_mu, g_lv)
+    # detached aliases: the backward can tell whether the outputs themselves are still held
+    ctx.save_for_backward(x_hat, beta, kl, g_xhat.detach(), g_mu.detach(), g_lv.detach())
 
 
 def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_):
@@ -156,7 +170,7 @@ def _kl_setup(ctx, inputs, output):
     _, g_mu, g_lv = output
     ctx.mark_non_differentiable(g_mu, g_lv)
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
-    ctx.save_for_backward(g_mu, g_lv)
+    ctx.save_for_backward(g_mu.detach(), g_lv.detach())
 
 
 def _kl_backward(ctx, g_kl, *_):

@@ -1,0 +1,50 @@
+"""Set-up for the kernel tests: run fastvae on the Triton kernels or on the
+PyTorch path, on every device present.
+
+On CPU the kernels run under Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1) and are selected with FASTVAE_BACKEND=triton; on CUDA the
+default dispatch already picks them. The interpreter runs programs one after
+another (milliseconds each), so sizes here are small and ``split`` forces tiny
+tiles where a test needs the multi-program two-stage reduction.
+"""
+
+import pytest
+import torch
+
+from fastvae import _dispatch
+
+
+class Backends:
+    """Runs a callable with fastvae routed to the kernels or to the PyTorch path."""
+
+    def __init__(self, device, monkeypatch):
+        self.device = device
+        self._monkeypatch = monkeypatch
+
+    def kernels(self, fn, *args, **kwargs):
+        if self.device.type == "cpu":
+            self._monkeypatch.setenv("FASTVAE_BACKEND", "triton")
+        else:
+            self._monkeypatch.delenv("FASTVAE_BACKEND", raising=False)
+        from fastvae import kernels
+
+        probe = torch.zeros(1, device=self.device)
+        assert kernels.AVAILABLE and _dispatch.implementation(probe) is kernels
+        return fn(*args, **kwargs)
+
+    def torch(self, fn, *args, **kwargs):
+        self._monkeypatch.setenv("FASTVAE_BACKEND", "torch")
+        return fn(*args, **kwargs)
+
+
+@pytest.fixture
+def backends(device, monkeypatch):
+    return Backends(device, monkeypatch)
+
+
+@pytest.fixture
+def split():
+    """Context manager forcing tiles of at most (block, rows, iterations)."""
+    from fastvae.kernels import _shared
+
+    return _shared.force_split

@@ -1,0 +1,302 @@
+"""The fused loss kernel (kernels/vae_loss.py), held to the PyTorch path.
+
+Values and gradients through the public API for every recon x reduction x
+beta, odd sizes, 4-D shapes, split reductions, non-contiguous and
+mixed-precision inputs, logvar_clamp, the KL-only op, determinism, the eval
+path and the core's input errors.
+"""
+
+import pytest
+import torch
+
+import fastvae
+from fastvae import kernels, ops
+
+RECONS = ("mse", "l1", "bce", "bce_logits")
+REDUCTIONS = ("sum", "batchmean", "mean", "none")
+ULP_RTOL = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def make_inputs(device, shape=(3, 5, 7), latent=(3, 6), recon="mse", dtype=torch.float32,
+                x_dtype=None, mu_dtype=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if recon == "bce":  # probabilities, away from 0 and 1
+        x_hat = torch.rand(shape, generator=g) * 0.98 + 0.01
+    else:
+        x_hat = torch.randn(shape, generator=g) * 2
+    x = torch.rand(shape, generator=g)  # targets in [0, 1] suit every recon
+    mu = torch.randn(latent, generator=g)
+    logvar = torch.randn(latent, generator=g)
+    mu_dtype = mu_dtype or dtype
+    return (x_hat.to(device, dtype), x.to(device, x_dtype or dtype),
+            mu.to(device, mu_dtype), logvar.to(device, mu_dtype))
+
+
+def output_weights(reduction, batch, device, seed=1):
+    """Random weights for (loss, recon, kl): scalars, or per sample for "none"."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (3, batch) if reduction == "none" else (3,)
+    return (torch.randn(shape, generator=g) + 2.0).to(device).unbind(0)
+
+
+def loss_and_grads(x_hat, x, mu, logvar, weights=None, **options):
+    """(loss, recon, kl) and the gradients of sum(w_loss loss + w_recon recon + w_kl kl)
+    with respect to x_hat, x, mu, logvar (all four require grad)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (x_hat, x, mu, logvar)]
+    parts = fastvae.vae_loss(*leaves, return_parts=True, **options)
+    if weights is None:
+        total = parts.loss.sum()
+    else:
+        total = sum((p * w).sum() for p, w in zip(parts, weights))
+    return tuple(p.detach() for p in parts), torch.autograd.grad(total, leaves)
+
+
+def assert_all_close(actual, expected, rtol=1e-5, atol=1e-5):
+    for a, e in zip(actual, expected):
+        assert a.dtype == e.dtype and a.shape == e.shape
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("beta_kind", ["float", "tensor"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("recon", RECONS)
+def test_matches_pytorch_path(backends, device, recon, reduction, beta_kind):
+    inputs = make_inputs(device, recon=recon)
+    beta = 0.7 if beta_kind == "float" else torch.tensor(0.7, device=device)
+    weights = output_weights(reduction, 3, device)
+    options = dict(recon=recon, reduction=reduction, beta=beta)
+    k_parts, k_grads = backends.kernels(loss_and_grads, *inputs, weights, **options)
+    t_parts, t_grads = backends.torch(loss_and_grads, *inputs, weights, **options)
+    assert k_parts[0].dtype == torch.float32
+    assert k_parts[0].shape == ((3,) if reduction == "none" else ())
+    assert_all_close(k_parts, t_parts)
+    assert_all_close(k_grads, t_grads)
+
+
+@pytest.mark.parametrize("max_block,max_rows,max_iters", [(4, 1, 2), (8, 2, 1), (64, 4, 1)])
+@pytest.mark.parametrize("recon,reduction", [("mse", "none"), ("bce_logits", "sum"),
+                                             ("bce", "mean")])
+def test_reduction_split_over_many_programs(backends, device, split, recon, reduction,
+                                            max_block, max_rows, max_iters):
+    # 4-D images and latents with odd sizes: partial blocks, partial row tiles,
+    # several column chunks per row combined by the second stage
+    inputs = make_inputs(device, shape=(3, 3, 5, 7), latent=(3, 4, 3, 3), recon=recon)
+    weights = output_weights(reduction, 3, device)
+    options = dict(recon=recon, reduction=reduction, beta=0.3)
+    with split(max_block, max_rows, max_iters):
+        k_parts, k_grads = backends.kernels(loss_and_grads, *inputs, weights, **options)
+    t_parts, t_grads = backends.torch(loss_and_grads, *inputs, weights, **options)
+    assert_all_close(k_parts, t_parts)
+    assert_all_close(k_grads, t_grads)
+
+
+def test_one_element_per_sample(backends, device):
+    inputs = make_inputs(device, shape=(1, 1), latent=(1, 1))
+    k = backends.kernels(loss_and_grads, *inputs, recon="l1", reduction="mean")
+    t = backends.torch(loss_and_grads, *inputs, recon="l1", reduction="mean")
+    assert_all_close(k[0], t[0])
+    assert_all_close(k[1], t[1])
+
+
+def test_non_contiguous_inputs_equal_contiguous(backends, device):
+    g = torch.Generator().manual_seed(3)
+    x_hat = torch.randn(4, 7, 5, generator=g).to(device).transpose(1, 2)  # (4, 5, 7)
+    x = torch.rand(4, 5, 1, generator=g).to(device).expand(4, 5, 7)  # stride 0
+    mu = torch.randn(4, 12, generator=g).to(device)[:, ::2]  # (4, 6), stride 2
+    logvar = torch.randn(6, 4, generator=g).to(device).t()  # (4, 6)
+    images = torch.randn(2, 3, 4, 5, generator=g).to(device)
+    assert not any(t.is_contiguous() for t in (x_hat, x, mu, logvar))
+    for recon in ("mse", "bce_logits"):
+        weights = output_weights("none", 4, device)
+        options = dict(recon=recon, reduction="none", beta=0.5)
+        strided = backends.kernels(loss_and_grads, x_hat, x, mu, logvar, weights, **options)
+        dense = backends.kernels(loss_and_grads, *(t.contiguous() for t in (x_hat, x, mu, logvar)),
+                                 weights, **options)
+        for a, b in zip(strided[0] + strided[1], dense[0] + dense[1]):
+            assert torch.equal(a, b)
+    # channels_last images
+    cl = images.to(memory_format=torch.channels_last)
+    latents = make_inputs(device, latent=(2, 3))[2:]
+    a = backends.kernels(loss_and_grads, cl, cl.sigmoid(), *latents, recon="bce_logits")
+    b = backends.kernels(loss_and_grads, images, images.sigmoid(), *latents, recon="bce_logits")
+    for u, v in zip(a[0] + a[1], b[0] + b[1]):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.parametrize("recon", RECONS)
+@pytest.mark.parametrize("dtypes", [
+    (torch.float16, torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32, torch.bfloat16),  # autocast: model output bf16, data fp32
+    (torch.float16, torch.bfloat16, torch.float32),
+], ids=["fp16", "bf16", "bf16-x-fp32", "fp16-x-bf16-latents-fp32"])
+def test_half_precision_and_mixed_dtypes(backends, device, recon, dtypes):
+    x_hat_dtype, x_dtype, latent_dtype = dtypes
+    inputs = make_inputs(device, shape=(3, 2, 4, 5), latent=(3, 2, 3, 3), recon=recon,
+                         dtype=x_hat_dtype, x_dtype=x_dtype, mu_dtype=latent_dtype)
+    for reduction in ("sum", "none"):
+        options = dict(recon=recon, reduction=reduction, beta=0.5)
+        k_parts, k_grads = backends.kernels(loss_and_grads, *inputs, **options)
+        t_parts, t_grads = backends.torch(loss_and_grads, *inputs, **options)
+        assert all(p.dtype == torch.float32 for p in k_parts)
+        assert_all_close(k_parts, t_parts)
+        # Gradients are computed in float32 and rounded once to the input's dtype:
+        # at most one unit in the last place apart (the interpreter truncates).
+        # x's gradient for mse/l1 is -(x_hat's), so it carries x_hat's precision.
+        rtols = [ULP_RTOL[t.dtype] for t in inputs]
+        rtols[1] = max(rtols[0], rtols[1])
+        for grad, ref, t, rtol in zip(k_grads, t_grads, inputs, rtols):
+            assert grad.dtype == t.dtype
+            torch.testing.assert_close(grad.float(), ref.float(), rtol=rtol, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_logvar_clamp(backends, device, reduction):
+    x_hat, x, mu, _ = make_inputs(device)
+    logvar = torch.linspace(-6, 6, 18, device=device).reshape(3, 6)
+    weights = output_weights(reduction, 3, device)
+    options = dict(recon="mse", reduction=reduction, logvar_clamp=(-2.0, 3.0))
+    k_parts, k_grads = backends.kernels(loss_and_grads, x_hat, x, mu, logvar, weights, **options)
+    t_parts, t_grads = backends.torch(loss_and_grads, x_hat, x, mu, logvar, weights, **options)
+    assert_all_close(k_parts, t_parts)
+    assert_all_close(k_grads, t_grads)
+    clamped = (logvar < -2.0) | (logvar > 3.0)
+    assert clamped.any() and (k_grads[3][clamped] == 0).all() and (k_grads[3][~clamped] != 0).all()
+
+
+def test_extreme_values_stay_finite_and_match(backends, device):
+    # bce at exactly 0 and 1 (logs floored at -100), bce_logits at +-60
+    p = torch.tensor([[0.0, 1.0, 0.5, 1e-30], [1.0, 0.0, 0.25, 1 - 1e-7]], device=device)
+    target = torch.tensor([[1.0, 0.0, 0.5, 1.0], [1.0, 0.0, 0.0, 0.0]], device=device)
+    logits = torch.tensor([[60.0, -60.0, 0.0, 20.0], [-60.0, 60.0, 1e-3, -20.0]], device=device)
+    latents = make_inputs(device, latent=(2, 3))[2:]
+    for recon, x_hat in (("bce", p), ("bce_logits", logits)):
+        k = backends.kernels(loss_and_grads, x_hat, target, *latents, recon=recon, reduction="none")
+        t = backends.torch(loss_and_grads, x_hat, target, *latents, recon=recon, reduction="none")
+        assert all(torch.isfinite(v).all() for v in k[0] + k[1])
+        assert_all_close(k[0], t[0])
+        assert_all_close(k[1], t[1])
+
+
+def test_beta_tensor_forms(backends, device):
+    inputs = make_inputs(device, recon="bce_logits")
+    ref, _ = backends.torch(loss_and_grads, *inputs, recon="bce_logits", beta=0.25)
+    # a float64 beta on the data's device is read by the kernel; a CPU beta with
+    # CUDA data is read on the host
+    for beta in (torch.tensor(0.25, dtype=torch.float64, device=device), torch.tensor(0.25)):
+        parts, _ = backends.kernels(loss_and_grads, *inputs, recon="bce_logits", beta=beta)
+        assert_all_close(parts, ref)
+    # a learnable beta gets d loss / d beta = kl
+    beta = torch.tensor(0.25, device=device, requires_grad=True)
+    loss, _, kl = backends.kernels(fastvae.vae_loss, *inputs, recon="bce_logits", beta=beta,
+                                   return_parts=True)
+    (grad_beta,) = torch.autograd.grad(loss, beta)
+    torch.testing.assert_close(grad_beta, kl.detach())
+
+
+@pytest.mark.parametrize("clamp", [None, (-1.0, 0.5)])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_kl_divergence_matches_pytorch_path(backends, device, reduction, clamp):
+    _, _, mu, logvar = make_inputs(device, latent=(5, 3, 3))
+    w = output_weights(reduction, 5, device)[0]
+
+    def kl_and_grads(mu, logvar):
+        mu, logvar = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+        kl = fastvae.kl_divergence(mu, logvar, reduction=reduction, logvar_clamp=clamp)
+        return (kl.detach(), *torch.autograd.grad((kl * w).sum(), (mu, logvar)))
+
+    assert_all_close(backends.kernels(kl_and_grads, mu, logvar),
+                     backends.torch(kl_and_grads, mu, logvar))
+
+
+def test_gaussian_posterior_kl_uses_the_kernels(backends, device, monkeypatch):
+    params = torch.randn(2, 4, 3, 3, device=device)
+    calls = []
+    real = kernels.kl_forward
+    monkeypatch.setattr(kernels, "kl_forward", lambda *a: calls.append(a) or real(*a))
+    k = backends.kernels(lambda: fastvae.GaussianPosterior(params).kl())
+    assert len(calls) == 1
+    t = backends.torch(lambda: fastvae.GaussianPosterior(params).kl())
+    torch.testing.assert_close(k, t)
+
+
+def test_deterministic_bitwise(backends, device, split):
+    inputs = make_inputs(device, shape=(3, 3, 5, 7), latent=(3, 4, 3, 3), recon="bce_logits")
+    weights = output_weights("sum", 3, device)
+    for forced in ((4, 1, 2), None):
+        runs = []
+        for _ in range(2):
+            if forced is None:
+                runs.append(backends.kernels(loss_and_grads, *inputs, weights, recon="bce_logits"))
+            else:
+                with split(*forced):
+                    runs.append(backends.kernels(loss_and_grads, *inputs, weights,
+                                                 recon="bce_logits"))
+        (p1, g1), (p2, g2) = runs
+        assert all(torch.equal(a, b) for a, b in zip(p1 + g1, p2 + g2))
+
+
+def test_eval_path_writes_no_gradient(backends, device, monkeypatch):
+    inputs = [t.requires_grad_() for t in make_inputs(device)]
+    seen = []
+    real = kernels.vae_loss_forward
+
+    def spy(*args):
+        out = real(*args)
+        seen.append((args[-2:], [g.numel() for g in out[3:]]))
+        return out
+
+    monkeypatch.setattr(kernels, "vae_loss_forward", spy)
+    with torch.no_grad():
+        evaluated = backends.kernels(fastvae.vae_loss, *inputs, recon="mse")
+    trained = backends.kernels(fastvae.vae_loss, *inputs, recon="mse")
+    assert seen[0] == ((False, False), [0, 0, 0])
+    assert seen[1] == ((True, True), [t.numel() for t in (inputs[0], inputs[2], inputs[3])])
+    assert torch.equal(evaluated, trained.detach())
+
+
+@pytest.mark.parametrize("case", ["last_use", "retain_graph", "output_held"])
+def test_backward_reuses_the_gradient_buffer_only_when_nothing_else_sees_it(backends, device,
+                                                                            case):
+    """The op's saved gradient buffer is scaled in place and handed on as the
+    gradient (no second full-size buffer) on its last use; kept intact when the
+    graph is retained or a caller still holds the op's output."""
+    x_hat, x, mu, logvar = (t.requires_grad_() for t in make_inputs(device))
+    out = backends.kernels(ops.vae_loss_op, x_hat, x.detach(), mu, logvar, None, 1.0, "mse",
+                           "sum", None, None, True, True)
+    loss, buffer_ptr, buffer_before = out[0], out[3].data_ptr(), out[3].clone()
+    if case != "output_held":
+        del out  # like vae_loss, which keeps no reference to the gradient buffers
+    x_before = x_hat.detach().clone()
+    (3.0 * loss).backward(retain_graph=case == "retain_graph")
+    assert (x_hat.grad.data_ptr() == buffer_ptr) == (case == "last_use")
+    torch.testing.assert_close(x_hat.grad, 3.0 * buffer_before)
+    assert torch.equal(x_hat.detach(), x_before)  # inputs are never written
+    if case == "output_held":
+        assert torch.equal(out[3], buffer_before)
+    if case == "retain_graph":  # the second backward still sees the unscaled buffer
+        x_hat.grad = None
+        (2.0 * loss).backward()
+        torch.testing.assert_close(x_hat.grad, 2.0 * buffer_before)
+
+
+def test_core_input_errors_still_raised(monkeypatch):
+    monkeypatch.setenv("FASTVAE_BACKEND", "triton")
+    x_hat, x, mu, logvar = make_inputs(torch.device("cpu"), recon="bce")
+    with pytest.raises(ValueError, match="x_hat and x must have the same shape"):
+        fastvae.vae_loss(x_hat, x[:, :4], mu, logvar)
+    with pytest.raises(ValueError, match=r"x must hold targets in \[0, 1\]"):
+        fastvae.vae_loss(x_hat, x + 1.0, mu, logvar, recon="bce")
+    with pytest.raises(ValueError, match=r"x_hat must hold probabilities in \[0, 1\]"):
+        fastvae.vae_loss(x_hat - 2.0, x, mu, logvar, recon="bce")
+    with pytest.raises(ValueError, match="beta must be finite"):
+        fastvae.vae_loss(x_hat, x, mu, logvar, beta=torch.tensor(float("nan")))
+    with pytest.raises(TypeError, match="mu must be a float16, bfloat16, float32 or float64"):
+        fastvae.vae_loss(x_hat, x, mu.long(), logvar)
+
+
+def test_kernels_refuse_tensors_they_cannot_run_on():
+    from fastvae.kernels import _shared
+
+    with pytest.raises(RuntimeError, match="cannot run on meta tensors"):
+        _shared.device_guard(torch.empty(2, device="meta"))
