@@ -1,0 +1,68 @@
+"""The parts of benchmarks/gpu_check.py that need no GPU: naming, writing and
+summarizing results, and the exit without a CUDA device."""
+
+import datetime
+import json
+
+import torch
+
+from benchmarks import gpu_check
+
+
+def fake_results():
+    timings = [
+        dict(case="loss_fwd_bwd/mse/sum/gpu_target/bfloat16", op="loss_fwd_bwd",
+             ms=dict(fastvae=0.5, eager=2.0, compile=0.6), peak_mib=dict(fastvae=100.0, eager=150.0),
+             vs_eager=4.0, vs_compile=1.2, copy_fraction=0.9),
+        dict(case="reparam_kl_fwd_bwd/reparam/float32", op="reparam_kl_fwd_bwd",
+             ms=dict(fastvae=0.1, eager=0.3), peak_mib={}, vs_eager=3.0),
+    ]
+    return dict(
+        date="2025-01-31",
+        environment=dict(gpu="NVIDIA H100 80GB HBM3", torch="2.11", triton="3.6", cuda="12.8",
+                         python="3.11"),
+        checks=[dict(name="test suite on CUDA", ok=True, detail="10 passed"),
+                dict(name="past 2**31 elements", ok=None, detail="skipped: memory")],
+        timings=timings, targets=gpu_check.evaluate_targets(timings),
+        copy_bandwidth_gbs=3000.0, wall_s=300.0)
+
+
+def test_results_are_named_by_gpu_model_and_date(tmp_path):
+    json_path, md_path = gpu_check.result_paths(tmp_path, "NVIDIA H100 80GB HBM3",
+                                                datetime.date(2025, 1, 31))
+    assert json_path.name == "gpu_check-nvidia-h100-80gb-hbm3-2025-01-31.json"
+    assert md_path.name == "gpu_check-nvidia-h100-80gb-hbm3-2025-01-31.md"
+
+
+def test_write_results_and_tables(tmp_path):
+    results = fake_results()
+    json_path, md_path = gpu_check.write_results(results, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([json_path.name, md_path.name])
+    assert json.loads(json_path.read_text()) == json.loads(json.dumps(results))
+    md = md_path.read_text()
+    assert "# gpu_check on NVIDIA H100 80GB HBM3 (2025-01-31)" in md
+    assert "- PASS test suite on CUDA: 10 passed" in md
+    assert "- SKIP past 2**31 elements" in md
+    assert "| loss_fwd_bwd/mse/sum/gpu_target/bfloat16 | 0.500 | 2.000 | 0.600 | 4.00x | 1.20x | 90 |" in md
+    # the targets: 1.2x torch.compile misses 1.5x; the rest are met
+    missed = [t["what"] for t in results["targets"] if not t["met"]]
+    assert missed == ["loss_fwd_bwd/mse/sum/gpu_target/bfloat16 vs_compile"]
+    assert len(results["targets"]) == 5  # 3 loss targets + peak memory + reparam vs eager
+    table = gpu_check.short_table(results)
+    assert table.splitlines()[0] == "gpu_check on NVIDIA H100 80GB HBM3: ALL CHECKS PASSED"
+    assert table.splitlines()[-1] == ("targets missed: "
+                                      "loss_fwd_bwd/mse/sum/gpu_target/bfloat16 vs_compile")
+
+
+def test_a_failed_check_is_named_in_the_summary():
+    results = fake_results()
+    results["checks"].append(dict(name="determinism x", ok=False, detail="two runs differ"))
+    assert gpu_check.short_table(results).splitlines()[0] == \
+        "gpu_check on NVIDIA H100 80GB HBM3: FAILED: determinism x"
+
+
+def test_exits_with_a_clear_message_without_cuda(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_check.main(["--results-dir", str(tmp_path)]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
