@@ -194,7 +194,8 @@ def _check_out_dir(out_dir):
     out_dir = os.path.abspath(os.fspath(out_dir))
     if os.path.lexists(out_dir):
         if not os.path.isdir(out_dir) or os.path.islink(out_dir):
-            raise NotADirectoryError(f"out_dir {out_dir!r} exists and is not a directory")
+            raise NotADirectoryError(
+                f"out_dir {out_dir!r} exists and is not a directory (or is a symlink)")
         entries = set(os.listdir(out_dir))
         if entries:
             try:

@@ -311,7 +311,8 @@ def run(args):
             write_grid_png(args.out, result, rt.input_shape)
         except ImportError as err:  # Pillow is optional
             raise ValueError(str(err)) from None
-    print(f"wrote {args.out} ({len(result)} {'scores' if args.score else 'images'})")
+    what = "scores" if args.score is not None else "samples"
+    print(f"wrote {args.out} ({len(result)} {what})")
     return 0
 
 

@@ -316,10 +316,12 @@ def test_export_leaves_the_model_untouched(tmp_path):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_static_batch(tmp_path):
+def test_static_batch_and_explicit_opset(tmp_path):
     model = seeded(TinyMLPVAE)
-    meta = fv_onnx.export(model, tmp_path / "e", parts=("encoder",), batch=5)
-    assert meta["batch"] == 5
+    meta = fv_onnx.export(model, tmp_path / "e", parts=("encoder",), batch=5, opset=18)
+    assert meta["batch"] == 5 and meta["opset"] == 18
+    proto = onnx.load(str(tmp_path / "e" / "encoder.onnx"))
+    assert {o.domain: o.version for o in proto.opset_import}[""] == 18
     s = session(tmp_path / "e" / "encoder.onnx")
     assert s.get_inputs()[0].shape == [5, 12]
     x = torch.rand(5, 12)
