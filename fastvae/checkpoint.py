@@ -112,6 +112,7 @@ def save(directory, model, *, tensors=None, train=None):
     all_tensors = {f"model.{k}": _cpu(v) for k, v in model.state_dict().items()}
     all_tensors.update({k: _cpu(v) for k, v in (tensors or {}).items()})
     metadata = {"format": FORMAT, "config": text}
+    os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, FILENAME),
                  lambda tmp: save_file(all_tensors, tmp, metadata=metadata))
     atomic_write_text(os.path.join(directory, CONFIG_FILENAME), text + "\n")

@@ -119,7 +119,7 @@ def fit(model, data, cfg, *, out=None, resume=None, device="cpu", progress=True)
         for b in range(steps_per_epoch):
             # every rank takes its share of the same global batch
             x = x_train[order[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank::world].to(device)]
-            beta = beta_at(cfg, state["step"] / steps_per_epoch)
+            beta = beta_at(cfg, state["step"] / steps_per_epoch) if model.is_vae else 0.0
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 parts = model.criterion(x, net(x, generator=noise), beta=beta,
                                         free_bits=cfg.free_bits)

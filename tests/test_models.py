@@ -2,10 +2,19 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastvae.models import (ConvAutoencoder, ConvVAE, MLPAutoencoder, MLPVAE, MODELS,
                             model_from_config)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Small tensors: on shared cores, extra intra-op threads only wait on each other.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 CASES = [
     (MLPVAE, (64,)), (MLPVAE, (1, 8, 8)), (ConvVAE, (1, 8, 8)), (ConvVAE, (1, 28, 28)),
@@ -118,7 +127,8 @@ def test_forward_noise_follows_the_generator():
     assert torch.equal(s1, s2) and not torch.equal(s1, model.sample(4))
 
 
-@pytest.mark.parametrize("cls,shape", CASES[:3] + CASES[5:], ids=lambda c: getattr(c, "__name__", str(c)))
+@pytest.mark.parametrize("cls,shape", CASES[:3] + CASES[5:],
+                         ids=lambda c: getattr(c, "__name__", str(c)))
 def test_config_round_trip(cls, shape):
     model = cls(shape, latent_dim=3, recon="mse", beta=0.5)
     rebuilt = model_from_config(model.config())
