@@ -93,9 +93,18 @@ def _scale_grad(g, w):
     fwd+bwd holds one gradient-sized buffer per input instead of two (eager's
     fused mse/bce kernels hold one). The buffers are the op's own outputs,
     never a user's input; with retain_graph or create_graph, under tracing, or
-    while the op's output is still referenced, a new tensor is returned."""
-    w = _per_sample_view(w, g).to(g.dtype)
-    return g.mul_(w) if _last_use_of_saved_buffers(g) else g * w
+    while the op's output is still referenced, a new tensor is returned. The
+    kernels' in-place scaling leaves the buffer untouched where w is exactly 1
+    (the usual ``loss.backward()``), deciding on the device, so the loss costs
+    one read of each input and one write of each gradient."""
+    if not _last_use_of_saved_buffers(g):
+        return g * _per_sample_view(w, g).to(g.dtype)
+    if _dispatch.backend_for(g) == "triton":
+        from fastvae import kernels
+
+        if kernels.AVAILABLE:  # skips the pass on the device when w is 1: no sync
+            return kernels.scale_gradient_(g, w.to(device=g.device))
+    return g.mul_(_per_sample_view(w, g).to(g.dtype))
 
 
 def _vae_loss_setup(ctx, inputs, output):

@@ -8,7 +8,9 @@ the launcher that picks block sizes:
 - ``reparameterize``: z = mu + exp(logvar / 2) * eps with in-kernel Philox
   noise, optionally the per-sample KL, and the backward that regenerates eps.
 
-This package exposes the same functions as ``fastvae._torch_impl``;
+This package exposes the same functions as ``fastvae._torch_impl``, plus
+``scale_gradient_`` (the loss backward's in-place scaling, skipped on the
+device when grad_output is 1);
 ``fastvae._dispatch`` decides which one runs. Importing it imports triton
 (``import fastvae`` does not). ``AVAILABLE`` is False when triton cannot be
 imported.
@@ -21,7 +23,7 @@ except ImportError:
 else:
     AVAILABLE = True
     from .reparameterize import reparameterize_backward, reparameterize_forward  # noqa: F401
-    from .vae_loss import kl_forward, vae_loss_forward  # noqa: F401
+    from .vae_loss import kl_forward, scale_gradient_, vae_loss_forward  # noqa: F401
 
 __all__ = ["AVAILABLE", "vae_loss_forward", "kl_forward",
-           "reparameterize_forward", "reparameterize_backward"]
+           "reparameterize_forward", "reparameterize_backward", "scale_gradient_"]

@@ -231,3 +231,51 @@ def kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
             None, None, mu, logvar, "mse", reduction, clamp_lo, clamp_hi,
             False, want_grad, None, 0.0)
     return kl, grad_mu, grad_logvar
+
+
+# ---- the backward's scaling by grad_output ------------------------------------
+
+
+@triton.jit
+def _scale_gradient_kernel(
+    grad_ptr, weight_ptr, n_rows, n_cols, chunks,
+    PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, ITERS: tl.constexpr,
+):
+    """grad *= weight in place (weight a scalar, or one per row), with the weight
+    rounded to grad's dtype first like ``grad * weight.to(grad.dtype)``.
+    A tile whose weights are all exactly 1 (the usual ``loss.backward()``) is
+    left untouched: decided on the device, so no host sync and no memory
+    traffic for the common case."""
+    pid = tl.program_id(0).to(tl.int64)
+    rows = (pid // chunks) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    row_mask = rows < n_rows
+    if PER_SAMPLE:
+        weight = tl.load(weight_ptr + rows, mask=row_mask, other=1.0)
+    else:
+        weight = tl.load(weight_ptr + rows * 0)
+    weight = weight.to(grad_ptr.dtype.element_ty).to(tl.float32)
+    if tl.sum((weight != 1.0).to(tl.int32), axis=0) > 0:
+        col0 = (pid % chunks) * (BLOCK * ITERS)
+        for i in range(ITERS):
+            cols = col0 + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+            mask = row_mask[:, None] & (cols < n_cols)[None, :]
+            offs = rows[:, None] * n_cols + cols[None, :]
+            grad = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
+            tl.store(grad_ptr + offs, (grad * weight[:, None]).to(grad_ptr.dtype.element_ty),
+                     mask=mask)
+
+
+def scale_gradient_(grad, weight):
+    """Scale a gradient buffer that the loss op allocated, in place, by
+    ``weight`` (0-dim, or (N,) for reduction="none"); returns ``grad``."""
+    with _shared.device_guard(grad):
+        batch = grad.shape[0]
+        cols = grad.numel() // batch
+        split = _shared.row_split(batch, cols, grad.device)
+        weight = weight.contiguous()
+        _scale_gradient_kernel[(split.programs,)](
+            grad, weight, batch, cols, split.chunks,
+            PER_SAMPLE=weight.dim() == 1, BLOCK=split.block, ROWS=split.rows, ITERS=split.iters,
+            num_warps=split.num_warps,
+        )
+    return grad

@@ -302,3 +302,25 @@ def test_kernels_refuse_tensors_they_cannot_run_on():
 
     with pytest.raises(RuntimeError, match="cannot run on meta tensors"):
         _shared.device_guard(torch.empty(2, device="meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_gradient_in_place(backends, device, split, dtype):
+    g = torch.Generator().manual_seed(4)
+    grad = torch.randn(3, 2, 5, 7, generator=g).to(device, dtype)
+    cases = [torch.tensor(1.0), torch.tensor(2.5), torch.tensor([1.0, -0.3, 1.0]),
+             torch.tensor([1.0, 1.0, 1.0])]
+    for weight in cases:
+        weight = weight.to(device)
+        expected = grad * weight.reshape((-1, 1, 1, 1) if weight.dim() else ()).to(dtype)
+        for forced in (None, (8, 2, 2)):
+            buffer = grad.clone()
+            if forced is None:
+                out = backends.kernels(kernels.scale_gradient_, buffer, weight)
+            else:
+                with split(*forced):
+                    out = backends.kernels(kernels.scale_gradient_, buffer, weight)
+            assert out is buffer
+            # two roundings to bf16 (the weight, the product), each truncated by the
+            # interpreter: up to two units in the last place
+            torch.testing.assert_close(buffer, expected, rtol=2 * ULP_RTOL[dtype], atol=0)
