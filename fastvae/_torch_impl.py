@@ -69,14 +69,34 @@ def _row_sum(t):
     return _rows(t).sum(dim=1)
 
 
+def _row_sum_of_squares(t):
+    # vector_norm reduces in one pass; vecdot(t, t) would first write t * t
+    return torch.linalg.vector_norm(_rows(t), dim=1).square_()
+
+
+_SUM = 2  # at::Reduction::Sum, for the aten loss-backward ops
+
+
+def _mse_grad(x_hat, x, grad_scale, dtype):
+    """grad_scale * 2 (x_hat - x) in one pass over x_hat and x, in a fresh buffer."""
+    scale = torch.tensor(grad_scale, dtype=dtype)
+    out = _empty_like_contiguous(x_hat, dtype)
+    return torch.ops.aten.mse_loss_backward.grad_input(
+        scale, _as(x_hat, dtype), _as(x, dtype), _SUM, grad_input=out)
+
+
 def recon_per_sample(x_hat, x, recon, dtype, grad_scale):
     """Per-sample reconstruction sums (N,) and, if ``grad_scale`` is not None,
     ``grad_scale`` times the gradient of their sum with respect to ``x_hat``."""
     want_grad = grad_scale is not None
+    if recon == "mse" and want_grad and grad_scale != 0:
+        # the gradient g = 2 s (x_hat - x) first; the squares are (g / 2s)^2
+        grad = _mse_grad(x_hat, x, grad_scale, dtype)
+        return _row_sum_of_squares(grad).mul_(0.25 / (grad_scale * grad_scale)), grad
     if recon in ("mse", "l1"):
         diff = _difference(x_hat, x, dtype)
         if recon == "mse":
-            per_sample = _row_dot(diff, diff)
+            per_sample = _row_sum_of_squares(diff)
             grad = diff.mul_(2.0 * grad_scale) if want_grad else None
         else:
             per_sample = torch.linalg.vector_norm(_rows(diff), ord=1, dim=1)
