@@ -234,8 +234,10 @@ def run(args):
         history = fit(model, data, cfg, out=args.out, resume=resume, device=device,
                       progress=not args.no_progress)
         if _world()[0] == 0:
-            last = history[-1] if history else {}
-            print(f"done: {len(history)} epoch(s) run; last epoch {last}")
+            if history:
+                last = history[-1]
+                print(f"epoch {last['epoch']}/{cfg.epochs}: loss {last['loss']:.4g} (recon "
+                      f"{last['recon']:.4g}, KL {last['kl']:.4g}), test loss {last['test_loss']:.4g}")
             print(f"checkpoint: {os.path.join(args.out, checkpoint.FILENAME)}")
             print(f"config:     {os.path.join(args.out, checkpoint.CONFIG_FILENAME)}")
     return 0

@@ -10,6 +10,7 @@ import torch
 
 from fastvae import checkpoint, cli
 from fastvae import train as train_module
+from fastvae.data import load_data
 from fastvae.train import TrainConfig, beta_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,8 +42,8 @@ def history(path):
     ["--model", "vae", "--arch", "mlp", "--anneal", "linear", "--anneal-epochs", "2"],
     ["--model", "vae", "--arch", "conv", "--free-bits", "0.1", "--recon", "bce"],
     ["--model", "ae", "--arch", "mlp", "--recon", "mse"],
-    ["--model", "ae", "--arch", "conv"],
-], ids=["vae-mlp", "vae-conv", "ae-mlp", "ae-conv"])
+    ["--model", "ae", "--arch", "conv", "--amp", "on"],  # bf16 autocast (on CPU here)
+], ids=["vae-mlp", "vae-conv", "ae-mlp", "ae-conv-amp"])
 def test_train_end_to_end(tmp_path, capsys, args):
     assert train(tmp_path / "run", "--epochs", "2", *args) == 0
     printed = capsys.readouterr().out
@@ -50,6 +51,7 @@ def test_train_end_to_end(tmp_path, capsys, args):
     model = checkpoint.load_model(tmp_path / "run")
     assert model.config()["class"].startswith(("MLP" if "mlp" in args else "Conv"))
     assert model.is_vae == ("vae" in args)
+    assert all(t.dtype == torch.float32 for t in model.state_dict().values())
     epochs = history(tmp_path / "run")
     assert [e["epoch"] for e in epochs] == [1, 2]
     assert all(np.isfinite(e[k]) for e in epochs for k in ("loss", "recon", "kl", "test_loss"))
@@ -171,3 +173,16 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
         torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-5)
     for a, b in zip(history(tmp_path / "ddp"), history(tmp_path / "single")):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
+def test_train_then_export_then_infer(tmp_path):
+    """The command line chain: a trained checkpoint goes through `fastvae export`
+    and `fastvae infer`, and the scores match the PyTorch model's."""
+    assert train(tmp_path / "run", "--epochs", "1", "--arch", "conv") == 0
+    assert cli.main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "onnx")]) == 0
+    test = load_data("digits").test[:20]
+    np.save(tmp_path / "test.npy", test.numpy())
+    assert cli.main(["infer", str(tmp_path / "onnx"), "--score", str(tmp_path / "test.npy"),
+                     "--out", str(tmp_path / "scores.npy")]) == 0
+    expected = checkpoint.load_model(tmp_path / "run").score(test).detach().numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), expected, rtol=1e-4)
