@@ -107,6 +107,16 @@ def _scale_grad(g, w):
     return g.mul_(_per_sample_view(w, g).to(g.dtype))
 
 
+def _refuse_double_backward(op):
+    """The saved gradients are constants to autograd, so a second derivative
+    through them would silently be zero: refuse it instead."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+            and not is_in_torch_dispatch_mode():
+        raise RuntimeError(
+            f"fastvae.{op} does not support double backward (create_graph=True): its "
+            f"gradient is computed in the forward pass and has no gradient of its own")
+
+
 def _vae_loss_setup(ctx, inputs, output):
     x_hat, x, mu, logvar, beta, beta_value, recon, reduction, clamp_lo, clamp_hi, _, _ = inputs
     _, _, kl, g_xhat, g_mu, g_lv = output
@@ -118,6 +128,7 @@ def _vae_loss_setup(ctx, inputs, output):
 
 
 def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_):
+    _refuse_double_backward("vae_loss")
     x_hat, beta, kl, g_xhat, g_mu, g_lv = ctx.saved_tensors
     xhat_dtype, x_dtype, mu_dtype, lv_dtype = ctx.dtypes
     need = ctx.needs_input_grad
@@ -183,6 +194,7 @@ def _kl_setup(ctx, inputs, output):
 
 
 def _kl_backward(ctx, g_kl, *_):
+    _refuse_double_backward("kl_divergence")
     g_mu, g_lv = ctx.saved_tensors
     grads = [None] * 6
     for i, (g, dtype) in enumerate(zip((g_mu, g_lv), ctx.dtypes)):

@@ -90,3 +90,13 @@ def test_compiled_loss_equals_eager():
     g_comp = torch.autograd.grad(compiled.sum(), (x_hat, mu, logvar))
     for a, b in zip(g_eager, g_comp):
         torch.testing.assert_close(a, b)
+
+
+def test_double_backward_is_refused_not_silently_zero():
+    x_hat, x, mu, logvar = tensors(True)
+    loss = fastvae.vae_loss(x_hat, x, mu, logvar)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(loss, x_hat, create_graph=True)
+    kl = fastvae.kl_divergence(mu, logvar)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(kl, mu, create_graph=True)
