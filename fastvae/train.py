@@ -92,8 +92,12 @@ def check_resume(path, model):
 def fit(model, data, cfg, *, out=None, resume=None, device="cpu", progress=True):
     """Train ``model`` on ``data.train``; checkpoint into ``out``; return the history
     (one dict per epoch). ``resume``: ``check_resume``'s result. Runs as DDP when
-    torch.distributed is initialised."""
+    torch.distributed is initialised; a DDP run resumed with the same number of
+    processes continues exactly, with another number each process reseeds its noise."""
     rank, world = _world()
+    if cfg.batch_size < world:
+        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {world} processes; "
+                         f"each process takes a share of every batch")
     device = torch.device(device)
     model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
