@@ -105,12 +105,14 @@ def recon_per_sample(x_hat, x, recon, dtype, grad_scale):
 
     p, target = _as(x_hat, dtype), _as(x, dtype)
     if recon == "bce_logits":
-        per_sample = _row_sum(torch.nn.functional.softplus(p)) - _row_dot(p, target)
-        grad = None
-        if want_grad:
-            grad = torch.sigmoid(p, out=_empty_like_contiguous(p, dtype))
-            grad.sub_(target).mul_(grad_scale)
-        return per_sample, grad
+        # softplus(l) - l x, then the gradient sigmoid(l) - x, in one buffer
+        buf = _empty_like_contiguous(p, dtype)
+        torch.ops.aten.softplus.out(p, 1, 20, out=buf)  # F.softplus's beta, threshold
+        per_sample = _row_sum(buf.addcmul_(p, target, value=-1.0))
+        if not want_grad:
+            return per_sample, None
+        grad = torch.sigmoid(p, out=buf).sub_(target)
+        return per_sample, grad if grad_scale == 1.0 else grad.mul_(grad_scale)
 
     # bce: -(x log p + (1 - x) log(1 - p)), each log clamped at -100. One
     # buffer holds x log p, then (1 - x) log(1 - p), then the gradient: fresh
