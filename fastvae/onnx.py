@@ -216,8 +216,6 @@ def _check_out_dir(out_dir):
                 raise FileExistsError(
                     f"out_dir {out_dir!r} exists and is not empty, and is not an earlier fastvae "
                     f"export; refusing to replace it")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
     return out_dir
 
 
@@ -253,6 +251,7 @@ def export(model, out_dir, *, parts=("encoder", "decoder", "scorer"), opset=None
 
     source = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     _check_interface(source, facts)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-",
                            dir=os.path.dirname(out_dir))
     try:
