@@ -105,7 +105,10 @@ _RECON_FORMULAS = {
     "mse": lambda x_hat, x: F.mse_loss(x_hat, x, reduction="none"),
     "l1": lambda x_hat, x: F.l1_loss(x_hat, x, reduction="none"),
     "bce": lambda x_hat, x: F.binary_cross_entropy(x_hat, x, reduction="none"),
-    "bce_logits": lambda x_hat, x: F.binary_cross_entropy_with_logits(x_hat, x, reduction="none"),
+    # written out rather than F.binary_cross_entropy_with_logits: that exports as
+    # Log(Sigmoid(x)), and onnxruntime's approximate Sigmoid is exactly 0 below about
+    # -17, which turns the loss of a confidently dark pixel into inf.
+    "bce_logits": lambda l, x: l.clamp(min=0) - l * x + torch.log1p(torch.exp(-l.abs())),
 }
 
 

@@ -514,3 +514,23 @@ def test_export_command_bad_input(tmp_path, capsys):
     assert cli.main(["export", str(tmp_path / "ae"), "--out", str(tmp_path / "busy")]) == 2
     assert "refusing to replace" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["ae", "busy"]
+
+
+class BCELogitsLoss(nn.Module):
+    def forward(self, logits, x, mu, logvar):
+        return fastvae.vae_loss(logits, x, mu, logvar, recon="bce_logits", reduction="none")
+
+
+def test_user_module_bce_logits_stays_finite_for_saturated_logits(tmp_path):
+    """onnxruntime's Sigmoid is 0 below about -17: the exported loss must not go through log(sigmoid)."""
+    logits = torch.tensor([[-30.0, -20.0, -17.0, 5.0], [60.0, -90.0, 0.5, -3.0]])
+    x = torch.tensor([[0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.5, 0.25]])
+    mu, logvar = torch.zeros(2, 3), torch.zeros(2, 3)
+    program = torch.onnx.export(BCELogitsLoss(), (logits, x, mu, logvar), dynamo=True, verbose=False)
+    path = tmp_path / "loss.onnx"
+    program.save(str(path))
+    s = session(path)
+    (got,) = s.run(None, {i.name: t.numpy() for i, t in zip(s.get_inputs(), (logits, x, mu, logvar))})
+    want = recon_rows(logits.double().numpy(), x.double().numpy(), "bce_logits")
+    assert np.isfinite(got).all()
+    assert rel_err(got, want) <= RTOL
