@@ -211,12 +211,73 @@ def kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
 
 # ---- reparameterization -------------------------------------------------
 
-def standard_normal(seed, shape, dtype, device):
-    """The noise eps ~ N(0, I) of one reparameterize call, reproducible from ``seed``
-    so that the backward can regenerate it instead of saving it."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    return torch.randn(shape, generator=gen, dtype=dtype, device=device)
+# Elements drawn from one CPU generator. Fixed (not the thread count), so the
+# noise of a seed is the same however many threads draw it.
+NOISE_CHUNK = 1 << 18
+_MASK64 = (1 << 64) - 1
+
+
+def _chunk_seed(seed, index):
+    """Seed of chunk ``index`` of a draw: splitmix64 of (seed, index), so every
+    bit, including the low 32 that the CPU generator (mt19937) keeps, depends on both."""
+    z = (seed + (index + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+_noise_pool_state = {}
+
+
+def _noise_pool(workers):
+    """A thread pool for drawing CPU noise chunks (one per process: pools do not survive fork)."""
+    import concurrent.futures
+    import os
+
+    key = (os.getpid(), workers)
+    pool = _noise_pool_state.get(key)
+    if pool is None:
+        _noise_pool_state.clear()
+        pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fastvae-noise")
+        _noise_pool_state[key] = pool
+    return pool
+
+
+def standard_normal(seed, shape, dtype, device, std=1.0):
+    """The noise eps ~ N(0, I) of one reparameterize call (times ``std``, a power
+    of two keeps it exact), reproducible from ``seed`` so that the backward can
+    regenerate it instead of saving it.
+
+    PyTorch's CPU generator is sequential (one core whatever the thread count),
+    and drawing the noise is most of a reparameterization on the CPU: large CPU
+    draws are split into chunks of NOISE_CHUNK elements, each from its own
+    generator seeded from (seed, chunk index), drawn on torch.get_num_threads()
+    threads (the ops release the GIL)."""
+    device = torch.device(device)
+    numel = 1
+    for n in shape:
+        numel *= n
+    if device.type != "cpu" or numel <= NOISE_CHUNK:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed)
+        return torch.randn(shape, generator=gen, dtype=dtype, device=device).mul_(std) \
+            if std != 1.0 else torch.randn(shape, generator=gen, dtype=dtype, device=device)
+    out = torch.empty(shape, dtype=dtype, device=device)
+    flat = out.view(-1)
+    starts = range(0, numel, NOISE_CHUNK)
+
+    def draw(index):
+        gen = torch.Generator()
+        gen.manual_seed(_chunk_seed(seed, index))
+        flat[starts[index]:starts[index] + NOISE_CHUNK].normal_(0.0, std, generator=gen)
+
+    workers = min(torch.get_num_threads(), len(starts))
+    if workers > 1:
+        list(_noise_pool(workers).map(draw, range(len(starts))))
+    else:
+        for index in range(len(starts)):
+            draw(index)
+    return out
 
 
 def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
@@ -224,13 +285,14 @@ def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
     dtype = compute_dtype(mu, logvar)
     lv = _clamped(_as(logvar, dtype), clamp_lo, clamp_hi)
     std = torch.mul(lv, 0.5).exp_()
-    eps = standard_normal(seed, mu.shape, dtype, mu.device)
-    z = eps.mul_(std).add_(_as(mu, dtype))
+    z = standard_normal(seed, mu.shape, dtype, mu.device)
+    mu_c = _as(mu, dtype)
+    z = torch.addcmul(mu_c, z, std, out=z)  # mu + eps * std, written over eps
     z = _as(z, torch.promote_types(mu.dtype, logvar.dtype))
     if not with_kl:
         return z, mu.new_empty(0, dtype=dtype)
-    mu_c = _as(mu, dtype)
-    kl = 0.5 * (_row_dot(mu_c, mu_c) + _row_sum(std.square_().sub_(1.0).sub_(lv)))
+    # exp(lv) - 1 - lv elementwise (no cancellation between sums), with exp(lv) = std^2
+    kl = 0.5 * (_row_sum_of_squares(mu_c) + _row_sum(std.square_().sub_(1.0).sub_(lv)))
     return z, kl
 
 
@@ -242,15 +304,18 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_h
     dtype = compute_dtype(mu, logvar)
     logvar_c = _as(logvar, dtype)
     lv = _clamped(logvar_c, clamp_lo, clamp_hi)
-    std = torch.mul(lv, 0.5).exp_()
-    eps = standard_normal(seed, mu.shape, dtype, mu.device)
+    std = torch.mul(lv, 0.5).exp_()  # a fresh buffer even when lv is logvar itself
+    half_eps = standard_normal(seed, mu.shape, dtype, mu.device, std=0.5)  # exactly eps / 2
     g_z = _as(grad_z, dtype)
-    grad_logvar = eps.mul_(std).mul_(g_z).mul_(0.5)
-    grad_mu = g_z.clone() if g_z is grad_z else g_z
+    grad_logvar = half_eps.mul_(std).mul_(g_z)
+    # grad_mu is written into std's buffer once std is used up: a fresh buffer
+    # costs page faults on the CPU. (Outputs may not alias grad_z, so it is a copy.)
     if grad_kl is not None:
         g_kl = _as(grad_kl, dtype).reshape((-1,) + (1,) * (mu.dim() - 1))
-        grad_mu.addcmul_(_as(mu, dtype), g_kl)
         grad_logvar.addcmul_(std.square_().sub_(1.0), g_kl, value=0.5)
+        grad_mu = torch.addcmul(g_z, _as(mu, dtype), g_kl, out=std)
+    else:
+        grad_mu = std.copy_(g_z)
     if clamp_lo is not None:
         grad_logvar.mul_(_unclamped_mask(logvar_c, clamp_lo, clamp_hi))
     return _as(grad_mu, mu.dtype), _as(grad_logvar, logvar.dtype)
