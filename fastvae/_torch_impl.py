@@ -61,10 +61,6 @@ def _rows(t):
     return t.reshape(t.shape[0], -1)
 
 
-def _row_dot(a, b):
-    return torch.linalg.vecdot(_rows(a), _rows(b), dim=1)
-
-
 def _row_sum(t):
     return _rows(t).sum(dim=1)
 
@@ -158,13 +154,12 @@ def kl_per_sample(mu, logvar, lo, hi, dtype, grad_scale):
     ``grad_scale`` is not None, ``grad_scale`` times the gradients of their sum
     with respect to mu and logvar."""
     mu_c, lv = _as(mu, dtype), _clamped(_as(logvar, dtype), lo, hi)
-    var = torch.exp(lv)
-    # exp(lv) - 1 - lv, reused below as the logvar gradient's exp(lv) - 1
-    per_sample = 0.5 * (_row_dot(mu_c, mu_c) + _row_sum(var - 1.0 - lv))
+    var_m1 = torch.exp(lv).sub_(1.0)  # exp(lv) - 1, reused as the logvar gradient
+    per_sample = 0.5 * (_row_sum_of_squares(mu_c) + _row_sum(torch.sub(var_m1, lv)))
     if grad_scale is None:
         return per_sample, None, None
     grad_mu = torch.mul(mu_c, grad_scale, out=_empty_like_contiguous(mu_c, dtype))
-    grad_logvar = var.sub_(1.0).mul_(0.5 * grad_scale)
+    grad_logvar = var_m1.mul_(0.5 * grad_scale)
     if lo is not None:
         grad_logvar.mul_(_unclamped_mask(_as(logvar, dtype), lo, hi))
     return per_sample, grad_mu, grad_logvar
