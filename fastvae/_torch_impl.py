@@ -154,7 +154,7 @@ def kl_per_sample(mu, logvar, lo, hi, dtype, grad_scale):
     ``grad_scale`` is not None, ``grad_scale`` times the gradients of their sum
     with respect to mu and logvar."""
     mu_c, lv = _as(mu, dtype), _clamped(_as(logvar, dtype), lo, hi)
-    var_m1 = torch.exp(lv).sub_(1.0)  # exp(lv) - 1, reused as the logvar gradient
+    var_m1 = torch.expm1(lv)  # exp(lv) - 1, reused as the logvar gradient
     per_sample = 0.5 * (_row_sum_of_squares(mu_c) + _row_sum(torch.sub(var_m1, lv)))
     if grad_scale is None:
         return per_sample, None, None
@@ -165,10 +165,18 @@ def kl_per_sample(mu, logvar, lo, hi, dtype, grad_scale):
     return per_sample, grad_mu, grad_logvar
 
 
+def grad_buffer_dtype(dtype):
+    """dtype of the saved gradient buffer of an input of ``dtype``: its own, except
+    float16, whose range cannot hold a reduced gradient (1/numel underflows) or its
+    product with a loss scale (GradScaler's 65536 overflows); float16 buffers are
+    float32 and the backward rounds once, to float16, after scaling."""
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
 def _grad_or_empty(grad, like):
-    """The gradient in the input's dtype, or a fresh empty tensor when none was computed
-    (custom-op outputs may not alias each other)."""
-    return like.new_empty(0) if grad is None else _as(grad, like.dtype)
+    """The gradient buffer (see grad_buffer_dtype), or a fresh empty tensor when none
+    was computed (custom-op outputs may not alias each other)."""
+    return like.new_empty(0) if grad is None else _as(grad, grad_buffer_dtype(like.dtype))
 
 
 def vae_loss_forward(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
@@ -254,7 +262,7 @@ def standard_normal(seed, shape, dtype, device, std=1.0):
         numel *= n
     if device.type != "cpu" or numel <= NOISE_CHUNK:
         gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
+        gen.manual_seed(_chunk_seed(seed, -1))  # mt19937 keeps only 32 bits: mix all 62 in
         return torch.randn(shape, generator=gen, dtype=dtype, device=device).mul_(std) \
             if std != 1.0 else torch.randn(shape, generator=gen, dtype=dtype, device=device)
     out = torch.empty(shape, dtype=dtype, device=device)
@@ -286,8 +294,8 @@ def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
     z = _as(z, torch.promote_types(mu.dtype, logvar.dtype))
     if not with_kl:
         return z, mu.new_empty(0, dtype=dtype)
-    # exp(lv) - 1 - lv elementwise (no cancellation between sums), with exp(lv) = std^2
-    kl = 0.5 * (_row_sum_of_squares(mu_c) + _row_sum(std.square_().sub_(1.0).sub_(lv)))
+    # expm1(lv) - lv elementwise: no cancellation near lv = 0, nor between sums
+    kl = 0.5 * (_row_sum_of_squares(mu_c) + _row_sum(torch.expm1(lv, out=std).sub_(lv)))
     return z, kl
 
 
@@ -307,7 +315,7 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_h
     # costs page faults on the CPU. (Outputs may not alias grad_z, so it is a copy.)
     if grad_kl is not None:
         g_kl = _as(grad_kl, dtype).reshape((-1,) + (1,) * (mu.dim() - 1))
-        grad_logvar.addcmul_(std.square_().sub_(1.0), g_kl, value=0.5)
+        grad_logvar.addcmul_(torch.expm1(lv), g_kl, value=0.5)
         grad_mu = torch.addcmul(g_z, _as(mu, dtype), g_kl, out=std)
     else:
         grad_mu = std.copy_(g_z)

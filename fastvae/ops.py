@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from fastvae import _dispatch, _validate
+from fastvae import _dispatch, _torch_impl, _validate
 
 # ---- fastvae::vae_loss --------------------------------------------------
 
@@ -48,7 +48,8 @@ def _out_dtype(*tensors):
 
 
 def _grad_buffer(t, wanted):
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device) if wanted else t.new_empty(0)
+    dtype = _torch_impl.grad_buffer_dtype(t.dtype)
+    return torch.empty(t.shape, dtype=dtype, device=t.device) if wanted else t.new_empty(0)
 
 
 @vae_loss_op.register_fake
@@ -74,6 +75,13 @@ def _only_holder(g):
     return use_count is not None and use_count(g.untyped_storage()._cdata) == 2
 
 
+def _saved_tensor_hooks_active():
+    """A saved_tensors_hooks pack hook may keep the saved buffer itself: never
+    scale in place then. Unknown (private API missing) counts as active."""
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top_hooks is None or top_hooks(False) is not None
+
+
 def _last_use_of_saved_buffers(g):
     """True when this backward is the last use of the op's saved gradient
     buffer ``g`` and nothing else can see it: no retain_graph (the engine frees
@@ -86,7 +94,7 @@ def _last_use_of_saved_buffers(g):
             and not is_in_torch_dispatch_mode() and _only_holder(g))
 
 
-def _scale_grad(g, w):
+def _scale_grad(ctx, g, w):
     """``g * w`` (w per sample for reduction="none"), ``g`` being a gradient
     buffer that the op allocated and saved. On the buffer's last use, when
     nothing else can see it, it is scaled in place and handed on, so loss
@@ -96,15 +104,16 @@ def _scale_grad(g, w):
     while the op's output is still referenced, a new tensor is returned. The
     kernels' in-place scaling leaves the buffer untouched where w is exactly 1
     (the usual ``loss.backward()``), deciding on the device, so the loss costs
-    one read of each input and one write of each gradient."""
-    if not _last_use_of_saved_buffers(g):
-        return g * _per_sample_view(w, g).to(g.dtype)
+    one read of each input and one write of each gradient. ``w`` stays in the
+    loss dtype (float32 or float64): one rounding, at the end, to ``g``'s dtype."""
+    if ctx.hooked or not _last_use_of_saved_buffers(g):
+        return g * _per_sample_view(w, g)
     if _dispatch.backend_for(g) == "triton":
         from fastvae import kernels
 
         if kernels.AVAILABLE:  # skips the pass on the device when w is 1: no sync
             return kernels.scale_gradient_(g, w.to(device=g.device))
-    return g.mul_(_per_sample_view(w, g).to(g.dtype))
+    return g.mul_(_per_sample_view(w, g))
 
 
 def _refuse_double_backward(op):
@@ -122,6 +131,7 @@ def _vae_loss_setup(ctx, inputs, output):
     _, _, kl, g_xhat, g_mu, g_lv = output
     ctx.mark_non_differentiable(g_xhat, g_mu, g_lv)
     ctx.recon, ctx.reduction, ctx.beta_value = recon, reduction, beta_value
+    ctx.hooked = _saved_tensor_hooks_active()
     ctx.dtypes = (x_hat.dtype, x.dtype, mu.dtype, logvar.dtype)
     # detached aliases: the backward can tell whether the outputs themselves are still held
     ctx.save_for_backward(x_hat, beta, kl, g_xhat.detach(), g_mu.detach(), g_lv.detach())
@@ -142,22 +152,20 @@ def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_):
     if need[1] and ctx.recon not in ("mse", "l1"):
         grads[1] = _target_grad(ctx, x_hat, _per_sample_view(w_recon, g_xhat)).to(x_dtype)
     if need[0] or (need[1] and grads[1] is None):
-        grad_xhat = _scale_grad(g_xhat, w_recon)
+        grad_xhat = _scale_grad(ctx, g_xhat, w_recon)
         if need[1] and grads[1] is None:  # mse, l1: d/dx = -d/dx_hat
             grads[1] = grad_xhat.neg().to(x_dtype)
         if need[0]:
             grads[0] = grad_xhat.to(xhat_dtype)
     if need[2]:
-        grads[2] = _scale_grad(g_mu, w_kl).to(mu_dtype)
+        grads[2] = _scale_grad(ctx, g_mu, w_kl).to(mu_dtype)
     if need[3]:
-        grads[3] = _scale_grad(g_lv, w_kl).to(lv_dtype)
+        grads[3] = _scale_grad(ctx, g_lv, w_kl).to(lv_dtype)
     return tuple(grads)
 
 
 def _target_grad(ctx, x_hat, w):
     """d loss / d x for bce and bce_logits (rarely needed: targets seldom require grad)."""
-    from fastvae import _torch_impl
-
     dtype = _out_dtype(x_hat)
     scale = _torch_impl.reduction_scale(ctx.reduction, x_hat.shape[0], x_hat.numel())
     return _torch_impl.recon_grad_wrt_target(x_hat, ctx.recon, dtype) * (w * scale)
@@ -190,6 +198,7 @@ def _kl_setup(ctx, inputs, output):
     _, g_mu, g_lv = output
     ctx.mark_non_differentiable(g_mu, g_lv)
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+    ctx.hooked = _saved_tensor_hooks_active()
     ctx.save_for_backward(g_mu.detach(), g_lv.detach())
 
 
@@ -199,7 +208,7 @@ def _kl_backward(ctx, g_kl, *_):
     grads = [None] * 6
     for i, (g, dtype) in enumerate(zip((g_mu, g_lv), ctx.dtypes)):
         if ctx.needs_input_grad[i]:
-            grads[i] = _scale_grad(g, g_kl).to(dtype)
+            grads[i] = _scale_grad(ctx, g, g_kl).to(dtype)
     return tuple(grads)
 
 

@@ -22,6 +22,15 @@ import triton.language as tl
 
 
 @triton.jit
+def expm1(x):
+    """exp(x) - 1 without the cancellation of the subtraction near 0 (collapsed
+    latents have logvar ~ 0): a Taylor polynomial to x^6 for |x| < 0.1 (truncation
+    below 2e-9 relative), exp(x) - 1 elsewhere."""
+    small = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0 + x * (1.0 / 720.0))))))
+    return tl.where(tl.abs(x) < 0.1, small, tl.exp(x) - 1.0)
+
+
+@triton.jit
 def kl_terms(mu, logvar, clamp_lo, clamp_hi, HAS_CLAMP: tl.constexpr):
     """Per-element KL(N(mu, exp(lv)) || N(0, 1)) and its derivatives, in float32.
 
@@ -35,9 +44,9 @@ def kl_terms(mu, logvar, clamp_lo, clamp_hi, HAS_CLAMP: tl.constexpr):
     lv = logvar
     if HAS_CLAMP:
         lv = tl.minimum(tl.maximum(logvar, clamp_lo), clamp_hi)
-    var = tl.exp(lv)
-    kl = 0.5 * (mu * mu + (var - 1.0 - lv))
-    grad_lv = 0.5 * (var - 1.0)
+    var_m1 = expm1(lv)
+    kl = 0.5 * (mu * mu + (var_m1 - lv))
+    grad_lv = 0.5 * var_m1
     if HAS_CLAMP:
         # torch.clamp passes the gradient where lo <= logvar <= hi
         grad_lv = tl.where((logvar >= clamp_lo) & (logvar <= clamp_hi), grad_lv, 0.0)

@@ -83,7 +83,7 @@ def _reparameterize_backward_kernel(
         if WITH_KL:
             g_kl = tl.load(grad_kl_ptr + rows, mask=rows < n_rows, other=0.0).to(tl.float32)
             grad_mu += g_kl[:, None] * mu
-            grad_lv += g_kl[:, None] * (0.5 * (tl.exp(lv) - 1.0))
+            grad_lv += g_kl[:, None] * (0.5 * _shared.expm1(lv))
         if HAS_CLAMP:
             grad_lv = tl.where((logvar >= clamp_lo) & (logvar <= clamp_hi), grad_lv, 0.0)
         tl.store(grad_mu_ptr + offs, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)

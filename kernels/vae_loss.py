@@ -32,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastvae import _torch_impl
+
 from . import _shared
 
 # recon codes, passed to the kernel as a tl.constexpr argument
@@ -142,8 +144,10 @@ def _scale(reduction, batch, numel):
 
 
 def _grad_buffer(t, wanted):
-    """A fresh contiguous gradient buffer in ``t``'s dtype (never an input), or an empty one."""
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device) if wanted else t.new_empty(0)
+    """A fresh contiguous gradient buffer (never an input), or an empty one; its dtype
+    is ``_torch_impl.grad_buffer_dtype``'s (float32 for float16 inputs)."""
+    dtype = _torch_impl.grad_buffer_dtype(t.dtype)
+    return torch.empty(t.shape, dtype=dtype, device=t.device) if wanted else t.new_empty(0)
 
 
 def _beta_arguments(beta, beta_value, device):
@@ -241,8 +245,8 @@ def _scale_gradient_kernel(
     grad_ptr, weight_ptr, n_rows, n_cols, chunks,
     PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr, ITERS: tl.constexpr,
 ):
-    """grad *= weight in place (weight a scalar, or one per row), with the weight
-    rounded to grad's dtype first like ``grad * weight.to(grad.dtype)``.
+    """grad *= weight in place (weight a scalar, or one per row), multiplied in
+    float32 and rounded once to grad's dtype.
     A tile whose weights are all exactly 1 (the usual ``loss.backward()``) is
     left untouched: decided on the device, so no host sync and no memory
     traffic for the common case."""
@@ -253,7 +257,7 @@ def _scale_gradient_kernel(
         weight = tl.load(weight_ptr + rows, mask=row_mask, other=1.0)
     else:
         weight = tl.load(weight_ptr + rows * 0)
-    weight = weight.to(grad_ptr.dtype.element_ty).to(tl.float32)
+    weight = weight.to(tl.float32)
     if tl.sum((weight != 1.0).to(tl.int32), axis=0) > 0:
         col0 = (pid % chunks) * (BLOCK * ITERS)
         for i in range(ITERS):

@@ -250,3 +250,31 @@ def test_kl_divergence_clamp_and_gradcheck():
     want = ref.reduce(ref.kl_elementwise(mu, logvar, (-1.0, 1.0)), "sum")
     got = fastvae.kl_divergence(mu, logvar, logvar_clamp=(-1.0, 1.0))
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("grad_scale", [65536.0, 1 / 3])
+def test_float16_gradients_survive_a_loss_scale(reduction, grad_scale):
+    """GradScaler multiplies grad_output by 65536: the float16 gradient must be the
+    float32 gradient times that scale, rounded once — not inf, not underflowed."""
+    x_hat, x, mu, logvar = make_inputs("mse", (64, 1024), (64, 8))
+    # data scaled so that even the scaled "sum" gradient fits in float16
+    half = [(0.01 * t.detach()).half().requires_grad_(t.requires_grad) for t in (x_hat, x, mu, logvar)]
+    loss = fastvae.vae_loss(*half, reduction=reduction)
+    loss.backward(torch.full_like(loss, grad_scale))
+    leaves = [t.detach().double().requires_grad_() for t in (half[0], half[2], half[3])]
+    want = ref.vae_loss(leaves[0], half[1].double(), leaves[1], leaves[2], "mse", 1.0, reduction)[0]
+    want.backward(torch.full_like(want, grad_scale))
+    for t, leaf in zip((half[0], half[2], half[3]), leaves):
+        assert torch.isfinite(t.grad).all()
+        torch.testing.assert_close(t.grad.double(), leaf.grad.half().double(), rtol=1e-3, atol=1e-7)
+
+
+def test_saved_tensor_hooks_that_keep_tensors_see_them_unchanged():
+    x_hat, x, mu, logvar = make_inputs("mse", (4, 10), (4, 3))
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        loss = fastvae.vae_loss(x_hat, x, mu, logvar)
+    before = [t.clone() for t in kept]
+    loss.backward(torch.tensor(3.0))
+    assert all(torch.equal(a, b) for a, b in zip(kept, before))
