@@ -27,6 +27,8 @@ def check_tensor(name, t):
         raise ValueError(f"{name} must have a batch dimension (dim 0), got a 0-dim tensor")
     if t.shape[0] == 0:
         raise ValueError(f"{name} has an empty batch: shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} has no elements per sample: shape {tuple(t.shape)}")
 
 
 def check_same_shape(name_a, a, name_b, b):
@@ -99,7 +101,11 @@ def check_loss_args(x_hat, x, mu, logvar, recon, reduction, beta, logvar_clamp):
     check_same_device(x_hat=x_hat, x=x, mu=mu, logvar=logvar)
     check_choice("recon", recon, RECONS)
     check_choice("reduction", reduction, REDUCTIONS)
-    return check_beta(beta), check_logvar_clamp(logvar_clamp)
+    beta_t, beta_v = check_beta(beta)
+    if beta_t is not None and beta_t.device != x_hat.device and beta_t.device.type != "cpu":
+        raise ValueError(f"beta is on {beta_t.device} but the data is on {x_hat.device}; "
+                         f"put it on the data's device (or the CPU)")
+    return (beta_t, beta_v), check_logvar_clamp(logvar_clamp)
 
 
 def check_latent_args(mu, logvar, logvar_clamp):
@@ -131,3 +137,8 @@ def check_loss_values(x_hat, x, recon, beta):
         _check_unit_interval("x", x, "targets")
     if recon == "bce":
         _check_unit_interval("x_hat", x_hat, "probabilities")
+
+
+def check_generator(generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")

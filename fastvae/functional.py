@@ -92,6 +92,7 @@ def _draw_seed(generator):
     """A 0-dim int64 CPU tensor seeding one draw of noise, taken from ``generator``
     without a device sync: CPU generators draw on the host; a CUDA generator's
     Philox state (seed, offset) is read and advanced on the host."""
+    _validate.check_generator(generator)
     if generator is not None and generator.device.type != "cpu":
         seed, offset = generator.initial_seed(), generator.get_offset()
         generator.set_offset(offset + 4)

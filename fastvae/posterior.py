@@ -26,6 +26,8 @@ class GaussianPosterior:
         if parameters.dim() < 2:
             raise ValueError(
                 f"parameters must have a batch dim and a dim to split, got shape {tuple(parameters.shape)}")
+        if not -parameters.dim() <= dim < parameters.dim():
+            raise ValueError(f"dim={dim} is out of range for parameters of shape {tuple(parameters.shape)}")
         if parameters.shape[dim] % 2:
             raise ValueError(
                 f"parameters must have an even size along dim={dim} (mean and logvar), "
@@ -62,9 +64,11 @@ class GaussianPosterior:
         if not isinstance(other, GaussianPosterior):
             raise TypeError(f"other must be a GaussianPosterior or None, got {type(other).__name__}")
         _validate.check_same_shape("self.mean", self.mean, "other.mean", other.mean)
-        terms = ((self.mean - other.mean).pow(2) / other.var + self.var / other.var
-                 - 1.0 - self.logvar + other.logvar)
-        return 0.5 * terms.flatten(1).float().sum(1)
+        if other.deterministic:
+            raise ValueError("KL against a deterministic GaussianPosterior (zero variance) is infinite")
+        m, lv, om, olv = (self._compute(t) for t in (self.mean, self.logvar, other.mean, other.logvar))
+        terms = (m - om).pow(2) * torch.exp(-olv) + torch.exp(lv - olv) - 1.0 - lv + olv
+        return 0.5 * terms.flatten(1).sum(1)
 
     def nll(self, sample):
         """-log N(sample; mean, var) per sample."""
@@ -72,5 +76,10 @@ class GaussianPosterior:
             return self._zeros()
         _validate.check_tensor("sample", sample)
         _validate.check_same_shape("sample", sample, "mean", self.mean)
-        terms = _LOG_2PI + self.logvar + (sample - self.mean).pow(2) / self.var
-        return 0.5 * terms.flatten(1).float().sum(1)
+        x, m, lv = (self._compute(t) for t in (sample, self.mean, self.logvar))
+        terms = _LOG_2PI + lv + (x - m).pow(2) * torch.exp(-lv)
+        return 0.5 * terms.flatten(1).sum(1)
+
+    def _compute(self, t):
+        """``t`` in the dtype the math runs in: float32, or float64 for float64 inputs."""
+        return t.to(torch.promote_types(self.mean.dtype, torch.float32))

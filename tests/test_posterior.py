@@ -76,3 +76,9 @@ def test_split_along_last_dim_and_bad_input():
         post.kl(other=p)
     with pytest.raises(ValueError, match="sample and mean must have the same shape"):
         post.nll(torch.randn(5, 4))
+
+
+def test_float64_stays_float64():
+    post = GaussianPosterior(torch.randn(3, 8, dtype=torch.float64))
+    other = GaussianPosterior(torch.randn(3, 8, dtype=torch.float64))
+    assert post.kl().dtype == post.kl(other).dtype == post.nll(post.mean).dtype == torch.float64

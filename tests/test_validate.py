@@ -109,3 +109,23 @@ def test_bad_latent_input(fn):
         f(torch.ones(4, 3, dtype=torch.int32), torch.randn(4, 3))
     with pytest.raises(ValueError, match="empty batch"):
         f(torch.randn(0, 3), torch.randn(0, 3))
+
+
+def test_more_bad_inputs():
+    x_hat, x, mu, logvar = good()
+    with pytest.raises(ValueError, match=r"x_hat has no elements per sample: shape \(4, 0\)"):
+        call(torch.rand(4, 0), torch.rand(4, 0), mu, logvar, reduction="mean")
+    with pytest.raises(ValueError, match="mu has no elements per sample"):
+        fastvae.kl_divergence(torch.randn(4, 0), torch.randn(4, 0), reduction="mean")
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got str"):
+        fastvae.reparameterize(mu, logvar, generator="x")
+    with pytest.raises(ValueError, match="beta is on meta but the data is on cpu"):
+        call(x_hat, x, mu, logvar, beta=torch.tensor(1.0, device="meta"))
+
+
+def test_bad_posterior_input():
+    with pytest.raises(ValueError, match=r"dim=5 is out of range for parameters of shape \(2, 4\)"):
+        fastvae.GaussianPosterior(torch.randn(2, 4), dim=5)
+    post = fastvae.GaussianPosterior(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="deterministic GaussianPosterior"):
+        post.kl(fastvae.GaussianPosterior(torch.randn(2, 4), deterministic=True))
