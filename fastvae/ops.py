@@ -134,7 +134,11 @@ def _vae_loss_setup(ctx, inputs, output):
     ctx.hooked = _saved_tensor_hooks_active()
     ctx.dtypes = (x_hat.dtype, x.dtype, mu.dtype, logvar.dtype)
     # detached aliases: the backward can tell whether the outputs themselves are still held
-    ctx.save_for_backward(x_hat, beta, kl, g_xhat.detach(), g_mu.detach(), g_lv.detach())
+    # x_hat only where the rare bce target gradient needs it: saving it otherwise
+    # would keep the decoder's output alive until the backward
+    target_grad_needs_x_hat = x.requires_grad and recon in ("bce", "bce_logits")
+    ctx.save_for_backward(x_hat if target_grad_needs_x_hat else None, beta, kl,
+                          g_xhat.detach(), g_mu.detach(), g_lv.detach())
 
 
 def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_):

@@ -100,3 +100,17 @@ def test_double_backward_is_refused_not_silently_zero():
     kl = fastvae.kl_divergence(mu, logvar)
     with pytest.raises(RuntimeError, match="does not support double backward"):
         torch.autograd.grad(kl, mu, create_graph=True)
+
+
+@pytest.mark.parametrize("recon,target_requires_grad,saves_x_hat", [
+    ("mse", False, False), ("bce_logits", False, False), ("bce_logits", True, True)])
+def test_decoder_output_is_saved_only_when_the_target_gradient_needs_it(
+        recon, target_requires_grad, saves_x_hat):
+    x_hat, x, mu, logvar = tensors(True)
+    x.requires_grad_(target_requires_grad)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = fastvae.vae_loss(x_hat, x, mu, logvar, recon=recon)
+    assert any(t is x_hat for t in saved) == saves_x_hat
+    loss.backward()
+    assert x_hat.grad is not None and (x.grad is not None) == target_requires_grad
