@@ -123,3 +123,27 @@ def test_half_precision(dtype):
                                rtol=1e-5, atol=1e-5)
     (z.float().sum() + kl.sum()).backward()
     assert mu.grad.dtype == dtype and logvar.grad.dtype == dtype
+
+
+def test_large_draws_do_not_depend_on_thread_count_and_regenerate_exactly():
+    """Past one noise chunk the CPU noise is drawn chunk by chunk on several threads."""
+    from fastvae._torch_impl import NOISE_CHUNK
+
+    mu, logvar = latents((3, NOISE_CHUNK // 2 + 7))  # spans two chunks and a partial one
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(2))
+        torch.set_num_threads(2)
+        two = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(2))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    eps = ((one - mu) / torch.exp(0.5 * logvar)).detach().flatten()
+    n = eps.numel()
+    assert abs(eps.mean().item()) < 5 / math.sqrt(n) and abs(eps.std().item() - 1) < 5 * math.sqrt(0.5 / n)
+    # the second chunk must not repeat the first
+    starts = torch.stack([eps[:10000], eps[NOISE_CHUNK:NOISE_CHUNK + 10000]])
+    assert abs(torch.corrcoef(starts)[0, 1].item()) < 0.05
+    g_lv, = torch.autograd.grad(one.sum(), logvar)
+    torch.testing.assert_close(g_lv, ((one - mu) / 2).detach(), rtol=1e-4, atol=1e-5)
