@@ -28,43 +28,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from fastvae._io import atomic_write, atomic_write_text
 from fastvae.models import model_from_config
 
 FORMAT = "fastvae-checkpoint-1"
 FILENAME = "checkpoint.safetensors"
 CONFIG_FILENAME = "config.json"
-
-
-def atomic_write(path, write):
-    """Call ``write(tmp_path)`` then move ``tmp_path`` onto ``path`` atomically.
-    On any error the temporary file is removed and ``path`` is untouched."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; give it the usual mode
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path, text):
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-    atomic_write(path, write)
 
 
 def _cpu(t):

@@ -29,7 +29,7 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from fastvae import checkpoint, metrics, plots
+from fastvae import _io, checkpoint, metrics, plots
 from fastvae.data import load_data
 from fastvae.functional import kl_divergence
 from fastvae.models import BY_KIND
@@ -171,7 +171,7 @@ def write_report(path, results, cfg_text, accuracy):
              f"The VAE is exported to `onnx/`; onnxruntime vs PyTorch on the test digits, max "
              f"relative error {onnx:.2e} (per output: "
              + ", ".join(f"{k} {v:.1e}" for k, v in results["onnx_rel_err"].items()) + ").", ""]
-    checkpoint.atomic_write_text(path, "\n".join(lines))
+    _io.atomic_write_text(path, "\n".join(lines))
 
 
 def draw(path, test, pictures, histories):
@@ -242,7 +242,7 @@ def run(args):
     path = lambda name: os.path.join(out, name)  # noqa: E731
     draw(path, data.test, pictures, histories)
     results["seconds"] = time.time() - start
-    checkpoint.atomic_write_text(path("metrics.json"), json.dumps(results, indent=2) + "\n")
+    _io.atomic_write_text(path("metrics.json"), json.dumps(results, indent=2) + "\n")
     cfg_text = (f"Both models: `{args.arch}` architecture, latent dim {args.latent_dim}, "
                 f"{args.epochs} epochs of Adam (lr {cfg.lr}, batch {cfg.batch_size}), seed "
                 f"{args.seed}; the VAE's β ramps linearly from 0 to {cfg.beta} over "

@@ -6,7 +6,7 @@ import io
 import numpy as np
 from matplotlib.figure import Figure
 
-from fastvae.checkpoint import atomic_write
+from fastvae._io import atomic_write
 
 
 def tile(images, cols):

@@ -17,10 +17,11 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 
 import numpy as np
 import onnxruntime as ort
+
+from fastvae import _io
 
 # ---- the export format (shared with fastvae.onnx, which writes it) --------
 
@@ -346,22 +347,7 @@ def _write_atomic(path, write):
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"--out: directory {directory!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    _io.atomic_write_stream(path, write)
 
 
 def images_hwc(batch, sample_shape):

@@ -22,3 +22,12 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 def device(request):
     """Every device present: CPU always, CUDA where there is one."""
     return torch.device(request.param)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: on shared cores, extra intra-op threads only wait on each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

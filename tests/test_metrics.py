@@ -10,13 +10,7 @@ from fastvae import metrics
 from fastvae.data import load_data
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensors: on shared cores, extra intra-op threads only wait on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_frechet_distance_matches_the_scipy_formula():

@@ -7,13 +7,7 @@ from fastvae.models import (ConvAutoencoder, ConvVAE, MLPAutoencoder, MLPVAE, MO
                             model_from_config)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Small tensors: on shared cores, extra intra-op threads only wait on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CASES = [

@@ -17,13 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--hidden", "32", "16", "--channels", "8", "16", "--latent-dim", "4", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These models are tiny: with the cores shared, extra intra-op threads only wait on each other.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(out, *args):
