@@ -38,6 +38,8 @@ Stable API (other modules import these names; keep them):
                              the values, then the gradients
         .check(impl, device) run ``impl`` and compare with a float64 reference computed from
                              the math; raises AssertionError on a mismatch
+        .verify(impl, inputs, got)  the same comparison for outputs already computed by
+                             ``run`` or (not train_step) by a ``step`` call
         .bytes_moved()       bytes that must move: each input read once, each output and
                              gradient written once (None for train_step)
     suite(device, full=True) -> list[Case]   the cases to run on this device; full=False
@@ -286,12 +288,22 @@ _TOLERANCE = {  # rtol per output dtype; atol is rtol times the mean magnitude
 }
 
 
-def _assert_close(name, got, want):
-    rtol = max(_TOLERANCE[got.dtype], _TOLERANCE[torch.float32])
-    got, want = got.detach(), want.detach().to(torch.float64)
+def _assert_close(name, got, want, extra=None, loose=False):
+    """|got - want| <= rtol |want| + atol (+ ``extra``, an elementwise allowance).
+    ``loose``: 4x the tolerance, for baselines that round every intermediate to
+    half precision (fastvae computes in float32 and is held to the tight one)."""
+    rtol = max(_TOLERANCE[got.dtype], _TOLERANCE[torch.float32]) * (4 if loose else 1)
+    got, want = got.detach().to(torch.float64), want.detach().to(torch.float64)
     atol = rtol * float(want.abs().mean()) + 1e-12
-    torch.testing.assert_close(got.to(torch.float64), want, rtol=rtol, atol=atol,
-                               msg=lambda m: f"{name}: {m}")
+    if extra is None:
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        return
+    excess = (got - want).abs() - (rtol * want.abs() + atol + extra)
+    worst = int(excess.flatten().argmax())
+    assert float(excess.flatten()[worst]) <= 0, (
+        f"{name}: element {worst} is {float(got.flatten()[worst])}, expected "
+        f"{float(want.flatten()[worst])} (rtol {rtol:g}, atol {atol:g}, "
+        f"allowance {float(extra.flatten()[worst]):g})")
 
 
 def _dtype_name(dtype):
@@ -416,7 +428,12 @@ class Case:
     def check(self, impl, device):
         """Compare ``impl`` with a float64 reference written from the math."""
         inputs = self.inputs(device)
-        got = self.run(impl, inputs)
+        self.verify(impl, inputs, self.run(impl, inputs))
+
+    def verify(self, impl, inputs, got):
+        """Compare ``got`` = ``run(impl, inputs)`` (or, except for train_step, the
+        result of a ``step(impl, inputs)`` call) with the float64 reference."""
+        got = list(got)
         if self.op == "train_step":
             # the reference: the eager formulas on a float64 copy of the model, same noise
             ref_inputs = {k: v.double() if torch.is_tensor(v) else v for k, v in inputs.items()}
@@ -431,7 +448,13 @@ class Case:
         assert len(got) == len(ref) == len(names), (len(got), len(ref))
         for name, g, w in zip(names, got, ref):
             assert g.shape == w.shape, f"{self.id} {impl} {name}: shape {tuple(g.shape)} != {tuple(w.shape)}"
-            _assert_close(f"{self.id} {impl} {name}", g, w)
+            extra = None
+            if self.op.startswith("reparam") and name == "grad logvar":
+                # the reference reads the noise back from z, which was rounded to
+                # z's dtype: allow that rounding, times d(grad)/dz = grad_z / 2
+                z = got[0].detach().double()
+                extra = 0.5 * inputs["grad_z"].double().abs() * z.abs() * torch.finfo(got[0].dtype).eps
+            _assert_close(f"{self.id} {impl} {name}", g, w, extra, loose=impl != "fastvae")
 
     def _output_names(self):
         if self.op == "loss_fwd":
