@@ -198,7 +198,7 @@ def markdown(device, cases, machine, run):
               "forward + loss + backward + Adam). GB/s: the bytes that must move (inputs read once, "
               "outputs and gradients written once) over fastvae's time. Speedup: the baseline's "
               "median over fastvae's (above 1: fastvae is faster). Compile: torch.compile's first "
-              "call (compilation + one run).", ""]
+              "call (compilation + one run; Inductor's C++ builds cached on disk by earlier runs are reused).", ""]
     has_mem = any(e.get("fastvae", {}).get("peak_bytes") for e in cases.values())
     header = ["case", "fastvae", "GB/s", "% copy bw"] + [f"vs {b}" for b in BASELINES] + ["compile"]
     if has_mem:
@@ -284,16 +284,22 @@ def _atomic_write(path, write, binary=False):
         raise
 
 
-def slim(run):
-    """The run without per-round samples (they make the JSON large)."""
-    out = dict(run)
+_KEPT_STATS = ("min", "median", "mean", "max", "stddev", "iqr", "rounds")
+
+
+def slim(run, device=None):
+    """The run's fastvae benchmarks (of ``device``, if given) with their summary
+    statistics only: per-round samples and options make the JSON large."""
+    out = {k: run[k] for k in ("machine_info", "datetime", "version") if k in run}
     out["benchmarks"] = []
     for bench in run.get("benchmarks", []):
-        bench = dict(bench)
-        stats = dict(bench.get("stats") or {})
-        stats.pop("data", None)
-        bench["stats"] = stats
-        out["benchmarks"].append(bench)
+        info = bench.get("extra_info") or {}
+        if "case" not in info or (device is not None and info.get("device") != device):
+            continue
+        stats = bench.get("stats") or {}
+        out["benchmarks"].append({
+            "name": bench.get("name"), "group": bench.get("group"), "extra_info": info,
+            "stats": {k: stats[k] for k in _KEPT_STATS if k in stats}})
     return out
 
 
@@ -317,7 +323,7 @@ def main(argv=None):
         if chart(os.path.join(folder, "speedup.png"), device, cases, title):
             text += f"\n![speedup per case and baseline](speedup.png)\n"
             _atomic_write(os.path.join(folder, "bench.md"), lambda f: f.write(text))
-        slimmed = slim(run)
+        slimmed = slim(run, device)
         _atomic_write(os.path.join(folder, "bench.json"),
                       lambda f: json.dump(slimmed, f, indent=1))
         print(text)

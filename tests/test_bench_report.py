@@ -88,6 +88,8 @@ def test_main_writes_table_chart_and_slim_json(tmp_path):
     assert (cpu / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     slim = json.loads((cpu / "bench.json").read_text())
     assert all("data" not in b["stats"] for b in slim["benchmarks"])
+    assert {b["extra_info"]["device"] for b in slim["benchmarks"]} == {"cpu"}
+    assert len(slim["benchmarks"]) == 7
     assert (tmp_path / "results" / "nvidia-h100-80gb-hbm3" / "bench.md").exists()
 
 
