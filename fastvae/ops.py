@@ -113,6 +113,8 @@ def _scale_grad(ctx, g, w):
 
         if kernels.AVAILABLE:  # skips the pass on the device when w is 1: no sync
             return kernels.scale_gradient_(g, w.to(device=g.device))
+    if w.dim() == 0 and w.device.type == "cpu" and w.item() == 1.0:
+        return g  # the usual loss.backward(): reading a CPU scalar is no device sync
     return g.mul_(_per_sample_view(w, g))
 
 
@@ -130,15 +132,27 @@ def _vae_loss_setup(ctx, inputs, output):
     x_hat, x, mu, logvar, beta, beta_value, recon, reduction, clamp_lo, clamp_hi, _, _ = inputs
     _, _, kl, g_xhat, g_mu, g_lv = output
     ctx.mark_non_differentiable(g_xhat, g_mu, g_lv)
+    # unused outputs (the gradient buffers; recon/kl when only the loss is used)
+    # get None, not a zero-filled tensor as large as the input
+    ctx.set_materialize_grads(False)
     ctx.recon, ctx.reduction, ctx.beta_value = recon, reduction, beta_value
     ctx.hooked = _saved_tensor_hooks_active()
     ctx.dtypes = (x_hat.dtype, x.dtype, mu.dtype, logvar.dtype)
-    # detached aliases: the backward can tell whether the outputs themselves are still held
     # x_hat only where the rare bce target gradient needs it: saving it otherwise
-    # would keep the decoder's output alive until the backward
+    # would keep the decoder's output alive until the backward; the gradient
+    # buffers as detached aliases, so the backward can tell whether the outputs
+    # themselves are still held
     target_grad_needs_x_hat = x.requires_grad and recon in ("bce", "bce_logits")
     ctx.save_for_backward(x_hat if target_grad_needs_x_hat else None, beta, kl,
                           g_xhat.detach(), g_mu.detach(), g_lv.detach())
+
+
+def _sum_present(*grads):
+    """Sum of the output gradients autograd passed; None (output unused) counts as zero."""
+    present = [g for g in grads if g is not None]
+    if not present:
+        return None
+    return present[0] if len(present) == 1 else sum(present[1:], present[0])
 
 
 def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_):
@@ -147,12 +161,18 @@ def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_):
     xhat_dtype, x_dtype, mu_dtype, lv_dtype = ctx.dtypes
     need = ctx.needs_input_grad
     grads = [None] * 12
-    w_recon = g_loss + g_recon
-    beta_c = ctx.beta_value if beta is None else beta.to(g_loss.dtype)
-    w_kl = g_loss * beta_c + g_kl
+    w_recon = _sum_present(g_loss, g_recon)
+    if g_loss is not None:
+        beta_c = ctx.beta_value if beta is None else beta.to(g_loss.dtype)
+        g_loss_kl = g_loss * beta_c
+    w_kl = _sum_present(None if g_loss is None else g_loss_kl, g_kl)
 
-    if need[4]:
+    if need[4] and g_loss is not None:
         grads[4] = (g_loss * kl).sum().to(device=beta.device, dtype=beta.dtype)
+    if w_recon is None:
+        need = (False, False) + tuple(need[2:])
+    if w_kl is None:
+        need = tuple(need[:2]) + (False, False)
     if need[1] and ctx.recon not in ("mse", "l1"):
         grads[1] = _target_grad(ctx, x_hat, _per_sample_view(w_recon, g_xhat)).to(x_dtype)
     if need[0] or (need[1] and grads[1] is None):
@@ -201,6 +221,7 @@ def _(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
 def _kl_setup(ctx, inputs, output):
     _, g_mu, g_lv = output
     ctx.mark_non_differentiable(g_mu, g_lv)
+    ctx.set_materialize_grads(False)
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
     ctx.hooked = _saved_tensor_hooks_active()
     ctx.save_for_backward(g_mu.detach(), g_lv.detach())
@@ -211,7 +232,7 @@ def _kl_backward(ctx, g_kl, *_):
     g_mu, g_lv = ctx.saved_tensors
     grads = [None] * 6
     for i, (g, dtype) in enumerate(zip((g_mu, g_lv), ctx.dtypes)):
-        if ctx.needs_input_grad[i]:
+        if ctx.needs_input_grad[i] and g_kl is not None:
             grads[i] = _scale_grad(ctx, g, g_kl).to(dtype)
     return tuple(grads)
 

@@ -278,3 +278,14 @@ def test_saved_tensor_hooks_that_keep_tensors_see_them_unchanged():
     before = [t.clone() for t in kept]
     loss.backward(torch.tensor(3.0))
     assert all(torch.equal(a, b) for a, b in zip(kept, before))
+
+
+def test_gradients_when_only_one_part_is_used():
+    x_hat, x, mu, logvar = make_inputs("mse", (4, 10), (4, 3))
+    parts = fastvae.vae_loss(x_hat, x, mu, logvar, beta=0.5, return_parts=True)
+    parts.recon.backward()  # the loss and the kl outputs are unused
+    assert mu.grad is None and logvar.grad is None
+    torch.testing.assert_close(x_hat.grad, 2 * (x_hat - x).detach())
+    parts = fastvae.vae_loss(x_hat, x, mu, logvar, beta=0.5, return_parts=True)
+    parts.kl.backward()
+    torch.testing.assert_close(mu.grad, mu.detach())
