@@ -52,24 +52,17 @@ WHY = {
     ("cpu", "loss_fwd_bwd/mse/sum/cpu_target/float32", "speedup", "compile"):
         "Inductor fuses forward and backward into about one read of x_hat and x and one "
         "gradient write. fastvae's PyTorch path writes the gradient in one aten pass and "
-        "reads it again for the per-sample sums, and then fastvae/ops.py's autograd "
-        "allocates and zero-fills a gradient for the op's unused x_hat-sized output "
-        "(materialized grads) and scales the saved gradient by grad_output in place: two "
-        "more 25 MB passes and a fresh 25 MB buffer (page faults). Measured on 1 thread: "
-        "turning off grad materialization and skipping the scale when grad_output is a CPU 1 "
-        "took fwd+bwd from ~6.4 to ~5 ms.",
+        "reads it again for the per-sample sums: one pass more, in plain torch ops.",
     ("cpu", "loss_fwd_bwd/bce/sum/cpu_target/float32", "speedup", "compile"):
         "Inductor computes both logs, the clamps, the weighted sum and the gradient in one "
         "fused loop. Plain torch ops need a pass each: log, clamp, x*, sum, neg, log1p, clamp, "
-        "(1-x)*, sum, the gradient, plus the two [0, 1] value checks of _validate "
-        "(aminmax of x and x_hat) and the autograd zero-fill and scale of ops.py: about "
-        "12 passes over 25 MB.",
+        "(1-x)*, sum, the gradient, plus the two [0, 1] value checks (aminmax of x and x_hat): "
+        "about 11 passes over 25 MB.",
     ("cpu", "reparam_kl_fwd_bwd/reparam/float32", "speedup", "eager"):
         "The backward draws the noise again (nothing noise-sized is saved, by design): two "
         "draws against eager's one, and PyTorch's CPU generator is sequential (7.1 ms per "
         "4096x512 draw). fastvae draws in fixed chunks on both threads (3.8 ms on two idle "
-        "cores), so it is at par or ahead only while the second core is free; the machine "
-        "was shared with other jobs during this run (interleaved runs measured 0.8-1.35x).",
+        "cores), which halves each draw but cannot make two draws cost less than one.",
 }
 
 
