@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -305,7 +306,10 @@ def _quiet_exporter():
     notice = _DropTorchvisionNotice()
     logger.addFilter(notice)
     try:
-        yield
+        with warnings.catch_warnings():
+            # torch's own pytree deprecation, raised inside the exporter: not the user's to fix
+            warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec", category=FutureWarning)
+            yield
     finally:
         logger.removeFilter(notice)
 
