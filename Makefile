@@ -17,8 +17,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The public-API tests again with every op forced onto the Triton kernels
+# (under Triton's interpreter on CPU): the kernels held to the textbook formulas too.
+API_TESTS := tests/test_functional.py tests/test_functional_sampling.py \
+	tests/test_functional_properties.py tests/test_posterior.py tests/test_modules.py \
+	tests/test_validate.py
+
 test: $(STAMP)
 	$(PY) -m pytest
+	FASTVAE_BACKEND=triton $(PY) -m pytest -q $(API_TESTS)
 
 demo: $(STAMP)
 	$(PY) -m fastvae demo

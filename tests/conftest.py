@@ -12,7 +12,8 @@ assert "triton" not in sys.modules, "triton was imported before tests/conftest.p
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-if not torch.cuda.is_available():
+# FASTVAE_BACKEND=triton routes CPU tensors to the kernels, which only the interpreter runs
+if not torch.cuda.is_available() or os.environ.get("FASTVAE_BACKEND") == "triton":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
