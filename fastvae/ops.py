@@ -9,7 +9,8 @@ functions.
 The loss ops return, besides their values, the gradients of those values
 computed in the same pass (empty tensors when nothing needs them); the
 backward only scales them by ``grad_output`` — per sample for
-``reduction="none"`` — and never writes into a saved tensor.
+``reduction="none"`` — in place only on their last use, when nothing else can
+see them (``_scale_grad``). A user's input is never written.
 
 Noise for the reparameterization is drawn from an integer seed (a 0-dim int64
 CPU tensor, an op input so that it may be symbolic under compile); its
@@ -43,8 +44,7 @@ def vae_loss_op(
                                  clamp_lo, clamp_hi, grad_recon, grad_kl)
 
 
-def _out_dtype(*tensors):
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+_out_dtype = _torch_impl.compute_dtype  # float32, or float64 for float64 inputs
 
 
 def _grad_buffer(t, wanted):
