@@ -135,14 +135,6 @@ def _vae_loss_partials_kernel(
 # ---- launchers --------------------------------------------------------------
 
 
-def _scale(reduction, batch, numel):
-    if reduction == "batchmean":
-        return 1.0 / batch
-    if reduction == "mean":
-        return 1.0 / numel
-    return 1.0
-
-
 def _grad_buffer(t, wanted):
     """A fresh contiguous gradient buffer (never an input), or an empty one; its dtype
     is ``_torch_impl.grad_buffer_dtype``'s (float32 for float16 inputs)."""
@@ -175,11 +167,11 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
         x_hat, x = x_hat.contiguous(), x.contiguous()
         recon_cols = x_hat.numel() // batch
         r_split = _shared.row_split(batch, recon_cols, device)
-        recon_scale = _scale(reduction, batch, x_hat.numel())
+        recon_scale = _torch_impl.reduction_scale(reduction, batch, x_hat.numel())
     else:  # no recon programs at all
         recon_cols, recon_scale = 1, 1.0
         r_split = _shared.Split(block=1, rows=1, iters=1, chunks=1, programs=0, num_warps=1)
-    kl_scale = _scale(reduction, batch, mu.numel())
+    kl_scale = _torch_impl.reduction_scale(reduction, batch, mu.numel())
 
     kl_base = batch * r_split.chunks if has_recon else 0
     partials = torch.empty(kl_base + batch * kl_split.chunks, dtype=torch.float32, device=device)
