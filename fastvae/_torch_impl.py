@@ -240,6 +240,9 @@ def _noise_pool(workers):
     key = (os.getpid(), workers)
     pool = _noise_pool_state.get(key)
     if pool is None:
+        for (pid, _), old in _noise_pool_state.items():
+            if pid == key[0]:  # a pool for another thread count: let its threads end
+                old.shutdown(wait=False)
         _noise_pool_state.clear()
         pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fastvae-noise")
         _noise_pool_state[key] = pool
