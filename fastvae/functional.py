@@ -51,7 +51,7 @@ def vae_loss(x_hat, x, mu, logvar, *, recon="mse", beta=1.0, reduction="sum",
     if torch.onnx.is_in_onnx_export():
         parts = _vae_loss_formula(x_hat, x, mu, logvar, recon, beta, reduction, lo, hi)
     else:
-        parts = LossParts(*ops.vae_loss_op(
+        parts = LossParts(*ops.vae_loss(
             x_hat, x, mu, logvar, beta_t, beta_v, recon, reduction, lo, hi,
             _needs_grad(x_hat, x), _needs_grad(mu, logvar))[:3])
     return parts if return_parts else parts.loss
@@ -64,7 +64,7 @@ def kl_divergence(mu, logvar, *, reduction="sum", logvar_clamp=None):
     _validate.check_choice("reduction", reduction, _validate.REDUCTIONS)
     if torch.onnx.is_in_onnx_export():
         return _reduce(_kl_rows(mu, logvar, lo, hi), reduction, mu[0].numel())
-    return ops.kl_divergence_op(mu, logvar, reduction, lo, hi, _needs_grad(mu, logvar))[0]
+    return ops.kl_divergence(mu, logvar, reduction, lo, hi, _needs_grad(mu, logvar))[0]
 
 
 def reparameterize(mu, logvar, *, generator=None):
@@ -75,7 +75,7 @@ def reparameterize(mu, logvar, *, generator=None):
     if torch.onnx.is_in_onnx_export():
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
     seed = _draw_seed(generator)
-    return ops.reparameterize_op(mu, logvar, seed, None, None, False)[0]
+    return ops.reparameterize(mu, logvar, seed, None, None, False)[0]
 
 
 def sample_and_kl(mu, logvar, *, generator=None, logvar_clamp=None):
@@ -85,7 +85,7 @@ def sample_and_kl(mu, logvar, *, generator=None, logvar_clamp=None):
         lv = logvar if lo is None else logvar.clamp(lo, hi)
         z = mu + torch.exp(0.5 * lv) * torch.randn_like(mu)
         return z, _kl_rows(mu, logvar, lo, hi)
-    return ops.reparameterize_op(mu, logvar, _draw_seed(generator), lo, hi, True)
+    return ops.reparameterize(mu, logvar, _draw_seed(generator), lo, hi, True)
 
 
 def _draw_seed(generator):

@@ -114,3 +114,16 @@ def test_decoder_output_is_saved_only_when_the_target_gradient_needs_it(
     assert any(t is x_hat for t in saved) == saves_x_hat
     loss.backward()
     assert x_hat.grad is not None and (x.grad is not None) == target_requires_grad
+
+
+def test_eager_calls_skip_the_dispatcher_and_tracing_sees_the_custom_ops():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x_hat, x, mu, logvar = tensors(True)
+    eager = fastvae.vae_loss(x_hat, x, mu, logvar, recon="l1", reduction="none")
+    assert "_VAELossFunction" in type(eager.grad_fn).__name__
+    graph = make_fx(lambda *a: fastvae.vae_loss(*a, recon="l1", reduction="none"))(
+        x_hat.detach(), x, mu.detach(), logvar.detach())
+    assert "fastvae.vae_loss" in str(graph.graph)
+    traced = graph(x_hat.detach(), x, mu.detach(), logvar.detach())
+    torch.testing.assert_close(traced, eager.detach(), rtol=0, atol=0)
