@@ -297,8 +297,10 @@ def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
     z = _as(z, torch.promote_types(mu.dtype, logvar.dtype))
     if not with_kl:
         return z, mu.new_empty(0, dtype=dtype)
-    # expm1(lv) - lv elementwise: no cancellation near lv = 0, nor between sums
-    kl = 0.5 * (_row_sum_of_squares(mu_c) + _row_sum(torch.expm1(lv, out=std).sub_(lv)))
+    # exp(lv) - 1 - lv elementwise (no cancellation between sums), exp(lv) as std^2:
+    # an exp pass saved on the reparameterization's hot path, at eager's accuracy
+    # (about 1e-7 absolute per element near lv = 0, where expm1 would be exact)
+    kl = 0.5 * (_row_sum_of_squares(mu_c) + _row_sum(std.square_().sub_(1.0).sub_(lv)))
     return z, kl
 
 
@@ -318,7 +320,7 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_h
     # costs page faults on the CPU. (Outputs may not alias grad_z, so it is a copy.)
     if grad_kl is not None:
         g_kl = _as(grad_kl, dtype).reshape((-1,) + (1,) * (mu.dim() - 1))
-        grad_logvar.addcmul_(torch.expm1(lv), g_kl, value=0.5)
+        grad_logvar.addcmul_(torch.mul(std, std).sub_(1.0), g_kl, value=0.5)  # exp(lv) - 1
         grad_mu = torch.addcmul(g_z, _as(mu, dtype), g_kl, out=std)
     else:
         grad_mu = std.copy_(g_z)
