@@ -154,7 +154,9 @@ def kl_per_sample(mu, logvar, lo, hi, dtype, grad_scale):
     ``grad_scale`` is not None, ``grad_scale`` times the gradients of their sum
     with respect to mu and logvar."""
     mu_c, lv = _as(mu, dtype), _clamped(_as(logvar, dtype), lo, hi)
-    var_m1 = torch.expm1(lv)  # exp(lv) - 1, reused as the logvar gradient
+    # exp(lv) - 1, reused as the logvar gradient: contiguous like every gradient
+    # buffer (the fake implementations promise it, whatever logvar's layout)
+    var_m1 = torch.expm1(lv, out=_empty_like_contiguous(lv, dtype))
     per_sample = 0.5 * (_row_sum_of_squares(mu_c) + _row_sum(torch.sub(var_m1, lv)))
     if grad_scale is None:
         return per_sample, None, None
@@ -240,10 +242,8 @@ def _noise_pool(workers):
     key = (os.getpid(), workers)
     pool = _noise_pool_state.get(key)
     if pool is None:
-        for (pid, _), old in _noise_pool_state.items():
-            if pid == key[0]:  # a pool for another thread count: let its threads end
-                old.shutdown(wait=False)
-        _noise_pool_state.clear()
+        for old_key in [k for k in _noise_pool_state if k[0] != key[0]]:
+            del _noise_pool_state[old_key]  # inherited through fork: its threads are gone
         pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="fastvae-noise")
         _noise_pool_state[key] = pool
     return pool
@@ -312,7 +312,8 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_h
     dtype = compute_dtype(mu, logvar)
     logvar_c = _as(logvar, dtype)
     lv = _clamped(logvar_c, clamp_lo, clamp_hi)
-    std = torch.mul(lv, 0.5).exp_()  # a fresh buffer even when lv is logvar itself
+    # a fresh contiguous buffer (it becomes grad_mu) even when lv is logvar itself
+    std = torch.mul(lv, 0.5, out=_empty_like_contiguous(lv, dtype)).exp_()
     half_eps = standard_normal(seed, mu.shape, dtype, mu.device, std=0.5)  # exactly eps / 2
     g_z = _as(grad_z, dtype)
     grad_logvar = half_eps.mul_(std).mul_(g_z)

@@ -323,9 +323,16 @@ reparameterize_op.register_autograd(_reparameterize_backward, setup_context=_rep
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
+def _functorch_active():
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return active is not None and active()
+
+
 def _eager(*tensors):
-    return not (torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
-                or any(type(t) not in _PLAIN_TENSORS for t in tensors if t is not None))
+    """Plain eager mode on real tensors: no compile, export, dispatch mode, functorch
+    transform, tensor subclass or meta tensor (those need the custom ops' fake impls)."""
+    return not (torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or _functorch_active()
+                or any(type(t) not in _PLAIN_TENSORS or t.is_meta for t in tensors if t is not None))
 
 
 def _function(name, impl, setup, backward):

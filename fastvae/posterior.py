@@ -66,7 +66,8 @@ class GaussianPosterior:
         _validate.check_same_shape("self.mean", self.mean, "other.mean", other.mean)
         if other.deterministic:
             raise ValueError("KL against a deterministic GaussianPosterior (zero variance) is infinite")
-        m, lv, om, olv = (self._compute(t) for t in (self.mean, self.logvar, other.mean, other.logvar))
+        m, lv, om, olv = (self._compute(t, other.mean) for t in
+                          (self.mean, self.logvar, other.mean, other.logvar))
         terms = (m - om).pow(2) * torch.exp(-olv) + torch.exp(lv - olv) - 1.0 - lv + olv
         return 0.5 * terms.flatten(1).sum(1)
 
@@ -80,6 +81,9 @@ class GaussianPosterior:
         terms = _LOG_2PI + lv + (x - m).pow(2) * torch.exp(-lv)
         return 0.5 * terms.flatten(1).sum(1)
 
-    def _compute(self, t):
-        """``t`` in the dtype the math runs in: float32, or float64 for float64 inputs."""
-        return t.to(torch.promote_types(self.mean.dtype, torch.float32))
+    def _compute(self, t, *others):
+        """``t`` in the dtype the math runs in: float32, or float64 where any input is."""
+        dtype = torch.promote_types(self.mean.dtype, torch.float32)
+        for o in others:
+            dtype = torch.promote_types(dtype, o.dtype)
+        return t.to(dtype)

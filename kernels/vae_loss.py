@@ -212,8 +212,8 @@ def vae_loss_forward(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
                      clamp_lo, clamp_hi, grad_recon, grad_kl):
     """Returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar) like
     ``fastvae._torch_impl.vae_loss_forward``: values in float32, gradients of the
-    reduced recon and kl (beta not applied) in each input's dtype, or empty
-    tensors when not asked for."""
+    reduced recon and kl (beta not applied), each in the _torch_impl.grad_buffer_dtype
+    of its input's dtype, or empty tensors when not asked for."""
     with _shared.device_guard(x_hat):
         return _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
                        grad_recon, grad_kl, beta, beta_value)

@@ -127,3 +127,45 @@ def test_eager_calls_skip_the_dispatcher_and_tracing_sees_the_custom_ops():
     assert "fastvae.vae_loss" in str(graph.graph)
     traced = graph(x_hat.detach(), x, mu.detach(), logvar.detach())
     torch.testing.assert_close(traced, eager.detach(), rtol=0, atol=0)
+
+
+def channels_last_latents():
+    """mu and logvar as conv encoders make them: halves of a channels_last tensor."""
+    h = torch.randn(3, 8, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    mu, logvar = h.chunk(2, dim=1)
+    return h, mu, logvar
+
+
+def test_opcheck_with_channels_last_latents():
+    _, mu, logvar = channels_last_latents()
+    x_hat = torch.randn(3, 2, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = torch.rand(3, 2, 4, 4)
+    torch.library.opcheck(ops.kl_divergence_op, (mu, logvar, "none", -2.0, 2.0, True))
+    torch.library.opcheck(ops.vae_loss_op, (x_hat, x, mu, logvar, None, 1.0, "mse", "none",
+                                            None, None, True, True))
+    seed = torch.tensor(7)
+    torch.library.opcheck(ops.reparameterize_op, (mu, logvar, seed, None, None, True))
+    torch.library.opcheck(ops.reparameterize_backward_op,
+                          (torch.randn(3, 4, 3, 3), torch.randn(3), mu.detach(), logvar.detach(),
+                           seed, None, None))
+
+
+def test_compile_with_channels_last_latents():
+    h, mu, logvar = channels_last_latents()
+
+    def step(mu, logvar):
+        z, kl = fastvae.sample_and_kl(mu, logvar, generator=None)
+        return z.square().sum() + fastvae.kl_divergence(mu, logvar, reduction="none").sum() + kl.sum()
+
+    loss = torch.compile(step, fullgraph=True)(mu, logvar)
+    loss.backward()
+    assert torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
+
+
+def test_meta_tensors_go_through_the_fake_implementations():
+    x_hat, x, mu, logvar = (t.detach().to("meta").requires_grad_(t.requires_grad)
+                            for t in tensors(True))
+    loss = fastvae.vae_loss(x_hat, x, mu, logvar, reduction="none")
+    assert loss.device.type == "meta" and loss.shape == (3,)
+    z, kl = fastvae.sample_and_kl(mu, logvar)
+    assert z.shape == mu.shape and kl.shape == (3,)
