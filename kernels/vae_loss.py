@@ -71,6 +71,68 @@ def _recon_terms(x_hat, x, RECON: tl.constexpr):
 
 
 @triton.jit
+def _recon_partials(
+    pid, x_hat_ptr, x_ptr, grad_x_hat_ptr, partials_ptr, n_rows, recon_cols, recon_chunks,
+    recon_grad_scale,
+    RECON: tl.constexpr, WRITE_RECON_GRAD: tl.constexpr,
+    RECON_BLOCK: tl.constexpr, RECON_ROWS: tl.constexpr, RECON_ITERS: tl.constexpr,
+):
+    """One recon tile: RECON_ROWS rows x (RECON_ITERS x RECON_BLOCK) columns; one
+    partial per row at partials[row * recon_chunks + chunk], and the gradients."""
+    chunk = pid % recon_chunks
+    rows = (pid // recon_chunks) * RECON_ROWS + tl.arange(0, RECON_ROWS).to(tl.int64)
+    row_mask = rows < n_rows
+    col0 = chunk * (RECON_BLOCK * RECON_ITERS)
+    acc = tl.zeros((RECON_ROWS, RECON_BLOCK), dtype=tl.float32)
+    for i in range(RECON_ITERS):
+        cols = col0 + i * RECON_BLOCK + tl.arange(0, RECON_BLOCK).to(tl.int64)
+        mask = row_mask[:, None] & (cols < recon_cols)[None, :]
+        offs = rows[:, None] * recon_cols + cols[None, :]
+        # 0.5 keeps the logs of masked-out bce lanes finite; they are zeroed below anyway
+        x_hat = tl.load(x_hat_ptr + offs, mask=mask, other=0.5).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.5).to(tl.float32)
+        value, grad = _recon_terms(x_hat, x, RECON)
+        acc += tl.where(mask, value, 0.0)
+        if WRITE_RECON_GRAD:
+            grad = grad * recon_grad_scale
+            tl.store(grad_x_hat_ptr + offs,
+                     grad.to(grad_x_hat_ptr.dtype.element_ty), mask=mask)
+    tl.store(partials_ptr + rows * recon_chunks + chunk, tl.sum(acc, axis=1), mask=row_mask)
+
+
+@triton.jit
+def _kl_partials(
+    kl_pid, mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr, partials_ptr,
+    n_rows, kl_cols, kl_chunks, kl_base, kl_grad_scale, clamp_lo, clamp_hi,
+    HAS_CLAMP: tl.constexpr, WRITE_KL_GRAD: tl.constexpr,
+    KL_BLOCK: tl.constexpr, KL_ROWS: tl.constexpr, KL_ITERS: tl.constexpr,
+):
+    """One KL tile; one partial per row at partials[kl_base + row * kl_chunks + chunk],
+    and the gradients."""
+    chunk = kl_pid % kl_chunks
+    rows = (kl_pid // kl_chunks) * KL_ROWS + tl.arange(0, KL_ROWS).to(tl.int64)
+    row_mask = rows < n_rows
+    col0 = chunk * (KL_BLOCK * KL_ITERS)
+    acc = tl.zeros((KL_ROWS, KL_BLOCK), dtype=tl.float32)
+    for i in range(KL_ITERS):
+        cols = col0 + i * KL_BLOCK + tl.arange(0, KL_BLOCK).to(tl.int64)
+        mask = row_mask[:, None] & (cols < kl_cols)[None, :]
+        offs = rows[:, None] * kl_cols + cols[None, :]
+        mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        value, grad_lv = _shared.kl_terms(mu, logvar, clamp_lo, clamp_hi, HAS_CLAMP)
+        acc += tl.where(mask, value, 0.0)
+        if WRITE_KL_GRAD:
+            tl.store(grad_mu_ptr + offs,
+                     (mu * kl_grad_scale).to(grad_mu_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_logvar_ptr + offs,
+                     (grad_lv * kl_grad_scale).to(grad_logvar_ptr.dtype.element_ty),
+                     mask=mask)
+    tl.store(partials_ptr + kl_base + rows * kl_chunks + chunk, tl.sum(acc, axis=1),
+             mask=row_mask)
+
+
+@triton.jit
 def _vae_loss_partials_kernel(
     x_hat_ptr, x_ptr, mu_ptr, logvar_ptr,
     grad_x_hat_ptr, grad_mu_ptr, grad_logvar_ptr, partials_ptr,
@@ -81,55 +143,19 @@ def _vae_loss_partials_kernel(
     RECON_BLOCK: tl.constexpr, RECON_ROWS: tl.constexpr, RECON_ITERS: tl.constexpr,
     KL_BLOCK: tl.constexpr, KL_ROWS: tl.constexpr, KL_ITERS: tl.constexpr,
 ):
-    """Stage 1. Programs [0, recon_programs) each sum the recon terms of a tile
-    of RECON_ROWS rows x (RECON_ITERS x RECON_BLOCK) columns and write one
-    partial per row to partials[row * recon_chunks + chunk]; the other programs
-    do the same for the KL terms at partials[kl_base + row * kl_chunks + chunk].
-    Each also writes the gradients of the elements it read."""
+    """Stage 1. Programs [0, recon_programs) each reduce one recon tile, the
+    others one KL tile. (The two tiles live in separate functions: a variable
+    assigned in both branches of a runtime ``if`` must have one type in
+    compiled Triton, which the interpreter does not check.)"""
     pid = tl.program_id(0).to(tl.int64)
     if pid < recon_programs:  # never true for the KL-only op (recon_programs = 0)
-        chunk = pid % recon_chunks
-        rows = (pid // recon_chunks) * RECON_ROWS + tl.arange(0, RECON_ROWS).to(tl.int64)
-        row_mask = rows < n_rows
-        col0 = chunk * (RECON_BLOCK * RECON_ITERS)
-        acc = tl.zeros((RECON_ROWS, RECON_BLOCK), dtype=tl.float32)
-        for i in range(RECON_ITERS):
-            cols = col0 + i * RECON_BLOCK + tl.arange(0, RECON_BLOCK).to(tl.int64)
-            mask = row_mask[:, None] & (cols < recon_cols)[None, :]
-            offs = rows[:, None] * recon_cols + cols[None, :]
-            # 0.5 keeps the logs of masked-out bce lanes finite; they are zeroed below anyway
-            x_hat = tl.load(x_hat_ptr + offs, mask=mask, other=0.5).to(tl.float32)
-            x = tl.load(x_ptr + offs, mask=mask, other=0.5).to(tl.float32)
-            value, grad = _recon_terms(x_hat, x, RECON)
-            acc += tl.where(mask, value, 0.0)
-            if WRITE_RECON_GRAD:
-                grad = grad * recon_grad_scale
-                tl.store(grad_x_hat_ptr + offs,
-                         grad.to(grad_x_hat_ptr.dtype.element_ty), mask=mask)
-        tl.store(partials_ptr + rows * recon_chunks + chunk, tl.sum(acc, axis=1), mask=row_mask)
+        _recon_partials(pid, x_hat_ptr, x_ptr, grad_x_hat_ptr, partials_ptr, n_rows,
+                        recon_cols, recon_chunks, recon_grad_scale,
+                        RECON, WRITE_RECON_GRAD, RECON_BLOCK, RECON_ROWS, RECON_ITERS)
     else:
-        kl_pid = pid - recon_programs
-        chunk = kl_pid % kl_chunks
-        rows = (kl_pid // kl_chunks) * KL_ROWS + tl.arange(0, KL_ROWS).to(tl.int64)
-        row_mask = rows < n_rows
-        col0 = chunk * (KL_BLOCK * KL_ITERS)
-        acc = tl.zeros((KL_ROWS, KL_BLOCK), dtype=tl.float32)
-        for i in range(KL_ITERS):
-            cols = col0 + i * KL_BLOCK + tl.arange(0, KL_BLOCK).to(tl.int64)
-            mask = row_mask[:, None] & (cols < kl_cols)[None, :]
-            offs = rows[:, None] * kl_cols + cols[None, :]
-            mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            value, grad_lv = _shared.kl_terms(mu, logvar, clamp_lo, clamp_hi, HAS_CLAMP)
-            acc += tl.where(mask, value, 0.0)
-            if WRITE_KL_GRAD:
-                tl.store(grad_mu_ptr + offs,
-                         (mu * kl_grad_scale).to(grad_mu_ptr.dtype.element_ty), mask=mask)
-                tl.store(grad_logvar_ptr + offs,
-                         (grad_lv * kl_grad_scale).to(grad_logvar_ptr.dtype.element_ty),
-                         mask=mask)
-        tl.store(partials_ptr + kl_base + rows * kl_chunks + chunk, tl.sum(acc, axis=1),
-                 mask=row_mask)
+        _kl_partials(pid - recon_programs, mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr,
+                     partials_ptr, n_rows, kl_cols, kl_chunks, kl_base, kl_grad_scale,
+                     clamp_lo, clamp_hi, HAS_CLAMP, WRITE_KL_GRAD, KL_BLOCK, KL_ROWS, KL_ITERS)
 
 
 # ---- launchers --------------------------------------------------------------

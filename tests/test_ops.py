@@ -7,12 +7,12 @@ import fastvae
 from fastvae import ops
 
 
-def tensors(requires_grad):
+def tensors(requires_grad, device="cpu"):
     g = torch.Generator().manual_seed(0)
-    x_hat = torch.randn(3, 2, 4, 4, generator=g).requires_grad_(requires_grad)
-    x = torch.rand(3, 2, 4, 4, generator=g)
-    mu = torch.randn(3, 5, generator=g).requires_grad_(requires_grad)
-    logvar = torch.randn(3, 5, generator=g).requires_grad_(requires_grad)
+    x_hat = torch.randn(3, 2, 4, 4, generator=g).to(device).requires_grad_(requires_grad)
+    x = torch.rand(3, 2, 4, 4, generator=g).to(device)
+    mu = torch.randn(3, 5, generator=g).to(device).requires_grad_(requires_grad)
+    logvar = torch.randn(3, 5, generator=g).to(device).requires_grad_(requires_grad)
     return x_hat, x, mu, logvar
 
 
@@ -22,27 +22,29 @@ def tensors(requires_grad):
     ("bce_logits", "mean", None, None, True),
     ("bce_logits", "batchmean", torch.tensor(2.0), None, False),
 ])
-def test_opcheck_vae_loss(recon, reduction, beta, clamp, grad):
-    x_hat, x, mu, logvar = tensors(grad)
+def test_opcheck_vae_loss(device, recon, reduction, beta, clamp, grad):
+    x_hat, x, mu, logvar = tensors(grad, device)
+    beta = None if beta is None else beta.to(device)
     lo, hi = clamp or (None, None)
     torch.library.opcheck(ops.vae_loss_op, (x_hat, x, mu, logvar, beta, 0.5, recon, reduction,
                                             lo, hi, grad, grad))
 
 
 @pytest.mark.parametrize("reduction,grad", [("sum", True), ("none", True), ("mean", False)])
-def test_opcheck_kl(reduction, grad):
-    _, _, mu, logvar = tensors(grad)
+def test_opcheck_kl(device, reduction, grad):
+    _, _, mu, logvar = tensors(grad, device)
     torch.library.opcheck(ops.kl_divergence_op, (mu, logvar, reduction, -2.0, 2.0, grad))
 
 
 @pytest.mark.parametrize("with_kl", [False, True])
-def test_opcheck_reparameterize(with_kl):
-    _, _, mu, logvar = tensors(True)
-    seed = torch.tensor(1234)
+def test_opcheck_reparameterize(device, with_kl):
+    _, _, mu, logvar = tensors(True, device)
+    seed = torch.tensor(1234)  # seeds stay on the CPU: no device sync to read them
     torch.library.opcheck(ops.reparameterize_op, (mu, logvar, seed, None, None, with_kl))
-    grad_kl = torch.randn(3) if with_kl else None
+    grad_kl = torch.randn(3, device=device) if with_kl else None
     torch.library.opcheck(ops.reparameterize_backward_op,
-                          (torch.randn(3, 5), grad_kl, mu.detach(), logvar.detach(), seed, -1.0, 1.0))
+                          (torch.randn(3, 5, device=device), grad_kl, mu.detach(), logvar.detach(),
+                           seed, -1.0, 1.0))
 
 
 class TinyVAE(torch.nn.Module):
@@ -60,16 +62,16 @@ class TinyVAE(torch.nn.Module):
         return loss + 0.0 * kl.sum()
 
 
-def test_compiled_training_step_has_no_graph_break_and_no_recompile_for_beta():
+def test_compiled_training_step_has_no_graph_break_and_no_recompile_for_beta(device):
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = TinyVAE()
+    model = TinyVAE().to(device)
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
-    x = torch.rand(6, 12)
+    x = torch.rand(6, 12, device=device)
     frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for step, beta in enumerate((0.1, 0.5, 0.9)):
         torch.manual_seed(step)
-        loss = compiled(x, torch.tensor(beta))
+        loss = compiled(x, torch.tensor(beta, device=device))
         loss.backward()
         grads = [p.grad.clone() for p in model.parameters()]
         model.zero_grad()
@@ -79,8 +81,9 @@ def test_compiled_training_step_has_no_graph_break_and_no_recompile_for_beta():
     assert graphs == 1, f"beta as a tensor must not recompile; compiled {graphs} graphs"
 
 
-def test_compiled_loss_equals_eager():
-    x_hat, x, mu, logvar = tensors(True)
+def test_compiled_loss_equals_eager(device):
+    torch._dynamo.reset()
+    x_hat, x, mu, logvar = tensors(True, device)
     fn = torch.compile(lambda *a: fastvae.vae_loss(*a, recon="mse", reduction="none", beta=0.7),
                        fullgraph=True)
     eager = fastvae.vae_loss(x_hat, x, mu, logvar, recon="mse", reduction="none", beta=0.7)
@@ -129,29 +132,32 @@ def test_eager_calls_skip_the_dispatcher_and_tracing_sees_the_custom_ops():
     torch.testing.assert_close(traced, eager.detach(), rtol=0, atol=0)
 
 
-def channels_last_latents():
+def channels_last_latents(device="cpu"):
     """mu and logvar as conv encoders make them: halves of a channels_last tensor."""
-    h = torch.randn(3, 8, 3, 3).contiguous(memory_format=torch.channels_last).requires_grad_()
+    h = torch.randn(3, 8, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
+    h.requires_grad_()
     mu, logvar = h.chunk(2, dim=1)
     return h, mu, logvar
 
 
-def test_opcheck_with_channels_last_latents():
-    _, mu, logvar = channels_last_latents()
-    x_hat = torch.randn(3, 2, 4, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
-    x = torch.rand(3, 2, 4, 4)
+def test_opcheck_with_channels_last_latents(device):
+    _, mu, logvar = channels_last_latents(device)
+    x_hat = torch.randn(3, 2, 4, 4, device=device).contiguous(memory_format=torch.channels_last)
+    x_hat.requires_grad_()
+    x = torch.rand(3, 2, 4, 4, device=device)
     torch.library.opcheck(ops.kl_divergence_op, (mu, logvar, "none", -2.0, 2.0, True))
     torch.library.opcheck(ops.vae_loss_op, (x_hat, x, mu, logvar, None, 1.0, "mse", "none",
                                             None, None, True, True))
     seed = torch.tensor(7)
     torch.library.opcheck(ops.reparameterize_op, (mu, logvar, seed, None, None, True))
     torch.library.opcheck(ops.reparameterize_backward_op,
-                          (torch.randn(3, 4, 3, 3), torch.randn(3), mu.detach(), logvar.detach(),
-                           seed, None, None))
+                          (torch.randn(3, 4, 3, 3, device=device), torch.randn(3, device=device),
+                           mu.detach(), logvar.detach(), seed, None, None))
 
 
-def test_compile_with_channels_last_latents():
-    h, mu, logvar = channels_last_latents()
+def test_compile_with_channels_last_latents(device):
+    torch._dynamo.reset()
+    h, mu, logvar = channels_last_latents(device)
 
     def step(mu, logvar):
         z, kl = fastvae.sample_and_kl(mu, logvar, generator=None)

@@ -8,10 +8,23 @@ another (milliseconds each), so sizes here are small and ``split`` forces tiny
 tiles where a test needs the multi-program two-stage reduction.
 """
 
+import os
+
 import pytest
 import torch
 
 from fastvae import _dispatch
+
+# Where the kernels can run in this process: on CPU tensors only under the
+# interpreter (set by tests/conftest.py when there is no GPU), otherwise on the
+# GPU. A CUDA machine runs them compiled, so its CPU runs are left to CI.
+KERNEL_DEVICES = ["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else ["cuda"]
+
+
+@pytest.fixture(params=KERNEL_DEVICES)
+def device(request):
+    """The device the kernels run on here (overrides tests/conftest.py's)."""
+    return torch.device(request.param)
 
 
 class Backends:
