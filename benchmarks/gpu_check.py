@@ -97,6 +97,29 @@ def timing_table(timings):
     return lines
 
 
+def graph_table(timings):
+    """Markdown rows of the device times from CUDA graph replays."""
+    lines = ["| case | fastvae ms | eager ms | compile ms | vs eager | vs compile | % copy BW |",
+             "|---|---|---|---|---|---|---|"]
+    for t in timings:
+        g = t.get("graph_ms") or {}
+        if not any(g.values()):
+            continue
+        frac = t.get("copy_fraction_graph")
+        lines.append(
+            f"| {t['case']} | {_fmt(g.get('fastvae'), '.3f')} | {_fmt(g.get('eager'), '.3f')} | "
+            f"{_fmt(g.get('compile'), '.3f')} | {_fmt(t.get('vs_eager_graph'), '.2f')}x | "
+            f"{_fmt(t.get('vs_compile_graph'), '.2f')}x | "
+            f"{_fmt(None if frac is None else 100 * frac, '.0f')} |")
+    return lines
+
+
+def _launch_line(results):
+    launch = results.get("launch_us") or {}
+    return (f"host time per no-op launch: aten {_fmt(launch.get('aten'), '.1f')} us, "
+            f"triton {_fmt(launch.get('triton'), '.1f')} us")
+
+
 def markdown_report(results):
     env = results["environment"]
     lines = [f"# gpu_check on {env['gpu']} ({results['date']})", "",
@@ -107,10 +130,14 @@ def markdown_report(results):
     for check in results["checks"]:
         status = "PASS" if check["ok"] else ("SKIP" if check["ok"] is None else "FAIL")
         lines.append(f"- {status} {check['name']}: {check['detail']}")
-    lines += ["", "## Timings (triton.testing.do_bench, median)", "",
+    lines += ["", "## Timings (triton.testing.do_bench, median)", "", _launch_line(results), "",
               "host us/call: CPU time to issue one call (no device sync); when it exceeds the "
               "device time, the call is launch-bound.", ""]
     lines += timing_table(results["timings"])
+    lines += ["", "## Device time (triton.testing.do_bench_cudagraph, median)", "",
+              "The same calls captured in a CUDA graph and replayed: launch overhead removed, "
+              "no L2 flush between calls.", ""]
+    lines += graph_table(results["timings"])
     lines += ["", "## Targets", ""]
     for target in results["targets"]:
         lines.append(f"- {'met' if target['met'] else 'MISSED'}: {target['what']} "
@@ -124,11 +151,12 @@ def evaluate_targets(timings):
     out = []
     for t in timings:
         for key, wanted in TARGETS.get(t["op"], {}).items():
-            measured = t.get(key)
-            if measured is None:
-                continue
-            out.append(dict(what=f"{t['case']} {key}", measured=measured, wanted=wanted,
-                            met=measured >= wanted))
+            for suffix, label in (("", ""), ("_graph", " (device time, CUDA graph)")):
+                measured = t.get(key + suffix)
+                if measured is None:
+                    continue
+                out.append(dict(what=f"{t['case']} {key}{label}", measured=measured,
+                                wanted=wanted, met=measured >= wanted))
         peak = t.get("peak_mib", {})
         if t["op"] == "loss_fwd_bwd" and peak.get("fastvae") is not None and peak.get("eager"):
             ratio = peak["eager"] / max(peak["fastvae"], 1e-9)
@@ -150,8 +178,10 @@ def short_table(results):
     failed = [c["name"] for c in results["checks"] if c["ok"] is False]
     lines = [f"gpu_check on {results['environment']['gpu']}: "
              f"{'ALL CHECKS PASSED' if not failed else 'FAILED: ' + ', '.join(failed)}",
-             f"copy bandwidth {_fmt(results.get('copy_bandwidth_gbs'), '.0f')} GB/s"]
+             f"copy bandwidth {_fmt(results.get('copy_bandwidth_gbs'), '.0f')} GB/s; "
+             + _launch_line(results), "do_bench:"]
     lines += timing_table(results["timings"])
+    lines += ["device time (CUDA graph replay):"] + graph_table(results["timings"])
     missed = [t["what"] for t in results["targets"] if not t["met"]]
     lines.append("targets: all met" if not missed else "targets missed: " + "; ".join(missed))
     return "\n".join(lines)
@@ -313,9 +343,37 @@ def host_us(step, device, calls=20):
     return elapsed / calls * 1e6
 
 
+def launch_overhead_us(device, calls=200):
+    """Host microseconds per launch of a no-op: one aten kernel, one Triton kernel.
+    When a call's launches cost more host time than its device work, do_bench
+    measures the host."""
+    from benchmarks._noop_kernel import noop_kernel
+
+    t = torch.zeros(128, device=device)
+    out = {}
+    for name, launch in (("aten", lambda: t.add_(1.0)),
+                         ("triton", lambda: noop_kernel[(1,)](t, BLOCK=128))):
+        launch()
+        out[name] = host_us(launch, device, calls)
+    return out
+
+
+def graph_ms(step):
+    """Device time per call from a CUDA graph replay (no host overhead, no L2
+    flush between calls), or None with the reason printed when capture fails."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        return do_bench_cudagraph(step, rep=20, return_mode="median")
+    except Exception as e:  # noqa: BLE001 - a baseline that cannot be captured is reported
+        print(f"gpu_check: CUDA graph capture failed: {type(e).__name__}: {e}"[:500], flush=True)
+        return None
+
+
 def time_case(run, case, device, bandwidth):
     """Time fastvae, eager and compile on one case (median of do_bench), with
-    the peak memory of the loss cases."""
+    the device time from CUDA graph replays, the host time per call and the
+    peak memory of the loss cases."""
     from triton.testing import do_bench
 
     entry = dict(case=case.id, op=case.op, ms={}, compile_s=None, peak_mib={})
@@ -332,6 +390,7 @@ def time_case(run, case, device, bandwidth):
             entry["compile_s"] = time.monotonic() - start
         entry["ms"][impl] = do_bench(step, warmup=25, rep=100, return_mode="median")
         entry.setdefault("host_us", {})[impl] = host_us(step, device)
+        entry.setdefault("graph_ms", {})[impl] = graph_ms(step)
         if impl != "compile" and case.op.startswith("loss"):
             entry["peak_mib"][impl] = peak_mib(step, device)
         del inputs, step
@@ -345,6 +404,13 @@ def time_case(run, case, device, bandwidth):
         if moved:
             entry["gbs"] = moved / (ms["fastvae"] * 1e-3) / 1e9
             entry["copy_fraction"] = entry["gbs"] * 1e9 / bandwidth
+    graph = {k: v for k, v in entry.get("graph_ms", {}).items() if v}
+    if "fastvae" in graph:
+        for impl, key in (("eager", "vs_eager_graph"), ("compile", "vs_compile_graph")):
+            if impl in graph:
+                entry[key] = graph[impl] / graph["fastvae"]
+        if case.bytes_moved():
+            entry["copy_fraction_graph"] = case.bytes_moved() / (graph["fastvae"] * 1e-3) / bandwidth
     return entry
 
 
@@ -418,6 +484,10 @@ def main(argv=None):
 
     bandwidth = cases.copy_bandwidth(device)
     results["copy_bandwidth_gbs"] = bandwidth / 1e9
+    try:
+        results["launch_us"] = launch_overhead_us(device)
+    except Exception:  # noqa: BLE001 - a diagnostic, not a check
+        traceback.print_exc()
     for case in benchmark_cases():
         if run.left() < 30:
             run.record(f"timing {case.id}", None, "skipped: time budget spent")

@@ -75,7 +75,8 @@ _SUM = 2  # at::Reduction::Sum, for the aten loss-backward ops
 
 def _mse_grad(x_hat, x, grad_scale, dtype):
     """grad_scale * 2 (x_hat - x) in one pass over x_hat and x, in a fresh buffer."""
-    scale = torch.tensor(grad_scale, dtype=dtype)
+    # torch.full, not torch.tensor: on CUDA a fill kernel, not a blocking host-to-device copy
+    scale = torch.full((), grad_scale, dtype=dtype, device=x_hat.device)
     out = _empty_like_contiguous(x_hat, dtype)
     return torch.ops.aten.mse_loss_backward.grad_input(
         scale, _as(x_hat, dtype), _as(x, dtype), _SUM, grad_input=out)
@@ -123,7 +124,8 @@ def recon_per_sample(x_hat, x, recon, dtype, grad_scale):
     # grad_scale (p - x) / max(p (1 - p), 1e-12) in one pass: the gradient
     # F.binary_cross_entropy uses (BCE_GRAD_EPS is its epsilon)
     grad = torch.ops.aten.binary_cross_entropy_backward.grad_input(
-        torch.tensor(grad_scale, dtype=dtype), p, target, None, _SUM, grad_input=buf)
+        torch.full((), grad_scale, dtype=dtype, device=p.device), p, target, None, _SUM,
+        grad_input=buf)
     return per_sample, grad
 
 

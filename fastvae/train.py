@@ -170,7 +170,13 @@ def distributed(device):
         yield device
         return
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank, count = int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count()
+        if local_rank >= count:
+            raise ValueError(
+                f"--device cuda under torchrun: LOCAL_RANK is {local_rank} but this machine has "
+                f"{count} CUDA device(s); start at most {count} processes per node, "
+                "or pass --device cpu")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:

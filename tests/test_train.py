@@ -151,7 +151,8 @@ def test_ddp_two_cpu_processes_match_one_process(tmp_path):
     rng = np.random.default_rng(0)
     np.save(tmp_path / "d.npy", rng.random((80, 12)).astype(np.float32))  # 64 train = 4 batches
     args = ["train", "--data", str(tmp_path / "d.npy"), "--model", "ae", "--batch-size", "16",
-            "--epochs", "2", "--hidden", "16", "--latent-dim", "3", "--no-progress"]
+            "--epochs", "2", "--hidden", "16", "--latent-dim", "3", "--no-progress",
+            "--device", "cpu"]  # gloo on the CPU, also where there is a GPU
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -180,3 +181,12 @@ def test_train_then_export_then_infer(tmp_path):
                      "--out", str(tmp_path / "scores.npy")]) == 0
     expected = checkpoint.load_model(tmp_path / "run").score(test).detach().numpy()
     np.testing.assert_allclose(np.load(tmp_path / "scores.npy"), expected, rtol=1e-4)
+
+
+def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="LOCAL_RANK is 1 but this machine has 1 CUDA device"):
+        with train_module.distributed(torch.device("cuda")):
+            pass

@@ -13,7 +13,9 @@ def fake_results():
     timings = [
         dict(case="loss_fwd_bwd/mse/sum/gpu_target/bfloat16", op="loss_fwd_bwd",
              ms=dict(fastvae=0.5, eager=2.0, compile=0.6), peak_mib=dict(fastvae=100.0, eager=150.0),
-             vs_eager=4.0, vs_compile=1.2, copy_fraction=0.9),
+             vs_eager=4.0, vs_compile=1.2, copy_fraction=0.9,
+             graph_ms=dict(fastvae=0.05, eager=0.3, compile=0.1), vs_eager_graph=6.0,
+             vs_compile_graph=2.0, copy_fraction_graph=0.8),
         dict(case="reparam_kl_fwd_bwd/reparam/float32", op="reparam_kl_fwd_bwd",
              ms=dict(fastvae=0.1, eager=0.3), peak_mib={}, vs_eager=3.0),
     ]
@@ -24,7 +26,7 @@ def fake_results():
         checks=[dict(name="test suite on CUDA", ok=True, detail="10 passed"),
                 dict(name="past 2**31 elements", ok=None, detail="skipped: memory")],
         timings=timings, targets=gpu_check.evaluate_targets(timings),
-        copy_bandwidth_gbs=3000.0, wall_s=300.0)
+        copy_bandwidth_gbs=3000.0, launch_us=dict(aten=5.0, triton=20.0), wall_s=300.0)
 
 
 def test_results_are_named_by_gpu_model_and_date(tmp_path):
@@ -44,14 +46,18 @@ def test_write_results_and_tables(tmp_path):
     assert "- PASS test suite on CUDA: 10 passed" in md
     assert "- SKIP past 2**31 elements" in md
     assert "| loss_fwd_bwd/mse/sum/gpu_target/bfloat16 | 0.500 | 2.000 | 0.600 | 4.00x | 1.20x | 90 |" in md
-    # the targets: 1.2x torch.compile misses 1.5x; the rest are met
+    assert "host time per no-op launch: aten 5.0 us, triton 20.0 us" in md
+    assert "| loss_fwd_bwd/mse/sum/gpu_target/bfloat16 | 0.050 | 0.300 | 0.100 | 6.00x | 2.00x | 80 |" in md
+    # the targets: 1.2x torch.compile misses 1.5x, 80% of the copy bandwidth in
+    # device time misses 85%; the rest are met
     missed = [t["what"] for t in results["targets"] if not t["met"]]
-    assert missed == ["loss_fwd_bwd/mse/sum/gpu_target/bfloat16 vs_compile"]
-    assert len(results["targets"]) == 5  # 3 loss targets + peak memory + reparam vs eager
+    assert missed == ["loss_fwd_bwd/mse/sum/gpu_target/bfloat16 copy_fraction (device time, CUDA graph)",
+                      "loss_fwd_bwd/mse/sum/gpu_target/bfloat16 vs_compile"]
+    # 3 loss targets twice (do_bench, graph) + peak memory + reparam vs eager
+    assert len(results["targets"]) == 8
     table = gpu_check.short_table(results)
     assert table.splitlines()[0] == "gpu_check on NVIDIA H100 80GB HBM3: ALL CHECKS PASSED"
-    assert table.splitlines()[-1] == ("targets missed: "
-                                      "loss_fwd_bwd/mse/sum/gpu_target/bfloat16 vs_compile")
+    assert table.splitlines()[-1] == ("targets missed: " + "; ".join(missed))
 
 
 def test_a_failed_check_is_named_in_the_summary():
