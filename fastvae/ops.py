@@ -10,7 +10,7 @@ The loss ops return, besides their values, the gradients of those values
 computed in the same pass (empty tensors when nothing needs them); the
 backward only scales them by ``grad_output`` — per sample for
 ``reduction="none"`` — in place only on their last use, when nothing else can
-see them (``_scale_grad``). A user's input is never written.
+see them (``_scale_grads``). A user's input is never written.
 
 Noise for the reparameterization is drawn from an integer seed (a 0-dim int64
 CPU tensor, an op input so that it may be symbolic under compile); its
@@ -96,28 +96,49 @@ def _last_use_of_saved_buffers(g):
             and not is_in_torch_dispatch_mode() and _only_holder(g))
 
 
-def _scale_grad(ctx, g, w):
-    """``g * w`` (w per sample for reduction="none"), ``g`` being a gradient
-    buffer that the op allocated and saved. On the buffer's last use, when
-    nothing else can see it, it is scaled in place and handed on, so loss
-    fwd+bwd holds one gradient-sized buffer per input instead of two (eager's
-    fused mse/bce kernels hold one). The buffers are the op's own outputs,
-    never a user's input; with retain_graph or create_graph, under tracing, or
-    while the op's output is still referenced, a new tensor is returned. The
-    kernels' in-place scaling leaves the buffer untouched where w is exactly 1
-    (the usual ``loss.backward()``), deciding on the device, so the loss costs
-    one read of each input and one write of each gradient. ``w`` stays in the
-    loss dtype (float32 or float64): one rounding, at the end, to ``g``'s dtype."""
-    if ctx.hooked or not _last_use_of_saved_buffers(g):
-        return g * _per_sample_view(w, g)
-    if _dispatch.backend_for(g) == "triton":
+def _scale_grads(ctx, pairs):
+    """``g * w`` for each (g, w) in ``pairs`` (None entries pass through; w per
+    sample for reduction="none"), each ``g`` a gradient buffer that the op
+    allocated and saved. On a buffer's last use, when nothing else can see it,
+    it is scaled in place and handed on, so loss fwd+bwd holds one
+    gradient-sized buffer per input instead of two (eager's fused mse/bce
+    kernels hold one). The buffers are the op's own outputs, never a user's
+    input; with retain_graph or create_graph, under tracing, or while the op's
+    output is still referenced, a new tensor is returned. On the kernels all
+    in-place scalings share one launch, which leaves a buffer untouched where w
+    is exactly 1 (the usual ``loss.backward()``), deciding on the device, so the
+    loss costs one read of each input and one write of each gradient. ``w``
+    stays in the loss dtype (float32 or float64): one rounding, at the end, to
+    ``g``'s dtype."""
+    out = [None] * len(pairs)
+    in_place = []
+    for i, pair in enumerate(pairs):
+        if pair is None:
+            continue
+        g, w = pair
+        if ctx.hooked or not _last_use_of_saved_buffers(g):
+            out[i] = g * _per_sample_view(w, g)
+        else:
+            in_place.append(i)
+    if not in_place:
+        return out
+    first = pairs[in_place[0]][0]
+    if _dispatch.backend_for(first) == "triton":
         from fastvae import kernels
 
         if kernels.AVAILABLE:  # skips the pass on the device when w is 1: no sync
-            return kernels.scale_gradient_(g, w.to(device=g.device))
-    if w.dim() == 0 and w.device.type == "cpu" and w.item() == 1.0:
-        return g  # the usual loss.backward(): reading a CPU scalar is no device sync
-    return g.mul_(_per_sample_view(w, g))
+            kernels.scale_gradients_([(pairs[i][0], pairs[i][1].to(device=first.device))
+                                      for i in in_place])
+            for i in in_place:
+                out[i] = pairs[i][0]
+            return out
+    for i in in_place:
+        g, w = pairs[i]
+        if w.dim() == 0 and w.device.type == "cpu" and w.item() == 1.0:
+            out[i] = g  # the usual loss.backward(): reading a CPU scalar is no device sync
+        else:
+            out[i] = g.mul_(_per_sample_view(w, g))
+    return out
 
 
 def _refuse_double_backward(op):
@@ -177,16 +198,20 @@ def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_):
         need = tuple(need[:2]) + (False, False)
     if need[1] and ctx.recon not in ("mse", "l1"):
         grads[1] = _target_grad(ctx, x_hat, _per_sample_view(w_recon, g_xhat)).to(x_dtype)
-    if need[0] or (need[1] and grads[1] is None):
-        grad_xhat = _scale_grad(ctx, g_xhat, w_recon)
+    want_xhat = need[0] or (need[1] and grads[1] is None)
+    grad_xhat, grad_mu, grad_lv = _scale_grads(ctx, [
+        (g_xhat, w_recon) if want_xhat else None,
+        (g_mu, w_kl) if need[2] else None,
+        (g_lv, w_kl) if need[3] else None])
+    if want_xhat:
         if need[1] and grads[1] is None:  # mse, l1: d/dx = -d/dx_hat
             grads[1] = grad_xhat.neg().to(x_dtype)
         if need[0]:
             grads[0] = grad_xhat.to(xhat_dtype)
     if need[2]:
-        grads[2] = _scale_grad(ctx, g_mu, w_kl).to(mu_dtype)
+        grads[2] = grad_mu.to(mu_dtype)
     if need[3]:
-        grads[3] = _scale_grad(ctx, g_lv, w_kl).to(lv_dtype)
+        grads[3] = grad_lv.to(lv_dtype)
     return tuple(grads)
 
 
@@ -236,9 +261,14 @@ def _kl_backward(ctx, g_kl, *_):
     _refuse_double_backward("kl_divergence")
     g_mu, g_lv = ctx.saved_tensors
     grads = [None] * 6
-    for i, (g, dtype) in enumerate(zip((g_mu, g_lv), ctx.dtypes)):
-        if ctx.needs_input_grad[i] and g_kl is not None:
-            grads[i] = _scale_grad(ctx, g, g_kl).to(dtype)
+    if g_kl is None:
+        return tuple(grads)
+    need = ctx.needs_input_grad
+    scaled = _scale_grads(ctx, [(g, g_kl) if need[i] else None
+                                for i, g in enumerate((g_mu, g_lv))])
+    for i, (g, dtype) in enumerate(zip(scaled, ctx.dtypes)):
+        if g is not None:
+            grads[i] = g.to(dtype)
     return tuple(grads)
 
 

@@ -9,7 +9,8 @@ the launcher that picks block sizes:
   noise, optionally the per-sample KL, and the backward that regenerates eps.
 
 This package exposes the same functions as ``fastvae._torch_impl``, plus
-``scale_gradient_`` (the loss backward's in-place scaling, skipped on the
+``scale_gradient_`` / ``scale_gradients_`` (the loss backward's in-place
+scaling of up to three buffers in one launch, skipped on the
 device when grad_output is 1);
 ``fastvae._dispatch`` decides which one runs. Importing it imports triton
 (``import fastvae`` does not). ``AVAILABLE`` is False when triton cannot be
@@ -23,7 +24,9 @@ except ImportError:
 else:
     AVAILABLE = True
     from .reparameterize import reparameterize_backward, reparameterize_forward  # noqa: F401
-    from .vae_loss import kl_forward, scale_gradient_, vae_loss_forward  # noqa: F401
+    from .vae_loss import (kl_forward, scale_gradient_, scale_gradients_,  # noqa: F401
+                           vae_loss_forward)
 
 __all__ = ["AVAILABLE", "vae_loss_forward", "kl_forward",
-           "reparameterize_forward", "reparameterize_backward", "scale_gradient_"]
+           "reparameterize_forward", "reparameterize_backward", "scale_gradient_",
+           "scale_gradients_"]

@@ -6,6 +6,8 @@ mixed-precision inputs, logvar_clamp, the KL-only op, determinism, the eval
 path and the core's input errors.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -324,3 +326,59 @@ def test_scale_gradient_in_place(backends, device, split, dtype):
             assert out is buffer
             # one rounding to bf16, which the interpreter truncates: one unit in the last place
             torch.testing.assert_close(buffer, expected, rtol=ULP_RTOL[dtype], atol=0)
+
+
+def test_scale_gradients_three_buffers_in_one_launch(backends, device, split, monkeypatch):
+    """The loss backward's x_hat, mu and logvar gradients: different shapes, dtypes
+    and weights (per sample and scalar), scaled in place by one launch."""
+    g = torch.Generator().manual_seed(5)
+    grads = [torch.randn(3, 2, 5, 7, generator=g).to(device, torch.bfloat16),
+             torch.randn(3, 6, generator=g).to(device),
+             torch.randn(3, 6, generator=g).to(device, torch.float16)]
+    weights = [torch.tensor([1.0, -0.3, 2.0]), torch.tensor(1.0), torch.tensor(0.25)]
+    weights = [w.to(device) for w in weights]
+    expected = [(gr.float() * (w.reshape((-1,) + (1,) * (gr.dim() - 1)) if w.dim() else w)).to(gr.dtype)
+                for gr, w in zip(grads, weights)]
+    launches = []
+    from fastvae.kernels import vae_loss as module
+
+    original = module._scale_gradients_kernel
+
+    class Counting:  # counts grid launches of the scaling kernel
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return original[grid]
+
+    monkeypatch.setattr(module, "_scale_gradients_kernel", Counting())
+    for forced in (None, (8, 2, 2)):
+        buffers = [gr.clone() for gr in grads]
+        with split(*forced) if forced else contextlib.nullcontext():
+            out = backends.kernels(kernels.scale_gradients_, list(zip(buffers, weights)))
+        assert all(o is b for o, b in zip(out, buffers))
+        for b, e in zip(buffers, expected):
+            torch.testing.assert_close(b, e, rtol=ULP_RTOL[b.dtype], atol=0)
+    assert len(launches) == 2  # one per call, not one per buffer
+    with pytest.raises(ValueError, match="1 to 3 .* pairs, got 4"):
+        kernels.scale_gradients_([(grads[1], weights[1])] * 4)
+
+
+def test_loss_backward_scales_all_gradients_in_one_launch(backends, device, monkeypatch):
+    from fastvae.kernels import vae_loss as module
+
+    calls = []
+    original = module.scale_gradients_
+    monkeypatch.setattr(module, "scale_gradients_",
+                        lambda pairs: calls.append(len(pairs)) or original(pairs))
+    monkeypatch.setattr(kernels, "scale_gradients_", module.scale_gradients_)
+    inputs = [t.requires_grad_() for t in make_inputs(device)]
+
+    def fwd_bwd():
+        loss = fastvae.vae_loss(*inputs, recon="mse", reduction="none")
+        loss.backward(torch.full_like(loss, 0.5))
+
+    backends.kernels(fwd_bwd)
+    assert calls == [3]  # x_hat, mu and logvar gradients together
+    x_hat, x, mu, logvar = (t.detach() for t in inputs)
+    torch.testing.assert_close(inputs[0].grad, 0.5 * 2 * (x_hat - x))
+    torch.testing.assert_close(inputs[2].grad, 0.5 * mu)
+    torch.testing.assert_close(inputs[3].grad, 0.5 * 0.5 * torch.expm1(logvar))
