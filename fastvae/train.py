@@ -12,6 +12,7 @@ epoch-k checkpoint therefore continues bit for bit like the uninterrupted run.
 import contextlib
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -115,8 +116,12 @@ def fit(model, data, cfg, *, out=None, resume=None, device="cpu", progress=True)
                               and torch.cuda.is_bf16_supported())
     x_train, n = data.train.to(device), len(data.train)
     steps_per_epoch = max(1, math.ceil(n / cfg.batch_size) if world == 1 else n // cfg.batch_size)
+    desc = f"{type(model).__name__} on {data.name}"
+    # a live bar on a terminal; in a log (CI, nohup, a pipe) one line per epoch instead
+    # of a bar redrawn ten times a second into one endless line
+    report = progress and rank == 0
     bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=state["step"], unit="step",
-               disable=not progress or rank != 0, desc=f"{type(model).__name__} on {data.name}")
+               disable=not report or not sys.stderr.isatty(), desc=desc)
     for epoch in range(state["epoch"], cfg.epochs):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
         sums, count = torch.zeros(3, device=device), 0
@@ -142,6 +147,10 @@ def fit(model, data, cfg, *, out=None, resume=None, device="cpu", progress=True)
                                  "beta": beta, "test_loss": evaluate(model, data.test.to(device))})
         state["epoch"] = epoch + 1
         bar.set_postfix(loss=f"{loss:.3f}", recon=f"{recon:.3f}", kl=f"{kl:.3f}", beta=f"{beta:.2f}")
+        if report and bar.disable:
+            print(f"{desc}: epoch {epoch + 1}/{cfg.epochs} loss {loss:.3f} recon {recon:.3f} "
+                  f"kl {kl:.3f} beta {beta:.2f} test_loss {state['history'][-1]['test_loss']:.3f}",
+                  file=sys.stderr, flush=True)
         if out is not None and (state["epoch"] % cfg.save_every == 0 or state["epoch"] == cfg.epochs):
             _save(out, model, optimizer, noise, state, cfg, rank, world)
     bar.close()

@@ -190,3 +190,12 @@ def test_more_processes_than_gpus_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match="LOCAL_RANK is 1 but this machine has 1 CUDA device"):
         with train_module.distributed(torch.device("cuda")):
             pass
+
+
+def test_progress_in_a_log_is_one_line_per_epoch(tmp_path, capsys):
+    small = [a for a in SMALL if a != "--no-progress"]
+    assert cli.main(["train", "--out", str(tmp_path), *small, "--epochs", "3"]) == 0
+    err = capsys.readouterr().err  # not a terminal under pytest: no live bar
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert [line.split(": epoch ")[1].split()[0] for line in lines] == ["1/3", "2/3", "3/3"]
+    assert "\r" not in err and all("test_loss" in line for line in lines)
