@@ -34,6 +34,8 @@ Stable API (other modules import these names; keep them):
         .step(impl, inputs)  a zero-argument callable that runs one iteration (forward, and
                              backward where the op has one, via torch.autograd.grad so no
                              .grad accumulation is timed); no device synchronization inside
+        .steps(impl, input_sets)  one such callable per input set, sharing one function
+                             (one compilation); not for train_step
         .run(impl, inputs)   one iteration returning the tensors that are compared:
                              the values, then the gradients
         .check(impl, device) run ``impl`` and compare with a float64 reference computed from
@@ -368,19 +370,37 @@ class Case:
         run = self._runner(impl, inputs)
         return lambda: run()
 
+    def steps(self, impl, input_sets):
+        """One zero-argument callable per input set, all sharing one function (for
+        ``compile``: one compilation), e.g. to rotate through more data than the
+        GPU's L2 cache holds. Not for train_step."""
+        if self.op == "train_step" or impl not in self.impls:
+            raise ValueError(f"steps() takes an impl of {self.impls} and no train_step case")
+        fn = self._function(impl)
+        return [self._runner(impl, inputs, fn) for inputs in input_sets]
+
     def run(self, impl, inputs):
         """One iteration; the compared tensors: values, then gradients."""
         if self.op == "train_step":
             return self._train_grads(impl, inputs)
         return list(self._runner(impl, inputs)())
 
-    def _runner(self, impl, inp):
+    def _function(self, impl):
         if self.op.startswith("loss"):
-            fn = _loss_fn(impl, self.recon, self.reduction)
+            return _loss_fn(impl, self.recon, self.reduction)
+        if self.op == "kl_fwd_bwd":
+            return _kl_fn(impl)
+        return _reparam_fn(impl, self.op == "reparam_kl_fwd_bwd")
+
+    def _runner(self, impl, inp, fn=None):
+        if fn is None:
+            fn = self._function(impl)
+        if self.op.startswith("loss"):
             args = (inp["x_hat"], inp["x"], inp["mu"], inp["logvar"])
             wrt = (inp["x_hat"], inp["mu"], inp["logvar"])
             if self.op == "loss_fwd":
                 return lambda: (fn(*args),)
+
             def fwd_bwd():
                 loss = fn(*args)
                 # ones made on the loss's device, as loss.backward() does: a CPU tensor
@@ -390,14 +410,11 @@ class Case:
             return fwd_bwd
         wrt = (inp["mu"], inp["logvar"])
         if self.op == "kl_fwd_bwd":
-            fn = _kl_fn(impl)
-
             def kl_fwd_bwd():
                 kl = fn(*wrt)
                 return (kl, *torch.autograd.grad(kl, wrt))
             return kl_fwd_bwd
         with_kl = self.op == "reparam_kl_fwd_bwd"
-        fn = _reparam_fn(impl, with_kl)
 
         def reparam_fwd_bwd():
             out = fn(*wrt)

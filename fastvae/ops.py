@@ -122,16 +122,19 @@ def _scale_grads(ctx, pairs):
             in_place.append(i)
     if not in_place:
         return out
-    first = pairs[in_place[0]][0]
-    if _dispatch.backend_for(first) == "triton":
+    # each buffer by its own backend: with mixed dtypes a float64 gradient must not
+    # go through the kernels' float32 arithmetic
+    on_kernels = [i for i in in_place if _dispatch.backend_for(pairs[i][0]) == "triton"]
+    if on_kernels:
         from fastvae import kernels
 
         if kernels.AVAILABLE:  # skips the pass on the device when w is 1: no sync
-            kernels.scale_gradients_([(pairs[i][0], pairs[i][1].to(device=first.device))
-                                      for i in in_place])
-            for i in in_place:
+            device = pairs[on_kernels[0]][0].device
+            kernels.scale_gradients_([(pairs[i][0], pairs[i][1].to(device=device))
+                                      for i in on_kernels])
+            for i in on_kernels:
                 out[i] = pairs[i][0]
-            return out
+            in_place = [i for i in in_place if i not in on_kernels]
     for i in in_place:
         g, w = pairs[i]
         if w.dim() == 0 and w.device.type == "cpu" and w.item() == 1.0:

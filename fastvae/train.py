@@ -190,6 +190,8 @@ def distributed(device):
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         yield device
+        # every rank done (rank 0 saves last) before any tears its group down
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -317,6 +317,12 @@ def scale_gradients_(pairs):
     if not 1 <= len(pairs) <= 3:
         raise ValueError(f"scale_gradients_ takes 1 to 3 (grad, weight) pairs, got {len(pairs)}")
     grads = [g for g, _ in pairs]
+    batch = grads[0].shape[0]
+    for g, w in pairs:
+        if g.shape[0] != batch or w.dim() > 1 or (w.dim() == 1 and w.shape[0] != batch):
+            raise ValueError(f"scale_gradients_: every grad needs batch size {batch} and a 0-dim "
+                             f"or ({batch},) weight; got grad {tuple(g.shape)}, "
+                             f"weight {tuple(w.shape)}")
     with _shared.device_guard(grads[0]):
         batch, device = grads[0].shape[0], grads[0].device
         args, meta, programs = [], {}, []

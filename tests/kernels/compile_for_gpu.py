@@ -68,22 +68,40 @@ def install():
 
 
 def variants():
-    """(name, callable) for every kernel specialization the public API can launch."""
+    """(name, callable) for the kernel specializations the public API can launch:
+    every recon x reduction x dtype x clamp x beta form, targets in the model's
+    dtype or float32, training and eval, one or three gradients, and tile shapes
+    from one sample to many long rows."""
     import fastvae
 
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    for dtype, recon, reduction, clamp in itertools.product(
-            dtypes, ("mse", "l1", "bce", "bce_logits"), ("sum", "none"), (None, (-8.0, 8.0))):
-        def loss(dtype=dtype, recon=recon, reduction=reduction, clamp=clamp):
+    for dtype, recon, reduction, clamp, x_dtype in itertools.product(
+            dtypes, ("mse", "l1", "bce", "bce_logits"), ("sum", "none"), (None, (-8.0, 8.0)),
+            ("same", torch.float32)):
+        if x_dtype == torch.float32 and (dtype == torch.float32 or clamp is not None):
+            continue  # mixed targets once per dtype and recon is enough
+        def loss(dtype=dtype, recon=recon, reduction=reduction, clamp=clamp,
+                 x_dtype=dtype if x_dtype == "same" else x_dtype):
             x_hat = torch.rand(4, 3, 64, 64, dtype=dtype, requires_grad=True)
-            x = torch.rand(4, 3, 64, 64, dtype=torch.float32)  # mixed dtypes
+            x = torch.rand(4, 3, 64, 64, dtype=x_dtype)
             mu = torch.randn(4, 16, dtype=dtype, requires_grad=True)
             logvar = torch.randn(4, 16, dtype=dtype, requires_grad=True)
             for beta in (0.5, torch.tensor(0.5)):
                 out = fastvae.vae_loss(x_hat, x, mu, logvar, recon=recon, reduction=reduction,
                                        beta=beta, logvar_clamp=clamp)
                 (out.sum() * 2.0).backward()  # a weight other than 1: the scaling kernel
-        yield f"vae_loss {dtype} {recon} {reduction} clamp={clamp}", loss
+            with torch.no_grad():  # eval: no gradient written
+                fastvae.vae_loss(x_hat, x, mu, logvar, recon=recon, reduction=reduction)
+        yield f"vae_loss {dtype} {recon} {reduction} clamp={clamp} x={x_dtype}", loss
+    for batch, cols, latent in ((1, 777, 3), (64, 784, 20), (2, 3 * 256 * 256, 4 * 32 * 32)):
+        def shapes(batch=batch, cols=cols, latent=latent):
+            x_hat = torch.rand(batch, cols, requires_grad=True)
+            mu = torch.randn(batch, latent)  # only x_hat needs a gradient: one buffer scaled
+            out = fastvae.vae_loss(x_hat, torch.rand(batch, cols), mu, mu, reduction="none")
+            out.backward(torch.full_like(out, 0.5))
+            z, kl = fastvae.sample_and_kl(mu.requires_grad_(), mu)
+            (z.sum() + kl.sum()).backward()
+        yield f"tile shapes batch={batch} cols={cols} latent={latent}", shapes
     for dtype, clamp in itertools.product(dtypes, (None, (-8.0, 8.0))):
         def sampling(dtype=dtype, clamp=clamp):
             mu = torch.randn(64, 512, dtype=dtype, requires_grad=True)
@@ -101,11 +119,16 @@ def main():
     compiled = install()
     start, failures = time.monotonic(), []
     for name, fn in variants():
+        before = len(compiled)
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - report every variant that fails
             failures.append(name)
             print(f"FAIL {name}: {type(e).__name__}: {e}", file=sys.stderr)
+            continue
+        if len(compiled) == before:  # e.g. a dispatch change sent it to the PyTorch path
+            failures.append(name)
+            print(f"FAIL {name}: no kernel was launched", file=sys.stderr)
     print(f"compile_for_gpu: {len(set(compiled))} kernels, {len(compiled)} launches compiled "
           f"for sm_{TARGET.arch} in {time.monotonic() - start:.0f} s; "
           f"{len(failures)} variants failed")

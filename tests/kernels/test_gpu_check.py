@@ -3,6 +3,9 @@ summarizing results, and the exit without a CUDA device."""
 
 import datetime
 import json
+import os
+import sys
+import time
 
 import torch
 
@@ -72,3 +75,62 @@ def test_exits_with_a_clear_message_without_cuda(monkeypatch, capsys, tmp_path):
     assert gpu_check.main(["--results-dir", str(tmp_path)]) == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_suite_timeout_kills_the_whole_process_group(monkeypatch, tmp_path):
+    pid_file = tmp_path / "child.pid"
+    # a parent that starts a child (as xdist starts workers), prints, then hangs
+    script = (f"import subprocess, sys, time; "
+              f"c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+              f"open({str(pid_file)!r}, 'w').write(str(c.pid)); print('started', flush=True); "
+              f"time.sleep(60)")
+    monkeypatch.setattr(gpu_check, "test_command", lambda workers: [sys.executable, "-c", script])
+    run = gpu_check.Run(deadline=float("inf"))
+    log = tmp_path / "tests.log"
+    gpu_check.run_test_suite(run, 3.0, log)
+    assert run.checks[-1]["ok"] is None and "INCOMPLETE" in run.checks[-1]["detail"]
+    assert "started" in log.read_text()
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the child was killed with its parent
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"child {child} of the timed-out suite still runs")
+
+
+def test_suite_result_and_log(monkeypatch, tmp_path):
+    out = "3 passed, 1 warning in 0.5s"
+    monkeypatch.setattr(gpu_check, "test_command",
+                        lambda workers: [sys.executable, "-c",
+                                         f"import sys; print('== {out} =='); "
+                                         "print('to stderr', file=sys.stderr)"])
+    run = gpu_check.Run(deadline=float("inf"))
+    gpu_check.run_test_suite(run, 30.0, tmp_path / "tests.log")
+    assert run.checks[-1]["ok"] is True and run.checks[-1]["detail"].startswith(out)
+    assert "to stderr" in (tmp_path / "tests.log").read_text()
+
+
+def test_graph_timing_rotates_through_more_data_than_l2():
+    from benchmarks import cases
+
+    loss = cases.Case("loss_fwd_bwd", cases.SIZES["gpu_target"], torch.bfloat16, "mse")
+    ldm = cases.Case("loss_fwd_bwd", cases.SIZES["ldm"], torch.bfloat16, "mse")
+    l2 = 50 << 20
+    for case in (loss, ldm):
+        sets = gpu_check.rotation_sets(case, l2)
+        assert sets * case.bytes_moved() >= min(3 * l2, 16 * case.bytes_moved())
+    assert gpu_check.rotation_sets(ldm, l2) == 16  # capped
+    assert gpu_check.rotation_sets(loss, l2) == 3
+
+
+def test_steps_share_one_function_across_input_sets():
+    from benchmarks import cases
+
+    case = cases.Case("loss_fwd_bwd", cases.SIZES["tiny_flat"], torch.float32, "mse")
+    sets = [case.inputs("cpu", seed=k) for k in range(3)]
+    steps = case.steps("fastvae", sets)
+    for inputs, step in zip(sets, steps):  # each step computes on its own inputs
+        case.verify("fastvae", inputs, step())

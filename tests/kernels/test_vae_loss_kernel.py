@@ -360,6 +360,10 @@ def test_scale_gradients_three_buffers_in_one_launch(backends, device, split, mo
     assert len(launches) == 2  # one per call, not one per buffer
     with pytest.raises(ValueError, match="1 to 3 .* pairs, got 4"):
         kernels.scale_gradients_([(grads[1], weights[1])] * 4)
+    with pytest.raises(ValueError, match=r"batch size 3 .* got grad \(2, 6\)"):
+        kernels.scale_gradients_([(grads[1], weights[1]), (grads[2][:2], weights[2])])
+    with pytest.raises(ValueError, match=r"weight \(2,\)"):
+        kernels.scale_gradients_([(grads[1], weights[0][:2])])
 
 
 def test_loss_backward_scales_all_gradients_in_one_launch(backends, device, monkeypatch):
@@ -382,3 +386,22 @@ def test_loss_backward_scales_all_gradients_in_one_launch(backends, device, monk
     torch.testing.assert_close(inputs[0].grad, 0.5 * 2 * (x_hat - x))
     torch.testing.assert_close(inputs[2].grad, 0.5 * mu)
     torch.testing.assert_close(inputs[3].grad, 0.5 * 0.5 * torch.expm1(logvar))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_mixed_precision_backward_keeps_float64_gradients_exact(backends, device, reduction):
+    """float32 x_hat with float64 latents: the latents' gradients are scaled in
+    float64 (the PyTorch path), the x_hat gradient by the kernels, and a weight
+    other than 1 must not round the float64 ones through float32."""
+    x_hat, x, mu, logvar = make_inputs(device)
+    mu, logvar = mu.double().requires_grad_(), logvar.double().requires_grad_()
+    x_hat.requires_grad_()
+
+    def fwd_bwd():
+        loss = fastvae.vae_loss(x_hat, x, mu, logvar, recon="mse", reduction=reduction)
+        loss.backward(torch.full_like(loss, 1.0 / 3.0))
+
+    backends.kernels(fwd_bwd)
+    torch.testing.assert_close(mu.grad, mu.detach() / 3.0, rtol=1e-12, atol=0)
+    torch.testing.assert_close(logvar.grad, torch.expm1(logvar.detach()) / 6.0, rtol=1e-12, atol=0)
+    torch.testing.assert_close(x_hat.grad, 2.0 * (x_hat.detach() - x) / 3.0, rtol=1e-6, atol=1e-6)
