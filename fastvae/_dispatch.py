@@ -28,9 +28,14 @@ def _forced_backend():
     return forced or None
 
 
-def backend_for(*tensors):
-    """'triton' or 'torch' for an op on these tensors."""
-    forced = _forced_backend()
+def backend_for(*tensors, forced=None):
+    """'triton' or 'torch' for an op on these tensors. ``forced``: for callers
+    deciding several times in a row, ``_forced_backend() or ""`` read once
+    (None: read the environment here)."""
+    if forced is None:
+        forced = _forced_backend()
+    elif forced == "":
+        forced = None
     if any(t.dtype.itemsize > 4 for t in tensors):  # float64: the PyTorch path only
         return "torch"
     if forced is not None:

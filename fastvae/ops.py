@@ -84,16 +84,21 @@ def _saved_tensor_hooks_active():
     return top_hooks is None or top_hooks(False) is not None
 
 
-def _last_use_of_saved_buffers(g):
+def _backward_frees_saved_buffers():
     """True when this backward is the last use of the op's saved gradient
-    buffer ``g`` and nothing else can see it: no retain_graph (the engine frees
-    it right after this node), no create_graph, a plain tensor outside any
-    tracing (torch.compile, make_fx, opcheck), and no other tensor on its
-    storage (e.g. a direct caller of the op still holding the output)."""
+    buffers and nothing else can see them through the graph: no retain_graph
+    (the engine frees them right after this node), no create_graph, outside any
+    tracing (torch.compile, make_fx, opcheck)."""
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     return (keep_graph is not None and not keep_graph() and not torch.is_grad_enabled()
-            and type(g) is torch.Tensor and not torch.compiler.is_compiling()
-            and not is_in_torch_dispatch_mode() and _only_holder(g))
+            and not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode())
+
+
+def _donatable(g):
+    """A saved buffer that no other tensor shares (e.g. a direct caller of the op
+    still holding the output): with ``_backward_frees_saved_buffers()``, it may be
+    scaled in place."""
+    return type(g) is torch.Tensor and _only_holder(g)
 
 
 def _scale_grads(ctx, pairs):
@@ -112,19 +117,22 @@ def _scale_grads(ctx, pairs):
     ``g``'s dtype."""
     out = [None] * len(pairs)
     in_place = []
+    may_donate = not ctx.hooked and _backward_frees_saved_buffers()
     for i, pair in enumerate(pairs):
         if pair is None:
             continue
         g, w = pair
-        if ctx.hooked or not _last_use_of_saved_buffers(g):
-            out[i] = g * _per_sample_view(w, g)
-        else:
+        if may_donate and _donatable(g):
             in_place.append(i)
+        else:
+            out[i] = g * _per_sample_view(w, g)
     if not in_place:
         return out
     # each buffer by its own backend: with mixed dtypes a float64 gradient must not
     # go through the kernels' float32 arithmetic
-    on_kernels = [i for i in in_place if _dispatch.backend_for(pairs[i][0]) == "triton"]
+    forced = _dispatch._forced_backend() or ""
+    on_kernels = [i for i in in_place
+                  if _dispatch.backend_for(pairs[i][0], forced=forced) == "triton"]
     if on_kernels:
         from fastvae import kernels
 
