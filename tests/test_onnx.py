@@ -526,7 +526,8 @@ def test_user_module_bce_logits_stays_finite_for_saturated_logits(tmp_path):
     logits = torch.tensor([[-30.0, -20.0, -17.0, 5.0], [60.0, -90.0, 0.5, -3.0]])
     x = torch.tensor([[0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.5, 0.25]])
     mu, logvar = torch.zeros(2, 3), torch.zeros(2, 3)
-    program = torch.onnx.export(BCELogitsLoss(), (logits, x, mu, logvar), dynamo=True, verbose=False)
+    program = torch.onnx.export(BCELogitsLoss().eval(), (logits, x, mu, logvar), dynamo=True,
+                                verbose=False)
     path = tmp_path / "loss.onnx"
     program.save(str(path))
     s = session(path)
