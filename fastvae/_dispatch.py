@@ -28,14 +28,18 @@ def _forced_backend():
     return forced or None
 
 
-def backend_for(*tensors, forced=None):
-    """'triton' or 'torch' for an op on these tensors. ``forced``: for callers
-    deciding several times in a row, ``_forced_backend() or ""`` read once
-    (None: read the environment here)."""
-    if forced is None:
-        forced = _forced_backend()
-    elif forced == "":
-        forced = None
+def backend_for(*tensors):
+    """'triton' or 'torch' for an op on these tensors."""
+    return _choose(_forced_backend(), tensors)
+
+
+def backend_for_each(tensors):
+    """``backend_for(t)`` for each tensor, reading the environment once."""
+    forced = _forced_backend()
+    return [_choose(forced, (t,)) for t in tensors]
+
+
+def _choose(forced, tensors):
     if any(t.dtype.itemsize > 4 for t in tensors):  # float64: the PyTorch path only
         return "torch"
     if forced is not None:

@@ -130,9 +130,8 @@ def _scale_grads(ctx, pairs):
         return out
     # each buffer by its own backend: with mixed dtypes a float64 gradient must not
     # go through the kernels' float32 arithmetic
-    forced = _dispatch._forced_backend() or ""
-    on_kernels = [i for i in in_place
-                  if _dispatch.backend_for(pairs[i][0], forced=forced) == "triton"]
+    backends = _dispatch.backend_for_each([pairs[i][0] for i in in_place])
+    on_kernels = [i for i, backend in zip(in_place, backends) if backend == "triton"]
     if on_kernels:
         from fastvae import kernels
 

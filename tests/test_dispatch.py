@@ -28,3 +28,12 @@ def test_bad_backend_name(monkeypatch):
     monkeypatch.setenv("FASTVAE_BACKEND", "cuda")
     with pytest.raises(ValueError, match="FASTVAE_BACKEND must be 'torch' or 'triton', got 'cuda'"):
         _dispatch.backend_for(torch.zeros(1))
+
+
+def test_backend_for_each_decides_per_tensor(monkeypatch):
+    monkeypatch.setenv("FASTVAE_BACKEND", "triton")
+    tensors = [torch.zeros(2), torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.bfloat16)]
+    expected = [_dispatch.backend_for(t) for t in tensors]
+    assert _dispatch.backend_for_each(tensors) == expected
+    if _dispatch.triton_available():
+        assert expected == ["triton", "torch", "triton"]
