@@ -8,7 +8,8 @@ stands in a driver that reports an sm_90 target, turns every launch into
 Triton's ``warmup`` (compile to a cubin with the ptxas Triton ships, launch
 nothing) and drives the public API over every recon, reduction, dtype, clamp
 and beta form. The tensors are CPU tensors and the outputs are never written:
-only compilation is checked. Exit status 1 when a variant fails to compile.
+only compilation (and that no kernel needs more shared memory than sm_90 has) is
+checked. Exit status 1 when a variant fails to compile.
 It must run in a process where TRITON_INTERPRET is unset (see the test beside it).
 """
 
@@ -29,6 +30,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)  # H100 / H200
 SM_COUNT = 132
+SHARED_MEMORY_LIMIT = 227 * 1024  # bytes a block may use on sm_90
 
 
 class CompileOnlyDriver:
@@ -55,6 +57,11 @@ def install():
 
     def compile_only(self, *args, grid, warmup, **kwargs):
         kernel = launch(self, *args, grid=grid, warmup=True, **kwargs)
+        # a launch would fail with OutOfResources past this; registers are only
+        # known once a driver loads the binary
+        if kernel.metadata.shared > SHARED_MEMORY_LIMIT:
+            raise RuntimeError(f"{self.fn.__name__} needs {kernel.metadata.shared} bytes of "
+                               f"shared memory, more than sm_90's {SHARED_MEMORY_LIMIT}")
         compiled.append(self.fn.__name__)
         return kernel
 
