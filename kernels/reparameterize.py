@@ -33,6 +33,17 @@ def _tile(pid, chunks, n_rows, n_cols, i, BLOCK: tl.constexpr, ROWS: tl.constexp
     return rows, rows[:, None] * n_cols + cols[None, :], mask
 
 
+@triton.jit
+def _load_latents(mu_ptr, logvar_ptr, offs, mask, clamp_lo, clamp_hi, HAS_CLAMP: tl.constexpr):
+    """mu, logvar and lv = clamp(logvar, lo, hi) (logvar itself without a clamp), float32."""
+    mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    lv = logvar
+    if HAS_CLAMP:
+        lv = tl.minimum(tl.maximum(logvar, clamp_lo), clamp_hi)
+    return mu, logvar, lv
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _reparameterize_kernel(
     mu_ptr, logvar_ptr, z_ptr, partials_ptr,
@@ -44,11 +55,8 @@ def _reparameterize_kernel(
     acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
     for i in range(ITERS):
         rows, offs, mask = _tile(pid, chunks, n_rows, n_cols, i, BLOCK, ROWS, ITERS)
-        mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        lv = logvar
-        if HAS_CLAMP:
-            lv = tl.minimum(tl.maximum(logvar, clamp_lo), clamp_hi)
+        mu, logvar, lv = _load_latents(mu_ptr, logvar_ptr, offs, mask, clamp_lo, clamp_hi,
+                                       HAS_CLAMP)
         eps = tl.randn(seed, offs)
         z = mu + tl.exp(0.5 * lv) * eps
         tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
@@ -72,11 +80,8 @@ def _reparameterize_backward_kernel(
     for i in range(ITERS):
         rows, offs, mask = _tile(pid, chunks, n_rows, n_cols, i, BLOCK, ROWS, ITERS)
         g_z = tl.load(grad_z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        lv = logvar
-        if HAS_CLAMP:
-            lv = tl.minimum(tl.maximum(logvar, clamp_lo), clamp_hi)
+        mu, logvar, lv = _load_latents(mu_ptr, logvar_ptr, offs, mask, clamp_lo, clamp_hi,
+                                       HAS_CLAMP)
         eps = tl.randn(seed, offs)
         grad_mu = g_z
         grad_lv = 0.5 * g_z * eps * tl.exp(0.5 * lv)

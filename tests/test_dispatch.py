@@ -33,7 +33,5 @@ def test_bad_backend_name(monkeypatch):
 def test_backend_for_each_decides_per_tensor(monkeypatch):
     monkeypatch.setenv("FASTVAE_BACKEND", "triton")
     tensors = [torch.zeros(2), torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.bfloat16)]
-    expected = [_dispatch.backend_for(t) for t in tensors]
-    assert _dispatch.backend_for_each(tensors) == expected
-    if _dispatch.triton_available():
-        assert expected == ["triton", "torch", "triton"]
+    # float64 always takes the PyTorch path; the rest follow FASTVAE_BACKEND
+    assert _dispatch.backend_for_each(tensors) == ["triton", "torch", "triton"]
