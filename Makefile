@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fastvae-installed
 # A bare `torch` requirement pulls a multi-GB CUDA build; this pin takes the CPU build.
 TORCH_CPU := torch==2.13.0
 
-.PHONY: install test demo bench clean
+.PHONY: install lint test demo bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,7 +23,10 @@ API_TESTS := tests/test_functional.py tests/test_functional_sampling.py \
 	tests/test_functional_properties.py tests/test_posterior.py tests/test_modules.py \
 	tests/test_validate.py
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: $(STAMP) lint
 	$(PY) -m pytest
 	FASTVAE_BACKEND=triton $(PY) -m pytest -q $(API_TESTS)
 

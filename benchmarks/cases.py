@@ -55,7 +55,6 @@ import dataclasses
 import math
 import statistics
 import time
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -72,8 +71,8 @@ RECONS = ("mse", "bce", "bce_logits")
 @dataclasses.dataclass(frozen=True)
 class Size:
     name: str
-    x_shape: Optional[Tuple[int, ...]]
-    latent_shape: Tuple[int, ...]
+    x_shape: tuple[int, ...] | None
+    latent_shape: tuple[int, ...]
 
 
 SIZES = {s.name: s for s in [
@@ -317,7 +316,7 @@ class Case:
     op: str
     size: Size
     dtype: torch.dtype = torch.float32
-    recon: Optional[str] = None
+    recon: str | None = None
     reduction: str = "sum"
 
     @property

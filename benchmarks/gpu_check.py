@@ -258,7 +258,6 @@ def run_test_suite(run, timeout_s, log_path):
 
 def check_determinism(run, device):
     import fastvae
-
     from benchmarks import cases
 
     size = cases.SIZES["gpu_target"]

@@ -174,7 +174,8 @@ def markdown(device, cases, machine, run):
     kind = device_kind(device)
     dev_info = machine.get("devices", {}).get(device, {})
     copy_bw = dev_info.get("copy_bandwidth_bytes_per_s")
-    name = dev_info.get("name") or machine.get("cpu_model") or run.get("machine_info", {}).get("cpu", {}).get("brand_raw", "?")
+    name = (dev_info.get("name") or machine.get("cpu_model")
+            or run.get("machine_info", {}).get("cpu", {}).get("brand_raw", "?"))
     date = machine.get("date") or run.get("datetime", "?")
     cpu_count = run.get("machine_info", {}).get("cpu", {}).get("count")
     lines = [f"# fastvae benchmarks: {name}", ""]
@@ -191,7 +192,8 @@ def markdown(device, cases, machine, run):
               "forward + loss + backward + Adam). GB/s: the bytes that must move (inputs read once, "
               "outputs and gradients written once) over fastvae's time. Speedup: the baseline's "
               "median over fastvae's (above 1: fastvae is faster). Compile: torch.compile's first "
-              "call (compilation + one run; Inductor's C++ builds cached on disk by earlier runs are reused).", ""]
+              "call (compilation + one run; Inductor's C++ builds cached on disk by earlier runs "
+              "are reused).", ""]
     has_mem = any(e.get("fastvae", {}).get("peak_bytes") for e in cases.values())
     header = ["case", "fastvae", "GB/s", "% copy bw"] + [f"vs {b}" for b in BASELINES] + ["compile"]
     if has_mem:
@@ -311,14 +313,14 @@ def main(argv=None):
     for device, cases in by_device.items():
         folder = os.path.join(args.out, device_dir_name(device, machine))
         text = markdown(device, cases, machine, run)
-        _atomic_write(os.path.join(folder, "bench.md"), lambda f: f.write(text))
+        _atomic_write(os.path.join(folder, "bench.md"), lambda f, text=text: f.write(text))
         title = f"fastvae speedup, {text.splitlines()[0].split(': ', 1)[-1]}, {machine.get('date', '')[:10]}"
         if chart(os.path.join(folder, "speedup.png"), device, cases, title):
-            text += f"\n![speedup per case and baseline](speedup.png)\n"
-            _atomic_write(os.path.join(folder, "bench.md"), lambda f: f.write(text))
+            text += "\n![speedup per case and baseline](speedup.png)\n"
+            _atomic_write(os.path.join(folder, "bench.md"), lambda f, text=text: f.write(text))
         slimmed = slim(run, device)
         _atomic_write(os.path.join(folder, "bench.json"),
-                      lambda f: json.dump(slimmed, f, indent=1))
+                      lambda f, slimmed=slimmed: json.dump(slimmed, f, indent=1))
         print(text)
         print(f"wrote {folder}/bench.md, speedup.png, bench.json")
     return 0

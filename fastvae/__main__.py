@@ -1,3 +1,3 @@
-from fastvae.cli import main
+from fastvae.app.cli import main
 
 raise SystemExit(main())

@@ -16,7 +16,7 @@ from fastvae import _torch_impl
 BACKENDS = ("torch", "triton")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available():
     return importlib.util.find_spec("triton") is not None
 

@@ -19,21 +19,7 @@ with lv = clamp(logvar, lo, hi) and d/dlogvar = 0 where the clamp was active.
 
 import torch
 
-BCE_LOG_FLOOR = -100.0  # F.binary_cross_entropy clamps its logs here
-BCE_GRAD_EPS = 1e-12  # ...and the denominator of its gradient here
-
-
-def compute_dtype(*tensors):
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def reduction_scale(reduction, batch, numel):
-    """Factor that turns a sum over everything into the given reduction."""
-    if reduction == "batchmean":
-        return 1.0 / batch
-    if reduction == "mean":
-        return 1.0 / numel
-    return 1.0  # "sum", and "none" (per-sample sums)
+from fastvae._numerics import BCE_LOG_FLOOR, compute_dtype, grad_buffer_dtype, reduction_scale
 
 
 def reduce_per_sample(per_sample, reduction, scale):
@@ -167,14 +153,6 @@ def kl_per_sample(mu, logvar, lo, hi, dtype, grad_scale):
     if lo is not None:
         grad_logvar.mul_(_unclamped_mask(_as(logvar, dtype), lo, hi))
     return per_sample, grad_mu, grad_logvar
-
-
-def grad_buffer_dtype(dtype):
-    """dtype of the saved gradient buffer of an input of ``dtype``: its own, except
-    float16, whose range cannot hold a reduced gradient (1/numel underflows) or its
-    product with a loss scale (GradScaler's 65536 overflows); float16 buffers are
-    float32 and the backward rounds once, to float16, after scaling."""
-    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def _grad_or_empty(grad, like):

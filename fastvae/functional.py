@@ -109,7 +109,8 @@ _RECON_FORMULAS = {
     # written out rather than F.binary_cross_entropy_with_logits: that exports as
     # Log(Sigmoid(x)), and onnxruntime's approximate Sigmoid is exactly 0 below about
     # -17, which turns the loss of a confidently dark pixel into inf.
-    "bce_logits": lambda l, x: l.clamp(min=0) - l * x + torch.log1p(torch.exp(-l.abs())),
+    "bce_logits": lambda logit, x: (logit.clamp(min=0) - logit * x
+                                    + torch.log1p(torch.exp(-logit.abs()))),
 }
 
 

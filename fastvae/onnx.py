@@ -102,9 +102,10 @@ _PART_MODULES = {"encoder": _Encoder, "decoder": _Decoder, "scorer": _Scorer}
 # for a trained model on mostly-dark images is everywhere. These lowerings are
 # exact in the tails. The exact sigmoid is used in the scorer only, where a log
 # may consume it (recon="bce"): in the decoder's data-space output the fast one
-# is off by < 1e-7 absolute and saves a third of the batch-1 latency. (log_sigmoid through onnxruntime's Softplus is as exact
-# but 2.5x slower: its Softplus kernel is not vectorized. Log(1 + t) loses
-# only terms below 6e-8, an absolute error far under any sum's rounding.)
+# is off by < 1e-7 absolute and saves a third of the batch-1 latency. (log_sigmoid
+# through onnxruntime's Softplus is as exact but 2.5x slower: its Softplus kernel
+# is not vectorized. Log(1 + t) loses only terms below 6e-8, an absolute error far
+# under any sum's rounding.)
 
 
 def _translation_table(part):
@@ -447,46 +448,3 @@ def _install(tmp, out_dir):
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)
         os.replace(tmp, out_dir)
-
-
-# ---- the `fastvae export` command ----------------------------------------
-
-
-def add_arguments(parser):
-    parser.add_argument("checkpoint", help="checkpoint written by `fastvae train`")
-    parser.add_argument("--out", required=True, help="directory to write the export to")
-    parser.add_argument("--parts", default=",".join(_rt.PARTS),
-                        help="comma-separated parts to export (default: %(default)s)")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: exporter's)")
-    parser.add_argument("--batch", default="dynamic",
-                        help="'dynamic' (default) or a fixed batch size")
-    parser.add_argument("--quantize", action="store_true",
-                        help="also write int8 (dynamic quantization) encoder/decoder")
-
-
-def run(args):
-    from fastvae.checkpoint import load_model
-
-    batch = args.batch
-    if batch != "dynamic":
-        try:
-            batch = int(batch)
-        except ValueError:
-            raise ValueError(f"--batch must be 'dynamic' or an int, got {batch!r}") from None
-    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
-    model = load_model(args.checkpoint)
-    try:
-        meta = export(model, args.out, parts=parts, opset=args.opset, batch=batch,
-                      quantize=args.quantize)
-    except (FileExistsError, ExportParityError) as err:
-        raise ValueError(str(err)) from None
-    for part, info in meta["parts"].items():
-        print(f"{os.path.join(args.out, info['file'])}: max relative error vs PyTorch "
-              f"{info['max_rel_err']:.2e}")
-    for part, info in meta.get("quantized", {}).items():
-        lat = info["latency_ms"]
-        print(f"{os.path.join(args.out, info['file'])}: int8, max relative error "
-              f"{info['max_rel_err']:.2e}, {lat['int8']:.3f} ms vs {lat['fp32']:.3f} ms fp32 "
-              f"at batch {lat['batch']}")
-    print(f"{os.path.join(args.out, _rt.METADATA_FILE)}: opset {meta['opset']}")
-    return 0

@@ -10,7 +10,7 @@ The loss ops return, besides their values, the gradients of those values
 computed in the same pass (empty tensors when nothing needs them); the
 backward only scales them by ``grad_output`` — per sample for
 ``reduction="none"`` — in place only on their last use, when nothing else can
-see them (``_scale_grads``). A user's input is never written.
+see them (``fastvae._grad_scaling``). A user's input is never written.
 
 Noise for the reparameterization is drawn from an integer seed (a 0-dim int64
 CPU tensor, an op input so that it may be symbolic under compile); its
@@ -22,9 +22,14 @@ from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from fastvae import _dispatch, _torch_impl, _validate
+from fastvae import _dispatch, _numerics, _torch_impl, _validate
+from fastvae._grad_scaling import (
+    in_torch_dispatch_mode,
+    per_sample_view,
+    saved_tensor_hooks_active,
+    scale_gradients,
+)
 
 # ---- fastvae::vae_loss --------------------------------------------------
 
@@ -46,11 +51,11 @@ def _vae_loss_impl(
 vae_loss_op = torch.library.custom_op("fastvae::vae_loss", mutates_args=())(_vae_loss_impl)
 
 
-_out_dtype = _torch_impl.compute_dtype  # float32, or float64 for float64 inputs
+_out_dtype = _numerics.compute_dtype  # float32, or float64 for float64 inputs
 
 
 def _grad_buffer(t, wanted):
-    dtype = _torch_impl.grad_buffer_dtype(t.dtype)
+    dtype = _numerics.grad_buffer_dtype(t.dtype)
     return torch.empty(t.shape, dtype=dtype, device=t.device) if wanted else t.new_empty(0)
 
 
@@ -64,98 +69,11 @@ def _(x_hat, x, mu, logvar, beta, beta_value, recon, reduction, clamp_lo, clamp_
             _grad_buffer(mu, grad_kl), _grad_buffer(logvar, grad_kl))
 
 
-def _per_sample_view(g, like):
-    """Reshape a (N,) grad_output of reduction="none" to broadcast over ``like``."""
-    return g.reshape((-1,) + (1,) * (like.dim() - 1)) if g.dim() == 1 else g
-
-
-def _only_holder(g):
-    """True when ``g`` (a saved gradient buffer, saved as a detached alias of the
-    op's output) is the only tensor on its storage: the caller dropped the op's
-    output and holds no view of it. Counted: ``g`` and the storage handle."""
-    use_count = getattr(torch._C, "_storage_Use_Count", None)
-    return use_count is not None and use_count(g.untyped_storage()._cdata) == 2
-
-
-def _saved_tensor_hooks_active():
-    """A saved_tensors_hooks pack hook may keep the saved buffer itself: never
-    scale in place then. Unknown (private API missing) counts as active."""
-    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top_hooks is None or top_hooks(False) is not None
-
-
-def _backward_frees_saved_buffers():
-    """True when this backward is the last use of the op's saved gradient
-    buffers and nothing else can see them through the graph: no retain_graph
-    (the engine frees them right after this node), no create_graph, outside any
-    tracing (torch.compile, make_fx, opcheck)."""
-    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return (keep_graph is not None and not keep_graph() and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling() and not is_in_torch_dispatch_mode())
-
-
-def _donatable(g):
-    """A saved buffer that no other tensor shares (e.g. a direct caller of the op
-    still holding the output): with ``_backward_frees_saved_buffers()``, it may be
-    scaled in place."""
-    return type(g) is torch.Tensor and _only_holder(g)
-
-
-def _scale_grads(ctx, pairs):
-    """``g * w`` for each (g, w) in ``pairs`` (None entries pass through; w per
-    sample for reduction="none"), each ``g`` a gradient buffer that the op
-    allocated and saved. On a buffer's last use, when nothing else can see it,
-    it is scaled in place and handed on, so loss fwd+bwd holds one
-    gradient-sized buffer per input instead of two (eager's fused mse/bce
-    kernels hold one). The buffers are the op's own outputs, never a user's
-    input; with retain_graph or create_graph, under tracing, or while the op's
-    output is still referenced, a new tensor is returned. On the kernels all
-    in-place scalings share one launch, which leaves a buffer untouched where w
-    is exactly 1 (the usual ``loss.backward()``), deciding on the device, so the
-    loss costs one read of each input and one write of each gradient. ``w``
-    stays in the loss dtype (float32 or float64): one rounding, at the end, to
-    ``g``'s dtype."""
-    out = [None] * len(pairs)
-    in_place = []
-    may_donate = not ctx.hooked and _backward_frees_saved_buffers()
-    for i, pair in enumerate(pairs):
-        if pair is None:
-            continue
-        g, w = pair
-        if may_donate and _donatable(g):
-            in_place.append(i)
-        else:
-            out[i] = g * _per_sample_view(w, g)
-    if not in_place:
-        return out
-    # each buffer by its own backend: with mixed dtypes a float64 gradient must not
-    # go through the kernels' float32 arithmetic
-    backends = _dispatch.backend_for_each([pairs[i][0] for i in in_place])
-    on_kernels = [i for i, backend in zip(in_place, backends) if backend == "triton"]
-    if on_kernels:
-        from fastvae import kernels
-
-        if kernels.AVAILABLE:  # skips the pass on the device when w is 1: no sync
-            device = pairs[on_kernels[0]][0].device
-            kernels.scale_gradients_([(pairs[i][0], pairs[i][1].to(device=device))
-                                      for i in on_kernels])
-            for i in on_kernels:
-                out[i] = pairs[i][0]
-            in_place = [i for i in in_place if i not in on_kernels]
-    for i in in_place:
-        g, w = pairs[i]
-        if w.dim() == 0 and w.device.type == "cpu" and w.item() == 1.0:
-            out[i] = g  # the usual loss.backward(): reading a CPU scalar is no device sync
-        else:
-            out[i] = g.mul_(_per_sample_view(w, g))
-    return out
-
-
 def _refuse_double_backward(op):
     """The saved gradients are constants to autograd, so a second derivative
     through them would silently be zero: refuse it instead."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling() \
-            and not is_in_torch_dispatch_mode():
+            and not in_torch_dispatch_mode():
         raise RuntimeError(
             f"fastvae.{op} does not support double backward (create_graph=True): its "
             f"gradient is computed in the forward pass and has no gradient of its own")
@@ -169,7 +87,7 @@ def _vae_loss_setup(ctx, inputs, output):
     # get None, not a zero-filled tensor as large as the input
     ctx.set_materialize_grads(False)
     ctx.recon, ctx.reduction, ctx.beta_value = recon, reduction, beta_value
-    ctx.hooked = _saved_tensor_hooks_active()
+    ctx.hooked = saved_tensor_hooks_active()
     ctx.dtypes = (x_hat.dtype, x.dtype, mu.dtype, logvar.dtype)
     # x_hat only where the rare bce target gradient needs it: saving it otherwise
     # would keep the decoder's output alive until the backward; the gradient
@@ -207,9 +125,9 @@ def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_):
     if w_kl is None:
         need = tuple(need[:2]) + (False, False)
     if need[1] and ctx.recon not in ("mse", "l1"):
-        grads[1] = _target_grad(ctx, x_hat, _per_sample_view(w_recon, g_xhat)).to(x_dtype)
+        grads[1] = _target_grad(ctx, x_hat, per_sample_view(w_recon, g_xhat)).to(x_dtype)
     want_xhat = need[0] or (need[1] and grads[1] is None)
-    grad_xhat, grad_mu, grad_lv = _scale_grads(ctx, [
+    grad_xhat, grad_mu, grad_lv = scale_gradients(ctx, [
         (g_xhat, w_recon) if want_xhat else None,
         (g_mu, w_kl) if need[2] else None,
         (g_lv, w_kl) if need[3] else None])
@@ -228,7 +146,7 @@ def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_):
 def _target_grad(ctx, x_hat, w):
     """d loss / d x for bce and bce_logits (rarely needed: targets seldom require grad)."""
     dtype = _out_dtype(x_hat)
-    scale = _torch_impl.reduction_scale(ctx.reduction, x_hat.shape[0], x_hat.numel())
+    scale = _numerics.reduction_scale(ctx.reduction, x_hat.shape[0], x_hat.numel())
     return _torch_impl.recon_grad_wrt_target(x_hat, ctx.recon, dtype) * (w * scale)
 
 
@@ -263,7 +181,7 @@ def _kl_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(g_mu, g_lv)
     ctx.set_materialize_grads(False)
     ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
-    ctx.hooked = _saved_tensor_hooks_active()
+    ctx.hooked = saved_tensor_hooks_active()
     ctx.save_for_backward(g_mu.detach(), g_lv.detach())
 
 
@@ -274,7 +192,7 @@ def _kl_backward(ctx, g_kl, *_):
     if g_kl is None:
         return tuple(grads)
     need = ctx.needs_input_grad
-    scaled = _scale_grads(ctx, [(g, g_kl) if need[i] else None
+    scaled = scale_gradients(ctx, [(g, g_kl) if need[i] else None
                                 for i, g in enumerate((g_mu, g_lv))])
     for i, (g, dtype) in enumerate(zip(scaled, ctx.dtypes)):
         if g is not None:
@@ -371,7 +289,7 @@ def _functorch_active():
 def _eager(*tensors):
     """Plain eager mode on real tensors: no compile, export, dispatch mode, functorch
     transform, tensor subclass or meta tensor (those need the custom ops' fake impls)."""
-    return not (torch.compiler.is_compiling() or is_in_torch_dispatch_mode() or _functorch_active()
+    return not (torch.compiler.is_compiling() or in_torch_dispatch_mode() or _functorch_active()
                 or any(type(t) not in _PLAIN_TENSORS or t.is_meta for t in tensors if t is not None))
 
 

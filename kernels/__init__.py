@@ -6,7 +6,9 @@ the launcher that picks block sizes:
 - ``vae_loss``: reconstruction + beta * KL with its gradients in one pass
   (also the KL-only op);
 - ``reparameterize``: z = mu + exp(logvar / 2) * eps with in-kernel Philox
-  noise, optionally the per-sample KL, and the backward that regenerates eps.
+  noise, optionally the per-sample KL, and the backward that regenerates eps;
+- ``scale_gradients``: the backward of the loss and KL ops, scaling their
+  saved gradients by grad_output in place (up to three buffers, one launch).
 
 This package exposes the same functions as ``fastvae._torch_impl``, plus
 ``scale_gradient_`` / ``scale_gradients_`` (the loss backward's in-place
@@ -24,8 +26,8 @@ except ImportError:
 else:
     AVAILABLE = True
     from .reparameterize import reparameterize_backward, reparameterize_forward  # noqa: F401
-    from .vae_loss import (kl_forward, scale_gradient_, scale_gradients_,  # noqa: F401
-                           vae_loss_forward)
+    from .scale_gradients import scale_gradient_, scale_gradients_  # noqa: F401
+    from .vae_loss import kl_forward, vae_loss_forward  # noqa: F401
 
 __all__ = ["AVAILABLE", "vae_loss_forward", "kl_forward",
            "reparameterize_forward", "reparameterize_backward", "scale_gradient_",

@@ -200,7 +200,7 @@ def row_split(rows, cols, device):
     return _heuristic_split(rows, cols, is_interpreted(), _sm_count(device))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count_of(index):
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -214,7 +214,7 @@ def _sm_count(device):
 # ---- devices ---------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def is_interpreted():
     """True when Triton was imported with TRITON_INTERPRET=1 (kernels run on CPU tensors)."""
     return type(kl_terms).__name__ == "InterpretedFunction"

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastvae import _torch_impl
+from fastvae import _numerics
 
 from . import _shared
 
@@ -163,8 +163,8 @@ def _vae_loss_partials_kernel(
 
 def _grad_buffer(t, wanted):
     """A fresh contiguous gradient buffer (never an input), or an empty one; its dtype
-    is ``_torch_impl.grad_buffer_dtype``'s (float32 for float16 inputs)."""
-    dtype = _torch_impl.grad_buffer_dtype(t.dtype)
+    is ``_numerics.grad_buffer_dtype``'s (float32 for float16 inputs)."""
+    dtype = _numerics.grad_buffer_dtype(t.dtype)
     return torch.empty(t.shape, dtype=dtype, device=t.device) if wanted else t.new_empty(0)
 
 
@@ -193,11 +193,11 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
         x_hat, x = x_hat.contiguous(), x.contiguous()
         recon_cols = x_hat.numel() // batch
         r_split = _shared.row_split(batch, recon_cols, device)
-        recon_scale = _torch_impl.reduction_scale(reduction, batch, x_hat.numel())
+        recon_scale = _numerics.reduction_scale(reduction, batch, x_hat.numel())
     else:  # no recon programs at all
         recon_cols, recon_scale = 1, 1.0
         r_split = _shared.Split(block=1, rows=1, iters=1, chunks=1, programs=0, num_warps=1)
-    kl_scale = _torch_impl.reduction_scale(reduction, batch, mu.numel())
+    kl_scale = _numerics.reduction_scale(reduction, batch, mu.numel())
 
     kl_base = batch * r_split.chunks if has_recon else 0
     partials = torch.empty(kl_base + batch * kl_split.chunks, dtype=torch.float32, device=device)
@@ -238,7 +238,7 @@ def vae_loss_forward(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
                      clamp_lo, clamp_hi, grad_recon, grad_kl):
     """Returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar) like
     ``fastvae._torch_impl.vae_loss_forward``: values in float32, gradients of the
-    reduced recon and kl (beta not applied), each in the _torch_impl.grad_buffer_dtype
+    reduced recon and kl (beta not applied), each in the _numerics.grad_buffer_dtype
     of its input's dtype, or empty tensors when not asked for."""
     with _shared.device_guard(x_hat):
         return _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
@@ -253,102 +253,3 @@ def kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
             None, None, mu, logvar, "mse", reduction, clamp_lo, clamp_hi,
             False, want_grad, None, 0.0)
     return kl, grad_mu, grad_logvar
-
-
-# ---- the backward's scaling by grad_output ------------------------------------
-
-
-@triton.jit
-def _scale_tile(pid, grad_ptr, weight_ptr, n_rows, n_cols, chunks,
-                PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                ITERS: tl.constexpr):
-    """grad *= weight over one tile of ROWS rows x (ITERS x BLOCK) columns.
-    A tile whose weights are all exactly 1 (the usual ``loss.backward()``) is
-    left untouched: decided on the device, so no host sync and no memory
-    traffic for the common case."""
-    rows = (pid // chunks) * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    row_mask = rows < n_rows
-    if PER_SAMPLE:
-        weight = tl.load(weight_ptr + rows, mask=row_mask, other=1.0)
-    else:
-        weight = tl.load(weight_ptr + rows * 0)
-    weight = weight.to(tl.float32)
-    if tl.sum((weight != 1.0).to(tl.int32), axis=0) > 0:
-        col0 = (pid % chunks) * (BLOCK * ITERS)
-        for i in range(ITERS):
-            cols = col0 + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-            mask = row_mask[:, None] & (cols < n_cols)[None, :]
-            offs = rows[:, None] * n_cols + cols[None, :]
-            grad = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
-            tl.store(grad_ptr + offs, (grad * weight[:, None]).to(grad_ptr.dtype.element_ty),
-                     mask=mask)
-
-
-@triton.jit
-def _scale_gradients_kernel(
-    grad0_ptr, weight0_ptr, grad1_ptr, weight1_ptr, grad2_ptr, weight2_ptr,
-    n_rows, cols0, cols1, cols2, chunks0, chunks1, chunks2, programs0, programs01,
-    PER_SAMPLE0: tl.constexpr, BLOCK0: tl.constexpr, ROWS0: tl.constexpr, ITERS0: tl.constexpr,
-    PER_SAMPLE1: tl.constexpr, BLOCK1: tl.constexpr, ROWS1: tl.constexpr, ITERS1: tl.constexpr,
-    PER_SAMPLE2: tl.constexpr, BLOCK2: tl.constexpr, ROWS2: tl.constexpr, ITERS2: tl.constexpr,
-):
-    """grad_k *= weight_k in place for up to three gradient buffers in one
-    launch (the loss backward's x_hat, mu and logvar gradients: one launch
-    instead of three). Programs [0, programs0) take buffer 0, [programs0,
-    programs01) buffer 1, the rest buffer 2; weight a scalar or one per row,
-    multiplied in float32 and rounded once to the buffer's dtype."""
-    pid = tl.program_id(0).to(tl.int64)
-    if pid < programs0:
-        _scale_tile(pid, grad0_ptr, weight0_ptr, n_rows, cols0, chunks0,
-                    PER_SAMPLE0, BLOCK0, ROWS0, ITERS0)
-    elif pid < programs01:
-        _scale_tile(pid - programs0, grad1_ptr, weight1_ptr, n_rows, cols1, chunks1,
-                    PER_SAMPLE1, BLOCK1, ROWS1, ITERS1)
-    else:
-        _scale_tile(pid - programs01, grad2_ptr, weight2_ptr, n_rows, cols2, chunks2,
-                    PER_SAMPLE2, BLOCK2, ROWS2, ITERS2)
-
-
-def scale_gradients_(pairs):
-    """Scale up to three gradient buffers that the loss op allocated, in place,
-    each by its weight (0-dim, or (N,) for reduction="none"), in one launch.
-    ``pairs``: [(grad, weight), ...], every grad with the same batch size N on
-    one device; returns the grads."""
-    if not 1 <= len(pairs) <= 3:
-        raise ValueError(f"scale_gradients_ takes 1 to 3 (grad, weight) pairs, got {len(pairs)}")
-    grads = [g for g, _ in pairs]
-    batch = grads[0].shape[0]
-    for g, w in pairs:
-        if g.shape[0] != batch or w.dim() > 1 or (w.dim() == 1 and w.shape[0] != batch):
-            raise ValueError(f"scale_gradients_: every grad needs batch size {batch} and a 0-dim "
-                             f"or ({batch},) weight; got grad {tuple(g.shape)}, "
-                             f"weight {tuple(w.shape)}")
-    with _shared.device_guard(grads[0]):
-        batch, device = grads[0].shape[0], grads[0].device
-        args, meta, programs = [], {}, []
-        for k in range(3):
-            if k < len(pairs):
-                grad, weight = pairs[k]
-                cols = grad.numel() // batch
-                split = _shared.row_split(batch, cols, device)
-                weight = weight.contiguous()
-                per_sample = weight.dim() == 1
-            else:  # an empty segment: no programs, any valid pointer
-                grad, weight, cols, per_sample = grads[0], pairs[0][1].contiguous(), 1, False
-                split = _shared.Split(block=1, rows=1, iters=1, chunks=1, programs=0, num_warps=1)
-            args.append((grad, weight, cols, split.chunks))
-            programs.append(split.programs)
-            meta.update({f"PER_SAMPLE{k}": per_sample, f"BLOCK{k}": split.block,
-                         f"ROWS{k}": split.rows, f"ITERS{k}": split.iters})
-            meta["num_warps"] = max(meta.get("num_warps", 1), split.num_warps)
-        (g0, w0, c0, k0), (g1, w1, c1, k1), (g2, w2, c2, k2) = args
-        _scale_gradients_kernel[(sum(programs),)](
-            g0, w0, g1, w1, g2, w2, batch, c0, c1, c2, k0, k1, k2,
-            programs[0], programs[0] + programs[1], **meta)
-    return grads
-
-
-def scale_gradient_(grad, weight):
-    """Scale one gradient buffer that the loss op allocated, in place, by
-    ``weight`` (0-dim, or (N,) for reduction="none"); returns ``grad``."""
-    return scale_gradients_([(grad, weight)])[0]

@@ -3,11 +3,11 @@
 import itertools
 
 import pytest
+import reference as ref
 import torch
 import torch.nn.functional as F
 
 import fastvae
-import reference as ref
 
 RECONS = ("mse", "l1", "bce", "bce_logits")
 REDUCTIONS = ("sum", "batchmean", "mean", "none")
@@ -41,7 +41,8 @@ def tolerances(dtype):
             torch.float16: (2e-3, 1e-3), torch.bfloat16: (1.6e-2, 1e-2)}[dtype]
 
 
-@pytest.mark.parametrize("recon,reduction,beta", list(itertools.product(RECONS, REDUCTIONS, (1.0, 0.25, 0.0))))
+@pytest.mark.parametrize("recon,reduction,beta",
+                         list(itertools.product(RECONS, REDUCTIONS, (1.0, 0.25, 0.0))))
 @pytest.mark.parametrize("shapes", SHAPES, ids=lambda s: "x".join(map(str, s[0])))
 def test_vae_loss_matches_formula(recon, reduction, beta, shapes, device):
     x_hat, x, mu, logvar = make_inputs(recon, *shapes, device=device)

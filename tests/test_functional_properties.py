@@ -1,11 +1,11 @@
 """Property tests (hypothesis): identities that hold for any shapes and values."""
 
+import reference as ref
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastvae
-import reference as ref
 
 shapes = st.tuples(st.integers(1, 5), st.lists(st.integers(1, 6), min_size=1, max_size=3),
                    st.lists(st.integers(1, 6), min_size=1, max_size=3))

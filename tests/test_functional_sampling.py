@@ -3,10 +3,10 @@
 import math
 
 import pytest
+import reference as ref
 import torch
 
 import fastvae
-import reference as ref
 
 
 def latents(shape=(64, 32), dtype=torch.float32, device="cpu", seed=0):

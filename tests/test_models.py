@@ -3,9 +3,7 @@
 import pytest
 import torch
 
-from fastvae.models import (ConvAutoencoder, ConvVAE, MLPAutoencoder, MLPVAE, MODELS,
-                            model_from_config)
-
+from fastvae.models import MLPVAE, MODELS, ConvAutoencoder, ConvVAE, MLPAutoencoder, model_from_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,8 @@ def run(code):
 
 
 def test_import_is_lazy():
-    out = run("import sys, fastvae; print('torch' in sys.modules, 'triton' in sys.modules, fastvae.__version__)")
+    out = run("import sys, fastvae; "
+              "print('torch' in sys.modules, 'triton' in sys.modules, fastvae.__version__)")
     assert out.split()[:2] == ["False", "False"]
 
 

@@ -20,10 +20,11 @@ import torch
 pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
 pytest.importorskip("onnxruntime")
 
-from fastvae import cli  # noqa: E402
-from fastvae import onnx as fv_onnx  # noqa: E402
-from fastvae.runtime import VAERuntime  # noqa: E402
 from test_onnx import TinyConvVAE, TinyMLPVAE, rel_err, seeded  # noqa: E402
+
+from fastvae import onnx as fv_onnx  # noqa: E402
+from fastvae.app import cli  # noqa: E402
+from fastvae.runtime import VAERuntime  # noqa: E402
 
 RTOL = 1e-4
 # torch's exporter trips its own deprecation warning (torch 2.13); not ours to fix
@@ -370,7 +371,7 @@ def test_runtime_works_with_torch_unimportable(mlp, mlp_rt, tmp_path):
         import numpy as np
         import fastvae
         import fastvae.runtime
-        from fastvae.cli import main
+        from fastvae.app.cli import main
 
         rt = fastvae.runtime.VAERuntime({out!r})
         np.testing.assert_array_equal(rt.sample(5, seed=9), np.load({str(expected)!r}))
@@ -388,7 +389,7 @@ def test_runtime_works_with_torch_unimportable(mlp, mlp_rt, tmp_path):
 
 
 def test_import_fastvae_runtime_does_not_import_torch():
-    code = ("import sys, fastvae, fastvae.runtime, fastvae.cli; "
+    code = ("import sys, fastvae, fastvae.runtime, fastvae.app.cli, fastvae.app.infer; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'triton')))")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=120)

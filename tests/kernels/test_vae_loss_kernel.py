@@ -340,7 +340,7 @@ def test_scale_gradients_three_buffers_in_one_launch(backends, device, split, mo
     expected = [(gr.float() * (w.reshape((-1,) + (1,) * (gr.dim() - 1)) if w.dim() else w)).to(gr.dtype)
                 for gr, w in zip(grads, weights)]
     launches = []
-    from fastvae.kernels import vae_loss as module
+    from fastvae.kernels import scale_gradients as module
 
     original = module._scale_gradients_kernel
 
@@ -367,7 +367,7 @@ def test_scale_gradients_three_buffers_in_one_launch(backends, device, split, mo
 
 
 def test_loss_backward_scales_all_gradients_in_one_launch(backends, device, monkeypatch):
-    from fastvae.kernels import vae_loss as module
+    from fastvae.kernels import scale_gradients as module
 
     calls = []
     original = module.scale_gradients_

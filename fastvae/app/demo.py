@@ -29,11 +29,12 @@ from dataclasses import asdict
 import torch
 import torch.nn.functional as F
 
-from fastvae import _io, checkpoint, metrics, plots
-from fastvae.data import load_data
+from fastvae import _io
+from fastvae.app import checkpoint, metrics, plots
+from fastvae.app.data import load_data
+from fastvae.app.train import TrainConfig, fit, pick_device
 from fastvae.functional import kl_divergence
 from fastvae.models import BY_KIND
-from fastvae.train import TrainConfig, fit, pick_device
 
 PAIRS, STEPS = 10, 9  # interpolations: test-digit pairs, points per line
 FILES = {"samples": "samples.png", "recon": "reconstructions.png",

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvae.data import check_range, load_data
+from fastvae.app.data import check_range, load_data
 
 
 def test_digits_scaled_with_a_fixed_split():

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from fastvae import checkpoint
+from fastvae.app import checkpoint
 from fastvae.models import ConvVAE, MLPAutoencoder
 
 

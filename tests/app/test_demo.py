@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fastvae import checkpoint, cli, metrics
-from fastvae.data import load_data
-from fastvae.demo import make_ood, measure
-from fastvae.models import MLPAutoencoder, MLPVAE
+from fastvae.app import checkpoint, cli, metrics
+from fastvae.app.data import load_data
+from fastvae.app.demo import make_ood, measure
+from fastvae.app.train import TrainConfig, fit
+from fastvae.models import MLPVAE, MLPAutoencoder
 from fastvae.runtime import VAERuntime
-from fastvae.train import TrainConfig, fit
 
 FIVE = ("test_recon", "sample_confidence", "sample_coverage", "fid", "auroc")
 PNGS = ("samples.png", "reconstructions.png", "interpolations.png", "loss_curves.png")

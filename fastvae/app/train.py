@@ -19,8 +19,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from fastvae import _validate, checkpoint
-from fastvae.data import check_range, load_data
+from fastvae import _validate
+from fastvae.app import checkpoint
+from fastvae.app.data import check_range, load_data
 from fastvae.models import BY_KIND
 
 ANNEALING = ("none", "linear", "cyclical")

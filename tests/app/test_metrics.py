@@ -6,9 +6,8 @@ import scipy.linalg
 import torch
 from sklearn.metrics import roc_auc_score
 
-from fastvae import metrics
-from fastvae.data import load_data
-
+from fastvae.app import metrics
+from fastvae.app.data import load_data
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,10 +11,10 @@ import sys
 
 # command -> (module, one-line help)
 COMMANDS = {
-    "train": ("fastvae.train", "train an autoencoder or a VAE"),
-    "demo": ("fastvae.demo", "train an AE and a VAE on digits and compare them"),
-    "export": ("fastvae.onnx", "export a trained checkpoint to ONNX"),
-    "infer": ("fastvae.runtime", "sample, reconstruct or score with an exported model (no PyTorch)"),
+    "train": ("fastvae.app.train", "train an autoencoder or a VAE"),
+    "demo": ("fastvae.app.demo", "train an AE and a VAE on digits and compare them"),
+    "export": ("fastvae.app.export", "export a trained checkpoint to ONNX"),
+    "infer": ("fastvae.app.infer", "sample, reconstruct or score with an exported model (no PyTorch)"),
 }
 
 # Errors that mean "bad input": reported in one line, exit code 2.

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from fastvae import checkpoint, cli
-from fastvae import train as train_module
-from fastvae.data import load_data
-from fastvae.train import TrainConfig, beta_at
+from fastvae.app import checkpoint, cli
+from fastvae.app import train as train_module
+from fastvae.app.data import load_data
+from fastvae.app.train import TrainConfig, beta_at
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--hidden", "32", "16", "--channels", "8", "16", "--latent-dim", "4", "--no-progress"]
@@ -43,7 +43,7 @@ def test_train_end_to_end(tmp_path, capsys, args):
     printed = capsys.readouterr().out
     assert str(tmp_path / "run" / checkpoint.FILENAME) in printed
     model = checkpoint.load_model(tmp_path / "run")
-    assert model.config()["class"].startswith(("MLP" if "mlp" in args else "Conv"))
+    assert model.config()["class"].startswith("MLP" if "mlp" in args else "Conv")
     assert model.is_vae == ("vae" in args)
     assert all(t.dtype == torch.float32 for t in model.state_dict().values())
     epochs = history(tmp_path / "run")

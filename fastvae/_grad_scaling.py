@@ -1,0 +1,139 @@
+"""The backward of the loss and KL ops: scaling the gradient buffers that the
+forward computed by ``grad_output``, in place when that is safe.
+
+The loss ops compute their gradients in the forward and save them; the backward
+only multiplies each buffer by its weight (``grad_output``, times beta for the
+KL, per sample for ``reduction="none"``). On a buffer's last use, when nothing
+else can see it, it is scaled in place and handed on, so a loss fwd+bwd holds
+one gradient-sized buffer per input instead of two (eager's fused mse/bce
+kernels hold one). The buffers are the op's own outputs, never a user's input.
+
+Whether a buffer may be written is decided by one predicate,
+``may_scale_in_place``, from four facts that only private torch APIs expose.
+Each is named below; if a torch release removes one, the predicate answers
+"no" (the safe side: a new tensor is returned) and ``tests/test_grad_scaling.py``
+fails loudly so that the lost optimisation is noticed.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from fastvae import _dispatch
+
+# ---- the private torch APIs this relies on (each checked by a test) --------
+
+# Number of references to a storage, by its C pointer: tells whether the
+# saved buffer is the only tensor on its storage (the caller dropped the op's
+# output and holds no view of it).
+STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+# The innermost active torch.autograd.graph.saved_tensors_hooks pair, or None:
+# a pack hook may keep the saved buffer itself, so never scale in place then.
+TOP_SAVED_TENSORS_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+# Whether the running backward keeps its graph (retain_graph=True): then the
+# saved buffers are used again and must not change.
+GRAPH_TASK_KEEPS_GRAPH = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+
+try:  # whether a TorchDispatchMode (make_fx, FakeTensorMode, opcheck...) is active
+    from torch.utils._python_dispatch import is_in_torch_dispatch_mode as _dispatch_mode_query
+except ImportError:  # pragma: no cover - only on a torch that moved it
+    _dispatch_mode_query = None
+
+PRIVATE_APIS = {
+    "torch._C._storage_Use_Count": STORAGE_USE_COUNT,
+    "torch._C._autograd._top_saved_tensors_default_hooks": TOP_SAVED_TENSORS_HOOKS,
+    "torch._C._autograd._get_current_graph_task_keep_graph": GRAPH_TASK_KEEPS_GRAPH,
+    "torch.utils._python_dispatch.is_in_torch_dispatch_mode": _dispatch_mode_query,
+}
+
+
+def in_torch_dispatch_mode() -> bool:
+    """True under a TorchDispatchMode; unknown (the API moved) counts as True,
+    which sends every call to the custom ops (correct, only slower)."""
+    return True if _dispatch_mode_query is None else bool(_dispatch_mode_query())
+
+
+def saved_tensor_hooks_active() -> bool:
+    """True while a saved_tensors_hooks pack hook is active (asked at setup time,
+    when the op saves its buffers). Unknown counts as active."""
+    return TOP_SAVED_TENSORS_HOOKS is None or TOP_SAVED_TENSORS_HOOKS(False) is not None
+
+
+def _only_holder(g: Tensor) -> bool:
+    """``g`` is the only tensor on its storage. Counted: ``g`` and the storage handle."""
+    return STORAGE_USE_COUNT is not None and STORAGE_USE_COUNT(g.untyped_storage()._cdata) == 2
+
+
+def _backward_frees_saved_buffers() -> bool:
+    """This backward is the last use of the op's saved buffers and nothing else can
+    see them through the graph: no retain_graph (the engine frees them right after
+    this node), no create_graph, outside any tracing (torch.compile, make_fx, opcheck)."""
+    return (GRAPH_TASK_KEEPS_GRAPH is not None and not GRAPH_TASK_KEEPS_GRAPH()
+            and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not in_torch_dispatch_mode())
+
+
+def _backward_may_write(ctx) -> bool:
+    return not ctx.hooked and _backward_frees_saved_buffers()
+
+
+def _unshared(g: Tensor) -> bool:
+    return type(g) is torch.Tensor and _only_holder(g)
+
+
+def may_scale_in_place(ctx, g: Tensor) -> bool:
+    """The one rule: may the saved gradient buffer ``g`` be written in place now?
+    Yes only when no saved-tensor hook saw it (``ctx.hooked``, from setup), this
+    backward is its last use, it is a plain tensor, and nothing else shares its storage."""
+    return _backward_may_write(ctx) and _unshared(g)
+
+
+def per_sample_view(w: Tensor, like: Tensor) -> Tensor:
+    """Reshape a (N,) grad_output of reduction="none" to broadcast over ``like``."""
+    return w.reshape((-1,) + (1,) * (like.dim() - 1)) if w.dim() == 1 else w
+
+
+def scale_gradients(ctx, pairs: Sequence[tuple[Tensor, Tensor] | None]) -> list:
+    """``g * w`` for each (g, w) in ``pairs`` (None entries pass through), each ``g``
+    a gradient buffer that the op allocated and saved. In place where
+    ``may_scale_in_place``; otherwise a new tensor. On the kernels all in-place
+    scalings share one launch, which leaves a buffer untouched where w is exactly
+    1 (the usual ``loss.backward()``), deciding on the device. ``w`` stays in the
+    loss dtype (float32 or float64): one rounding, at the end, to ``g``'s dtype."""
+    out = [None] * len(pairs)
+    in_place = []
+    backward_may_write = _backward_may_write(ctx)  # may_scale_in_place, its per-call half once
+    for i, pair in enumerate(pairs):
+        if pair is None:
+            continue
+        g, w = pair
+        if backward_may_write and _unshared(g):
+            in_place.append(i)
+        else:
+            out[i] = g * per_sample_view(w, g)
+    if not in_place:
+        return out
+    # each buffer by the backend its forward used, with mixed dtypes a float64
+    # gradient must not go through the kernels' float32 arithmetic
+    backends = _dispatch.backend_for_each([pairs[i][0] for i in in_place])
+    on_kernels = [i for i, backend in zip(in_place, backends) if backend == "triton"]
+    if on_kernels:
+        from fastvae import kernels
+
+        if kernels.AVAILABLE:  # skips the pass on the device when w is 1: no sync
+            device = pairs[on_kernels[0]][0].device
+            kernels.scale_gradients_([(pairs[i][0], pairs[i][1].to(device=device))
+                                      for i in on_kernels])
+            for i in on_kernels:
+                out[i] = pairs[i][0]
+            in_place = [i for i in in_place if i not in on_kernels]
+    for i in in_place:
+        g, w = pairs[i]
+        if w.dim() == 0 and w.device.type == "cpu" and w.item() == 1.0:
+            out[i] = g  # the usual loss.backward(): reading a CPU scalar is no device sync
+        else:
+            out[i] = g.mul_(per_sample_view(w, g))
+    return out

@@ -1,0 +1,65 @@
+"""fastvae._grad_scaling: the private torch APIs the in-place scaling relies on
+are present (a torch upgrade that removes one fails here, loudly, instead of
+silently turning the optimisation off), and the one predicate answers right."""
+
+import pytest
+import torch
+
+import fastvae
+from fastvae import _grad_scaling
+
+
+@pytest.mark.parametrize("name", sorted(_grad_scaling.PRIVATE_APIS))
+def test_private_torch_api_is_present(name):
+    assert _grad_scaling.PRIVATE_APIS[name] is not None, (
+        f"{name} is gone from this torch: the in-place gradient scaling is off; "
+        f"find its replacement")
+
+
+def test_storage_use_count_counts_views():
+    g = torch.zeros(4)
+    alone = _grad_scaling._only_holder(g)
+    view = g[1:]
+    shared = _grad_scaling._only_holder(g)
+    del view
+    assert alone and not shared and _grad_scaling._only_holder(g)
+
+
+def test_saved_tensor_hooks_are_seen():
+    assert not _grad_scaling.saved_tensor_hooks_active()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        assert _grad_scaling.saved_tensor_hooks_active()
+
+
+def _scaled_in_place(retain_graph, hooks=False):
+    """Runs a loss backward and reports whether the x_hat gradient buffer was the
+    op's own saved buffer (scaled in place) or a new tensor."""
+    x_hat = torch.randn(3, 5, requires_grad=True)
+    x, mu, lv = torch.randn(3, 5), torch.randn(3, 2), torch.randn(3, 2)
+    seen = []
+    original = _grad_scaling.scale_gradients
+
+    def spy(ctx, pairs):
+        out = original(ctx, pairs)
+        seen.append([p is not None and o is p[0] for p, o in zip(pairs, out)])
+        return out
+
+    _grad_scaling_ops = __import__("fastvae.ops", fromlist=["scale_gradients"])
+    _grad_scaling_ops.scale_gradients = spy
+    try:
+        if hooks:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                loss = fastvae.vae_loss(x_hat, x, mu, lv)
+        else:
+            loss = fastvae.vae_loss(x_hat, x, mu, lv)
+        loss.backward(torch.tensor(2.0), retain_graph=retain_graph)
+    finally:
+        _grad_scaling_ops.scale_gradients = original
+    torch.testing.assert_close(x_hat.grad, 2.0 * 2.0 * (x_hat.detach() - x))
+    return seen[0][0]
+
+
+def test_in_place_only_on_the_last_use_without_hooks():
+    assert _scaled_in_place(retain_graph=False)
+    assert not _scaled_in_place(retain_graph=True)
+    assert not _scaled_in_place(retain_graph=False, hooks=True)
