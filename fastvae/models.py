@@ -20,8 +20,11 @@ Attributes used by the ONNX export: ``recon``, ``beta``, ``input_shape``,
 checkpoints.
 """
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fastvae import _validate
 from fastvae.functional import LossParts, kl_divergence, reparameterize, vae_loss
@@ -110,7 +113,7 @@ class _Autoencoding(nn.Module):
         self.encoder, self.decoder = nets(self.input_shape, encoder_out, latent_dim, **arch)
         self._arch = {k: list(v) for k, v in arch.items()}
 
-    def config(self):
+    def config(self) -> dict[str, Any]:
         """A JSON-able dict from which ``model_from_config`` rebuilds this model."""
         return {"class": type(self).__name__, "input_shape": list(self.input_shape),
                 "latent_dim": self.latent_shape[0], "recon": self.recon, "beta": self.beta,
@@ -133,19 +136,20 @@ class _Autoencoding(nn.Module):
         # A "bce" model's decoder emits probabilities, which is what vae_loss takes.
         return torch.sigmoid(out) if self.recon == "bce" else out
 
-    def decode(self, z):
+    def decode(self, z: Tensor) -> Tensor:
         """Latent codes (N, latent_dim) -> data space (probabilities for BCE models)."""
         return self._to_data(self._decoder_out(z))
 
     @torch.no_grad()
-    def sample(self, n, generator=None):
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Decode ``n`` codes drawn from N(0, I)."""
         p = next(self.parameters())
         z = torch.randn(int(n), *self.latent_shape, generator=generator, device=p.device,
                         dtype=p.dtype)
         return self.decode(z)
 
-    def loss(self, x, *, beta=None, free_bits=0.0, generator=None):
+    def loss(self, x: Tensor, *, beta: float | Tensor | None = None, free_bits: float = 0.0,
+             generator: torch.Generator | None = None) -> LossParts:
         """``LossParts(loss, recon, kl)`` for a batch, averaged over the batch."""
         return self.criterion(x, self(x, generator=generator), beta=beta, free_bits=free_bits)
 
@@ -156,18 +160,20 @@ class _Autoencoding(nn.Module):
 class _VAE(_Autoencoding):
     is_vae = True
 
-    def encode(self, x):
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x -> (mu, logvar) of the Gaussian posterior q(z | x)."""
         self._check_input(x)
         mu, logvar = self.encoder(x).chunk(2, dim=1)
         return mu, logvar
 
-    def forward(self, x, generator=None):
+    def forward(self, x: Tensor, generator: torch.Generator | None = None
+                ) -> tuple[Tensor, Tensor, Tensor]:
         mu, logvar = self.encode(x)
         z = reparameterize(mu, logvar, generator=generator)
         return self._decoder_out(z), mu, logvar
 
-    def criterion(self, x, outputs, *, beta=None, free_bits=0.0):
+    def criterion(self, x: Tensor, outputs: tuple[Tensor, Tensor, Tensor], *,
+                  beta: float | Tensor | None = None, free_bits: float = 0.0) -> LossParts:
         """The batch-mean ELBO of ``outputs = self(x)``.
 
         With ``free_bits`` > 0, each latent dimension's batch-mean KL counts as at
@@ -187,11 +193,11 @@ class _VAE(_Autoencoding):
         kl_floored = (kl_per_dim / x.shape[0]).clamp(min=free_bits).sum()
         return LossParts(parts.recon + beta * kl_floored, parts.recon, parts.kl)
 
-    def reconstruct(self, x):
+    def reconstruct(self, x: Tensor) -> Tensor:
         """Decode the posterior mean: deterministic reconstructions in data space."""
         return self.decode(self.encode(x)[0])
 
-    def score(self, x):
+    def score(self, x: Tensor) -> Tensor:
         """Per-sample loss (recon + beta * KL) at z = mu, shape (N,): higher = more anomalous."""
         mu, logvar = self.encode(x)
         return vae_loss(self._decoder_out(mu), x, mu, logvar, recon=self.recon, beta=self.beta,
@@ -199,12 +205,13 @@ class _VAE(_Autoencoding):
 
 
 class _AE(_Autoencoding):
-    def encode(self, x):
+    def encode(self, x: Tensor) -> Tensor:
         """x -> its code (N, latent_dim)."""
         self._check_input(x)
         return self.encoder(x)
 
-    def forward(self, x, generator=None):  # generator: same call as a VAE; unused
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        # generator: the same call as a VAE's; unused
         return self._decoder_out(self.encode(x))
 
     def _recon_parts(self, x, out, reduction):
@@ -214,14 +221,15 @@ class _AE(_Autoencoding):
         return vae_loss(out, x, zeros, zeros, recon=self.recon, beta=0.0,
                         reduction=reduction, return_parts=True)
 
-    def criterion(self, x, outputs, *, beta=None, free_bits=0.0):
+    def criterion(self, x: Tensor, outputs: Tensor, *, beta: float | Tensor | None = None,
+                  free_bits: float = 0.0) -> LossParts:
         """The batch-mean reconstruction loss (``kl`` is 0: there is no posterior)."""
         return self._recon_parts(x, outputs, "batchmean")
 
-    def reconstruct(self, x):
+    def reconstruct(self, x: Tensor) -> Tensor:
         return self._to_data(self(x))
 
-    def score(self, x):
+    def score(self, x: Tensor) -> Tensor:
         """Per-sample reconstruction loss, shape (N,): higher = more anomalous."""
         return self._recon_parts(x, self(x), "none").recon
 
@@ -229,7 +237,9 @@ class _AE(_Autoencoding):
 class MLPVAE(_VAE):
     """VAE with fully connected encoder and decoder."""
 
-    def __init__(self, input_shape, latent_dim=8, hidden=(256, 128), recon="bce_logits", beta=1.0):
+    def __init__(self, input_shape: Sequence[int], latent_dim: int = 8,
+                 hidden: Sequence[int] = (256, 128), recon: str = "bce_logits",
+                 beta: float = 1.0) -> None:
         super().__init__(input_shape, latent_dim, recon, beta, _mlp_nets, hidden=hidden)
 
 
@@ -237,21 +247,27 @@ class ConvVAE(_VAE):
     """VAE with stride-2 convolutions; ``input_shape=(C, H, W)`` with H, W divisible
     by ``2**len(channels)`` (8x8 digits, 28x28 MNIST, 64x64 images...)."""
 
-    def __init__(self, input_shape, latent_dim=8, channels=(32, 64), recon="bce_logits", beta=1.0):
+    def __init__(self, input_shape: Sequence[int], latent_dim: int = 8,
+                 channels: Sequence[int] = (32, 64), recon: str = "bce_logits",
+                 beta: float = 1.0) -> None:
         super().__init__(input_shape, latent_dim, recon, beta, _conv_nets, channels=channels)
 
 
 class MLPAutoencoder(_AE):
     """Plain autoencoder with the MLPVAE architecture."""
 
-    def __init__(self, input_shape, latent_dim=8, hidden=(256, 128), recon="bce_logits", beta=0.0):
+    def __init__(self, input_shape: Sequence[int], latent_dim: int = 8,
+                 hidden: Sequence[int] = (256, 128), recon: str = "bce_logits",
+                 beta: float = 0.0) -> None:
         super().__init__(input_shape, latent_dim, recon, beta, _mlp_nets, hidden=hidden)
 
 
 class ConvAutoencoder(_AE):
     """Plain autoencoder with the ConvVAE architecture."""
 
-    def __init__(self, input_shape, latent_dim=8, channels=(32, 64), recon="bce_logits", beta=0.0):
+    def __init__(self, input_shape: Sequence[int], latent_dim: int = 8,
+                 channels: Sequence[int] = (32, 64), recon: str = "bce_logits",
+                 beta: float = 0.0) -> None:
         super().__init__(input_shape, latent_dim, recon, beta, _conv_nets, channels=channels)
 
 
@@ -262,7 +278,7 @@ BY_KIND = {("vae", "mlp"): MLPVAE, ("vae", "conv"): ConvVAE,
            ("ae", "mlp"): MLPAutoencoder, ("ae", "conv"): ConvAutoencoder}
 
 
-def model_from_config(config):
+def model_from_config(config: dict[str, Any]) -> nn.Module:
     """Rebuild a model (fresh weights) from ``model.config()``."""
     if not isinstance(config, dict) or config.get("class") not in MODELS:
         known = ", ".join(MODELS)

@@ -1,9 +1,10 @@
 """``VAELoss``: ``fastvae.vae_loss`` as an ``nn.Module``."""
 
 import torch
+from torch import Tensor
 
 from fastvae import _validate
-from fastvae.functional import vae_loss
+from fastvae.functional import LossParts, vae_loss
 
 
 class VAELoss(torch.nn.Module):
@@ -13,8 +14,8 @@ class VAELoss(torch.nn.Module):
     follow a schedule (a tensor changes value without recompiling).
     """
 
-    def __init__(self, *, recon="mse", beta=1.0, reduction="sum", logvar_clamp=None,
-                 return_parts=False):
+    def __init__(self, *, recon: str = "mse", beta: float | Tensor = 1.0, reduction: str = "sum",
+                 logvar_clamp: tuple[float, float] | None = None, return_parts: bool = False) -> None:
         super().__init__()
         _validate.check_choice("recon", recon, _validate.RECONS)
         _validate.check_choice("reduction", reduction, _validate.REDUCTIONS)
@@ -23,7 +24,7 @@ class VAELoss(torch.nn.Module):
         self.recon, self.beta, self.reduction = recon, beta, reduction
         self.logvar_clamp, self.return_parts = logvar_clamp, return_parts
 
-    def forward(self, x_hat, x, mu, logvar):
+    def forward(self, x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor) -> Tensor | LossParts:
         return vae_loss(x_hat, x, mu, logvar, recon=self.recon, beta=self.beta,
                         reduction=self.reduction, logvar_clamp=self.logvar_clamp,
                         return_parts=self.return_parts)
