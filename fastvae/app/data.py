@@ -14,6 +14,7 @@ Sources (``load_data(source)``):
   have one size.
 """
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -188,3 +189,14 @@ def check_range(data, recon):
         if lo < 0 or hi > 1:
             raise ValueError(f"data {data.name!r} has values in [{lo:.4g}, {hi:.4g}] but recon "
                              f"{recon!r} needs them in [0, 1]: rescale the data or use --recon mse")
+
+
+def fingerprint(data):
+    """SHA-256 of the train and test tensors (shapes and values): what a resumed
+    run checks to know it trains on the same data as before."""
+    digest = hashlib.sha256()
+    for part in (data.train, data.test):
+        t = part.detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{list(t.shape)}\n".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()
