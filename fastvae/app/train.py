@@ -112,7 +112,7 @@ def evaluate(model, x, batch_size=1024):
 class _Run:
     """What the steps of ``fit`` share."""
     model: torch.nn.Module
-    net: torch.nn.Module        # the model, wrapped in DDP when there are several processes
+    net: torch.nn.Module        # what the steps call: the model, in DDP when there are several processes
     optimizer: torch.optim.Optimizer
     noise: torch.Generator      # this process's reparameterization noise
     amp: bool                   # bf16 autocast
@@ -130,32 +130,34 @@ def fit(model, data, cfg, *, out=None, resume=None, device="cpu", progress=True)
     ``check_resume``. Runs as DDP when torch.distributed is initialised; a DDP run
     resumed with the same number of processes continues exactly, with another number
     each process reseeds its noise."""
-    run = _set_up(model, data, cfg, torch.device(device))                 # optimizer, noise, AMP, DDP
+    run = _set_up(model, data, cfg, torch.device(device))   # optimizer, noise generator, AMP
     state = {"epoch": 0, "step": 0, "history": []}
     if resume is not None:
-        state = _restore(run, *resume)                                   # weights, Adam, noise, history
+        state = _restore(run, *resume)                      # weights, Adam, noise, history
+    if run.world > 1:                                       # data-parallel, from the restored weights
+        run.net = torch.nn.parallel.DistributedDataParallel(model)
     log = _ProgressLog(run, cfg, f"{type(model).__name__} on {data.name}", state["step"], progress)
     for epoch in range(state["epoch"], cfg.epochs):
-        sums, beta = _train_one_epoch(run, cfg, state, epoch, log)         # shuffle, steps
-        record = _epoch_record(run, data, sums, epoch, beta)              # all-reduce, test loss
+        sums, beta = _train_one_epoch(run, cfg, state, epoch, log)   # shuffle, optimizer steps
+        record = _epoch_record(run, data, sums, epoch, beta)        # all-reduce, test loss
         state["history"].append(record)
         state["epoch"] = epoch + 1
         log.epoch_done(record)
         if out is not None and (state["epoch"] % cfg.save_every == 0 or state["epoch"] == cfg.epochs):
-            _save(out, run, state, cfg)                                  # atomic checkpoint
+            _save(out, run, state, cfg)                            # atomic checkpoint
     log.close()
     return state["history"]
 
 
 def _set_up(model, data, cfg, device):
-    """Move the model, make the optimizer and the noise generator, decide AMP, wrap in DDP."""
+    """Move the model, make the optimizer and the noise generator, decide AMP."""
     rank, world = _world()
     check_world(cfg, len(data.train), world)
     model.to(device)
     n = len(data.train)
     return _Run(
         model=model,
-        net=torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model,
+        net=model,
         optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
         noise=torch.Generator(device).manual_seed(noise_seed(cfg.seed, rank)),
         amp=cfg.amp == "on" or (cfg.amp == "auto" and device.type == "cuda"
