@@ -303,8 +303,9 @@ def pick_device(name):
 MODEL_DEFAULTS = {"model": "vae", "arch": "mlp", "latent_dim": 8, "hidden": [256, 128],
                   "channels": [32, 64], "recon": "bce_logits"}
 RUN_DEFAULTS = {"data": "digits", **MODEL_DEFAULTS, **asdict(TrainConfig())}
-# may differ on resume: more epochs extend the run; how often it saves does not change it
-RESUME_MAY_CHANGE = ("epochs", "save_every")
+# may differ on resume: more epochs extend the run; how often it saves does not change it;
+# the data may be given by another path (its content is checked by hash)
+RESUME_MAY_CHANGE = ("epochs", "save_every", "data")
 DEFAULT_OUT = os.path.join("runs", "train")
 
 
@@ -528,8 +529,8 @@ def run(args):
         torch.manual_seed(cfg.seed)
         model = build_model(options, data.input_shape)
     elif fingerprint(data) != resume[0]["train"]["data"]["sha256"]:
-        raise ValueError(f"--resume {args.resume}: the data {options['data']!r} differs from the "
-                         f"data the run was trained on (its hash does not match)")
+        raise ValueError(f"--data {options['data']}: differs from the data the run was trained on "
+                         f"({resume[0]['train']['data']['name']}); its hash does not match")
     elif cfg.epochs < resume[0]["train"]["epoch"]:
         raise ValueError(f"--epochs {cfg.epochs}: the resumed run has already trained "
                          f"{resume[0]['train']['epoch']} epochs")
