@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 import fastvae
+from fastvae import _io
 from fastvae import runtime as _rt
 
 PARITY_RTOL = 1e-4
@@ -254,8 +255,8 @@ def export(model, out_dir, *, parts=("encoder", "decoder", "scorer"), opset=None
     source = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     _check_interface(source, facts)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-",
-                           dir=os.path.dirname(out_dir))
+    _io.remove_stale_temps(out_dir)  # what an export killed mid-way (SIGKILL) left behind
+    tmp = tempfile.mkdtemp(prefix=_io.temp_prefix(out_dir), dir=os.path.dirname(out_dir))
     try:
         meta = {"format": _rt.FORMAT, "format_version": _rt.FORMAT_VERSION,
                 "fastvae_version": fastvae.__version__, "torch_version": torch.__version__,
@@ -270,10 +271,12 @@ def export(model, out_dir, *, parts=("encoder", "decoder", "scorer"), opset=None
             module = _PART_MODULES[part](source).eval()
             opsets.add(_export_part(module, part, path, facts, opset, batch))
             err = _parity(module, part, path, facts, batch)
-            if err > PARITY_RTOL:
+            if not err <= PARITY_RTOL:
                 raise ExportParityError(
                     f"{part}: onnxruntime differs from PyTorch by a relative error of {err:.3g} "
-                    f"> {PARITY_RTOL:g}")
+                    f"> {PARITY_RTOL:g}" if math.isfinite(err) else
+                    f"{part}: PyTorch or onnxruntime gives NaN or Inf on random inputs (a "
+                    f"non-finite weight?); nothing is exported")
             meta["parts"][part] = {"file": _rt.part_file(part), "max_rel_err": err,
                                    "sha256": _rt.sha256_of(path)}
         meta["opset"] = max(opsets)
@@ -282,9 +285,12 @@ def export(model, out_dir, *, parts=("encoder", "decoder", "scorer"), opset=None
             for part in parts:
                 if part in _rt.QUANTIZABLE_PARTS:
                     module = _PART_MODULES[part](source).eval()
-                    meta["quantized"][part] = _quantize_part(module, part, tmp, facts, batch)
+                    meta["quantized"][part] = info = _quantize_part(module, part, tmp, facts, batch)
+                    if not math.isfinite(info["max_rel_err"]):
+                        raise ExportParityError(f"{part}: the int8 {part} gives NaN or Inf on "
+                                                f"random inputs; nothing is exported")
         with open(os.path.join(tmp, _rt.METADATA_FILE), "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
+            json.dump(meta, f, indent=2, allow_nan=False)
             f.write("\n")
         _install(tmp, out_dir)
     except BaseException:
@@ -370,9 +376,10 @@ def _op_types(proto):
 
 def relative_error(got, want):
     """max |got - want| / max |want|: the error relative to the output's scale
-    (element-wise ratios blow up where a value crosses zero)."""
+    (element-wise ratios blow up where a value crosses zero). ``inf`` when the
+    shapes differ or either holds a NaN or Inf: no finite error bounds them."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    if got.shape != want.shape:
+    if got.shape != want.shape or not (np.isfinite(got).all() and np.isfinite(want).all()):
         return math.inf
     scale = max(float(np.abs(want).max()), np.finfo(np.float32).tiny)
     return float(np.abs(got - want).max() / scale)

@@ -15,6 +15,7 @@ Command line: ``fastvae infer DIR --sample 64 --out grid.png``,
 
 import hashlib
 import json
+import math
 import os
 
 import numpy as np
@@ -54,7 +55,8 @@ def sha256_of(path):
 
 
 def read_metadata(out_dir):
-    """Load and check ``metadata.json`` of an export directory."""
+    """Load and check ``metadata.json`` of an export directory: every field the
+    runtime uses is checked here, so a tampered file is one clear ``ValueError``."""
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
     out_dir = os.fspath(out_dir)
@@ -69,25 +71,64 @@ def read_metadata(out_dir):
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path} is corrupt (not valid JSON): {err}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        what = "nested too deeply" if isinstance(err, RecursionError) else f"not valid JSON: {err}"
+        raise ValueError(f"{path} is corrupt ({what})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not fastvae ONNX metadata (format must be {FORMAT!r})")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {meta.get('format_version')!r}; "
                          f"this fastvae reads version {FORMAT_VERSION}")
     try:
-        shapes = [tuple(int(s) for s in meta[k]) for k in ("input_shape", "latent_shape")]
-        parts = meta["parts"]
-        if not isinstance(parts, dict) or not set(parts) <= set(PARTS):
-            raise ValueError(f"unknown parts {sorted(parts)}")
-        if meta["recon"] not in RECONS:
-            raise ValueError(f"unknown recon {meta['recon']!r}")
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{path} is corrupt: {err!r}") from None
-    if any(not s or min(s) <= 0 for s in shapes):
-        raise ValueError(f"{path} is corrupt: bad shapes {shapes}")
+        _check_fields(meta)
+    except ValueError as err:
+        raise ValueError(f"{path} is corrupt: {err}") from None
     return meta
+
+
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_fields(meta):
+    """The fields of the metadata, each named in the error when it is wrong."""
+    for key in ("input_shape", "latent_shape"):
+        shape = meta.get(key)
+        if (not isinstance(shape, list) or not shape
+                or not all(_is_int(s) and s > 0 for s in shape)):
+            raise ValueError(f"{key} must be a non-empty list of positive ints, got {shape!r}")
+    if meta.get("recon") not in RECONS:
+        raise ValueError(f"recon must be one of {RECONS}, got {meta.get('recon')!r}")
+    beta = meta.get("beta")
+    if not (isinstance(beta, float) and math.isfinite(beta) or _is_int(beta) and abs(beta) < 2 ** 53):
+        raise ValueError(f"beta must be a finite number, got {beta!r}")
+    batch = meta.get("batch", "dynamic")
+    if batch != "dynamic" and not (_is_int(batch) and batch > 0):
+        raise ValueError(f"batch must be 'dynamic' or a positive int, got {batch!r}")
+    _check_part_table(meta, "parts", PARTS, quantized=False)
+    if "quantized" in meta:
+        _check_part_table(meta, "quantized", QUANTIZABLE_PARTS, quantized=True)
+
+
+def _check_part_table(meta, key, allowed, quantized):
+    """Each part names exactly its own file (nothing else in or outside the
+    directory can be loaded) with the SHA-256 the export recorded."""
+    table = meta.get(key)
+    if not isinstance(table, dict) or (not table and key == "parts"):
+        raise ValueError(f"{key} must be a non-empty object, got {type(table).__name__}")
+    for part, info in table.items():
+        if part not in allowed:
+            raise ValueError(f"{key}: unknown part {part!r} (known: {', '.join(allowed)})")
+        if not isinstance(info, dict):
+            raise ValueError(f"{key}.{part} must be an object, got {type(info).__name__}")
+        expected = part_file(part, quantized)
+        if info.get("file") != expected:
+            raise ValueError(f"{key}.{part}.file must be {expected!r}, got {info.get('file')!r}")
+        digest = info.get("sha256")
+        if not (isinstance(digest, str) and len(digest) == 64
+                and all(c in "0123456789abcdef" for c in digest)):
+            raise ValueError(f"{key}.{part}.sha256 must be the file's 64-digit hex SHA-256, "
+                             f"got {digest!r}")
 
 
 def _default_providers():
@@ -111,7 +152,9 @@ def _check_providers(providers):
 
 def open_session(path, providers, sha256=None):
     """An ``InferenceSession`` with all graph optimizations, or a clear error for
-    a missing or corrupt file."""
+    a missing or corrupt file (checked against ``sha256`` when given)."""
+    if os.path.islink(path):
+        raise ValueError(f"ONNX model file {path!r} is a symbolic link; an export holds plain files")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"ONNX model file {path!r} is missing")
     if sha256 is not None and sha256_of(path) != sha256:
@@ -175,7 +218,7 @@ class VAERuntime:
         self.recon = meta["recon"]
         self.beta = float(meta["beta"])
         batch = meta.get("batch", "dynamic")
-        self.static_batch = None if batch == "dynamic" else int(batch)
+        self.static_batch = None if batch == "dynamic" else batch
         self.providers = _check_providers(providers)
         self._sessions = {}
         for part, info in meta["parts"].items():
@@ -186,7 +229,7 @@ class VAERuntime:
                     raise ValueError(f"quantized=True but out_dir {self.out_dir!r} has no int8 "
                                      f"{part}; export with quantize=True")
             path = os.path.join(self.out_dir, info["file"])
-            self._sessions[part] = open_session(path, self.providers, info.get("sha256"))
+            self._sessions[part] = open_session(path, self.providers, info["sha256"])
             self._check_graph_io(part, path)
 
     def _check_graph_io(self, part, path):
@@ -197,6 +240,21 @@ class VAERuntime:
         if got_in != names_in or got_out != names_out:
             raise ValueError(f"ONNX model file {path!r} has inputs {got_in} and outputs {got_out}; "
                              f"a fastvae {part} has {names_in} and {names_out}")
+        # the sample shapes in metadata.json must be the graph's (fixed sizes are ints,
+        # the dynamic batch a name)
+        data, latent = ("input_shape", self.input_shape), ("latent_shape", self.latent_shape)
+        shapes = {"encoder": [data, latent, latent], "decoder": [latent, data], "scorer": [data, None]}
+        graph_batch = session.get_inputs()[0].shape[0]
+        if _is_int(graph_batch) and graph_batch != self.static_batch:
+            raise ValueError(f"{METADATA_FILE} says batch {self.metadata.get('batch', 'dynamic')!r} but "
+                             f"{path!r} takes batches of {graph_batch}")
+        for arg, want in zip([*session.get_inputs(), *session.get_outputs()], shapes[part]):
+            if want is None:
+                continue
+            got = tuple(arg.shape[1:])
+            if len(got) != len(want[1]) or any(_is_int(g) and g != w for g, w in zip(got, want[1])):
+                raise ValueError(f"{METADATA_FILE} says {want[0]} {list(want[1])} but {arg.name} of "
+                                 f"{path!r} has sample shape {list(got)}")
 
     @property
     def parts(self):

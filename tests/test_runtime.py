@@ -7,6 +7,7 @@ the exports and the references).
 """
 
 import csv
+import hashlib
 import json
 import os
 import subprocess
@@ -248,17 +249,21 @@ def test_corrupt_onnx_file(broken):
         VAERuntime(broken)
 
 
-def test_corrupt_onnx_file_without_recorded_hash_is_a_python_error(broken):
+def test_unloadable_or_misplaced_onnx_file_with_its_hash_is_a_python_error(broken):
+    """A file whose recorded hash matches but which onnxruntime cannot load, or
+    which is another part's graph: a ValueError, not onnxruntime's exception."""
     meta_path = broken / "metadata.json"
     meta = json.loads(meta_path.read_text())
-    for info in meta["parts"].values():
-        info.pop("sha256")
-    meta_path.write_text(json.dumps(meta))
-    (broken / "scorer.onnx").write_bytes(b"\x08\x07garbage, not a protobuf" * 50)
+
+    def replace_scorer(data):
+        (broken / "scorer.onnx").write_bytes(data)
+        meta["parts"]["scorer"]["sha256"] = hashlib.sha256(data).hexdigest()
+        meta_path.write_text(json.dumps(meta))
+
+    replace_scorer(b"\x08\x07garbage, not a protobuf" * 50)
     with pytest.raises(ValueError, match="scorer.onnx.* cannot be loaded"):
         VAERuntime(broken)
-    # a valid ONNX file of another part in the wrong place
-    (broken / "scorer.onnx").write_bytes((broken / "decoder.onnx").read_bytes())
+    replace_scorer((broken / "decoder.onnx").read_bytes())  # a valid graph of another part
     with pytest.raises(ValueError, match=r"inputs \('z',\).*a fastvae scorer has \('x',\)"):
         VAERuntime(broken)
 

@@ -7,19 +7,25 @@ On-disk layout of a checkpoint directory (what ``fastvae train --out DIR`` write
                  "optim.<i>.<key>" optimizer state tensors (training checkpoints)
                  "rng.<name>"      random generator states (uint8)
         header metadata (safetensors' str -> str dict):
-                 "format" = "fastvae-checkpoint-1"
+                 "format" = "fastvae-checkpoint-2"
                  "config" = JSON: {"model": model.config(), "train": {...} or absent}
+                 "sha256" = SHA-256 of the config and every tensor (``content_hash``)
     DIR/config.json              a readable copy of that JSON config
 
 The loader reads the config from the safetensors header, which is written in
 the same atomic step as the weights, so the two can never disagree.
-``config.json`` is for people and other tools.
+``config.json`` is for people and other tools. The hash catches flipped bytes
+(it is an integrity check, not a signature: whoever can write the file can
+rehash it). Before a model is built, its config is compared with the stored
+tensor shapes on PyTorch's meta device, which allocates nothing: a tampered
+config cannot make the loader allocate more than the file holds.
 
 Every file is written to a temporary file in the same directory, flushed to
 disk, then moved over the old one with ``os.replace``: a crash mid-save leaves
 the last good checkpoint in place.
 """
 
+import hashlib
 import json
 import os
 import tempfile
@@ -31,7 +37,7 @@ from safetensors.torch import save_file
 from fastvae._io import atomic_write, atomic_write_text
 from fastvae.models import model_from_config
 
-FORMAT = "fastvae-checkpoint-1"
+FORMAT = "fastvae-checkpoint-2"
 FILENAME = "checkpoint.safetensors"
 CONFIG_FILENAME = "config.json"
 
@@ -80,34 +86,85 @@ def save(directory, model, *, tensors=None, train=None):
     text = json.dumps(config, indent=1)
     all_tensors = {f"model.{k}": _cpu(v) for k, v in model.state_dict().items()}
     all_tensors.update({k: _cpu(v) for k, v in (tensors or {}).items()})
-    metadata = {"format": FORMAT, "config": text}
+    metadata = {"format": FORMAT, "config": text, "sha256": content_hash(text, all_tensors)}
     os.makedirs(directory, exist_ok=True)
     atomic_write(os.path.join(directory, FILENAME),
                  lambda tmp: save_file(all_tensors, tmp, metadata=metadata))
     atomic_write_text(os.path.join(directory, CONFIG_FILENAME), text + "\n")
 
 
+def content_hash(config_text, tensors):
+    """SHA-256 of a checkpoint's JSON config and of every tensor: name, dtype, shape, bytes."""
+    digest = hashlib.sha256(config_text.encode("utf-8"))
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        digest.update(f"\n{name}:{t.dtype}:{list(t.shape)}\n".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load(path):
-    """``(config, tensors)`` of a checkpoint (directory or file); tensors on CPU."""
+    """``(config, tensors)`` of a checkpoint (directory or file); tensors on CPU.
+    The stored hash is checked: a changed byte anywhere is a ``ValueError``."""
     file = checkpoint_file(path)
     try:
         with safe_open(file, framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as err:
+    except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as err:
         raise ValueError(f"{file} is not a readable safetensors checkpoint: {err}") from None
+    if metadata.get("format") == "fastvae-checkpoint-1":
+        raise ValueError(f"{file} was written by an older fastvae (format fastvae-checkpoint-1, no "
+                         f"integrity hash); this fastvae reads {FORMAT!r} only")
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{file} is not a fastvae checkpoint (format {metadata.get('format')!r}, "
                          f"expected {FORMAT!r})")
+    text = metadata.get("config")
+    if not isinstance(text, str):
+        raise ValueError(f"{file}: the checkpoint has no JSON config")
+    if metadata.get("sha256") != content_hash(text, tensors):
+        raise ValueError(f"{file} is corrupt: its config and tensors do not match the SHA-256 "
+                         f"recorded when it was saved")
     try:
-        config = json.loads(metadata["config"])
-    except (KeyError, json.JSONDecodeError) as err:
+        config = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"{file}: the checkpoint's JSON config is unreadable: {err}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ValueError(f"{file}: the checkpoint's config has no 'model' object")
     return config, tensors
 
 
 def model_state(tensors):
     return {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+
+
+def build_model(config, tensors, where):
+    """The model of ``config`` with the weights in ``tensors``, after checking on the
+    meta device (no memory) that the config's parameter shapes are the stored ones."""
+    try:
+        with torch.device("meta"):
+            skeleton = model_from_config(config)
+    except (TypeError, ValueError, KeyError, OverflowError, RuntimeError) as err:
+        raise ValueError(f"{where}: the model config is invalid: {err}") from None
+    check_weights(skeleton, model_state(tensors), where)
+    model = model_from_config(config)
+    model.load_state_dict(model_state(tensors))
+    return model
+
+
+def check_weights(model, weights, where):
+    """Refuse weights whose names or shapes are not ``model``'s, naming them."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in weights.items()}
+    problems = [f"missing {k}" for k in expected if k not in stored]
+    problems += [f"unexpected {k}" for k in stored if k not in expected]
+    problems += [f"{k} has shape {list(stored[k])}, the config needs {list(shape)}"
+                 for k, shape in expected.items() if k in stored and stored[k] != shape]
+    problems += [f"{k} has dtype {v.dtype}" for k, v in weights.items()
+                 if k in expected and not v.is_floating_point()]
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; and {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise ValueError(f"{where}: weights do not match its config: {shown}")
 
 
 def load_model(path, device="cpu"):
@@ -117,12 +174,7 @@ def load_model(path, device="cpu"):
     docstring for the layout on disk.
     """
     config, tensors = load(path)
-    model = model_from_config(config["model"])
-    try:
-        model.load_state_dict(model_state(tensors))
-    except RuntimeError as err:
-        raise ValueError(f"checkpoint {path}: weights do not match its config: {err}") from None
-    return model.to(device).eval()
+    return build_model(config["model"], tensors, f"checkpoint {path}").to(device).eval()
 
 
 def prepare_dir(path, what="--out"):

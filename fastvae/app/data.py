@@ -9,9 +9,12 @@ Sources (``load_data(source)``):
   shapes (N, D), (N, H, W) or (N, C, H, W); uint8 is divided by 255, floats are
   taken as they are (BCE models need them in [0, 1]: ``check_range``);
 - a directory of images (png, jpg, bmp, gif, tif, webp), read with Pillow as
-  grayscale; all must have one size.
+  grayscale and scaled to [0, 1] by their bit depth (8-bit / 255, 16-bit / 65535);
+  32-bit integer or float images are refused (their range is unknown); all must
+  have one size.
 """
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -64,6 +67,8 @@ def _as_images(name, x):
     if x.ndim not in (2, 4):
         raise ValueError(f"data {name!r}: expected shape (N, D), (N, H, W) or (N, C, H, W), "
                          f"got {x.shape}")
+    if 0 in x.shape[1:]:
+        raise ValueError(f"data {name!r}: each sample must hold values, got shape {x.shape}")
     if not np.isfinite(x).all():
         raise ValueError(f"data {name!r} contains NaN or infinite values")
     return x
@@ -93,6 +98,23 @@ def _load_array_file(path):
         raise ValueError(f"cannot read data file {path}: {err}") from None
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _grayscale_01(image, where):
+    """A Pillow image -> float32 (H, W) in [0, 1], scaled by its bit depth."""
+    if image.mode in SIXTEEN_BIT_MODES or (image.mode == "I" and image.format == "PNG"):
+        # 16-bit grayscale (older Pillows open 16-bit PNGs as 32-bit mode "I"): 0..65535
+        pixels = np.asarray(image, dtype=np.float32) / 65535.0
+        if pixels.min() < 0 or pixels.max() > 1:
+            raise ValueError(f"image {where}: 16-bit values outside 0..65535")
+        return pixels
+    if image.mode in ("I", "F"):
+        raise ValueError(f"image {where} has mode {image.mode!r} (32-bit integer or float pixels, "
+                         f"range unknown); save it as 8- or 16-bit grayscale")
+    return np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+
+
 def _load_image_folder(path):
     from PIL import Image, UnidentifiedImageError
 
@@ -101,11 +123,15 @@ def _load_image_folder(path):
         raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in directory {path}")
     images = []
     for f in files:
+        where = os.path.join(path, f)
         try:
-            with Image.open(os.path.join(path, f)) as im:
-                images.append(np.asarray(im.convert("L"), dtype=np.uint8))
+            with Image.open(where) as im:
+                images.append(_grayscale_01(im, where))
+        except Image.DecompressionBombError as err:
+            raise ValueError(f"image {where} is refused as a possible decompression bomb: "
+                             f"{err}") from None
         except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"cannot read image {os.path.join(path, f)}: {err}") from None
+            raise ValueError(f"cannot read image {where}: {err}") from None
         if images[-1].shape != images[0].shape:
             raise ValueError(f"images in {path} differ in size: {files[0]} is "
                              f"{images[0].shape[::-1]}, {f} is {images[-1].shape[::-1]} (W, H)")
@@ -163,3 +189,14 @@ def check_range(data, recon):
         if lo < 0 or hi > 1:
             raise ValueError(f"data {data.name!r} has values in [{lo:.4g}, {hi:.4g}] but recon "
                              f"{recon!r} needs them in [0, 1]: rescale the data or use --recon mse")
+
+
+def fingerprint(data):
+    """SHA-256 of the train and test tensors (shapes and values): what a resumed
+    run checks to know it trains on the same data as before."""
+    digest = hashlib.sha256()
+    for part in (data.train, data.test):
+        t = part.detach().to("cpu", torch.float32).contiguous()
+        digest.update(f"{list(t.shape)}\n".encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()

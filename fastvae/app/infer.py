@@ -10,6 +10,8 @@ import numpy as np
 from fastvae import _io
 from fastvae.runtime import VAERuntime
 
+MAX_OUTPUT_BYTES = 2 ** 31  # what one command computes and writes at once (float32 results)
+
 
 def add_arguments(parser):
     parser.add_argument("dir", help="directory written by `fastvae export`")
@@ -36,6 +38,11 @@ def run(args):
         raise ValueError(f"--out must end with {' or '.join(allowed)}, got {args.out!r}")
     rt = VAERuntime(args.dir, providers=args.providers, quantized=args.quantized)
     if args.sample is not None:
+        size = 4 * args.sample * max(math.prod(rt.input_shape), math.prod(rt.latent_shape))
+        if size > MAX_OUTPUT_BYTES:
+            raise ValueError(f"--sample {args.sample}: that many samples of shape {rt.input_shape} "
+                             f"are {size / 2**30:.3g} GiB; this command makes at most "
+                             f"{MAX_OUTPUT_BYTES / 2**30:g} GiB at once (run it several times)")
         result = rt.sample(args.sample, seed=args.seed)
     else:
         data = load_array(args.score if args.score is not None else args.reconstruct,
@@ -60,6 +67,8 @@ def load_array(path, sample_shape):
     """A float array of samples from a .npy file or a one-array .npz file. Flat
     samples (N, D) are reshaped to ``sample_shape`` when the sizes agree, and
     vice versa."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"data file {path!r} is a directory; give a .npy or .npz file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
     try:

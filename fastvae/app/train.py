@@ -13,7 +13,7 @@ import contextlib
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from fastvae import _validate
 from fastvae.app import checkpoint
-from fastvae.app.data import check_range, load_data
+from fastvae.app.data import check_range, fingerprint, load_data
 from fastvae.models import BY_KIND
 
 ANNEALING = ("none", "linear", "cyclical")
@@ -34,7 +34,7 @@ class TrainConfig:
     lr: float = 1e-3
     beta: float = 1.0
     anneal: str = "none"       # KL weight schedule: none, linear warm-up, cyclical
-    anneal_epochs: float = 10  # linear: epochs to ramp beta from 0
+    anneal_epochs: float = 10.0  # linear: epochs to ramp beta from 0
     cycles: int = 4            # cyclical: ramps over the run (each ramps over half its cycle)
     free_bits: float = 0.0     # nats per latent dimension not penalised
     seed: int = 0
@@ -67,8 +67,33 @@ def beta_at(cfg, epoch_progress):
     return cfg.beta
 
 
+# ---- seeds: every random stream of a run follows from --seed ------------------
+
+
+def noise_seed(seed, rank):
+    """Seed of process ``rank``'s reparameterization-noise generator (its own stream,
+    so that data-parallel processes draw different noise)."""
+    return seed * 1000 + 1 + rank
+
+
+def epoch_order_seed(seed, epoch):
+    """Seed of the data permutation of ``epoch``: the same on every process, and a
+    function of the epoch alone, so a resumed run shuffles as the uninterrupted one."""
+    return seed * 7919 + epoch
+
+
 def _world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def check_world(cfg, n_train, world):
+    """Every process must get a share of every batch."""
+    if cfg.batch_size < world:
+        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {world} processes; "
+                         f"each process takes a share of every batch")
+    if n_train < world:
+        raise ValueError(f"the data has {n_train} training sample(s), fewer than the {world} "
+                         f"processes; each process takes a share of every batch")
 
 
 @torch.no_grad()
@@ -80,96 +105,150 @@ def evaluate(model, x, batch_size=1024):
     return (total / len(x)).item()
 
 
-def check_resume(path, model):
-    """Load a checkpoint to resume from, refusing one of another architecture."""
-    config, tensors = checkpoint.load(path)
-    if config["model"] != model.config():
-        raise ValueError(f"--resume {path}: the checkpoint holds {config['model']} but this "
-                         f"command builds {model.config()}; pass the same model options")
-    if "train" not in config:
-        raise ValueError(f"--resume {path}: the checkpoint has no training state")
-    return config, tensors
+# ---- the training loop --------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What the steps of ``fit`` share."""
+    model: torch.nn.Module
+    net: torch.nn.Module        # what the steps call: the model, in DDP when there are several processes
+    optimizer: torch.optim.Optimizer
+    noise: torch.Generator      # this process's reparameterization noise
+    amp: bool                   # bf16 autocast
+    device: torch.device
+    rank: int
+    world: int
+    x_train: torch.Tensor       # the training data, on the device
+    steps_per_epoch: int
+    data: dict                  # {"name", "sha256": data.fingerprint}, saved with every checkpoint
 
 
 def fit(model, data, cfg, *, out=None, resume=None, device="cpu", progress=True):
     """Train ``model`` on ``data.train``; checkpoint into ``out``; return the history
-    (one dict per epoch). ``resume``: ``check_resume``'s result. Runs as DDP when
-    torch.distributed is initialised; a DDP run resumed with the same number of
-    processes continues exactly, with another number each process reseeds its noise."""
-    rank, world = _world()
-    if cfg.batch_size < world:
-        raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {world} processes; "
-                         f"each process takes a share of every batch")
-    device = torch.device(device)
-    model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    noise = torch.Generator(device).manual_seed(cfg.seed * 1000 + 1 + rank)
+    (one dict per epoch). ``resume``: ``(config, tensors)`` of a checkpoint checked by
+    ``check_resume``. Runs as DDP when torch.distributed is initialised; a DDP run
+    resumed with the same number of processes continues exactly, with another number
+    each process reseeds its noise."""
+    run = _set_up(model, data, cfg, torch.device(device))   # optimizer, noise generator, AMP
     state = {"epoch": 0, "step": 0, "history": []}
     if resume is not None:
-        config, tensors = resume
-        model.load_state_dict(checkpoint.model_state(tensors))
-        optimizer.load_state_dict(checkpoint.unflatten_optimizer(tensors, config["train"]["optimizer"]))
-        if f"rng.noise.{rank}" in tensors and config["train"]["world_size"] == world:
-            noise.set_state(tensors[f"rng.noise.{rank}"])
-        state = {k: config["train"][k] for k in state}
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    amp = cfg.amp == "on" or (cfg.amp == "auto" and device.type == "cuda"
-                              and torch.cuda.is_bf16_supported())
-    x_train, n = data.train.to(device), len(data.train)
-    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size) if world == 1 else n // cfg.batch_size)
-    desc = f"{type(model).__name__} on {data.name}"
-    # a live bar on a terminal; in a log (CI, nohup, a pipe) one line per epoch instead
-    # of a bar redrawn ten times a second into one endless line
-    report = progress and rank == 0
-    bar = tqdm(total=cfg.epochs * steps_per_epoch, initial=state["step"], unit="step",
-               disable=not report or not sys.stderr.isatty(), desc=desc)
+        state = _restore(run, *resume)                      # weights, Adam, noise, history
+    if run.world > 1:                                       # data-parallel, from the restored weights
+        run.net = torch.nn.parallel.DistributedDataParallel(model)
+    log = _ProgressLog(run, cfg, f"{type(model).__name__} on {data.name}", state["step"], progress)
     for epoch in range(state["epoch"], cfg.epochs):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        sums, count = torch.zeros(3, device=device), 0
-        for b in range(steps_per_epoch):
-            # every rank takes its share of the same global batch
-            x = x_train[order[b * cfg.batch_size:(b + 1) * cfg.batch_size][rank::world].to(device)]
-            beta = beta_at(cfg, state["step"] / steps_per_epoch) if model.is_vae else 0.0
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                parts = model.criterion(x, net(x, generator=noise), beta=beta,
-                                        free_bits=cfg.free_bits)
-            optimizer.zero_grad(set_to_none=True)
-            parts.loss.backward()
-            optimizer.step()
-            sums += torch.stack([p.detach().float() for p in parts]) * len(x)
-            count += len(x)
-            state["step"] += 1
-            bar.update()
-        sums = torch.cat([sums, torch.tensor([count], device=device, dtype=sums.dtype)])
-        if world > 1:
-            dist.all_reduce(sums)
-        loss, recon, kl = (sums[:3] / sums[3]).tolist()
-        state["history"].append({"epoch": epoch + 1, "loss": loss, "recon": recon, "kl": kl,
-                                 "beta": beta, "test_loss": evaluate(model, data.test.to(device))})
+        sums, beta = _train_one_epoch(run, cfg, state, epoch, log)   # shuffle, optimizer steps
+        record = _epoch_record(run, data, sums, epoch, beta)        # all-reduce, test loss
+        state["history"].append(record)
         state["epoch"] = epoch + 1
-        bar.set_postfix(loss=f"{loss:.3f}", recon=f"{recon:.3f}", kl=f"{kl:.3f}", beta=f"{beta:.2f}")
-        if report and bar.disable:
-            print(f"{desc}: epoch {epoch + 1}/{cfg.epochs} loss {loss:.3f} recon {recon:.3f} "
-                  f"kl {kl:.3f} beta {beta:.2f} test_loss {state['history'][-1]['test_loss']:.3f}",
-                  file=sys.stderr, flush=True)
+        log.epoch_done(record)
         if out is not None and (state["epoch"] % cfg.save_every == 0 or state["epoch"] == cfg.epochs):
-            _save(out, model, optimizer, noise, state, cfg, rank, world)
-    bar.close()
+            _save(out, run, state, cfg)                            # atomic checkpoint
+    log.close()
     return state["history"]
 
 
-def _save(out, model, optimizer, noise, state, cfg, rank, world):
-    noise_states = [noise.get_state()]
-    if world > 1:  # every rank's noise state, so a resumed DDP run continues exactly
-        noise_states = [None] * world
-        dist.all_gather_object(noise_states, noise.get_state())
-    if rank != 0:
+def _set_up(model, data, cfg, device):
+    """Move the model, make the optimizer and the noise generator, decide AMP."""
+    rank, world = _world()
+    check_world(cfg, len(data.train), world)
+    model.to(device)
+    n = len(data.train)
+    return _Run(
+        model=model,
+        net=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=cfg.lr),
+        noise=torch.Generator(device).manual_seed(noise_seed(cfg.seed, rank)),
+        amp=cfg.amp == "on" or (cfg.amp == "auto" and device.type == "cuda"
+                                and torch.cuda.is_bf16_supported()),
+        device=device, rank=rank, world=world, x_train=data.train.to(device),
+        # DDP drops the last partial batch: every process must take the same number of steps
+        steps_per_epoch=max(1, math.ceil(n / cfg.batch_size) if world == 1 else n // cfg.batch_size),
+        data={"name": data.name, "sha256": fingerprint(data)})
+
+
+def _restore(run, config, tensors):
+    """Load a checkpoint's weights, optimizer and noise states; return its progress."""
+    train = config["train"]
+    run.model.load_state_dict(checkpoint.model_state(tensors))
+    run.optimizer.load_state_dict(checkpoint.unflatten_optimizer(tensors, train["optimizer"]))
+    saved_noise = tensors.get(f"rng.noise.{run.rank}")
+    if saved_noise is not None and train["world_size"] == run.world:
+        run.noise.set_state(saved_noise)
+    return {"epoch": train["epoch"], "step": train["step"], "history": list(train["history"])}
+
+
+def _train_one_epoch(run, cfg, state, epoch, log):
+    """One pass over the shuffled training data; returns the (loss, recon, kl, count)
+    sums of this process and the last step's KL weight."""
+    n = len(run.x_train)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_order_seed(cfg.seed, epoch)))
+    sums, count = torch.zeros(3, device=run.device), 0
+    for b in range(run.steps_per_epoch):
+        # every process takes its share of the same global batch
+        x = run.x_train[order[b * cfg.batch_size:(b + 1) * cfg.batch_size][run.rank::run.world]
+                        .to(run.device)]
+        beta = beta_at(cfg, state["step"] / run.steps_per_epoch) if run.model.is_vae else 0.0
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=run.amp):
+            parts = run.model.criterion(x, run.net(x, generator=run.noise), beta=beta,
+                                        free_bits=cfg.free_bits)
+        run.optimizer.zero_grad(set_to_none=True)
+        parts.loss.backward()
+        run.optimizer.step()
+        sums += torch.stack([p.detach().float() for p in parts]) * len(x)
+        count += len(x)
+        state["step"] += 1
+        log.step()
+    return torch.cat([sums, torch.tensor([count], device=run.device, dtype=sums.dtype)]), beta
+
+
+def _epoch_record(run, data, sums, epoch, beta):
+    """The history entry of an epoch: means over all processes, and the test loss."""
+    if run.world > 1:
+        dist.all_reduce(sums)
+    loss, recon, kl = (sums[:3] / sums[3]).tolist()
+    return {"epoch": epoch + 1, "loss": loss, "recon": recon, "kl": kl, "beta": beta,
+            "test_loss": evaluate(run.model, data.test.to(run.device))}
+
+
+class _ProgressLog:
+    """A live bar on a terminal; in a log (CI, nohup, a pipe) one line per epoch instead
+    of a bar redrawn ten times a second into one endless line. Process 0 only."""
+
+    def __init__(self, run, cfg, desc, done_steps, enabled):
+        self.report = enabled and run.rank == 0
+        self.desc, self.epochs = desc, cfg.epochs
+        self.bar = tqdm(total=cfg.epochs * run.steps_per_epoch, initial=done_steps, unit="step",
+                        disable=not self.report or not sys.stderr.isatty(), desc=desc)
+
+    def step(self):
+        self.bar.update()
+
+    def epoch_done(self, r):
+        self.bar.set_postfix(loss=f"{r['loss']:.3f}", recon=f"{r['recon']:.3f}", kl=f"{r['kl']:.3f}",
+                             beta=f"{r['beta']:.2f}")
+        if self.report and self.bar.disable:
+            print(f"{self.desc}: epoch {r['epoch']}/{self.epochs} loss {r['loss']:.3f} recon "
+                  f"{r['recon']:.3f} kl {r['kl']:.3f} beta {r['beta']:.2f} test_loss "
+                  f"{r['test_loss']:.3f}", file=sys.stderr, flush=True)
+
+    def close(self):
+        self.bar.close()
+
+
+def _save(out, run, state, cfg):
+    noise_states = [run.noise.get_state()]
+    if run.world > 1:  # every process's noise state, so a resumed DDP run continues exactly
+        noise_states = [None] * run.world
+        dist.all_gather_object(noise_states, run.noise.get_state())
+    if run.rank != 0:
         return
-    tensors, optim_rest = checkpoint.flatten_optimizer(optimizer.state_dict())
+    tensors, optim_rest = checkpoint.flatten_optimizer(run.optimizer.state_dict())
     tensors.update({f"rng.noise.{r}": s for r, s in enumerate(noise_states)})
-    checkpoint.save(out, model, tensors=tensors,
+    checkpoint.save(out, run.model, tensors=tensors,
                     train={**state, "optimizer": optim_rest, "options": asdict(cfg),
-                           "world_size": world})
+                           "world_size": run.world, "data": run.data})
 
 
 @contextlib.contextmanager
@@ -202,64 +281,268 @@ def pick_device(name):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s)")
     return device
 
 
-def build_model(args, input_shape):
-    cls = BY_KIND[(args.model, args.arch)]
-    arch = {"hidden": tuple(args.hidden)} if args.arch == "mlp" else {"channels": tuple(args.channels)}
-    beta = args.beta if args.model == "vae" else 0.0
-    return cls(input_shape, latent_dim=args.latent_dim, recon=args.recon, beta=beta, **arch)
+# ---- options ------------------------------------------------------------------
+#
+# The options that define a run. On the command line they default to None, so that
+# the ones given explicitly are known: a fresh run fills in the defaults below, a
+# resumed run the options saved in its checkpoint (explicit ones must agree).
+
+MODEL_DEFAULTS = {"model": "vae", "arch": "mlp", "latent_dim": 8, "hidden": [256, 128],
+                  "channels": [32, 64], "recon": "bce_logits"}
+RUN_DEFAULTS = {"data": "digits", **MODEL_DEFAULTS, **asdict(TrainConfig())}
+# may differ on resume: more epochs extend the run; how often it saves does not change it;
+# the data may be given by another path (its content is checked by hash)
+RESUME_MAY_CHANGE = ("epochs", "save_every", "data")
+DEFAULT_OUT = os.path.join("runs", "train")
+
+
+def build_model(options, input_shape):
+    cls = BY_KIND[(options["model"], options["arch"])]
+    arch_key = "hidden" if options["arch"] == "mlp" else "channels"
+    beta = options["beta"] if options["model"] == "vae" else 0.0
+    return cls(input_shape, latent_dim=options["latent_dim"], recon=options["recon"], beta=beta,
+               **{arch_key: tuple(options[arch_key])})
+
+
+def check_model_fits(options, input_shape, device):
+    """Refuse, before allocating it, a model whose weights, gradients and Adam state
+    (4 float32 copies) exceed the memory of ``device``."""
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in build_model(options, input_shape).parameters())
+    need = 4 * 4 * n_params
+    if device.type == "cuda":
+        have = torch.cuda.get_device_properties(device).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        arch = "--hidden" if options["arch"] == "mlp" else "--channels"
+        raise ValueError(f"{arch} {' '.join(map(str, options[arch[2:]]))} and --latent-dim "
+                         f"{options['latent_dim']}: the model has {n_params:.3g} parameters, "
+                         f"{need / 2**30:.3g} GiB with gradients and Adam state; {device} has "
+                         f"{have / 2**30:.3g} GiB")
+
+
+def saved_options(config, where):
+    """The run options recorded in a training checkpoint's config."""
+    model, train = config["model"], config["train"]
+    kinds = {cls.__name__: kind for kind, cls in BY_KIND.items()}
+    kind = kinds.get(model.get("class"))
+    arch_key = "hidden" if kind is not None and kind[1] == "mlp" else "channels"
+    if kind is None or not isinstance(model.get(arch_key), list):
+        raise ValueError(f"{where}: the model config is invalid: {model!r}")
+    options = {"data": train["data"]["name"], "model": kind[0], "arch": kind[1],
+               "latent_dim": model.get("latent_dim"), "recon": model.get("recon"),
+               arch_key: model[arch_key], **train["options"]}
+    return options
+
+
+def resolve_options(explicit, saved=None):
+    """The options of the run: defaults (or ``saved``, resuming) overridden by the
+    ``explicit`` ones, which must agree with ``saved`` unless in ``RESUME_MAY_CHANGE``."""
+    if saved is None:
+        return {**RUN_DEFAULTS, **explicit}
+    relevant = set(RUN_DEFAULTS) - {"channels" if saved["arch"] == "mlp" else "hidden"}
+    for name, value in explicit.items():
+        if name in relevant and name not in RESUME_MAY_CHANGE and not _same(value, saved[name]):
+            flag = "--" + name.replace("_", "-")
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            was = " ".join(map(str, saved[name])) if isinstance(saved[name], list) else saved[name]
+            raise ValueError(f"{flag} {shown} differs from the resumed run's {flag} {was}; a resumed "
+                             f"run keeps its options (leave {flag} out)")
+    options = {**RUN_DEFAULTS, **saved, **{k: v for k, v in explicit.items() if k in RESUME_MAY_CHANGE}}
+    done = saved["epochs"]
+    if options["epochs"] != done and options["anneal"] == "cyclical":
+        raise ValueError(f"--epochs {options['epochs']}: the run's cyclical beta schedule spans its "
+                         f"{done} epochs, so a longer run would not continue it; resume with "
+                         f"--epochs {done}")
+    return options
+
+
+def _same(given, saved):
+    if isinstance(given, list) or isinstance(saved, list):
+        return isinstance(given, list) and isinstance(saved, list) and list(given) == list(saved)
+    if isinstance(given, float) or isinstance(saved, float):
+        return isinstance(saved, (int, float)) and float(given) == float(saved)
+    return given == saved
 
 
 def add_arguments(parser):
     a = parser.add_argument
-    a("--data", default="digits", help="digits (default), mnist, fashion-mnist, a .npy/.npz file "
-      "or a folder of images")
+    d = RUN_DEFAULTS
+    a("--data", help="digits (default), mnist, fashion-mnist, a .npy/.npz file or a folder of images")
     a("--data-root", default="data", help="where torchvision data sets live (default: data)")
     a("--download", action="store_true", help="let torchvision download mnist/fashion-mnist")
-    a("--model", choices=("vae", "ae"), default="vae")
-    a("--arch", choices=("mlp", "conv"), default="mlp")
-    a("--latent-dim", type=int, default=8)
-    a("--hidden", type=int, nargs="+", default=[256, 128], help="MLP hidden sizes")
-    a("--channels", type=int, nargs="+", default=[32, 64], help="conv channels per level")
-    a("--recon", choices=_validate.RECONS, default="bce_logits")
-    defaults = TrainConfig()
-    for name, value in asdict(defaults).items():
-        if name in ("anneal", "amp"):
-            a(f"--{name}", choices=ANNEALING if name == "anneal" else ("auto", "on", "off"),
-              default=value)
+    a("--model", choices=("vae", "ae"), help=f"(default: {d['model']})")
+    a("--arch", choices=("mlp", "conv"), help=f"(default: {d['arch']})")
+    a("--latent-dim", type=int, help=f"(default: {d['latent_dim']})")
+    a("--hidden", type=int, nargs="+", help="MLP hidden sizes (default: 256 128)")
+    a("--channels", type=int, nargs="+", help="conv channels per level (default: 32 64)")
+    a("--recon", choices=_validate.RECONS, help=f"(default: {d['recon']})")
+    for field in fields(TrainConfig):
+        flag = f"--{field.name.replace('_', '-')}"
+        default = f"(default: {d[field.name]})"
+        if field.name in ("anneal", "amp"):
+            a(flag, choices=ANNEALING if field.name == "anneal" else ("auto", "on", "off"), help=default)
         else:
-            a(f"--{name.replace('_', '-')}", type=type(value), default=value)
+            a(flag, type=field.type, help=default)
     a("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    a("--out", default="runs/train", help="checkpoint directory (default: runs/train)")
-    a("--resume", metavar="CHECKPOINT", help="continue from this checkpoint (dir or file)")
+    a("--out", help=f"checkpoint directory (default: {DEFAULT_OUT}, or the --resume directory)")
+    a("--resume", metavar="CHECKPOINT",
+      help="continue the run saved in this checkpoint (dir or file) with its options, in its directory")
     a("--no-progress", action="store_true", help="no progress bar")
 
 
+def check_resume(path, device):
+    """Load a training checkpoint to resume: its config, tensors and model, every
+    part checked so that a damaged or tampered file is a clear error, not a crash
+    mid-training."""
+    where = f"--resume {path}"
+    config, tensors = checkpoint.load(path)
+    train = config.get("train")
+    if not isinstance(train, dict):
+        raise ValueError(f"{where}: the checkpoint has no training state")
+    _check_train_fields(train, where)
+    options = saved_options(config, where)
+    try:
+        TrainConfig(**train["options"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: the saved options are invalid: {err}") from None
+    model = checkpoint.build_model(config["model"], tensors, where)
+    _check_extra_tensors(model, tensors, train, where, device)
+    return config, tensors, model, options
+
+
+def _check_train_fields(train, where):
+    def need(key, ok, what):
+        if key not in train or not ok(train[key]):
+            raise ValueError(f"{where}: the checkpoint's train.{key} must be {what}, got "
+                             f"{train.get(key, 'nothing')!r:.80}")
+
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    need("epoch", count, "a count")
+    need("step", count, "a count")
+    need("world_size", lambda v: count(v) and v >= 1, "a positive int")
+    need("history", lambda v: isinstance(v, list) and len(v) == train["epoch"]
+         and all(isinstance(e, dict) for e in v), f"a list of {train['epoch']} epoch records")
+    need("options", lambda v: isinstance(v, dict) and set(v) == {f.name for f in fields(TrainConfig)},
+         "the training options")
+    need("optimizer", lambda v: isinstance(v, dict) and isinstance(v.get("param_groups"), list)
+         and isinstance(v.get("state"), dict), "Adam's state")
+    need("data", lambda v: isinstance(v, dict) and isinstance(v.get("name"), str)
+         and isinstance(v.get("sha256"), str), "the data's name and hash")
+
+
+ADAM_STATE = {"step": (), "exp_avg": None, "exp_avg_sq": None}  # None: the parameter's shape
+
+
+def _check_extra_tensors(model, tensors, train, where, device):
+    """Optimizer and generator tensors: names, shapes and sizes a run can load."""
+    params = list(model.parameters())
+    noise_size = torch.Generator(device).get_state().numel()
+    state = {}
+    for name, t in tensors.items():
+        if name.startswith("model."):
+            continue
+        parts = name.split(".")
+        if name.startswith("optim.") and len(parts) == 3 and parts[1].isdigit() and parts[2] in ADAM_STATE:
+            index, key = int(parts[1]), parts[2]
+            if index >= len(params):
+                raise ValueError(f"{where}: optimizer tensor {name} is for parameter {index}; the "
+                                 f"model has {len(params)}")
+            shape = ADAM_STATE[key] if ADAM_STATE[key] is not None else tuple(params[index].shape)
+            if tuple(t.shape) != shape:
+                raise ValueError(f"{where}: optimizer tensor {name} has shape {list(t.shape)}, "
+                                 f"expected {list(shape)}")
+            state.setdefault(index, set()).add(key)
+        elif (name.startswith("rng.noise.") and len(parts) == 3 and parts[2].isdigit()
+              and int(parts[2]) < train["world_size"]):
+            if t.dtype != torch.uint8 or t.dim() != 1 or t.numel() != noise_size:
+                raise ValueError(f"{where}: {name} holds {t.numel()} values of {t.dtype}; a "
+                                 f"{device.type} generator state is {noise_size} uint8 values (was "
+                                 f"the run on another device type?)")
+        else:
+            raise ValueError(f"{where}: unexpected tensor {name} in the checkpoint")
+    missing = [f"rng.noise.{r}" for r in range(train["world_size"]) if f"rng.noise.{r}" not in tensors]
+    missing += [f"optim.{i}.{key}" for i, keys in state.items() for key in ADAM_STATE if key not in keys]
+    if missing:
+        raise ValueError(f"{where}: the checkpoint lacks {', '.join(missing[:4])}"
+                         + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))
+    if train["optimizer"]["state"]:
+        raise ValueError(f"{where}: unexpected non-tensor optimizer state "
+                         f"{train['optimizer']['state']!r:.80}")
+    groups = train["optimizer"]["param_groups"]
+    if (len(groups) != 1 or not isinstance(groups[0], dict)
+            or groups[0].get("params") != list(range(len(params)))
+            or not all(_is_number(groups[0].get(k)) for k in ("lr", "eps", "weight_decay"))
+            or not (isinstance(groups[0].get("betas"), list) and len(groups[0]["betas"]) == 2
+                    and all(map(_is_number, groups[0]["betas"])))):
+        raise ValueError(f"{where}: the optimizer's param_groups are not one Adam group over the "
+                         f"model's {len(params)} parameters: {groups!r:.120}")
+    try:
+        optimizer = torch.optim.Adam(params)
+        optimizer.load_state_dict(checkpoint.unflatten_optimizer(tensors, train["optimizer"]))
+    except (ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise ValueError(f"{where}: the optimizer state does not fit the model: {err}") from None
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def run(args):
-    cfg = TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig())})
-    if args.model == "ae" and (args.free_bits or args.anneal != "none"):
-        raise ValueError("--free-bits and --anneal apply to VAEs (--model vae) only")
-    data = load_data(args.data, root=args.data_root, download=args.download)
-    check_range(data, args.recon)
-    torch.manual_seed(cfg.seed)
-    model = build_model(args, data.input_shape)
-    resume = check_resume(args.resume, model) if args.resume else None
+    explicit = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
     device = pick_device(args.device)
-    checkpoint.prepare_dir(args.out)
+    resume = None
+    if args.resume:
+        config, tensors, model, saved = check_resume(args.resume, device)
+        options = resolve_options(explicit, saved)
+        out = os.path.dirname(os.path.abspath(checkpoint.checkpoint_file(args.resume)))
+        if args.out is not None and os.path.realpath(args.out) != os.path.realpath(out):
+            raise ValueError(f"--out {args.out}: a resumed run writes back to its own directory "
+                             f"{out} (leave --out out)")
+        resume = (config, tensors)
+    else:
+        options = resolve_options(explicit)
+        out = args.out if args.out is not None else DEFAULT_OUT
+    cfg = TrainConfig(**{f.name: options[f.name] for f in fields(TrainConfig)})
+    if options["model"] == "ae" and (cfg.free_bits or cfg.anneal != "none"):
+        raise ValueError("--free-bits and --anneal apply to VAEs (--model vae) only")
+    data = load_data(options["data"], root=args.data_root, download=args.download)
+    check_range(data, options["recon"])
+    if resume is None:
+        check_model_fits(options, data.input_shape, device)
+        torch.manual_seed(cfg.seed)
+        model = build_model(options, data.input_shape)
+    elif fingerprint(data) != resume[0]["train"]["data"]["sha256"]:
+        raise ValueError(f"--data {options['data']}: differs from the data the run was trained on "
+                         f"({resume[0]['train']['data']['name']}); its hash does not match")
+    elif cfg.epochs < resume[0]["train"]["epoch"]:
+        raise ValueError(f"--epochs {cfg.epochs}: the resumed run has already trained "
+                         f"{resume[0]['train']['epoch']} epochs")
+    checkpoint.prepare_dir(out)
     with distributed(device) as device:
-        history = fit(model, data, cfg, out=args.out, resume=resume, device=device,
+        history = fit(model, data, cfg, out=out, resume=resume, device=device,
                       progress=not args.no_progress)
         if _world()[0] == 0:
             if history:
                 last = history[-1]
                 print(f"epoch {last['epoch']}/{cfg.epochs}: loss {last['loss']:.4g} (recon "
                       f"{last['recon']:.4g}, KL {last['kl']:.4g}), test loss {last['test_loss']:.4g}")
-            print(f"checkpoint: {os.path.join(args.out, checkpoint.FILENAME)}")
-            print(f"config:     {os.path.join(args.out, checkpoint.CONFIG_FILENAME)}")
+            print(f"checkpoint: {os.path.join(out, checkpoint.FILENAME)}")
+            print(f"config:     {os.path.join(out, checkpoint.CONFIG_FILENAME)}")
     return 0

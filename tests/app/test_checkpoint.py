@@ -110,8 +110,10 @@ def test_load_errors(tmp_path):
     mismatched = tmp_path / "mismatched.safetensors"
     model = MLPAutoencoder((6,), latent_dim=2, hidden=(4,))
     config = json.dumps({"model": MLPAutoencoder((6,), latent_dim=3, hidden=(4,)).config()})
-    save_file({f"model.{k}": v for k, v in model.state_dict().items()}, str(mismatched),
-              metadata={"format": checkpoint.FORMAT, "config": config})
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    save_file(tensors, str(mismatched), metadata={
+        "format": checkpoint.FORMAT, "config": config,
+        "sha256": checkpoint.content_hash(config, tensors)})  # consistent, but the wrong shapes
     with pytest.raises(ValueError, match="weights do not match its config"):
         checkpoint.load_model(mismatched)
     with safe_open(str(mismatched), framework="pt") as f:  # the file itself is fine

@@ -141,7 +141,7 @@ def test_resume_of_another_architecture_is_refused(tmp_path, capsys):
     for other in (["--arch", "conv"], ["--model", "ae"], ["--latent-dim", "5"]):
         code = cli.main(["train", "--out", str(tmp_path / "vae"), *SMALL, *other, "--epochs", "2",
                          "--resume", str(tmp_path / "vae")])
-        _rejected(capsys, code, "pass the same model options")
+        _rejected(capsys, code, "differs from the resumed run")
     assert (tmp_path / "vae" / checkpoint.FILENAME).read_bytes() == before
 
 
@@ -199,3 +199,14 @@ def test_progress_in_a_log_is_one_line_per_epoch(tmp_path, capsys):
     lines = [line for line in err.splitlines() if line.strip()]
     assert [line.split(": epoch ")[1].split()[0] for line in lines] == ["1/3", "2/3", "3/3"]
     assert "\r" not in err and all("test_loss" in line for line in lines)
+
+
+def test_anneal_epochs_takes_a_fraction(tmp_path):
+    """--anneal-epochs is a float (its default used to be the int 10, so argparse took ints only)."""
+    assert train(tmp_path, "--epochs", "1", "--anneal", "linear", "--anneal-epochs", "1.5") == 0
+    config = checkpoint.load(tmp_path)[0]["train"]
+    assert config["options"]["anneal_epochs"] == 1.5
+    steps = config["step"]
+    assert config["history"][0]["beta"] == pytest.approx(beta_at(TrainConfig(anneal="linear",
+                                                                             anneal_epochs=1.5),
+                                                                  (steps - 1) / steps))
