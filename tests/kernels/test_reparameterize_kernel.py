@@ -116,6 +116,8 @@ def test_gradients_follow_the_regenerated_noise(backends, device, with_kl, clamp
         kl_ref = backends.torch(fastvae.kl_divergence, mu.detach(), logvar.detach(),
                                 reduction="none", logvar_clamp=clamp)
         torch.testing.assert_close(kl, kl_ref)
+        kl64 = ref.per_sample(ref.kl_elementwise(mu.detach().cpu(), logvar.detach().cpu(), clamp))
+        torch.testing.assert_close(kl.cpu().double(), kl64, rtol=1e-5, atol=1e-5)
     if clamp is not None:
         clamped = (logvar.detach() < clamp[0]) | (logvar.detach() > clamp[1])
         assert clamped.any() and (grad_logvar[clamped] == 0).all()
@@ -162,6 +164,8 @@ def test_half_precision(backends, device, dtypes):
                                atol=1e-5)
     kl_ref = backends.torch(fastvae.kl_divergence, mu, logvar, reduction="none")
     torch.testing.assert_close(kl, kl_ref)
+    torch.testing.assert_close(kl.cpu().double(), ref.per_sample(ref.kl_elementwise(mu.cpu(), logvar.cpu())),
+                               rtol=1e-5, atol=1e-5)
     grad_z = torch.randn(mu.shape, device=device).to(z_dtype)
     grad_mu, grad_logvar = backends.kernels(kernels.reparameterize_backward, grad_z, None, mu,
                                             logvar, 42, None, None)
