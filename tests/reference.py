@@ -56,3 +56,26 @@ def vae_loss(x_hat, x, mu, logvar, recon, beta, reduction, logvar_clamp=None):
 
 def normal_cdf(v):
     return 0.5 * (1 + math.erf(v / math.sqrt(2)))
+
+
+# ---- the sampling distribution of a standard normal sample's mean and std ----
+
+NOISE_SAMPLES = 10**6  # enough that a noise scaled by 1.01 is more than 10 standard errors off
+
+
+def standard_normal_bounds(n, standard_errors=5.0):
+    """Bounds on |mean| and |std - 1| of n independent N(0, 1) draws: the sample
+    mean has standard error 1 / sqrt(n); the sample std, asymptotically normal,
+    has variance (kurtosis - 1) / (4 n) = 1 / (2 n) for a normal (kurtosis 3)."""
+    return standard_errors / math.sqrt(n), standard_errors * math.sqrt(0.5 / n)
+
+
+def assert_standard_normal(samples, min_samples=NOISE_SAMPLES):
+    """Mean 0 and std 1 within 5 standard errors, on at least ``min_samples`` draws."""
+    samples = samples.detach().double().flatten().cpu()
+    n = samples.numel()
+    assert n >= min_samples, f"{n} draws cannot resolve a 1% error in the noise scale"
+    mean_bound, std_bound = standard_normal_bounds(n)
+    mean, std = samples.mean().item(), samples.std().item()
+    assert abs(mean) < mean_bound, f"mean {mean:.5f} of {n} draws, bound {mean_bound:.5f}"
+    assert abs(std - 1.0) < std_bound, f"std {std:.5f} of {n} draws, bound 1 +- {std_bound:.5f}"

@@ -18,10 +18,14 @@ def test_forced_backends(monkeypatch):
     monkeypatch.setenv("FASTVAE_BACKEND", "torch")
     assert _dispatch.backend_for(t) == "torch"
     monkeypatch.setenv("FASTVAE_BACKEND", "TRITON")
-    if _dispatch.triton_available():
-        assert _dispatch.backend_for(t) == "triton"
+    monkeypatch.setattr(_dispatch, "triton_available", lambda: True)
+    assert _dispatch.backend_for(t) == "triton"
     # float64 always takes the PyTorch path
     assert _dispatch.backend_for(t.double()) == "torch"
+    # forcing triton where it is not installed is an error, not a silent fallback
+    monkeypatch.setattr(_dispatch, "triton_available", lambda: False)
+    with pytest.raises(RuntimeError, match="FASTVAE_BACKEND=triton but triton is not installed"):
+        _dispatch.backend_for(t)
 
 
 def test_bad_backend_name(monkeypatch):

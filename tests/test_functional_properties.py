@@ -22,7 +22,7 @@ def draw_inputs(recon, shape, seed):
     return x_hat, x, torch.randn(z_shape, generator=g) * 2, torch.randn(z_shape, generator=g) * 2
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)  # the same examples on every run
 @given(recon=st.sampled_from(["mse", "l1", "bce", "bce_logits"]), shape=shapes,
        beta=st.floats(0, 10), seed=st.integers(0, 2**31))
 def test_reductions_agree_and_match_formula(recon, shape, beta, seed):

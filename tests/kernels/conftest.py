@@ -16,9 +16,19 @@ import torch
 from fastvae import _dispatch
 
 # Where the kernels can run in this process: on CPU tensors only under the
-# interpreter (set by tests/conftest.py when there is no GPU), otherwise on the
-# GPU. A CUDA machine runs them compiled, so its CPU runs are left to CI.
-KERNEL_DEVICES = ["cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else ["cuda"]
+# interpreter (set by tests/conftest.py when there is no GPU), on CUDA tensors
+# only compiled on a GPU. Both cases are always generated; the one that cannot
+# run here shows as skipped, with the reason.
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+KERNEL_DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        not _INTERPRETED, reason="kernels on CPU tensors need TRITON_INTERPRET=1 (here they "
+                                 "run compiled on the GPU; CI runs the interpreter)")),
+    pytest.param("cuda", marks=pytest.mark.skipif(
+        _INTERPRETED or not torch.cuda.is_available(),
+        reason="compiled kernels need a CUDA GPU" if not torch.cuda.is_available()
+        else "TRITON_INTERPRET=1: the kernels run interpreted on CPU tensors")),
+]
 
 
 @pytest.fixture(params=KERNEL_DEVICES)

@@ -1,4 +1,5 @@
-"""The fused loss kernel (kernels/vae_loss.py), held to the PyTorch path.
+"""The fused loss kernel (kernels/vae_loss.py), held to the PyTorch path and,
+where a scale shared by both could hide, to tests/reference.py (float64, from the math).
 
 Values and gradients through the public API for every recon x reduction x
 beta, odd sizes, 4-D shapes, split reductions, non-contiguous and
@@ -9,6 +10,7 @@ path and the core's input errors.
 import contextlib
 
 import pytest
+import reference as ref
 import torch
 
 import fastvae
@@ -59,6 +61,24 @@ def assert_all_close(actual, expected, rtol=1e-5, atol=1e-5):
         torch.testing.assert_close(a, e, rtol=rtol, atol=atol)
 
 
+def reference_loss_and_grads(x_hat, x, mu, logvar, weights=None, recon="mse", reduction="sum",
+                             beta=1.0, logvar_clamp=None):
+    """``loss_and_grads`` from tests/reference.py in float64 (gradients by autograd of the
+    textbook formulas), independent of both backends and their shared reduction scales."""
+    leaves = [t.detach().cpu().double().requires_grad_() for t in (x_hat, x, mu, logvar)]
+    parts = ref.vae_loss(*leaves, recon, float(beta), reduction, logvar_clamp)
+    total = parts[0].sum() if weights is None else sum(
+        (p * w.cpu().double()).sum() for p, w in zip(parts, weights))
+    return tuple(p.detach() for p in parts), torch.autograd.grad(total, leaves)
+
+
+def assert_matches_reference(actual, expected, rtol=1e-5, atol=1e-5):
+    """Kernel results (any dtype and device) against float64 reference values."""
+    for a, e in zip(actual, expected):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a.detach().cpu().double(), e, rtol=rtol, atol=atol)
+
+
 @pytest.mark.parametrize("beta_kind", ["float", "tensor"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("recon", RECONS)
@@ -73,6 +93,9 @@ def test_matches_pytorch_path(backends, device, recon, reduction, beta_kind):
     assert k_parts[0].shape == ((3,) if reduction == "none" else ())
     assert_all_close(k_parts, t_parts)
     assert_all_close(k_grads, t_grads)
+    r_parts, r_grads = reference_loss_and_grads(*inputs, weights, **options)
+    assert_matches_reference(k_parts, r_parts)
+    assert_matches_reference(k_grads, r_grads)
 
 
 @pytest.mark.parametrize("max_block,max_rows,max_iters", [(4, 1, 2), (8, 2, 1), (64, 4, 1)])
@@ -90,6 +113,9 @@ def test_reduction_split_over_many_programs(backends, device, split, recon, redu
     t_parts, t_grads = backends.torch(loss_and_grads, *inputs, weights, **options)
     assert_all_close(k_parts, t_parts)
     assert_all_close(k_grads, t_grads)
+    r_parts, r_grads = reference_loss_and_grads(*inputs, weights, **options)
+    assert_matches_reference(k_parts, r_parts)
+    assert_matches_reference(k_grads, r_grads)
 
 
 def test_one_element_per_sample(backends, device):
@@ -142,14 +168,16 @@ def test_half_precision_and_mixed_dtypes(backends, device, recon, dtypes):
         t_parts, t_grads = backends.torch(loss_and_grads, *inputs, **options)
         assert all(p.dtype == torch.float32 for p in k_parts)
         assert_all_close(k_parts, t_parts)
+        # the half inputs, exactly as given, through the float64 formulas
+        assert_matches_reference(k_parts, reference_loss_and_grads(*inputs, **options)[0])
         # Gradients are computed in float32 and rounded once to the input's dtype:
         # at most one unit in the last place apart (the interpreter truncates).
         # x's gradient for mse/l1 is -(x_hat's), so it carries x_hat's precision.
         rtols = [ULP_RTOL[t.dtype] for t in inputs]
         rtols[1] = max(rtols[0], rtols[1])
-        for grad, ref, t, rtol in zip(k_grads, t_grads, inputs, rtols):
+        for grad, want, t, rtol in zip(k_grads, t_grads, inputs, rtols):
             assert grad.dtype == t.dtype
-            torch.testing.assert_close(grad.float(), ref.float(), rtol=rtol, atol=1e-6)
+            torch.testing.assert_close(grad.float(), want.float(), rtol=rtol, atol=1e-6)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
@@ -162,6 +190,9 @@ def test_logvar_clamp(backends, device, reduction):
     t_parts, t_grads = backends.torch(loss_and_grads, x_hat, x, mu, logvar, weights, **options)
     assert_all_close(k_parts, t_parts)
     assert_all_close(k_grads, t_grads)
+    r_parts, r_grads = reference_loss_and_grads(x_hat, x, mu, logvar, weights, **options)
+    assert_matches_reference(k_parts, r_parts)
+    assert_matches_reference(k_grads, r_grads)
     clamped = (logvar < -2.0) | (logvar > 3.0)
     assert clamped.any() and (k_grads[3][clamped] == 0).all() and (k_grads[3][~clamped] != 0).all()
 
@@ -184,18 +215,30 @@ def test_extreme_values_stay_finite_and_match(backends, device):
 
 def test_beta_tensor_forms(backends, device):
     inputs = make_inputs(device, recon="bce_logits")
-    ref, _ = backends.torch(loss_and_grads, *inputs, recon="bce_logits", beta=0.25)
-    # a float64 beta on the data's device is read by the kernel; a CPU beta with
-    # CUDA data is read on the host
+    expected, _ = backends.torch(loss_and_grads, *inputs, recon="bce_logits", beta=0.25)
+    # a beta on the data's device (float64 or float32) is read by the kernel; a CPU beta
+    # is read on the host when the data is on CUDA (the cuda case; without a GPU,
+    # test_cpu_beta_with_cuda_data_is_read_on_the_host checks that choice)
     for beta in (torch.tensor(0.25, dtype=torch.float64, device=device), torch.tensor(0.25)):
         parts, _ = backends.kernels(loss_and_grads, *inputs, recon="bce_logits", beta=beta)
-        assert_all_close(parts, ref)
+        assert_all_close(parts, expected)
     # a learnable beta gets d loss / d beta = kl
     beta = torch.tensor(0.25, device=device, requires_grad=True)
     loss, _, kl = backends.kernels(fastvae.vae_loss, *inputs, recon="bce_logits", beta=beta,
                                    return_parts=True)
     (grad_beta,) = torch.autograd.grad(loss, beta)
     torch.testing.assert_close(grad_beta, kl.detach())
+
+
+def test_cpu_beta_with_cuda_data_is_read_on_the_host():
+    """Which beta the kernel reads (a pointer or a float), decided without a GPU."""
+    from fastvae.kernels.vae_loss import _beta_arguments
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert _beta_arguments(torch.tensor(0.25, dtype=torch.float64), 0.0, cuda) == (None, 0.25)
+    on_data = torch.tensor(0.5)
+    assert _beta_arguments(on_data, 0.0, cpu) == (on_data, 0.0)
+    assert _beta_arguments(None, 0.75, cuda) == (None, 0.75)
 
 
 @pytest.mark.parametrize("clamp", [None, (-1.0, 0.5)])
@@ -209,8 +252,12 @@ def test_kl_divergence_matches_pytorch_path(backends, device, reduction, clamp):
         kl = fastvae.kl_divergence(mu, logvar, reduction=reduction, logvar_clamp=clamp)
         return (kl.detach(), *torch.autograd.grad((kl * w).sum(), (mu, logvar)))
 
-    assert_all_close(backends.kernels(kl_and_grads, mu, logvar),
-                     backends.torch(kl_and_grads, mu, logvar))
+    k = backends.kernels(kl_and_grads, mu, logvar)
+    assert_all_close(k, backends.torch(kl_and_grads, mu, logvar))
+    mu64, logvar64 = (t.cpu().double().requires_grad_() for t in (mu, logvar))
+    kl64 = ref.reduce(ref.kl_elementwise(mu64, logvar64, clamp), reduction)
+    grads64 = torch.autograd.grad((kl64 * w.cpu().double()).sum(), (mu64, logvar64))
+    assert_matches_reference(k, (kl64.detach(), *grads64))
 
 
 def test_gaussian_posterior_kl_uses_the_kernels(backends, device, monkeypatch):
