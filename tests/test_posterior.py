@@ -1,6 +1,7 @@
 """GaussianPosterior against the diagonal-Gaussian formulas."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -281,3 +282,20 @@ def test_bad_semantics_and_other():
         GaussianPosterior(params(), semantics="torch")
     with pytest.raises(TypeError, match="anything with mean and logvar tensors"):
         GaussianPosterior(params()).kl(object())
+
+
+@pytest.mark.skipif(os.environ.get("FASTVAE_BACKEND") == "triton",
+                    reason="kl(other) is plain PyTorch: the default-backend run covers it")
+def test_kl_gradient_stays_accurate_under_torch_compile(one_thread):
+    # the rounding-error term must survive the compiler (no reassociation of the float adds)
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(21)
+    lv, olv = 19 + torch.rand(2, 16, generator=g), -30 + torch.rand(2, 16, generator=g)
+    m, om = torch.randn(2, 16, generator=g), torch.randn(2, 16, generator=g)
+    a, b = torch.cat([m, lv], 1).requires_grad_(), torch.cat([om, olv], 1).requires_grad_()
+    kl = torch.compile(lambda a, b: GaussianPosterior(a).kl(GaussianPosterior(b)), fullgraph=True)(a, b)
+    kl.sum().backward()
+    ratio = torch.exp(lv.double() - olv.double())
+    want_olv = 0.5 * (1 - ratio - (m.double() - om.double()) ** 2 / olv.double().exp())
+    for got, want in ((a.grad[:, 16:], 0.5 * (ratio - 1)), (b.grad[:, 16:], want_olv)):
+        assert ((got.double() - want).abs() / want.abs()).max().item() < 4e-7
