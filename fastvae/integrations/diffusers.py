@@ -27,7 +27,7 @@ from fastvae.posterior import SEMANTICS, GaussianPosterior
 
 try:
     from diffusers.models.autoencoders import vae as _diffusers_vae
-except ImportError as e:  # pragma: no cover - exercised only without the extra
+except ImportError as e:
     raise ImportError(
         "fastvae.integrations.diffusers needs diffusers: pip install 'fastvae[diffusers]'") from e
 

@@ -8,6 +8,7 @@ rounding.
 """
 
 import copy
+import pathlib
 import subprocess
 import sys
 
@@ -27,6 +28,7 @@ from fastvae.integrations import diffusers as fastvae_diffusers  # noqa: E402
 DiagonalGaussianDistribution = fastvae_diffusers.DiagonalGaussianDistribution  # diffusers' own class
 Fused = fastvae_diffusers.FusedDiagonalGaussianDistribution
 KL_SCALE = 1e-3
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def tiny_autoencoder_kl(seed=0):
@@ -79,6 +81,18 @@ def test_importing_fastvae_or_its_integrations_package_does_not_import_diffusers
             "print('diffusers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_without_diffusers_a_clear_import_error_and_a_skipped_benchmark():
+    block = "import sys; sys.modules['diffusers'] = None; "  # import diffusers now raises ImportError
+    err = subprocess.run([sys.executable, "-c", block + "import fastvae.integrations.diffusers"],
+                         capture_output=True, text=True).stderr
+    assert "fastvae.integrations.diffusers needs diffusers: pip install 'fastvae[diffusers]'" in err
+    bench = ("import pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', "
+             "'benchmarks/test_diffusers_bench.py']))")
+    run = subprocess.run([sys.executable, "-c", block + bench], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert run.returncode == 0 and "1 skipped" in run.stdout, run.stdout + run.stderr
 
 
 def holders(cls):
