@@ -176,7 +176,7 @@ class GaussianPosterior:
         dtype = _compute_dtype(self.mean, om)
         if getattr(other, "deterministic", False):
             if self.semantics == "fastvae":
-                raise ValueError("KL against a deterministic posterior (zero variance) is infinite")
+                raise ValueError("KL against a deterministic GaussianPosterior (zero variance) is infinite")
             inf = torch.full(shape, math.inf, dtype=dtype, device=self.mean.device)
             return self._sum_dims(inf).to(torch.promote_types(self.mean.dtype, om.dtype))
         result_dtype = torch.promote_types(self.mean.dtype, om.dtype)
