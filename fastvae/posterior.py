@@ -80,12 +80,12 @@ class GaussianPosterior:
             raise ValueError(
                 f"parameters must have an even size along dim={dim} (mean and logvar), "
                 f"got shape {tuple(parameters.shape)}")
-        self._clamp = _validate.check_logvar_clamp(logvar_clamp)
+        lo, hi = _validate.check_logvar_clamp(logvar_clamp)
+        self._clamp = None if lo is None else (lo, hi)  # as the ops take it
         self.parameters = parameters
         self.deterministic = deterministic
         self.semantics = semantics
         self.mean, self._raw_logvar = torch.chunk(parameters, 2, dim=dim)
-        lo, hi = self._clamp
         self.logvar = self._raw_logvar if lo is None else self._raw_logvar.clamp(lo, hi)
         # std and var are computed when first read (a training step reads neither), in the
         # grad mode of construction, as if computed here

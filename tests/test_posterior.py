@@ -299,3 +299,19 @@ def test_kl_gradient_stays_accurate_under_torch_compile(one_thread):
     want_olv = 0.5 * (1 - ratio - (m.double() - om.double()) ** 2 / olv.double().exp())
     for got, want in ((a.grad[:, 16:], 0.5 * (ratio - 1)), (b.grad[:, 16:], want_olv)):
         assert ((got.double() - want).abs() / want.abs()).max().item() < 4e-7
+
+
+@pytest.mark.parametrize("semantics", ["fastvae", "diffusers"])
+def test_without_a_clamp(semantics):
+    p = params(seed=22).detach()
+    with torch.no_grad():
+        p[:, 4:] = 25.0  # beyond the default clamp: only visible without one
+    post = GaussianPosterior(p, logvar_clamp=None, semantics=semantics)
+    assert torch.equal(post.logvar, p[:, 4:])
+    m, lv = post.mean.double(), post.logvar.double()
+    want = 0.5 * (m**2 + lv.exp() - 1 - lv).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(post.kl().double(), want, rtol=1e-5, atol=0)  # not yet sampled
+    z = post.sample(torch.Generator().manual_seed(0))
+    eps = (z.double() - m) / (0.5 * lv).exp()
+    assert eps.abs().max() < 6  # the unclamped std drew z
+    torch.testing.assert_close(post.kl().double(), want, rtol=1e-5, atol=0)  # the fused one
