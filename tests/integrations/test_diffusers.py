@@ -197,6 +197,36 @@ def assert_grads_close(got, want):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6 * scale)
 
 
+def test_patched_video_autoencoder_matches_unpatched(fastvae_noise, one_thread):
+    # a 5-D posterior: diffusers' kl sums dims 1-3 and leaves (N, W); so does the patched one
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(0)
+    model = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1,
+                             temperal_downsample=[False])
+    x = torch.randn(2, 3, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    results = []
+    for patch in (False, True):
+        if patch:
+            fastvae_diffusers.apply()
+        try:
+            posterior = model.encode(x).latent_dist
+            kl = posterior.kl()
+            z = posterior.sample(generator=torch.Generator().manual_seed(2))
+            loss = z.square().sum() + kl.sum()
+            grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True,
+                                        materialize_grads=True)  # the decoder is unused
+            results.append((type(posterior), kl, z, grads))
+        finally:
+            fastvae_diffusers.revert()
+    (cls0, kl0, z0, g0), (cls1, kl1, z1, g1) = results
+    assert cls0 is DiagonalGaussianDistribution and cls1 is Fused
+    assert kl1.shape == kl0.shape == (2, 8)
+    torch.testing.assert_close(kl1, kl0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(z1, z0, rtol=1e-5, atol=1e-6)
+    assert_grads_close(g1, g0)
+
+
 def train(model, batches, loss_fn, steps=20):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     torch.manual_seed(1234)  # the noise of posterior.sample() comes from the default generator
