@@ -1,14 +1,54 @@
 """``GaussianPosterior``: the diagonal-Gaussian posterior of latent-diffusion
-autoencoders, on fastvae's fused sampling and KL ops."""
+autoencoders, on fastvae's fused sampling and KL ops.
+
+Two result conventions (``semantics=``), side by side:
+
+=====================  ==============================  =====================================
+                       ``"fastvae"`` (default)          ``"diffusers"``
+=====================  ==============================  =====================================
+kl / nll dtype         float32 for float16/bfloat16     the inputs' promoted dtype (float16
+                       inputs (float64 where any        in, float16 out), computed in float32
+                       input is float64)                and rounded once at the end
+dims kl sums           every non-batch dim              dims 1, 2, 3 (a 5-D video posterior
+                                                        gives (N, W)); every non-batch dim
+                                                        below 4-D, where diffusers fails
+nll default ``dims``   every non-batch dim              [1, 2, 3] (as above below 4-D)
+deterministic kl/nll   zeros of shape (N,) on the       zeros of shape (1,), default dtype,
+                       parameters' device               on the parameters' device (diffusers:
+                                                        on the CPU, which breaks CUDA sums)
+kl against a           ValueError (zero variance:       +inf per sample (diffusers divides by
+deterministic other    the KL is infinite)              the zero variance: inf, or nan where
+                                                        the means coincide)
+=====================  ==============================  =====================================
+
+Both conventions: ``kl(other)`` takes a ``GaussianPosterior`` or anything with
+``mean`` and ``logvar`` tensors (diffusers' ``DiagonalGaussianDistribution``);
+``kl(other)`` and ``nll(sample)`` broadcast (a batch-1 prior is fine);
+``sample(generator)`` takes a generator or a list of them, one per sample; a
+channels_last posterior samples channels_last; ``nll(sample, dims=...)``.
+
+fastvae's defaults stay float32 for half inputs on purpose: a KL summed over a
+latent in float16 loses about three significant digits and overflows to inf
+beyond 65504, which float32 does not. The diffusers convention computes in
+float32 too and only rounds the per-sample result to the input dtype, so it is
+still more accurate than diffusers' own half-precision arithmetic.
+
+Sampling draws its noise inside fastvae's op from a seed taken from the
+generator: the same distribution as diffusers' ``randn_tensor`` but not the same
+stream of numbers for a given generator.
+"""
 
 import math
 
 import torch
 
 from fastvae import _validate
-from fastvae.functional import kl_divergence, reparameterize
+from fastvae.functional import kl_divergence, sample_and_kl
 
 _LOG_2PI = math.log(2.0 * math.pi)
+SEMANTICS = ("fastvae", "diffusers")
+# the dims diffusers' DiagonalGaussianDistribution sums kl and (by default) nll over
+_DIFFUSERS_DIMS = (1, 2, 3)
 
 
 class GaussianPosterior:
@@ -17,12 +57,20 @@ class GaussianPosterior:
 
     With ``deterministic=True`` the distribution collapses to its mean:
     ``std`` and ``var`` are zero, ``sample()`` returns the mean, and ``kl`` /
-    ``nll`` are zeros. ``kl`` and ``nll`` are per sample (summed over every
-    non-batch dim).
+    ``nll`` are zeros. ``semantics`` picks how results are shaped and typed
+    (see the module docstring): ``"fastvae"`` (per-sample float32-or-better
+    sums over every non-batch dim) or ``"diffusers"`` (diffusers'
+    ``DiagonalGaussianDistribution``'s conventions).
+
+    ``sample()`` draws z and the KL against N(0, I) in one fused pass; a later
+    ``kl()`` returns that KL instead of computing it again.
     """
 
-    def __init__(self, parameters, dim=1, logvar_clamp=(-30.0, 20.0), deterministic=False):
+    def __init__(self, parameters: torch.Tensor, dim: int = 1,
+                 logvar_clamp: tuple[float, float] | None = (-30.0, 20.0),
+                 deterministic: bool = False, *, semantics: str = "fastvae"):
         _validate.check_tensor("parameters", parameters)
+        _validate.check_choice("semantics", semantics, SEMANTICS)
         if parameters.dim() < 2:
             raise ValueError(
                 f"parameters must have a batch dim and a dim to split, got shape {tuple(parameters.shape)}")
@@ -33,57 +81,203 @@ class GaussianPosterior:
                 f"parameters must have an even size along dim={dim} (mean and logvar), "
                 f"got shape {tuple(parameters.shape)}")
         lo, hi = _validate.check_logvar_clamp(logvar_clamp)
+        self._clamp = None if lo is None else (lo, hi)  # as the ops take it
         self.parameters = parameters
         self.deterministic = deterministic
-        self.mean, logvar = torch.chunk(parameters, 2, dim=dim)
-        self.logvar = logvar if lo is None else logvar.clamp(lo, hi)
+        self.semantics = semantics
+        self.mean, self._raw_logvar = torch.chunk(parameters, 2, dim=dim)
+        self.logvar = self._raw_logvar if lo is None else self._raw_logvar.clamp(lo, hi)
+        # std and var are computed when first read (a training step reads neither), in the
+        # grad mode of construction, as if computed here
+        self._grad_at_init = torch.is_grad_enabled()
+        self._std = self._var = None
         if deterministic:
-            self.std = self.var = torch.zeros_like(self.mean)
-        else:
-            self.std = torch.exp(0.5 * self.logvar)
-            self.var = torch.exp(self.logvar)
+            self._std = self._var = torch.zeros_like(self.mean)
+        self._kl_of_sample = None  # (per-sample KL, grad mode) from the last fused sample()
 
-    def sample(self, generator=None):
+    @property
+    def std(self) -> torch.Tensor:
+        if self._std is None:
+            with torch.set_grad_enabled(self._grad_at_init):
+                self._std = torch.exp(0.5 * self.logvar)
+        return self._std
+
+    @std.setter
+    def std(self, value):
+        self._std = value
+
+    @property
+    def var(self) -> torch.Tensor:
+        if self._var is None:
+            with torch.set_grad_enabled(self._grad_at_init):
+                self._var = torch.exp(self.logvar)
+        return self._var
+
+    @var.setter
+    def var(self, value):
+        self._var = value
+
+    # ---- sampling ---------------------------------------------------------
+
+    def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
+        """z = mean + std * eps, eps ~ N(0, I) drawn from ``generator`` (one
+        generator, one per sample in a list, or None for PyTorch's default)."""
         if self.deterministic:
             return self.mean
-        return reparameterize(self.mean, self.logvar, generator=generator)
+        generator, generators = _split_generators(generator, self.mean.shape[0])
+        if generators is None:
+            z, kl = sample_and_kl(self.mean, self._raw_logvar, generator=generator,
+                                  logvar_clamp=self._clamp)
+        else:  # sample i from generators[i] alone, as diffusers' randn_tensor draws it
+            rows = [sample_and_kl(self.mean[i:i + 1], self._raw_logvar[i:i + 1], generator=g,
+                                  logvar_clamp=self._clamp)
+                    for i, g in enumerate(generators)]
+            z = torch.cat([r[0] for r in rows])
+            kl = torch.cat([r[1] for r in rows])
+        self._kl_of_sample = (kl, torch.is_grad_enabled())
+        return self._in_layout_of_mean(z)
 
-    def mode(self):
+    def _in_layout_of_mean(self, z):
+        """``z`` in the memory layout of ``mean``: channels_last (3d) parameters sample
+        channels_last (the op's output is contiguous)."""
+        m = self.mean
+        if m.dim() in (4, 5) and m.shape[1] > 1 and m.stride(1) == 1 < m.stride(-1):
+            fmt = torch.channels_last if m.dim() == 4 else torch.channels_last_3d
+            return z.contiguous(memory_format=fmt)
+        return z
+
+    def mode(self) -> torch.Tensor:
         return self.mean
 
+    # ---- divergences --------------------------------------------------------
+
     def _zeros(self):
+        if self.semantics == "diffusers":
+            return torch.zeros(1, device=self.parameters.device)
         return torch.zeros(self.mean.shape[0], device=self.mean.device,
                            dtype=torch.promote_types(self.mean.dtype, torch.float32))
 
-    def kl(self, other=None):
+    def _sum_dims(self, t, dims=None):
+        """Sum of per-element terms ``t`` over ``dims``, or the mode's default dims."""
+        if dims is None:
+            if self.semantics == "fastvae":
+                return t.flatten(1).sum(1)
+            dims = [d for d in _DIFFUSERS_DIMS if d < t.dim()]
+        return t.sum(dim=dims)
+
+    def kl(self, other=None) -> torch.Tensor:
         """KL(self || other) per sample; ``other`` defaults to N(0, I)."""
         if self.deterministic:
             return self._zeros()
         if other is None:
-            return kl_divergence(self.mean, self.logvar, reduction="none")
-        if not isinstance(other, GaussianPosterior):
-            raise TypeError(f"other must be a GaussianPosterior or None, got {type(other).__name__}")
-        _validate.check_same_shape("self.mean", self.mean, "other.mean", other.mean)
-        if other.deterministic:
-            raise ValueError("KL against a deterministic GaussianPosterior (zero variance) is infinite")
-        m, lv, om, olv = (self._compute(t, other.mean) for t in
-                          (self.mean, self.logvar, other.mean, other.logvar))
-        terms = (m - om).pow(2) * torch.exp(-olv) + torch.exp(lv - olv) - 1.0 - lv + olv
-        return 0.5 * terms.flatten(1).sum(1)
+            return self._kl_standard_normal()
+        om, olv = _moments_of("other", other)
+        shape = _broadcast_shape("self.mean", self.mean, "other.mean", om)
+        dtype = _compute_dtype(self.mean, om)
+        if getattr(other, "deterministic", False):
+            if self.semantics == "fastvae":
+                raise ValueError("KL against a deterministic GaussianPosterior (zero variance) is infinite")
+            inf = torch.full(shape, math.inf, dtype=dtype, device=self.mean.device)
+            return self._sum_dims(inf).to(torch.promote_types(self.mean.dtype, om.dtype))
+        result_dtype = torch.promote_types(self.mean.dtype, om.dtype)
+        m, lv, om, olv = (t.to(dtype) for t in (self.mean, self.logvar, om, olv))
+        # 2 KL = (m - om)^2 / ov + v / ov - 1 - log(v / ov). With d = lv - olv rounded and
+        # err its rounding error (exact, by TwoSum), v / ov - 1 = expm1(d + err) =
+        # expm1(d) + exp(d) * err: exp(lv - olv) of the rounded difference is off by
+        # |err| * exp(d) relative, ~2e-6 in float32 when the logvars are 50 apart, and so is
+        # the gradient with respect to either logvar.
+        neg_olv = -olv
+        d = lv + neg_olv
+        lv_part = d - neg_olv
+        err = (lv - lv_part) + (neg_olv - (d - lv_part))
+        d_m1 = torch.expm1(d)
+        terms = (m - om).square() * torch.exp(neg_olv) + (d_m1 - d) + err * d_m1
+        per_sample = 0.5 * self._sum_dims(terms)
+        return per_sample if self.semantics == "fastvae" else per_sample.to(result_dtype)
 
-    def nll(self, sample):
-        """-log N(sample; mean, var) per sample."""
+    def _kl_standard_normal(self):
+        diffusers_video = self.semantics == "diffusers" and self.mean.dim() > len(_DIFFUSERS_DIMS) + 1
+        if diffusers_video:  # sums dims 1-3 only: the trailing dims become batch rows of the fused op
+            n = self.mean.shape[0]
+            rows = [t.flatten(4).movedim(-1, 1).flatten(0, 1) for t in (self.mean, self._raw_logvar)]
+            kl = kl_divergence(*rows, reduction="none", logvar_clamp=self._clamp)
+            return kl.reshape((n,) + tuple(self.mean.shape[4:])).to(self.parameters.dtype)
+        cached = self._kl_of_sample
+        if cached is not None and (cached[1] or not torch.is_grad_enabled()):
+            kl = cached[0] if torch.is_grad_enabled() else cached[0].detach()
+        else:
+            kl = kl_divergence(self.mean, self._raw_logvar, reduction="none", logvar_clamp=self._clamp)
+        return kl if self.semantics == "fastvae" else kl.to(self.parameters.dtype)
+
+    def nll(self, sample: torch.Tensor,
+            dims: int | list[int] | tuple[int, ...] | None = None) -> torch.Tensor:
+        """-log N(sample; mean, var), summed over ``dims`` (default: the mode's
+        default dims, see the module docstring)."""
         if self.deterministic:
             return self._zeros()
         _validate.check_tensor("sample", sample)
-        _validate.check_same_shape("sample", sample, "mean", self.mean)
-        x, m, lv = (self._compute(t) for t in (sample, self.mean, self.logvar))
-        terms = _LOG_2PI + lv + (x - m).pow(2) * torch.exp(-lv)
-        return 0.5 * terms.flatten(1).sum(1)
+        shape = _broadcast_shape("sample", sample, "mean", self.mean)
+        dims = _check_dims(dims, len(shape))
+        x, m, lv = (t.to(_compute_dtype(self.mean, sample)) for t in (sample, self.mean, self.logvar))
+        terms = _LOG_2PI + lv + (x - m).square() * torch.exp(-lv)
+        per_sample = 0.5 * self._sum_dims(terms, dims)
+        if self.semantics == "fastvae":
+            return per_sample
+        return per_sample.to(torch.promote_types(self.mean.dtype, sample.dtype))
 
-    def _compute(self, t, *others):
-        """``t`` in the dtype the math runs in: float32, or float64 where any input is."""
-        dtype = torch.promote_types(self.mean.dtype, torch.float32)
-        for o in others:
-            dtype = torch.promote_types(dtype, o.dtype)
-        return t.to(dtype)
+def _split_generators(generator, batch):
+    """``(generator, None)`` for one generator (or None, or a list of one);
+    ``(None, generators)`` for a list of one generator per sample."""
+    if not isinstance(generator, (list, tuple)):
+        _validate.check_generator(generator)
+        return generator, None
+    for g in generator:
+        _validate.check_generator(g)
+    if len(generator) == 1:
+        return generator[0], None
+    if len(generator) != batch:
+        raise ValueError(f"generator: a list needs one generator per sample ({batch}) or exactly one, "
+                         f"got {len(generator)}")
+    return None, list(generator)
+
+
+def _compute_dtype(*tensors):
+    """float32, or float64 where any input is."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _moments_of(name, other):
+    mean, logvar = getattr(other, "mean", None), getattr(other, "logvar", None)
+    if not (isinstance(mean, torch.Tensor) and isinstance(logvar, torch.Tensor)):
+        raise TypeError(
+            f"{name} must be a GaussianPosterior, a diffusers DiagonalGaussianDistribution (anything with "
+            f"mean and logvar tensors) or None, got {type(other).__name__}")
+    _validate.check_tensor(f"{name}.mean", mean)
+    _validate.check_tensor(f"{name}.logvar", logvar)
+    return mean, logvar
+
+
+def _broadcast_shape(name_a, a, name_b, b):
+    try:
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same shape or broadcast, got "
+            f"{name_a} {tuple(a.shape)} and {name_b} {tuple(b.shape)}") from None
+    _validate.check_same_device(**{name_a: a, name_b: b})
+    return shape
+
+
+def _check_dims(dims, ndim):
+    if dims is None:
+        return None
+    as_list = [dims] if isinstance(dims, int) else list(dims) if isinstance(dims, (list, tuple)) else None
+    if as_list is None or not all(isinstance(d, int) and not isinstance(d, bool) for d in as_list):
+        raise TypeError(f"dims must be an int or a list/tuple of ints, got {dims!r}")
+    for d in as_list:
+        if not -ndim <= d < ndim:
+            raise ValueError(f"dims={dims!r} is out of range for a {ndim}-dim sample")
+    return as_list

@@ -1,6 +1,7 @@
 """GaussianPosterior against the diagonal-Gaussian formulas."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -82,3 +83,235 @@ def test_float64_stays_float64():
     post = GaussianPosterior(torch.randn(3, 8, dtype=torch.float64))
     other = GaussianPosterior(torch.randn(3, 8, dtype=torch.float64))
     assert post.kl().dtype == post.kl(other).dtype == post.nll(post.mean).dtype == torch.float64
+
+
+# ---- issue 16: fixes ------------------------------------------------------
+
+def test_nll_promotes_to_float64_with_a_float64_sample():
+    post = GaussianPosterior(params(seed=5).detach())
+    x = torch.randn(post.mean.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    m, lv = post.mean.double(), post.logvar.double()
+    want = 0.5 * (math.log(2 * math.pi) + lv + (x - m) ** 2 / lv.exp()).sum(dim=(1, 2, 3))
+    got = post.nll(x)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_kl_gradient_wrt_logvars_is_accurate_when_they_are_50_apart():
+    # v / ov = exp(lv - olv) with lv - olv ~ 50: the float32 difference alone is off by up
+    # to 2e-6 relative, which exp(lv - olv) and both logvar gradients inherited
+    g = torch.Generator().manual_seed(6)
+    shape = (4, 32)
+    lv = 19 + torch.rand(shape, generator=g)
+    olv = -30 + torch.rand(shape, generator=g)
+    m, om = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    a = torch.cat([m, lv], 1).requires_grad_()
+    b = torch.cat([om, olv], 1).requires_grad_()
+    GaussianPosterior(a).kl(GaussianPosterior(b)).sum().backward()
+    # d KL / d lv = (v / ov - 1) / 2; d KL / d olv = (1 - v / ov - (m - om)^2 / ov) / 2, in float64
+    ratio = torch.exp(lv.double() - olv.double())
+    want_lv = 0.5 * (ratio - 1)
+    want_olv = 0.5 * (1 - ratio - (m.double() - om.double()) ** 2 / olv.double().exp())
+    for got, want in ((a.grad[:, 32:], want_lv), (b.grad[:, 32:], want_olv)):
+        rel = ((got.double() - want).abs() / want.abs()).max().item()
+        assert rel < 4e-7, rel  # a few float32 roundings (eps 1.2e-7)
+
+
+# ---- issue 16: what diffusers code relies on, in both semantics ---------------
+
+@pytest.mark.parametrize("semantics", ["fastvae", "diffusers"])
+def test_nll_over_given_dims_and_broadcast_sample(semantics):
+    post = GaussianPosterior(params(seed=7).detach(), semantics=semantics)
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))  # one sample for all rows
+    m, lv = post.mean.double(), post.logvar.double()
+    terms = math.log(2 * math.pi) + lv + (x.double() - m) ** 2 / lv.exp()
+    torch.testing.assert_close(post.nll(x, dims=[1]).double(), 0.5 * terms.sum(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(post.nll(x, dims=(2, 3)).double(), 0.5 * terms.sum((2, 3)), rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(post.nll(x).double(), 0.5 * terms.sum((1, 2, 3)), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="dims=.*out of range for a 4-dim sample"):
+        post.nll(x, dims=[4])
+    with pytest.raises(TypeError, match="dims must be an int or a list"):
+        post.nll(x, dims="1")
+
+
+@pytest.mark.parametrize("semantics", ["fastvae", "diffusers"])
+def test_kl_against_a_broadcast_prior_of_any_class(semantics):
+    post = GaussianPosterior(params(seed=8), semantics=semantics)
+    prior_params = torch.randn(1, 8, 4, 4, generator=torch.Generator().manual_seed(3))
+    prior_mean, prior_logvar = prior_params.chunk(2, dim=1)
+    m, lv = post.mean.double(), post.logvar.double()
+    om, olv = prior_mean.double(), prior_logvar.double()
+    want = 0.5 * ((m - om) ** 2 / olv.exp() + lv.exp() / olv.exp() - 1 - lv + olv).sum(dim=(1, 2, 3))
+
+    class AnyPosterior:  # what diffusers' DiagonalGaussianDistribution offers: mean, logvar
+        mean, logvar = prior_mean, prior_logvar
+
+    for prior in (GaussianPosterior(prior_params), AnyPosterior()):
+        got = post.kl(prior)
+        assert got.shape == (3,)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="self.mean and other.mean must have the same shape or broadcast"):
+        post.kl(GaussianPosterior(torch.randn(2, 8, 4, 4)))
+
+
+@pytest.mark.parametrize("semantics", ["fastvae", "diffusers"])
+def test_sample_with_one_generator_per_sample(semantics):
+    p = params((3, 8, 4, 4), seed=9).detach()
+    post = GaussianPosterior(p, semantics=semantics)
+    z = post.sample([torch.Generator().manual_seed(s) for s in (10, 11, 12)])
+    # sample i depends on its own generator only: drawn alone from a fresh one, it is the same
+    for i, s in enumerate((10, 11, 12)):
+        alone = GaussianPosterior(p[i:i + 1], semantics=semantics).sample(torch.Generator().manual_seed(s))
+        assert torch.equal(z[i:i + 1], alone)
+    assert not torch.equal(z[0], z[1])
+    one = post.sample([torch.Generator().manual_seed(4)])
+    assert torch.equal(one, post.sample(torch.Generator().manual_seed(4)))
+    with pytest.raises(ValueError, match="one generator per sample \\(3\\) or exactly one, got 2"):
+        post.sample([torch.Generator(), torch.Generator()])
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        post.sample([1, 2, 3])
+
+
+@pytest.mark.parametrize("ndim", [4, 5])
+def test_channels_last_parameters_sample_channels_last(ndim):
+    shape = (2, 6, 3, 4) if ndim == 4 else (2, 6, 2, 3, 4)
+    fmt = torch.channels_last if ndim == 4 else torch.channels_last_3d
+    p = torch.randn(shape, generator=torch.Generator().manual_seed(13))
+    z_nchw = GaussianPosterior(p).sample(torch.Generator().manual_seed(0))
+    z = GaussianPosterior(p.contiguous(memory_format=fmt)).sample(torch.Generator().manual_seed(0))
+    assert z.is_contiguous(memory_format=fmt) and not z.is_contiguous()
+    assert torch.equal(z, z_nchw)
+    assert z_nchw.is_contiguous()
+
+
+def test_diffusers_semantics_results_in_the_input_dtype():
+    p = params(seed=14).detach()
+    half = p.half()
+    fast, like_diffusers = GaussianPosterior(half), GaussianPosterior(half, semantics="diffusers")
+    x = torch.randn(3, 4, 4, 4).half()
+    for name, compute in (("kl", lambda q: q.kl()), ("kl_other", lambda q: q.kl(GaussianPosterior(p))),
+                          ("nll", lambda q: q.nll(x))):
+        f32, f16 = compute(fast), compute(like_diffusers)
+        assert f32.dtype == torch.float32, name
+        # computed in float32, rounded once: the float32 result rounded to the input dtype
+        # (kl against a float32 other promotes to float32, as torch's arithmetic does)
+        want_dtype = torch.float32 if name == "kl_other" else torch.float16
+        assert f16.dtype == want_dtype and torch.equal(f16, f32.to(want_dtype)), name
+    assert like_diffusers.sample().dtype == torch.float16
+
+
+def test_diffusers_semantics_sums_kl_over_dims_1_to_3_of_a_video_posterior():
+    p = torch.randn(2, 6, 3, 4, 5, generator=torch.Generator().manual_seed(15)).requires_grad_()
+    video = GaussianPosterior(p, semantics="diffusers")
+    m, lv = video.mean.double(), video.logvar.double()
+    want = 0.5 * (m**2 + lv.exp() - 1 - lv).sum(dim=(1, 2, 3))  # (N, W)
+    got = video.kl()
+    assert got.shape == (2, 5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    got.sum().backward()
+    want_grad = torch.cat([m, 0.5 * (lv.exp() - 1)], 1)  # d/dmean = mean, d/dlogvar = (var - 1) / 2
+    torch.testing.assert_close(p.grad.double(), want_grad, rtol=1e-5, atol=1e-6)
+    other = GaussianPosterior(torch.randn(2, 6, 3, 4, 5), semantics="diffusers")
+    assert video.kl(other).shape == (2, 5) and video.nll(video.mean).shape == (2, 5)
+    assert GaussianPosterior(p).kl().shape == (2,)  # fastvae: every non-batch dim
+    # below 4-D diffusers' sum over dims 1-3 fails; here it is every non-batch dim
+    flat = GaussianPosterior(torch.randn(3, 8), semantics="diffusers")
+    assert flat.kl().shape == flat.nll(flat.mean).shape == (3,)
+
+
+def test_deterministic_results_in_each_semantics():
+    p = params(seed=16)
+    fast = GaussianPosterior(p, deterministic=True)
+    like_diffusers = GaussianPosterior(p.half(), deterministic=True, semantics="diffusers")
+    for value in (like_diffusers.kl(), like_diffusers.nll(like_diffusers.mean)):
+        assert value.shape == (1,) and value.dtype == torch.get_default_dtype() and (value == 0).all()
+    assert torch.equal(like_diffusers.sample(), like_diffusers.mean)
+    assert torch.equal(like_diffusers.std, torch.zeros_like(like_diffusers.mean))
+    stochastic = GaussianPosterior(params(seed=17))
+    with pytest.raises(ValueError, match="deterministic GaussianPosterior .* is infinite"):
+        stochastic.kl(fast)
+    diffusers_like = GaussianPosterior(params(seed=17), semantics="diffusers")
+    inf = diffusers_like.kl(like_diffusers)
+    assert inf.shape == (3,) and torch.isinf(inf).all() and (inf > 0).all()
+
+
+@pytest.mark.parametrize("semantics", ["fastvae", "diffusers"])
+def test_kl_after_sample_is_the_fused_kl_with_its_gradient(semantics):
+    p1, p2 = params(seed=18), params(seed=18)
+    fused = GaussianPosterior(p1, semantics=semantics)
+    z = fused.sample(torch.Generator().manual_seed(0))
+    kl = fused.kl()
+    separate = GaussianPosterior(p2, semantics=semantics)
+    z2 = separate.sample(torch.Generator().manual_seed(0))
+    separate._kl_of_sample = None  # forget the fused KL: computed on its own
+    kl2 = separate.kl()
+    assert torch.equal(z, z2)
+    torch.testing.assert_close(kl, kl2, rtol=1e-6, atol=1e-5)
+    (z.square().sum() + 0.3 * kl.sum()).backward()
+    (z2.square().sum() + 0.3 * kl2.sum()).backward()
+    torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_kl_after_a_no_grad_sample_still_has_a_gradient():
+    p = params(seed=19)
+    post = GaussianPosterior(p)
+    with torch.no_grad():
+        post.sample()
+    kl = post.kl()
+    assert kl.requires_grad
+    kl.sum().backward()
+    torch.testing.assert_close(p.grad[:, :4], p[:, :4].detach())  # d kl / d mean = mean
+    post.sample()
+    with torch.no_grad():
+        assert not post.kl().requires_grad
+
+
+def test_std_and_var_follow_the_grad_mode_of_construction():
+    p = params(seed=20)
+    with torch.no_grad():
+        built_without_grad = GaussianPosterior(p)
+    assert not built_without_grad.std.requires_grad and not built_without_grad.var.requires_grad
+    built_with_grad = GaussianPosterior(p)
+    with torch.no_grad():
+        assert built_with_grad.std.requires_grad and built_with_grad.var.requires_grad
+
+
+def test_bad_semantics_and_other():
+    with pytest.raises(ValueError, match="semantics must be one of 'fastvae', 'diffusers'; got 'torch'"):
+        GaussianPosterior(params(), semantics="torch")
+    with pytest.raises(TypeError, match="anything with mean and logvar tensors"):
+        GaussianPosterior(params()).kl(object())
+
+
+@pytest.mark.skipif(os.environ.get("FASTVAE_BACKEND") == "triton",
+                    reason="kl(other) is plain PyTorch: the default-backend run covers it")
+def test_kl_gradient_stays_accurate_under_torch_compile(one_thread):
+    # the rounding-error term must survive the compiler (no reassociation of the float adds)
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(21)
+    lv, olv = 19 + torch.rand(2, 16, generator=g), -30 + torch.rand(2, 16, generator=g)
+    m, om = torch.randn(2, 16, generator=g), torch.randn(2, 16, generator=g)
+    a, b = torch.cat([m, lv], 1).requires_grad_(), torch.cat([om, olv], 1).requires_grad_()
+    kl = torch.compile(lambda a, b: GaussianPosterior(a).kl(GaussianPosterior(b)), fullgraph=True)(a, b)
+    kl.sum().backward()
+    ratio = torch.exp(lv.double() - olv.double())
+    want_olv = 0.5 * (1 - ratio - (m.double() - om.double()) ** 2 / olv.double().exp())
+    for got, want in ((a.grad[:, 16:], 0.5 * (ratio - 1)), (b.grad[:, 16:], want_olv)):
+        assert ((got.double() - want).abs() / want.abs()).max().item() < 4e-7
+
+
+@pytest.mark.parametrize("semantics", ["fastvae", "diffusers"])
+def test_without_a_clamp(semantics):
+    p = params(seed=22).detach()
+    with torch.no_grad():
+        p[:, 4:] = 25.0  # beyond the default clamp: only visible without one
+    post = GaussianPosterior(p, logvar_clamp=None, semantics=semantics)
+    assert torch.equal(post.logvar, p[:, 4:])
+    m, lv = post.mean.double(), post.logvar.double()
+    want = 0.5 * (m**2 + lv.exp() - 1 - lv).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(post.kl().double(), want, rtol=1e-5, atol=0)  # not yet sampled
+    z = post.sample(torch.Generator().manual_seed(0))
+    eps = (z.double() - m) / (0.5 * lv).exp()
+    assert eps.abs().max() < 6  # the unclamped std drew z
+    torch.testing.assert_close(post.kl().double(), want, rtol=1e-5, atol=0)  # the fused one

@@ -1,0 +1,83 @@
+"""🤗 diffusers on fastvae's posterior, with one call and no change to the training script.
+
+    import fastvae.integrations.diffusers as fastvae_diffusers
+    fastvae_diffusers.apply()     # every diffusers autoencoder now builds fastvae's posterior
+    ...
+    fastvae_diffusers.revert()    # back to diffusers' own DiagonalGaussianDistribution
+
+``apply()`` replaces ``DiagonalGaussianDistribution`` in every imported diffusers
+module that refers to it (``diffusers.models.autoencoders.vae``, where it is
+defined, and the autoencoders that import it: AutoencoderKL, AsymmetricAutoencoderKL,
+AutoencoderKLTemporalDecoder, ConsistencyDecoderVAE, the video and audio KL
+autoencoders, ...). Their ``encode`` (with slicing and tiling) and
+``forward(sample_posterior=True, generator=...)`` then build a
+``FusedDiagonalGaussianDistribution``: fastvae's ``GaussianPosterior`` with
+diffusers' conventions (``semantics="diffusers"``), still an instance of
+diffusers' class. ``sample()`` draws the latent and its KL in one fused op, so the
+usual ``posterior.sample()`` ... ``posterior.kl()`` pair costs one pass.
+
+Posteriors with another parameterization (``OobleckDiagonalGaussianDistribution``:
+softplus scale; ``MiniMaxH3AudioDiagonalGaussianDistribution``: mean and log std) are left alone.
+"""
+
+import sys
+
+from fastvae import _validate
+from fastvae.posterior import SEMANTICS, GaussianPosterior
+
+try:
+    from diffusers.models.autoencoders import vae as _diffusers_vae
+except ImportError as e:
+    raise ImportError(
+        "fastvae.integrations.diffusers needs diffusers: pip install 'fastvae[diffusers]'") from e
+
+__all__ = ["FusedDiagonalGaussianDistribution", "apply", "revert", "is_applied"]
+
+_NAME = "DiagonalGaussianDistribution"
+DiagonalGaussianDistribution = _diffusers_vae.DiagonalGaussianDistribution  # diffusers' own class
+
+
+class FusedDiagonalGaussianDistribution(GaussianPosterior, DiagonalGaussianDistribution):
+    """diffusers' ``DiagonalGaussianDistribution(parameters, deterministic)`` on
+    fastvae's fused ops: mean and logvar split along dim 1, logvar clamped to
+    [-30, 20], results in the conventions of ``semantics`` (set by ``apply``)."""
+
+    semantics_of_new = "diffusers"
+
+    def __init__(self, parameters, deterministic=False):
+        GaussianPosterior.__init__(self, parameters, dim=1, logvar_clamp=(-30.0, 20.0),
+                                   deterministic=deterministic, semantics=self.semantics_of_new)
+
+
+def _diffusers_modules():
+    # a copy: looking modules up must not race an import that adds one
+    for name, module in list(sys.modules.items()):
+        if module is not None and (name == "diffusers" or name.startswith("diffusers.")):
+            yield module
+
+
+def apply(*, semantics: str = "diffusers") -> None:
+    """Make every diffusers model that builds a ``DiagonalGaussianDistribution``
+    build a ``FusedDiagonalGaussianDistribution`` instead, including models
+    already constructed. ``semantics="fastvae"`` gives fastvae's result
+    conventions instead (float32 KL/NLL for half models, sums over every non-batch
+    dim; see ``fastvae.posterior``). Calling it again only changes ``semantics``."""
+    _validate.check_choice("semantics", semantics, SEMANTICS)
+    FusedDiagonalGaussianDistribution.semantics_of_new = semantics
+    for module in _diffusers_modules():
+        # the module's own dict: getattr on diffusers' lazy modules would import things
+        if getattr(module, "__dict__", {}).get(_NAME) is DiagonalGaussianDistribution:
+            setattr(module, _NAME, FusedDiagonalGaussianDistribution)
+
+
+def revert() -> None:
+    """Undo ``apply()``, also in diffusers modules imported since (they took the
+    patched name from ``diffusers.models.autoencoders.vae``)."""
+    for module in _diffusers_modules():
+        if getattr(module, "__dict__", {}).get(_NAME) is FusedDiagonalGaussianDistribution:
+            setattr(module, _NAME, DiagonalGaussianDistribution)
+    FusedDiagonalGaussianDistribution.semantics_of_new = "diffusers"
+
+
+def is_applied() -> bool:
+    return vars(_diffusers_vae).get(_NAME) is FusedDiagonalGaussianDistribution
