@@ -18,6 +18,33 @@ import torch
 import triton
 import triton.language as tl
 
+# ---- NaN-keeping clamps ----------------------------------------------------
+#
+# tl.maximum / tl.minimum return the other operand when one is NaN (their default
+# propagate_nan=NONE), so a clamp written with them turns NaN into a bound: a NaN
+# logvar would give a finite KL and a zero gradient. torch.clamp keeps NaN; these do.
+
+
+@triton.jit
+def clamp(x, lo, hi):
+    """clamp(x, lo, hi) as torch.clamp computes it: NaN stays NaN."""
+    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+
+
+@triton.jit
+def clamp_min(x, lo):
+    """max(x, lo) as torch.clamp_min computes it: NaN stays NaN."""
+    return tl.where(x < lo, lo, x)
+
+
+@triton.jit
+def clamp_grad(grad, x, lo, hi):
+    """The gradient through clamp(x, lo, hi): zero where the clamp was active
+    (x < lo or x > hi). A NaN x was not clamped: its gradient, NaN, passes, as
+    the PyTorch path's grad * (lo <= x <= hi) mask leaves it."""
+    return tl.where((x < lo) | (x > hi), 0.0, grad)
+
+
 # ---- KL terms ------------------------------------------------------------
 
 
@@ -37,19 +64,18 @@ def kl_terms(mu, logvar, clamp_lo, clamp_hi, HAS_CLAMP: tl.constexpr):
         lv       = clamp(logvar, lo, hi)                (if HAS_CLAMP)
         kl       = 1/2 (mu^2 + exp(lv) - 1 - lv)
         d kl/dmu = mu
-        d kl/dlv = 1/2 (exp(lv) - 1)   (0 where the clamp was active)
+        d kl/dlv = 1/2 (exp(lv) - 1)   (0 where the clamp was active; NaN stays NaN)
 
     Returns (kl, d kl/d logvar); d kl/d mu is ``mu`` itself.
     """
     lv = logvar
     if HAS_CLAMP:
-        lv = tl.minimum(tl.maximum(logvar, clamp_lo), clamp_hi)
+        lv = clamp(logvar, clamp_lo, clamp_hi)
     var_m1 = expm1(lv)
     kl = 0.5 * (mu * mu + (var_m1 - lv))
     grad_lv = 0.5 * var_m1
     if HAS_CLAMP:
-        # torch.clamp passes the gradient where lo <= logvar <= hi
-        grad_lv = tl.where((logvar >= clamp_lo) & (logvar <= clamp_hi), grad_lv, 0.0)
+        grad_lv = clamp_grad(grad_lv, logvar, clamp_lo, clamp_hi)
     return kl, grad_lv
 
 

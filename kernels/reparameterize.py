@@ -40,7 +40,7 @@ def _load_latents(mu_ptr, logvar_ptr, offs, mask, clamp_lo, clamp_hi, HAS_CLAMP:
     logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lv = logvar
     if HAS_CLAMP:
-        lv = tl.minimum(tl.maximum(logvar, clamp_lo), clamp_hi)
+        lv = _shared.clamp(logvar, clamp_lo, clamp_hi)
     return mu, logvar, lv
 
 
@@ -90,7 +90,7 @@ def _reparameterize_backward_kernel(
             grad_mu += g_kl[:, None] * mu
             grad_lv += g_kl[:, None] * (0.5 * _shared.expm1(lv))
         if HAS_CLAMP:
-            grad_lv = tl.where((logvar >= clamp_lo) & (logvar <= clamp_hi), grad_lv, 0.0)
+            grad_lv = _shared.clamp_grad(grad_lv, logvar, clamp_lo, clamp_hi)
         tl.store(grad_mu_ptr + offs, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
         tl.store(grad_logvar_ptr + offs, grad_lv.to(grad_logvar_ptr.dtype.element_ty), mask=mask)
 

@@ -60,12 +60,12 @@ def _recon_terms(x_hat, x, RECON: tl.constexpr):
         value = tl.abs(diff)
         grad = tl.where(diff > 0, 1.0, 0.0) - tl.where(diff < 0, 1.0, 0.0)
     elif RECON == 2:  # bce, x_hat = probabilities; logs floored at -100 like F.binary_cross_entropy
-        log_p = tl.maximum(tl.log(x_hat), -100.0)
-        log_1mp = tl.maximum(_log1p(-x_hat), -100.0)
+        log_p = _shared.clamp_min(tl.log(x_hat), -100.0)
+        log_1mp = _shared.clamp_min(_log1p(-x_hat), -100.0)
         value = -(x * log_p + (1.0 - x) * log_1mp)
-        grad = (x_hat - x) / tl.maximum(x_hat * (1.0 - x_hat), 1e-12)
+        grad = (x_hat - x) / _shared.clamp_min(x_hat * (1.0 - x_hat), 1e-12)
     else:  # bce_logits, x_hat = logits
-        value = tl.maximum(x_hat, 0.0) + _log1p(tl.exp(-tl.abs(x_hat))) - x_hat * x
+        value = _shared.clamp_min(x_hat, 0.0) + _log1p(tl.exp(-tl.abs(x_hat))) - x_hat * x
         grad = tl.sigmoid(x_hat) - x
     return value, grad
 

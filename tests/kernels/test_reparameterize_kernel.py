@@ -222,3 +222,34 @@ def test_core_input_errors_still_raised(monkeypatch):
         fastvae.sample_and_kl(mu, logvar, logvar_clamp=(1.0, -1.0))
     with pytest.raises(TypeError, match="logvar must be a float16, bfloat16, float32 or float64"):
         fastvae.reparameterize(mu, logvar.to(torch.complex64))
+
+
+def test_nan_logvar_under_the_clamp_gives_nan_sample_kl_and_gradient(backends, device):
+    """torch.clamp keeps NaN (tl.maximum / tl.minimum would return the bound): z,
+    the KL and d/dlogvar are NaN exactly where the PyTorch path has them."""
+    mu, logvar = latents(device, shape=(3, 4))
+    logvar[1, 2] = float("nan")
+    mu.requires_grad_()
+    logvar.requires_grad_()
+    g = torch.Generator().manual_seed(5)
+    grad_z = torch.randn(mu.shape, generator=g).to(device)
+    grad_kl = torch.randn(mu.shape[0], generator=g).to(device)
+
+    def run():
+        z, kl = fastvae.sample_and_kl(mu, logvar, generator=torch.Generator().manual_seed(1),
+                                      logvar_clamp=(-30.0, 20.0))
+        total = (z * grad_z).sum() + (kl * grad_kl).sum()
+        return (z.detach(), kl.detach(), *torch.autograd.grad(total, (mu, logvar)))
+
+    z, kl, grad_mu, grad_logvar = backends.kernels(run)
+    nan_at = logvar.detach().isnan()
+    assert torch.equal(z.isnan(), nan_at)
+    assert kl.isnan().tolist() == [False, True, False]
+    assert torch.equal(grad_logvar.isnan(), nan_at) and torch.isfinite(grad_mu).all()
+    for a, b in zip((z, kl, grad_mu, grad_logvar), backends.torch(run)):
+        assert torch.equal(a.isnan(), b.isnan())
+    # the values that are not NaN do not depend on the NaN (the noise differs between
+    # the backends, so z and d/dlogvar are not compared)
+    t_kl, t_grad_mu = backends.torch(run)[1:3]
+    torch.testing.assert_close(kl, t_kl, equal_nan=True)
+    torch.testing.assert_close(grad_mu, t_grad_mu)
