@@ -24,9 +24,18 @@ from . import _shared
 
 
 @triton.jit
-def _tile(pid, chunks, n_rows, n_cols, i, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-          ITERS: tl.constexpr):
-    """Rows, element offsets and mask of iteration ``i`` of program ``pid``'s tile."""
+def _tile(
+    pid,  # int64 scalar: the program's index
+    chunks,  # column chunks per row block
+    n_rows,  # N, the batch size
+    n_cols,  # d, latent elements per sample
+    i,  # which of the tile's ITERS column blocks
+    BLOCK: tl.constexpr,  # columns per iteration (a power of two)
+    ROWS: tl.constexpr,  # rows per tile (a power of two)
+    ITERS: tl.constexpr,  # column blocks per tile
+):
+    """Rows (ROWS,), flat element offsets n * d + k (ROWS, BLOCK) and their mask
+    for iteration ``i`` of program ``pid``'s tile, all int64."""
     rows = (pid // chunks) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols = (pid % chunks) * (BLOCK * ITERS) + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
@@ -34,8 +43,17 @@ def _tile(pid, chunks, n_rows, n_cols, i, BLOCK: tl.constexpr, ROWS: tl.constexp
 
 
 @triton.jit
-def _load_latents(mu_ptr, logvar_ptr, offs, mask, clamp_lo, clamp_hi, HAS_CLAMP: tl.constexpr):
-    """mu, logvar and lv = clamp(logvar, lo, hi) (logvar itself without a clamp), float32."""
+def _load_latents(
+    mu_ptr,  # (N, d) contiguous: the means
+    logvar_ptr,  # (N, d) contiguous: the log-variances
+    offs,  # int64 (ROWS, BLOCK): flat element offsets
+    mask,  # bool like offs: elements inside the tensors
+    clamp_lo,  # float32: lower logvar clamp (HAS_CLAMP)
+    clamp_hi,  # float32: upper logvar clamp (HAS_CLAMP)
+    HAS_CLAMP: tl.constexpr,  # clamp logvar
+):
+    """mu, logvar and lv = clamp(logvar, lo, hi) (logvar itself without a clamp;
+    NaN stays NaN), float32."""
     mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lv = logvar
@@ -46,11 +64,28 @@ def _load_latents(mu_ptr, logvar_ptr, offs, mask, clamp_lo, clamp_hi, HAS_CLAMP:
 
 @triton.jit(do_not_specialize=["seed"])
 def _reparameterize_kernel(
-    mu_ptr, logvar_ptr, z_ptr, partials_ptr,
-    seed, n_rows, n_cols, chunks, clamp_lo, clamp_hi,
-    HAS_CLAMP: tl.constexpr, WITH_KL: tl.constexpr,
-    BLOCK: tl.constexpr, ROWS: tl.constexpr, ITERS: tl.constexpr,
+    mu_ptr,  # (N, d) contiguous: the means
+    logvar_ptr,  # (N, d) contiguous: the log-variances
+    z_ptr,  # (N, d) contiguous, out: the sample, in the promoted dtype of mu and logvar
+    partials_ptr,  # float32 (N * chunks,), out: per-(row, chunk) KL sums (WITH_KL)
+    seed,  # int64: the Philox seed of this draw
+    n_rows,  # N, the batch size
+    n_cols,  # d, latent elements per sample
+    chunks,  # column chunks per row block
+    clamp_lo,  # float32: lower logvar clamp (HAS_CLAMP)
+    clamp_hi,  # float32: upper logvar clamp (HAS_CLAMP)
+    HAS_CLAMP: tl.constexpr,  # clamp logvar to [clamp_lo, clamp_hi]
+    WITH_KL: tl.constexpr,  # also write the KL partial sums
+    BLOCK: tl.constexpr,  # columns per iteration (a power of two)
+    ROWS: tl.constexpr,  # rows per tile (a power of two)
+    ITERS: tl.constexpr,  # column blocks per tile
 ):
+    """The forward, one tile per program, i = n * d + k the flat element index:
+
+        eps[i] = randn(seed, i)                 (Philox)
+        z[i]   = mu[i] + exp(lv[i] / 2) eps[i],  lv = clamp(logvar, lo, hi)
+        partials[n * chunks + c] = sum_{k in chunk c} 1/2 (mu^2 + exp(lv) - 1 - lv)   (WITH_KL)
+    """
     pid = tl.program_id(0).to(tl.int64)
     acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
     for i in range(ITERS):
@@ -71,11 +106,30 @@ def _reparameterize_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _reparameterize_backward_kernel(
-    grad_z_ptr, grad_kl_ptr, mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr,
-    seed, n_rows, n_cols, chunks, clamp_lo, clamp_hi,
-    HAS_CLAMP: tl.constexpr, WITH_KL: tl.constexpr,
-    BLOCK: tl.constexpr, ROWS: tl.constexpr, ITERS: tl.constexpr,
+    grad_z_ptr,  # (N, d) contiguous: dL/dz
+    grad_kl_ptr,  # (N,): dL/dkl per sample (WITH_KL)
+    mu_ptr,  # (N, d) contiguous: the means
+    logvar_ptr,  # (N, d) contiguous: the log-variances
+    grad_mu_ptr,  # (N, d) contiguous, out: dL/dmu, in mu's dtype
+    grad_logvar_ptr,  # (N, d) contiguous, out: dL/dlogvar, in logvar's dtype
+    seed,  # int64: the forward's Philox seed (eps is regenerated, not saved)
+    n_rows,  # N, the batch size
+    n_cols,  # d, latent elements per sample
+    chunks,  # column chunks per row block
+    clamp_lo,  # float32: lower logvar clamp (HAS_CLAMP)
+    clamp_hi,  # float32: upper logvar clamp (HAS_CLAMP)
+    HAS_CLAMP: tl.constexpr,  # logvar was clamped to [clamp_lo, clamp_hi]
+    WITH_KL: tl.constexpr,  # the forward produced the KL: add its gradient
+    BLOCK: tl.constexpr,  # columns per iteration (a power of two)
+    ROWS: tl.constexpr,  # rows per tile (a power of two)
+    ITERS: tl.constexpr,  # column blocks per tile
 ):
+    """The backward, eps regenerated from (seed, i):
+
+        dL/dmu[i] = dL/dz[i] + dL/dkl[n] mu[i]
+        dL/dlv[i] = dL/dz[i] eps[i] exp(lv[i] / 2) / 2 + dL/dkl[n] (exp(lv[i]) - 1) / 2
+                    (0 where the clamp was active; NaN stays NaN)
+    """
     pid = tl.program_id(0).to(tl.int64)
     for i in range(ITERS):
         rows, offs, mask = _tile(pid, chunks, n_rows, n_cols, i, BLOCK, ROWS, ITERS)
