@@ -425,6 +425,10 @@ def check_graph_sampling(run, device, generator=None, capture=cuda_graph_capture
     N(0, 1) noise each, the backward regenerating each replay's own noise, and
     the loss following the value of a 0-dim beta tensor set between replays."""
     step, t = sampling_problem(device, generator)
+    if generator is not None and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        run.record(f"CUDA graph replays{label}", None, f"skipped: torch {torch.__version__} cannot "
+                   "register a generator with a CUDA graph (CUDAGraph.register_generator_state)")
+        return
     replay, outputs = capture(step) if generator is None else capture(step, generator)
     replays = []
     for beta in (1.0, 0.25):
