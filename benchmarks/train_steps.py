@@ -424,3 +424,27 @@ def table(rows):
             f"{_fmt(p.get('first_call_s'), '.1f')}/{_fmt(f.get('first_call_s'), '.1f')} |"
             + (f" {note}" if note else ""))
     return lines
+
+
+def main(argv=None):
+    """``python -m benchmarks.train_steps``: the group alone, its table printed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_steps",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="CPU-test sizes")
+    args = parser.parse_args(argv)
+    rows = run_group(torch.device(args.device), models=args.models, variants=args.variants,
+                     small=args.small)
+    print("\n".join(table(rows)))
+    for target in evaluate(rows):
+        print(f"{'met' if target['met'] else 'MISSED'}: {target['what']} "
+              f"(measured {target['measured']:.2f}, wanted >= {target['wanted']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -134,3 +134,10 @@ def test_table():
                         "1.0/1.0 |")
     assert lines[3].startswith("| mlp784 | 8 | reduce-overhead | 400.0 | 380.0 | 0.95x |")
     assert lines[4].endswith("plain: time budget")
+
+
+def test_command_line_runs_one_small_group(capsys, one_thread):
+    assert train_steps.main(["--models", "mlp784", "--variants", "eager", "--device", "cpu",
+                             "--small"]) == 0
+    out = capsys.readouterr().out
+    assert "| mlp784 | 8 | eager |" in out and "fastvae / plain steps/s" in out
