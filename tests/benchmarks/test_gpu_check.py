@@ -165,6 +165,18 @@ def test_graph_check_passes_when_every_replay_draws_fresh_noise(one_thread):
     assert len(got) == 4 and all(c["ok"] for c in got.values()), got
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the kernels run on CPU tensors only under the interpreter; "
+                           "on a GPU gpu_check runs this check on real CUDA graphs")
+def test_graph_check_passes_on_the_kernels(monkeypatch, one_thread):
+    """The same check with the sampling and the loss on the Triton kernels (interpreter)."""
+    monkeypatch.setenv("FASTVAE_BACKEND", "triton")
+    run = gpu_check.Run(deadline=float("inf"))
+    gpu_check.check_graph_sampling(run, torch.device("cpu"), capture=replaying_capture)
+    got = records(run)
+    assert len(got) == 4 and all(c["ok"] for c in got.values()), got
+
+
 def test_graph_check_fails_when_the_seed_is_frozen_at_capture(monkeypatch, one_thread):
     from fastvae import functional
 
