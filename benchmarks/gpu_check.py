@@ -500,10 +500,11 @@ def check_device_seed(run, device):
                "same seed, same z; next draw differs" if ok else "reproducibility broken")
 
 
-def check_reduce_overhead_step(run, device, steps=6):
+def check_reduce_overhead_step(run, device, steps=6, generator=None, label=""):
     """A full VAE training step (forward, fastvae sampling and loss, backward, Adam)
     under torch.compile(mode="reduce-overhead"): zero cudagraph skips, CUDA graphs
-    replayed, and fresh N(0, 1) noise on every step."""
+    replayed, and fresh N(0, 1) noise on every step; ``generator``: an explicit
+    one passed to the sampling."""
     from torch._dynamo.utils import counters
     from torch.profiler import ProfilerActivity, profile
 
@@ -517,7 +518,7 @@ def check_reduce_overhead_step(run, device, steps=6):
 
     def train_step(x):
         mu, logvar = net.encode(x)
-        z = fastvae.reparameterize(mu, logvar)
+        z = fastvae.reparameterize(mu, logvar, generator=generator)
         loss = fastvae.vae_loss(net.decoder(z), x, mu, logvar, recon=recon, beta=beta)
         loss.backward()
         opt.step()
@@ -541,7 +542,7 @@ def check_reduce_overhead_step(run, device, steps=6):
     seconds = time.monotonic() - start
     skips = counters["inductor"]["cudagraph_skips"]
     graph_launches = sum(1 for e in prof.events() if "cudaGraphLaunch" in e.name)
-    run.record("reduce-overhead training step: zero cudagraph skips, graphs replayed",
+    run.record(f"reduce-overhead training step{label}: zero cudagraph skips, graphs replayed",
                skips == 0 and graph_launches > 0,
                f"{skips} cudagraph skips; {graph_launches} cudaGraphLaunch calls in the last step; "
                f"{steps} steps in {seconds:.0f} s, compilation included; loss {float(loss):.1f}")
@@ -549,7 +550,7 @@ def check_reduce_overhead_step(run, device, steps=6):
     corr = correlation(a, b)
     stats = [normal_check(e) for e in (a, b)]
     ok = all(s[0] for s in stats) and abs(corr) < 5 / math.sqrt(a.numel()) and torch.isfinite(loss)
-    run.record("reduce-overhead training step: fresh noise every step", ok,
+    run.record(f"reduce-overhead training step{label}: fresh noise every step", ok,
                f"last two steps: {stats[0][1]}; {stats[1][1]}; correlation {corr:+.4f}")
 
 
@@ -742,6 +743,11 @@ def main(argv=None):
                 lambda: check_graph_sampling(run, device, torch.Generator(device=device).manual_seed(1),
                                              label=" (explicit CUDA generator)"))
     run.guarded("reduce-overhead training step", lambda: check_reduce_overhead_step(run, device))
+    if run.left() > 120:
+        run.guarded("reduce-overhead training step, explicit CUDA generator",
+                    lambda: check_reduce_overhead_step(
+                        run, device, steps=5, generator=torch.Generator(device=device).manual_seed(2),
+                        label=" (explicit CUDA generator)"))
     torch._dynamo.reset()
     save()
     if not args.skip_train_steps:
