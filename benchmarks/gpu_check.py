@@ -471,20 +471,27 @@ def check_device_seed(run, device):
     import fastvae
 
     step, t = sampling_problem(device)
-    step()  # warm-up: first launches compile
-    torch.cuda.synchronize(device)
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        step()
-        synced = None
-    except RuntimeError as e:
-        synced = str(e)
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-    run.record("sampling, backward and loss make no host sync", synced is None,
-               "ran under torch.cuda.set_sync_debug_mode('error')" if synced is None
-               else f"synchronized: {synced[:300]}")
     mu, logvar = t["mu"].detach(), t["logvar"].detach()
+    cpu_generator = torch.Generator().manual_seed(3)  # a host seed, copied from pinned memory
+
+    def host_seeded():
+        return fastvae.reparameterize(mu, logvar, generator=cpu_generator)
+
+    for name, fn in (("sampling, backward and loss", step),
+                     ("sampling from a CPU generator", host_seeded)):
+        fn()  # warm-up: first launches compile, the pinned-memory pool fills
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+            synced = None
+        except RuntimeError as e:
+            synced = str(e)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        run.record(f"{name} make no host sync", synced is None,
+                   "ran under torch.cuda.set_sync_debug_mode('error')" if synced is None
+                   else f"synchronized: {synced[:300]}")
     draws = []
     for _ in range(2):
         torch.manual_seed(5)

@@ -103,6 +103,12 @@ def _draw_seed(generator, like):
     its Philox state (seed, offset) read and advanced on the host."""
     _validate.check_generator(generator)
     gen_device = None if generator is None else generator.device
+    if like.device.type == "cuda" and gen_device is not None and gen_device.type == "cpu" \
+            and torch.cuda.is_current_stream_capturing():
+        # a host draw happens once, at capture: every replay would reuse its noise
+        raise ValueError("generator: a CPU generator cannot seed sampling of CUDA tensors inside "
+                         "a CUDA graph capture (every replay would draw the same noise); pass a "
+                         "CUDA generator or None")
     if like.device.type == "cuda" and (gen_device is None or gen_device.type == "cuda"):
         # a generator's own device (it may be another GPU than the data's; the
         # kernels' launcher copies the seed over, device to device)

@@ -158,15 +158,20 @@ def _reparameterize_backward_kernel(
 
 def _seed_on(seed, device):
     """The seed as the kernels read it: a 1-element int64 tensor on ``device``.
-    A seed drawn on the host (a CPU generator with CUDA tensors) or on another
-    GPU is copied over without blocking the host; one on ``device`` is used as
-    it is, so nothing reads it on the host (no sync; a CUDA graph replay reads
-    the value its captured draw wrote)."""
+    One on ``device`` is used as it is, so nothing reads it on the host (no sync;
+    a CUDA graph replay reads the value its captured draw wrote). One drawn on
+    the host (a CPU generator with CUDA tensors) is copied from pinned memory:
+    a copy from pageable memory would wait for the stream first. One on another
+    GPU is copied over."""
     if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
         raise TypeError("seed must be a 1-element int64 tensor, got "
                         + (f"{seed.dtype} of shape {tuple(seed.shape)}"
                            if isinstance(seed, torch.Tensor) else type(seed).__name__))
-    return seed if seed.device == device else seed.to(device, non_blocking=True)
+    if seed.device == device:
+        return seed
+    if seed.device.type == "cpu" and device.type == "cuda" and not seed.is_pinned():
+        seed = seed.pin_memory()
+    return seed.to(device, non_blocking=True)
 
 
 def _clamp_arguments(clamp_lo, clamp_hi):

@@ -147,6 +147,7 @@ def test_cuda_tensors_draw_their_seed_on_their_device(monkeypatch):
         return torch.zeros(1, dtype=torch.int64)
 
     monkeypatch.setattr(torch, "randint", randint)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     cuda_data = types.SimpleNamespace(device=torch.device("cuda", 1))
     functional._draw_seed(None, cuda_data)
     assert calls[-1] == dict(low=0, high=2**62, size=(1,), generator=None,
@@ -158,6 +159,18 @@ def test_cuda_tensors_draw_their_seed_on_their_device(monkeypatch):
     # CPU data: the host draw
     functional._draw_seed(None, torch.zeros(2))
     assert calls[-1]["device"] is None and calls[-1]["size"] == (1,)
+
+
+def test_a_cpu_generator_is_refused_inside_a_cuda_graph_capture(monkeypatch):
+    """A host draw would run once, at capture, and every replay would reuse its noise:
+    refused with a clear error (checked with a stand-in for the capture state)."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    cuda_data = types.SimpleNamespace(device=torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="generator: a CPU generator cannot seed sampling of "
+                                         "CUDA tensors inside a CUDA graph capture"):
+        functional._draw_seed(torch.Generator().manual_seed(0), cuda_data)
+    # CPU data is not captured: its host draw stays allowed
+    assert functional._draw_seed(torch.Generator().manual_seed(0), torch.zeros(2)).shape == (1,)
 
 
 # ---- torch.compile with the seed as a tensor ----------------------------------------
