@@ -489,7 +489,7 @@ def check_device_seed(run, device):
             synced = str(e)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        run.record(f"{name} make no host sync", synced is None,
+        run.record(f"{name}: no host sync", synced is None,
                    "ran under torch.cuda.set_sync_debug_mode('error')" if synced is None
                    else f"synchronized: {synced[:300]}")
     draws = []
