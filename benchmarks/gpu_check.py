@@ -160,7 +160,9 @@ def markdown_report(results):
     for target in results["targets"]:
         lines.append(f"- {'met' if target['met'] else 'MISSED'}: {target['what']} "
                      f"(measured {target['measured']:.2f}, wanted >= {target['wanted']})")
-    lines += ["", f"Total wall time {results['wall_s']:.0f} s.", ""]
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in (results.get("stage_s") or {}).items())
+    lines += ["", f"Total wall time {results['wall_s']:.0f} s" + (f" ({stages})." if stages else "."),
+              ""]
     return "\n".join(lines)
 
 
@@ -730,7 +732,13 @@ def main(argv=None):
     json_path, md_path = result_paths(args.results_dir, results["environment"]["gpu"],
                                       datetime.date.fromisoformat(results["date"]))
 
-    def save():  # after every stage: a run cut short keeps what it measured
+    stage_start = [start]
+
+    def save(stage=None):  # after every stage: a run cut short keeps what it measured
+        if stage is not None:  # seconds per stage, to size the budget of the next run
+            now = time.monotonic()
+            results.setdefault("stage_s", {})[stage] = round(now - stage_start[0], 1)
+            stage_start[0] = now
         results["targets"] = all_targets(results)
         results["wall_s"] = time.monotonic() - start
         write_results(results, args.results_dir)
@@ -739,11 +747,11 @@ def main(argv=None):
         run.record("test suite on CUDA", None, "skipped (--skip-tests)")
     else:
         run_test_suite(run, args.test_timeout, json_path.with_suffix(".tests.log"))
-    save()
+    save("test suite")
     run.guarded("determinism", lambda: check_determinism(run, device))
     run.guarded("past 2**31 elements", lambda: check_past_2_to_31(run, device))
     torch.cuda.empty_cache()
-    save()
+    save("determinism, 2**31")
     run.guarded("device seeds", lambda: check_device_seed(run, device))
     run.guarded("CUDA graph replays", lambda: check_graph_sampling(run, device))
     run.guarded("CUDA graph replays, explicit CUDA generator",
@@ -756,7 +764,7 @@ def main(argv=None):
                         run, device, steps=5, generator=torch.Generator(device=device).manual_seed(2),
                         label=" (explicit CUDA generator)"))
     torch._dynamo.reset()
-    save()
+    save("random numbers under CUDA graphs")
     if not args.skip_train_steps:
         from benchmarks import train_steps
 
@@ -771,7 +779,7 @@ def main(argv=None):
             rows=results["train_steps"]))
         torch._dynamo.reset()
         torch.cuda.empty_cache()
-        save()
+        save("training step group")
 
     bandwidth = cases.copy_bandwidth(device)
     results["copy_bandwidth_gbs"] = bandwidth / 1e9
@@ -795,7 +803,7 @@ def main(argv=None):
                 time_case(run, case, device, bandwidth)))
         torch.cuda.empty_cache()
         save()
-    save()
+    save("op timings")
     print(f"\nwrote {json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path} "
           f"and {md_path.name}\n")
     print(short_table(results))

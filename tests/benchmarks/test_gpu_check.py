@@ -246,3 +246,10 @@ def test_report_shows_the_training_step_table_and_targets(tmp_path):
     # a results file without the group (an older run) still renders
     del results["train_steps"]
     assert "(not measured)" in gpu_check.markdown_report(results)
+
+
+def test_report_gives_the_seconds_of_each_stage(tmp_path):
+    results = fake_results()
+    results["stage_s"] = {"test suite": 120.0, "training step group": 150.5}
+    assert "Total wall time 300 s (test suite 120 s, training step group 150 s)." in \
+        gpu_check.markdown_report(results)
