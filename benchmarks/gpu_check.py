@@ -5,11 +5,21 @@ In one run (under 8 minutes on one H100, compilation included) it:
 1. runs the test suite on CUDA tensors (tests parametrize over the devices present);
 2. checks determinism (same inputs twice -> bitwise equal) and a tensor past
    2**31 elements where memory allows;
-3. checks the kernels against float64 references at the benchmark sizes, then
+3. checks the random numbers where CUDA graphs replay them (issue 13): inside
+   ``torch.cuda.graph`` two replays draw different, independent N(0, 1) noise,
+   the backward in the graph regenerates its forward's noise and a 0-dim tensor
+   ``beta`` is followed on each replay (default and explicit CUDA generator);
+   eager sampling makes no host sync and ``torch.manual_seed`` reproduces it; a
+   full VAE training step under ``torch.compile(mode="reduce-overhead")`` records
+   zero cudagraph skips, replays CUDA graphs and draws fresh noise every step;
+4. measures the real training step (``benchmarks/train_steps.py``: three VAEs,
+   eager / compile / reduce-overhead / bf16, plain vs fastvae: steps/s, peak
+   memory, the loss+sampling share of the device time);
+5. checks the kernels against float64 references at the benchmark sizes, then
    times them against eager PyTorch and torch.compile with
    ``triton.testing.do_bench`` (median), with the copy bandwidth and the peak
    memory measured in the same run;
-4. writes JSON + markdown named by GPU model and date under
+6. writes JSON + markdown named by GPU model and date under
    ``benchmarks/results/`` and prints a short table last.
 
 The results are rewritten after every stage, so a run cut short still leaves
@@ -140,12 +150,34 @@ def markdown_report(results):
               "The same calls captured in a CUDA graph and replayed: launch overhead removed; "
               "the calls cycle through enough input sets (about 3x the L2 size) to read DRAM.", ""]
     lines += graph_table(results["timings"])
+    lines += ["", "## Training step (benchmarks/train_steps.py)", "",
+              "Steps per second of forward, loss, backward and fused Adam; peak memory of a "
+              "step; the loss+sampling share of the device time (torch.profiler, eager rows). "
+              "compile and reduce-overhead compile the forward and the loss (the backward with "
+              "them); bf16 is eager under bf16 autocast.", ""]
+    lines += _train_table(results)
     lines += ["", "## Targets", ""]
     for target in results["targets"]:
         lines.append(f"- {'met' if target['met'] else 'MISSED'}: {target['what']} "
                      f"(measured {target['measured']:.2f}, wanted >= {target['wanted']})")
-    lines += ["", f"Total wall time {results['wall_s']:.0f} s.", ""]
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in (results.get("stage_s") or {}).items())
+    lines += ["", f"Total wall time {results['wall_s']:.0f} s" + (f" ({stages})." if stages else "."),
+              ""]
     return "\n".join(lines)
+
+
+def _train_table(results):
+    from benchmarks import train_steps
+
+    rows = results.get("train_steps") or []
+    return train_steps.table(rows) if rows else ["(not measured)"]
+
+
+def all_targets(results):
+    """The kernel timings' targets and the training step's."""
+    from benchmarks import train_steps
+
+    return evaluate_targets(results["timings"]) + train_steps.evaluate(results.get("train_steps") or [])
 
 
 def evaluate_targets(timings):
@@ -184,6 +216,7 @@ def short_table(results):
              + _launch_line(results), "do_bench:"]
     lines += timing_table(results["timings"])
     lines += ["device time (CUDA graph replay):"] + graph_table(results["timings"])
+    lines += ["training step:"] + _train_table(results)
     missed = [t["what"] for t in results["targets"] if not t["met"]]
     lines.append("targets: all met" if not missed else "targets missed: " + "; ".join(missed))
     return "\n".join(lines)
@@ -324,6 +357,210 @@ def check_past_2_to_31(run, device):
                f"noise at the last 2**20 elements: mean {float(end.mean()):.4f}, "
                f"std {float(end.std()):.4f}, {'distinct from' if distinct else 'EQUAL TO'} "
                "the first (no int32 wrap-around)")
+
+
+# ---- random numbers under CUDA graphs (issue 13) ------------------------------
+
+
+def normal_check(eps):
+    """(ok, detail): is the flat sample ``eps`` N(0, 1)? Mean and standard deviation
+    within 5 standard errors."""
+    eps = eps.detach().double().flatten()
+    n = eps.numel()
+    mean, std = float(eps.mean()), float(eps.std())
+    ok = abs(mean) < 5 / math.sqrt(n) and abs(std - 1) < 5 * math.sqrt(0.5 / n)
+    return ok, f"mean {mean:+.4f}, std {std:.4f} over {n}"
+
+
+def correlation(a, b):
+    """Pearson correlation of two samples of the same size (float64)."""
+    return float(torch.corrcoef(torch.stack([a.detach().double().flatten(),
+                                             b.detach().double().flatten()]))[0, 1])
+
+
+def cuda_graph_capture(step, generator=None):
+    """Capture ``step()`` in a CUDA graph after two warm-up calls on a side stream
+    (as PyTorch's docs prescribe); returns (replay, the graph's static outputs).
+    An explicit CUDA generator is registered with the graph first."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    if generator is not None:
+        graph.register_generator_state(generator)
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph.replay, outputs
+
+
+def sampling_problem(device, generator=None, n=2048, d=256):
+    """Inputs and one step of what a training step does with fastvae's sampling:
+    (z, kl) = sample_and_kl, the gradients of sum(z grad_z) + sum(kl) by the
+    backward, and vae_loss with a 0-dim tensor beta. Returns (step, tensors)."""
+    import fastvae
+
+    gen = torch.Generator().manual_seed(0)
+    t = dict(mu=torch.randn(n, d, generator=gen) * 0.5, logvar=torch.randn(n, d, generator=gen) * 0.3,
+             grad_z=torch.randn(n, d, generator=gen), x_hat=torch.randn(n, 64, generator=gen),
+             x=torch.randn(n, 64, generator=gen))
+    t = {k: v.to(device) for k, v in t.items()}
+    t["mu"].requires_grad_()
+    t["logvar"].requires_grad_()
+    t["beta"] = torch.tensor(1.0, device=device)
+
+    def step():
+        z, kl = fastvae.sample_and_kl(t["mu"], t["logvar"], generator=generator)
+        grad_mu, grad_logvar = torch.autograd.grad((z * t["grad_z"]).sum() + kl.sum(),
+                                                   (t["mu"], t["logvar"]))
+        parts = fastvae.vae_loss(t["x_hat"], t["x"], t["mu"].detach(), t["logvar"].detach(),
+                                 beta=t["beta"], return_parts=True)
+        return z.detach(), grad_mu, grad_logvar, parts.loss, parts.recon, parts.kl
+
+    return step, t
+
+
+def check_graph_sampling(run, device, generator=None, capture=cuda_graph_capture, label=""):
+    """Two replays of a captured sample + backward + loss step: fresh, independent
+    N(0, 1) noise each, the backward regenerating each replay's own noise, and
+    the loss following the value of a 0-dim beta tensor set between replays."""
+    step, t = sampling_problem(device, generator)
+    if generator is not None and not hasattr(torch.cuda.CUDAGraph, "register_generator_state"):
+        run.record(f"CUDA graph replays{label}", None, f"skipped: torch {torch.__version__} cannot "
+                   "register a generator with a CUDA graph (CUDAGraph.register_generator_state)")
+        return
+    replay, outputs = capture(step) if generator is None else capture(step, generator)
+    replays = []
+    for beta in (1.0, 0.25):
+        t["beta"].fill_(beta)
+        replay()
+        replays.append([o.clone() for o in outputs])
+    mu, logvar, grad_z = (t[k].detach() for k in ("mu", "logvar", "grad_z"))
+    std = torch.exp(0.5 * logvar)
+    eps = [(r[0] - mu) / std for r in replays]
+    name = f"CUDA graph replays{label}"
+    stats = [normal_check(e) for e in eps]
+    run.record(f"{name}: noise is N(0, 1) in each replay", all(ok for ok, _ in stats),
+               "; ".join(detail for _, detail in stats))
+    corr = correlation(*eps)
+    n = eps[0].numel()
+    fresh = not torch.equal(replays[0][0], replays[1][0]) and abs(corr) < 5 / math.sqrt(n)
+    run.record(f"{name}: fresh noise on every replay", fresh,
+               f"{'different' if not torch.equal(replays[0][0], replays[1][0]) else 'IDENTICAL'} z; "
+               f"correlation of the two replays' noise {corr:+.4f} (|.| < {5 / math.sqrt(n):.4f})")
+    worst = 0.0
+    for e, (_, grad_mu, grad_logvar, *_) in zip(eps, replays):
+        # d/dlogvar of sum(z grad_z) + sum(kl) with that replay's own eps, from the math
+        want_lv = 0.5 * grad_z * e * std + 0.5 * torch.expm1(logvar)
+        worst = max(worst, float(((grad_logvar - want_lv).abs() / (want_lv.abs() + 1e-3)).max()),
+                    float(((grad_mu - (grad_z + mu)).abs()).max()))
+    run.record(f"{name}: the backward regenerates its replay's noise", worst < 1e-3,
+               f"largest relative error of the logvar gradient against its replay's eps {worst:.1e}")
+    errors = []
+    for beta, (_, _, _, loss, recon, kl) in zip((1.0, 0.25), replays):
+        errors.append(abs(float(loss) - (float(recon) + beta * float(kl))) / abs(float(loss)))
+    follows = max(errors) < 1e-5 and float(replays[0][3]) != float(replays[1][3])
+    run.record(f"{name}: the loss follows a 0-dim beta tensor", follows,
+               f"loss = recon + beta kl for beta 1.0 then 0.25 (relative errors "
+               f"{', '.join(f'{e:.1e}' for e in errors)})")
+
+
+def check_device_seed(run, device):
+    """Eager sampling on CUDA: no host sync (torch.cuda sync debug mode would
+    raise), and torch.manual_seed / a seeded CUDA generator reproduce z."""
+    import fastvae
+
+    step, t = sampling_problem(device)
+    mu, logvar = t["mu"].detach(), t["logvar"].detach()
+    cpu_generator = torch.Generator().manual_seed(3)  # a host seed, copied from pinned memory
+
+    def host_seeded():
+        return fastvae.reparameterize(mu, logvar, generator=cpu_generator)
+
+    for name, fn in (("sampling, backward and loss", step),
+                     ("sampling from a CPU generator", host_seeded)):
+        fn()  # warm-up: first launches compile, the pinned-memory pool fills
+        torch.cuda.synchronize(device)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+            synced = None
+        except RuntimeError as e:
+            synced = str(e)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        run.record(f"{name}: no host sync", synced is None,
+                   "ran under torch.cuda.set_sync_debug_mode('error')" if synced is None
+                   else f"synchronized: {synced[:300]}")
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        draws.append(fastvae.reparameterize(mu, logvar))
+    gen = torch.Generator(device=device)
+    for _ in range(2):
+        gen.manual_seed(7)
+        draws.append(fastvae.reparameterize(mu, logvar, generator=gen))
+    next_draw = fastvae.reparameterize(mu, logvar, generator=gen)
+    ok = (torch.equal(draws[0], draws[1]) and torch.equal(draws[2], draws[3])
+          and not torch.equal(draws[0], draws[2]) and not torch.equal(draws[3], next_draw))
+    run.record("device seeds reproduce with manual_seed and a seeded CUDA generator", ok,
+               "same seed, same z; next draw differs" if ok else "reproducibility broken")
+
+
+def check_reduce_overhead_step(run, device, steps=6, generator=None, label=""):
+    """A full VAE training step (forward, fastvae sampling and loss, backward, Adam)
+    under torch.compile(mode="reduce-overhead"): zero cudagraph skips, CUDA graphs
+    replayed, and fresh N(0, 1) noise on every step; ``generator``: an explicit
+    one passed to the sampling."""
+    from torch._dynamo.utils import counters
+    from torch.profiler import ProfilerActivity, profile
+
+    import fastvae
+    from benchmarks import cases, train_steps
+
+    torch._dynamo.reset()
+    counters.clear()
+    net, x, recon, beta = train_steps.build("mlp784", device)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, capturable=True)
+
+    def train_step(x):
+        mu, logvar = net.encode(x)
+        z = fastvae.reparameterize(mu, logvar, generator=generator)
+        loss = fastvae.vae_loss(net.decoder(z), x, mu, logvar, recon=recon, beta=beta)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach(), z.detach(), mu.detach(), logvar.detach()
+
+    compiled = torch.compile(train_step, mode="reduce-overhead")
+    start = time.monotonic()
+    eps = []
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if x.is_cuda else [])
+    for i in range(steps):
+        torch.compiler.cudagraph_mark_step_begin()
+        if i == steps - 1:
+            with profile(activities=activities) as prof:
+                out = [o.clone() for o in compiled(x)]
+                cases.synchronize(device)
+        else:
+            out = [o.clone() for o in compiled(x)]  # the graphs' outputs: copied before the next step
+        loss, z, mu, logvar = out
+        eps.append((z - mu) / torch.exp(0.5 * logvar))
+    seconds = time.monotonic() - start
+    skips = counters["inductor"]["cudagraph_skips"]
+    graph_launches = sum(1 for e in prof.events() if "cudaGraphLaunch" in e.name)
+    run.record(f"reduce-overhead training step{label}: zero cudagraph skips, graphs replayed",
+               skips == 0 and graph_launches > 0,
+               f"{skips} cudagraph skips; {graph_launches} cudaGraphLaunch calls in the last step; "
+               f"{steps} steps in {seconds:.0f} s, compilation included; loss {float(loss):.1f}")
+    a, b = eps[-2], eps[-1]
+    corr = correlation(a, b)
+    stats = [normal_check(e) for e in (a, b)]
+    ok = all(s[0] for s in stats) and abs(corr) < 5 / math.sqrt(a.numel()) and torch.isfinite(loss)
+    run.record(f"reduce-overhead training step{label}: fresh noise every step", ok,
+               f"last two steps: {stats[0][1]}; {stats[1][1]}; correlation {corr:+.4f}")
 
 
 def peak_mib(fn, device):
@@ -468,6 +705,11 @@ def main(argv=None):
                         help=f"seconds for the whole run; later timings are skipped past it "
                              f"(default {BUDGET_S:.0f})")
     parser.add_argument("--skip-tests", action="store_true", help="skip the test suite")
+    parser.add_argument("--skip-train-steps", action="store_true",
+                        help="skip the training-step group (benchmarks/train_steps.py)")
+    parser.add_argument("--op-timing-reserve", type=float, default=60.0,
+                        help="seconds of the budget the training-step group leaves for the op "
+                             "timings after it (default 60)")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR)
     args = parser.parse_args(argv)
 
@@ -490,8 +732,14 @@ def main(argv=None):
     json_path, md_path = result_paths(args.results_dir, results["environment"]["gpu"],
                                       datetime.date.fromisoformat(results["date"]))
 
-    def save():  # after every stage: a run cut short keeps what it measured
-        results["targets"] = evaluate_targets(results["timings"])
+    stage_start = [start]
+
+    def save(stage=None):  # after every stage: a run cut short keeps what it measured
+        if stage is not None:  # seconds per stage, to size the budget of the next run
+            now = time.monotonic()
+            results.setdefault("stage_s", {})[stage] = round(now - stage_start[0], 1)
+            stage_start[0] = now
+        results["targets"] = all_targets(results)
         results["wall_s"] = time.monotonic() - start
         write_results(results, args.results_dir)
 
@@ -499,11 +747,39 @@ def main(argv=None):
         run.record("test suite on CUDA", None, "skipped (--skip-tests)")
     else:
         run_test_suite(run, args.test_timeout, json_path.with_suffix(".tests.log"))
-    save()
+    save("test suite")
     run.guarded("determinism", lambda: check_determinism(run, device))
     run.guarded("past 2**31 elements", lambda: check_past_2_to_31(run, device))
     torch.cuda.empty_cache()
-    save()
+    save("determinism, 2**31")
+    run.guarded("device seeds", lambda: check_device_seed(run, device))
+    run.guarded("CUDA graph replays", lambda: check_graph_sampling(run, device))
+    run.guarded("CUDA graph replays, explicit CUDA generator",
+                lambda: check_graph_sampling(run, device, torch.Generator(device=device).manual_seed(1),
+                                             label=" (explicit CUDA generator)"))
+    run.guarded("reduce-overhead training step", lambda: check_reduce_overhead_step(run, device))
+    if run.left() > 120:
+        run.guarded("reduce-overhead training step, explicit CUDA generator",
+                    lambda: check_reduce_overhead_step(
+                        run, device, steps=5, generator=torch.Generator(device=device).manual_seed(2),
+                        label=" (explicit CUDA generator)"))
+    torch._dynamo.reset()
+    save("random numbers under CUDA graphs")
+    if not args.skip_train_steps:
+        from benchmarks import train_steps
+
+        results["train_steps"] = []
+
+        def log_row(line):  # save after every row: a run cut short keeps what it measured
+            print(line, flush=True)
+            save()
+
+        run.guarded("training step group", lambda: train_steps.run_group(
+            device, time_left=lambda: run.left() - args.op_timing_reserve, log=log_row,
+            rows=results["train_steps"]))
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+        save("training step group")
 
     bandwidth = cases.copy_bandwidth(device)
     results["copy_bandwidth_gbs"] = bandwidth / 1e9
@@ -527,7 +803,7 @@ def main(argv=None):
                 time_case(run, case, device, bandwidth)))
         torch.cuda.empty_cache()
         save()
-    save()
+    save("op timings")
     print(f"\nwrote {json_path.relative_to(REPO) if json_path.is_relative_to(REPO) else json_path} "
           f"and {md_path.name}\n")
     print(short_table(results))

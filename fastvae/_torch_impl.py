@@ -238,7 +238,11 @@ def standard_normal(seed, shape, dtype, device, std=1.0):
     and drawing the noise is most of a reparameterization on the CPU: large CPU
     draws are split into chunks of NOISE_CHUNK elements, each from its own
     generator seeded from (seed, chunk index), drawn on torch.get_num_threads()
-    threads (the ops release the GIL)."""
+    threads (the ops release the GIL).
+
+    ``seed``: an int or a 1-element int64 tensor, read on the host (free for a CPU
+    tensor; a device sync for a CUDA one, which only this path on CUDA meets)."""
+    seed = int(seed)
     device = torch.device(device)
     numel = 1
     for n in shape:

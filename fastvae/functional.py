@@ -74,7 +74,7 @@ def reparameterize(mu, logvar, *, generator=None):
     _validate.check_latent_args(mu, logvar, None)
     if torch.onnx.is_in_onnx_export():
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
-    seed = _draw_seed(generator)
+    seed = _draw_seed(generator, mu)
     return ops.reparameterize(mu, logvar, seed, None, None, False)[0]
 
 
@@ -85,19 +85,40 @@ def sample_and_kl(mu, logvar, *, generator=None, logvar_clamp=None):
         lv = logvar if lo is None else logvar.clamp(lo, hi)
         z = mu + torch.exp(0.5 * lv) * torch.randn_like(mu)
         return z, _kl_rows(mu, logvar, lo, hi)
-    return ops.reparameterize(mu, logvar, _draw_seed(generator), lo, hi, True)
+    return ops.reparameterize(mu, logvar, _draw_seed(generator, mu), lo, hi, True)
 
 
-def _draw_seed(generator):
-    """A 0-dim int64 CPU tensor seeding one draw of noise, taken from ``generator``
-    without a device sync: CPU generators draw on the host; a CUDA generator's
-    Philox state (seed, offset) is read and advanced on the host."""
+def _draw_seed(generator, like):
+    """The seed of one draw of noise for tensors like ``like``: a 1-element int64
+    tensor, drawn without a host sync.
+
+    CUDA tensors (with ``generator`` None or a CUDA generator): drawn on the device
+    by ``torch.randint`` from ``generator`` or the default CUDA generator. That
+    call is graph-safe (PyTorch registers its Philox offset with a CUDA graph
+    being captured, so every replay draws a fresh seed, as ``torch.randn_like``
+    does), ``torch.manual_seed`` / a seeded generator reproduce it, and the kernels
+    read it from memory. Everything else keeps a host seed: a CPU tensor drawn
+    from ``generator`` (a CPU one) or the default CPU generator, the same value
+    as before seeds became tensors; a CUDA generator with non-CUDA tensors has
+    its Philox state (seed, offset) read and advanced on the host."""
     _validate.check_generator(generator)
-    if generator is not None and generator.device.type != "cpu":
+    gen_device = None if generator is None else generator.device
+    if like.device.type == "cuda" and gen_device is not None and gen_device.type == "cpu" \
+            and torch.cuda.is_current_stream_capturing():
+        # a host draw happens once, at capture: every replay would reuse its noise
+        raise ValueError("generator: a CPU generator cannot seed sampling of CUDA tensors inside "
+                         "a CUDA graph capture (every replay would draw the same noise); pass a "
+                         "CUDA generator or None")
+    if like.device.type == "cuda" and (gen_device is None or gen_device.type == "cuda"):
+        # a generator's own device (it may be another GPU than the data's; the
+        # kernels' launcher copies the seed over, device to device)
+        return torch.randint(0, 2**62, (1,), generator=generator,
+                             device=like.device if gen_device is None else gen_device)
+    if gen_device is not None and gen_device.type != "cpu":
         seed, offset = generator.initial_seed(), generator.get_offset()
         generator.set_offset(offset + 4)
-        return torch.tensor(hash((seed, offset)) & (2**62 - 1))
-    return torch.randint(0, 2**62, (), generator=generator)
+        return torch.tensor([hash((seed, offset)) & (2**62 - 1)])
+    return torch.randint(0, 2**62, (1,), generator=generator)
 
 
 # ---- the plain formulas, used while exporting to ONNX -------------------

@@ -12,10 +12,12 @@ backward only scales them by ``grad_output`` — per sample for
 ``reduction="none"`` — in place only on their last use, when nothing else can
 see them (``fastvae._grad_scaling``). A user's input is never written.
 
-Noise for the reparameterization is drawn from an integer seed (a 0-dim int64
-CPU tensor, an op input so that it may be symbolic under compile); its
-backward is its own op that regenerates the noise from the same seed, so no
-noise-sized tensor is saved.
+Noise for the reparameterization is drawn from an integer seed, a 1-element
+int64 tensor (on the GPU for CUDA tensors, drawn there by a graph-safe
+PyTorch call; on the CPU otherwise) that is an op input, so it stays data
+under compile and in CUDA graphs; the kernels read it from memory. Its
+backward is its own op that regenerates the noise from the same seed tensor,
+so no noise-sized tensor is saved.
 """
 
 from typing import Optional, Tuple
@@ -212,7 +214,7 @@ def _reparameterize_impl(
 ) -> Tuple[Tensor, Tensor]:
     """(z, per-sample kl or an empty tensor)."""
     impl = _dispatch.implementation(mu, logvar)
-    return impl.reparameterize_forward(mu, logvar, int(seed), clamp_lo, clamp_hi, with_kl)
+    return impl.reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl)
 
 
 reparameterize_op = torch.library.custom_op("fastvae::reparameterize", mutates_args=())(
@@ -233,7 +235,7 @@ def _reparameterize_backward_impl(
 ) -> Tuple[Tensor, Tensor]:
     """(grad_mu, grad_logvar), with the noise regenerated from ``seed``."""
     impl = _dispatch.implementation(mu, logvar)
-    return impl.reparameterize_backward(grad_z, grad_kl, mu, logvar, int(seed), clamp_lo, clamp_hi)
+    return impl.reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_hi)
 
 
 reparameterize_backward_op = torch.library.custom_op(

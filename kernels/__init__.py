@@ -6,7 +6,9 @@ the launcher that picks block sizes:
 - ``vae_loss``: reconstruction + beta * KL with its gradients in one pass
   (also the KL-only op);
 - ``reparameterize``: z = mu + exp(logvar / 2) * eps with in-kernel Philox
-  noise, optionally the per-sample KL, and the backward that regenerates eps;
+  noise seeded from memory (a 1-element int64 tensor on the device, so CUDA
+  graph replays draw fresh noise), optionally the per-sample KL, and the
+  backward that regenerates eps;
 - ``scale_gradients``: the backward of the loss and KL ops, scaling their
   saved gradients by grad_output in place (up to three buffers, one launch).
 

@@ -18,6 +18,43 @@ import torch
 import triton
 import triton.language as tl
 
+# ---- NaN-keeping clamps ----------------------------------------------------
+#
+# tl.maximum / tl.minimum return the other operand when one is NaN (their default
+# propagate_nan=NONE), so a clamp written with them turns NaN into a bound: a NaN
+# logvar would give a finite KL and a zero gradient. torch.clamp keeps NaN; these do.
+
+
+@triton.jit
+def clamp(x, lo, hi):
+    """clamp(x, lo, hi) as torch.clamp computes it: NaN stays NaN.
+
+    x: float32 tile, any shape; lo, hi: float32 scalars, lo <= hi.
+    """
+    return tl.where(x < lo, lo, tl.where(x > hi, hi, x))
+
+
+@triton.jit
+def clamp_min(x, lo):
+    """max(x, lo) as torch.clamp_min computes it: NaN stays NaN.
+
+    x: float32 tile, any shape; lo: float32 scalar.
+    """
+    return tl.where(x < lo, lo, x)
+
+
+@triton.jit
+def clamp_grad(grad, x, lo, hi):
+    """The gradient through clamp(x, lo, hi): zero where the clamp was active
+    (x < lo or x > hi). A NaN x was not clamped: its gradient, NaN, passes, as
+    the PyTorch path's grad * (lo <= x <= hi) mask leaves it.
+
+    grad: float32 tile, the gradient with respect to clamp(x); x: float32 tile
+    like grad, the clamp's input; lo, hi: float32 scalars.
+    """
+    return tl.where((x < lo) | (x > hi), 0.0, grad)
+
+
 # ---- KL terms ------------------------------------------------------------
 
 
@@ -25,7 +62,10 @@ import triton.language as tl
 def expm1(x):
     """exp(x) - 1 without the cancellation of the subtraction near 0 (collapsed
     latents have logvar ~ 0): a Taylor polynomial to x^6 for |x| < 0.1 (truncation
-    below 2e-9 relative), exp(x) - 1 elsewhere."""
+    below 2e-9 relative), exp(x) - 1 elsewhere.
+
+    x: float32 tile, any shape.
+    """
     small = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0 + x * (1.0 / 120.0 + x * (1.0 / 720.0))))))
     return tl.where(tl.abs(x) < 0.1, small, tl.exp(x) - 1.0)
 
@@ -34,22 +74,25 @@ def expm1(x):
 def kl_terms(mu, logvar, clamp_lo, clamp_hi, HAS_CLAMP: tl.constexpr):
     """Per-element KL(N(mu, exp(lv)) || N(0, 1)) and its derivatives, in float32.
 
-        lv       = clamp(logvar, lo, hi)                (if HAS_CLAMP)
+        lv       = clamp(logvar, lo, hi)                (if HAS_CLAMP; NaN stays NaN)
         kl       = 1/2 (mu^2 + exp(lv) - 1 - lv)
         d kl/dmu = mu
-        d kl/dlv = 1/2 (exp(lv) - 1)   (0 where the clamp was active)
+        d kl/dlv = 1/2 (exp(lv) - 1)   (0 where the clamp was active; NaN stays NaN)
 
     Returns (kl, d kl/d logvar); d kl/d mu is ``mu`` itself.
+
+    mu: float32 tile, the means; logvar: float32 tile like mu, the log-variances;
+    clamp_lo, clamp_hi: float32 scalars, the clamp (used if HAS_CLAMP);
+    HAS_CLAMP: constexpr bool, clamp logvar.
     """
     lv = logvar
     if HAS_CLAMP:
-        lv = tl.minimum(tl.maximum(logvar, clamp_lo), clamp_hi)
+        lv = clamp(logvar, clamp_lo, clamp_hi)
     var_m1 = expm1(lv)
     kl = 0.5 * (mu * mu + (var_m1 - lv))
     grad_lv = 0.5 * var_m1
     if HAS_CLAMP:
-        # torch.clamp passes the gradient where lo <= logvar <= hi
-        grad_lv = tl.where((logvar >= clamp_lo) & (logvar <= clamp_hi), grad_lv, 0.0)
+        grad_lv = clamp_grad(grad_lv, logvar, clamp_lo, clamp_hi)
     return kl, grad_lv
 
 
@@ -57,9 +100,16 @@ def kl_terms(mu, logvar, clamp_lo, clamp_hi, HAS_CLAMP: tl.constexpr):
 
 
 @triton.jit
-def _row_sums(partials_ptr, rows, row_mask, base, chunks,
-              BLOCK_ROWS: tl.constexpr, BLOCK_CHUNKS: tl.constexpr):
-    """Sum of each row's ``chunks`` partials, read from ``partials_ptr + base``."""
+def _row_sums(
+    partials_ptr,  # float32: the stage-1 partial sums
+    rows,  # int64 (BLOCK_ROWS,): the rows to sum
+    row_mask,  # bool (BLOCK_ROWS,): rows < the row count
+    base,  # where this sum's partials start in partials_ptr
+    chunks,  # partials per row, at base + row * chunks + chunk
+    BLOCK_ROWS: tl.constexpr,  # rows per block (a power of two)
+    BLOCK_CHUNKS: tl.constexpr,  # chunks read per iteration (a power of two)
+):
+    """sum_c partials[base + row * chunks + c] for each row, float32 (BLOCK_ROWS,)."""
     acc = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
     for c0 in range(0, chunks, BLOCK_CHUNKS):
         cols = c0 + tl.arange(0, BLOCK_CHUNKS)
@@ -71,14 +121,33 @@ def _row_sums(partials_ptr, rows, row_mask, base, chunks,
 
 @triton.jit
 def _finish_rows_kernel(
-    partials_ptr, loss_ptr, recon_ptr, kl_ptr, beta_ptr,
-    beta_value, rows_total, recon_chunks, kl_chunks, kl_base, recon_scale, kl_scale,
-    HAS_RECON: tl.constexpr, BETA_FROM_PTR: tl.constexpr, PER_SAMPLE: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, BLOCK_RECON: tl.constexpr, BLOCK_KL: tl.constexpr,
+    partials_ptr,  # float32: stage 1's per-(row, chunk) sums, recon's then the KL's
+    loss_ptr,  # float32 (N,) or (), out: the loss (HAS_RECON)
+    recon_ptr,  # float32 (N,) or (), out: the reconstruction term (HAS_RECON)
+    kl_ptr,  # float32 (N,) or (), out: the KL
+    beta_ptr,  # 0-dim beta on the device, read when BETA_FROM_PTR
+    beta_value,  # float32: beta when it is not read from beta_ptr
+    rows_total,  # N, the batch size
+    recon_chunks,  # recon partials per row
+    kl_chunks,  # KL partials per row
+    kl_base,  # where the KL partials start
+    recon_scale,  # float32: the recon reduction's scale (1, 1/N or 1/(N D))
+    kl_scale,  # float32: the KL reduction's scale (1, 1/N or 1/(N d))
+    HAS_RECON: tl.constexpr,  # a loss (recon + beta kl), not the KL alone
+    BETA_FROM_PTR: tl.constexpr,  # read beta from beta_ptr (a tensor beta)
+    PER_SAMPLE: tl.constexpr,  # reduction="none": write (N,) outputs
+    BLOCK_ROWS: tl.constexpr,  # rows per iteration (a power of two)
+    BLOCK_RECON: tl.constexpr,  # recon chunks read per iteration (a power of two)
+    BLOCK_KL: tl.constexpr,  # KL chunks read per iteration (a power of two)
 ):
-    """One program: per-row sums of the partials, then either per-sample outputs
-    (PER_SAMPLE: recon[n], kl[n], loss[n] = recon[n] + beta kl[n]) or the scaled
-    totals (recon = scale_r sum_n recon[n], kl = scale_k sum_n kl[n],
+    """Stage 2, one program, in a fixed order (bitwise reproducible):
+
+        recon[n] = sum_c partials[n * recon_chunks + c]
+        kl[n]    = sum_c partials[kl_base + n * kl_chunks + c]
+
+    then either per-sample outputs (PER_SAMPLE: recon[n], kl[n],
+    loss[n] = recon[n] + beta kl[n]) or the scaled totals
+    (recon = recon_scale sum_n recon[n], kl = kl_scale sum_n kl[n],
     loss = recon + beta kl). Without HAS_RECON only ``kl`` is written."""
     if BETA_FROM_PTR:
         beta = tl.load(beta_ptr).to(tl.float32)

@@ -11,9 +11,12 @@ Backward, given dL/dz and (when the KL was produced) dL/dkl per sample:
     dL/dmu = dL/dz + dL/dkl[n] mu
     dL/dlv = dL/dz eps exp(lv / 2) / 2 + dL/dkl[n] (exp(lv) - 1) / 2   (0 where clamped)
 
-eps is regenerated from (seed, i) in the backward, so nothing noise-sized is
-saved. Since eps depends only on the element index, z does not depend on the
-tile sizes. The per-sample KL uses the two-stage reduction of ``_shared``.
+seed is a 1-element int64 tensor that the kernels load from memory (never an
+int passed at launch): on a GPU it is drawn on the device, so a captured CUDA
+graph draws a fresh seed and fresh noise on every replay. eps is regenerated
+from (seed, i) in the backward, so nothing noise-sized is saved. Since eps
+depends only on the element index, z does not depend on the tile sizes. The
+per-sample KL uses the two-stage reduction of ``_shared``.
 """
 
 import torch
@@ -24,9 +27,18 @@ from . import _shared
 
 
 @triton.jit
-def _tile(pid, chunks, n_rows, n_cols, i, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-          ITERS: tl.constexpr):
-    """Rows, element offsets and mask of iteration ``i`` of program ``pid``'s tile."""
+def _tile(
+    pid,  # int64 scalar: the program's index
+    chunks,  # column chunks per row block
+    n_rows,  # N, the batch size
+    n_cols,  # d, latent elements per sample
+    i,  # which of the tile's ITERS column blocks
+    BLOCK: tl.constexpr,  # columns per iteration (a power of two)
+    ROWS: tl.constexpr,  # rows per tile (a power of two)
+    ITERS: tl.constexpr,  # column blocks per tile
+):
+    """Rows (ROWS,), flat element offsets n * d + k (ROWS, BLOCK) and their mask
+    for iteration ``i`` of program ``pid``'s tile, all int64."""
     rows = (pid // chunks) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     cols = (pid % chunks) * (BLOCK * ITERS) + i * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
@@ -34,23 +46,52 @@ def _tile(pid, chunks, n_rows, n_cols, i, BLOCK: tl.constexpr, ROWS: tl.constexp
 
 
 @triton.jit
-def _load_latents(mu_ptr, logvar_ptr, offs, mask, clamp_lo, clamp_hi, HAS_CLAMP: tl.constexpr):
-    """mu, logvar and lv = clamp(logvar, lo, hi) (logvar itself without a clamp), float32."""
+def _load_latents(
+    mu_ptr,  # (N, d) contiguous: the means
+    logvar_ptr,  # (N, d) contiguous: the log-variances
+    offs,  # int64 (ROWS, BLOCK): flat element offsets
+    mask,  # bool like offs: elements inside the tensors
+    clamp_lo,  # float32: lower logvar clamp (HAS_CLAMP)
+    clamp_hi,  # float32: upper logvar clamp (HAS_CLAMP)
+    HAS_CLAMP: tl.constexpr,  # clamp logvar
+):
+    """mu, logvar and lv = clamp(logvar, lo, hi) (logvar itself without a clamp;
+    NaN stays NaN), float32."""
     mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     lv = logvar
     if HAS_CLAMP:
-        lv = tl.minimum(tl.maximum(logvar, clamp_lo), clamp_hi)
+        lv = _shared.clamp(logvar, clamp_lo, clamp_hi)
     return mu, logvar, lv
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _reparameterize_kernel(
-    mu_ptr, logvar_ptr, z_ptr, partials_ptr,
-    seed, n_rows, n_cols, chunks, clamp_lo, clamp_hi,
-    HAS_CLAMP: tl.constexpr, WITH_KL: tl.constexpr,
-    BLOCK: tl.constexpr, ROWS: tl.constexpr, ITERS: tl.constexpr,
+    mu_ptr,  # (N, d) contiguous: the means
+    logvar_ptr,  # (N, d) contiguous: the log-variances
+    z_ptr,  # (N, d) contiguous, out: the sample, in the promoted dtype of mu and logvar
+    partials_ptr,  # float32 (N * chunks,), out: per-(row, chunk) KL sums (WITH_KL)
+    seed_ptr,  # int64 (1,) on the device: the Philox seed of this draw, read at run time
+    n_rows,  # N, the batch size
+    n_cols,  # d, latent elements per sample
+    chunks,  # column chunks per row block
+    clamp_lo,  # float32: lower logvar clamp (HAS_CLAMP)
+    clamp_hi,  # float32: upper logvar clamp (HAS_CLAMP)
+    HAS_CLAMP: tl.constexpr,  # clamp logvar to [clamp_lo, clamp_hi]
+    WITH_KL: tl.constexpr,  # also write the KL partial sums
+    BLOCK: tl.constexpr,  # columns per iteration (a power of two)
+    ROWS: tl.constexpr,  # rows per tile (a power of two)
+    ITERS: tl.constexpr,  # column blocks per tile
 ):
+    """The forward, one tile per program, i = n * d + k the flat element index:
+
+        seed   = seed_ptr[0]                    (from memory: a CUDA graph replays the launch
+                                                 while the captured draw refills the seed)
+        eps[i] = randn(seed, i)                 (Philox)
+        z[i]   = mu[i] + exp(lv[i] / 2) eps[i],  lv = clamp(logvar, lo, hi)
+        partials[n * chunks + c] = sum_{k in chunk c} 1/2 (mu^2 + exp(lv) - 1 - lv)   (WITH_KL)
+    """
+    seed = tl.load(seed_ptr)
     pid = tl.program_id(0).to(tl.int64)
     acc = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
     for i in range(ITERS):
@@ -69,13 +110,33 @@ def _reparameterize_kernel(
                  mask=rows < n_rows)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _reparameterize_backward_kernel(
-    grad_z_ptr, grad_kl_ptr, mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr,
-    seed, n_rows, n_cols, chunks, clamp_lo, clamp_hi,
-    HAS_CLAMP: tl.constexpr, WITH_KL: tl.constexpr,
-    BLOCK: tl.constexpr, ROWS: tl.constexpr, ITERS: tl.constexpr,
+    grad_z_ptr,  # (N, d) contiguous: dL/dz
+    grad_kl_ptr,  # (N,): dL/dkl per sample (WITH_KL)
+    mu_ptr,  # (N, d) contiguous: the means
+    logvar_ptr,  # (N, d) contiguous: the log-variances
+    grad_mu_ptr,  # (N, d) contiguous, out: dL/dmu, in mu's dtype
+    grad_logvar_ptr,  # (N, d) contiguous, out: dL/dlogvar, in logvar's dtype
+    seed_ptr,  # int64 (1,) on the device: the forward's Philox seed (eps is regenerated)
+    n_rows,  # N, the batch size
+    n_cols,  # d, latent elements per sample
+    chunks,  # column chunks per row block
+    clamp_lo,  # float32: lower logvar clamp (HAS_CLAMP)
+    clamp_hi,  # float32: upper logvar clamp (HAS_CLAMP)
+    HAS_CLAMP: tl.constexpr,  # logvar was clamped to [clamp_lo, clamp_hi]
+    WITH_KL: tl.constexpr,  # the forward produced the KL: add its gradient
+    BLOCK: tl.constexpr,  # columns per iteration (a power of two)
+    ROWS: tl.constexpr,  # rows per tile (a power of two)
+    ITERS: tl.constexpr,  # column blocks per tile
 ):
+    """The backward, eps regenerated from (seed_ptr[0], i):
+
+        dL/dmu[i] = dL/dz[i] + dL/dkl[n] mu[i]
+        dL/dlv[i] = dL/dz[i] eps[i] exp(lv[i] / 2) / 2 + dL/dkl[n] (exp(lv[i]) - 1) / 2
+                    (0 where the clamp was active; NaN stays NaN)
+    """
+    seed = tl.load(seed_ptr)
     pid = tl.program_id(0).to(tl.int64)
     for i in range(ITERS):
         rows, offs, mask = _tile(pid, chunks, n_rows, n_cols, i, BLOCK, ROWS, ITERS)
@@ -90,9 +151,27 @@ def _reparameterize_backward_kernel(
             grad_mu += g_kl[:, None] * mu
             grad_lv += g_kl[:, None] * (0.5 * _shared.expm1(lv))
         if HAS_CLAMP:
-            grad_lv = tl.where((logvar >= clamp_lo) & (logvar <= clamp_hi), grad_lv, 0.0)
+            grad_lv = _shared.clamp_grad(grad_lv, logvar, clamp_lo, clamp_hi)
         tl.store(grad_mu_ptr + offs, grad_mu.to(grad_mu_ptr.dtype.element_ty), mask=mask)
         tl.store(grad_logvar_ptr + offs, grad_lv.to(grad_logvar_ptr.dtype.element_ty), mask=mask)
+
+
+def _seed_on(seed, device):
+    """The seed as the kernels read it: a 1-element int64 tensor on ``device``.
+    One on ``device`` is used as it is, so nothing reads it on the host (no sync;
+    a CUDA graph replay reads the value its captured draw wrote). One drawn on
+    the host (a CPU generator with CUDA tensors) is copied from pinned memory:
+    a copy from pageable memory would wait for the stream first. One on another
+    GPU is copied over."""
+    if not isinstance(seed, torch.Tensor) or seed.dtype != torch.int64 or seed.numel() != 1:
+        raise TypeError("seed must be a 1-element int64 tensor, got "
+                        + (f"{seed.dtype} of shape {tuple(seed.shape)}"
+                           if isinstance(seed, torch.Tensor) else type(seed).__name__))
+    if seed.device == device:
+        return seed
+    if seed.device.type == "cpu" and device.type == "cuda" and not seed.is_pinned():
+        seed = seed.pin_memory()
+    return seed.to(device, non_blocking=True)
 
 
 def _clamp_arguments(clamp_lo, clamp_hi):
@@ -116,7 +195,7 @@ def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
                                device=device)
         lo, hi, has_clamp = _clamp_arguments(clamp_lo, clamp_hi)
         _reparameterize_kernel[(split.programs,)](
-            mu, logvar, z, partials, int(seed), batch, cols, split.chunks, lo, hi,
+            mu, logvar, z, partials, _seed_on(seed, device), batch, cols, split.chunks, lo, hi,
             HAS_CLAMP=has_clamp, WITH_KL=bool(with_kl),
             BLOCK=split.block, ROWS=split.rows, ITERS=split.iters, num_warps=split.num_warps,
         )
@@ -142,7 +221,7 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_h
         lo, hi, has_clamp = _clamp_arguments(clamp_lo, clamp_hi)
         _reparameterize_backward_kernel[(split.programs,)](
             grad_z, grad_kl if with_kl else grad_z, mu, logvar, grad_mu, grad_logvar,
-            int(seed), batch, cols, split.chunks, lo, hi,
+            _seed_on(seed, device), batch, cols, split.chunks, lo, hi,
             HAS_CLAMP=has_clamp, WITH_KL=with_kl,
             BLOCK=split.block, ROWS=split.rows, ITERS=split.iters, num_warps=split.num_warps,
         )

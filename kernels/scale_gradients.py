@@ -15,10 +15,19 @@ from . import _shared
 
 
 @triton.jit
-def _scale_tile(pid, grad_ptr, weight_ptr, n_rows, n_cols, chunks,
-                PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
-                ITERS: tl.constexpr):
-    """grad *= weight over one tile of ROWS rows x (ITERS x BLOCK) columns.
+def _scale_tile(
+    pid,  # int64 scalar: this tile's index among the buffer's tiles
+    grad_ptr,  # (N, D) contiguous, in and out: the gradient buffer
+    weight_ptr,  # 0-dim, or (N,) when PER_SAMPLE: the weights
+    n_rows,  # N, the batch size
+    n_cols,  # D, elements per sample
+    chunks,  # column chunks per row block
+    PER_SAMPLE: tl.constexpr,  # one weight per row (reduction="none")
+    BLOCK: tl.constexpr,  # columns per iteration (a power of two)
+    ROWS: tl.constexpr,  # rows per tile (a power of two)
+    ITERS: tl.constexpr,  # column blocks per tile
+):
+    """grad[n, j] *= w (or w[n]) over one tile of ROWS rows x (ITERS x BLOCK) columns.
     A tile whose weights are all exactly 1 (the usual ``loss.backward()``) is
     left untouched: decided on the device, so no host sync and no memory
     traffic for the common case."""
@@ -42,11 +51,33 @@ def _scale_tile(pid, grad_ptr, weight_ptr, n_rows, n_cols, chunks,
 
 @triton.jit
 def _scale_gradients_kernel(
-    grad0_ptr, weight0_ptr, grad1_ptr, weight1_ptr, grad2_ptr, weight2_ptr,
-    n_rows, cols0, cols1, cols2, chunks0, chunks1, chunks2, programs0, programs01,
-    PER_SAMPLE0: tl.constexpr, BLOCK0: tl.constexpr, ROWS0: tl.constexpr, ITERS0: tl.constexpr,
-    PER_SAMPLE1: tl.constexpr, BLOCK1: tl.constexpr, ROWS1: tl.constexpr, ITERS1: tl.constexpr,
-    PER_SAMPLE2: tl.constexpr, BLOCK2: tl.constexpr, ROWS2: tl.constexpr, ITERS2: tl.constexpr,
+    grad0_ptr,  # (N, D0) contiguous, in and out: gradient buffer 0 (e.g. x_hat's)
+    weight0_ptr,  # 0-dim or (N,): its weight
+    grad1_ptr,  # (N, D1) contiguous, in and out: gradient buffer 1 (e.g. mu's)
+    weight1_ptr,  # 0-dim or (N,): its weight
+    grad2_ptr,  # (N, D2) contiguous, in and out: gradient buffer 2 (e.g. logvar's)
+    weight2_ptr,  # 0-dim or (N,): its weight
+    n_rows,  # N, the batch size (shared)
+    cols0,  # D0, elements per sample of buffer 0
+    cols1,  # D1, elements per sample of buffer 1
+    cols2,  # D2, elements per sample of buffer 2
+    chunks0,  # column chunks per row block of buffer 0
+    chunks1,  # column chunks per row block of buffer 1
+    chunks2,  # column chunks per row block of buffer 2
+    programs0,  # programs [0, programs0) scale buffer 0
+    programs01,  # programs [programs0, programs01) buffer 1, the rest buffer 2
+    PER_SAMPLE0: tl.constexpr,  # weight0 is per row
+    BLOCK0: tl.constexpr,  # buffer 0: columns per iteration
+    ROWS0: tl.constexpr,  # buffer 0: rows per tile
+    ITERS0: tl.constexpr,  # buffer 0: column blocks per tile
+    PER_SAMPLE1: tl.constexpr,  # weight1 is per row
+    BLOCK1: tl.constexpr,  # buffer 1: columns per iteration
+    ROWS1: tl.constexpr,  # buffer 1: rows per tile
+    ITERS1: tl.constexpr,  # buffer 1: column blocks per tile
+    PER_SAMPLE2: tl.constexpr,  # weight2 is per row
+    BLOCK2: tl.constexpr,  # buffer 2: columns per iteration
+    ROWS2: tl.constexpr,  # buffer 2: rows per tile
+    ITERS2: tl.constexpr,  # buffer 2: column blocks per tile
 ):
     """grad_k *= weight_k in place for up to three gradient buffers in one
     launch (the loss backward's x_hat, mu and logvar gradients: one launch

@@ -9,7 +9,7 @@ For a batch of N samples, x_hat and x viewed as (N, D), mu and logvar as (N, d):
     mse         (x_hat - x)^2                            2 (x_hat - x)
     l1          |x_hat - x|                              sign(x_hat - x)
     bce         -(x max(log p, -100)                     (p - x) / max(p (1 - p), 1e-12),  p = x_hat
-                  + (1 - x) max(log(1 - p), -100))
+                  + (1 - x) max(log(1 - p), -100))       (constants from fastvae._numerics)
     bce_logits  max(l, 0) + log(1 + exp(-|l|)) - l x     sigmoid(l) - x,  l = x_hat
 
 reduced as  sum: S = sum_n;  batchmean: S / N;  mean: recon S / (N D), kl S / (N d);
@@ -36,49 +36,90 @@ from fastvae import _numerics
 
 from . import _shared
 
-# recon codes, passed to the kernel as a tl.constexpr argument
-RECON_CODES = {"mse": 0, "l1": 1, "bce": 2, "bce_logits": 3}
+# The reconstruction terms the kernel knows, by the names the public API uses. The
+# kernel takes the name itself as a tl.constexpr argument (RECON="bce"): each name
+# compiles its own specialization, and no number stands for a loss. (Not a
+# module-level tl.constexpr global: those broke torch.compile for other kernel
+# libraries.)
+RECON_KINDS = ("mse", "l1", "bce", "bce_logits")
 
 
 @triton.jit
 def _log1p(v):
     """log(1 + v) accurate for small |v| (Goldberg's trick: the rounding error of
-    1 + v cancels in log(u) * v / (u - 1))."""
+    1 + v cancels in log(u) * v / (u - 1)).
+
+    v: float32 tile, any shape.
+    """
     u = 1.0 + v
     return tl.where(u == 1.0, v, tl.log(u) * (v / (u - 1.0)))
 
 
 @triton.jit
-def _recon_terms(x_hat, x, RECON: tl.constexpr):
-    """Per-element reconstruction term and its derivative in x_hat (float32)."""
-    if RECON == 0:  # mse
+def _recon_terms(x_hat, x, RECON: tl.constexpr, BCE_LOG_FLOOR: tl.constexpr,
+                 BCE_GRAD_EPS: tl.constexpr):
+    """Per-element reconstruction term r and its derivative dr/dx_hat, float32:
+
+        mse         r = (x_hat - x)^2                     dr = 2 (x_hat - x)
+        l1          r = |x_hat - x|                       dr = sign(x_hat - x)
+        bce         r = -(x max(log p, F) + (1 - x) max(log(1 - p), F)),  p = x_hat
+                                                          dr = (p - x) / max(p (1 - p), E)
+        bce_logits  r = max(l, 0) + log(1 + exp(-|l|)) - l x,  l = x_hat
+                                                          dr = sigmoid(l) - x
+
+    with F = BCE_LOG_FLOOR (-100) and E = BCE_GRAD_EPS (1e-12), the constants of
+    F.binary_cross_entropy (fastvae._numerics). Every max keeps NaN.
+
+    x_hat: float32 tile (rows, cols), the prediction (probability, logit or value)
+    x: float32 tile like x_hat, the target
+    RECON: constexpr str, one of RECON_KINDS
+    BCE_LOG_FLOOR: constexpr float, the floor of bce's logs
+    BCE_GRAD_EPS: constexpr float, the floor of bce's gradient denominator
+    """
+    if RECON == "mse":
         diff = x_hat - x
         value = diff * diff
         grad = 2.0 * diff
-    elif RECON == 1:  # l1
+    elif RECON == "l1":
         diff = x_hat - x
         value = tl.abs(diff)
         grad = tl.where(diff > 0, 1.0, 0.0) - tl.where(diff < 0, 1.0, 0.0)
-    elif RECON == 2:  # bce, x_hat = probabilities; logs floored at -100 like F.binary_cross_entropy
-        log_p = tl.maximum(tl.log(x_hat), -100.0)
-        log_1mp = tl.maximum(_log1p(-x_hat), -100.0)
+    elif RECON == "bce":
+        log_p = _shared.clamp_min(tl.log(x_hat), BCE_LOG_FLOOR)
+        log_1mp = _shared.clamp_min(_log1p(-x_hat), BCE_LOG_FLOOR)
         value = -(x * log_p + (1.0 - x) * log_1mp)
-        grad = (x_hat - x) / tl.maximum(x_hat * (1.0 - x_hat), 1e-12)
-    else:  # bce_logits, x_hat = logits
-        value = tl.maximum(x_hat, 0.0) + _log1p(tl.exp(-tl.abs(x_hat))) - x_hat * x
+        grad = (x_hat - x) / _shared.clamp_min(x_hat * (1.0 - x_hat), BCE_GRAD_EPS)
+    else:
+        tl.static_assert(RECON == "bce_logits", "RECON must be one of RECON_KINDS")
+        value = _shared.clamp_min(x_hat, 0.0) + _log1p(tl.exp(-tl.abs(x_hat))) - x_hat * x
         grad = tl.sigmoid(x_hat) - x
     return value, grad
 
 
 @triton.jit
 def _recon_partials(
-    pid, x_hat_ptr, x_ptr, grad_x_hat_ptr, partials_ptr, n_rows, recon_cols, recon_chunks,
-    recon_grad_scale,
-    RECON: tl.constexpr, WRITE_RECON_GRAD: tl.constexpr,
-    RECON_BLOCK: tl.constexpr, RECON_ROWS: tl.constexpr, RECON_ITERS: tl.constexpr,
+    pid,  # int64 scalar: this tile's index among the recon tiles
+    x_hat_ptr,  # (N, D) contiguous: the predictions
+    x_ptr,  # (N, D) contiguous: the targets
+    grad_x_hat_ptr,  # (N, D) contiguous, out: recon_grad_scale * dr/dx_hat (WRITE_RECON_GRAD)
+    partials_ptr,  # float32, out: one partial sum per (row, chunk) at row * recon_chunks + chunk
+    n_rows,  # N, the batch size
+    recon_cols,  # D, elements per sample
+    recon_chunks,  # column chunks per row block
+    recon_grad_scale,  # float32: the reduction's scale (1, 1/N or 1/(N D))
+    RECON: tl.constexpr,  # the reconstruction term's name (RECON_KINDS)
+    BCE_LOG_FLOOR: tl.constexpr,  # bce: floor of the logs (fastvae._numerics)
+    BCE_GRAD_EPS: tl.constexpr,  # bce: floor of the gradient's denominator (fastvae._numerics)
+    WRITE_RECON_GRAD: tl.constexpr,  # write grad_x_hat
+    RECON_BLOCK: tl.constexpr,  # columns per iteration (a power of two)
+    RECON_ROWS: tl.constexpr,  # rows per tile (a power of two)
+    RECON_ITERS: tl.constexpr,  # column blocks per tile
 ):
-    """One recon tile: RECON_ROWS rows x (RECON_ITERS x RECON_BLOCK) columns; one
-    partial per row at partials[row * recon_chunks + chunk], and the gradients."""
+    """One recon tile, RECON_ROWS rows x (RECON_ITERS x RECON_BLOCK) columns:
+
+        partials[n * recon_chunks + c] = sum_{j in chunk c} r(x_hat[n, j], x[n, j])
+        grad_x_hat[n, j]               = recon_grad_scale * dr/dx_hat(x_hat[n, j], x[n, j])
+    """
     chunk = pid % recon_chunks
     rows = (pid // recon_chunks) * RECON_ROWS + tl.arange(0, RECON_ROWS).to(tl.int64)
     row_mask = rows < n_rows
@@ -91,7 +132,7 @@ def _recon_partials(
         # 0.5 keeps the logs of masked-out bce lanes finite; they are zeroed below anyway
         x_hat = tl.load(x_hat_ptr + offs, mask=mask, other=0.5).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=mask, other=0.5).to(tl.float32)
-        value, grad = _recon_terms(x_hat, x, RECON)
+        value, grad = _recon_terms(x_hat, x, RECON, BCE_LOG_FLOOR, BCE_GRAD_EPS)
         acc += tl.where(mask, value, 0.0)
         if WRITE_RECON_GRAD:
             grad = grad * recon_grad_scale
@@ -102,13 +143,31 @@ def _recon_partials(
 
 @triton.jit
 def _kl_partials(
-    kl_pid, mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr, partials_ptr,
-    n_rows, kl_cols, kl_chunks, kl_base, kl_grad_scale, clamp_lo, clamp_hi,
-    HAS_CLAMP: tl.constexpr, WRITE_KL_GRAD: tl.constexpr,
-    KL_BLOCK: tl.constexpr, KL_ROWS: tl.constexpr, KL_ITERS: tl.constexpr,
+    kl_pid,  # int64 scalar: this tile's index among the KL tiles
+    mu_ptr,  # (N, d) contiguous: the posterior means
+    logvar_ptr,  # (N, d) contiguous: the posterior log-variances
+    grad_mu_ptr,  # (N, d) contiguous, out: kl_grad_scale * mu (WRITE_KL_GRAD)
+    grad_logvar_ptr,  # (N, d) contiguous, out: kl_grad_scale * d kl/d logvar (WRITE_KL_GRAD)
+    partials_ptr,  # float32, out: one partial per (row, chunk) at kl_base + row * kl_chunks + chunk
+    n_rows,  # N, the batch size
+    kl_cols,  # d, latent elements per sample
+    kl_chunks,  # column chunks per row block
+    kl_base,  # where the KL partials start in partials_ptr (after the recon ones)
+    kl_grad_scale,  # float32: the reduction's scale (1, 1/N or 1/(N d))
+    clamp_lo,  # float32: lower logvar clamp (HAS_CLAMP)
+    clamp_hi,  # float32: upper logvar clamp (HAS_CLAMP)
+    HAS_CLAMP: tl.constexpr,  # clamp logvar to [clamp_lo, clamp_hi]
+    WRITE_KL_GRAD: tl.constexpr,  # write grad_mu and grad_logvar
+    KL_BLOCK: tl.constexpr,  # columns per iteration (a power of two)
+    KL_ROWS: tl.constexpr,  # rows per tile (a power of two)
+    KL_ITERS: tl.constexpr,  # column blocks per tile
 ):
-    """One KL tile; one partial per row at partials[kl_base + row * kl_chunks + chunk],
-    and the gradients."""
+    """One KL tile (terms in ``_shared.kl_terms``), lv = clamp(logvar, lo, hi):
+
+        partials[kl_base + n * kl_chunks + c] = sum_{k in chunk c} 1/2 (mu^2 + exp(lv) - 1 - lv)
+        grad_mu     = kl_grad_scale * mu
+        grad_logvar = kl_grad_scale * (exp(lv) - 1) / 2     (0 where the clamp was active)
+    """
     chunk = kl_pid % kl_chunks
     rows = (kl_pid // kl_chunks) * KL_ROWS + tl.arange(0, KL_ROWS).to(tl.int64)
     row_mask = rows < n_rows
@@ -134,24 +193,54 @@ def _kl_partials(
 
 @triton.jit
 def _vae_loss_partials_kernel(
-    x_hat_ptr, x_ptr, mu_ptr, logvar_ptr,
-    grad_x_hat_ptr, grad_mu_ptr, grad_logvar_ptr, partials_ptr,
-    n_rows, recon_cols, kl_cols, recon_chunks, kl_chunks, recon_programs, kl_base,
-    recon_grad_scale, kl_grad_scale, clamp_lo, clamp_hi,
-    RECON: tl.constexpr, HAS_CLAMP: tl.constexpr,
-    WRITE_RECON_GRAD: tl.constexpr, WRITE_KL_GRAD: tl.constexpr,
-    RECON_BLOCK: tl.constexpr, RECON_ROWS: tl.constexpr, RECON_ITERS: tl.constexpr,
-    KL_BLOCK: tl.constexpr, KL_ROWS: tl.constexpr, KL_ITERS: tl.constexpr,
+    x_hat_ptr,  # (N, D) contiguous: the predictions (any float dtype)
+    x_ptr,  # (N, D) contiguous: the targets (any float dtype)
+    mu_ptr,  # (N, d) contiguous: the posterior means
+    logvar_ptr,  # (N, d) contiguous: the posterior log-variances
+    grad_x_hat_ptr,  # (N, D), out: d recon/d x_hat of the reduced recon (WRITE_RECON_GRAD)
+    grad_mu_ptr,  # (N, d), out: d kl/d mu of the reduced KL (WRITE_KL_GRAD)
+    grad_logvar_ptr,  # (N, d), out: d kl/d logvar of the reduced KL (WRITE_KL_GRAD)
+    partials_ptr,  # float32 (N * recon_chunks + N * kl_chunks,), out: per-(row, chunk) sums
+    n_rows,  # N, the batch size
+    recon_cols,  # D, recon elements per sample
+    kl_cols,  # d, latent elements per sample
+    recon_chunks,  # column chunks per recon row block
+    kl_chunks,  # column chunks per KL row block
+    recon_programs,  # programs [0, recon_programs) do recon tiles, the rest KL tiles
+    kl_base,  # N * recon_chunks: where the KL partials start
+    recon_grad_scale,  # float32: reduction scale of the recon (1, 1/N or 1/(N D))
+    kl_grad_scale,  # float32: reduction scale of the KL (1, 1/N or 1/(N d))
+    clamp_lo,  # float32: lower logvar clamp (HAS_CLAMP)
+    clamp_hi,  # float32: upper logvar clamp (HAS_CLAMP)
+    RECON: tl.constexpr,  # the reconstruction term's name (RECON_KINDS)
+    BCE_LOG_FLOOR: tl.constexpr,  # bce: floor of the logs (fastvae._numerics, -100)
+    BCE_GRAD_EPS: tl.constexpr,  # bce: floor of the gradient's denominator (fastvae._numerics)
+    HAS_CLAMP: tl.constexpr,  # clamp logvar to [clamp_lo, clamp_hi]
+    WRITE_RECON_GRAD: tl.constexpr,  # write grad_x_hat
+    WRITE_KL_GRAD: tl.constexpr,  # write grad_mu and grad_logvar
+    RECON_BLOCK: tl.constexpr,  # recon columns per iteration
+    RECON_ROWS: tl.constexpr,  # recon rows per tile
+    RECON_ITERS: tl.constexpr,  # recon column blocks per tile
+    KL_BLOCK: tl.constexpr,  # KL columns per iteration
+    KL_ROWS: tl.constexpr,  # KL rows per tile
+    KL_ITERS: tl.constexpr,  # KL column blocks per tile
 ):
-    """Stage 1. Programs [0, recon_programs) each reduce one recon tile, the
-    others one KL tile. (The two tiles live in separate functions: a variable
-    assigned in both branches of a runtime ``if`` must have one type in
-    compiled Triton, which the interpreter does not check.)"""
+    """Stage 1 of the loss: per-(row, chunk) partial sums of
+
+        recon[n] = sum_j r(x_hat[n, j], x[n, j])        (``_recon_terms``)
+        kl[n]    = sum_k 1/2 (mu^2 + exp(lv) - 1 - lv),  lv = clamp(logvar, lo, hi)
+
+    and, in the same pass, the gradients of the reduced recon and KL.
+    Programs [0, recon_programs) each reduce one recon tile, the others one KL
+    tile. (The two tiles live in separate functions: a variable assigned in both
+    branches of a runtime ``if`` must have one type in compiled Triton, which the
+    interpreter does not check.)"""
     pid = tl.program_id(0).to(tl.int64)
     if pid < recon_programs:  # never true for the KL-only op (recon_programs = 0)
         _recon_partials(pid, x_hat_ptr, x_ptr, grad_x_hat_ptr, partials_ptr, n_rows,
                         recon_cols, recon_chunks, recon_grad_scale,
-                        RECON, WRITE_RECON_GRAD, RECON_BLOCK, RECON_ROWS, RECON_ITERS)
+                        RECON, BCE_LOG_FLOOR, BCE_GRAD_EPS, WRITE_RECON_GRAD,
+                        RECON_BLOCK, RECON_ROWS, RECON_ITERS)
     else:
         _kl_partials(pid - recon_programs, mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr,
                      partials_ptr, n_rows, kl_cols, kl_chunks, kl_base, kl_grad_scale,
@@ -185,6 +274,8 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
     """Run both stages; returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar)
     (loss, recon and grad_x_hat are None without x_hat)."""
     has_recon = x_hat is not None
+    if has_recon and recon not in RECON_KINDS:
+        raise ValueError(f"recon must be one of {RECON_KINDS}, got {recon!r}")
     batch, device = mu.shape[0], mu.device
     mu, logvar = mu.contiguous(), logvar.contiguous()
     kl_cols = mu.numel() // batch
@@ -211,7 +302,9 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
         batch, recon_cols, kl_cols, r_split.chunks, kl_split.chunks, r_split.programs, kl_base,
         float(recon_scale), float(kl_scale),
         float(clamp_lo) if has_clamp else 0.0, float(clamp_hi) if has_clamp else 0.0,
-        RECON=RECON_CODES[recon] if has_recon else 0, HAS_CLAMP=has_clamp,
+        RECON=recon if has_recon else "mse",  # the KL-only op runs no recon tile
+        BCE_LOG_FLOOR=_numerics.BCE_LOG_FLOOR, BCE_GRAD_EPS=_numerics.BCE_GRAD_EPS,
+        HAS_CLAMP=has_clamp,
         WRITE_RECON_GRAD=bool(has_recon and grad_recon), WRITE_KL_GRAD=bool(grad_kl),
         RECON_BLOCK=r_split.block, RECON_ROWS=r_split.rows, RECON_ITERS=r_split.iters,
         KL_BLOCK=kl_split.block, KL_ROWS=kl_split.rows, KL_ITERS=kl_split.iters,

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+import pytest
 import torch
 
 from benchmarks import gpu_check
@@ -134,3 +135,121 @@ def test_steps_share_one_function_across_input_sets():
     steps = case.steps("fastvae", sets)
     for inputs, step in zip(sets, steps):  # each step computes on its own inputs
         case.verify("fastvae", inputs, step())
+
+
+# ---- the CUDA-graph sampling checks, their logic on the CPU --------------------------
+#
+# A CUDA graph cannot be captured here; a stand-in "capture" that re-runs the step
+# on every replay into the same output tensors behaves as a correct graph does,
+# and one whose seed was frozen at capture behaves as the host-seeded sampling
+# did. The checks must pass the first and fail the second.
+
+
+def replaying_capture(step):
+    outputs = [t.clone() for t in step()]
+
+    def replay():
+        for out, new in zip(outputs, step()):
+            out.copy_(new)
+    return replay, outputs
+
+
+def records(run):
+    return {c["name"]: c for c in run.checks}
+
+
+def test_graph_check_passes_when_every_replay_draws_fresh_noise(one_thread):
+    run = gpu_check.Run(deadline=float("inf"))
+    gpu_check.check_graph_sampling(run, torch.device("cpu"), capture=replaying_capture)
+    got = records(run)
+    assert len(got) == 4 and all(c["ok"] for c in got.values()), got
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the kernels run on CPU tensors only under the interpreter; "
+                           "on a GPU gpu_check runs this check on real CUDA graphs")
+def test_graph_check_passes_on_the_kernels(monkeypatch, one_thread):
+    """The same check with the sampling and the loss on the Triton kernels (interpreter)."""
+    monkeypatch.setenv("FASTVAE_BACKEND", "triton")
+    run = gpu_check.Run(deadline=float("inf"))
+    gpu_check.check_graph_sampling(run, torch.device("cpu"), capture=replaying_capture)
+    got = records(run)
+    assert len(got) == 4 and all(c["ok"] for c in got.values()), got
+
+
+def test_graph_check_fails_when_the_seed_is_frozen_at_capture(monkeypatch, one_thread):
+    from fastvae import functional
+
+    draw = functional._draw_seed
+    frozen = []
+
+    def host_seed_once(generator, like):  # the old defect: one host seed for every replay
+        if not frozen:
+            frozen.append(draw(generator, like))
+        return frozen[0]
+
+    monkeypatch.setattr(functional, "_draw_seed", host_seed_once)
+    run = gpu_check.Run(deadline=float("inf"))
+    gpu_check.check_graph_sampling(run, torch.device("cpu"), capture=replaying_capture)
+    got = records(run)
+    fresh = got["CUDA graph replays: fresh noise on every replay"]
+    assert fresh["ok"] is False and "IDENTICAL z" in fresh["detail"]
+    # the rest still holds: each replay's backward matches its own (same) noise
+    assert got["CUDA graph replays: the backward regenerates its replay's noise"]["ok"]
+    assert got["CUDA graph replays: the loss follows a 0-dim beta tensor"]["ok"]
+
+
+def test_graph_check_fails_when_beta_is_read_once(monkeypatch, one_thread):
+    import fastvae
+
+    real = fastvae.vae_loss
+    captured = []
+
+    def beta_read_at_capture(*args, beta, **kwargs):  # as if beta became a Python float
+        if not captured:
+            captured.append(float(beta))
+        return real(*args, beta=captured[0], **kwargs)
+
+    monkeypatch.setattr(fastvae, "vae_loss", beta_read_at_capture)
+    run = gpu_check.Run(deadline=float("inf"))
+    gpu_check.check_graph_sampling(run, torch.device("cpu"), capture=replaying_capture)
+    assert records(run)["CUDA graph replays: the loss follows a 0-dim beta tensor"]["ok"] is False
+
+
+def test_normal_check_and_correlation():
+    g = torch.Generator().manual_seed(0)
+    sample = torch.randn(100_000, generator=g)
+    assert gpu_check.normal_check(sample)[0]
+    assert not gpu_check.normal_check(sample + 0.05)[0]
+    assert not gpu_check.normal_check(sample * 1.05)[0]
+    other = torch.randn(100_000, generator=g)
+    assert abs(gpu_check.correlation(sample, other)) < 0.02
+    assert gpu_check.correlation(sample, sample) == pytest.approx(1.0)
+
+
+def test_report_shows_the_training_step_table_and_targets(tmp_path):
+    def row(variant, impl, steps_per_s):
+        return dict(model="mlp784", variant=variant, impl=impl, batch=8, steps_per_s=steps_per_s,
+                    peak_mib=100.0, first_call_s=1.0)
+
+    results = fake_results()
+    results["train_steps"] = [row("eager", "plain", 100.0), row("eager", "fastvae", 150.0),
+                              row("reduce-overhead", "plain", 400.0),
+                              row("reduce-overhead", "fastvae", 380.0)]
+    results["targets"] = gpu_check.all_targets(results)
+    _, md_path = gpu_check.write_results(results, tmp_path)
+    md = md_path.read_text()
+    assert "## Training step (benchmarks/train_steps.py)" in md
+    assert "| mlp784 | 8 | eager | 100.0 | 150.0 | 1.50x |" in md
+    assert "MISSED: train step mlp784 reduce-overhead: fastvae / plain steps/s" in md
+    assert "training step:" in gpu_check.short_table(results)
+    # a results file without the group (an older run) still renders
+    del results["train_steps"]
+    assert "(not measured)" in gpu_check.markdown_report(results)
+
+
+def test_report_gives_the_seconds_of_each_stage(tmp_path):
+    results = fake_results()
+    results["stage_s"] = {"test suite": 120.0, "training step group": 150.5}
+    assert "Total wall time 300 s (test suite 120 s, training step group 150 s)." in \
+        gpu_check.markdown_report(results)

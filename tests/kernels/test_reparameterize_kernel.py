@@ -27,6 +27,11 @@ def latents(device, shape=(5, 2, 3, 3), dtype=torch.float32, lv_dtype=None, seed
     return mu.to(device, dtype), logvar.to(device, lv_dtype or dtype)
 
 
+def seed_tensor(value, device):
+    """A seed as the kernels take it: a 1-element int64 tensor on the data's device."""
+    return torch.tensor([value], dtype=torch.int64, device=device)
+
+
 def test_samples_are_normal(backends, device):
     mu, logvar = latents(device, shape=(64, 128))
     z = backends.kernels(fastvae.reparameterize, mu, logvar,
@@ -77,10 +82,11 @@ def test_reproducible_with_generator_and_fresh_without(backends, device):
 @pytest.mark.parametrize("seed", [0, 1, 2**31 + 5, 2**62 - 1])
 def test_any_seed_up_to_2_to_the_62(backends, device, seed):
     mu, logvar = latents(device)
-    z1, _ = backends.kernels(kernels.reparameterize_forward, mu, logvar, seed, None, None, False)
-    z2, _ = backends.kernels(kernels.reparameterize_forward, mu, logvar, seed, None, None, False)
-    other, _ = backends.kernels(kernels.reparameterize_forward, mu, logvar, seed ^ 1, None, None,
-                                False)
+    def draw(value):
+        return backends.kernels(kernels.reparameterize_forward, mu, logvar,
+                                seed_tensor(value, device), None, None, False)[0]
+
+    z1, z2, other = draw(seed), draw(seed), draw(seed ^ 1)
     assert torch.equal(z1, z2) and not torch.equal(z1, other)
     assert torch.isfinite(z1).all()
 
@@ -130,9 +136,11 @@ def test_noise_does_not_depend_on_tile_sizes(backends, device, split):
     mu, logvar = latents(device, shape=(3, 5, 7))
     grad_z, grad_kl = torch.randn_like(mu), torch.randn(3, device=device)
 
+    seed = seed_tensor(99, device)
+
     def run():
-        z, kl = kernels.reparameterize_forward(mu, logvar, 99, -1.0, 1.0, True)
-        grads = kernels.reparameterize_backward(grad_z, grad_kl, mu, logvar, 99, -1.0, 1.0)
+        z, kl = kernels.reparameterize_forward(mu, logvar, seed, -1.0, 1.0, True)
+        grads = kernels.reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, -1.0, 1.0)
         return z, kl, *grads
 
     default = backends.kernels(run)
@@ -153,11 +161,12 @@ def test_half_precision(backends, device, dtypes):
     mu, logvar = latents(device, dtype=dtypes[0], lv_dtype=dtypes[1])
     z_dtype = torch.promote_types(*dtypes)
     # eps depends only on (seed, element index): recover it from a float32 run
-    z32, _ = backends.kernels(kernels.reparameterize_forward, mu.float(), logvar.float(), 42,
+    seed = seed_tensor(42, device)
+    z32, _ = backends.kernels(kernels.reparameterize_forward, mu.float(), logvar.float(), seed,
                               None, None, False)
     std = torch.exp(0.5 * logvar.float())
     eps = (z32 - mu.float()) / std
-    z, kl = backends.kernels(kernels.reparameterize_forward, mu, logvar, 42, None, None, True)
+    z, kl = backends.kernels(kernels.reparameterize_forward, mu, logvar, seed, None, None, True)
     assert z.dtype == z_dtype and kl.dtype == torch.float32
     # math in float32, one rounding to z's dtype (the interpreter truncates: 1 ulp)
     torch.testing.assert_close(z.float(), mu.float() + std * eps, rtol=ULP_RTOL[z_dtype],
@@ -168,7 +177,7 @@ def test_half_precision(backends, device, dtypes):
                                rtol=1e-5, atol=1e-5)
     grad_z = torch.randn(mu.shape, device=device).to(z_dtype)
     grad_mu, grad_logvar = backends.kernels(kernels.reparameterize_backward, grad_z, None, mu,
-                                            logvar, 42, None, None)
+                                            logvar, seed, None, None)
     assert grad_mu.dtype == mu.dtype and grad_logvar.dtype == logvar.dtype
     torch.testing.assert_close(grad_mu.float(), grad_z.float(), rtol=ULP_RTOL[mu.dtype], atol=0)
     torch.testing.assert_close(grad_logvar.float(), 0.5 * grad_z.float() * std * eps,
@@ -183,8 +192,9 @@ def test_non_contiguous_inputs_equal_contiguous(backends, device):
     assert not any(t.is_contiguous() for t in (mu, logvar, grad_z))
 
     def run(mu, logvar, grad_z):
-        z, kl = kernels.reparameterize_forward(mu, logvar, 5, None, None, True)
-        return (z, kl, *kernels.reparameterize_backward(grad_z, kl * 0 + 1, mu, logvar, 5,
+        seed = seed_tensor(5, device)
+        z, kl = kernels.reparameterize_forward(mu, logvar, seed, None, None, True)
+        return (z, kl, *kernels.reparameterize_backward(grad_z, kl * 0 + 1, mu, logvar, seed,
                                                         None, None))
 
     strided = backends.kernels(run, mu, logvar, grad_z)
@@ -200,7 +210,9 @@ def test_nothing_noise_sized_is_saved_for_backward(backends, device):
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         z, kl = backends.kernels(fastvae.sample_and_kl, mu, logvar)
     assert sorted(t.numel() for t in saved) == [1, mu.numel(), logvar.numel()]  # mu, logvar, seed
-    assert sum(t.numel() for t in saved if t.dim() == 0) == 1
+    (seed,) = [t for t in saved if t.dtype == torch.int64]
+    # the seed: a tiny tensor on the data's device (no host copy to keep in sync)
+    assert seed.shape == (1,) and seed.device == mu.device
 
 
 def test_gaussian_posterior_samples_through_the_kernels(backends, device, monkeypatch):
@@ -221,7 +233,7 @@ def test_opcheck_with_the_kernels(backends, device):
     mu, logvar = latents(device, shape=(3, 5))
     mu.requires_grad_()
     logvar.requires_grad_()
-    seed = torch.tensor(1234)
+    seed = seed_tensor(1234, device)
     backends.kernels(torch.library.opcheck, ops.reparameterize_op,
                      (mu, logvar, seed, -1.0, 1.0, True))
     backends.kernels(torch.library.opcheck, ops.reparameterize_backward_op,
@@ -238,3 +250,34 @@ def test_core_input_errors_still_raised(monkeypatch):
         fastvae.sample_and_kl(mu, logvar, logvar_clamp=(1.0, -1.0))
     with pytest.raises(TypeError, match="logvar must be a float16, bfloat16, float32 or float64"):
         fastvae.reparameterize(mu, logvar.to(torch.complex64))
+
+
+def test_nan_logvar_under_the_clamp_gives_nan_sample_kl_and_gradient(backends, device):
+    """torch.clamp keeps NaN (tl.maximum / tl.minimum would return the bound): z,
+    the KL and d/dlogvar are NaN exactly where the PyTorch path has them."""
+    mu, logvar = latents(device, shape=(3, 4))
+    logvar[1, 2] = float("nan")
+    mu.requires_grad_()
+    logvar.requires_grad_()
+    g = torch.Generator().manual_seed(5)
+    grad_z = torch.randn(mu.shape, generator=g).to(device)
+    grad_kl = torch.randn(mu.shape[0], generator=g).to(device)
+
+    def run():
+        z, kl = fastvae.sample_and_kl(mu, logvar, generator=torch.Generator().manual_seed(1),
+                                      logvar_clamp=(-30.0, 20.0))
+        total = (z * grad_z).sum() + (kl * grad_kl).sum()
+        return (z.detach(), kl.detach(), *torch.autograd.grad(total, (mu, logvar)))
+
+    z, kl, grad_mu, grad_logvar = backends.kernels(run)
+    nan_at = logvar.detach().isnan()
+    assert torch.equal(z.isnan(), nan_at)
+    assert kl.isnan().tolist() == [False, True, False]
+    assert torch.equal(grad_logvar.isnan(), nan_at) and torch.isfinite(grad_mu).all()
+    for a, b in zip((z, kl, grad_mu, grad_logvar), backends.torch(run)):
+        assert torch.equal(a.isnan(), b.isnan())
+    # the values that are not NaN do not depend on the NaN (the noise differs between
+    # the backends, so z and d/dlogvar are not compared)
+    t_kl, t_grad_mu = backends.torch(run)[1:3]
+    torch.testing.assert_close(kl, t_kl, equal_nan=True)
+    torch.testing.assert_close(grad_mu, t_grad_mu)

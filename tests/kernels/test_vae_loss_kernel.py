@@ -452,3 +452,80 @@ def test_mixed_precision_backward_keeps_float64_gradients_exact(backends, device
     torch.testing.assert_close(mu.grad, mu.detach() / 3.0, rtol=1e-12, atol=0)
     torch.testing.assert_close(logvar.grad, torch.expm1(logvar.detach()) / 6.0, rtol=1e-12, atol=0)
     torch.testing.assert_close(x_hat.grad, 2.0 * (x_hat.detach() - x) / 3.0, rtol=1e-6, atol=1e-6)
+
+
+# ---- NaN propagates (issue 11, item 2) ---------------------------------------
+#
+# tl.maximum / tl.minimum return the other operand when one is NaN, so a clamp or
+# a log floor written with them turns a NaN into a bound. torch.clamp keeps NaN:
+# the kernels must give NaN where the PyTorch path does, in values and gradients.
+
+NAN = float("nan")
+
+
+def assert_same_with_nan(actual, expected):
+    for a, e in zip(actual, expected):
+        assert torch.equal(a.isnan(), e.isnan())
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_nan_logvar_under_the_clamp_gives_nan_loss_and_gradient(backends, device, reduction):
+    x_hat, x, mu, logvar = make_inputs(device)
+    logvar[1, 2] = NAN  # clamp(NaN) = NaN: KL, loss and d/dlogvar NaN there, nowhere else
+    options = dict(recon="mse", reduction=reduction, logvar_clamp=(-30.0, 20.0))
+    k_parts, k_grads = backends.kernels(loss_and_grads, x_hat, x, mu, logvar, **options)
+    t_parts, t_grads = backends.torch(loss_and_grads, x_hat, x, mu, logvar, **options)
+    loss, recon, kl = k_parts
+    nan_rows = torch.tensor([False, True, False], device=device)
+    if reduction == "none":
+        assert torch.equal(kl.isnan(), nan_rows) and torch.equal(loss.isnan(), nan_rows)
+    else:
+        assert kl.isnan() and loss.isnan()
+    assert torch.isfinite(recon).all()
+    nan_at = torch.zeros_like(logvar, dtype=torch.bool)
+    nan_at[1, 2] = True
+    assert torch.equal(k_grads[3].isnan(), nan_at)
+    assert torch.isfinite(k_grads[0]).all() and torch.isfinite(k_grads[2]).all()
+    assert_same_with_nan(k_parts + k_grads, t_parts + t_grads)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_nan_logvar_under_the_clamp_gives_nan_kl(backends, device, reduction):
+    _, _, mu, logvar = make_inputs(device, latent=(3, 4, 3))
+    logvar[2, 1, 0] = NAN
+
+    def kl_and_grads(mu, logvar):
+        mu, logvar = mu.clone().requires_grad_(), logvar.clone().requires_grad_()
+        kl = fastvae.kl_divergence(mu, logvar, reduction=reduction, logvar_clamp=(-30.0, 20.0))
+        return (kl.detach(), *torch.autograd.grad(kl.sum(), (mu, logvar)))
+
+    kl, grad_mu, grad_logvar = backends.kernels(kl_and_grads, mu, logvar)
+    assert kl.isnan().any() and (not kl.isnan().all() if reduction == "none" else True)
+    assert torch.equal(grad_logvar.isnan(), logvar.isnan())
+    assert torch.isfinite(grad_mu).all()
+    assert_same_with_nan((kl, grad_mu, grad_logvar), backends.torch(kl_and_grads, mu, logvar))
+
+
+@pytest.mark.parametrize("recon", RECONS)
+def test_nan_prediction_gives_nan_loss_and_gradient(backends, device, recon):
+    """A NaN probability (or logit, or value) makes its sample's reconstruction
+    and its gradient NaN. Called below the public API: on the CPU the value
+    check would refuse a NaN probability first, on CUDA nothing does."""
+    from fastvae import _torch_impl
+
+    x_hat, x, mu, logvar = make_inputs(device, recon=recon)
+    x_hat[0, 1, 3] = NAN
+    for reduction in ("none", "sum"):
+        args = (x_hat, x, mu, logvar, None, 1.0, recon, reduction, None, None, True, True)
+        loss, recon_value, kl, grad_x_hat, _, _ = backends.kernels(kernels.vae_loss_forward, *args)
+        if reduction == "none":
+            assert loss.isnan().tolist() == recon_value.isnan().tolist() == [True, False, False]
+        else:
+            assert loss.isnan() and recon_value.isnan()
+        assert torch.isfinite(kl).all()
+        # d/dx_hat: NaN at the NaN prediction (l1: sign(NaN) is 0, as torch.sign gives)
+        assert torch.equal(grad_x_hat.isnan(), x_hat.isnan() if recon != "l1" else
+                           torch.zeros_like(x_hat, dtype=torch.bool))
+        expected = _torch_impl.vae_loss_forward(*args)
+        assert_same_with_nan((loss, recon_value, kl, grad_x_hat), expected[:4])
