@@ -132,10 +132,11 @@ def _refuse_double_backward(op):
 
 
 def _vae_loss_setup(ctx, inputs, output):
-    x_hat, x, mu, logvar, beta, beta_value, recon, reduction, clamp_lo, clamp_hi, _, _ = inputs
+    x_hat, x, mu, logvar, beta, beta_value, recon, reduction, clamp_lo, clamp_hi, grad_recon, grad_kl = inputs
     _, _, kl, g_xhat, g_mu, g_lv = output  # LossOutputs
     ctx.mark_non_differentiable(g_xhat, g_mu, g_lv)
-    ctx.backend = _forward_backend(x_hat, x, mu, logvar)
+    # the backend that scales the gradient buffers, when there are any
+    ctx.backend = _forward_backend(x_hat, x, mu, logvar) if grad_recon or grad_kl else None
     # unused outputs (the gradient buffers; recon/kl when only the loss is used)
     # get None, not a zero-filled tensor as large as the input
     ctx.set_materialize_grads(False)
@@ -231,12 +232,12 @@ def _(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
 
 
 def _kl_setup(ctx, inputs, output):
-    mu, logvar = inputs[:2]  # then reduction, clamp_lo, clamp_hi, want_grad
+    mu, logvar, _, _, _, want_grad = inputs  # mu, logvar, reduction, clamp_lo, clamp_hi, want_grad
     _, g_mu, g_lv = output  # kl, d kl/d mu, d kl/d logvar
     ctx.mark_non_differentiable(g_mu, g_lv)
     ctx.set_materialize_grads(False)
     ctx.dtypes = (mu.dtype, logvar.dtype)
-    ctx.backend = _forward_backend(mu, logvar)
+    ctx.backend = _forward_backend(mu, logvar) if want_grad else None  # scales the buffers
     ctx.hooked = saved_tensor_hooks_active()
     ctx.save_for_backward(g_mu.detach(), g_lv.detach())
 
@@ -310,7 +311,8 @@ def _(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_hi, backend=None):
 def _reparameterize_setup(ctx, inputs, output):
     mu, logvar, seed, clamp_lo, clamp_hi, with_kl = inputs
     ctx.clamp, ctx.with_kl = (clamp_lo, clamp_hi), with_kl
-    ctx.backend = _forward_backend(mu, logvar)
+    # the backend whose noise the backward regenerates (None: no backward will run)
+    ctx.backend = _forward_backend(mu, logvar) if any(ctx.needs_input_grad[:2]) else None
     ctx.save_for_backward(mu, logvar, seed)
 
 
@@ -350,8 +352,7 @@ reparameterize_op.register_autograd(_reparameterize_backward, setup_context=_rep
 
 _FORWARD_AD = torch.autograd.forward_ad
 _functorch = torch._C._functorch
-# disables the torch.func layers while the noise is drawn on real tensors (the
-# kernels need data pointers; torch.func's wrappers have none)
+# disables the torch.func layers while the value checks read the real tensors
 _DisableFuncTorch = torch._C._DisableFuncTorch
 
 
@@ -404,9 +405,10 @@ def _kl_rows(mu, logvar, clamp_lo, clamp_hi, dtype):
 def _composite_vae_loss(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
                         clamp_lo, clamp_hi, grad_recon, grad_kl):
     """LossOutputs, differentiable by any transform; the gradient buffers are empty."""
-    with _DisableFuncTorch():  # the value checks read all samples of a vmap at once
-        _validate.check_loss_values(_unwrapped(x_hat), _unwrapped(x), recon,
-                                    None if beta is None else _unwrapped(beta))
+    if not torch.compiler.is_compiling():  # (compiled, they would break the graph)
+        with _DisableFuncTorch():  # the value checks read all samples of a vmap at once
+            _validate.check_loss_values(_unwrapped(x_hat), _unwrapped(x), recon,
+                                        None if beta is None else _unwrapped(beta))
     dtype = _out_dtype(x_hat, x, mu, logvar)
     batch = x_hat.shape[0]
     recon_rows = _rows(_recon_terms(x_hat.to(dtype), x.to(dtype), recon)).sum(1)
@@ -429,26 +431,11 @@ def _composite_kl_divergence(mu, logvar, reduction, clamp_lo, clamp_hi, want_gra
 def _noise(seed, shape, dtype, device):
     """The eps ~ N(0, I) that the eager op draws from ``seed`` for a (mu, logvar) of
     ``shape`` computed in ``dtype``: the backend's reparameterization of mu = 0,
-    logvar = 0 is exactly its noise (0 + exp(0) eps)."""
-    if _functorch.is_batchedtensor(seed) or (
-            _functorch.is_functorch_wrapped_tensor(seed)
-            and any(_functorch.is_batchedtensor(t) for t in _wrapper_chain(seed))):
-        raise ValueError(
-            "fastvae.reparameterize / sample_and_kl under torch.func.vmap(randomness='different') "
-            "is not supported (each sample would need its own seed); use randomness='same', or "
-            "call it outside vmap on the whole batch")
-    seed = _unwrapped(seed)
-    if device.type == "meta":
-        return torch.empty(shape, dtype=dtype, device=device)
-    with _DisableFuncTorch():
-        zeros = torch.zeros(shape, dtype=dtype, device=device)
-        return _reparameterize_impl(zeros, zeros, seed, None, None, False)[0]
-
-
-def _wrapper_chain(t):
-    while _functorch.is_functorch_wrapped_tensor(t):
-        yield t
-        t = _functorch.get_unwrapped(t)
+    logvar = 0 is exactly its noise (0 + exp(0) eps), a constant to every transform.
+    Under vmap(randomness="different") the seed is batched and each sample gets the
+    noise of its own seed (torch's per-sample fallback for the custom op)."""
+    zeros = torch.zeros(shape, dtype=dtype, device=device)
+    return reparameterize_op(zeros, zeros, seed, None, None, False)[0]
 
 
 def _composite_reparameterize(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
@@ -524,7 +511,7 @@ def vae_loss(x_hat, x, mu, logvar, *args):
     """``vae_loss_op`` (same arguments), from the cheapest entry point that is correct here."""
     if _eager(x_hat, x, mu, logvar, args[0]):
         return _VAELossFunction.apply(x_hat, x, mu, logvar, *args)
-    if not torch.compiler.is_compiling() and _differentiated_by_a_transform():
+    if _differentiated_by_a_transform():  # torch.func, also inside torch.compile
         return _composite_vae_loss(x_hat, x, mu, logvar, *args)
     return vae_loss_op(x_hat, x, mu, logvar, *args)
 
@@ -533,7 +520,7 @@ def kl_divergence(mu, logvar, *args):
     """``kl_divergence_op`` (same arguments), from the cheapest correct entry point."""
     if _eager(mu, logvar):
         return _KLDivergenceFunction.apply(mu, logvar, *args)
-    if not torch.compiler.is_compiling() and _differentiated_by_a_transform():
+    if _differentiated_by_a_transform():  # torch.func, also inside torch.compile
         return _composite_kl_divergence(mu, logvar, *args)
     return kl_divergence_op(mu, logvar, *args)
 
@@ -542,6 +529,6 @@ def reparameterize(mu, logvar, seed, *args):
     """``reparameterize_op`` (same arguments), from the cheapest correct entry point."""
     if _eager(mu, logvar, seed):
         return _ReparameterizeFunction.apply(mu, logvar, seed, *args)
-    if not torch.compiler.is_compiling() and _differentiated_by_a_transform():
+    if _differentiated_by_a_transform():  # torch.func, also inside torch.compile
         return _composite_reparameterize(mu, logvar, seed, *args)
     return reparameterize_op(mu, logvar, seed, *args)

@@ -118,3 +118,20 @@ def test_reparameterize_backward_op_takes_the_forwards_backend(kernels):
     assert not torch.allclose(outputs["torch"], outputs["triton"])
     assert _dispatch.implementation_named("torch") is _torch_impl
     assert _dispatch.implementation_named("triton") is kernels
+
+
+def test_torch_func_on_the_kernels_backend_uses_the_kernels_noise(monkeypatch, kernels):
+    """Under a transform the ops run as torch formulas; the noise still comes from the
+    backend the eager call would use (here the kernels' Philox noise)."""
+    from torch.func import grad, jvp
+
+    monkeypatch.setenv("FASTVAE_BACKEND", "triton")
+    mu, logvar = (t.detach() for t in latents())
+    eager = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(5))
+    z, dz = jvp(lambda lv: fastvae.reparameterize(mu, lv, generator=torch.Generator().manual_seed(5)),
+                (logvar,), (torch.ones_like(logvar),))
+    torch.testing.assert_close(z, eager)
+    eps = (eager - mu) / torch.exp(0.5 * logvar)
+    torch.testing.assert_close(dz, 0.5 * torch.exp(0.5 * logvar) * eps)
+    torch.testing.assert_close(
+        grad(lambda m: fastvae.kl_divergence(m, logvar))(mu), mu)
