@@ -25,6 +25,7 @@ Under ``torch.func`` transforms and forward-mode AD the ops run as plain
 differentiable torch formulas instead (see the last section).
 """
 
+import contextlib
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -350,10 +351,24 @@ reparameterize_op.register_autograd(_reparameterize_backward, setup_context=_rep
 # to the *target* at p exactly 0 or 1 is -logit(p) = +-inf here (F.binary_cross_entropy),
 # where the fused op gives +-100 (the derivative of the clamped loss).
 
-_FORWARD_AD = torch.autograd.forward_ad
-_functorch = torch._C._functorch
+# The private torch APIs this path relies on, each checked by tests/test_functorch.py.
+# Without the first, eager forward-mode AD reaches the autograd.Functions, which
+# raise PyTorch's "must implement the jvp function" (an error, never a zero);
+# without the others the value checks read the wrapped tensors (under vmap:
+# PyTorch's data-dependent control flow error).
+_FORWARD_AD = torch.autograd.forward_ad  # its _current_level is >= 0 inside a dual_level
+_IS_FUNCTORCH_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+_FUNCTORCH_UNWRAP = getattr(torch._C._functorch, "get_unwrapped", None)
 # disables the torch.func layers while the value checks read the real tensors
-_DisableFuncTorch = torch._C._DisableFuncTorch
+_DisableFuncTorch = getattr(torch._C, "_DisableFuncTorch", contextlib.nullcontext)
+
+TRANSFORM_PRIVATE_APIS = {
+    "torch._C._are_functorch_transforms_active": getattr(torch._C, "_are_functorch_transforms_active", None),
+    "torch.autograd.forward_ad._current_level": getattr(_FORWARD_AD, "_current_level", None),
+    "torch._C._functorch.is_functorch_wrapped_tensor": _IS_FUNCTORCH_WRAPPED,
+    "torch._C._functorch.get_unwrapped": _FUNCTORCH_UNWRAP,
+    "torch._C._DisableFuncTorch": getattr(torch._C, "_DisableFuncTorch", None),
+}
 
 
 def _forward_ad_active():
@@ -367,8 +382,10 @@ def _differentiated_by_a_transform():
 
 def _unwrapped(t):
     """The real tensor inside torch.func's wrappers (of a vmap: all its samples at once)."""
-    while _functorch.is_functorch_wrapped_tensor(t):
-        t = _functorch.get_unwrapped(t)
+    if _IS_FUNCTORCH_WRAPPED is None or _FUNCTORCH_UNWRAP is None:
+        return t
+    while _IS_FUNCTORCH_WRAPPED(t):
+        t = _FUNCTORCH_UNWRAP(t)
     return t
 
 

@@ -439,3 +439,12 @@ def test_transforms_inside_torch_compile():
     grad_xhat, grad_mu = torch.compile(grad_of_loss, fullgraph=True)(x_hat, mu)
     torch.testing.assert_close(grad_xhat, torch.sigmoid(x_hat) - x)
     torch.testing.assert_close(grad_mu, mu)
+
+
+def test_the_private_torch_apis_of_the_transform_path_are_still_there():
+    """If a torch release moves one, this fails loudly (fastvae still imports and
+    errs on the side of an error, never a zero; see fastvae.ops)."""
+    from fastvae import ops
+
+    missing = [name for name, api in ops.TRANSFORM_PRIVATE_APIS.items() if api is None]
+    assert not missing, f"torch moved: {missing}"
