@@ -63,3 +63,13 @@ def implementation(*tensors):
         if _forced_backend() == "triton":
             raise RuntimeError("FASTVAE_BACKEND=triton but fastvae.kernels could not import triton")
     return _torch_impl
+
+
+def implementation_named(backend):
+    """The module of the backend named ``backend`` ('torch' or 'triton'), for a backward
+    that must run where its forward ran (whatever ``FASTVAE_BACKEND`` says by then)."""
+    if backend == "triton":
+        from fastvae import kernels
+
+        return kernels
+    return _torch_impl

@@ -20,8 +20,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fastvae import _dispatch
-
 # ---- the private torch APIs this relies on (each checked by a test) --------
 
 # Number of references to a storage, by its C pointer: tells whether the
@@ -99,9 +97,11 @@ def per_sample_view(w: Tensor, like: Tensor) -> Tensor:
 def scale_gradients(ctx, pairs: Sequence[tuple[Tensor, Tensor] | None]) -> list:
     """``g * w`` for each (g, w) in ``pairs`` (None entries pass through), each ``g``
     a gradient buffer that the op allocated and saved. In place where
-    ``may_scale_in_place``; otherwise a new tensor. On the kernels all in-place
-    scalings share one launch, which leaves a buffer untouched where w is exactly
-    1 (the usual ``loss.backward()``), deciding on the device. ``w`` stays in the
+    ``may_scale_in_place``; otherwise a new tensor. In-place scalings run on the
+    backend the op's forward ran on (``ctx.backend``, set at setup: never
+    re-read here, where ``FASTVAE_BACKEND`` may have changed). On the kernels
+    they share one launch, which leaves a buffer untouched where w is exactly 1
+    (the usual ``loss.backward()``), deciding on the device. ``w`` stays in the
     loss dtype (float32 or float64): one rounding, at the end, to ``g``'s dtype."""
     out = [None] * len(pairs)
     in_place = []
@@ -116,20 +116,17 @@ def scale_gradients(ctx, pairs: Sequence[tuple[Tensor, Tensor] | None]) -> list:
             out[i] = g * per_sample_view(w, g)
     if not in_place:
         return out
-    # each buffer by the backend its forward used, with mixed dtypes a float64
-    # gradient must not go through the kernels' float32 arithmetic
-    backends = _dispatch.backend_for_each([pairs[i][0] for i in in_place])
-    on_kernels = [i for i, backend in zip(in_place, backends) if backend == "triton"]
-    if on_kernels:
+    # a forward on the kernels had no float64 input (those take the PyTorch path),
+    # so no float64 gradient goes through the kernels' float32 arithmetic here
+    if ctx.backend == "triton":
         from fastvae import kernels
 
-        if kernels.AVAILABLE:  # skips the pass on the device when w is 1: no sync
-            device = pairs[on_kernels[0]][0].device
-            kernels.scale_gradients_([(pairs[i][0], pairs[i][1].to(device=device))
-                                      for i in on_kernels])
-            for i in on_kernels:
-                out[i] = pairs[i][0]
-            in_place = [i for i in in_place if i not in on_kernels]
+        device = pairs[in_place[0]][0].device
+        # skips the pass on the device when w is 1: no sync
+        kernels.scale_gradients_([(pairs[i][0], pairs[i][1].to(device=device)) for i in in_place])
+        for i in in_place:
+            out[i] = pairs[i][0]
+        return out
     for i in in_place:
         g, w = pairs[i]
         if w.dim() == 0 and w.device.type == "cpu" and w.item() == 1.0:

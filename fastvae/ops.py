@@ -18,11 +18,20 @@ PyTorch call; on the CPU otherwise) that is an op input, so it stays data
 under compile and in CUDA graphs; the kernels read it from memory. Its
 backward is its own op that regenerates the noise from the same seed tensor,
 so no noise-sized tensor is saved.
+
+The backward runs on the backend its forward ran on (stored in ``ctx`` at
+setup), whatever the backend setting says by then: the reparameterization's
+backward regenerates the forward's noise, which only the same backend can.
+
+Under ``torch.func`` transforms and forward-mode AD the ops run as plain
+differentiable torch formulas instead (see the last section).
 """
 
-from typing import Optional, Tuple
+import contextlib
+from typing import NamedTuple, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fastvae import _dispatch, _numerics, _torch_impl, _validate
@@ -33,7 +42,51 @@ from fastvae._grad_scaling import (
     scale_gradients,
 )
 
+
+def _forward_backend(*tensors: Tensor) -> str:
+    """The backend an op's forward runs on for these inputs, asked at setup and kept
+    in ``ctx`` for the backward. Meta tensors only ever run the fake implementations;
+    the backward's arithmetic on them is PyTorch's."""
+    if tensors[0].is_meta:
+        return "torch"
+    return "torch" if _dispatch.implementation(*tensors) is _torch_impl else "triton"
+
+
 # ---- fastvae::vae_loss --------------------------------------------------
+
+
+class LossInputs(NamedTuple):
+    """The loss op's positional inputs, in order. Only the first five are tensors
+    that can have gradients; the rest are options."""
+
+    x_hat: Tensor
+    x: Tensor
+    mu: Tensor
+    logvar: Tensor
+    beta: Optional[Tensor]  # a 0-dim tensor, or None when beta is the float beta_value
+    beta_value: float
+    recon: str
+    reduction: str
+    clamp_lo: Optional[float]
+    clamp_hi: Optional[float]
+    grad_recon: bool  # compute d recon / d x_hat in the forward
+    grad_kl: bool  # compute d kl / d (mu, logvar) in the forward
+
+
+class LossOutputs(NamedTuple):
+    """The loss op's outputs, in order: the values, then the gradients computed with
+    them (of the reduced recon and kl, beta not applied; empty when not asked for)."""
+
+    loss: Tensor
+    recon: Tensor
+    kl: Tensor
+    grad_x_hat: Tensor
+    grad_mu: Tensor
+    grad_logvar: Tensor
+
+
+# the backward's answer for the options (beta_value ... grad_kl): no gradient
+_NO_GRADS_FOR_LOSS_OPTIONS = (None,) * (len(LossInputs._fields) - 5)
 
 
 def _vae_loss_impl(
@@ -82,9 +135,11 @@ def _refuse_double_backward(op):
 
 
 def _vae_loss_setup(ctx, inputs, output):
-    x_hat, x, mu, logvar, beta, beta_value, recon, reduction, clamp_lo, clamp_hi, _, _ = inputs
-    _, _, kl, g_xhat, g_mu, g_lv = output
+    x_hat, x, mu, logvar, beta, beta_value, recon, reduction, clamp_lo, clamp_hi, grad_recon, grad_kl = inputs
+    _, _, kl, g_xhat, g_mu, g_lv = output  # LossOutputs
     ctx.mark_non_differentiable(g_xhat, g_mu, g_lv)
+    # the backend that scales the gradient buffers, when there are any
+    ctx.backend = _forward_backend(x_hat, x, mu, logvar) if grad_recon or grad_kl else None
     # unused outputs (the gradient buffers; recon/kl when only the loss is used)
     # get None, not a zero-filled tensor as large as the input
     ctx.set_materialize_grads(False)
@@ -108,41 +163,42 @@ def _sum_present(*grads):
     return present[0] if len(present) == 1 else sum(present[1:], present[0])
 
 
-def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_):
+def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_grad_buffers):
+    """Gradients for LossInputs (the options get None) from those of LossOutputs
+    (the gradient buffers are non-differentiable outputs)."""
     _refuse_double_backward("vae_loss")
     x_hat, beta, kl, g_xhat, g_mu, g_lv = ctx.saved_tensors
     xhat_dtype, x_dtype, mu_dtype, lv_dtype = ctx.dtypes
-    need = ctx.needs_input_grad
-    grads = [None] * 12
+    need_xhat, need_x, need_mu, need_lv, need_beta = ctx.needs_input_grad[:5]
     w_recon = _sum_present(g_loss, g_recon)
     if g_loss is not None:
         beta_c = ctx.beta_value if beta is None else beta.to(g_loss.dtype)
         g_loss_kl = g_loss * beta_c
     w_kl = _sum_present(None if g_loss is None else g_loss_kl, g_kl)
 
-    if need[4] and g_loss is not None:
-        grads[4] = (g_loss * kl).sum().to(device=beta.device, dtype=beta.dtype)
+    grad_beta = grad_x = grad_xhat = grad_mu = grad_lv = None
+    if need_beta and g_loss is not None:
+        grad_beta = (g_loss * kl).sum().to(device=beta.device, dtype=beta.dtype)
     if w_recon is None:
-        need = (False, False) + tuple(need[2:])
+        need_xhat = need_x = False
     if w_kl is None:
-        need = tuple(need[:2]) + (False, False)
-    if need[1] and ctx.recon not in ("mse", "l1"):
-        grads[1] = _target_grad(ctx, x_hat, per_sample_view(w_recon, g_xhat)).to(x_dtype)
-    want_xhat = need[0] or (need[1] and grads[1] is None)
-    grad_xhat, grad_mu, grad_lv = scale_gradients(ctx, [
-        (g_xhat, w_recon) if want_xhat else None,
-        (g_mu, w_kl) if need[2] else None,
-        (g_lv, w_kl) if need[3] else None])
-    if want_xhat:
-        if need[1] and grads[1] is None:  # mse, l1: d/dx = -d/dx_hat
-            grads[1] = grad_xhat.neg().to(x_dtype)
-        if need[0]:
-            grads[0] = grad_xhat.to(xhat_dtype)
-    if need[2]:
-        grads[2] = grad_mu.to(mu_dtype)
-    if need[3]:
-        grads[3] = grad_lv.to(lv_dtype)
-    return tuple(grads)
+        need_mu = need_lv = False
+    if need_x and ctx.recon not in ("mse", "l1"):
+        grad_x = _target_grad(ctx, x_hat, per_sample_view(w_recon, g_xhat)).to(x_dtype)
+    x_from_xhat = need_x and grad_x is None  # mse, l1: d/dx = -d/dx_hat
+    scaled_xhat, scaled_mu, scaled_lv = scale_gradients(ctx, [
+        (g_xhat, w_recon) if need_xhat or x_from_xhat else None,
+        (g_mu, w_kl) if need_mu else None,
+        (g_lv, w_kl) if need_lv else None])
+    if x_from_xhat:
+        grad_x = scaled_xhat.neg().to(x_dtype)
+    if need_xhat:
+        grad_xhat = scaled_xhat.to(xhat_dtype)
+    if need_mu:
+        grad_mu = scaled_mu.to(mu_dtype)
+    if need_lv:
+        grad_lv = scaled_lv.to(lv_dtype)
+    return (grad_xhat, grad_x, grad_mu, grad_lv, grad_beta) + _NO_GRADS_FOR_LOSS_OPTIONS
 
 
 def _target_grad(ctx, x_hat, w):
@@ -179,27 +235,30 @@ def _(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
 
 
 def _kl_setup(ctx, inputs, output):
-    _, g_mu, g_lv = output
+    mu, logvar, _, _, _, want_grad = inputs  # mu, logvar, reduction, clamp_lo, clamp_hi, want_grad
+    _, g_mu, g_lv = output  # kl, d kl/d mu, d kl/d logvar
     ctx.mark_non_differentiable(g_mu, g_lv)
     ctx.set_materialize_grads(False)
-    ctx.dtypes = (inputs[0].dtype, inputs[1].dtype)
+    ctx.dtypes = (mu.dtype, logvar.dtype)
+    ctx.backend = _forward_backend(mu, logvar) if want_grad else None  # scales the buffers
     ctx.hooked = saved_tensor_hooks_active()
     ctx.save_for_backward(g_mu.detach(), g_lv.detach())
 
 
-def _kl_backward(ctx, g_kl, *_):
+_NO_GRADS_FOR_KL_OPTIONS = (None,) * 4  # reduction, clamp_lo, clamp_hi, want_grad
+
+
+def _kl_backward(ctx, g_kl, *_grad_buffers):
     _refuse_double_backward("kl_divergence")
-    g_mu, g_lv = ctx.saved_tensors
-    grads = [None] * 6
     if g_kl is None:
-        return tuple(grads)
-    need = ctx.needs_input_grad
-    scaled = scale_gradients(ctx, [(g, g_kl) if need[i] else None
-                                for i, g in enumerate((g_mu, g_lv))])
-    for i, (g, dtype) in enumerate(zip(scaled, ctx.dtypes)):
-        if g is not None:
-            grads[i] = g.to(dtype)
-    return tuple(grads)
+        return (None, None) + _NO_GRADS_FOR_KL_OPTIONS
+    g_mu, g_lv = ctx.saved_tensors
+    need_mu, need_lv = ctx.needs_input_grad[:2]
+    mu_dtype, lv_dtype = ctx.dtypes
+    scaled_mu, scaled_lv = scale_gradients(ctx, [(g_mu, g_kl) if need_mu else None,
+                                                 (g_lv, g_kl) if need_lv else None])
+    return (scaled_mu.to(mu_dtype) if need_mu else None,
+            scaled_lv.to(lv_dtype) if need_lv else None) + _NO_GRADS_FOR_KL_OPTIONS
 
 
 kl_divergence_op.register_autograd(_kl_backward, setup_context=_kl_setup)
@@ -231,10 +290,14 @@ def _(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
 
 def _reparameterize_backward_impl(
     grad_z: Tensor, grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Tensor,
-    clamp_lo: Optional[float], clamp_hi: Optional[float],
+    clamp_lo: Optional[float], clamp_hi: Optional[float], backend: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """(grad_mu, grad_logvar), with the noise regenerated from ``seed``."""
-    impl = _dispatch.implementation(mu, logvar)
+    """(grad_mu, grad_logvar), with the noise regenerated from ``seed`` by ``backend``,
+    the one whose forward drew it (None: the one dispatch picks now)."""
+    if backend is None:
+        impl = _dispatch.implementation(mu, logvar)
+    else:
+        impl = _dispatch.implementation_named(backend)
     return impl.reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_hi)
 
 
@@ -243,7 +306,7 @@ reparameterize_backward_op = torch.library.custom_op(
 
 
 @reparameterize_backward_op.register_fake
-def _(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_hi):
+def _(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_hi, backend=None):
     return (torch.empty(mu.shape, dtype=mu.dtype, device=mu.device),
             torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device))
 
@@ -251,16 +314,18 @@ def _(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_hi):
 def _reparameterize_setup(ctx, inputs, output):
     mu, logvar, seed, clamp_lo, clamp_hi, with_kl = inputs
     ctx.clamp, ctx.with_kl = (clamp_lo, clamp_hi), with_kl
+    # the backend whose noise the backward regenerates (None: no backward will run)
+    ctx.backend = _forward_backend(mu, logvar) if any(ctx.needs_input_grad[:2]) else None
     ctx.save_for_backward(mu, logvar, seed)
 
 
 def _reparameterize_grads(ctx, grad_z, grad_kl, run_backward):
     mu, logvar, seed = ctx.saved_tensors
     grad_mu, grad_logvar = run_backward(
-        grad_z, grad_kl if ctx.with_kl else None, mu, logvar, seed, *ctx.clamp)
-    need = ctx.needs_input_grad
-    return (grad_mu if need[0] else None, grad_logvar if need[1] else None,
-            None, None, None, None)
+        grad_z, grad_kl if ctx.with_kl else None, mu, logvar, seed, *ctx.clamp, ctx.backend)
+    need_mu, need_lv = ctx.needs_input_grad[:2]
+    # no gradients for seed, clamp_lo, clamp_hi, with_kl
+    return (grad_mu if need_mu else None, grad_logvar if need_lv else None, None, None, None, None)
 
 
 def _reparameterize_backward(ctx, grad_z, grad_kl):
@@ -269,6 +334,143 @@ def _reparameterize_backward(ctx, grad_z, grad_kl):
 
 
 reparameterize_op.register_autograd(_reparameterize_backward, setup_context=_reparameterize_setup)
+
+
+# ---- under torch.func transforms and forward-mode AD -------------------
+#
+# The ops compute their gradients in the forward pass and scale them in the
+# backward: first-order reverse mode only. torch.func cannot run them (the
+# autograd.Functions behind the custom ops have no setup_context), forward-mode
+# AD has no rule for them, and a jvp through a custom op would silently be zero.
+# So under a torch.func transform (grad, vjp, jacrev, jacfwd, jvp, hessian,
+# vmap) or inside torch.autograd.forward_ad.dual_level the ops run as the plain
+# differentiable torch formulas below: the same math in the same dtypes, the
+# same argument checks and, for the reparameterization, the same noise (drawn
+# by the backend the eager call would use), so every transform, and any order
+# of derivative, differentiates exactly the function the eager ops compute.
+#
+# One difference is PyTorch's own: for recon="bce" the gradient with respect
+# to the *target* at p exactly 0 or 1 is -logit(p) = +-inf here (F.binary_cross_entropy),
+# where the fused op gives +-100 (the derivative of the clamped loss).
+
+# The private torch APIs this path relies on, each checked by tests/test_functorch.py.
+# Without the first, eager forward-mode AD reaches the autograd.Functions, which
+# raise PyTorch's "must implement the jvp function" (an error, never a zero);
+# without the others the value checks read the wrapped tensors (under vmap:
+# PyTorch's data-dependent control flow error).
+_FORWARD_AD = torch.autograd.forward_ad  # its _current_level is >= 0 inside a dual_level
+_IS_FUNCTORCH_WRAPPED = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+_FUNCTORCH_UNWRAP = getattr(torch._C._functorch, "get_unwrapped", None)
+# disables the torch.func layers while the value checks read the real tensors
+_DisableFuncTorch = getattr(torch._C, "_DisableFuncTorch", contextlib.nullcontext)
+
+TRANSFORM_PRIVATE_APIS = {
+    "torch._C._are_functorch_transforms_active": getattr(torch._C, "_are_functorch_transforms_active", None),
+    "torch.autograd.forward_ad._current_level": getattr(_FORWARD_AD, "_current_level", None),
+    "torch._C._functorch.is_functorch_wrapped_tensor": _IS_FUNCTORCH_WRAPPED,
+    "torch._C._functorch.get_unwrapped": _FUNCTORCH_UNWRAP,
+    "torch._C._DisableFuncTorch": getattr(torch._C, "_DisableFuncTorch", None),
+}
+
+
+def _forward_ad_active():
+    """Inside a torch.autograd.forward_ad.dual_level (the only place dual tensors exist)."""
+    return getattr(_FORWARD_AD, "_current_level", -1) >= 0
+
+
+def _differentiated_by_a_transform():
+    return _functorch_active() or _forward_ad_active()
+
+
+def _unwrapped(t):
+    """The real tensor inside torch.func's wrappers (of a vmap: all its samples at once)."""
+    if _IS_FUNCTORCH_WRAPPED is None or _FUNCTORCH_UNWRAP is None:
+        return t
+    while _IS_FUNCTORCH_WRAPPED(t):
+        t = _FUNCTORCH_UNWRAP(t)
+    return t
+
+
+def _rows(t):
+    return t.reshape(t.shape[0], -1)
+
+
+def _reduced(rows, reduction, scale):
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    return total if scale == 1.0 else total * scale
+
+
+def _recon_terms(x_hat, x, recon):
+    if recon == "mse":
+        return (x_hat - x).square()
+    if recon == "l1":
+        return (x_hat - x).abs()
+    if recon == "bce":  # each log clamped at -100; its gradient (p - x) / max(p (1 - p), 1e-12)
+        return F.binary_cross_entropy(x_hat, x, reduction="none")
+    # bce_logits: softplus(l) - l x, as the fused op computes it (F.softplus's threshold 20)
+    return F.softplus(x_hat) - x_hat * x
+
+
+def _kl_rows(mu, logvar, clamp_lo, clamp_hi, dtype):
+    lv = logvar.to(dtype)
+    if clamp_lo is not None:
+        lv = lv.clamp(clamp_lo, clamp_hi)
+    mu = mu.to(dtype)
+    return 0.5 * _rows(mu.square() + torch.expm1(lv) - lv).sum(1)
+
+
+def _composite_vae_loss(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
+                        clamp_lo, clamp_hi, grad_recon, grad_kl):
+    """LossOutputs, differentiable by any transform; the gradient buffers are empty."""
+    if not torch.compiler.is_compiling():  # (compiled, they would break the graph)
+        with _DisableFuncTorch():  # the value checks read all samples of a vmap at once
+            _validate.check_loss_values(_unwrapped(x_hat), _unwrapped(x), recon,
+                                        None if beta is None else _unwrapped(beta))
+    dtype = _out_dtype(x_hat, x, mu, logvar)
+    batch = x_hat.shape[0]
+    recon_rows = _rows(_recon_terms(x_hat.to(dtype), x.to(dtype), recon)).sum(1)
+    recon_out = _reduced(recon_rows, reduction,
+                         _numerics.reduction_scale(reduction, batch, x_hat.numel()))
+    kl_out = _reduced(_kl_rows(mu, logvar, clamp_lo, clamp_hi, dtype), reduction,
+                      _numerics.reduction_scale(reduction, batch, mu.numel()))
+    loss = recon_out + (beta_value if beta is None else beta.to(dtype)) * kl_out
+    return LossOutputs(loss, recon_out, kl_out, x_hat.new_empty(0), mu.new_empty(0),
+                       logvar.new_empty(0))
+
+
+def _composite_kl_divergence(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
+    dtype = _out_dtype(mu, logvar)
+    scale = _numerics.reduction_scale(reduction, mu.shape[0], mu.numel())
+    kl = _reduced(_kl_rows(mu, logvar, clamp_lo, clamp_hi, dtype), reduction, scale)
+    return kl, mu.new_empty(0), logvar.new_empty(0)
+
+
+def _noise(seed, shape, dtype, device):
+    """The eps ~ N(0, I) that the eager op draws from ``seed`` for a (mu, logvar) of
+    ``shape`` computed in ``dtype``: the backend's reparameterization of mu = 0,
+    logvar = 0 is exactly its noise (0 + exp(0) eps), a constant to every transform.
+    Under vmap(randomness="different") the seed is batched and each sample gets the
+    noise of its own seed (torch's per-sample fallback for the custom op)."""
+    zeros = torch.zeros(shape, dtype=dtype, device=device)
+    return reparameterize_op(zeros, zeros, seed, None, None, False)[0]
+
+
+def _composite_reparameterize(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
+    """(z, per-sample kl or an empty tensor), as the eager op computes them:
+    z = mu + exp(lv / 2) * eps in the compute dtype, then in mu's and logvar's."""
+    dtype = _out_dtype(mu, logvar)
+    eps = _noise(seed, mu.shape, dtype, mu.device)
+    lv = logvar.to(dtype)
+    if clamp_lo is not None:
+        lv = lv.clamp(clamp_lo, clamp_hi)
+    std = torch.exp(lv * 0.5)
+    z = torch.addcmul(mu.to(dtype), eps, std).to(torch.promote_types(mu.dtype, logvar.dtype))
+    if not with_kl:
+        return z, mu.new_empty(0, dtype=dtype)
+    mu_c = mu.to(dtype)
+    return z, 0.5 * _rows(mu_c.square() + std.square() - 1.0 - lv).sum(1)
 
 
 # ---- eager calls ---------------------------------------------------------
@@ -290,8 +492,10 @@ def _functorch_active():
 
 def _eager(*tensors):
     """Plain eager mode on real tensors: no compile, export, dispatch mode, functorch
-    transform, tensor subclass or meta tensor (those need the custom ops' fake impls)."""
+    transform, forward-mode AD, tensor subclass or meta tensor (those need the custom
+    ops' fake impls)."""
     return not (torch.compiler.is_compiling() or in_torch_dispatch_mode() or _functorch_active()
+                or _forward_ad_active()
                 or any(type(t) not in _PLAIN_TENSORS or t.is_meta for t in tensors if t is not None))
 
 
@@ -326,6 +530,8 @@ def vae_loss(x_hat, x, mu, logvar, *args):
     """``vae_loss_op`` (same arguments), from the cheapest entry point that is correct here."""
     if _eager(x_hat, x, mu, logvar, args[0]):
         return _VAELossFunction.apply(x_hat, x, mu, logvar, *args)
+    if _differentiated_by_a_transform():  # torch.func, also inside torch.compile
+        return _composite_vae_loss(x_hat, x, mu, logvar, *args)
     return vae_loss_op(x_hat, x, mu, logvar, *args)
 
 
@@ -333,6 +539,8 @@ def kl_divergence(mu, logvar, *args):
     """``kl_divergence_op`` (same arguments), from the cheapest correct entry point."""
     if _eager(mu, logvar):
         return _KLDivergenceFunction.apply(mu, logvar, *args)
+    if _differentiated_by_a_transform():  # torch.func, also inside torch.compile
+        return _composite_kl_divergence(mu, logvar, *args)
     return kl_divergence_op(mu, logvar, *args)
 
 
@@ -340,4 +548,6 @@ def reparameterize(mu, logvar, seed, *args):
     """``reparameterize_op`` (same arguments), from the cheapest correct entry point."""
     if _eager(mu, logvar, seed):
         return _ReparameterizeFunction.apply(mu, logvar, seed, *args)
+    if _differentiated_by_a_transform():  # torch.func, also inside torch.compile
+        return _composite_reparameterize(mu, logvar, seed, *args)
     return reparameterize_op(mu, logvar, seed, *args)

@@ -184,3 +184,16 @@ def test_meta_tensors_go_through_the_fake_implementations():
     assert loss.device.type == "meta" and loss.shape == (3,)
     z, kl = fastvae.sample_and_kl(mu, logvar)
     assert z.shape == mu.shape and kl.shape == (3,)
+
+
+def test_loss_inputs_and_outputs_are_named_in_the_ops_order():
+    import inspect
+
+    assert ops.LossInputs._fields == tuple(inspect.signature(ops._vae_loss_impl).parameters)
+    x_hat, x, mu, logvar = tensors(True)
+    out = ops.vae_loss(x_hat, x, mu, logvar, None, 1.0, "mse", "sum", None, None, True, True)
+    named = ops.LossOutputs(*out)
+    torch.testing.assert_close(named.loss, named.recon + named.kl)
+    torch.testing.assert_close(named.grad_x_hat, 2 * (x_hat.detach() - x))
+    torch.testing.assert_close(named.grad_mu, mu.detach())
+    torch.testing.assert_close(named.grad_logvar, 0.5 * torch.expm1(logvar.detach()))

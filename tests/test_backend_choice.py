@@ -1,0 +1,137 @@
+"""The backward runs on the backend its forward ran on.
+
+FASTVAE_BACKEND is read when an op runs forward and kept with the graph: the
+backward neither re-reads it (it may have changed) nor sends meta tensors to
+the kernels. Small sizes: the kernels run under Triton's interpreter here.
+"""
+
+import pytest
+import torch
+
+import fastvae
+from fastvae import _dispatch, _torch_impl, ops
+
+
+def latents(seed=0, shape=(2, 3)):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g).requires_grad_(),
+            torch.randn(shape, generator=g).requires_grad_())
+
+
+@pytest.fixture
+def kernels():
+    from fastvae import kernels
+
+    if not kernels.AVAILABLE:
+        pytest.skip("triton is not installed")
+    return kernels
+
+
+def test_meta_tensors_with_the_triton_backend_run_the_backward(monkeypatch, kernels):
+    monkeypatch.setenv("FASTVAE_BACKEND", "triton")
+    x_hat = torch.empty(3, 4, device="meta", requires_grad=True)
+    x = torch.empty(3, 4, device="meta")
+    mu, logvar = (torch.empty(3, 2, device="meta", requires_grad=True) for _ in range(2))
+    fastvae.vae_loss(x_hat, x, mu, logvar, reduction="none").sum().backward()
+    fastvae.kl_divergence(mu, logvar).backward()
+    z, kl = fastvae.sample_and_kl(mu, logvar)
+    (z.sum() + kl.sum()).backward()
+    for t in (x_hat, mu, logvar):
+        assert t.grad.device.type == "meta" and t.grad.shape == t.shape
+
+
+@pytest.mark.parametrize("forward_backend,backward_env", [("triton", "torch"), ("torch", "triton")])
+def test_reparameterize_backward_regenerates_the_forwards_noise(monkeypatch, kernels,
+                                                                forward_backend, backward_env):
+    """The noise is the forward backend's (Philox in the kernels, the CPU generator on
+    the PyTorch path): a backward on the other backend would differentiate other noise."""
+    mu, logvar = latents()
+    weights = torch.randn(mu.shape, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setenv("FASTVAE_BACKEND", forward_backend)
+    z = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(7))
+    zeros = torch.zeros_like(mu)
+    eps = fastvae.reparameterize(zeros, zeros, generator=torch.Generator().manual_seed(7))
+    monkeypatch.setenv("FASTVAE_BACKEND", backward_env)
+    (z * weights).sum().backward()
+    # z = mu + exp(lv / 2) eps: dz/dmu = 1, dz/dlv = exp(lv / 2) eps / 2
+    torch.testing.assert_close(mu.grad, weights)
+    torch.testing.assert_close(logvar.grad, 0.5 * torch.exp(0.5 * logvar.detach()) * eps * weights)
+
+
+def test_the_backends_draw_different_noise(monkeypatch, kernels):
+    """What makes the test above able to fail."""
+    zeros = torch.zeros(2, 3)
+    draws = []
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("FASTVAE_BACKEND", backend)
+        draws.append(fastvae.reparameterize(zeros, zeros, generator=torch.Generator().manual_seed(7)))
+    assert not torch.allclose(*draws)
+
+
+def _spy_on_kernel_scaling(monkeypatch, kernels):
+    calls = []
+    original = kernels.scale_gradients_
+
+    def spy(pairs):
+        calls.append(len(pairs))
+        return original(pairs)
+
+    monkeypatch.setattr(kernels, "scale_gradients_", spy)
+    return calls
+
+
+@pytest.mark.parametrize("forward_backend,backward_env", [("triton", "torch"), ("torch", "triton")])
+def test_loss_and_kl_gradients_are_scaled_by_the_forwards_backend(monkeypatch, kernels,
+                                                                  forward_backend, backward_env):
+    calls = _spy_on_kernel_scaling(monkeypatch, kernels)
+    mu, logvar = latents()
+    x_hat = torch.randn(2, 5, requires_grad=True)
+    x = torch.rand(2, 5)
+    monkeypatch.setenv("FASTVAE_BACKEND", forward_backend)
+    loss = fastvae.vae_loss(x_hat, x, mu, logvar, reduction="none")
+    kl = fastvae.kl_divergence(mu, logvar, reduction="none")
+    monkeypatch.setenv("FASTVAE_BACKEND", backward_env)
+    w = torch.tensor([2.0, -0.5])
+    (loss * w).sum().backward()
+    assert bool(calls) == (forward_backend == "triton")
+    torch.testing.assert_close(x_hat.grad, 2 * (x_hat.detach() - x) * w[:, None])
+    mu.grad = logvar.grad = None
+    calls.clear()
+    (kl * w).sum().backward()
+    assert bool(calls) == (forward_backend == "triton")
+    torch.testing.assert_close(mu.grad, mu.detach() * w[:, None])
+    torch.testing.assert_close(logvar.grad, 0.5 * torch.expm1(logvar.detach()) * w[:, None])
+
+
+def test_reparameterize_backward_op_takes_the_forwards_backend(kernels):
+    mu, logvar = (t.detach() for t in latents())
+    seed = torch.tensor(123)
+    grad_z = torch.ones_like(mu)
+    outputs = {}
+    for backend in ("torch", "triton"):
+        z, _ = _dispatch.implementation_named(backend).reparameterize_forward(
+            mu, logvar, int(seed), None, None, False)
+        _, grad_logvar = ops.reparameterize_backward_op(grad_z, None, mu, logvar, seed, None, None, backend)
+        # dz/dlv = (z - mu) / 2 with the forward's own z
+        torch.testing.assert_close(grad_logvar, 0.5 * (z - mu))
+        outputs[backend] = grad_logvar
+    assert not torch.allclose(outputs["torch"], outputs["triton"])
+    assert _dispatch.implementation_named("torch") is _torch_impl
+    assert _dispatch.implementation_named("triton") is kernels
+
+
+def test_torch_func_on_the_kernels_backend_uses_the_kernels_noise(monkeypatch, kernels):
+    """Under a transform the ops run as torch formulas; the noise still comes from the
+    backend the eager call would use (here the kernels' Philox noise)."""
+    from torch.func import grad, jvp
+
+    monkeypatch.setenv("FASTVAE_BACKEND", "triton")
+    mu, logvar = (t.detach() for t in latents())
+    eager = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(5))
+    z, dz = jvp(lambda lv: fastvae.reparameterize(mu, lv, generator=torch.Generator().manual_seed(5)),
+                (logvar,), (torch.ones_like(logvar),))
+    torch.testing.assert_close(z, eager)
+    eps = (eager - mu) / torch.exp(0.5 * logvar)
+    torch.testing.assert_close(dz, 0.5 * torch.exp(0.5 * logvar) * eps)
+    torch.testing.assert_close(
+        grad(lambda m: fastvae.kl_divergence(m, logvar))(mu), mu)
