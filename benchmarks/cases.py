@@ -25,6 +25,7 @@ Stable API (other modules import these names; keep them):
         gpu_target  x 64x3x256x256,     latents 64x4x32x32 (issue 3's GPU target)
         reparam     latents 4096x512 (x unused)
         conv64      x 64x3x64x64,       latents 64x4x8x8  (conv VAE training step)
+        fixed_tiny  x 2x4,              latents 2x2       (nothing but the fixed cost per call)
         tiny_*      small versions of the above for CI (benchmarks run once as tests)
     Case(op, size, dtype, recon=None, reduction="sum")   frozen dataclass
         .id                  e.g. "loss_fwd_bwd/mse/sum/cpu_target/float32"
@@ -46,6 +47,9 @@ Stable API (other modules import these names; keep them):
                              gradient written once (None for train_step)
     suite(device, full=True) -> list[Case]   the cases to run on this device; full=False
                              gives the small CI set (same ops, tiny sizes)
+    fixed_cost_suite(device) -> list[Case]   the "fixed cost" group (issue 12): each op at
+                             fixed_tiny and mnist_mlp, float32 and bfloat16, mse/sum losses;
+                             small enough to run in full in CI too
     copy_bandwidth(device, nbytes=None, repeats=20) -> bytes/s, the median of
                              ``dst.copy_(src)`` counting read + write
     synchronize(device)      wait for the device (no-op on CPU)
@@ -82,6 +86,8 @@ SIZES = {s.name: s for s in [
     Size("gpu_target", (64, 3, 256, 256), (64, 4, 32, 32)),
     Size("reparam", None, (4096, 512)),
     Size("conv64", (64, 3, 64, 64), (64, 4, 8, 8)),
+    # the fixed cost per call: tensors so small that only the call itself costs
+    Size("fixed_tiny", (2, 4), (2, 2)),
     # CI: the same code paths at sizes that take milliseconds
     Size("tiny_flat", (8, 97), (8, 5)),
     Size("tiny_image", (2, 3, 16, 16), (2, 4, 4, 4)),
@@ -586,6 +592,24 @@ def suite(device, full=True):
                       for op in ("reparam_kl_fwd_bwd", "reparam_fwd_bwd", "kl_fwd_bwd")]
     cases += [Case("train_step", size, torch.float32) for size in train_sizes]
     return cases
+
+
+FIXED_COST_OPS = ("loss_fwd", "loss_fwd_bwd", "kl_fwd_bwd", "reparam_fwd_bwd", "reparam_kl_fwd_bwd")
+
+
+def fixed_cost_suite(device):
+    """The "fixed cost" group: sizes where the cost of the call itself (argument
+    checks, dispatch, autograd bookkeeping) is most or all of the time, and eager's
+    ~10 small ops set the bar. Same cases on every device (a GPU's host time per call
+    shows there too)."""
+    dtypes = (torch.float32, torch.bfloat16)
+    out = []
+    for size in (SIZES["fixed_tiny"], SIZES["mnist_mlp"]):
+        for dtype in dtypes:
+            for op in FIXED_COST_OPS:
+                recon = "mse" if op.startswith("loss") else None
+                out.append(Case(op, size, dtype, recon))
+    return out
 
 
 # ---- the memory system ---------------------------------------------------------

@@ -8,7 +8,9 @@ bench``) or ``FASTVAE_BENCH_FULL=1`` selects the full sizes and every baseline.
 full run where present, else the CPU; every device present in CI mode).
 
 Each test first checks its implementation against a float64 reference (so a
-benchmark can fail), then times it with ``benchmark.pedantic``.
+benchmark can fail), then times it with ``benchmark.pedantic``. A module with
+``GROUP = "fixed_cost"`` (test_fixed_cost.py) takes ``cases.fixed_cost_suite``,
+the same at every size setting; the others take ``cases.suite`` less those.
 """
 
 import datetime
@@ -71,9 +73,14 @@ def pytest_generate_tests(metafunc):
         return
     full = full_run(metafunc.config)
     ops = metafunc.module.OPS
+    fixed_cost = getattr(metafunc.module, "GROUP", None) == "fixed_cost"
     params = []
     for device in bench_devices(metafunc.config):
-        for case in cases.suite(device, full=full):
+        group = cases.fixed_cost_suite(device)
+        if not fixed_cost:  # a case of both runs once, in the fixed cost group
+            in_group = {c.id for c in group}
+            group = [c for c in cases.suite(device, full=full) if c.id not in in_group]
+        for case in group:
             if case.op not in ops:
                 continue
             for impl in case.impls:

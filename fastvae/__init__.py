@@ -18,6 +18,8 @@ _LAZY = {
     "LossParts": "fastvae.functional",
     "VAELoss": "fastvae.modules",
     "GaussianPosterior": "fastvae.posterior",
+    "set_backend": "fastvae._dispatch",
+    "use_backend": "fastvae._dispatch",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

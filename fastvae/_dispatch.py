@@ -1,67 +1,176 @@
-"""The one place that decides which implementation runs.
+"""The one place that decides which implementation runs, and what every
+implementation provides.
 
 CUDA tensors go to the Triton kernels when Triton imports; everything else
-(CPU, MPS, float64, no Triton) takes the PyTorch path. ``FASTVAE_BACKEND``
-forces a choice: ``torch`` or ``triton`` (Triton on CPU tensors needs
-``TRITON_INTERPRET=1`` set before Triton is first imported; that is how CI runs
-the kernels without a GPU).
+(CPU, MPS, float64, no Triton) takes the PyTorch path. A choice can be forced:
+``torch`` or ``triton`` (Triton on CPU tensors needs ``TRITON_INTERPRET=1`` set
+before Triton is first imported; that is how CI runs the kernels without a GPU).
+
+The forced choice comes from the environment variable ``FASTVAE_BACKEND``, read
+once, on first use (not on every call: an environment read per call was a
+measurable part of a small loss's cost), and can be changed at run time with
+``fastvae.set_backend(name)`` or, for a block of code, ``with
+fastvae.use_backend(name):``. The setting is process-wide (all threads).
+
+Both backends (``fastvae._torch_impl`` and ``fastvae.kernels``) implement the
+functions of :class:`Backend`, with the same signatures.
 """
 
+import contextlib
 import functools
 import importlib.util
 import os
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+from torch import Tensor
 
 from fastvae import _torch_impl
 
 BACKENDS = ("torch", "triton")
+ENV_VAR = "FASTVAE_BACKEND"
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """The functions a backend module implements (as module-level functions: the
+    ``self`` of each method here stands for the module). The gradients a loss
+    function returns are those of the *reduced* values, before ``grad_output``
+    and ``beta`` are applied; an empty tensor stands for a gradient not asked for."""
+
+    def vae_loss_forward(
+        self, x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor,
+        beta: Tensor | None, beta_value: float, recon: str, reduction: str,
+        clamp_lo: float | None, clamp_hi: float | None,
+        grad_recon: bool, grad_kl: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(loss, recon, kl, d recon/d x_hat, d kl/d mu, d kl/d logvar)."""
+        ...
+
+    def kl_forward(
+        self, mu: Tensor, logvar: Tensor, reduction: str,
+        clamp_lo: float | None, clamp_hi: float | None, want_grad: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(kl, d kl/d mu, d kl/d logvar)."""
+        ...
+
+    def reparameterize_forward(
+        self, mu: Tensor, logvar: Tensor, seed: int,
+        clamp_lo: float | None, clamp_hi: float | None, with_kl: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """(z = mu + exp(clamp(logvar) / 2) * eps with eps drawn from ``seed``,
+        the per-sample KL (N,) or an empty tensor)."""
+        ...
+
+    def reparameterize_backward(
+        self, grad_z: Tensor, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
+        seed: int, clamp_lo: float | None, clamp_hi: float | None,
+    ) -> tuple[Tensor, Tensor]:
+        """(grad_mu, grad_logvar), the noise regenerated from ``seed``."""
+        ...
 
 
 @functools.cache
-def triton_available():
+def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _forced_backend():
-    forced = os.environ.get("FASTVAE_BACKEND", "").strip().lower()
-    if forced and forced not in BACKENDS:
-        raise ValueError(f"FASTVAE_BACKEND must be 'torch' or 'triton', got {forced!r}")
-    return forced or None
+def _parse(name, source):
+    """None (automatic), 'torch' or 'triton' from a user's spelling."""
+    if name is None:
+        return None
+    if not isinstance(name, str):
+        raise TypeError(f"{source} must be 'torch', 'triton' or None, got {type(name).__name__}")
+    name = name.strip().lower()
+    if name in ("", "auto"):
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be 'torch' or 'triton', got {name!r}")
+    return name
 
 
-def backend_for(*tensors):
+_NOT_READ = object()
+_forced = _NOT_READ  # None (automatic), "torch" or "triton"; FASTVAE_BACKEND until set_backend
+_kernels = None  # fastvae.kernels once imported
+
+
+def forced_backend() -> str | None:
+    """The forced backend, or None for the automatic choice. The environment is
+    read on the first call only."""
+    global _forced
+    if _forced is _NOT_READ:
+        _forced = _parse(os.environ.get(ENV_VAR, ""), ENV_VAR)
+    return _forced
+
+
+def set_backend(name: str | None) -> str | None:
+    """Force fastvae's ops onto one backend from now on, in the whole process:
+    ``"torch"`` (the PyTorch path), ``"triton"`` (the Triton kernels; on CPU
+    tensors they need ``TRITON_INTERPRET=1`` set before Triton is imported), or
+    ``None`` / ``"auto"`` (CUDA tensors on the kernels, the rest on the PyTorch
+    path). Overrides ``FASTVAE_BACKEND``. float64 tensors always take the PyTorch
+    path. Returns the previous setting. A backward runs on the backend its
+    forward used only where the ops record it, so change the backend between
+    steps, not between a forward and its backward."""
+    global _forced
+    name = _parse(name, "backend")
+    if name == "triton" and not triton_available():
+        raise RuntimeError("backend 'triton' needs triton, which is not installed")
+    previous = forced_backend()
+    _forced = name
+    return previous
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None) -> Iterator[None]:
+    """``set_backend(name)`` for the body of a ``with`` block, then the previous setting."""
+    previous = set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def backend_for(*tensors: Tensor) -> str:
     """'triton' or 'torch' for an op on these tensors."""
-    return _choose(_forced_backend(), tensors)
+    return _choose(forced_backend(), tensors)
 
 
-def backend_for_each(tensors):
-    """``backend_for(t)`` for each tensor, reading the environment once."""
-    forced = _forced_backend()
+def backend_for_each(tensors) -> list:
+    """``backend_for(t)`` for each tensor: a decision per tensor."""
+    forced = forced_backend()
     return [_choose(forced, (t,)) for t in tensors]
 
 
 def _choose(forced, tensors):
-    if any(t.dtype.itemsize > 4 for t in tensors):  # float64: the PyTorch path only
-        return "torch"
+    for t in tensors:
+        if t.dtype.itemsize > 4:  # float64: the PyTorch path only
+            return "torch"
     if forced is not None:
         if forced == "triton" and not triton_available():
-            raise RuntimeError("FASTVAE_BACKEND=triton but triton is not installed")
+            raise RuntimeError(f"backend 'triton' forced ({ENV_VAR} or fastvae.set_backend) "
+                               f"but triton is not installed")
         return forced
     if tensors[0].device.type == "cuda" and triton_available():
         return "triton"
     return "torch"
 
 
-def implementation(*tensors):
+def implementation(*tensors: Tensor) -> Backend:
     """The module whose functions implement the ops for these tensors: the
     PyTorch path (``fastvae._torch_impl``) or the kernels (``fastvae.kernels``),
-    which expose the same function names and signatures."""
-    if backend_for(*tensors) == "triton":
-        from fastvae import kernels
+    both implementing :class:`Backend`."""
+    global _kernels
+    if _choose(forced_backend(), tensors) == "triton":
+        if _kernels is None:
+            from fastvae import kernels
 
-        if kernels.AVAILABLE:
-            return kernels
-        if _forced_backend() == "triton":
-            raise RuntimeError("FASTVAE_BACKEND=triton but fastvae.kernels could not import triton")
+            _kernels = kernels
+        if _kernels.AVAILABLE:
+            return _kernels
+        if _forced == "triton":
+            raise RuntimeError(f"backend 'triton' forced ({ENV_VAR} or fastvae.set_backend) "
+                               f"but fastvae.kernels could not import triton")
     return _torch_impl
 
 

@@ -4,6 +4,13 @@ Shape, dtype, device and option checks look only at tensor metadata, so they
 cost nothing on the device and trace away under ``torch.compile``. Checks that
 must read tensor values (BCE ranges, a finite ``beta`` tensor) run inside the
 custom ops, on CPU tensors only: on CUDA they would need a host sync.
+
+Their outcome depends only on the tensors' types, shapes, dtypes, devices and
+layouts and on the options, so the public functions call the ``*_plan``
+functions: a dictionary lookup keyed by exactly those, which runs the checks on
+the first call with a new key and remembers what they derived. A failed check
+is never remembered. ``beta`` (often annealed, a new float each step) is
+checked on every call.
 """
 
 import math
@@ -19,6 +26,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_tensor(name, t):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.is_nested:
+        raise TypeError(f"{name} must be a dense tensor, got a nested tensor")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {t.dtype}"
@@ -59,40 +70,91 @@ def check_choice(name, value, choices):
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
 
 
+def _finite_float(name, value):
+    """``float(value)``; ValueError naming ``name`` if it is not a finite number
+    (an int too large for a float raises OverflowError in ``float``)."""
+    try:
+        value_f = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got {value!r:.40}, too large for a float") from None
+    if not math.isfinite(value_f):
+        raise ValueError(f"{name} must be finite, got {value_f}")
+    return value_f
+
+
 def check_beta(beta):
     """Return ``(beta_tensor_or_None, beta_float)``."""
+    if type(beta) is float and beta - beta == 0.0:  # the usual case: a finite float
+        return None, beta
     if isinstance(beta, torch.Tensor):
         if beta.dim() != 0 or not beta.is_floating_point():
             raise TypeError(
                 f"beta must be a float or a 0-dim floating-point tensor, got a "
                 f"{beta.dtype} tensor of shape {tuple(beta.shape)}"
             )
+        if beta.layout != torch.strided:
+            raise TypeError(f"beta must be a dense (strided) tensor, got layout {beta.layout}")
         return beta, 0.0
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
         raise TypeError(f"beta must be a float or a 0-dim tensor, got {type(beta).__name__}")
-    beta = float(beta)
-    if not math.isfinite(beta):
-        raise ValueError(f"beta must be finite, got {beta}")
-    return None, beta
+    return None, _finite_float("beta", beta)
+
+
+def check_beta_device(beta_t, data):
+    """A beta tensor lives on the data's device or on the CPU."""
+    if beta_t is not None and beta_t.device != data.device and beta_t.device.type != "cpu":
+        raise ValueError(f"beta is on {beta_t.device} but the data is on {data.device}; "
+                         f"put it on the data's device (or the CPU)")
 
 
 def check_logvar_clamp(logvar_clamp):
-    """Return ``(lo, hi)``, each a float or None."""
+    """Return ``(lo, hi)``, each a finite float, or ``(None, None)``."""
     if logvar_clamp is None:
         return None, None
+    shape_error = TypeError(
+        f"logvar_clamp must be None or a pair of numbers (lo, hi), got {logvar_clamp!r:.80}")
+    # a string unpacks into characters: "12" would read as (1.0, 2.0)
+    if isinstance(logvar_clamp, (str, bytes, bytearray)):
+        raise shape_error
     try:
         lo, hi = logvar_clamp
-        lo, hi = float(lo), float(hi)
     except (TypeError, ValueError):
-        raise TypeError(
-            f"logvar_clamp must be None or a pair of floats (lo, hi), got {logvar_clamp!r}"
-        ) from None
+        raise shape_error from None
+    for bound in (lo, hi):
+        is_number = isinstance(bound, numbers.Real) and not isinstance(bound, bool)
+        is_scalar_tensor = (isinstance(bound, torch.Tensor) and bound.dim() == 0
+                            and bound.is_floating_point() and not bound.is_meta)
+        if not (is_number or is_scalar_tensor):
+            raise shape_error
+    lo, hi = _bound(lo), _bound(hi)
     if math.isnan(lo) or math.isnan(hi) or lo > hi:
         raise ValueError(f"logvar_clamp must satisfy lo <= hi, got ({lo}, {hi})")
+    if math.isinf(lo) or math.isinf(hi):
+        # clamping to +-inf makes exp(logvar) inf or 0 and the KL inf - inf = nan
+        raise ValueError(f"logvar_clamp bounds must be finite, got ({lo}, {hi}); "
+                         f"use None for no clamp")
     return lo, hi
 
 
+def _bound(value):
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"logvar_clamp bounds must be finite, got {value!r:.40}, "
+                         f"too large for a float") from None
+
+
 def check_loss_args(x_hat, x, mu, logvar, recon, reduction, beta, logvar_clamp):
+    """Every argument check of ``vae_loss``, uncached; returns
+    ``((beta_tensor_or_None, beta_float), (clamp_lo, clamp_hi))``."""
+    clamp = _derive_loss_plan(x_hat, x, mu, logvar, recon, reduction, logvar_clamp)
+    beta_t, beta_v = check_beta(beta)
+    check_beta_device(beta_t, x_hat)
+    return (beta_t, beta_v), clamp
+
+
+def _derive_loss_plan(x_hat, x, mu, logvar, recon, reduction, logvar_clamp):
+    """Every metadata and option check of ``vae_loss``; returns (clamp_lo, clamp_hi)."""
     for name, t in (("x_hat", x_hat), ("x", x), ("mu", mu), ("logvar", logvar)):
         check_tensor(name, t)
     check_same_shape("x_hat", x_hat, "x", x)
@@ -101,11 +163,7 @@ def check_loss_args(x_hat, x, mu, logvar, recon, reduction, beta, logvar_clamp):
     check_same_device(x_hat=x_hat, x=x, mu=mu, logvar=logvar)
     check_choice("recon", recon, RECONS)
     check_choice("reduction", reduction, REDUCTIONS)
-    beta_t, beta_v = check_beta(beta)
-    if beta_t is not None and beta_t.device != x_hat.device and beta_t.device.type != "cpu":
-        raise ValueError(f"beta is on {beta_t.device} but the data is on {x_hat.device}; "
-                         f"put it on the data's device (or the CPU)")
-    return (beta_t, beta_v), check_logvar_clamp(logvar_clamp)
+    return check_logvar_clamp(logvar_clamp)
 
 
 def check_latent_args(mu, logvar, logvar_clamp):
@@ -114,6 +172,83 @@ def check_latent_args(mu, logvar, logvar_clamp):
     check_same_shape("mu", mu, "logvar", logvar)
     check_same_device(mu=mu, logvar=logvar)
     return check_logvar_clamp(logvar_clamp)
+
+
+def _derive_latent_plan(mu, logvar, logvar_clamp, reduction):
+    """Every metadata and option check of the latent functions (and, unless
+    SAMPLING, of kl_divergence's ``reduction``); returns (clamp_lo, clamp_hi)."""
+    clamp = check_latent_args(mu, logvar, logvar_clamp)
+    if reduction is not SAMPLING:
+        check_choice("reduction", reduction, REDUCTIONS)
+    return clamp
+
+
+# ---- the plans: checks run once per (tensor metadata, options) -----------------
+
+_PLANS = {}
+MAX_PLANS = 1024  # then the cache starts again: new shapes every call must not grow it forever
+_UNCACHED = object()  # an option that is not a plain value: no cache key
+
+
+def _clamp_key(logvar_clamp):
+    """``logvar_clamp`` as part of a cache key: None or a tuple of two Python
+    numbers; anything else (lists, tensors, strings) is checked on every call."""
+    if logvar_clamp is None:
+        return None
+    if type(logvar_clamp) is tuple and len(logvar_clamp) == 2 \
+            and type(logvar_clamp[0]) in (float, int) and type(logvar_clamp[1]) in (float, int):
+        return logvar_clamp
+    return _UNCACHED
+
+
+def _remember(key, plan):
+    if len(_PLANS) >= MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def loss_plan(x_hat, x, mu, logvar, recon, reduction, logvar_clamp):
+    """``(clamp_lo, clamp_hi)`` after every metadata and option check of
+    ``vae_loss`` (beta aside); the checks run once per key."""
+    if torch.compiler.is_compiling():  # traced once per graph anyway; a cache would be guarded on
+        return _derive_loss_plan(x_hat, x, mu, logvar, recon, reduction, logvar_clamp)
+    try:
+        clamp = _clamp_key(logvar_clamp)
+        key = ("loss", recon, reduction, clamp,
+               type(x_hat), x_hat.shape, x_hat.dtype, x_hat.device, x_hat.layout,
+               type(x), x.shape, x.dtype, x.device, x.layout,
+               type(mu), mu.shape, mu.dtype, mu.device, mu.layout,
+               type(logvar), logvar.shape, logvar.dtype, logvar.device, logvar.layout)
+        plan = _PLANS.get(key)
+    except Exception:  # not tensors, unhashable options, nested tensors: the checks say why
+        clamp, plan = _UNCACHED, None
+    if plan is not None:
+        return plan
+    plan = _derive_loss_plan(x_hat, x, mu, logvar, recon, reduction, logvar_clamp)
+    return plan if clamp is _UNCACHED else _remember(key, plan)
+
+
+SAMPLING = object()  # latent_plan's reduction for the sampling functions, which take none
+
+
+def latent_plan(mu, logvar, logvar_clamp, reduction=SAMPLING):
+    """``(clamp_lo, clamp_hi)`` after every check of ``kl_divergence`` (with its
+    ``reduction``) or of the sampling functions (without); once per key."""
+    if torch.compiler.is_compiling():
+        return _derive_latent_plan(mu, logvar, logvar_clamp, reduction)
+    try:
+        clamp = _clamp_key(logvar_clamp)
+        key = ("latent", reduction, clamp,
+               type(mu), mu.shape, mu.dtype, mu.device, mu.layout,
+               type(logvar), logvar.shape, logvar.dtype, logvar.device, logvar.layout)
+        plan = _PLANS.get(key)
+    except Exception:
+        clamp, plan = _UNCACHED, None
+    if plan is not None:
+        return plan
+    plan = _derive_latent_plan(mu, logvar, logvar_clamp, reduction)
+    return plan if clamp is _UNCACHED else _remember(key, plan)
 
 
 # ---- value checks: called by the op implementations, CPU tensors only ----
@@ -139,6 +274,14 @@ def check_loss_values(x_hat, x, recon, beta):
         _check_unit_interval("x_hat", x_hat, "probabilities")
 
 
-def check_generator(generator):
-    if generator is not None and not isinstance(generator, torch.Generator):
+def check_generator(generator, data_device=None):
+    """A torch.Generator or None; one on the CPU or (given ``data_device``) on the
+    data's device type, the only generators a seed can be drawn from."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    device = generator.device
+    if data_device is not None and device.type not in ("cpu", data_device.type):
+        raise ValueError(f"generator is on {device} but the data is on {data_device}; "
+                         f"pass a CPU generator or one on the data's device")

@@ -1,7 +1,8 @@
 """The public functions: ``vae_loss``, ``kl_divergence``, ``reparameterize``,
 ``sample_and_kl``.
 
-Each checks its arguments, then calls the custom op of ``fastvae.ops``.
+Each checks its arguments (``fastvae._validate``'s plans: the metadata checks
+run once per shapes/dtypes/devices/options), then calls the op of ``fastvae.ops``.
 During ONNX export the ops are replaced by the plain torch formulas below, so a
 module that uses fastvae exports with ``torch.onnx.export(..., dynamo=True)``
 and no extra arguments.
@@ -46,8 +47,10 @@ def vae_loss(x_hat, x, mu, logvar, *, recon="mse", beta=1.0, reduction="sum",
 
     The loss is float32 for half-precision inputs, float64 for float64 inputs.
     """
-    (beta_t, beta_v), (lo, hi) = _validate.check_loss_args(
-        x_hat, x, mu, logvar, recon, reduction, beta, logvar_clamp)
+    lo, hi = _validate.loss_plan(x_hat, x, mu, logvar, recon, reduction, logvar_clamp)
+    beta_t, beta_v = _validate.check_beta(beta)
+    if beta_t is not None:
+        _validate.check_beta_device(beta_t, x_hat)
     if torch.onnx.is_in_onnx_export():
         parts = _vae_loss_formula(x_hat, x, mu, logvar, recon, beta, reduction, lo, hi)
     else:
@@ -60,8 +63,7 @@ def vae_loss(x_hat, x, mu, logvar, *, recon="mse", beta=1.0, reduction="sum",
 def kl_divergence(mu, logvar, *, reduction="sum", logvar_clamp=None):
     """KL(N(mu, exp(logvar)) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - exp(logvar)),
     reduced like ``vae_loss`` ("mean" divides by the number of latent elements)."""
-    lo, hi = _validate.check_latent_args(mu, logvar, logvar_clamp)
-    _validate.check_choice("reduction", reduction, _validate.REDUCTIONS)
+    lo, hi = _validate.latent_plan(mu, logvar, logvar_clamp, reduction)
     if torch.onnx.is_in_onnx_export():
         return _reduce(_kl_rows(mu, logvar, lo, hi), reduction, mu[0].numel())
     return ops.kl_divergence(mu, logvar, reduction, lo, hi, _needs_grad(mu, logvar))[0]
@@ -71,7 +73,9 @@ def reparameterize(mu, logvar, *, generator=None):
     """z = mu + exp(logvar / 2) * eps with eps ~ N(0, I), differentiable in mu
     and logvar. The noise is regenerated in the backward from a seed drawn from
     ``generator`` (or PyTorch's default generator), never saved."""
-    _validate.check_latent_args(mu, logvar, None)
+    _validate.latent_plan(mu, logvar, None)
+    if generator is not None:
+        _validate.check_generator(generator, mu.device)
     if torch.onnx.is_in_onnx_export():
         return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
     seed = _draw_seed(generator, mu)
@@ -80,7 +84,9 @@ def reparameterize(mu, logvar, *, generator=None):
 
 def sample_and_kl(mu, logvar, *, generator=None, logvar_clamp=None):
     """``(z, kl)``: a reparameterized sample and the per-sample KL (shape (N,)) in one pass."""
-    lo, hi = _validate.check_latent_args(mu, logvar, logvar_clamp)
+    lo, hi = _validate.latent_plan(mu, logvar, logvar_clamp)
+    if generator is not None:
+        _validate.check_generator(generator, mu.device)
     if torch.onnx.is_in_onnx_export():
         lv = logvar if lo is None else logvar.clamp(lo, hi)
         z = mu + torch.exp(0.5 * lv) * torch.randn_like(mu)

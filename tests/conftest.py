@@ -30,6 +30,17 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture(autouse=True)
+def _backend_restored():
+    """A test may force a backend (fastvae.set_backend); the next one starts from
+    the setting this one found (FASTVAE_BACKEND's, unless a test changed it)."""
+    from fastvae import _dispatch
+
+    previous = _dispatch.forced_backend()
+    yield
+    _dispatch.set_backend(previous)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models: on shared cores, extra intra-op threads only wait on each other."""

@@ -129,3 +129,106 @@ def test_bad_posterior_input():
     post = fastvae.GaussianPosterior(torch.randn(2, 4))
     with pytest.raises(ValueError, match="deterministic GaussianPosterior"):
         post.kl(fastvae.GaussianPosterior(torch.randn(2, 4), deterministic=True))
+
+
+# ---- issue 11 item 12: arguments that used to slip through or fail obscurely ----
+
+def _meta_generator():
+    """A generator that says it lives on the meta device (torch refuses to make one
+    directly on a machine without such an accelerator; its seed cannot be drawn)."""
+    class MetaGenerator(torch.Generator):
+        @property
+        def device(self):
+            return torch.device("meta")
+
+    return MetaGenerator()
+
+
+@pytest.mark.parametrize("fn", ["vae_loss", "kl_divergence", "sample_and_kl"])
+@pytest.mark.parametrize("clamp,error,match", [
+    ("12", TypeError, r"logvar_clamp must be None or a pair of numbers \(lo, hi\), got '12'"),
+    (b"12", TypeError, r"logvar_clamp must be None or a pair of numbers"),
+    (("a", "b"), TypeError, r"logvar_clamp must be None or a pair of numbers"),
+    ((True, 2.0), TypeError, r"logvar_clamp must be None or a pair of numbers"),
+    ((-math.inf, math.inf), ValueError, r"logvar_clamp bounds must be finite, got \(-inf, inf\)"),
+    ((math.inf, math.inf), ValueError, r"logvar_clamp bounds must be finite"),
+    ((-math.inf, -math.inf), ValueError, r"logvar_clamp bounds must be finite"),
+    ((-(10**400), 0.0), ValueError, r"logvar_clamp bounds must be finite, got -1000.*too large"),
+])
+def test_bad_logvar_clamp(fn, clamp, error, match):
+    x_hat, x, mu, logvar = good()
+    args = (x_hat, x, mu, logvar) if fn == "vae_loss" else (mu, logvar)
+    with pytest.raises(error, match=match):
+        getattr(fastvae, fn)(*args, logvar_clamp=clamp)
+
+
+def test_logvar_clamp_as_list_or_scalar_tensors_still_works():
+    _, _, mu, logvar = good()
+    want = fastvae.kl_divergence(mu, logvar, logvar_clamp=(-0.5, 0.5))
+    for clamp in ([-0.5, 0.5], (torch.tensor(-0.5), torch.tensor(0.5)), (-0.5, 0.5)):
+        torch.testing.assert_close(fastvae.kl_divergence(mu, logvar, logvar_clamp=clamp), want,
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("beta", [10**400, -(10**400)], ids=["1e400", "-1e400"])
+def test_beta_too_large_for_a_float(beta):
+    x_hat, x, mu, logvar = good()
+    with pytest.raises(ValueError, match=r"beta must be finite, got -?1000.*too large for a float"):
+        call(x_hat, x, mu, logvar, beta=beta)
+    with pytest.raises(ValueError, match=r"beta must be finite"):
+        fastvae.VAELoss(beta=beta)
+
+
+def test_huge_but_finite_python_int_beta_is_a_float():
+    x_hat, x, mu, logvar = good()
+    loss = call(x_hat, x, mu, logvar, beta=10**20)
+    want = call(x_hat, x, mu, logvar, beta=1e20)
+    torch.testing.assert_close(loss, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr", "nested", "jagged"])
+@pytest.mark.parametrize("fn", ["vae_loss", "kl_divergence", "reparameterize", "sample_and_kl"])
+def test_sparse_and_nested_tensors_are_refused_by_name(layout, fn):
+    x_hat, x, mu, logvar = good()
+    if layout in ("nested", "jagged"):
+        bad = torch.nested.nested_tensor(
+            [torch.randn(3), torch.randn(2)],
+            layout=torch.jagged if layout == "jagged" else torch.strided)
+        match = r"logvar must be a dense tensor, got a nested tensor"
+    else:
+        bad = logvar.to_sparse() if layout == "sparse_coo" else logvar.to_sparse_csr()
+        match = rf"logvar must be a dense \(strided\) tensor, got layout torch.{layout}"
+    args = (x_hat, x, mu, bad) if fn == "vae_loss" else (mu, bad)
+    with pytest.raises(TypeError, match=match):
+        getattr(fastvae, fn)(*args)
+
+
+def test_sparse_beta_is_refused():
+    x_hat, x, mu, logvar = good()
+    with pytest.raises(TypeError, match="beta must be"):
+        call(x_hat, x, mu, logvar, beta=torch.tensor(1.0).to_sparse())
+
+
+@pytest.mark.parametrize("fn", ["reparameterize", "sample_and_kl"])
+def test_generator_on_another_device_is_refused_by_name(fn):
+    _, _, mu, logvar = good()
+    with pytest.raises(ValueError, match=r"generator is on meta but the data is on cpu"):
+        getattr(fastvae, fn)(mu, logvar, generator=_meta_generator())
+
+
+def test_cached_checks_still_refuse_what_they_refused():
+    """The metadata checks are remembered per (shapes, dtypes, devices, options); a
+    failed check is never remembered, and a good key does not vouch for a bad one."""
+    x_hat, x, mu, logvar = good()
+    for _ in range(2):
+        call(x_hat, x, mu, logvar, logvar_clamp=(-1.0, 1.0))
+        with pytest.raises(ValueError, match="logvar_clamp must satisfy lo <= hi"):
+            call(x_hat, x, mu, logvar, logvar_clamp=(1.0, -1.0))
+        with pytest.raises(ValueError, match="x_hat and x must have the same shape"):
+            call(x_hat, x[:, :5], mu, logvar)
+        with pytest.raises(TypeError, match="x must be a float16"):
+            call(x_hat, x.double().long(), mu, logvar)
+        with pytest.raises(ValueError, match="reduction must be one of"):
+            fastvae.kl_divergence(mu, logvar, reduction="avg")
+        with pytest.raises(ValueError, match="one device"):
+            call(x_hat, x.to("meta"), mu, logvar)

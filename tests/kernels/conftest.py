@@ -2,7 +2,7 @@
 PyTorch path, on every device present.
 
 On CPU the kernels run under Triton's interpreter (tests/conftest.py sets
-TRITON_INTERPRET=1) and are selected with FASTVAE_BACKEND=triton; on CUDA the
+TRITON_INTERPRET=1) and are selected with fastvae.set_backend("triton"); on CUDA the
 default dispatch already picks them. The interpreter runs programs one after
 another (milliseconds each), so sizes here are small and ``split`` forces tiny
 tiles where a test needs the multi-program two-stage reduction.
@@ -45,10 +45,8 @@ class Backends:
         self._monkeypatch = monkeypatch
 
     def kernels(self, fn, *args, **kwargs):
-        if self.device.type == "cpu":
-            self._monkeypatch.setenv("FASTVAE_BACKEND", "triton")
-        else:
-            self._monkeypatch.delenv("FASTVAE_BACKEND", raising=False)
+        # (tests/conftest.py restores the backend after each test)
+        _dispatch.set_backend("triton" if self.device.type == "cpu" else None)
         from fastvae import kernels
 
         probe = torch.zeros(1, device=self.device)
@@ -56,7 +54,7 @@ class Backends:
         return fn(*args, **kwargs)
 
     def torch(self, fn, *args, **kwargs):
-        self._monkeypatch.setenv("FASTVAE_BACKEND", "torch")
+        _dispatch.set_backend("torch")
         return fn(*args, **kwargs)
 
 

@@ -331,8 +331,8 @@ def test_backward_reuses_the_gradient_buffer_only_when_nothing_else_sees_it(back
         torch.testing.assert_close(x_hat.grad, 2.0 * buffer_before)
 
 
-def test_core_input_errors_still_raised(monkeypatch):
-    monkeypatch.setenv("FASTVAE_BACKEND", "triton")
+def test_core_input_errors_still_raised():
+    fastvae.set_backend("triton")  # restored after the test by tests/conftest.py
     x_hat, x, mu, logvar = make_inputs(torch.device("cpu"), recon="bce")
     with pytest.raises(ValueError, match="x_hat and x must have the same shape"):
         fastvae.vae_loss(x_hat, x[:, :4], mu, logvar)
