@@ -28,7 +28,7 @@ def kernels():
 
 
 def test_meta_tensors_with_the_triton_backend_run_the_backward(monkeypatch, kernels):
-    monkeypatch.setenv("FASTVAE_BACKEND", "triton")
+    fastvae.set_backend("triton")
     x_hat = torch.empty(3, 4, device="meta", requires_grad=True)
     x = torch.empty(3, 4, device="meta")
     mu, logvar = (torch.empty(3, 2, device="meta", requires_grad=True) for _ in range(2))
@@ -47,11 +47,11 @@ def test_reparameterize_backward_regenerates_the_forwards_noise(monkeypatch, ker
     the PyTorch path): a backward on the other backend would differentiate other noise."""
     mu, logvar = latents()
     weights = torch.randn(mu.shape, generator=torch.Generator().manual_seed(1))
-    monkeypatch.setenv("FASTVAE_BACKEND", forward_backend)
+    fastvae.set_backend(forward_backend)
     z = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(7))
     zeros = torch.zeros_like(mu)
     eps = fastvae.reparameterize(zeros, zeros, generator=torch.Generator().manual_seed(7))
-    monkeypatch.setenv("FASTVAE_BACKEND", backward_env)
+    fastvae.set_backend(backward_env)
     (z * weights).sum().backward()
     # z = mu + exp(lv / 2) eps: dz/dmu = 1, dz/dlv = exp(lv / 2) eps / 2
     torch.testing.assert_close(mu.grad, weights)
@@ -63,7 +63,7 @@ def test_the_backends_draw_different_noise(monkeypatch, kernels):
     zeros = torch.zeros(2, 3)
     draws = []
     for backend in ("torch", "triton"):
-        monkeypatch.setenv("FASTVAE_BACKEND", backend)
+        fastvae.set_backend(backend)
         draws.append(fastvae.reparameterize(zeros, zeros, generator=torch.Generator().manual_seed(7)))
     assert not torch.allclose(*draws)
 
@@ -87,10 +87,10 @@ def test_loss_and_kl_gradients_are_scaled_by_the_forwards_backend(monkeypatch, k
     mu, logvar = latents()
     x_hat = torch.randn(2, 5, requires_grad=True)
     x = torch.rand(2, 5)
-    monkeypatch.setenv("FASTVAE_BACKEND", forward_backend)
+    fastvae.set_backend(forward_backend)
     loss = fastvae.vae_loss(x_hat, x, mu, logvar, reduction="none")
     kl = fastvae.kl_divergence(mu, logvar, reduction="none")
-    monkeypatch.setenv("FASTVAE_BACKEND", backward_env)
+    fastvae.set_backend(backward_env)
     w = torch.tensor([2.0, -0.5])
     (loss * w).sum().backward()
     assert bool(calls) == (forward_backend == "triton")
@@ -125,7 +125,7 @@ def test_torch_func_on_the_kernels_backend_uses_the_kernels_noise(monkeypatch, k
     backend the eager call would use (here the kernels' Philox noise)."""
     from torch.func import grad, jvp
 
-    monkeypatch.setenv("FASTVAE_BACKEND", "triton")
+    fastvae.set_backend("triton")
     mu, logvar = (t.detach() for t in latents())
     eager = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(5))
     z, dz = jvp(lambda lv: fastvae.reparameterize(mu, lv, generator=torch.Generator().manual_seed(5)),

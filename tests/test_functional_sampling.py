@@ -43,7 +43,7 @@ def test_noise_mean_and_std_on_a_million_draws(monkeypatch, path):
     chunk by chunk, on several threads."""
     from fastvae._torch_impl import NOISE_CHUNK
 
-    monkeypatch.setenv("FASTVAE_BACKEND", "torch")  # this path, also in the kernels' run of this file
+    fastvae.set_backend("torch")  # this path, also in the kernels' run of this file
     if path == "one_generator_per_draw":
         shape, draws = (NOISE_CHUNK // 1024, 1024), 4
     else:

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import fastvae
 from benchmarks import gpu_check
 
 
@@ -170,7 +171,7 @@ def test_graph_check_passes_when_every_replay_draws_fresh_noise(one_thread):
                            "on a GPU gpu_check runs this check on real CUDA graphs")
 def test_graph_check_passes_on_the_kernels(monkeypatch, one_thread):
     """The same check with the sampling and the loss on the Triton kernels (interpreter)."""
-    monkeypatch.setenv("FASTVAE_BACKEND", "triton")
+    fastvae.set_backend("triton")
     run = gpu_check.Run(deadline=float("inf"))
     gpu_check.check_graph_sampling(run, torch.device("cpu"), capture=replaying_capture)
     got = records(run)
