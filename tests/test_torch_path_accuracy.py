@@ -101,3 +101,33 @@ def test_mse_gradient_with_huge_differences_matches_eager():
     eager = x_hat.clone().requires_grad_(True)
     F.mse_loss(eager, x, reduction="sum").backward()
     torch.testing.assert_close(leaf.grad, eager.grad, rtol=1e-6, atol=0)
+
+
+# ---- the chunked path (half-precision inputs, bce) ---------------------------
+
+@pytest.mark.parametrize("shape", [(5, 150), (7, 20), (3, 2, 7, 9)], ids=str)
+@pytest.mark.parametrize("recon", ["mse", "l1", "bce", "bce_logits"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_chunked_recon_matches_the_reference_across_chunk_edges(monkeypatch, shape, recon, dtype):
+    from fastvae import _torch_impl
+
+    # chunks of 64 elements: rows split into column pieces with a tail (150 = 2 * 64 + 22),
+    # and several short rows per chunk with a partial last chunk (7 rows of 20, 3 per chunk)
+    monkeypatch.setattr(_torch_impl, "RECON_CHUNK", 64)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(shape, generator=gen).to(dtype)
+    x_hat = torch.rand(shape, generator=gen) * 0.98 + 0.01
+    if recon in ("mse", "l1", "bce_logits"):
+        x_hat = torch.randn(shape, generator=gen) * 2
+    x_hat = x_hat.to(dtype)
+    leaf = x_hat.clone().requires_grad_(True)
+    latent = torch.zeros(shape[0], 2)
+    recon_rows = fastvae.vae_loss(leaf, x, latent, latent, recon=recon, beta=0.0, reduction="none")
+    recon_rows.backward(torch.arange(1.0, shape[0] + 1))
+    # float64 reference from the same (rounded) input values
+    ref_leaf = x_hat.double().requires_grad_(True)
+    ref_rows = reference.reduce(reference.recon_elementwise(ref_leaf, x.double(), recon), "none")
+    ref_rows.backward(torch.arange(1.0, shape[0] + 1, dtype=torch.float64))
+    torch.testing.assert_close(recon_rows.double(), ref_rows.detach(), rtol=1e-5, atol=1e-5)
+    grad_rtol = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=grad_rtol, atol=grad_rtol)
