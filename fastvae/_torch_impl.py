@@ -19,6 +19,7 @@ with lv = clamp(logvar, lo, hi) and d/dlogvar = 0 where the clamp was active.
 
 import torch
 
+from fastvae import _validate
 from fastvae._numerics import BCE_LOG_FLOOR, compute_dtype, grad_buffer_dtype, reduction_scale
 
 
@@ -191,7 +192,12 @@ def _chunked_recon_per_sample(x_hat, x, recon, dtype, grad_scale):
         scratch, scratch2 = (b[:p.numel()].view(p.shape) for b in (work, spare))
         grad_out = None if grad_rows is None else grad_rows[rows, cols]
         partials[k, rows] = _recon_chunk(p, target, recon, grad_scale, scratch, scratch2, grad_out)
-    return (partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)), grad
+    per_sample = partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
+    if recon == "bce" and x_hat.device.type == "cpu" and torch.isnan(per_sample).any():
+        # a probability outside [0, 1] (or NaN) made a log NaN: the value check
+        # fastvae._validate leaves to this pass (the targets were checked before)
+        _validate.check_probabilities(x_hat)
+    return per_sample, grad
 
 
 def recon_per_sample(x_hat, x, recon, dtype, grad_scale):

@@ -131,3 +131,19 @@ def test_chunked_recon_matches_the_reference_across_chunk_edges(monkeypatch, sha
     torch.testing.assert_close(recon_rows.double(), ref_rows.detach(), rtol=1e-5, atol=1e-5)
     grad_rtol = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}[dtype]
     torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=grad_rtol, atol=grad_rtol)
+
+
+@pytest.mark.parametrize("bad,target", [(-1e-30, 0.0), (1.0 + 2**-23, 1.0), (float("nan"), 0.5),
+                                        (float("inf"), 1.0), (-2.0, 0.0)])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_bce_probability_out_of_range_is_refused_by_the_loss_pass(monkeypatch, bad, target, requires_grad):
+    # the PyTorch path checks x_hat in the pass that computes the loss: one bad
+    # element, in the last chunk, where its target weight zeroes one of the logs
+    from fastvae import _torch_impl
+
+    monkeypatch.setattr(_torch_impl, "RECON_CHUNK", 64)
+    x_hat, x = torch.full((3, 100), 0.5), torch.full((3, 100), target)
+    x_hat[2, 97] = bad
+    latent = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match=r"x_hat must hold probabilities in \[0, 1\]"):
+        fastvae.vae_loss(x_hat.requires_grad_(requires_grad), x, latent, latent, recon="bce")
