@@ -129,35 +129,39 @@ def _in_dtype(block, scratch, dtype):
     return scratch[:block.numel()].view(block.shape).copy_(block)
 
 
-def _recon_chunk(p, target, recon, grad_scale, work, spare, grad_out):
-    """Per-row sums of one chunk's recon terms, and grad_scale times their
-    gradient written into ``grad_out`` (None: no gradient). ``p`` and ``target``
-    are in the compute dtype and only read; ``work`` and ``spare`` are scratch."""
+def _recon_chunk(p, target, recon, grad_scale, work, spare, grad_out, value_out):
+    """Per-row sums of one chunk's recon terms, written into ``value_out``, and
+    grad_scale times their gradient written into ``grad_out`` (None: no
+    gradient). ``p`` and ``target`` are in the compute dtype and only read;
+    ``work`` and ``spare`` are scratch."""
     if recon in ("mse", "l1"):
         diff = torch.sub(p, target, out=work)
         # the terms written to cache and summed by torch.sum (cascade): faster here
         # than a blocked vector_norm, as accurate
         terms = torch.mul(diff, diff, out=spare) if recon == "mse" else torch.abs(diff, out=spare)
-        value = _row_sum(terms)
+        torch.sum(terms, dim=1, out=value_out)
         if grad_out is not None:
             if recon == "l1":
                 diff.sign_()
             # computed in the compute dtype, rounded once on the store into grad_out
             torch.mul(diff, 2.0 * grad_scale if recon == "mse" else grad_scale, out=grad_out)
-        return value
+        return
     if recon == "bce_logits":
         # softplus(l) - l x, then the gradient sigmoid(l) - x
         torch.ops.aten.softplus.out(p, 1, 20, out=work)  # F.softplus's beta, threshold
-        value = _row_sum(work.addcmul_(p, target, value=-1.0))
+        torch.sum(work.addcmul_(p, target, value=-1.0), dim=1, out=value_out)
         if grad_out is not None:
-            torch.sigmoid(p, out=work).sub_(target)
-            torch.mul(work, grad_scale, out=grad_out)
-        return value
+            sigmoid = torch.sigmoid(p, out=work)
+            if grad_scale == 1.0:
+                torch.sub(sigmoid, target, out=grad_out)
+            else:
+                torch.mul(sigmoid.sub_(target), grad_scale, out=grad_out)
+        return
     # bce: -(x log p + (1 - x) log(1 - p)), each log clamped at -100
     torch.log(p, out=work).clamp_min_(BCE_LOG_FLOOR).mul_(target)
-    value = _row_sum(work)
+    torch.sum(work, dim=1, out=value_out)
     torch.neg(p, out=work).log1p_().clamp_min_(BCE_LOG_FLOOR)
-    value = value.add_(_row_sum(work.addcmul_(work, target, value=-1.0))).neg_()
+    value_out.add_(_row_sum(work.addcmul_(work, target, value=-1.0))).neg_()
     if grad_out is not None:
         # (p - x) / max(p (1 - p), 1e-12): the gradient F.binary_cross_entropy uses
         into = grad_out if grad_out.dtype == p.dtype else work
@@ -166,7 +170,6 @@ def _recon_chunk(p, target, recon, grad_scale, work, spare, grad_out):
             grad_input=into)
         if into is not grad_out:
             grad_out.copy_(into)
-    return value
 
 
 def _chunked_recon_per_sample(x_hat, x, recon, dtype, grad_scale):
@@ -193,7 +196,7 @@ def _chunked_recon_per_sample(x_hat, x, recon, dtype, grad_scale):
         target = _in_dtype(rows_x[rows, cols], x_buf, dtype)
         scratch, scratch2 = (b[:p.numel()].view(p.shape) for b in (work, spare))
         grad_out = None if grad_rows is None else grad_rows[rows, cols]
-        partials[k, rows] = _recon_chunk(p, target, recon, grad_scale, scratch, scratch2, grad_out)
+        _recon_chunk(p, target, recon, grad_scale, scratch, scratch2, grad_out, partials[k, rows])
     per_sample = partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
     if recon == "bce" and x_hat.device.type == "cpu" and torch.isnan(per_sample).any():
         # a probability outside [0, 1] (or NaN) made a log NaN: the value check
