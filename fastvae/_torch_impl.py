@@ -129,6 +129,16 @@ def _in_dtype(block, scratch, dtype):
     return scratch[:block.numel()].view(block.shape).copy_(block)
 
 
+def _store_scaled(scratch, scale, out):
+    """out = scratch * scale, ``scratch`` (in the compute dtype) used up. An op with
+    an ``out`` of another dtype computes into a temporary first (a fresh buffer:
+    page faults on the CPU), so a half-precision ``out`` gets a plain copy."""
+    if out.dtype == scratch.dtype:
+        torch.mul(scratch, scale, out=out)
+    else:
+        out.copy_(scratch if scale == 1.0 else scratch.mul_(scale))
+
+
 def _recon_chunk(p, target, recon, grad_scale, work, spare, grad_out, value_out):
     """Per-row sums of one chunk's recon terms, written into ``value_out``, and
     grad_scale times their gradient written into ``grad_out`` (None: no
@@ -144,18 +154,14 @@ def _recon_chunk(p, target, recon, grad_scale, work, spare, grad_out, value_out)
             if recon == "l1":
                 diff.sign_()
             # computed in the compute dtype, rounded once on the store into grad_out
-            torch.mul(diff, 2.0 * grad_scale if recon == "mse" else grad_scale, out=grad_out)
+            _store_scaled(diff, 2.0 * grad_scale if recon == "mse" else grad_scale, grad_out)
         return
     if recon == "bce_logits":
         # softplus(l) - l x, then the gradient sigmoid(l) - x
         torch.ops.aten.softplus.out(p, 1, 20, out=work)  # F.softplus's beta, threshold
         torch.sum(work.addcmul_(p, target, value=-1.0), dim=1, out=value_out)
         if grad_out is not None:
-            sigmoid = torch.sigmoid(p, out=work)
-            if grad_scale == 1.0:
-                torch.sub(sigmoid, target, out=grad_out)
-            else:
-                torch.mul(sigmoid.sub_(target), grad_scale, out=grad_out)
+            _store_scaled(torch.sigmoid(p, out=work).sub_(target), grad_scale, grad_out)
         return
     # bce: -(x log p + (1 - x) log(1 - p)), each log clamped at -100
     torch.log(p, out=work).clamp_min_(BCE_LOG_FLOOR).mul_(target)
@@ -297,14 +303,8 @@ def kl_per_sample(mu, logvar, lo, hi, dtype, grad_scale):
     per_sample = 0.5 * (_row_sum_of_squares(mu_c) + _row_sum(torch.sub(var_m1, lv)))
     if grad_scale is None:
         return per_sample, None, None
-    # computed in ``dtype`` and stored straight into each gradient buffer's dtype
-    # (one rounding, as a later conversion would give, without the extra pass)
-    grad_mu = torch.mul(mu_c, grad_scale, out=_empty_like_contiguous(mu, grad_buffer_dtype(mu.dtype)))
-    lv_grad_dtype = grad_buffer_dtype(logvar.dtype)
-    if lv_grad_dtype == dtype:
-        grad_logvar = var_m1.mul_(0.5 * grad_scale)
-    else:
-        grad_logvar = torch.mul(var_m1, 0.5 * grad_scale, out=_empty_like_contiguous(logvar, lv_grad_dtype))
+    grad_mu = torch.mul(mu_c, grad_scale, out=_empty_like_contiguous(mu_c, dtype))
+    grad_logvar = var_m1.mul_(0.5 * grad_scale)
     if lo is not None:
         grad_logvar.mul_(_unclamped_mask(_as(logvar, dtype), lo, hi))
     return per_sample, grad_mu, grad_logvar
