@@ -138,6 +138,24 @@ def memory_ratio(entry, baseline):
     return fast["peak_bytes"] / base["peak_bytes"]
 
 
+def slowest(cases, baseline="eager"):
+    """(speedup, case id) of the case where fastvae is slowest next to ``baseline``;
+    None when no case has both timings."""
+    ratios = [(speedup(entry, baseline), case_id) for case_id, entry in cases.items()]
+    ratios = [r for r in ratios if r[0] is not None]
+    return min(ratios) if ratios else None
+
+
+def slowest_line(cases, baseline="eager"):
+    """The report's first line: a regression below ``baseline`` shows at once."""
+    worst = slowest(cases, baseline)
+    if worst is None:
+        return f"Slowest case vs {baseline}: not measured"
+    ratio, case_id = worst
+    verdict = "every case at or above" if ratio >= 1.0 else "**below**"
+    return f"Slowest case vs {baseline}: {ratio:.2f}× (`{case_id}`): {verdict} {baseline}"
+
+
 def evaluate_target(target, entry, copy_bw):
     """(value, met, text): how fastvae did against one target."""
     kind, minimum = target["kind"], target["minimum"]
@@ -189,7 +207,7 @@ def markdown(device, cases, machine, run):
             or run.get("machine_info", {}).get("cpu", {}).get("brand_raw", "?"))
     date = machine.get("date") or run.get("datetime", "?")
     cpu_count = run.get("machine_info", {}).get("cpu", {}).get("count")
-    lines = [f"# fastvae benchmarks: {name}", ""]
+    lines = [slowest_line(cases), "", f"# fastvae benchmarks: {name}", ""]
     facts = [f"date {date}", f"torch {machine.get('torch', '?')}"]
     if kind == "cpu":
         facts.append(f"{machine.get('torch_threads', '?')} torch threads"
@@ -325,7 +343,8 @@ def main(argv=None):
         folder = os.path.join(args.out, device_dir_name(device, machine))
         text = markdown(device, cases, machine, run)
         _atomic_write(os.path.join(folder, "bench.md"), lambda f, text=text: f.write(text))
-        title = f"fastvae speedup, {text.splitlines()[0].split(': ', 1)[-1]}, {machine.get('date', '')[:10]}"
+        heading = next(line for line in text.splitlines() if line.startswith("# "))
+        title = f"fastvae speedup, {heading.split(': ', 1)[-1]}, {machine.get('date', '')[:10]}"
         if chart(os.path.join(folder, "speedup.png"), device, cases, title):
             text += "\n![speedup per case and baseline](speedup.png)\n"
             _atomic_write(os.path.join(folder, "bench.md"), lambda f, text=text: f.write(text))

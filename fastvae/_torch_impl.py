@@ -17,8 +17,11 @@ Formulas (per element, summed over each sample's non-batch dims):
 with lv = clamp(logvar, lo, hi) and d/dlogvar = 0 where the clamp was active.
 """
 
+import threading
+
 import torch
 
+from fastvae import _validate
 from fastvae._numerics import BCE_LOG_FLOOR, compute_dtype, grad_buffer_dtype, reduction_scale
 
 
@@ -51,38 +54,188 @@ def _row_sum(t):
     return _rows(t).sum(dim=1)
 
 
+# Rows longer than this are reduced in blocks of this many elements. vector_norm
+# accumulates naively on the CPU (relative error ~2e-4 over 2^22 elements); over
+# 256 elements its error is eager's (~1e-7 for constant data, where 1024 gave
+# 8e-7), and torch.sum then adds the block partials by cascade summation:
+# eager's accuracy at any row length, at vector_norm's speed (measured equal).
+SUM_BLOCK = 256
+
+
+def _blocked_row_norm(t, ord):
+    """Per-row sum of |t|^ord (ord 1 or 2) in one pass over ``t``, without writing
+    |t|^ord: vector_norm over blocks of SUM_BLOCK elements (a view of the rows),
+    then the (N, blocks) partials summed by torch.sum."""
+    rows = _rows(t)
+    length = rows.shape[1]
+    blocks = length // SUM_BLOCK
+    if blocks <= 1:
+        total = torch.linalg.vector_norm(rows, ord, dim=1)
+        return total.square_() if ord == 2 else total
+    split = blocks * SUM_BLOCK
+    partials = torch.linalg.vector_norm(
+        rows[:, :split].reshape(rows.shape[0], blocks, SUM_BLOCK), ord, dim=2)
+    if ord == 2:
+        partials.square_()
+    total = partials.sum(dim=1)
+    if split < length:
+        tail = torch.linalg.vector_norm(rows[:, split:], ord, dim=1)
+        total.add_(tail.square_() if ord == 2 else tail)
+    return total
+
+
 def _row_sum_of_squares(t):
     # vector_norm reduces in one pass; vecdot(t, t) would first write t * t
-    return torch.linalg.vector_norm(_rows(t), dim=1).square_()
+    return _blocked_row_norm(t, 2)
 
 
 _SUM = 2  # at::Reduction::Sum, for the aten loss-backward ops
 
 
-def _mse_grad(x_hat, x, grad_scale, dtype):
-    """grad_scale * 2 (x_hat - x) in one pass over x_hat and x, in a fresh buffer."""
-    # torch.full, not torch.tensor: on CUDA a fill kernel, not a blocking host-to-device copy
-    scale = torch.full((), grad_scale, dtype=dtype, device=x_hat.device)
+def _mse_grad_unscaled(x_hat, x, dtype):
+    """2 (x_hat - x) in one pass over x_hat and x, in a fresh buffer: exactly twice
+    the difference (a power of two), so its squares are exactly 4 (x_hat - x)^2."""
+    # torch.ones, not torch.tensor: on CUDA a fill kernel, not a blocking host-to-device copy
+    one = torch.ones((), dtype=dtype, device=x_hat.device)
     out = _empty_like_contiguous(x_hat, dtype)
     return torch.ops.aten.mse_loss_backward.grad_input(
-        scale, _as(x_hat, dtype), _as(x, dtype), _SUM, grad_input=out)
+        one, _as(x_hat, dtype), _as(x, dtype), _SUM, grad_input=out)
+
+
+# Elements per chunk of the chunked recon path: its four float32 scratch chunks
+# (8 MiB) stay in the CPU's last-level cache while a chunk is converted, computed
+# on and reduced. Per-op overhead (~10 us an op on the 2-core machine) decides
+# the size: 512×12288 bf16 mse fwd+bwd took 8.9 / 5.9 / 4.3 / 3.9 ms with chunks
+# of 2^16 / 2^17 / 2^18 / 2^19 elements (measured side by side, contended).
+RECON_CHUNK = 1 << 19
+
+
+def _chunks(rows_shape):
+    """(row slice, column slice) blocks of at most RECON_CHUNK elements covering
+    an (N, M) array, each contiguous in a contiguous (N, M) array: whole rows
+    when they fit, else column pieces of one row. Column index k of each block."""
+    n, m = rows_shape
+    width = min(m, RECON_CHUNK)
+    height = max(1, RECON_CHUNK // width)
+    for r0 in range(0, n, height):
+        for k, c0 in enumerate(range(0, m, width)):
+            yield slice(r0, min(r0 + height, n)), slice(c0, min(c0 + width, m)), k
+
+
+def _in_dtype(block, scratch, dtype):
+    """``block`` in ``dtype``: itself if it has it (read only), else converted into ``scratch``."""
+    if block.dtype == dtype:
+        return block
+    return scratch[:block.numel()].view(block.shape).copy_(block)
+
+
+def _store_scaled(scratch, scale, out):
+    """out = scratch * scale, ``scratch`` (in the compute dtype) used up. An op with
+    an ``out`` of another dtype computes into a temporary first (a fresh buffer:
+    page faults on the CPU), so a half-precision ``out`` gets a plain copy."""
+    if out.dtype == scratch.dtype:
+        torch.mul(scratch, scale, out=out)
+    else:
+        out.copy_(scratch if scale == 1.0 else scratch.mul_(scale))
+
+
+def _recon_chunk(p, target, recon, grad_scale, work, spare, grad_out, value_out):
+    """Per-row sums of one chunk's recon terms, written into ``value_out``, and
+    grad_scale times their gradient written into ``grad_out`` (None: no
+    gradient). ``p`` and ``target`` are in the compute dtype and only read;
+    ``work`` and ``spare`` are scratch."""
+    if recon in ("mse", "l1"):
+        diff = torch.sub(p, target, out=work)
+        # the terms written to cache and summed by torch.sum (cascade): faster here
+        # than a blocked vector_norm, as accurate
+        terms = torch.mul(diff, diff, out=spare) if recon == "mse" else torch.abs(diff, out=spare)
+        torch.sum(terms, dim=1, out=value_out)
+        if grad_out is not None:
+            if recon == "l1":
+                diff.sign_()
+            # computed in the compute dtype, rounded once on the store into grad_out
+            _store_scaled(diff, 2.0 * grad_scale if recon == "mse" else grad_scale, grad_out)
+        return
+    if recon == "bce_logits":
+        # softplus(l) - l x, then the gradient sigmoid(l) - x
+        torch.ops.aten.softplus.out(p, 1, 20, out=work)  # F.softplus's beta, threshold
+        torch.sum(work.addcmul_(p, target, value=-1.0), dim=1, out=value_out)
+        if grad_out is not None:
+            _store_scaled(torch.sigmoid(p, out=work).sub_(target), grad_scale, grad_out)
+        return
+    # bce: -(x log p + (1 - x) log(1 - p)), each log clamped at -100
+    torch.log(p, out=work).clamp_min_(BCE_LOG_FLOOR).mul_(target)
+    torch.sum(work, dim=1, out=value_out)
+    torch.neg(p, out=work).log1p_().clamp_min_(BCE_LOG_FLOOR)
+    value_out.add_(_row_sum(work.addcmul_(work, target, value=-1.0))).neg_()
+    if grad_out is not None:
+        # (p - x) / max(p (1 - p), 1e-12): the gradient F.binary_cross_entropy uses
+        into = grad_out if grad_out.dtype == p.dtype else work
+        torch.ops.aten.binary_cross_entropy_backward.grad_input(
+            torch.full((), grad_scale, dtype=p.dtype, device=p.device), p, target, None, _SUM,
+            grad_input=into)
+        if into is not grad_out:
+            grad_out.copy_(into)
+
+
+def _chunked_recon_per_sample(x_hat, x, recon, dtype, grad_scale):
+    """recon_per_sample in chunks of RECON_CHUNK elements: each chunk of x_hat
+    and x is converted to ``dtype`` if it is not in it, computed on and reduced
+    while in cache, and its gradient written once, in the gradient buffer's
+    dtype. So the memory traffic is that of the inputs and the gradient in their
+    own dtypes (no float32 copies of half-precision inputs), and the several
+    passes of a recon's formula run over cached chunks, not over the whole input."""
+    rows_h, rows_x = _rows(x_hat), _rows(x)
+    n, m = rows_h.shape
+    grad = None
+    if grad_scale is not None:
+        grad = torch.empty(x_hat.shape, dtype=grad_buffer_dtype(x_hat.dtype), device=x_hat.device)
+    grad_rows = None if grad is None else grad.view(n, m)
+    width = min(m, RECON_CHUNK)
+    chunk = width * max(1, RECON_CHUNK // width)
+    p_buf, x_buf, work, spare = (torch.empty(min(chunk, n * m), dtype=dtype, device=x_hat.device)
+                                 for _ in range(4))
+    partials = torch.empty((-(-m // width), n), dtype=dtype, device=x_hat.device)
+    for rows, cols, k in _chunks((n, m)):
+        p = _in_dtype(rows_h[rows, cols], p_buf, dtype)
+        # converted by a copy: mixed-dtype elementwise ops are ~10x slower than a copy
+        target = _in_dtype(rows_x[rows, cols], x_buf, dtype)
+        scratch, scratch2 = (b[:p.numel()].view(p.shape) for b in (work, spare))
+        grad_out = None if grad_rows is None else grad_rows[rows, cols]
+        _recon_chunk(p, target, recon, grad_scale, scratch, scratch2, grad_out, partials[k, rows])
+    per_sample = partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
+    if recon == "bce" and x_hat.device.type == "cpu" and torch.isnan(per_sample).any():
+        # a probability outside [0, 1] (or NaN) made a log NaN: the value check
+        # fastvae._validate leaves to this pass (the targets were checked before)
+        _validate.check_probabilities(x_hat)
+    return per_sample, grad
 
 
 def recon_per_sample(x_hat, x, recon, dtype, grad_scale):
     """Per-sample reconstruction sums (N,) and, if ``grad_scale`` is not None,
     ``grad_scale`` times the gradient of their sum with respect to ``x_hat``."""
     want_grad = grad_scale is not None
-    if recon == "mse" and want_grad and grad_scale != 0:
-        # the gradient g = 2 s (x_hat - x) first; the squares are (g / 2s)^2
-        grad = _mse_grad(x_hat, x, grad_scale, dtype)
-        return _row_sum_of_squares(grad).mul_(0.25 / (grad_scale * grad_scale)), grad
+    # half-precision inputs: converted chunk by chunk, never copied whole to float32;
+    # bce: its many passes (two logs, clamps, products, sums, the gradient) over cached chunks
+    if dtype != x_hat.dtype or dtype != x.dtype or recon == "bce":
+        return _chunked_recon_per_sample(x_hat, x, recon, dtype, grad_scale)
+    if recon == "mse" and want_grad:
+        # g = 2 (x_hat - x) first, in the pass that reads the inputs; sum(g^2) / 4 is
+        # then bit for bit the sum of (x_hat - x)^2 (scaling by 4 is exact), unless
+        # g^2 overflowed where (x_hat - x)^2 did not: then the squares are summed
+        # from the difference itself. The value never depends on grad_scale.
+        grad = _mse_grad_unscaled(x_hat, x, dtype)
+        per_sample = _row_sum_of_squares(grad).mul_(0.25)
+        if torch.isinf(per_sample).any():
+            per_sample = _row_sum_of_squares(grad.mul(0.5))
+        return per_sample, grad if grad_scale == 1.0 else grad.mul_(grad_scale)
     if recon in ("mse", "l1"):
         diff = _difference(x_hat, x, dtype)
         if recon == "mse":
             per_sample = _row_sum_of_squares(diff)
             grad = diff.mul_(2.0 * grad_scale) if want_grad else None
         else:
-            per_sample = torch.linalg.vector_norm(_rows(diff), ord=1, dim=1)
+            per_sample = _blocked_row_norm(diff, 1)
             grad = diff.sign_().mul_(grad_scale) if want_grad else None
         return per_sample, grad
 
@@ -145,6 +298,8 @@ def kl_per_sample(mu, logvar, lo, hi, dtype, grad_scale):
     # exp(lv) - 1, reused as the logvar gradient: contiguous like every gradient
     # buffer (the fake implementations promise it, whatever logvar's layout)
     var_m1 = torch.expm1(lv, out=_empty_like_contiguous(lv, dtype))
+    # mu^2 summed by vector_norm as it reads mu: an addcmul_ into the buffer would be
+    # one more read-write pass (measured 25% slower at 4096x512)
     per_sample = 0.5 * (_row_sum_of_squares(mu_c) + _row_sum(torch.sub(var_m1, lv)))
     if grad_scale is None:
         return per_sample, None, None
@@ -270,14 +425,47 @@ def standard_normal(seed, shape, dtype, device, std=1.0):
     return out
 
 
+# On the CPU the forward keeps its noise for the backward instead of the backward
+# drawing it again: the CPU generator is the bottleneck (a 4096x512 draw took 4 ms
+# of a 6.5 ms backward), and latents are small next to the data. At most
+# KEPT_NOISE_SLOTS draws are held (a forward whose backward never runs is evicted
+# by later ones); a backward that finds none (a second backward, an evicted slot)
+# regenerates it from the seed, bit for bit the same noise. GPU kernels regenerate.
+KEPT_NOISE_SLOTS = 4
+_kept_noise = {}
+_kept_noise_lock = threading.Lock()
+
+
+def _noise_key(seed, mu, dtype):
+    return (seed, tuple(mu.shape), dtype, mu.device)
+
+
+def _keep_noise(key, eps):
+    with _kept_noise_lock:
+        _kept_noise.pop(key, None)
+        _kept_noise[key] = eps
+        while len(_kept_noise) > KEPT_NOISE_SLOTS:
+            del _kept_noise[next(iter(_kept_noise))]  # the oldest
+
+
+def _take_noise(key):
+    with _kept_noise_lock:
+        return _kept_noise.pop(key, None)
+
+
 def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
     """z = mu + exp(lv / 2) * eps and, if ``with_kl``, the per-sample KL (N,)."""
     dtype = compute_dtype(mu, logvar)
     lv = _clamped(_as(logvar, dtype), clamp_lo, clamp_hi)
     std = torch.mul(lv, 0.5).exp_()
-    z = standard_normal(seed, mu.shape, dtype, mu.device)
+    eps = standard_normal(seed, mu.shape, dtype, mu.device)
     mu_c = _as(mu, dtype)
-    z = torch.addcmul(mu_c, z, std, out=z)  # mu + eps * std, written over eps
+    if mu.device.type == "cpu" and (mu.requires_grad or logvar.requires_grad):
+        _keep_noise(_noise_key(seed, mu, dtype), eps)
+        # mu + eps * std, contiguous like eps (the fake implementation promises it)
+        z = torch.addcmul(mu_c, eps, std, out=_empty_like_contiguous(eps, dtype))
+    else:
+        z = torch.addcmul(mu_c, eps, std, out=eps)  # written over eps
     z = _as(z, torch.promote_types(mu.dtype, logvar.dtype))
     if not with_kl:
         return z, mu.new_empty(0, dtype=dtype)
@@ -298,7 +486,11 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_h
     lv = _clamped(logvar_c, clamp_lo, clamp_hi)
     # a fresh contiguous buffer (it becomes grad_mu) even when lv is logvar itself
     std = torch.mul(lv, 0.5, out=_empty_like_contiguous(lv, dtype)).exp_()
-    half_eps = standard_normal(seed, mu.shape, dtype, mu.device, std=0.5)  # exactly eps / 2
+    eps = _take_noise(_noise_key(seed, mu, dtype)) if mu.device.type == "cpu" else None
+    if eps is not None:
+        half_eps = eps.mul_(0.5)  # exactly eps / 2; the kept noise is this call's to write
+    else:
+        half_eps = standard_normal(seed, mu.shape, dtype, mu.device, std=0.5)
     g_z = _as(grad_z, dtype)
     grad_logvar = half_eps.mul_(std).mul_(g_z)
     # grad_mu is written into std's buffer once std is used up: a fresh buffer

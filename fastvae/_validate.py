@@ -262,6 +262,21 @@ def _check_unit_interval(name, t, what):
         )
 
 
+def check_probabilities(x_hat):
+    """ValueError unless x_hat holds probabilities in [0, 1] (NaN is not one)."""
+    _check_unit_interval("x_hat", x_hat, "probabilities")
+
+
+def _torch_path_checks_probabilities(x_hat, x):
+    """True where the PyTorch path computes this bce: it checks x_hat itself, for
+    free, in the pass that computes the loss (a probability outside [0, 1], or
+    NaN, makes a log NaN, so the loss is NaN exactly when x_hat is out of range;
+    it then calls check_probabilities for the error). Saves a pass over x_hat."""
+    from fastvae import _dispatch  # not at import time: _dispatch imports the backends
+
+    return _dispatch.backend_for(x_hat, x) == "torch"
+
+
 def check_loss_values(x_hat, x, recon, beta):
     """Value checks that PyTorch's own losses also make; skipped for CUDA tensors."""
     if beta is not None and beta.device.type == "cpu" and not torch.isfinite(beta):
@@ -270,8 +285,8 @@ def check_loss_values(x_hat, x, recon, beta):
         return
     if recon in ("bce", "bce_logits"):
         _check_unit_interval("x", x, "targets")
-    if recon == "bce":
-        _check_unit_interval("x_hat", x_hat, "probabilities")
+    if recon == "bce" and not _torch_path_checks_probabilities(x_hat, x):
+        check_probabilities(x_hat)
 
 
 def check_generator(generator, data_device=None):

@@ -93,6 +93,23 @@ def test_main_writes_table_chart_and_slim_json(tmp_path):
     assert (tmp_path / "results" / "nvidia-h100-80gb-hbm3" / "bench.md").exists()
 
 
+def test_first_line_is_the_slowest_case_vs_eager(tmp_path, capsys):
+    run = sample_run()
+    # a third cpu case, slower than eager: it must be the one named first
+    slow = "loss_fwd_bwd/mse/none/cpu_target/bfloat16"
+    run["benchmarks"] += [bench(slow, "fastvae", 0.009), bench(slow, "eager", 0.003)]
+    src = tmp_path / "run.json"
+    src.write_text(json.dumps(run))
+    assert report.main([str(src), "--out", str(tmp_path / "results")]) == 0
+    first = (tmp_path / "results" / "cpu" / "bench.md").read_text().splitlines()[0]
+    assert first.startswith(f"Slowest case vs eager: {0.003 / 0.009:.2f}× (`{slow}`)")
+    assert "**below**" in first
+    assert capsys.readouterr().out.splitlines()[0] == first
+    # without it, the mse case (1.5×) is the slowest, and nothing is below eager
+    assert report.slowest(report.collect(sample_run())["cpu"]) == (pytest.approx(1.5), MSE)
+    assert "**below**" not in report.slowest_line(report.collect(sample_run())["cpu"])
+
+
 def test_main_refuses_a_run_without_fastvae_benchmarks(tmp_path):
     src = tmp_path / "run.json"
     src.write_text(json.dumps({"benchmarks": [{"name": "other", "stats": {"median": 1.0}}]}))

@@ -1,0 +1,149 @@
+"""The PyTorch path's accuracy on long rows and extreme values (issue 11, items 3 and 4).
+
+Every value is compared with the float64 formulas of tests/reference.py, or with
+PyTorch's own loss where the question is "the same number as F.mse_loss".
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastvae
+from tests import reference
+
+# eager's float32 sums over millions of elements are ~1e-8 off; a naive float32
+# running sum is ~1e-4 off; this bound lies between, far from both
+LONG_ROW_RTOL = 1e-6
+
+LONG_SHAPES = [(1, 2**22), (1, 3, 1024, 1024)]
+
+
+def _relative_error(got, want):
+    return (abs(got.double() - want) / abs(want)).item()
+
+
+def _recon_value(x_hat, x, recon, reduction, requires_grad):
+    x_hat = x_hat.clone().requires_grad_(requires_grad)
+    latent = torch.zeros(x_hat.shape[0], 2)
+    _, recon_value, _ = fastvae.vae_loss(x_hat, x, latent, latent, recon=recon, beta=0.0,
+                                         reduction=reduction, return_parts=True)
+    return recon_value.detach()
+
+
+@pytest.mark.parametrize("shape", LONG_SHAPES, ids=str)
+@pytest.mark.parametrize("recon", ["mse", "l1"])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_recon_sum_over_a_long_row_is_accurate(shape, recon, requires_grad):
+    gen = torch.Generator().manual_seed(1)
+    x_hat, x = torch.rand(shape, generator=gen), torch.rand(shape, generator=gen)
+    want = reference.reduce(reference.recon_elementwise(x_hat, x, recon), "sum")
+    got = _recon_value(x_hat, x, recon, "sum", requires_grad)
+    assert _relative_error(got, want) < LONG_ROW_RTOL
+
+
+@pytest.mark.parametrize("shape", LONG_SHAPES, ids=str)
+def test_kl_over_a_long_row_is_accurate(shape):
+    gen = torch.Generator().manual_seed(2)
+    mu, logvar = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    want = reference.reduce(reference.kl_elementwise(mu, logvar), "sum")
+    assert _relative_error(fastvae.kl_divergence(mu, logvar), want) < LONG_ROW_RTOL
+    assert _relative_error(fastvae.kl_divergence(mu, logvar, reduction="none")[0], want) \
+        < LONG_ROW_RTOL
+
+
+@pytest.mark.parametrize("shape", [(1, 4_000_000), (2000, 2000)], ids=str)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_mse_mean_of_constant_differences_is_accurate(shape, requires_grad):
+    # constant data is the worst case for a running sum: every rounding goes the same way
+    x_hat, x = torch.full(shape, 0.3), torch.zeros(shape)
+    want = reference.reduce(reference.recon_elementwise(x_hat, x, "mse"), "mean")
+    got = _recon_value(x_hat, x, "mse", "mean", requires_grad)
+    assert _relative_error(got, want) < LONG_ROW_RTOL
+
+
+# ---- the mse value does not depend on requires_grad ------------------------
+
+def _mse_cases():
+    gen = torch.Generator().manual_seed(3)
+    huge = torch.tensor([[1.2e19, -0.9e19]])  # (2 d)^2 overflows float32, d^2 does not
+    tiny = torch.rand(8, 256, generator=gen)
+    return [
+        ("huge", huge, torch.zeros_like(huge), "sum"),
+        ("huge_none", huge, torch.zeros_like(huge), "none"),
+        ("tiny_mean_1e-16", tiny * 1e-16, torch.zeros_like(tiny), "mean"),
+        ("tiny_mean_1e-18", tiny * 1e-18, torch.zeros_like(tiny), "mean"),
+        ("batchmean_near_one", 1.0 + tiny * 1e-6, torch.ones_like(tiny), "batchmean"),
+    ]
+
+
+@pytest.mark.parametrize("name,x_hat,x,reduction", _mse_cases(), 
+                         ids=[c[0] for c in _mse_cases()])
+def test_mse_value_is_f_mse_loss_with_or_without_grad(name, x_hat, x, reduction):
+    eager_reduction = "sum" if reduction in ("batchmean", "none") else reduction
+    if reduction == "none":
+        want = F.mse_loss(x_hat, x, reduction="none").sum(1)
+    else:
+        want = F.mse_loss(x_hat, x, reduction=eager_reduction)
+        if reduction == "batchmean":
+            want = want / x_hat.shape[0]
+    assert torch.isfinite(want).all() and (want > 0).all()
+    without = _recon_value(x_hat, x, "mse", reduction, requires_grad=False)
+    with_grad = _recon_value(x_hat, x, "mse", reduction, requires_grad=True)
+    assert torch.equal(with_grad, without)
+    torch.testing.assert_close(with_grad, want, rtol=1e-6, atol=0)
+
+
+def test_mse_gradient_with_huge_differences_matches_eager():
+    x_hat, x = torch.tensor([[1.2e19, -0.9e19]]), torch.zeros(1, 2)
+    leaf = x_hat.clone().requires_grad_(True)
+    latent = torch.zeros(1, 2)
+    fastvae.vae_loss(leaf, x, latent, latent, recon="mse", beta=0.0).backward()
+    eager = x_hat.clone().requires_grad_(True)
+    F.mse_loss(eager, x, reduction="sum").backward()
+    torch.testing.assert_close(leaf.grad, eager.grad, rtol=1e-6, atol=0)
+
+
+# ---- the chunked path (half-precision inputs, bce) ---------------------------
+
+@pytest.mark.parametrize("shape", [(5, 150), (7, 20), (3, 2, 7, 9)], ids=str)
+@pytest.mark.parametrize("recon", ["mse", "l1", "bce", "bce_logits"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_chunked_recon_matches_the_reference_across_chunk_edges(monkeypatch, shape, recon, dtype):
+    from fastvae import _torch_impl
+
+    # chunks of 64 elements: rows split into column pieces with a tail (150 = 2 * 64 + 22),
+    # and several short rows per chunk with a partial last chunk (7 rows of 20, 3 per chunk)
+    monkeypatch.setattr(_torch_impl, "RECON_CHUNK", 64)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand(shape, generator=gen).to(dtype)
+    x_hat = torch.rand(shape, generator=gen) * 0.98 + 0.01
+    if recon in ("mse", "l1", "bce_logits"):
+        x_hat = torch.randn(shape, generator=gen) * 2
+    x_hat = x_hat.to(dtype)
+    leaf = x_hat.clone().requires_grad_(True)
+    latent = torch.zeros(shape[0], 2)
+    recon_rows = fastvae.vae_loss(leaf, x, latent, latent, recon=recon, beta=0.0, reduction="none")
+    recon_rows.backward(torch.arange(1.0, shape[0] + 1))
+    # float64 reference from the same (rounded) input values
+    ref_leaf = x_hat.double().requires_grad_(True)
+    ref_rows = reference.reduce(reference.recon_elementwise(ref_leaf, x.double(), recon), "none")
+    ref_rows.backward(torch.arange(1.0, shape[0] + 1, dtype=torch.float64))
+    torch.testing.assert_close(recon_rows.double(), ref_rows.detach(), rtol=1e-5, atol=1e-5)
+    grad_rtol = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}[dtype]
+    torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=grad_rtol, atol=grad_rtol)
+
+
+@pytest.mark.parametrize("bad,target", [(-1e-30, 0.0), (1.0 + 2**-23, 1.0), (float("nan"), 0.5),
+                                        (float("inf"), 1.0), (-2.0, 0.0)])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_bce_probability_out_of_range_is_refused_by_the_loss_pass(monkeypatch, bad, target, requires_grad):
+    # the PyTorch path checks x_hat in the pass that computes the loss: one bad
+    # element, in the last chunk, where its target weight zeroes one of the logs
+    from fastvae import _torch_impl
+
+    monkeypatch.setattr(_torch_impl, "RECON_CHUNK", 64)
+    x_hat, x = torch.full((3, 100), 0.5), torch.full((3, 100), target)
+    x_hat[2, 97] = bad
+    latent = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match=r"x_hat must hold probabilities in \[0, 1\]"):
+        fastvae.vae_loss(x_hat.requires_grad_(requires_grad), x, latent, latent, recon="bce")
