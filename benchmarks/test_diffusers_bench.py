@@ -134,10 +134,7 @@ def check_posterior_step(inputs, out):
     eps = (z.detach().double() - mean) / std
     kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).sum()
     want_loss = ((x_hat - x) ** 2).sum() / n + KL_SCALE * kl / n
-    # 5e-5, not 1e-5: fastvae's PyTorch path sums the squared errors with linalg.vector_norm, whose
-    # float32 CPU accumulation is off by 1e-5 relative at 786432 elements per sample (torch.sum: 4e-8)
-    # and 1.4e-4 at 4M; reported, to be fixed in _torch_impl.py
-    torch.testing.assert_close(loss.double(), want_loss, rtol=5e-5, atol=0)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(g_x_hat.double(), 2 * (x_hat - x) / n, rtol=1e-5, atol=1e-7)
     want_mean = grad_z + KL_SCALE / n * mean
     want_logvar = grad_z * eps * std / 2 + KL_SCALE / n * 0.5 * (logvar.exp() - 1)

@@ -437,7 +437,9 @@ _kept_noise_lock = threading.Lock()
 
 
 def _noise_key(seed, mu, dtype):
-    return (seed, tuple(mu.shape), dtype, mu.device)
+    # the seed's value (a CPU int64 tensor or an int): tensors hash by identity, and the
+    # backward's saved seed need not be the forward's Python object
+    return (int(seed), tuple(mu.shape), dtype, mu.device)
 
 
 def _keep_noise(key, eps):

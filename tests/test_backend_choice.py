@@ -105,12 +105,12 @@ def test_loss_and_kl_gradients_are_scaled_by_the_forwards_backend(monkeypatch, k
 
 def test_reparameterize_backward_op_takes_the_forwards_backend(kernels):
     mu, logvar = (t.detach() for t in latents())
-    seed = torch.tensor(123)
+    seed = torch.tensor([123])
     grad_z = torch.ones_like(mu)
     outputs = {}
     for backend in ("torch", "triton"):
         z, _ = _dispatch.implementation_named(backend).reparameterize_forward(
-            mu, logvar, int(seed), None, None, False)
+            mu, logvar, seed, None, None, False)
         _, grad_logvar = ops.reparameterize_backward_op(grad_z, None, mu, logvar, seed, None, None, backend)
         # dz/dlv = (z - mu) / 2 with the forward's own z
         torch.testing.assert_close(grad_logvar, 0.5 * (z - mu))

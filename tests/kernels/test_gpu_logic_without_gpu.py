@@ -120,16 +120,17 @@ class FakeCudaGenerator(torch.Generator):
 
 
 def test_cuda_generator_seed_comes_from_its_state_and_advances_it():
+    like = torch.zeros(2, 3)  # non-CUDA data: the generator's state is read on the host
     gen = FakeCudaGenerator()
-    first, second = functional._draw_seed(gen), functional._draw_seed(gen)
+    first, second = functional._draw_seed(gen, like), functional._draw_seed(gen, like)
     assert gen.offset == 8  # advanced on the host, 4 per draw
-    assert first.device.type == "cpu" and first.dim() == 0 and first.dtype == torch.int64
+    assert first.device.type == "cpu" and first.shape == (1,) and first.dtype == torch.int64
     assert 0 <= first.item() < 2**62 and 0 <= second.item() < 2**62 and first != second
     again = FakeCudaGenerator()
-    assert functional._draw_seed(again) == first  # same state, same seed
+    assert functional._draw_seed(again, like) == first  # same state, same seed
     other = FakeCudaGenerator()
     other.seed_value = 1235
-    assert functional._draw_seed(other) != first
+    assert functional._draw_seed(other, like) != first
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
