@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from fastvae import _validate, ops
 
@@ -28,8 +29,10 @@ def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def vae_loss(x_hat, x, mu, logvar, *, recon="mse", beta=1.0, reduction="sum",
-             logvar_clamp=None, return_parts=False):
+def vae_loss(x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, recon: str = "mse",
+             beta: float | Tensor = 1.0, reduction: str = "sum",
+             logvar_clamp: tuple[float, float] | None = None,
+             return_parts: bool = False) -> Tensor | LossParts:
     """Reconstruction loss + beta * KL(N(mu, exp(logvar)) || N(0, I)).
 
     Args:
@@ -60,7 +63,8 @@ def vae_loss(x_hat, x, mu, logvar, *, recon="mse", beta=1.0, reduction="sum",
     return parts if return_parts else parts.loss
 
 
-def kl_divergence(mu, logvar, *, reduction="sum", logvar_clamp=None):
+def kl_divergence(mu: Tensor, logvar: Tensor, *, reduction: str = "sum",
+                  logvar_clamp: tuple[float, float] | None = None) -> Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - exp(logvar)),
     reduced like ``vae_loss`` ("mean" divides by the number of latent elements)."""
     lo, hi = _validate.latent_plan(mu, logvar, logvar_clamp, reduction)
@@ -69,10 +73,12 @@ def kl_divergence(mu, logvar, *, reduction="sum", logvar_clamp=None):
     return ops.kl_divergence(mu, logvar, reduction, lo, hi, _needs_grad(mu, logvar))[0]
 
 
-def reparameterize(mu, logvar, *, generator=None):
+def reparameterize(mu: Tensor, logvar: Tensor, *,
+                   generator: torch.Generator | None = None) -> Tensor:
     """z = mu + exp(logvar / 2) * eps with eps ~ N(0, I), differentiable in mu
-    and logvar. The noise is regenerated in the backward from a seed drawn from
-    ``generator`` (or PyTorch's default generator), never saved."""
+    and logvar. The noise comes from a seed drawn from ``generator`` (or PyTorch's
+    default generator); the GPU kernels regenerate it in the backward, the CPU path
+    keeps it until the backward (see the README)."""
     _validate.latent_plan(mu, logvar, None)
     if generator is not None:
         _validate.check_generator(generator, mu.device)
@@ -82,7 +88,8 @@ def reparameterize(mu, logvar, *, generator=None):
     return ops.reparameterize(mu, logvar, seed, None, None, False)[0]
 
 
-def sample_and_kl(mu, logvar, *, generator=None, logvar_clamp=None):
+def sample_and_kl(mu: Tensor, logvar: Tensor, *, generator: torch.Generator | None = None,
+                  logvar_clamp: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
     """``(z, kl)``: a reparameterized sample and the per-sample KL (shape (N,)) in one pass."""
     lo, hi = _validate.latent_plan(mu, logvar, logvar_clamp)
     if generator is not None:
