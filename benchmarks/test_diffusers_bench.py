@@ -37,6 +37,7 @@ from diffusers import AutoencoderKL  # noqa: E402
 from diffusers.models.autoencoders import vae as diffusers_vae  # noqa: E402
 
 import fastvae  # noqa: E402
+from benchmarks.conftest import _timed as _synced  # noqa: E402
 from benchmarks.conftest import bench_devices, full_run  # noqa: E402
 from fastvae.integrations import diffusers as fastvae_diffusers  # noqa: E402
 
@@ -222,17 +223,6 @@ def pytest_generate_tests(metafunc):
     params = [pytest.param(device, case, impl, id=f"{device}:{case.id}:{impl}")
               for device in bench_devices(metafunc.config) for case in suite(full) for impl in IMPLS]
     metafunc.parametrize(("device", "diffusers_case", "impl"), params)
-
-
-def _synced(step, device):
-    if torch.device(device).type != "cuda":
-        return step
-
-    def synced():
-        out = step()
-        torch.cuda.synchronize(device)
-        return out
-    return synced
 
 
 def test_diffusers_bench(benchmark, request, device, diffusers_case, impl):
