@@ -136,12 +136,6 @@ def backend_for(*tensors: Tensor) -> str:
     return _choose(forced_backend(), tensors)
 
 
-def backend_for_each(tensors) -> list:
-    """``backend_for(t)`` for each tensor: a decision per tensor."""
-    forced = forced_backend()
-    return [_choose(forced, (t,)) for t in tensors]
-
-
 def _choose(forced, tensors):
     for t in tensors:
         if t.dtype.itemsize > 4:  # float64: the PyTorch path only

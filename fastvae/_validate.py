@@ -144,15 +144,6 @@ def _bound(value):
                          f"too large for a float") from None
 
 
-def check_loss_args(x_hat, x, mu, logvar, recon, reduction, beta, logvar_clamp):
-    """Every argument check of ``vae_loss``, uncached; returns
-    ``((beta_tensor_or_None, beta_float), (clamp_lo, clamp_hi))``."""
-    clamp = _derive_loss_plan(x_hat, x, mu, logvar, recon, reduction, logvar_clamp)
-    beta_t, beta_v = check_beta(beta)
-    check_beta_device(beta_t, x_hat)
-    return (beta_t, beta_v), clamp
-
-
 def _derive_loss_plan(x_hat, x, mu, logvar, recon, reduction, logvar_clamp):
     """Every metadata and option check of ``vae_loss``; returns (clamp_lo, clamp_hi)."""
     for name, t in (("x_hat", x_hat), ("x", x), ("mu", mu), ("logvar", logvar)):

@@ -99,15 +99,6 @@ def test_a_bad_environment_fails_set_backend_too(monkeypatch, environment_unread
         fastvae.set_backend("torch")
 
 
-def test_backend_for_each_decides_per_tensor():
-    if not _dispatch.triton_available():
-        pytest.skip("needs triton installed")
-    fastvae.set_backend("triton")
-    tensors = [torch.zeros(2), torch.zeros(2, dtype=torch.float64), torch.zeros(2, dtype=torch.bfloat16)]
-    # float64 always takes the PyTorch path; the rest follow the forced backend
-    assert _dispatch.backend_for_each(tensors) == ["triton", "torch", "triton"]
-
-
 def test_set_backend_is_exported():
     assert fastvae.set_backend is _dispatch.set_backend
     assert fastvae.use_backend is _dispatch.use_backend
