@@ -40,11 +40,12 @@ class Backend(Protocol):
 
     def vae_loss_forward(
         self, x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor,
-        beta: Tensor | None, beta_value: float, recon: str, reduction: str,
+        beta: Tensor | None, obs_logvar: Tensor | None, beta_value: float, recon: str,
+        obs_logvar_value: float, obs_logvar_optimal: bool, reduction: str,
         clamp_lo: float | None, clamp_hi: float | None,
         grad_recon: bool, grad_kl: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(loss, recon, kl, d recon/d x_hat, d kl/d mu, d kl/d logvar)."""
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(loss, recon, kl, d recon/d x_hat, d kl/d mu, d kl/d logvar, d recon/d obs_logvar)."""
         ...
 
     def kl_forward(

@@ -4,6 +4,8 @@ which dtype a saved gradient buffer has, how a sum becomes each reduction, and
 the constants that make the BCE terms equal to PyTorch's. Torch only, no
 backend: both backends import this module, neither imports the other."""
 
+import math
+
 import torch
 
 BCE_LOG_FLOOR = -100.0  # F.binary_cross_entropy clamps its logs here
@@ -30,3 +32,80 @@ def grad_buffer_dtype(dtype: torch.dtype) -> torch.dtype:
     product with a loss scale (GradScaler's 65536 overflows); float16 buffers are
     float32 and the backward rounds once, to float16, after scaling."""
     return torch.float32 if dtype == torch.float16 else dtype
+
+
+# ---- the observation models with a scale, and the continuous Bernoulli ----
+
+LOG_2PI = math.log(2.0 * math.pi)  # gaussian: 1/2 log(2 pi sigma^2) per element
+LOG_2 = math.log(2.0)  # laplace: log(2 b) per element
+
+# gaussian: -log N(x | x_hat, e^s) = 1/2 [(x_hat - x)^2 e^-s + s + log 2 pi]
+# laplace:  -log Laplace(x | x_hat, e^s) = |x_hat - x| e^-s + s + log 2
+# Both are HALF [err e^-s + s + LOG_NORM] with err the squared / absolute error.
+OBS_SCALE = {"gaussian": (0.5, LOG_2PI), "laplace": (1.0, LOG_2)}  # recon: (HALF, LOG_NORM)
+
+
+def obs_scale_terms(err: torch.Tensor, log_scale, recon: str) -> torch.Tensor:
+    """Per-element -log p(x) of a gaussian (``err`` the squared error, ``log_scale`` =
+    log sigma^2) or laplace (``err`` the absolute error, ``log_scale`` = log b)
+    observation model; ``log_scale`` a float or a tensor broadcastable to ``err``.
+    Differentiable torch formula (the composite and ONNX paths)."""
+    half, log_norm = OBS_SCALE[recon]
+    if isinstance(log_scale, torch.Tensor):
+        scaled = err * torch.exp(-log_scale)
+    else:
+        scaled = err * math.exp(-log_scale)
+    return half * (scaled + log_scale + log_norm)
+
+
+def fitted_recon_rows(err_rows: torch.Tensor, recon: str, numel: int):
+    """obs_logvar="optimal": from the per-sample sums S_n of squared (gaussian) or
+    absolute (laplace) errors, the scale fitted to the batch, sigma^2 (or b) =
+    sum_n S_n / (N D), and the per-sample -log p with it,
+        HALF [S_n / sigma^2 + D log sigma^2 + D LOG_NORM];
+    returns (rows, 1 / sigma^2). The fitted scale is a constant to the gradient."""
+    half, log_norm = OBS_SCALE[recon]
+    cols = numel // err_rows.shape[0]
+    scale = err_rows.sum() / numel
+    inv_scale = scale.reciprocal()
+    rows = (err_rows * inv_scale + cols * (torch.log(scale) + log_norm)) * half
+    return rows, inv_scale
+
+
+# log C(l) of the continuous Bernoulli, C(l) = l / tanh(l / 2), and its derivative
+# 1/l - 1/sinh(l), by their Taylor series below this |l| (float32 / float64) and
+# in log1p forms above: log C = log|l| - log1p(-e^-|l|) + log1p(e^-|l|). Below the
+# threshold the series' first omitted term is < 1e-10 (float32) / 1e-22 (float64);
+# above it the closed forms lose < 3e-7 / 1e-15 to cancellation.
+CB_SERIES_BELOW = {torch.float32: 0.5, torch.float64: 0.05}
+
+
+def _cb_threshold(dtype):
+    return CB_SERIES_BELOW.get(dtype, 0.5)
+
+
+def cb_log_normalizer(logits: torch.Tensor) -> torch.Tensor:
+    """log C(l), C(l) = l / tanh(l / 2) (= 2 at l = 0); differentiable (both branches
+    see clamped inputs, so neither gives a NaN gradient), NaN stays NaN."""
+    below = _cb_threshold(logits.dtype)
+    far_l = logits.abs().clamp(min=below)
+    e = torch.exp(-far_l)
+    far = torch.log(far_l) - torch.log1p(-e) + torch.log1p(e)
+    t = logits.clamp(-below, below).square()
+    near = LOG_2 + t * (1 / 12 + t * (-7 / 1440 + t * (31 / 90720 + t * (
+        -127 / 4838400 + t * (73 / 34214400)))))
+    return torch.where(logits.abs() < below, near, far)
+
+
+def cb_log_normalizer_grad(logits: torch.Tensor) -> torch.Tensor:
+    """d/dl log C(l) = 1/l - 1/sinh(l) (~ l/6 near 0), NaN stays NaN."""
+    below = _cb_threshold(logits.dtype)
+    far_l = logits.abs().clamp(min=below)
+    # 1/sinh(a) = 2 e^-a / (1 - e^-2a): no overflow for large a
+    far = torch.sign(logits) * (far_l.reciprocal()
+                                - 2.0 * torch.exp(-far_l) / -torch.expm1(-2.0 * far_l))
+    near_l = logits.clamp(-below, below)
+    t = near_l.square()
+    near = near_l * (1 / 6 + t * (-7 / 360 + t * (31 / 15120 + t * (
+        -127 / 604800 + t * (73 / 3421440)))))
+    return torch.where(logits.abs() < below, near, far)

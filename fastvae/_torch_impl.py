@@ -13,15 +13,23 @@ Formulas (per element, summed over each sample's non-batch dims):
   bce         -(x max(log p, -100) + (1 - x) max(log(1 - p), -100)),  p = x_hat
                                                     d/dp = (p - x) / max(p (1 - p), 1e-12)
   bce_logits  softplus(l) - l x,  l = x_hat         d/dl = sigmoid(l) - x
+  gaussian    1/2 [(x_hat - x)^2 e^-s + s + log 2pi]  d/dx_hat = (x_hat - x) e^-s
+                                                    d/ds = 1/2 [1 - (x_hat - x)^2 e^-s]
+  laplace     |x_hat - x| e^-s + s + log 2          d/dx_hat = sign(x_hat - x) e^-s
+                                                    d/ds = 1 - |x_hat - x| e^-s
+  continuous_bernoulli  softplus(l) - l x - log C(l),  C(l) = l / tanh(l / 2)
+                                                    d/dl = sigmoid(l) - x - (1/l - 1/sinh l)
   kl          -1/2 (1 + lv - mu^2 - exp(lv))        d/dmu = mu, d/dlv = (exp(lv) - 1) / 2
 with lv = clamp(logvar, lo, hi) and d/dlogvar = 0 where the clamp was active.
 """
 
+import math
 import threading
 
 import torch
 
 from fastvae import _validate
+from fastvae import _numerics
 from fastvae._numerics import BCE_LOG_FLOOR, compute_dtype, grad_buffer_dtype, reduction_scale
 
 
@@ -268,11 +276,97 @@ def recon_per_sample(x_hat, x, recon, dtype, grad_scale):
     return per_sample, grad
 
 
+def _scalar_scale_recon(x_hat, x, recon, obs_logvar, obs_value, optimal, dtype, grad_scale):
+    """gaussian / laplace with one scale for every element (a float, a 1-element
+    tensor, or "optimal"), from the mse / l1 pass: per-sample HALF [S_n e^-s + D s
+    + D LOG_NORM] with S_n its per-sample sums, and its gradient (2 (x_hat - x) or
+    sign(x_hat - x)) times e^-s / 2 (gaussian) or e^-s (laplace). A float scale
+    folds into the mse / l1 pass's own gradient scaling; a tensor or the fitted
+    scale (known only after the sums) costs one more pass over the gradient."""
+    half, log_norm = _numerics.OBS_SCALE[recon]
+    base = "mse" if recon == "gaussian" else "l1"
+    cols = x_hat.numel() // x_hat.shape[0]
+    want_grad = grad_scale is not None
+    # mse's gradient is 2 (x_hat - x): gaussian's (x_hat - x) e^-s is HALF of it times e^-s
+    if obs_logvar is None and not optimal:
+        inv_scale = math.exp(-obs_value)
+        rows, grad = recon_per_sample(x_hat, x, base, dtype,
+                                      grad_scale * half * inv_scale if want_grad else None)
+        return rows.mul_(half * inv_scale).add_(half * cols * (obs_value + log_norm)), grad
+    rows, grad = recon_per_sample(x_hat, x, base, dtype, 1.0 if want_grad else None)
+    if optimal:
+        rows, inv_scale = _numerics.fitted_recon_rows(rows, recon, x_hat.numel())
+    else:
+        log_scale = obs_logvar.reshape(()).to(dtype)
+        inv_scale = torch.exp(-log_scale)
+        rows = (rows * inv_scale + cols * (log_scale + log_norm)) * half
+    if want_grad:
+        grad.mul_(inv_scale * (half * grad_scale))
+    return rows, grad
+
+
+def _sum_rows_of(t, like):
+    """Per-sample sums of ``t`` broadcast to ``like``'s shape, without materializing it."""
+    expanded = t.expand(like.shape)
+    if like.dim() == 1:
+        return expanded.clone()
+    return expanded.sum(dim=tuple(range(1, like.dim())))
+
+
+def _elementwise_scale_recon(x_hat, x, recon, obs_logvar, dtype, grad_scale):
+    """gaussian / laplace with a tensor scale of more than one element (per element,
+    per channel, ...): per-sample sums, d/dx_hat and d/ds for every element of x
+    (the backward sums d/ds over obs_logvar's broadcast dims)."""
+    half, log_norm = _numerics.OBS_SCALE[recon]
+    cols = x_hat.numel() // x_hat.shape[0]
+    diff = _difference(x_hat, x, dtype)
+    s = _as(obs_logvar, dtype)
+    inv_scale = torch.neg(s).exp_().expand(x_hat.shape)
+    err = torch.mul(diff, diff) if recon == "gaussian" else torch.abs(diff)
+    err.mul_(inv_scale)  # the scaled error, (x_hat - x)^2 e^-s or |x_hat - x| e^-s
+    rows = (_row_sum(err) + _sum_rows_of(s, x_hat) + cols * log_norm) * half
+    if grad_scale is None:
+        return rows, None, None
+    if recon == "laplace":
+        diff.sign_()
+    grad_x_hat = diff.mul_(inv_scale).mul_(grad_scale)
+    grad_obs = err.neg_().add_(1.0).mul_(half * grad_scale)  # HALF (1 - scaled error)
+    return rows, grad_x_hat, grad_obs
+
+
+def _continuous_bernoulli_recon(x_hat, x, dtype, grad_scale):
+    """-log CB(x | l) = softplus(l) - l x - log C(l) per sample, and its gradient
+    sigmoid(l) - x - d log C / dl."""
+    p, target = _as(x_hat, dtype), _as(x, dtype)
+    buf = torch.ops.aten.softplus.out(p, 1, 20, out=_empty_like_contiguous(p, dtype))
+    buf.addcmul_(p, target, value=-1.0).sub_(_numerics.cb_log_normalizer(p))
+    rows = _row_sum(buf)
+    if grad_scale is None:
+        return rows, None
+    grad = torch.sigmoid(p, out=buf).sub_(target).sub_(_numerics.cb_log_normalizer_grad(p))
+    return rows, grad if grad_scale == 1.0 else grad.mul_(grad_scale)
+
+
+def recon_with_options(x_hat, x, recon, obs_logvar, obs_value, optimal, dtype, grad_scale):
+    """(per-sample recon, grad_x_hat or None, grad_obs_logvar or None) for every recon:
+    ``recon_per_sample`` and the observation models with a scale."""
+    if recon in _numerics.OBS_SCALE:
+        if obs_logvar is not None and obs_logvar.numel() > 1:
+            return _elementwise_scale_recon(x_hat, x, recon, obs_logvar, dtype, grad_scale)
+        rows, grad = _scalar_scale_recon(x_hat, x, recon, obs_logvar, obs_value, optimal,
+                                         dtype, grad_scale)
+        return rows, grad, None
+    if recon == "continuous_bernoulli":
+        return (*_continuous_bernoulli_recon(x_hat, x, dtype, grad_scale), None)
+    return (*recon_per_sample(x_hat, x, recon, dtype, grad_scale), None)
+
+
 def recon_grad_wrt_target(x_hat, recon, dtype):
     """Gradient of the per-element recon term with respect to the target ``x``,
-    for the losses where it is not simply -d/dx_hat (bce, bce_logits)."""
+    for the losses where it is not simply -d/dx_hat (bce, bce_logits,
+    continuous_bernoulli)."""
     p = _as(x_hat, dtype)
-    if recon == "bce_logits":
+    if recon in ("bce_logits", "continuous_bernoulli"):
         return -p
     log_p = torch.log(p).clamp_min_(BCE_LOG_FLOOR)
     log_1mp = torch.neg(p).log1p_().clamp_min_(BCE_LOG_FLOOR)
@@ -316,18 +410,21 @@ def _grad_or_empty(grad, like):
     return like.new_empty(0) if grad is None else _as(grad, grad_buffer_dtype(like.dtype))
 
 
-def vae_loss_forward(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
+def vae_loss_forward(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
+                     obs_logvar_value, obs_logvar_optimal, reduction,
                      clamp_lo, clamp_hi, grad_recon, grad_kl):
-    """Returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar); the
-    gradients are of the *reduced* recon and kl (beta not applied), or empty
-    tensors when not asked for."""
+    """Returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar, grad_obs_logvar);
+    the gradients are of the *reduced* recon and kl (beta not applied), or empty
+    tensors when not asked for. grad_obs_logvar is x-shaped for an obs_logvar of
+    more than one element, empty otherwise (ops derives a scalar's from recon)."""
     dtype = compute_dtype(x_hat, x, mu, logvar)
     batch = x_hat.shape[0]
     recon_scale = reduction_scale(reduction, batch, x_hat.numel())
     kl_scale = reduction_scale(reduction, batch, mu.numel())
 
-    recon_rows, g_xhat = recon_per_sample(
-        x_hat, x, recon, dtype, recon_scale if grad_recon else None)
+    recon_rows, g_xhat, g_obs = recon_with_options(
+        x_hat, x, recon, obs_logvar, obs_logvar_value, obs_logvar_optimal, dtype,
+        recon_scale if grad_recon else None)
     kl_rows, g_mu, g_lv = kl_per_sample(
         mu, logvar, clamp_lo, clamp_hi, dtype, kl_scale if grad_kl else None)
 
@@ -336,7 +433,8 @@ def vae_loss_forward(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
     beta_c = beta_value if beta is None else _as(beta, dtype)
     loss = recon_out + beta_c * kl_out
     return (loss, recon_out, kl_out, _grad_or_empty(g_xhat, x_hat),
-            _grad_or_empty(g_mu, mu), _grad_or_empty(g_lv, logvar))
+            _grad_or_empty(g_mu, mu), _grad_or_empty(g_lv, logvar),
+            _grad_or_empty(g_obs, x_hat if obs_logvar is None else obs_logvar))
 
 
 def kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):

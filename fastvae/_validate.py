@@ -18,7 +18,11 @@ import numbers
 
 import torch
 
-RECONS = ("mse", "l1", "bce", "bce_logits")
+RECONS = ("mse", "l1", "bce", "bce_logits", "gaussian", "laplace", "continuous_bernoulli")
+# the recons with an observation scale, set by ``obs_logvar``
+OBS_SCALE_RECONS = ("gaussian", "laplace")
+# the recons whose targets must lie in [0, 1]
+UNIT_TARGET_RECONS = ("bce", "bce_logits", "continuous_bernoulli")
 REDUCTIONS = ("sum", "batchmean", "mean", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -98,6 +102,45 @@ def check_beta(beta):
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
         raise TypeError(f"beta must be a float or a 0-dim tensor, got {type(beta).__name__}")
     return None, _finite_float("beta", beta)
+
+
+def check_obs_logvar(obs_logvar, recon, x):
+    """``(tensor_or_None, value, optimal)`` for ``vae_loss``'s ``obs_logvar``: the
+    log-variance (gaussian) or log-scale (laplace) of the observation model, as a
+    tensor broadcastable to ``x``, a finite number (None: 0.0), or "optimal"."""
+    if recon not in OBS_SCALE_RECONS:
+        if obs_logvar is not None:
+            raise ValueError(f"obs_logvar is only used by recon='gaussian' or 'laplace', got "
+                             f"obs_logvar={obs_logvar!r:.60} with recon={recon!r}")
+        return None, 0.0, False
+    if obs_logvar is None:
+        return None, 0.0, False
+    if isinstance(obs_logvar, str):
+        if obs_logvar != "optimal":
+            raise ValueError(f"obs_logvar must be a number, a tensor or the string 'optimal', "
+                             f"got {obs_logvar!r:.60}")
+        return None, 0.0, True
+    if isinstance(obs_logvar, torch.Tensor):
+        if not obs_logvar.is_floating_point():
+            raise TypeError(f"obs_logvar must be a floating-point tensor, got {obs_logvar.dtype}")
+        if obs_logvar.layout != torch.strided or obs_logvar.is_nested:
+            raise TypeError(f"obs_logvar must be a dense (strided) tensor, got layout "
+                            f"{obs_logvar.layout}")
+        if obs_logvar.device != x.device:
+            raise ValueError(f"obs_logvar is on {obs_logvar.device} but the data is on "
+                             f"{x.device}; put it on the data's device")
+        try:
+            broadcast = torch.broadcast_shapes(obs_logvar.shape, x.shape)
+        except RuntimeError:
+            broadcast = None
+        if broadcast != x.shape:
+            raise ValueError(f"obs_logvar must broadcast to x's shape {tuple(x.shape)}, got "
+                             f"shape {tuple(obs_logvar.shape)}")
+        return obs_logvar, 0.0, False
+    if isinstance(obs_logvar, bool) or not isinstance(obs_logvar, numbers.Real):
+        raise TypeError(f"obs_logvar must be a float, a tensor or 'optimal', got "
+                        f"{type(obs_logvar).__name__}")
+    return None, _finite_float("obs_logvar", obs_logvar), False
 
 
 def check_beta_device(beta_t, data):
@@ -274,7 +317,7 @@ def check_loss_values(x_hat, x, recon, beta):
         raise ValueError(f"beta must be finite, got {beta.item()}")
     if x.device.type != "cpu":
         return
-    if recon in ("bce", "bce_logits"):
+    if recon in UNIT_TARGET_RECONS:
         _check_unit_interval("x", x, "targets")
     if recon == "bce" and not _torch_path_checks_probabilities(x_hat, x):
         check_probabilities(x_hat)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastvae import _validate, ops
+from fastvae import _numerics, _validate, ops
 
 
 class LossParts(NamedTuple):
@@ -32,34 +32,50 @@ def _needs_grad(*tensors):
 def vae_loss(x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, recon: str = "mse",
              beta: float | Tensor = 1.0, reduction: str = "sum",
              logvar_clamp: tuple[float, float] | None = None,
-             return_parts: bool = False) -> Tensor | LossParts:
+             return_parts: bool = False,
+             obs_logvar: float | Tensor | str | None = None) -> Tensor | LossParts:
     """Reconstruction loss + beta * KL(N(mu, exp(logvar)) || N(0, I)).
 
     Args:
         x_hat: decoder output; probabilities for ``recon="bce"``, logits for
-            ``"bce_logits"``. Dim 0 is the batch.
-        x: the data, same shape as ``x_hat`` (any float dtype).
+            ``"bce_logits"`` and ``"continuous_bernoulli"``, the mean (gaussian) or
+            location (laplace) otherwise. Dim 0 is the batch.
+        x: the data, same shape as ``x_hat`` (any float dtype); in [0, 1] for
+            bce, bce_logits and continuous_bernoulli.
         mu, logvar: the encoder's Gaussian, one shape, same batch size.
-        recon: ``"mse"``, ``"l1"``, ``"bce"`` or ``"bce_logits"``.
+        recon: ``"mse"``, ``"l1"``, ``"bce"``, ``"bce_logits"``, ``"gaussian"``
+            (1/2 [(x_hat - x)^2 e^-s + s + log 2 pi] per element),
+            ``"laplace"`` (|x_hat - x| e^-s + s + log 2) or
+            ``"continuous_bernoulli"`` (-log CB(x | logits x_hat)).
         beta: weight of the KL term, a float or a 0-dim tensor.
         reduction: ``"sum"`` (sum over everything), ``"batchmean"`` (that / N),
             ``"mean"`` (recon mean over N*D elements + beta * KL mean over N*d
             elements) or ``"none"`` (per-sample sums, shape (N,)).
         logvar_clamp: None or (lo, hi): logvar is clamped before use.
         return_parts: return ``LossParts(loss, recon, kl)`` instead of the loss.
+        obs_logvar: gaussian and laplace only: s = log sigma^2 (gaussian) or log b
+            (laplace). A float (None: 0.0, unit variance / scale), a tensor
+            broadcastable to ``x`` (a learned scalar, per channel, or per element
+            from the decoder; its gradient is summed over the broadcast dims), or
+            ``"optimal"``: sigma^2 (b) is the batch's mean squared (absolute)
+            error, a constant to the gradient (sigma-VAE; the Laplace MLE).
 
-    The loss is float32 for half-precision inputs, float64 for float64 inputs.
+    The loss is float32 for half-precision inputs, float64 for float64 inputs
+    (obs_logvar is computed in that dtype too).
     """
     lo, hi = _validate.loss_plan(x_hat, x, mu, logvar, recon, reduction, logvar_clamp)
+    obs_t, obs_v, obs_optimal = _validate.check_obs_logvar(obs_logvar, recon, x)
     beta_t, beta_v = _validate.check_beta(beta)
     if beta_t is not None:
         _validate.check_beta_device(beta_t, x_hat)
     if torch.onnx.is_in_onnx_export():
-        parts = _vae_loss_formula(x_hat, x, mu, logvar, recon, beta, reduction, lo, hi)
+        parts = _vae_loss_formula(x_hat, x, mu, logvar, recon, beta, reduction, lo, hi,
+                                  obs_logvar)
     else:
+        grad_recon = _needs_grad(x_hat, x) if obs_t is None else _needs_grad(x_hat, x, obs_t)
         parts = LossParts(*ops.vae_loss(
-            x_hat, x, mu, logvar, beta_t, beta_v, recon, reduction, lo, hi,
-            _needs_grad(x_hat, x), _needs_grad(mu, logvar))[:3])
+            x_hat, x, mu, logvar, beta_t, obs_t, beta_v, recon, obs_v, obs_optimal, reduction,
+            lo, hi, grad_recon, _needs_grad(mu, logvar))[:3])
     return parts if return_parts else parts.loss
 
 
@@ -145,6 +161,10 @@ _RECON_FORMULAS = {
     # -17, which turns the loss of a confidently dark pixel into inf.
     "bce_logits": lambda logit, x: (logit.clamp(min=0) - logit * x
                                     + torch.log1p(torch.exp(-logit.abs()))),
+    # bce_logits' terms (same onnxruntime caveat) minus log C(l)
+    "continuous_bernoulli": lambda logit, x: (logit.clamp(min=0) - logit * x
+                                              + torch.log1p(torch.exp(-logit.abs()))
+                                              - _numerics.cb_log_normalizer(logit)),
 }
 
 
@@ -164,8 +184,24 @@ def _reduce(rows, reduction, per_sample_numel):
     return rows.mean() / per_sample_numel
 
 
-def _vae_loss_formula(x_hat, x, mu, logvar, recon, beta, reduction, lo, hi):
-    recon_rows = _RECON_FORMULAS[recon](x_hat.float(), x.float()).flatten(1).sum(1)
+def _obs_scale_formula(x_hat, x, recon, obs_logvar):
+    """gaussian / laplace: the per-element -log p with s = obs_logvar."""
+    err = (x_hat - x).square() if recon == "gaussian" else (x_hat - x).abs()
+    if isinstance(obs_logvar, str):  # "optimal": the fitted scale, a constant
+        log_scale = err.detach().mean().log()
+    elif isinstance(obs_logvar, torch.Tensor):
+        log_scale = obs_logvar.float()
+    else:
+        log_scale = 0.0 if obs_logvar is None else float(obs_logvar)
+    return _numerics.obs_scale_terms(err, log_scale, recon)
+
+
+def _vae_loss_formula(x_hat, x, mu, logvar, recon, beta, reduction, lo, hi, obs_logvar=None):
+    if recon in _numerics.OBS_SCALE:
+        terms = _obs_scale_formula(x_hat.float(), x.float(), recon, obs_logvar)
+    else:
+        terms = _RECON_FORMULAS[recon](x_hat.float(), x.float())
+    recon_rows = terms.flatten(1).sum(1)
     recon_out = _reduce(recon_rows, reduction, x_hat[0].numel())
     kl_out = _reduce(_kl_rows(mu, logvar, lo, hi), reduction, mu[0].numel())
     return LossParts(recon_out + beta * kl_out, recon_out, kl_out)

@@ -56,16 +56,20 @@ def _forward_backend(*tensors: Tensor) -> str:
 
 
 class LossInputs(NamedTuple):
-    """The loss op's positional inputs, in order. Only the first five are tensors
-    that can have gradients; the rest are options."""
+    """The loss op's positional inputs, in order. Only the first
+    ``LOSS_TENSOR_INPUTS`` are tensors that can have gradients; the rest are options."""
 
     x_hat: Tensor
     x: Tensor
     mu: Tensor
     logvar: Tensor
     beta: Optional[Tensor]  # a 0-dim tensor, or None when beta is the float beta_value
+    # gaussian / laplace: log sigma^2 / log b, broadcastable to x; None: obs_logvar_value
+    obs_logvar: Optional[Tensor]
     beta_value: float
     recon: str
+    obs_logvar_value: float  # the float obs_logvar (0.0 by default), when the tensor is None
+    obs_logvar_optimal: bool  # obs_logvar="optimal": the scale fitted to the batch
     reduction: str
     clamp_lo: Optional[float]
     clamp_hi: Optional[float]
@@ -83,23 +87,29 @@ class LossOutputs(NamedTuple):
     grad_x_hat: Tensor
     grad_mu: Tensor
     grad_logvar: Tensor
+    # d recon/d obs_logvar per element of x (an obs_logvar of more than one element;
+    # empty otherwise: a scalar's is derived from recon in the backward)
+    grad_obs_logvar: Tensor
 
 
+# the inputs that can have gradients: x_hat ... obs_logvar
+LOSS_TENSOR_INPUTS = LossInputs._fields.index("beta_value")
 # the backward's answer for the options (beta_value ... grad_kl): no gradient
-_NO_GRADS_FOR_LOSS_OPTIONS = (None,) * (len(LossInputs._fields) - 5)
+_NO_GRADS_FOR_LOSS_OPTIONS = (None,) * (len(LossInputs._fields) - LOSS_TENSOR_INPUTS)
 
 
 def _vae_loss_impl(
     x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor,
-    beta: Optional[Tensor], beta_value: float,
-    recon: str, reduction: str,
+    beta: Optional[Tensor], obs_logvar: Optional[Tensor], beta_value: float,
+    recon: str, obs_logvar_value: float, obs_logvar_optimal: bool, reduction: str,
     clamp_lo: Optional[float], clamp_hi: Optional[float],
     grad_recon: bool, grad_kl: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, recon, kl, d recon/d x_hat, d kl/d mu, d kl/d logvar)."""
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, recon, kl, d recon/d x_hat, d kl/d mu, d kl/d logvar, d recon/d obs_logvar)."""
     _validate.check_loss_values(x_hat, x, recon, beta)
     impl = _dispatch.implementation(x_hat, x, mu, logvar)
-    return impl.vae_loss_forward(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
+    return impl.vae_loss_forward(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
+                                 obs_logvar_value, obs_logvar_optimal, reduction,
                                  clamp_lo, clamp_hi, grad_recon, grad_kl)
 
 
@@ -114,14 +124,24 @@ def _grad_buffer(t, wanted):
     return torch.empty(t.shape, dtype=dtype, device=t.device) if wanted else t.new_empty(0)
 
 
+def _elementwise_obs_logvar(obs_logvar):
+    """An obs_logvar with a gradient per element of x (more than one element)."""
+    return obs_logvar is not None and obs_logvar.numel() > 1
+
+
 @vae_loss_op.register_fake
-def _(x_hat, x, mu, logvar, beta, beta_value, recon, reduction, clamp_lo, clamp_hi,
-      grad_recon, grad_kl):
+def _(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon, obs_logvar_value,
+      obs_logvar_optimal, reduction, clamp_lo, clamp_hi, grad_recon, grad_kl):
     dtype = _out_dtype(x_hat, x, mu, logvar)
     shape = (x_hat.shape[0],) if reduction == "none" else ()
     values = [x_hat.new_empty(shape, dtype=dtype) for _ in range(3)]
+    if grad_recon and _elementwise_obs_logvar(obs_logvar):
+        grad_obs = torch.empty(x_hat.shape, dtype=_numerics.grad_buffer_dtype(obs_logvar.dtype),
+                               device=x_hat.device)
+    else:
+        grad_obs = (x_hat if obs_logvar is None else obs_logvar).new_empty(0)
     return (*values, _grad_buffer(x_hat, grad_recon),
-            _grad_buffer(mu, grad_kl), _grad_buffer(logvar, grad_kl))
+            _grad_buffer(mu, grad_kl), _grad_buffer(logvar, grad_kl), grad_obs)
 
 
 def _refuse_double_backward(op):
@@ -135,9 +155,10 @@ def _refuse_double_backward(op):
 
 
 def _vae_loss_setup(ctx, inputs, output):
-    x_hat, x, mu, logvar, beta, beta_value, recon, reduction, clamp_lo, clamp_hi, grad_recon, grad_kl = inputs
-    _, _, kl, g_xhat, g_mu, g_lv = output  # LossOutputs
-    ctx.mark_non_differentiable(g_xhat, g_mu, g_lv)
+    (x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon, _, _, reduction,
+     clamp_lo, clamp_hi, grad_recon, grad_kl) = inputs
+    _, recon_out, kl, g_xhat, g_mu, g_lv, g_obs = output  # LossOutputs
+    ctx.mark_non_differentiable(g_xhat, g_mu, g_lv, g_obs)
     # the backend that scales the gradient buffers, when there are any
     ctx.backend = _forward_backend(x_hat, x, mu, logvar) if grad_recon or grad_kl else None
     # unused outputs (the gradient buffers; recon/kl when only the loss is used)
@@ -146,13 +167,20 @@ def _vae_loss_setup(ctx, inputs, output):
     ctx.recon, ctx.reduction, ctx.beta_value = recon, reduction, beta_value
     ctx.hooked = saved_tensor_hooks_active()
     ctx.dtypes = (x_hat.dtype, x.dtype, mu.dtype, logvar.dtype)
+    ctx.batch, ctx.numel = x_hat.shape[0], x_hat.numel()
     # x_hat only where the rare bce target gradient needs it: saving it otherwise
     # would keep the decoder's output alive until the backward; the gradient
     # buffers as detached aliases, so the backward can tell whether the outputs
     # themselves are still held
-    target_grad_needs_x_hat = x.requires_grad and recon in ("bce", "bce_logits")
+    target_grad_needs_x_hat = x.requires_grad and recon in _TARGET_GRAD_FROM_X_HAT
+    # a scalar obs_logvar's gradient is derived from the recon value (its own value
+    # is needed for that); a larger one's is the g_obs buffer
+    scalar_obs = obs_logvar if obs_logvar is not None and obs_logvar.requires_grad \
+        and not _elementwise_obs_logvar(obs_logvar) else None
     ctx.save_for_backward(x_hat if target_grad_needs_x_hat else None, beta, kl,
-                          g_xhat.detach(), g_mu.detach(), g_lv.detach())
+                          g_xhat.detach(), g_mu.detach(), g_lv.detach(), g_obs.detach(),
+                          scalar_obs, recon_out if scalar_obs is not None else None)
+    ctx.obs_shape_dtype = None if obs_logvar is None else (obs_logvar.shape, obs_logvar.dtype)
 
 
 def _sum_present(*grads):
@@ -167,29 +195,37 @@ def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_grad_buffers):
     """Gradients for LossInputs (the options get None) from those of LossOutputs
     (the gradient buffers are non-differentiable outputs)."""
     _refuse_double_backward("vae_loss")
-    x_hat, beta, kl, g_xhat, g_mu, g_lv = ctx.saved_tensors
+    x_hat, beta, kl, g_xhat, g_mu, g_lv, g_obs, scalar_obs, recon_out = ctx.saved_tensors
     xhat_dtype, x_dtype, mu_dtype, lv_dtype = ctx.dtypes
-    need_xhat, need_x, need_mu, need_lv, need_beta = ctx.needs_input_grad[:5]
+    need_xhat, need_x, need_mu, need_lv, need_beta, need_obs = \
+        ctx.needs_input_grad[:LOSS_TENSOR_INPUTS]
     w_recon = _sum_present(g_loss, g_recon)
     if g_loss is not None:
         beta_c = ctx.beta_value if beta is None else beta.to(g_loss.dtype)
         g_loss_kl = g_loss * beta_c
     w_kl = _sum_present(None if g_loss is None else g_loss_kl, g_kl)
 
-    grad_beta = grad_x = grad_xhat = grad_mu = grad_lv = None
+    grad_beta = grad_x = grad_xhat = grad_mu = grad_lv = grad_obs = None
     if need_beta and g_loss is not None:
         grad_beta = (g_loss * kl).sum().to(device=beta.device, dtype=beta.dtype)
     if w_recon is None:
-        need_xhat = need_x = False
+        need_xhat = need_x = need_obs = False
+    if need_obs and scalar_obs is not None:
+        grad_obs = _scalar_obs_logvar_grad(ctx, scalar_obs, recon_out, w_recon)
+    need_obs_buffer = need_obs and grad_obs is None
     if w_kl is None:
         need_mu = need_lv = False
-    if need_x and ctx.recon not in ("mse", "l1"):
+    if need_x and ctx.recon in _TARGET_GRAD_FROM_X_HAT:
         grad_x = _target_grad(ctx, x_hat, per_sample_view(w_recon, g_xhat)).to(x_dtype)
-    x_from_xhat = need_x and grad_x is None  # mse, l1: d/dx = -d/dx_hat
-    scaled_xhat, scaled_mu, scaled_lv = scale_gradients(ctx, [
+    x_from_xhat = need_x and grad_x is None  # mse, l1, gaussian, laplace: d/dx = -d/dx_hat
+    scaled_xhat, scaled_mu, scaled_lv, scaled_obs = scale_gradients(ctx, [
         (g_xhat, w_recon) if need_xhat or x_from_xhat else None,
         (g_mu, w_kl) if need_mu else None,
-        (g_lv, w_kl) if need_lv else None])
+        (g_lv, w_kl) if need_lv else None,
+        (g_obs, w_recon) if need_obs_buffer else None])
+    if need_obs_buffer:  # summed over obs_logvar's broadcast dims
+        obs_shape, obs_dtype = ctx.obs_shape_dtype
+        grad_obs = scaled_obs.sum_to_size(obs_shape).to(obs_dtype)
     if x_from_xhat:
         grad_x = scaled_xhat.neg().to(x_dtype)
     if need_xhat:
@@ -198,11 +234,30 @@ def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_grad_buffers):
         grad_mu = scaled_mu.to(mu_dtype)
     if need_lv:
         grad_lv = scaled_lv.to(lv_dtype)
-    return (grad_xhat, grad_x, grad_mu, grad_lv, grad_beta) + _NO_GRADS_FOR_LOSS_OPTIONS
+    return (grad_xhat, grad_x, grad_mu, grad_lv, grad_beta, grad_obs) + _NO_GRADS_FOR_LOSS_OPTIONS
+
+
+# the recons whose target gradient is not -d/dx_hat: computed from x_hat
+_TARGET_GRAD_FROM_X_HAT = ("bce", "bce_logits", "continuous_bernoulli")
+
+
+def _scalar_obs_logvar_grad(ctx, obs_logvar, recon_out, w):
+    """d loss/d s for a scalar s = obs_logvar, from the recon value alone: per sample
+    recon_n = HALF [e^-s S_n + D s + D LOG_NORM], so d recon_n/ds = HALF D (1 + s +
+    LOG_NORM) - recon_n; the reduced recon is scale * sum_n recon_n. Tensor ops, no
+    host sync, no gradient buffer."""
+    half, log_norm = _numerics.OBS_SCALE[ctx.recon]
+    cols = ctx.numel // ctx.batch
+    count = cols if ctx.reduction == "none" else cols * ctx.batch * _numerics.reduction_scale(
+        ctx.reduction, ctx.batch, ctx.numel)
+    s = obs_logvar.reshape(()).to(recon_out.dtype)
+    grad = (w * ((half * count) * (1.0 + log_norm + s) - recon_out)).sum()
+    return grad.reshape(obs_logvar.shape).to(obs_logvar.dtype)
 
 
 def _target_grad(ctx, x_hat, w):
-    """d loss / d x for bce and bce_logits (rarely needed: targets seldom require grad)."""
+    """d loss / d x for bce, bce_logits and continuous_bernoulli (rarely needed:
+    targets seldom require grad)."""
     dtype = _out_dtype(x_hat)
     scale = _numerics.reduction_scale(ctx.reduction, x_hat.shape[0], x_hat.numel())
     return _torch_impl.recon_grad_wrt_target(x_hat, ctx.recon, dtype) * (w * scale)
@@ -402,7 +457,20 @@ def _reduced(rows, reduction, scale):
     return total if scale == 1.0 else total * scale
 
 
-def _recon_terms(x_hat, x, recon):
+def _recon_terms(x_hat, x, recon, obs_logvar=None, obs_logvar_value=0.0,
+                 obs_logvar_optimal=False):
+    if recon in _numerics.OBS_SCALE:
+        diff = x_hat - x
+        err = diff.square() if recon == "gaussian" else diff.abs()
+        if obs_logvar_optimal:  # the fitted scale, a constant to the gradient
+            log_scale = err.detach().mean().log()
+        elif obs_logvar is not None:
+            log_scale = obs_logvar.to(err.dtype)
+        else:
+            log_scale = obs_logvar_value
+        return _numerics.obs_scale_terms(err, log_scale, recon)
+    if recon == "continuous_bernoulli":
+        return F.softplus(x_hat) - x_hat * x - _numerics.cb_log_normalizer(x_hat)
     if recon == "mse":
         return (x_hat - x).square()
     if recon == "l1":
@@ -421,7 +489,8 @@ def _kl_rows(mu, logvar, clamp_lo, clamp_hi, dtype):
     return 0.5 * _rows(mu.square() + torch.expm1(lv) - lv).sum(1)
 
 
-def _composite_vae_loss(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
+def _composite_vae_loss(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
+                        obs_logvar_value, obs_logvar_optimal, reduction,
                         clamp_lo, clamp_hi, grad_recon, grad_kl):
     """LossOutputs, differentiable by any transform; the gradient buffers are empty."""
     if not torch.compiler.is_compiling():  # (compiled, they would break the graph)
@@ -430,14 +499,16 @@ def _composite_vae_loss(x_hat, x, mu, logvar, beta, beta_value, recon, reduction
                                         None if beta is None else _unwrapped(beta))
     dtype = _out_dtype(x_hat, x, mu, logvar)
     batch = x_hat.shape[0]
-    recon_rows = _rows(_recon_terms(x_hat.to(dtype), x.to(dtype), recon)).sum(1)
+    recon_rows = _rows(_recon_terms(x_hat.to(dtype), x.to(dtype), recon, obs_logvar,
+                                    obs_logvar_value, obs_logvar_optimal)).sum(1)
     recon_out = _reduced(recon_rows, reduction,
                          _numerics.reduction_scale(reduction, batch, x_hat.numel()))
     kl_out = _reduced(_kl_rows(mu, logvar, clamp_lo, clamp_hi, dtype), reduction,
                       _numerics.reduction_scale(reduction, batch, mu.numel()))
     loss = recon_out + (beta_value if beta is None else beta.to(dtype)) * kl_out
     return LossOutputs(loss, recon_out, kl_out, x_hat.new_empty(0), mu.new_empty(0),
-                       logvar.new_empty(0))
+                       logvar.new_empty(0),
+                       (x_hat if obs_logvar is None else obs_logvar).new_empty(0))
 
 
 def _composite_kl_divergence(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
@@ -533,8 +604,8 @@ _ReparameterizeFunction = _function("_ReparameterizeFunction", _reparameterize_i
 
 def vae_loss(x_hat, x, mu, logvar, *args):
     """``vae_loss_op`` (same arguments), from the cheapest entry point that is correct here."""
-    beta = args[0]
-    if _eager(x_hat, x, mu, logvar, beta):
+    beta, obs_logvar = args[0], args[1]
+    if _eager(x_hat, x, mu, logvar, beta, obs_logvar):
         # args[-2:]: grad_recon, grad_kl (grad mode and requires_grad already folded in)
         if not (args[-2] or args[-1] or (beta is not None and beta.requires_grad
                                          and torch.is_grad_enabled())):

@@ -8,8 +8,32 @@ import math
 import torch
 
 
-def recon_elementwise(x_hat, x, recon):
+def recon_elementwise(x_hat, x, recon, obs_logvar=None):
+    """Per-element -log p(x | x_hat); ``obs_logvar`` (gaussian: log sigma^2, laplace:
+    log b) a float, a tensor broadcastable to x, "optimal" or None (0)."""
     x_hat, x = x_hat.double(), x.double()
+    if recon in ("gaussian", "laplace"):
+        err = (x_hat - x) ** 2 if recon == "gaussian" else (x_hat - x).abs()
+        if isinstance(obs_logvar, str):  # the maximum-likelihood scale of the batch
+            s = math.log(err.mean().item())
+        elif isinstance(obs_logvar, torch.Tensor):
+            s = obs_logvar.double()
+        else:
+            s = 0.0 if obs_logvar is None else float(obs_logvar)
+        s = torch.as_tensor(s, dtype=torch.float64)
+        if recon == "gaussian":  # -log N(x; x_hat, sigma^2), sigma^2 = e^s
+            var = torch.exp(s)
+            return 0.5 * torch.log(2 * math.pi * var) + (x - x_hat) ** 2 / (2 * var)
+        b = torch.exp(s)  # -log Laplace(x; x_hat, b) = log(2 b) + |x - x_hat| / b
+        return torch.log(2 * b) + (x - x_hat).abs() / b
+    if recon == "continuous_bernoulli":  # -log CB(x | lambda = sigmoid(l))
+        lam = torch.sigmoid(x_hat)
+        # C(lambda) = 2 atanh(1 - 2 lambda) / (1 - 2 lambda), 2 at lambda = 1/2
+        one_m2 = 1 - 2 * lam
+        norm = torch.where(one_m2.abs() < 1e-6, torch.full_like(lam, 2.0),
+                           2 * torch.atanh(one_m2) / one_m2)
+        bce = x_hat.clamp(min=0) - x_hat * x + torch.log1p(torch.exp(-x_hat.abs()))
+        return bce - torch.log(norm)
     if recon == "mse":
         return (x_hat - x) ** 2
     if recon == "l1":
@@ -47,9 +71,9 @@ def reduce(elementwise, reduction):
     raise AssertionError(reduction)
 
 
-def vae_loss(x_hat, x, mu, logvar, recon, beta, reduction, logvar_clamp=None):
+def vae_loss(x_hat, x, mu, logvar, recon, beta, reduction, logvar_clamp=None, obs_logvar=None):
     """(loss, recon, kl) in float64, each reduced as ``reduction`` says."""
-    r = reduce(recon_elementwise(x_hat, x, recon), reduction)
+    r = reduce(recon_elementwise(x_hat, x, recon, obs_logvar), reduction)
     k = reduce(kl_elementwise(mu, logvar, logvar_clamp), reduction)
     return r + float(beta) * k, r, k
 
