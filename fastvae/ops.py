@@ -218,13 +218,14 @@ def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_grad_buffers):
     if need_x and ctx.recon in _TARGET_GRAD_FROM_X_HAT:
         grad_x = _target_grad(ctx, x_hat, per_sample_view(w_recon, g_xhat)).to(x_dtype)
     x_from_xhat = need_x and grad_x is None  # mse, l1, gaussian, laplace: d/dx = -d/dx_hat
-    scaled_xhat, scaled_mu, scaled_lv, scaled_obs = scale_gradients(ctx, [
+    scaled_xhat, scaled_mu, scaled_lv = scale_gradients(ctx, [
         (g_xhat, w_recon) if need_xhat or x_from_xhat else None,
         (g_mu, w_kl) if need_mu else None,
-        (g_lv, w_kl) if need_lv else None,
-        (g_obs, w_recon) if need_obs_buffer else None])
-    if need_obs_buffer:  # summed over obs_logvar's broadcast dims
+        (g_lv, w_kl) if need_lv else None])
+    if need_obs_buffer:  # (the kernels' scaling takes three buffers per launch)
         obs_shape, obs_dtype = ctx.obs_shape_dtype
+        scaled_obs, = scale_gradients(ctx, [(g_obs, w_recon)])
+        # summed over obs_logvar's broadcast dims
         grad_obs = scaled_obs.sum_to_size(obs_shape).to(obs_dtype)
     if x_from_xhat:
         grad_x = scaled_xhat.neg().to(x_dtype)

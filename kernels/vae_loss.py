@@ -11,6 +11,13 @@ For a batch of N samples, x_hat and x viewed as (N, D), mu and logvar as (N, d):
     bce         -(x max(log p, -100)                     (p - x) / max(p (1 - p), 1e-12),  p = x_hat
                   + (1 - x) max(log(1 - p), -100))       (constants from fastvae._numerics)
     bce_logits  max(l, 0) + log(1 + exp(-|l|)) - l x     sigmoid(l) - x,  l = x_hat
+    gaussian    1/2 [(x_hat - x)^2 e^-s + s + log 2pi]   (x_hat - x) e^-s
+    laplace     |x_hat - x| e^-s + s + log 2             sign(x_hat - x) e^-s
+    continuous_bernoulli  bce_logits - log C(l),         sigmoid(l) - x - (1/l - 1/sinh l)
+                C(l) = l / tanh(l / 2)
+with s = obs_logvar (a float, one element read from memory, or one per element:
+then d r/d s = 1/2 [1 - (x_hat - x)^2 e^-s] (gaussian), 1 - |x_hat - x| e^-s
+(laplace) is written too),
 
 reduced as  sum: S = sum_n;  batchmean: S / N;  mean: recon S / (N D), kl S / (N d);
 none: per sample; and loss = recon + beta kl.
@@ -41,7 +48,11 @@ from . import _shared
 # compiles its own specialization, and no number stands for a loss. (Not a
 # module-level tl.constexpr global: those broke torch.compile for other kernel
 # libraries.)
-RECON_KINDS = ("mse", "l1", "bce", "bce_logits")
+RECON_KINDS = ("mse", "l1", "bce", "bce_logits", "gaussian", "laplace", "continuous_bernoulli")
+# Where a gaussian / laplace kernel finds s = obs_logvar: "value" (a float argument),
+# "scalar" (one element read from memory: a learned scalar, no host sync),
+# "elementwise" (one per element of x, its d r/d s written too). Other recons: "value".
+OBS_LOGVAR_LAYOUTS = ("value", "scalar", "elementwise")
 
 
 @triton.jit
@@ -56,9 +67,38 @@ def _log1p(v):
 
 
 @triton.jit
-def _recon_terms(x_hat, x, RECON: tl.constexpr, BCE_LOG_FLOOR: tl.constexpr,
+def _cb_log_normalizer(logit):
+    """log C(l) and d log C/dl of the continuous Bernoulli, C(l) = l / tanh(l / 2):
+
+        |l| < 1/2:  log 2 + l^2/12 - 7 l^4/1440 + 31 l^6/90720 - 127 l^8/4838400 + ...
+                    l/6 - 7 l^3/360 + 31 l^5/15120 - 127 l^7/604800 + 73 l^9/3421440
+        otherwise:  log a - log1p(-e) + log1p(e),  a = |l|, e = e^-a
+                    sign(l) (1/a - 2 e / (1 - e^2))          (= 1/l - 1/sinh l)
+
+    (fastvae._numerics.cb_log_normalizer's branches for float32; NaN stays NaN.)
+
+    logit: float32 tile, any shape.
+    """
+    a = tl.abs(logit)
+    near = a < 0.5
+    far_a = tl.where(near, 0.5, a)  # NaN: not near, stays NaN
+    e = tl.exp(-far_a)
+    far_log = tl.log(far_a) - _log1p(-e) + _log1p(e)
+    far_grad = 1.0 / far_a - 2.0 * e / (1.0 - e * e)
+    far_grad = tl.where(logit < 0, -far_grad, far_grad)
+    t = logit * logit
+    near_log = 0.6931471805599453 + t * (1.0 / 12.0 + t * (-7.0 / 1440.0 + t * (
+        31.0 / 90720.0 + t * (-127.0 / 4838400.0 + t * (73.0 / 34214400.0)))))
+    near_grad = logit * (1.0 / 6.0 + t * (-7.0 / 360.0 + t * (31.0 / 15120.0 + t * (
+        -127.0 / 604800.0 + t * (73.0 / 3421440.0)))))
+    return tl.where(near, near_log, far_log), tl.where(near, near_grad, far_grad)
+
+
+@triton.jit
+def _recon_terms(x_hat, x, obs_logvar, RECON: tl.constexpr, BCE_LOG_FLOOR: tl.constexpr,
                  BCE_GRAD_EPS: tl.constexpr):
-    """Per-element reconstruction term r and its derivative dr/dx_hat, float32:
+    """Per-element reconstruction term r and its derivatives dr/dx_hat and dr/ds
+    (s = obs_logvar; zero for the recons without it), float32:
 
         mse         r = (x_hat - x)^2                     dr = 2 (x_hat - x)
         l1          r = |x_hat - x|                       dr = sign(x_hat - x)
@@ -66,20 +106,47 @@ def _recon_terms(x_hat, x, RECON: tl.constexpr, BCE_LOG_FLOOR: tl.constexpr,
                                                           dr = (p - x) / max(p (1 - p), E)
         bce_logits  r = max(l, 0) + log(1 + exp(-|l|)) - l x,  l = x_hat
                                                           dr = sigmoid(l) - x
+        gaussian    r = 1/2 [(x_hat - x)^2 e^-s + s + log 2pi]
+                                  dr = (x_hat - x) e^-s,  dr/ds = 1/2 [1 - (x_hat - x)^2 e^-s]
+        laplace     r = |x_hat - x| e^-s + s + log 2
+                                  dr = sign(x_hat - x) e^-s,  dr/ds = 1 - |x_hat - x| e^-s
+        continuous_bernoulli  r = bce_logits' r - log C(l),  C(l) = l / tanh(l / 2)
+                                                          dr = sigmoid(l) - x - d log C/dl
 
     with F = BCE_LOG_FLOOR (-100) and E = BCE_GRAD_EPS (1e-12), the constants of
     F.binary_cross_entropy (fastvae._numerics). Every max keeps NaN.
 
     x_hat: float32 tile (rows, cols), the prediction (probability, logit or value)
     x: float32 tile like x_hat, the target
+    obs_logvar: float32 scalar or tile like x_hat, s (gaussian, laplace; else unused)
     RECON: constexpr str, one of RECON_KINDS
     BCE_LOG_FLOOR: constexpr float, the floor of bce's logs
     BCE_GRAD_EPS: constexpr float, the floor of bce's gradient denominator
     """
+    grad_s = 0.0
     if RECON == "mse":
         diff = x_hat - x
         value = diff * diff
         grad = 2.0 * diff
+    elif RECON == "gaussian":
+        diff = x_hat - x
+        inv_var = tl.exp(-obs_logvar)
+        scaled = diff * diff * inv_var
+        value = 0.5 * (scaled + obs_logvar + 1.8378770664093453)  # log(2 pi)
+        grad = diff * inv_var
+        grad_s = 0.5 * (1.0 - scaled)
+    elif RECON == "laplace":
+        diff = x_hat - x
+        inv_b = tl.exp(-obs_logvar)
+        scaled = tl.abs(diff) * inv_b
+        value = scaled + obs_logvar + 0.6931471805599453  # log(2)
+        grad = (tl.where(diff > 0, 1.0, 0.0) - tl.where(diff < 0, 1.0, 0.0)) * inv_b
+        grad_s = 1.0 - scaled
+    elif RECON == "continuous_bernoulli":
+        log_c, grad_log_c = _cb_log_normalizer(x_hat)
+        value = (_shared.clamp_min(x_hat, 0.0) + _log1p(tl.exp(-tl.abs(x_hat))) - x_hat * x
+                 - log_c)
+        grad = tl.sigmoid(x_hat) - x - grad_log_c
     elif RECON == "l1":
         diff = x_hat - x
         value = tl.abs(diff)
@@ -93,7 +160,7 @@ def _recon_terms(x_hat, x, RECON: tl.constexpr, BCE_LOG_FLOOR: tl.constexpr,
         tl.static_assert(RECON == "bce_logits", "RECON must be one of RECON_KINDS")
         value = _shared.clamp_min(x_hat, 0.0) + _log1p(tl.exp(-tl.abs(x_hat))) - x_hat * x
         grad = tl.sigmoid(x_hat) - x
-    return value, grad
+    return value, grad, grad_s
 
 
 @triton.jit
@@ -102,12 +169,17 @@ def _recon_partials(
     x_hat_ptr,  # (N, D) contiguous: the predictions
     x_ptr,  # (N, D) contiguous: the targets
     grad_x_hat_ptr,  # (N, D) contiguous, out: recon_grad_scale * dr/dx_hat (WRITE_RECON_GRAD)
+    obs_logvar_ptr,  # s: 1 element (OBS_LOGVAR="scalar") or (N, D) contiguous ("elementwise")
+    grad_obs_logvar_ptr,  # (N, D) contiguous, out: recon_grad_scale * dr/ds (WRITE_OBS_GRAD)
     partials_ptr,  # float32, out: one partial sum per (row, chunk) at row * recon_chunks + chunk
     n_rows,  # N, the batch size
     recon_cols,  # D, elements per sample
     recon_chunks,  # column chunks per row block
     recon_grad_scale,  # float32: the reduction's scale (1, 1/N or 1/(N D))
+    obs_logvar_value,  # float32: s when OBS_LOGVAR="value"
     RECON: tl.constexpr,  # the reconstruction term's name (RECON_KINDS)
+    OBS_LOGVAR: tl.constexpr,  # where s is (OBS_LOGVAR_LAYOUTS)
+    WRITE_OBS_GRAD: tl.constexpr,  # write grad_obs_logvar (OBS_LOGVAR="elementwise")
     BCE_LOG_FLOOR: tl.constexpr,  # bce: floor of the logs (fastvae._numerics)
     BCE_GRAD_EPS: tl.constexpr,  # bce: floor of the gradient's denominator (fastvae._numerics)
     WRITE_RECON_GRAD: tl.constexpr,  # write grad_x_hat
@@ -119,7 +191,12 @@ def _recon_partials(
 
         partials[n * recon_chunks + c] = sum_{j in chunk c} r(x_hat[n, j], x[n, j])
         grad_x_hat[n, j]               = recon_grad_scale * dr/dx_hat(x_hat[n, j], x[n, j])
+        grad_obs_logvar[n, j]          = recon_grad_scale * dr/ds(x_hat[n, j], x[n, j])
     """
+    if OBS_LOGVAR == "scalar":
+        s = tl.load(obs_logvar_ptr).to(tl.float32)
+    else:
+        s = obs_logvar_value
     chunk = pid % recon_chunks
     rows = (pid // recon_chunks) * RECON_ROWS + tl.arange(0, RECON_ROWS).to(tl.int64)
     row_mask = rows < n_rows
@@ -132,12 +209,21 @@ def _recon_partials(
         # 0.5 keeps the logs of masked-out bce lanes finite; they are zeroed below anyway
         x_hat = tl.load(x_hat_ptr + offs, mask=mask, other=0.5).to(tl.float32)
         x = tl.load(x_ptr + offs, mask=mask, other=0.5).to(tl.float32)
-        value, grad = _recon_terms(x_hat, x, RECON, BCE_LOG_FLOOR, BCE_GRAD_EPS)
+        if OBS_LOGVAR == "elementwise":
+            value, grad, grad_s = _recon_terms(
+                x_hat, x, tl.load(obs_logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32),
+                RECON, BCE_LOG_FLOOR, BCE_GRAD_EPS)
+        else:
+            value, grad, grad_s = _recon_terms(x_hat, x, s, RECON, BCE_LOG_FLOOR, BCE_GRAD_EPS)
         acc += tl.where(mask, value, 0.0)
         if WRITE_RECON_GRAD:
             grad = grad * recon_grad_scale
             tl.store(grad_x_hat_ptr + offs,
                      grad.to(grad_x_hat_ptr.dtype.element_ty), mask=mask)
+        if WRITE_OBS_GRAD:
+            tl.store(grad_obs_logvar_ptr + offs,
+                     (grad_s * recon_grad_scale).to(grad_obs_logvar_ptr.dtype.element_ty),
+                     mask=mask)
     tl.store(partials_ptr + rows * recon_chunks + chunk, tl.sum(acc, axis=1), mask=row_mask)
 
 
@@ -200,6 +286,8 @@ def _vae_loss_partials_kernel(
     grad_x_hat_ptr,  # (N, D), out: d recon/d x_hat of the reduced recon (WRITE_RECON_GRAD)
     grad_mu_ptr,  # (N, d), out: d kl/d mu of the reduced KL (WRITE_KL_GRAD)
     grad_logvar_ptr,  # (N, d), out: d kl/d logvar of the reduced KL (WRITE_KL_GRAD)
+    obs_logvar_ptr,  # s = obs_logvar: 1 element ("scalar") or (N, D) ("elementwise")
+    grad_obs_logvar_ptr,  # (N, D), out: d recon/d s of the reduced recon (WRITE_OBS_GRAD)
     partials_ptr,  # float32 (N * recon_chunks + N * kl_chunks,), out: per-(row, chunk) sums
     n_rows,  # N, the batch size
     recon_cols,  # D, recon elements per sample
@@ -212,7 +300,10 @@ def _vae_loss_partials_kernel(
     kl_grad_scale,  # float32: reduction scale of the KL (1, 1/N or 1/(N d))
     clamp_lo,  # float32: lower logvar clamp (HAS_CLAMP)
     clamp_hi,  # float32: upper logvar clamp (HAS_CLAMP)
+    obs_logvar_value,  # float32: s when OBS_LOGVAR="value"
     RECON: tl.constexpr,  # the reconstruction term's name (RECON_KINDS)
+    OBS_LOGVAR: tl.constexpr,  # where s is (OBS_LOGVAR_LAYOUTS)
+    WRITE_OBS_GRAD: tl.constexpr,  # write grad_obs_logvar
     BCE_LOG_FLOOR: tl.constexpr,  # bce: floor of the logs (fastvae._numerics, -100)
     BCE_GRAD_EPS: tl.constexpr,  # bce: floor of the gradient's denominator (fastvae._numerics)
     HAS_CLAMP: tl.constexpr,  # clamp logvar to [clamp_lo, clamp_hi]
@@ -237,9 +328,11 @@ def _vae_loss_partials_kernel(
     interpreter does not check.)"""
     pid = tl.program_id(0).to(tl.int64)
     if pid < recon_programs:  # never true for the KL-only op (recon_programs = 0)
-        _recon_partials(pid, x_hat_ptr, x_ptr, grad_x_hat_ptr, partials_ptr, n_rows,
-                        recon_cols, recon_chunks, recon_grad_scale,
-                        RECON, BCE_LOG_FLOOR, BCE_GRAD_EPS, WRITE_RECON_GRAD,
+        _recon_partials(pid, x_hat_ptr, x_ptr, grad_x_hat_ptr, obs_logvar_ptr,
+                        grad_obs_logvar_ptr, partials_ptr, n_rows,
+                        recon_cols, recon_chunks, recon_grad_scale, obs_logvar_value,
+                        RECON, OBS_LOGVAR, WRITE_OBS_GRAD,
+                        BCE_LOG_FLOOR, BCE_GRAD_EPS, WRITE_RECON_GRAD,
                         RECON_BLOCK, RECON_ROWS, RECON_ITERS)
     else:
         _kl_partials(pid - recon_programs, mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr,
@@ -270,9 +363,13 @@ def _beta_arguments(beta, beta_value, device):
 
 
 def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
-            grad_recon, grad_kl, beta, beta_value):
-    """Run both stages; returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar)
-    (loss, recon and grad_x_hat are None without x_hat)."""
+            grad_recon, grad_kl, beta, beta_value, obs_layout="value", obs_logvar=None,
+            obs_logvar_value=0.0, per_sample_values=False):
+    """Run both stages; returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar,
+    grad_obs_logvar) (loss, recon and grad_x_hat are None without x_hat).
+    ``obs_logvar``: s for obs_layout "scalar" (1 element) or "elementwise" (x's
+    shape, contiguous). ``per_sample_values``: (N,) values, unscaled, whatever the
+    reduction (whose scale the gradients still carry)."""
     has_recon = x_hat is not None
     if has_recon and recon not in RECON_KINDS:
         raise ValueError(f"recon must be one of {RECON_KINDS}, got {recon!r}")
@@ -294,15 +391,25 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
     partials = torch.empty(kl_base + batch * kl_split.chunks, dtype=torch.float32, device=device)
     grad_x_hat = _grad_buffer(x_hat, grad_recon) if has_recon else None
     grad_mu, grad_logvar = _grad_buffer(mu, grad_kl), _grad_buffer(logvar, grad_kl)
+    write_obs_grad = bool(has_recon and grad_recon and obs_layout == "elementwise")
+    if write_obs_grad:
+        grad_obs = torch.empty(x_hat.shape, device=device,
+                               dtype=_numerics.grad_buffer_dtype(obs_logvar.dtype))
+    else:
+        grad_obs = (mu if obs_logvar is None else obs_logvar).new_empty(0)
     has_clamp = clamp_lo is not None
     _vae_loss_partials_kernel[(r_split.programs + kl_split.programs,)](
         x_hat if has_recon else mu, x if has_recon else mu, mu, logvar,
         grad_x_hat if grad_recon else partials, grad_mu if grad_kl else partials,
-        grad_logvar if grad_kl else partials, partials,
+        grad_logvar if grad_kl else partials,
+        partials if obs_logvar is None else obs_logvar, grad_obs if write_obs_grad else partials,
+        partials,
         batch, recon_cols, kl_cols, r_split.chunks, kl_split.chunks, r_split.programs, kl_base,
         float(recon_scale), float(kl_scale),
         float(clamp_lo) if has_clamp else 0.0, float(clamp_hi) if has_clamp else 0.0,
+        float(obs_logvar_value),
         RECON=recon if has_recon else "mse",  # the KL-only op runs no recon tile
+        OBS_LOGVAR=obs_layout, WRITE_OBS_GRAD=write_obs_grad,
         BCE_LOG_FLOOR=_numerics.BCE_LOG_FLOOR, BCE_GRAD_EPS=_numerics.BCE_GRAD_EPS,
         HAS_CLAMP=has_clamp,
         WRITE_RECON_GRAD=bool(has_recon and grad_recon), WRITE_KL_GRAD=bool(grad_kl),
@@ -311,7 +418,7 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
         num_warps=max(r_split.num_warps, kl_split.num_warps),
     )
 
-    per_sample = reduction == "none"
+    per_sample = reduction == "none" or per_sample_values
     out_shape = (batch,) if per_sample else ()
     new_value = lambda: torch.empty(out_shape, dtype=torch.float32, device=device)  # noqa: E731
     kl_out = new_value()
@@ -324,25 +431,64 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
         recon_chunks=r_split.chunks if has_recon else 0, recon_scale=recon_scale,
         recon_out=recon_out, loss_out=loss_out, beta=beta_ptr, beta_value=beta_value,
         per_sample=per_sample)
-    return loss_out, recon_out, kl_out, grad_x_hat, grad_mu, grad_logvar
+    return loss_out, recon_out, kl_out, grad_x_hat, grad_mu, grad_logvar, grad_obs
 
 
-def vae_loss_forward(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
+def _fitted_scale_loss(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
+                       clamp_lo, clamp_hi, grad_recon, grad_kl):
+    """obs_logvar="optimal": the mse / l1 kernel's per-sample sums S_n and gradient,
+    then (N,)-sized torch ops (no host sync) for sigma^2 = sum S_n / (N D) and the
+    values, and one more pass over the gradient for its factor 1/sigma^2, known
+    only after the sums."""
+    base = "mse" if recon == "gaussian" else "l1"
+    _, err_rows, kl_rows, grad_x_hat, grad_mu, grad_logvar, grad_obs = _launch(
+        x_hat, x, mu, logvar, base, reduction, clamp_lo, clamp_hi, grad_recon, grad_kl,
+        None, 0.0, per_sample_values=True)
+    rows, inv_scale = _numerics.fitted_recon_rows(err_rows, recon, x_hat.numel())
+    if grad_recon:  # mse's gradient is 2 (x_hat - x): the gaussian's is HALF of it / sigma^2
+        grad_x_hat.mul_(inv_scale * _numerics.OBS_SCALE[recon][0])
+    batch = x_hat.shape[0]
+    if reduction == "none":
+        recon_out, kl_out = rows, kl_rows
+    else:
+        recon_out = rows.sum() * _numerics.reduction_scale(reduction, batch, x_hat.numel())
+        kl_out = kl_rows.sum() * _numerics.reduction_scale(reduction, batch, mu.numel())
+    loss = recon_out + (beta_value if beta is None else beta.to(recon_out.dtype)) * kl_out
+    return loss, recon_out, kl_out, grad_x_hat, grad_mu, grad_logvar, grad_obs
+
+
+def vae_loss_forward(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
+                     obs_logvar_value, obs_logvar_optimal, reduction,
                      clamp_lo, clamp_hi, grad_recon, grad_kl):
-    """Returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar) like
-    ``fastvae._torch_impl.vae_loss_forward``: values in float32, gradients of the
-    reduced recon and kl (beta not applied), each in the _numerics.grad_buffer_dtype
-    of its input's dtype, or empty tensors when not asked for."""
+    """Returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar, grad_obs_logvar)
+    like ``fastvae._torch_impl.vae_loss_forward``: values in float32, gradients of
+    the reduced recon and kl (beta not applied), each in the
+    _numerics.grad_buffer_dtype of its input's dtype, or empty tensors when not
+    asked for (grad_obs_logvar: x-shaped for an obs_logvar of several elements)."""
     with _shared.device_guard(x_hat):
+        if obs_logvar_optimal:
+            return _fitted_scale_loss(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
+                                      clamp_lo, clamp_hi, grad_recon, grad_kl)
+        layout = "value"
+        if obs_logvar is not None and obs_logvar.numel() == 1:
+            layout = "scalar"  # read by the kernel: a learned scalar costs no host sync
+        elif obs_logvar is not None:
+            # Other broadcasts (per channel, per sample...) are materialized to x's
+            # shape here: one extra x-sized write and read (a per-element obs_logvar
+            # of x's shape is used as it is), and their gradient is x-sized until
+            # the backward's sum_to_size reduces it.
+            layout = "elementwise"
+            obs_logvar = obs_logvar.expand(x_hat.shape).contiguous()
         return _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
-                       grad_recon, grad_kl, beta, beta_value)
+                       grad_recon, grad_kl, beta, beta_value, layout, obs_logvar,
+                       obs_logvar_value)
 
 
 def kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
     """Returns (kl, grad_mu, grad_logvar) like ``fastvae._torch_impl.kl_forward``,
     with the loss kernel's KL programs alone."""
     with _shared.device_guard(mu):
-        _, _, kl, _, grad_mu, grad_logvar = _launch(
+        _, _, kl, _, grad_mu, grad_logvar, _ = _launch(
             None, None, mu, logvar, "mse", reduction, clamp_lo, clamp_hi,
             False, want_grad, None, 0.0)
     return kl, grad_mu, grad_logvar
