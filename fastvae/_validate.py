@@ -126,6 +126,8 @@ def check_obs_logvar(obs_logvar, recon, x):
         if obs_logvar.layout != torch.strided or obs_logvar.is_nested:
             raise TypeError(f"obs_logvar must be a dense (strided) tensor, got layout "
                             f"{obs_logvar.layout}")
+        if x is None:  # (VAELoss's constructor: the data is not known yet)
+            return obs_logvar, 0.0, False
         if obs_logvar.device != x.device:
             raise ValueError(f"obs_logvar is on {obs_logvar.device} but the data is on "
                              f"{x.device}; put it on the data's device")

@@ -12,23 +12,30 @@ class VAELoss(torch.nn.Module):
 
     ``beta`` may be a float or a 0-dim tensor; assign ``loss_fn.beta`` to
     follow a schedule (a tensor changes value without recompiling).
+    ``obs_logvar`` (gaussian, laplace) may be an ``nn.Parameter``: it is then a
+    parameter of this module, learned with the model.
     """
 
     def __init__(self, *, recon: str = "mse", beta: float | Tensor = 1.0, reduction: str = "sum",
-                 logvar_clamp: tuple[float, float] | None = None, return_parts: bool = False) -> None:
+                 logvar_clamp: tuple[float, float] | None = None, return_parts: bool = False,
+                 obs_logvar: float | Tensor | str | None = None) -> None:
         super().__init__()
         _validate.check_choice("recon", recon, _validate.RECONS)
         _validate.check_choice("reduction", reduction, _validate.REDUCTIONS)
         _validate.check_beta(beta)
         _validate.check_logvar_clamp(logvar_clamp)
+        _validate.check_obs_logvar(obs_logvar, recon, None)
         self.recon, self.beta, self.reduction = recon, beta, reduction
         self.logvar_clamp, self.return_parts = logvar_clamp, return_parts
+        self.obs_logvar = obs_logvar  # (an nn.Parameter registers itself)
 
     def forward(self, x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor) -> Tensor | LossParts:
         return vae_loss(x_hat, x, mu, logvar, recon=self.recon, beta=self.beta,
                         reduction=self.reduction, logvar_clamp=self.logvar_clamp,
-                        return_parts=self.return_parts)
+                        return_parts=self.return_parts, obs_logvar=self.obs_logvar)
 
     def extra_repr(self):
+        obs = "" if self.obs_logvar is None or isinstance(self.obs_logvar, torch.Tensor) \
+            else f", obs_logvar={self.obs_logvar!r}"
         return (f"recon={self.recon!r}, beta={self.beta}, reduction={self.reduction!r}, "
-                f"logvar_clamp={self.logvar_clamp}")
+                f"logvar_clamp={self.logvar_clamp}{obs}")

@@ -100,6 +100,24 @@ def variants():
             with torch.no_grad():  # eval: no gradient written
                 fastvae.vae_loss(x_hat, x, mu, logvar, recon=recon, reduction=reduction)
         yield f"vae_loss {dtype} {recon} {reduction} clamp={clamp} x={x_dtype}", loss
+    for dtype, recon, obs in itertools.product(dtypes, ("gaussian", "laplace", "continuous_bernoulli"),
+                                               ("float", "scalar", "channel", "element", "optimal")):
+        if recon == "continuous_bernoulli" and obs != "float":
+            continue  # no obs_logvar
+        def likelihood(dtype=dtype, recon=recon, obs=obs):
+            x_hat = torch.rand(4, 3, 64, 64, dtype=dtype, requires_grad=True)
+            x = torch.rand(4, 3, 64, 64, dtype=dtype)
+            mu = torch.randn(4, 16, dtype=dtype, requires_grad=True)
+            obs_logvar = {"float": None if recon == "continuous_bernoulli" else 0.5,
+                          "scalar": torch.tensor(0.5, requires_grad=True),
+                          "channel": torch.zeros(1, 3, 1, 1, dtype=dtype, requires_grad=True),
+                          "element": torch.zeros(4, 3, 64, 64, dtype=dtype, requires_grad=True),
+                          "optimal": "optimal"}[obs]
+            for reduction in ("sum", "none"):
+                out = fastvae.vae_loss(x_hat, x, mu, mu, recon=recon, reduction=reduction,
+                                       obs_logvar=obs_logvar)
+                (out.sum() * 2.0).backward()
+        yield f"vae_loss {dtype} {recon} obs_logvar={obs}", likelihood
     for batch, cols, latent in ((1, 777, 3), (64, 784, 20), (2, 3 * 256 * 256, 4 * 32 * 32)):
         def shapes(batch=batch, cols=cols, latent=latent):
             x_hat = torch.rand(batch, cols, requires_grad=True)
