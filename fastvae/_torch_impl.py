@@ -28,8 +28,7 @@ import threading
 
 import torch
 
-from fastvae import _validate
-from fastvae import _numerics
+from fastvae import _numerics, _validate
 from fastvae._numerics import BCE_LOG_FLOOR, compute_dtype, grad_buffer_dtype, reduction_scale
 
 

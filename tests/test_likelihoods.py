@@ -122,15 +122,16 @@ def test_continuous_bernoulli_normaliser_and_its_derivative_near_zero_and_far():
     from fastvae import _numerics
 
     for dtype, tol in ((torch.float32, 5e-7), (torch.float64, 1e-14)):
-        l = torch.tensor([0.0, 1e-8, 1e-4, -0.04, 0.049, 0.051, 0.3, -0.499, 0.501, 2.0, -30.0,
+        logits = torch.tensor([0.0, 1e-8, 1e-4, -0.04, 0.049, 0.051, 0.3, -0.499, 0.501, 2.0, -30.0,
                           90.0, 200.0], dtype=torch.float64)
         # from the definition, in high precision: log(l / tanh(l / 2)) (-> log 2)
         want = [math.log(2.0) if v == 0 else math.log(abs(v) / math.tanh(abs(v) / 2))
-                if abs(v) > 1e-3 else math.log(2.0) + v * v / 12 - 7 * v ** 4 / 1440 for v in l.tolist()]
+                if abs(v) > 1e-3 else math.log(2.0) + v * v / 12 - 7 * v ** 4 / 1440
+                for v in logits.tolist()]
         want_grad = [v / 6 - 7 * v ** 3 / 360 if abs(v) < 1e-3 else
-                     1 / v - 1 / math.sinh(v) if abs(v) < 700 else 1 / v for v in l.tolist()]
-        got = _numerics.cb_log_normalizer(l.to(dtype)).double()
-        got_grad = _numerics.cb_log_normalizer_grad(l.to(dtype)).double()
+                     1 / v - 1 / math.sinh(v) if abs(v) < 700 else 1 / v for v in logits.tolist()]
+        got = _numerics.cb_log_normalizer(logits.to(dtype)).double()
+        got_grad = _numerics.cb_log_normalizer_grad(logits.to(dtype)).double()
         torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=tol, atol=tol)
         torch.testing.assert_close(got_grad, torch.tensor(want_grad, dtype=torch.float64),
                                    rtol=tol, atol=tol)
@@ -184,7 +185,8 @@ def test_gradcheck_float64():
         # stationary in the scale, so there the constant scale gives the exact gradient
         reduction = "sum" if obs == "optimal" else "none"
 
-        def loss(x_hat, *rest, recon=recon, obs=obs, reduction=reduction):
+        def loss(x_hat, *rest, x=x, mu=mu, logvar=logvar, recon=recon, obs=obs,
+                 reduction=reduction):
             o = rest[0] if rest else obs
             return fastvae.vae_loss(x_hat, x, mu.detach(), logvar.detach(), recon=recon,
                                     obs_logvar=o, reduction=reduction)
@@ -314,7 +316,7 @@ def test_torch_func_grad_and_jacrev_through_the_composite_path():
         x_hat, x, mu, logvar, obs = make(recon, layout)
         with_obs = isinstance(obs, torch.Tensor)
 
-        def loss(x_hat, o, recon=recon, obs=obs, with_obs=with_obs):
+        def loss(x_hat, o, x=x, mu=mu, logvar=logvar, recon=recon, obs=obs, with_obs=with_obs):
             return fastvae.vae_loss(x_hat, x, mu.detach(), logvar.detach(), recon=recon,
                                     obs_logvar=o if with_obs else obs, reduction="none")
 
