@@ -26,8 +26,8 @@ def test_opcheck_vae_loss(device, recon, reduction, beta, clamp, grad):
     x_hat, x, mu, logvar = tensors(grad, device)
     beta = None if beta is None else beta.to(device)
     lo, hi = clamp or (None, None)
-    torch.library.opcheck(ops.vae_loss_op, (x_hat, x, mu, logvar, beta, 0.5, recon, reduction,
-                                            lo, hi, grad, grad))
+    torch.library.opcheck(ops.vae_loss_op, (x_hat, x, mu, logvar, beta, None, 0.5, recon, 0.0,
+                                            False, reduction, lo, hi, grad, grad))
 
 
 @pytest.mark.parametrize("reduction,grad", [("sum", True), ("none", True), ("mean", False)])
@@ -150,8 +150,8 @@ def test_opcheck_with_channels_last_latents(device):
     x_hat.requires_grad_()
     x = torch.rand(3, 2, 4, 4, device=device)
     torch.library.opcheck(ops.kl_divergence_op, (mu, logvar, "none", -2.0, 2.0, True))
-    torch.library.opcheck(ops.vae_loss_op, (x_hat, x, mu, logvar, None, 1.0, "mse", "none",
-                                            None, None, True, True))
+    torch.library.opcheck(ops.vae_loss_op, (x_hat, x, mu, logvar, None, None, 1.0, "mse", 0.0,
+                                            False, "none", None, None, True, True))
     seed = torch.tensor(7)
     torch.library.opcheck(ops.reparameterize_op, (mu, logvar, seed, None, None, True))
     torch.library.opcheck(ops.reparameterize_backward_op,
@@ -191,7 +191,8 @@ def test_loss_inputs_and_outputs_are_named_in_the_ops_order():
 
     assert ops.LossInputs._fields == tuple(inspect.signature(ops._vae_loss_impl).parameters)
     x_hat, x, mu, logvar = tensors(True)
-    out = ops.vae_loss(x_hat, x, mu, logvar, None, 1.0, "mse", "sum", None, None, True, True)
+    out = ops.vae_loss(x_hat, x, mu, logvar, None, None, 1.0, "mse", 0.0, False, "sum",
+                       None, None, True, True)
     named = ops.LossOutputs(*out)
     torch.testing.assert_close(named.loss, named.recon + named.kl)
     torch.testing.assert_close(named.grad_x_hat, 2 * (x_hat.detach() - x))

@@ -79,18 +79,22 @@ def test_recon_kinds_are_named_not_numbered():
     # the kernel compares RECON with names only: no "RECON == 2"
     for path in SOURCES:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Compare) and "RECON" in ast.unparse(node.left):
+            left = ast.unparse(node.left) if isinstance(node, ast.Compare) else ""
+            if "RECON" in left or "OBS_LOGVAR" in left:
                 for right in node.comparators:
                     assert isinstance(right, ast.Constant) and isinstance(right.value, str), \
                         f"{path.name}: {ast.unparse(node)}"
-    assert vae_loss.RECON_KINDS == ("mse", "l1", "bce", "bce_logits")
+    from fastvae import _validate
+
+    # the kernel knows every recon of the public API, by the same names
+    assert vae_loss.RECON_KINDS == _validate.RECONS
 
 
 def test_unknown_recon_is_refused_by_the_launcher(backends, device):
     t = torch.rand(2, 3, device=device)
     with pytest.raises(ValueError, match="recon must be one of .* got 'huber'"):
-        backends.kernels(kernels.vae_loss_forward, t, t, t, t, None, 1.0, "huber", "sum",
-                         None, None, False, False)
+        backends.kernels(kernels.vae_loss_forward, t, t, t, t, None, None, 1.0, "huber", 0.0,
+                         False, "sum", None, None, False, False)
 
 
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # log(0) = -inf, floored
@@ -104,9 +108,9 @@ def test_bce_constants_come_from_numerics(backends, device, monkeypatch):
     p = torch.tensor([[0.0, 0.001, 0.5]], device=device)
     target = torch.tensor([[1.0, 0.0, 1.0]], device=device)
     latent = torch.zeros(1, 2, device=device)
-    _, recon, _, grad, _, _ = backends.kernels(
-        kernels.vae_loss_forward, p, target, latent, latent, None, 1.0, "bce", "none",
-        None, None, True, False)
+    _, recon, _, grad, _, _, _ = backends.kernels(
+        kernels.vae_loss_forward, p, target, latent, latent, None, None, 1.0, "bce", 0.0, False,
+        "none", None, None, True, False)
     # from the definition: -(x max(log p, F) + (1 - x) max(log(1 - p), F)),
     # d/dp = (p - x) / max(p (1 - p), E)
     p64, x64 = p.double(), target.double()

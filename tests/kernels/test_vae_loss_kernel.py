@@ -294,7 +294,7 @@ def test_eval_path_writes_no_gradient(backends, device, monkeypatch):
 
     def spy(*args):
         out = real(*args)
-        seen.append((args[-2:], [g.numel() for g in out[3:]]))
+        seen.append((args[-2:], [g.numel() for g in out[3:6]]))  # x_hat, mu, logvar
         return out
 
     monkeypatch.setattr(kernels, "vae_loss_forward", spy)
@@ -313,8 +313,8 @@ def test_backward_reuses_the_gradient_buffer_only_when_nothing_else_sees_it(back
     gradient (no second full-size buffer) on its last use; kept intact when the
     graph is retained or a caller still holds the op's output."""
     x_hat, x, mu, logvar = (t.requires_grad_() for t in make_inputs(device))
-    out = backends.kernels(ops.vae_loss_op, x_hat, x.detach(), mu, logvar, None, 1.0, "mse",
-                           "sum", None, None, True, True)
+    out = backends.kernels(ops.vae_loss_op, x_hat, x.detach(), mu, logvar, None, None, 1.0,
+                           "mse", 0.0, False, "sum", None, None, True, True)
     loss, buffer_ptr, buffer_before = out[0], out[3].data_ptr(), out[3].clone()
     if case != "output_held":
         del out  # like vae_loss, which keeps no reference to the gradient buffers
@@ -517,8 +517,9 @@ def test_nan_prediction_gives_nan_loss_and_gradient(backends, device, recon):
     x_hat, x, mu, logvar = make_inputs(device, recon=recon)
     x_hat[0, 1, 3] = NAN
     for reduction in ("none", "sum"):
-        args = (x_hat, x, mu, logvar, None, 1.0, recon, reduction, None, None, True, True)
-        loss, recon_value, kl, grad_x_hat, _, _ = backends.kernels(kernels.vae_loss_forward, *args)
+        args = (x_hat, x, mu, logvar, None, None, 1.0, recon, 0.0, False, reduction,
+                None, None, True, True)
+        loss, recon_value, kl, grad_x_hat, _, _, _ = backends.kernels(kernels.vae_loss_forward, *args)
         if reduction == "none":
             assert loss.isnan().tolist() == recon_value.isnan().tolist() == [True, False, False]
         else:
