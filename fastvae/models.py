@@ -5,8 +5,11 @@ export treat them alike:
 
 - ``MLPVAE`` / ``ConvVAE``: ``forward(x, generator=None) -> (out, mu, logvar)``
   where ``out`` is what ``fastvae.vae_loss`` takes (logits for
-  ``recon="bce_logits"``, probabilities for ``"bce"``, values for mse/l1);
-  ``encode(x) -> (mu, logvar)``; ``decode(z)`` in data space;
+  ``recon="bce_logits"`` and ``"continuous_bernoulli"``, probabilities for
+  ``"bce"``, values for mse/l1/gaussian/laplace);
+  ``encode(x) -> (mu, logvar)``; ``decode(z)`` in data space (the mean of the
+  likelihood: sigmoid of the logits for bce_logits, the continuous Bernoulli's
+  mean sigmoid(l) - (1/l - 1/sinh l) for continuous_bernoulli);
   ``sample(n, generator=None)``; ``reconstruct(x)`` (decodes z = mu);
   ``score(x)``: per-sample loss at z = mu (an anomaly score);
   ``loss(x) -> LossParts`` (the batch-mean ELBO with a reparameterized sample).
@@ -18,6 +21,12 @@ export treat them alike:
 Attributes used by the ONNX export: ``recon``, ``beta``, ``input_shape``,
 ``latent_shape``. ``config()`` / ``model_from_config`` rebuild a model for
 checkpoints.
+
+``obs_logvar`` (gaussian and laplace models only): None (0.0: unit variance /
+scale), a float, ``"learned"`` (a scalar ``nn.Parameter``, initialised to 0 and
+trained with the model: in its ``state_dict``, so in checkpoints and in the
+exported scorer) or ``"optimal"`` (fitted to each batch, sigma-VAE style; a
+score is then relative to the batch it is computed in).
 """
 
 from collections.abc import Sequence
@@ -26,8 +35,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastvae import _validate
+from fastvae import _numerics, _validate
 from fastvae.functional import LossParts, kl_divergence, reparameterize, vae_loss
+
+
+def _check_model_obs_logvar(obs_logvar, recon):
+    """A model's obs_logvar: None, a finite float, "learned" or "optimal"."""
+    if obs_logvar is None:
+        return None
+    if obs_logvar == "learned" or obs_logvar == "optimal":
+        _validate.check_obs_logvar("optimal", recon, None)  # only gaussian / laplace take one
+        return obs_logvar
+    if isinstance(obs_logvar, str):
+        raise ValueError(f"obs_logvar of a model must be a float, 'learned' or 'optimal', got "
+                         f"{obs_logvar!r:.60}")
+    _, value, _ = _validate.check_obs_logvar(obs_logvar, recon, None)
+    return value
 
 
 def _check_shape(name, shape):
@@ -97,9 +120,13 @@ class _Autoencoding(nn.Module):
 
     is_vae = False
 
-    def __init__(self, input_shape, latent_dim, recon, beta, nets, **arch):
+    def __init__(self, input_shape, latent_dim, recon, beta, nets, obs_logvar=None, **arch):
         super().__init__()
         _validate.check_choice("recon", recon, _validate.RECONS)
+        self.obs_logvar_mode = _check_model_obs_logvar(obs_logvar, recon)
+        if self.obs_logvar_mode == "learned":
+            # log sigma^2 (gaussian) or log b (laplace), one for all elements
+            self.obs_logvar = nn.Parameter(torch.zeros(()))
         _validate.check_beta(beta)
         if isinstance(beta, torch.Tensor):
             raise TypeError("beta of a model must be a float (it is saved in the JSON config)")
@@ -115,9 +142,14 @@ class _Autoencoding(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """A JSON-able dict from which ``model_from_config`` rebuilds this model."""
+        obs = {} if self.obs_logvar_mode is None else {"obs_logvar": self.obs_logvar_mode}
         return {"class": type(self).__name__, "input_shape": list(self.input_shape),
                 "latent_dim": self.latent_shape[0], "recon": self.recon, "beta": self.beta,
-                **self._arch}
+                **obs, **self._arch}
+
+    def _obs_logvar_arg(self):
+        """``vae_loss``'s obs_logvar for this model (the parameter when learned)."""
+        return self.obs_logvar if self.obs_logvar_mode == "learned" else self.obs_logvar_mode
 
     def _check_input(self, x):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -129,6 +161,9 @@ class _Autoencoding(nn.Module):
 
     def _to_data(self, out):
         """Decoder output -> data space (the mean of the likelihood)."""
+        if self.recon == "continuous_bernoulli":
+            # E[x] under CB(l) = d/dl of its log-partition softplus(l) - log C(l)
+            return torch.sigmoid(out) - _numerics.cb_log_normalizer_grad(out)
         return torch.sigmoid(out) if self.recon == "bce_logits" else out
 
     def _decoder_out(self, z):
@@ -154,7 +189,9 @@ class _Autoencoding(nn.Module):
         return self.criterion(x, self(x, generator=generator), beta=beta, free_bits=free_bits)
 
     def extra_repr(self):
-        return f"input_shape={self.input_shape}, latent_shape={self.latent_shape}, recon={self.recon!r}"
+        obs = "" if self.obs_logvar_mode is None else f", obs_logvar={self.obs_logvar_mode!r}"
+        return (f"input_shape={self.input_shape}, latent_shape={self.latent_shape}, "
+                f"recon={self.recon!r}{obs}")
 
 
 class _VAE(_Autoencoding):
@@ -184,9 +221,11 @@ class _VAE(_Autoencoding):
         beta = self.beta if beta is None else beta
         if not free_bits:
             return vae_loss(out, x, mu, logvar, recon=self.recon, beta=beta,
-                            reduction="batchmean", return_parts=True)
+                            reduction="batchmean", return_parts=True,
+                            obs_logvar=self._obs_logvar_arg())
         parts = vae_loss(out, x, mu, logvar, recon=self.recon, beta=0.0,
-                         reduction="batchmean", return_parts=True)
+                         reduction="batchmean", return_parts=True,
+                         obs_logvar=self._obs_logvar_arg())
         # Transposed, dim 0 runs over latent dimensions: "none" gives the KL of
         # each dimension summed over the batch.
         kl_per_dim = kl_divergence(mu.flatten(1).T, logvar.flatten(1).T, reduction="none")
@@ -201,7 +240,7 @@ class _VAE(_Autoencoding):
         """Per-sample loss (recon + beta * KL) at z = mu, shape (N,): higher = more anomalous."""
         mu, logvar = self.encode(x)
         return vae_loss(self._decoder_out(mu), x, mu, logvar, recon=self.recon, beta=self.beta,
-                        reduction="none")
+                        reduction="none", obs_logvar=self._obs_logvar_arg())
 
 
 class _AE(_Autoencoding):
@@ -219,7 +258,7 @@ class _AE(_Autoencoding):
         # the reconstruction term alone, through vae_loss's fused path.
         zeros = out.new_zeros(out.shape[0], 1, dtype=torch.float32)
         return vae_loss(out, x, zeros, zeros, recon=self.recon, beta=0.0,
-                        reduction=reduction, return_parts=True)
+                        reduction=reduction, return_parts=True, obs_logvar=self._obs_logvar_arg())
 
     def criterion(self, x: Tensor, outputs: Tensor, *, beta: float | Tensor | None = None,
                   free_bits: float = 0.0) -> LossParts:
@@ -239,8 +278,9 @@ class MLPVAE(_VAE):
 
     def __init__(self, input_shape: Sequence[int], latent_dim: int = 8,
                  hidden: Sequence[int] = (256, 128), recon: str = "bce_logits",
-                 beta: float = 1.0) -> None:
-        super().__init__(input_shape, latent_dim, recon, beta, _mlp_nets, hidden=hidden)
+                 beta: float = 1.0, obs_logvar: float | str | None = None) -> None:
+        super().__init__(input_shape, latent_dim, recon, beta, _mlp_nets, obs_logvar,
+                         hidden=hidden)
 
 
 class ConvVAE(_VAE):
@@ -249,8 +289,9 @@ class ConvVAE(_VAE):
 
     def __init__(self, input_shape: Sequence[int], latent_dim: int = 8,
                  channels: Sequence[int] = (32, 64), recon: str = "bce_logits",
-                 beta: float = 1.0) -> None:
-        super().__init__(input_shape, latent_dim, recon, beta, _conv_nets, channels=channels)
+                 beta: float = 1.0, obs_logvar: float | str | None = None) -> None:
+        super().__init__(input_shape, latent_dim, recon, beta, _conv_nets, obs_logvar,
+                         channels=channels)
 
 
 class MLPAutoencoder(_AE):
@@ -258,8 +299,9 @@ class MLPAutoencoder(_AE):
 
     def __init__(self, input_shape: Sequence[int], latent_dim: int = 8,
                  hidden: Sequence[int] = (256, 128), recon: str = "bce_logits",
-                 beta: float = 0.0) -> None:
-        super().__init__(input_shape, latent_dim, recon, beta, _mlp_nets, hidden=hidden)
+                 beta: float = 0.0, obs_logvar: float | str | None = None) -> None:
+        super().__init__(input_shape, latent_dim, recon, beta, _mlp_nets, obs_logvar,
+                         hidden=hidden)
 
 
 class ConvAutoencoder(_AE):
@@ -267,8 +309,9 @@ class ConvAutoencoder(_AE):
 
     def __init__(self, input_shape: Sequence[int], latent_dim: int = 8,
                  channels: Sequence[int] = (32, 64), recon: str = "bce_logits",
-                 beta: float = 0.0) -> None:
-        super().__init__(input_shape, latent_dim, recon, beta, _conv_nets, channels=channels)
+                 beta: float = 0.0, obs_logvar: float | str | None = None) -> None:
+        super().__init__(input_shape, latent_dim, recon, beta, _conv_nets, obs_logvar,
+                         channels=channels)
 
 
 MODELS = {cls.__name__: cls for cls in (MLPVAE, ConvVAE, MLPAutoencoder, ConvAutoencoder)}

@@ -34,7 +34,8 @@ PART_IO = {
     "decoder": (("z",), ("x_hat",)),
     "scorer": (("x",), ("score",)),
 }
-RECONS = ("mse", "l1", "bce", "bce_logits")
+RECONS = ("mse", "l1", "bce", "bce_logits", "gaussian", "laplace", "continuous_bernoulli")
+UNIT_TARGET_RECONS = ("bce", "bce_logits", "continuous_bernoulli")  # data in [0, 1]
 
 
 def part_file(part, quantized=False):
@@ -318,7 +319,7 @@ class VAERuntime:
     def score(self, x):
         """Per-sample anomaly score (N,): the VAE loss (recon + beta * KL) at z = mu."""
         x = _as_float32_batch("x", x, self.input_shape)
-        if self.recon in ("bce", "bce_logits") and (x.min() < 0 or x.max() > 1):
+        if self.recon in UNIT_TARGET_RECONS and (x.min() < 0 or x.max() > 1):
             raise ValueError(f"x must hold values in [0, 1] for a {self.recon!r} model, "
                              f"got values in [{x.min():.6g}, {x.max():.6g}]")
         return self._run("scorer", x)[0]

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fastvae import _validate
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TORCHVISION_SETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
 SPLIT_SEED = 0  # the fixed train/test split: a permutation drawn from this seed
@@ -182,8 +184,9 @@ def load_data(source="digits", *, root="data", download=False, test_fraction=0.2
 
 
 def check_range(data, recon):
-    """BCE losses need targets in [0, 1]: say so before any training starts."""
-    if recon in ("bce", "bce_logits"):
+    """BCE and continuous Bernoulli losses need targets in [0, 1]: say so before
+    any training starts."""
+    if recon in _validate.UNIT_TARGET_RECONS:
         lo = min(data.train.min().item(), data.test.min().item())
         hi = max(data.train.max().item(), data.test.max().item())
         if lo < 0 or hi > 1:

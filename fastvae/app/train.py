@@ -9,6 +9,7 @@ generator per process, saved in every checkpoint). A run resumed from its
 epoch-k checkpoint therefore continues bit for bit like the uninterrupted run.
 """
 
+import argparse
 import contextlib
 import math
 import os
@@ -301,7 +302,7 @@ def pick_device(name):
 # resumed run the options saved in its checkpoint (explicit ones must agree).
 
 MODEL_DEFAULTS = {"model": "vae", "arch": "mlp", "latent_dim": 8, "hidden": [256, 128],
-                  "channels": [32, 64], "recon": "bce_logits"}
+                  "channels": [32, 64], "recon": "bce_logits", "obs_logvar": None}
 RUN_DEFAULTS = {"data": "digits", **MODEL_DEFAULTS, **asdict(TrainConfig())}
 # may differ on resume: more epochs extend the run; how often it saves does not change it;
 # the data may be given by another path (its content is checked by hash)
@@ -314,7 +315,7 @@ def build_model(options, input_shape):
     arch_key = "hidden" if options["arch"] == "mlp" else "channels"
     beta = options["beta"] if options["model"] == "vae" else 0.0
     return cls(input_shape, latent_dim=options["latent_dim"], recon=options["recon"], beta=beta,
-               **{arch_key: tuple(options[arch_key])})
+               obs_logvar=options["obs_logvar"], **{arch_key: tuple(options[arch_key])})
 
 
 def check_model_fits(options, input_shape, device):
@@ -345,7 +346,7 @@ def saved_options(config, where):
         raise ValueError(f"{where}: the model config is invalid: {model!r}")
     options = {"data": train["data"]["name"], "model": kind[0], "arch": kind[1],
                "latent_dim": model.get("latent_dim"), "recon": model.get("recon"),
-               arch_key: model[arch_key], **train["options"]}
+               "obs_logvar": model.get("obs_logvar"), arch_key: model[arch_key], **train["options"]}
     return options
 
 
@@ -379,6 +380,19 @@ def _same(given, saved):
     return given == saved
 
 
+def obs_logvar_option(text):
+    """--obs-logvar: "learned", "optimal" or a finite number."""
+    if text in ("learned", "optimal"):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be learned, optimal or a finite number, got {text!r}")
+    return value
+
+
 def add_arguments(parser):
     a = parser.add_argument
     d = RUN_DEFAULTS
@@ -391,6 +405,9 @@ def add_arguments(parser):
     a("--hidden", type=int, nargs="+", help="MLP hidden sizes (default: 256 128)")
     a("--channels", type=int, nargs="+", help="conv channels per level (default: 32 64)")
     a("--recon", choices=_validate.RECONS, help=f"(default: {d['recon']})")
+    a("--obs-logvar", type=obs_logvar_option, metavar="learned|optimal|FLOAT",
+      help="gaussian/laplace: log sigma^2 (log b) of the observation model: learned (a "
+           "trained scalar), optimal (fitted to each batch) or a number (default: 0)")
     for field in fields(TrainConfig):
         flag = f"--{field.name.replace('_', '-')}"
         default = f"(default: {d[field.name]})"
