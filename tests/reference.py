@@ -27,11 +27,11 @@ def recon_elementwise(x_hat, x, recon, obs_logvar=None):
         b = torch.exp(s)  # -log Laplace(x; x_hat, b) = log(2 b) + |x - x_hat| / b
         return torch.log(2 * b) + (x - x_hat).abs() / b
     if recon == "continuous_bernoulli":  # -log CB(x | lambda = sigmoid(l))
-        lam = torch.sigmoid(x_hat)
-        # C(lambda) = 2 atanh(1 - 2 lambda) / (1 - 2 lambda), 2 at lambda = 1/2
-        one_m2 = 1 - 2 * lam
-        norm = torch.where(one_m2.abs() < 1e-6, torch.full_like(lam, 2.0),
-                           2 * torch.atanh(one_m2) / one_m2)
+        # C(lambda) = 2 atanh(1 - 2 lambda) / (1 - 2 lambda); with 1 - 2 sigmoid(l) =
+        # -tanh(l / 2) that is l / tanh(l / 2), 2 at l = 0 (float64 is exact enough
+        # for it at every l; through lambda it would round to 1 for |l| > 37)
+        safe = torch.where(x_hat == 0, torch.ones_like(x_hat), x_hat)
+        norm = torch.where(x_hat == 0, torch.full_like(x_hat, 2.0), safe / torch.tanh(safe / 2))
         bce = x_hat.clamp(min=0) - x_hat * x + torch.log1p(torch.exp(-x_hat.abs()))
         return bce - torch.log(norm)
     if recon == "mse":

@@ -4,6 +4,7 @@ the math) and torch.distributions."""
 
 import math
 
+import numpy as np
 import pytest
 import reference as ref
 import torch
@@ -334,3 +335,38 @@ def test_torch_func_grad_and_jacrev_through_the_composite_path():
         # the fitted scale, which is a constant
         torch.testing.assert_close(jac[0, 1], torch.zeros_like(jac[0, 1]))
         torch.testing.assert_close(jac.sum(0), want[0], rtol=1e-5, atol=1e-6)
+
+
+class _LearnedScaleLoss(torch.nn.Module):
+    """A user's loss module: VAELoss with a learned per-channel obs_logvar."""
+
+    def __init__(self, recon):
+        super().__init__()
+        obs = None
+        if recon != "continuous_bernoulli":
+            obs = torch.nn.Parameter(torch.tensor([[[[-0.6]], [[0.4]]]]))
+        self.loss = fastvae.VAELoss(recon=recon, obs_logvar=obs, reduction="none")
+
+    def forward(self, x_hat, x, mu, logvar):
+        return self.loss(x_hat, x, mu, logvar)
+
+
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")
+@pytest.mark.parametrize("recon", ["gaussian", "laplace", "continuous_bernoulli"])
+def test_plain_dynamo_onnx_export_runs_in_onnxruntime(tmp_path, recon):
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    module = _LearnedScaleLoss(recon).eval()
+    x_hat, x, mu, logvar, _ = make(recon)
+    args = tuple(t.detach() for t in (x_hat, x, mu, logvar))
+    if recon == "continuous_bernoulli":  # saturated logits: no log(sigmoid) in the graph
+        args = (args[0] * 12.0,) + args[1:]
+    program = torch.onnx.export(module, args, dynamo=True, verbose=False)
+    path = tmp_path / "loss.onnx"
+    program.save(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {i.name: t.numpy() for i, t in zip(session.get_inputs(), args)})
+    obs = None if recon == "continuous_bernoulli" else module.loss.obs_logvar.detach()
+    want = ref.vae_loss(*args, recon, 1.0, "none", obs_logvar=obs)[0]
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-4)
