@@ -683,6 +683,9 @@ def benchmark_cases():
     out += [cases.Case("reparam_kl_fwd_bwd", S["reparam"], dtype)
             for dtype in (torch.float32, torch.bfloat16)]
     out += [cases.Case("loss_fwd_bwd", S["ldm"], torch.bfloat16, "mse", "sum")]
+    # issue 15's likelihoods (learned scalar / fitted scale / laplace / CB), bf16 only
+    out += [cases.Case("loss_fwd_bwd", S["gpu_target"], torch.bfloat16, recon, "sum")
+            for recon in cases.LIKELIHOODS]
     return out
 
 
