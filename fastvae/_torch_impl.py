@@ -334,15 +334,37 @@ def _elementwise_scale_recon(x_hat, x, recon, obs_logvar, dtype, grad_scale):
 
 
 def _continuous_bernoulli_recon(x_hat, x, dtype, grad_scale):
-    """-log CB(x | l) = softplus(l) - l x - log C(l) per sample, and its gradient
-    sigmoid(l) - x - d log C / dl."""
-    p, target = _as(x_hat, dtype), _as(x, dtype)
-    buf = torch.ops.aten.softplus.out(p, 1, 20, out=_empty_like_contiguous(p, dtype))
-    buf.addcmul_(p, target, value=-1.0).sub_(_numerics.cb_log_normalizer(p))
+    """-log CB(x | l) per sample, and its gradient E_CB(l)[x] - x, from a = |l| and
+    m = 1 - e^-a (one expm1 and one log per element):
+
+        -log CB(x | l) = softplus(l) - l x - log C(l),  C(l) = l / tanh(l / 2) = a (1 + e^-a) / m
+                       = max(l, 0) - l x - log(a / m)        (the log1p(e^-a) terms cancel)
+        E_CB(l)[x]     = sigmoid(l) - (1/l - 1/sinh l) = 1/2 + sign(l) (w - 1/2),
+        w = sigmoid(a) - (1/a - 1/sinh a) = p - 1/a + 2 e^-a p / m,  p = 1 / (1 + e^-a),
+
+    with 1/a - 1/sinh a by its series below _numerics.CB_SERIES_BELOW (where the
+    closed form cancels). a / m -> 1 as a -> 0 (a is floored at the smallest
+    normal number, so l = 0 gives log 1 = 0: CB(1/2) is uniform); NaN stays NaN."""
+    logit, target = _as(x_hat, dtype), _as(x, dtype)
+    a = torch.abs(logit, out=_empty_like_contiguous(logit, dtype)).clamp_(min=torch.finfo(dtype).tiny)
+    m = torch.neg(a).expm1_().neg_()
+    buf = torch.div(a, m).log_()
+    buf.neg_().addcmul_(logit, target, value=-1.0).add_(torch.relu(logit))
     rows = _row_sum(buf)
     if grad_scale is None:
         return rows, None
-    grad = torch.sigmoid(p, out=buf).sub_(target).sub_(_numerics.cb_log_normalizer_grad(p))
+    below = _numerics.CB_SERIES_BELOW.get(dtype, 0.5)
+    near = a < below
+    e_over = torch.neg(m, out=buf).add_(1.0)  # e^-a
+    p = torch.add(e_over, 1.0).reciprocal_()
+    e_over.mul_(p).mul_(2.0).div_(m)  # 2 e^-a p / m = 1 / sinh(a)
+    g = torch.reciprocal(a, out=m).sub_(e_over)  # 1/a - 1/sinh(a), closed form
+    t = torch.mul(a, a, out=e_over)
+    series = torch.mul(t, 73 / 3421440).add_(-127 / 604800).mul_(t).add_(31 / 15120) \
+        .mul_(t).add_(-7 / 360).mul_(t).add_(1 / 6).mul_(a)
+    g = torch.where(near, series, g)
+    # the CB mean, then minus the target, scaled
+    grad = p.sub_(g).sub_(0.5).mul_(torch.sign(logit)).add_(0.5).sub_(target)
     return rows, grad if grad_scale == 1.0 else grad.mul_(grad_scale)
 
 
