@@ -286,6 +286,10 @@ def _scalar_scale_recon(x_hat, x, recon, obs_logvar, obs_value, optimal, dtype, 
     base = "mse" if recon == "gaussian" else "l1"
     cols = x_hat.numel() // x_hat.shape[0]
     want_grad = grad_scale is not None
+    if obs_logvar is not None and obs_logvar.device.type == "cpu":
+        # a CPU tensor's value is read for free (no device to wait for): it folds
+        # into the gradient's scaling like a float, saving the pass over the gradient
+        obs_value, obs_logvar = float(obs_logvar), None
     # mse's gradient is 2 (x_hat - x): gaussian's (x_hat - x) e^-s is HALF of it times e^-s
     if obs_logvar is None and not optimal:
         inv_scale = math.exp(-obs_value)
