@@ -254,3 +254,57 @@ def test_report_gives_the_seconds_of_each_stage(tmp_path):
     results["stage_s"] = {"test suite": 120.0, "training step group": 150.5}
     assert "Total wall time 300 s (test suite 120 s, training step group 150 s)." in \
         gpu_check.markdown_report(results)
+
+
+def test_fixed_cost_cases_are_held_to_eager_and_to_half_its_host_time():
+    def timing(case, op, vs_eager, host_fastvae, host_eager):
+        return dict(case=case, op=op, ms=dict(fastvae=1.0, eager=vs_eager), vs_eager=vs_eager,
+                    host_us=dict(fastvae=host_fastvae, eager=host_eager),
+                    host_vs_eager=host_eager / host_fastvae)
+
+    timings = [timing("loss_fwd_bwd/mse/sum/fixed_tiny/float32", "loss_fwd_bwd", 0.8, 40.0, 100.0),
+               timing("reparam_kl_fwd_bwd/mnist_mlp/float32", "reparam_kl_fwd_bwd", 1.2, 50.0, 60.0),
+               timing("loss_fwd_bwd/mse/sum/gpu_target/float32", "loss_fwd_bwd", 3.5, 80.0, 120.0)]
+    got = {t["what"]: t["met"] for t in gpu_check.evaluate_targets(timings)}
+    # a fixed-cost case has eager's wall time to beat (not 3x, no bandwidth target); a
+    # loss call also half of eager's host time per call, at every size
+    assert got == {
+        "loss_fwd_bwd/mse/sum/fixed_tiny/float32 vs_eager": False,
+        "loss_fwd_bwd/mse/sum/fixed_tiny/float32 host_vs_eager": True,
+        "reparam_kl_fwd_bwd/mnist_mlp/float32 vs_eager": True,
+        "loss_fwd_bwd/mse/sum/gpu_target/float32 vs_eager": True,
+        "loss_fwd_bwd/mse/sum/gpu_target/float32 host_vs_eager": False,
+    }
+
+
+def test_gpu_check_times_the_fixed_cost_sizes_without_compile():
+    fixed = [c for c in gpu_check.benchmark_cases() if gpu_check.is_fixed_cost(c.id)]
+    assert {c.size.name for c in fixed} == set(gpu_check.FIXED_COST_SIZES)
+    assert {c.op for c in fixed} == {"loss_fwd_bwd", "reparam_kl_fwd_bwd"}
+    assert "compile" not in gpu_check.FIXED_COST_IMPLS
+
+
+def test_diffusers_check_is_skipped_with_its_reason_without_diffusers(monkeypatch):
+    real_find_spec = gpu_check.importlib.util.find_spec
+    monkeypatch.setattr(gpu_check.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "diffusers" else real_find_spec(name, *a))
+    run, results = gpu_check.Run(deadline=float("inf")), fake_results()
+    gpu_check.check_diffusers(run, "cpu", results)
+    assert run.checks[-1]["ok"] is None and "diffusers is not installed" in run.checks[-1]["detail"]
+    assert "diffusers" not in results
+
+
+def test_diffusers_check_checks_then_times_the_patched_model(monkeypatch, one_thread):
+    bench = pytest.importorskip("benchmarks.test_diffusers_bench")
+    small = bench.suite(full=False)  # the CI sizes, standing in for the GPU's
+    monkeypatch.setattr(bench, "suite", lambda full: small)
+    run, results = gpu_check.Run(deadline=float("inf")), fake_results()
+    gpu_check.check_diffusers(run, torch.device("cpu"), results, rounds=1)
+    assert run.checks[-1]["ok"] is True
+    assert set(results["diffusers"]) == {case.id for case in small}
+    for by_impl in results["diffusers"].values():
+        assert set(by_impl) == set(bench.IMPLS) and all(ms > 0 for ms in by_impl.values())
+    md = gpu_check.markdown_report(results)
+    case_id = small[0].id
+    ratio = results["diffusers"][case_id]["eager"] / results["diffusers"][case_id]["fastvae"]
+    assert f"| {case_id} | " in md and f"| {ratio:.2f}x |" in md
