@@ -8,6 +8,7 @@ rounding.
 """
 
 import copy
+import math
 import pathlib
 import subprocess
 import sys
@@ -273,6 +274,44 @@ def test_twenty_training_steps_patched_follow_the_unpatched_loss_curve(fastvae_n
         want = model0(held_out).sample
         for model in (model1, model2):
             torch.testing.assert_close(model(held_out).sample, want, rtol=1e-3, atol=1e-4)
+
+
+def test_learned_logvar_nll_recipe_is_latent_diffusions_loss_plus_log_2(patched, one_thread):
+    """The README's learned-logvar step: recon="laplace" with latent diffusion's learned scalar
+    logvar is LDM's nll_loss (|x - x_hat| / exp(logvar) + logvar, summed per sample, over the
+    batch) + log 2 per pixel, with the same gradients for the model and for logvar."""
+    model = tiny_autoencoder_kl(seed=3)
+    targets = images(n=3, seed=4)
+    ldm_logvar = torch.nn.Parameter(torch.tensor(0.3))
+
+    def step(loss_of):
+        model.zero_grad()
+        ldm_logvar.grad = None
+        posterior = model.encode(targets).latent_dist
+        reconstructions = model.decode(posterior.sample(generator=torch.Generator().manual_seed(7))).sample
+        loss = loss_of(reconstructions, posterior)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in (*model.parameters(), ldm_logvar)]
+
+    def ldm_loss(reconstructions, posterior):
+        rec_loss = torch.abs(targets.contiguous() - reconstructions.contiguous())
+        nll_loss = rec_loss / torch.exp(ldm_logvar) + ldm_logvar
+        nll_loss = torch.sum(nll_loss) / nll_loss.shape[0]
+        kl_loss = torch.sum(posterior.kl()) / targets.shape[0]
+        return nll_loss + KL_SCALE * kl_loss
+
+    def fused_loss(reconstructions, posterior):
+        return fastvae.vae_loss(reconstructions, targets, posterior.mean, posterior.logvar,
+                                recon="laplace", obs_logvar=ldm_logvar, reduction="batchmean",
+                                beta=KL_SCALE)
+
+    want, want_grads = step(ldm_loss)
+    got, got_grads = step(fused_loss)
+    pixels_per_sample = targets[0].numel()
+    torch.testing.assert_close(got, want + pixels_per_sample * math.log(2.0), rtol=1e-5, atol=0)
+    assert want_grads[-1].abs() > 0  # logvar is learned through the loss
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
 
 
 # ---- compatibility with diffusers' DiagonalGaussianDistribution ---------------------
