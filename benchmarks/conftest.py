@@ -118,6 +118,17 @@ def _cpu_model():
     return platform.processor() or platform.machine()
 
 
+def rounds_for(step, full, max_rounds=MAX_ROUNDS):
+    """How many timed rounds: 1 in a quick run; in a full run as many as fill ROUND_SECONDS
+    (one untimed call measures a round), within [MIN_ROUNDS, max_rounds]."""
+    if not full:
+        return 1
+    start = time.perf_counter()
+    step()
+    once = time.perf_counter() - start
+    return int(min(max_rounds, max(MIN_ROUNDS, ROUND_SECONDS / max(once, 1e-9))))
+
+
 def _timed(step, device):
     if torch.device(device).type != "cuda":
         return step
@@ -156,12 +167,7 @@ def run_case(benchmark, request):
         else:
             case.verify(impl, inputs, first_out)
             del first_out
-        rounds = 1
-        if full:
-            start = time.perf_counter()
-            step()
-            once = time.perf_counter() - start
-            rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, ROUND_SECONDS / max(once, 1e-9))))
+        rounds = rounds_for(step, full)
         if torch.device(device).type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             held = torch.cuda.memory_allocated(device)

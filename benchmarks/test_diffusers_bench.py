@@ -38,13 +38,12 @@ from diffusers.models.autoencoders import vae as diffusers_vae  # noqa: E402
 
 import fastvae  # noqa: E402
 from benchmarks.conftest import _timed as _synced  # noqa: E402
-from benchmarks.conftest import bench_devices, full_run  # noqa: E402
+from benchmarks.conftest import bench_devices, full_run, rounds_for  # noqa: E402
 from fastvae.integrations import diffusers as fastvae_diffusers  # noqa: E402
 
 IMPLS = ("fastvae", "eager", "fastvae_vae_loss")
 KL_SCALE = 1e-6  # train_autoencoderkl.py's default --kl_scale
-ROUND_SECONDS = 0.4
-MIN_ROUNDS, MAX_ROUNDS = 5, 100
+MAX_ROUNDS = 100  # a training step of the tiny AutoencoderKL is slow: fewer rounds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,12 +242,7 @@ def test_diffusers_bench(benchmark, request, device, diffusers_case, impl):
         if case.op == "diffusers_posterior_loss_fwd_bwd":
             check_posterior_step(inputs, out)
         del out
-        rounds = 1
-        if full:
-            start = time.perf_counter()
-            step()
-            once = time.perf_counter() - start
-            rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, ROUND_SECONDS / max(once, 1e-9))))
+        rounds = rounds_for(step, full, max_rounds=MAX_ROUNDS)
         benchmark.pedantic(step, rounds=rounds, iterations=1)
 
 
