@@ -396,7 +396,9 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
         grad_obs = torch.empty(x_hat.shape, device=device,
                                dtype=_numerics.grad_buffer_dtype(obs_logvar.dtype))
     else:
-        grad_obs = (mu if obs_logvar is None else obs_logvar).new_empty(0)
+        # empty, in the dtype the op's fake implementation gives it (x_hat's, or obs_logvar's)
+        like = obs_logvar if obs_logvar is not None else (x_hat if has_recon else mu)
+        grad_obs = like.new_empty(0)
     has_clamp = clamp_lo is not None
     _vae_loss_partials_kernel[(r_split.programs + kl_split.programs,)](
         x_hat if has_recon else mu, x if has_recon else mu, mu, logvar,

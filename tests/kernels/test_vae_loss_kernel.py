@@ -535,3 +535,19 @@ def test_nan_prediction_gives_nan_loss_and_gradient(backends, device, recon):
             continue
         expected = _torch_impl.vae_loss_forward(*args)
         assert_same_with_nan((loss, recon_value, kl, grad_x_hat), expected[:4])
+
+
+@pytest.mark.parametrize("obs", ["none", "optimal", "scalar"])
+def test_opcheck_with_the_kernels_and_mixed_dtypes(backends, device, obs):
+    """The kernels' outputs have the dtypes and shapes of the op's fake implementation (a
+    bfloat16 prediction with float32 latents included), so compiled graphs trace them right."""
+    g = torch.Generator().manual_seed(3)
+    x_hat = torch.randn(3, 8, generator=g).to(device, torch.bfloat16).requires_grad_()
+    x = torch.randn(3, 8, generator=g).to(device)
+    mu = torch.randn(3, 4, generator=g).to(device).requires_grad_()
+    logvar = torch.randn(3, 4, generator=g).to(device).requires_grad_()
+    recon = "mse" if obs == "none" else "gaussian"
+    obs_logvar = torch.tensor([0.3], device=device, requires_grad=True) if obs == "scalar" else None
+    backends.kernels(torch.library.opcheck, ops.vae_loss_op,
+                     (x_hat, x, mu, logvar, None, obs_logvar, 1.0, recon, 0.0, obs == "optimal",
+                      "sum", None, None, True, True))
