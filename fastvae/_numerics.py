@@ -45,6 +45,14 @@ LOG_2 = math.log(2.0)  # laplace: log(2 b) per element
 OBS_SCALE = {"gaussian": (0.5, LOG_2PI), "laplace": (1.0, LOG_2)}  # recon: (HALF, LOG_NORM)
 
 
+def exp_of_float(value: float) -> float:
+    """math.exp that overflows to inf, as torch.exp does, instead of raising."""
+    try:
+        return math.exp(value)
+    except OverflowError:
+        return math.inf
+
+
 def obs_scale_terms(err: torch.Tensor, log_scale, recon: str) -> torch.Tensor:
     """Per-element -log p(x) of a gaussian (``err`` the squared error, ``log_scale`` =
     log sigma^2) or laplace (``err`` the absolute error, ``log_scale`` = log b)
@@ -54,7 +62,7 @@ def obs_scale_terms(err: torch.Tensor, log_scale, recon: str) -> torch.Tensor:
     if isinstance(log_scale, torch.Tensor):
         scaled = err * torch.exp(-log_scale)
     else:
-        scaled = err * math.exp(-log_scale)
+        scaled = err * exp_of_float(-log_scale)
     return half * (scaled + log_scale + log_norm)
 
 

@@ -23,7 +23,6 @@ Formulas (per element, summed over each sample's non-batch dims):
 with lv = clamp(logvar, lo, hi) and d/dlogvar = 0 where the clamp was active.
 """
 
-import math
 import threading
 
 import torch
@@ -292,7 +291,7 @@ def _scalar_scale_recon(x_hat, x, recon, obs_logvar, obs_value, optimal, dtype, 
         obs_value, obs_logvar = float(obs_logvar), None
     # mse's gradient is 2 (x_hat - x): gaussian's (x_hat - x) e^-s is HALF of it times e^-s
     if obs_logvar is None and not optimal:
-        inv_scale = math.exp(-obs_value)
+        inv_scale = _numerics.exp_of_float(-obs_value)
         rows, grad = recon_per_sample(x_hat, x, base, dtype,
                                       grad_scale * half * inv_scale if want_grad else None)
         return rows.mul_(half * inv_scale).add_(half * cols * (obs_value + log_norm)), grad

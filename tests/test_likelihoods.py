@@ -236,6 +236,22 @@ def test_nan_propagates(backend, recon, obs_layout):
                                             obs_logvar=nan_obs)).item()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("recon", ["gaussian", "laplace"])
+@pytest.mark.parametrize("obs", [-1000.0, torch.tensor(-1000.0), torch.tensor(-1000.0, dtype=torch.float64)])
+def test_a_scale_beyond_float_range_overflows_to_inf_like_the_formula(backend, recon, obs):
+    """e^-s overflows for s < -709.8: the loss is +inf, as torch's own formula gives, not an
+    OverflowError from the host arithmetic."""
+    fastvae.set_backend(backend)
+    x_hat, x, mu, logvar, _ = make(recon)
+    loss = fastvae.vae_loss(x_hat, x, mu, logvar, recon=recon, obs_logvar=obs, reduction="none")
+    err = (x_hat - x).square() if recon == "gaussian" else (x_hat - x).abs()
+    s = torch.as_tensor(obs, dtype=torch.float64)
+    want = (err.double() * torch.exp(-s)).flatten(1).sum(1)  # the one term that overflows
+    assert torch.isinf(want).all()
+    torch.testing.assert_close(loss.double(), want)
+
+
 def test_float64_results_for_float64_inputs():
     x_hat, x, mu, logvar, obs = make("gaussian", "channel", dtype=torch.float64)
     assert fastvae.vae_loss(x_hat, x, mu, logvar, recon="gaussian", obs_logvar=obs).dtype == \
