@@ -56,16 +56,16 @@ class Backend(Protocol):
         ...
 
     def reparameterize_forward(
-        self, mu: Tensor, logvar: Tensor, seed: int,
+        self, mu: Tensor, logvar: Tensor, seed: Tensor,
         clamp_lo: float | None, clamp_hi: float | None, with_kl: bool,
     ) -> tuple[Tensor, Tensor]:
-        """(z = mu + exp(clamp(logvar) / 2) * eps with eps drawn from ``seed``,
-        the per-sample KL (N,) or an empty tensor)."""
+        """(z = mu + exp(clamp(logvar) / 2) * eps with eps drawn from ``seed`` (a 1-element int64
+        tensor, on the CPU or on mu's device), the per-sample KL (N,) or an empty tensor)."""
         ...
 
     def reparameterize_backward(
         self, grad_z: Tensor, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
-        seed: int, clamp_lo: float | None, clamp_hi: float | None,
+        seed: Tensor, clamp_lo: float | None, clamp_hi: float | None,
     ) -> tuple[Tensor, Tensor]:
         """(grad_mu, grad_logvar), the noise regenerated from ``seed``."""
         ...

@@ -123,7 +123,9 @@ def check_obs_logvar(obs_logvar, recon, x):
     if isinstance(obs_logvar, torch.Tensor):
         if not obs_logvar.is_floating_point():
             raise TypeError(f"obs_logvar must be a floating-point tensor, got {obs_logvar.dtype}")
-        if obs_logvar.layout != torch.strided or obs_logvar.is_nested:
+        if obs_logvar.is_nested:
+            raise TypeError("obs_logvar must be a dense (strided) tensor, got a nested tensor")
+        if obs_logvar.layout != torch.strided:
             raise TypeError(f"obs_logvar must be a dense (strided) tensor, got layout "
                             f"{obs_logvar.layout}")
         if x is None:  # (VAELoss's constructor: the data is not known yet)

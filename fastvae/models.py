@@ -43,8 +43,12 @@ def _check_model_obs_logvar(obs_logvar, recon):
     """A model's obs_logvar: None, a finite float, "learned" or "optimal"."""
     if obs_logvar is None:
         return None
+    if isinstance(obs_logvar, torch.Tensor):
+        raise TypeError("obs_logvar of a model must be a float, 'learned' or 'optimal', got a tensor "
+                        "(a model makes its own learned scalar: obs_logvar='learned')")
     if obs_logvar == "learned" or obs_logvar == "optimal":
-        _validate.check_obs_logvar("optimal", recon, None)  # only gaussian / laplace take one
+        if recon not in _validate.OBS_SCALE_RECONS:
+            _validate.check_obs_logvar(obs_logvar, recon, None)  # names the recon that takes none
         return obs_logvar
     if isinstance(obs_logvar, str):
         raise ValueError(f"obs_logvar of a model must be a float, 'learned' or 'optimal', got "

@@ -13,7 +13,7 @@ class VAELoss(torch.nn.Module):
     ``beta`` may be a float or a 0-dim tensor; assign ``loss_fn.beta`` to
     follow a schedule (a tensor changes value without recompiling).
     ``obs_logvar`` (gaussian, laplace) may be an ``nn.Parameter``: it is then a
-    parameter of this module, learned with the model.
+    parameter of this module, learned with the model; a plain tensor is a buffer.
     """
 
     def __init__(self, *, recon: str = "mse", beta: float | Tensor = 1.0, reduction: str = "sum",
@@ -27,7 +27,11 @@ class VAELoss(torch.nn.Module):
         _validate.check_obs_logvar(obs_logvar, recon, None)
         self.recon, self.beta, self.reduction = recon, beta, reduction
         self.logvar_clamp, self.return_parts = logvar_clamp, return_parts
-        self.obs_logvar = obs_logvar  # (an nn.Parameter registers itself)
+        if isinstance(obs_logvar, torch.Tensor) and not isinstance(obs_logvar, torch.nn.Parameter):
+            # a fixed scale is module state: in the state dict, moved and cast with the module
+            self.register_buffer("obs_logvar", obs_logvar)
+        else:
+            self.obs_logvar = obs_logvar  # (an nn.Parameter registers itself)
 
     def forward(self, x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor) -> Tensor | LossParts:
         return vae_loss(x_hat, x, mu, logvar, recon=self.recon, beta=self.beta,

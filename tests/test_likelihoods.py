@@ -272,6 +272,8 @@ def test_bad_inputs_are_refused_with_the_argument_named():
         (dict(recon="gaussian", obs_logvar=[0.0]), TypeError, "obs_logvar"),
         (dict(recon="gaussian", obs_logvar=True), TypeError, "obs_logvar"),
         (dict(recon="gaussian", obs_logvar=torch.zeros(1, device="meta")), ValueError, "obs_logvar"),
+        (dict(recon="gaussian", obs_logvar=torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])),
+         TypeError, "obs_logvar must be a dense .* got a nested tensor"),
     ]
     for kwargs, error, match in bad:
         with pytest.raises(error, match=match):
@@ -294,6 +296,20 @@ def test_vae_loss_module_with_a_learned_obs_logvar():
     want = ref.reduce(0.5 * (1 - (x_hat.detach().double() - x) ** 2 * math.exp(-0.2)), "batchmean")
     torch.testing.assert_close(s.grad.double(), want, rtol=1e-5, atol=1e-6)
     assert "gaussian" in repr(loss_fn)
+
+
+def test_vae_loss_module_keeps_a_fixed_obs_logvar_tensor_as_a_buffer():
+    """A plain tensor (a fixed per-channel scale) is module state: saved in the state dict
+    and moved / cast with the module, as a Parameter would be."""
+    x_hat, x, mu, logvar, _ = make("gaussian")
+    scale = torch.tensor([[[[0.2]], [[-0.4]]]])
+    loss_fn = fastvae.VAELoss(recon="gaussian", obs_logvar=scale)
+    assert torch.equal(loss_fn.state_dict()["obs_logvar"], scale)
+    loss_fn.double()
+    assert loss_fn.obs_logvar.dtype == torch.float64
+    want = fastvae.vae_loss(x_hat.double(), x.double(), mu.double(), logvar.double(), recon="gaussian",
+                            obs_logvar=scale.double())
+    torch.testing.assert_close(loss_fn(x_hat.double(), x.double(), mu.double(), logvar.double()), want)
 
 
 def test_opcheck():

@@ -54,7 +54,7 @@ def test_train_with_each_likelihood(tmp_path, args):
 
 def test_bad_obs_logvar_options(tmp_path, capsys):
     assert train(tmp_path / "a", "--epochs", "1", "--obs-logvar", "learned") == 2  # bce_logits
-    assert "obs_logvar" in capsys.readouterr().err
+    assert "obs_logvar='learned' with recon='bce_logits'" in capsys.readouterr().err
     assert not (tmp_path / "a" / checkpoint.FILENAME).exists()
     for bad in ("sometimes", "nan", "inf"):
         with pytest.raises(SystemExit):
@@ -68,6 +68,8 @@ def test_model_obs_logvar_rules_and_config_round_trip():
             MLPVAE((6,), recon="mse", obs_logvar=bad)
     with pytest.raises(ValueError, match="obs_logvar"):
         MLPVAE((6,), recon="gaussian", obs_logvar="fitted")
+    with pytest.raises(TypeError, match="obs_logvar of a model .* got a tensor"):  # not read as 0
+        MLPVAE((6,), recon="gaussian", obs_logvar=torch.tensor(0.5))
     with pytest.raises(ValueError, match="obs_logvar"):
         MLPVAE((6,), recon="gaussian", obs_logvar=math.inf)
     for obs in (None, -0.5, "learned", "optimal"):
