@@ -10,7 +10,9 @@ The forced choice comes from the environment variable ``FASTVAE_BACKEND``, read
 once, on first use (not on every call: an environment read per call was a
 measurable part of a small loss's cost), and can be changed at run time with
 ``fastvae.set_backend(name)`` or, for a block of code, ``with
-fastvae.use_backend(name):``. The setting is process-wide (all threads).
+fastvae.use_backend(name):``. ``set_backend`` is process-wide (all threads);
+``use_backend`` overrides it in the calling thread only, so blocks in different
+threads neither see nor undo each other's choice.
 
 Both backends (``fastvae._torch_impl`` and ``fastvae.kernels``) implement the
 functions of :class:`Backend`, with the same signatures.
@@ -20,6 +22,7 @@ import contextlib
 import functools
 import importlib.util
 import os
+import threading
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
@@ -95,9 +98,21 @@ _forced = _NOT_READ  # None (automatic), "torch" or "triton"; FASTVAE_BACKEND un
 _kernels = None  # fastvae.kernels once imported
 
 
+_in_thread = threading.local()  # .backend: this thread's use_backend block, if any
+
+
 def forced_backend() -> str | None:
-    """The forced backend, or None for the automatic choice. The environment is
-    read on the first call only."""
+    """The forced backend, or None for the automatic choice: the innermost
+    ``use_backend`` block of this thread, else ``set_backend``'s / the
+    environment's setting (the environment is read on the first call only)."""
+    in_block = getattr(_in_thread, "backend", _NOT_READ)
+    if in_block is not _NOT_READ:
+        return in_block
+    return _process_backend()
+
+
+def _process_backend():
+    """set_backend's setting, or the environment's until set_backend is called."""
     global _forced
     if _forced is _NOT_READ:
         _forced = _parse(os.environ.get(ENV_VAR, ""), ENV_VAR)
@@ -110,26 +125,35 @@ def set_backend(name: str | None) -> str | None:
     tensors they need ``TRITON_INTERPRET=1`` set before Triton is imported), or
     ``None`` / ``"auto"`` (CUDA tensors on the kernels, the rest on the PyTorch
     path). Overrides ``FASTVAE_BACKEND``. float64 tensors always take the PyTorch
-    path. Returns the previous setting. A backward runs on the backend its
+    path. Returns the previous setting. Inside a ``use_backend`` block the
+    block's choice holds in its thread until the block ends. A backward runs on the backend its
     forward used only where the ops record it, so change the backend between
     steps, not between a forward and its backward."""
     global _forced
     name = _parse(name, "backend")
     if name == "triton" and not triton_available():
         raise RuntimeError("backend 'triton' needs triton, which is not installed")
-    previous = forced_backend()
+    previous = _process_backend()
     _forced = name
     return previous
 
 
 @contextlib.contextmanager
 def use_backend(name: str | None) -> Iterator[None]:
-    """``set_backend(name)`` for the body of a ``with`` block, then the previous setting."""
-    previous = set_backend(name)
+    """Force ``name`` (as ``set_backend`` takes it) for the body of a ``with`` block,
+    in this thread only; blocks nest. Other threads keep their own setting."""
+    name = _parse(name, "backend")
+    if name == "triton" and not triton_available():
+        raise RuntimeError("backend 'triton' needs triton, which is not installed")
+    previous = getattr(_in_thread, "backend", _NOT_READ)
+    _in_thread.backend = name
     try:
         yield
     finally:
-        set_backend(previous)
+        if previous is _NOT_READ:
+            del _in_thread.backend
+        else:
+            _in_thread.backend = previous
 
 
 def backend_for(*tensors: Tensor) -> str:
@@ -163,7 +187,7 @@ def implementation(*tensors: Tensor) -> Backend:
             _kernels = kernels
         if _kernels.AVAILABLE:
             return _kernels
-        if _forced == "triton":
+        if forced_backend() == "triton":
             raise RuntimeError(f"backend 'triton' forced ({ENV_VAR} or fastvae.set_backend) "
                                f"but fastvae.kernels could not import triton")
     return _torch_impl

@@ -86,6 +86,51 @@ def test_use_backend_restores_the_setting_even_on_error():
     assert _dispatch.forced_backend() is None
 
 
+def test_use_backend_blocks_in_two_threads_neither_see_nor_undo_each_other():
+    """Thread A enters a torch block, thread B a triton block, A leaves, then B: each thread
+    saw its own choice throughout, and the process setting is what it was before."""
+    import threading
+
+    fastvae.set_backend(None)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a():
+        with fastvae.use_backend("torch"):
+            a_in.set()
+            b_in.wait(5)
+            seen["a"] = _dispatch.forced_backend()
+        a_out.set()
+
+    def thread_b():
+        a_in.wait(5)
+        with fastvae.use_backend("triton"):
+            b_in.set()
+            a_out.wait(5)
+            seen["b"] = _dispatch.forced_backend()
+        seen["b_after"] = _dispatch.forced_backend()
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == {"a": "torch", "b": "triton", "b_after": None}
+    assert _dispatch.forced_backend() is None
+
+
+def test_use_backend_nests_and_set_backend_inside_a_block_applies_after_it():
+    fastvae.set_backend(None)
+    with fastvae.use_backend("torch"):
+        with fastvae.use_backend(None):  # automatic inside a forced block
+            assert _dispatch.forced_backend() is None
+        assert _dispatch.forced_backend() == "torch"
+        assert fastvae.set_backend("triton") is None  # the process setting it replaces
+        assert _dispatch.forced_backend() == "torch"  # the block still holds in this thread
+    assert _dispatch.forced_backend() == "triton"
+    fastvae.set_backend(None)
+
+
 def test_set_backend_overrides_the_environment(monkeypatch, environment_unread):
     monkeypatch.setenv("FASTVAE_BACKEND", "triton")
     assert fastvae.set_backend("torch") == "triton"  # the previous setting: the environment's
