@@ -128,8 +128,9 @@ def _draw_seed(generator, like):
     does), ``torch.manual_seed`` / a seeded generator reproduce it, and the kernels
     read it from memory. Everything else keeps a host seed: a CPU tensor drawn
     from ``generator`` (a CPU one) or the default CPU generator, the same value
-    as before seeds became tensors; a CUDA generator with non-CUDA tensors has
-    its Philox state (seed, offset) read and advanced on the host."""
+    as before seeds became tensors; a generator of another accelerator (MPS, say,
+    with tensors on it: check_generator refuses mismatched device types) has its
+    Philox state (seed, offset) read and advanced on the host."""
     _validate.check_generator(generator)
     gen_device = None if generator is None else generator.device
     if like.device.type == "cuda" and gen_device is not None and gen_device.type == "cpu" \
