@@ -1,7 +1,6 @@
 """GaussianPosterior against the diagonal-Gaussian formulas."""
 
 import math
-import os
 
 import pytest
 import torch
