@@ -6,6 +6,7 @@ import pytest
 import reference as ref
 import torch
 
+import fastvae
 from fastvae import models
 from fastvae.app import checkpoint, cli
 
@@ -86,3 +87,55 @@ def test_export_records_the_prior_and_the_runtime_samples_from_it(tmp_path):
     with torch.no_grad():
         want = model.decode(torch.from_numpy(z)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+class PriorVAEStep(torch.nn.Module):
+    """A user's module with a learned (d,) prior, free bits and several samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(10, 8)
+        self.dec = torch.nn.Linear(4, 10)
+        self.loss_fn = fastvae.VAELoss(recon="mse", reduction="batchmean", beta=0.5,
+                                       free_bits=0.3,
+                                       prior_mu=torch.nn.Parameter(torch.randn(4)),
+                                       prior_logvar=torch.nn.Parameter(torch.randn(4)))
+
+    def forward(self, x):
+        mu, logvar = self.enc(x).chunk(2, dim=1)
+        logvar = logvar - 40.0  # std ~ 2e-9: every z is mu up to noise far below the tolerance
+        z = fastvae.reparameterize(mu, logvar, num_samples=2)
+        _, kl = fastvae.sample_and_kl(mu, logvar, prior_mu=self.loss_fn.prior_mu,
+                                      prior_logvar=self.loss_fn.prior_logvar)
+        return self.loss_fn(self.dec(z).mean(0), x, mu, logvar), kl
+
+
+def test_user_module_with_prior_free_bits_and_samples_exports_to_onnx(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    torch.manual_seed(3)
+    model = PriorVAEStep()
+    assert {"loss_fn.prior_mu", "loss_fn.prior_logvar"} <= dict(model.named_parameters()).keys()
+    x = torch.rand(5, 10, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():  # the reference from the math, z = mu
+        mu, logvar = model.enc(x).double().chunk(2, dim=1)
+        logvar = logvar - 40.0
+        pm, plv = (p.detach().double() for p in (model.loss_fn.prior_mu,
+                                                  model.loss_fn.prior_logvar))
+        terms = ref.kl_elementwise_prior(mu, logvar, pm, plv)
+    per_element = terms.mean(0)  # a floor that holds some elements and not others
+    fb = model.loss_fn.free_bits = float(per_element.median())
+    assert (per_element < fb).any() and (per_element > fb).any()
+    program = torch.onnx.export(model, (x,), dynamo=True, verbose=False)
+    path = tmp_path / "prior.onnx"
+    program.save(str(path))
+    onnx.checker.check_model(str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    loss, kl = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want_loss = ref.reduce((model.dec(mu.float()).double() - x.double()) ** 2, "batchmean") \
+            + 0.5 * ref.kl_free_bits(terms, fb, "batchmean")
+        want_kl = ref.per_sample(terms)
+    np.testing.assert_allclose(loss, want_loss.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(kl, want_kl.numpy(), rtol=1e-4)
