@@ -648,44 +648,40 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_h
 
 def _prior_kl_terms(mu, logvar, prior_mu, prior_logvar, lo, hi, dtype):
     """(terms, diff_scaled, half_em1, sq_half): the per-element KL, (mu - pm) e^-plv,
-    1/2 expm1(lv - plv) and 1/2 (mu - pm)^2 e^-plv, each mu-shaped in ``dtype``."""
+    1/2 expm1(lv - plv) and 1/2 (mu - pm)^2 e^-plv, each a fresh mu-shaped buffer in
+    ``dtype`` (the callers write them). In-place passes over few buffers: every
+    fresh large buffer costs page faults on the CPU."""
     lv = _clamped(_as(logvar, dtype), lo, hi)
-    diff = _as(mu, dtype)
-    if prior_mu is not None:
-        diff = diff - _as(prior_mu, dtype)
+    mu_c = _as(mu, dtype)
+    diff = mu_c if prior_mu is None else mu_c - _as(prior_mu, dtype)
     if prior_logvar is None:
-        d, d_err = lv, None
-        diff_scaled = diff if diff.shape == mu.shape else diff.expand(mu.shape)
+        d = lv.expand(mu.shape)
+        diff_scaled = diff.expand(mu.shape).clone()
         half_em1 = torch.expm1(d).mul_(0.5)
+        # 1/2 [expm1(d) - d]
+        terms = torch.sub(half_em1, d, alpha=0.5)
     else:
         neg_plv = torch.neg(_as(prior_logvar, dtype))
-        d, d_err = _two_sum(lv, neg_plv)
-        diff_scaled = diff * torch.exp(neg_plv)
-        # e^(lv - plv) - 1 = expm1(d + err) = expm1(d) + e^d err (to first order): the
-        # rounded difference alone is off by |err| e^d, ~2e-6 relative in float32 when
-        # the logvars are 50 apart, and both logvar gradients would inherit it
-        em1 = torch.expm1(d)
-        half_em1 = torch.add(em1, 1.0).mul_(d_err).add_(em1).mul_(0.5)
-    if d.shape != mu.shape:
-        d = d.expand(mu.shape)
-    if half_em1.shape != mu.shape:
-        half_em1 = half_em1.expand(mu.shape).contiguous()
+        # d = fl(lv - plv) and its rounding error, exactly (Knuth's TwoSum): e^(lv - plv)
+        # - 1 = expm1(d + err) = expm1(d) + e^d err to first order. The rounded
+        # difference alone is off by |err| e^d, ~2e-6 relative in float32 when the
+        # logvars are 50 apart, and both logvar gradients would inherit it.
+        d = torch.add(lv, neg_plv).expand(mu.shape).contiguous()
+        scratch = torch.sub(d, neg_plv)  # the part of d that came from lv
+        err = torch.sub(lv, scratch).expand(mu.shape).contiguous()
+        scratch.neg_().add_(d).neg_().add_(neg_plv)  # neg_plv - (d - lv part)
+        err.add_(scratch)
+        half_em1 = torch.expm1(d)
+        torch.mul(half_em1, err, out=scratch).add_(err)  # e^d err = (expm1(d) + 1) err
+        half_em1.add_(scratch).mul_(0.5)
+        # 1/2 [e^(lv - plv) - 1 - (lv - plv)], lv - plv = d + err: into d's buffer
+        terms = d.add_(err).mul_(-0.5).add_(half_em1)
+        diff_scaled = torch.mul(diff, torch.exp(neg_plv))
+        if diff_scaled.shape != mu.shape:
+            diff_scaled = diff_scaled.expand(mu.shape).contiguous()
     sq_half = torch.mul(diff_scaled, diff).mul_(0.5)
-    if sq_half.shape != mu.shape:
-        sq_half = sq_half.expand(mu.shape).contiguous()
-    # 1/2 [e^(lv - plv) - 1 - (lv - plv)] with lv - plv = d + err
-    terms = torch.sub(half_em1, d, alpha=0.5).add_(sq_half)
-    if d_err is not None:
-        terms.sub_(d_err.expand(mu.shape), alpha=0.5)
+    terms.add_(sq_half)
     return terms, diff_scaled, half_em1, sq_half
-
-
-def _two_sum(a, b):
-    """(s, err) with s = fl(a + b) and a + b = s + err exactly (Knuth's TwoSum)."""
-    s = a + b
-    a_part = s - b
-    err = (a - a_part) + (b - (s - a_part))
-    return s, err
 
 
 def kl_with_prior(mu, logvar, prior_mu, prior_logvar, reduction, lo, hi, free_bits, dtype,
@@ -709,15 +705,12 @@ def kl_with_prior(mu, logvar, prior_mu, prior_logvar, reduction, lo, hi, free_bi
     g_mu = g_lv = g_pm = g_plv = None
     factor = scale if mask is None else mask * scale
     if want_grad or want_prior_grad:
-        g_mu = torch.mul(diff_scaled, factor)
-        if g_mu.shape != mu.shape:
-            g_mu = g_mu.expand(mu.shape)
-        g_mu = g_mu.contiguous()
+        g_mu = diff_scaled.mul_(factor)  # (the terms' buffers are this call's to write)
     if want_prior_grad:
         if prior_mu is not None:
             g_pm = torch.neg(g_mu)
         if prior_logvar is not None:
-            g_plv = torch.add(half_em1, sq_half).mul_(factor).neg_()
+            g_plv = sq_half.add_(half_em1).mul_(factor).neg_()
     if want_grad:
         g_lv = half_em1.mul_(factor)
         if lo is not None:
