@@ -48,6 +48,27 @@ class Backend(Protocol):
         """(loss, recon, kl, d recon/d x_hat, d kl/d mu, d kl/d logvar, d recon/d obs_logvar)."""
         ...
 
+    def vae_loss_forward_with_prior(
+        self, x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor,
+        beta: Tensor | None, obs_logvar: Tensor | None,
+        prior_mu: Tensor | None, prior_logvar: Tensor | None, beta_value: float, recon: str,
+        obs_logvar_value: float, obs_logvar_optimal: bool, reduction: str,
+        clamp_lo: float | None, clamp_hi: float | None, free_bits: float,
+        grad_recon: bool, grad_kl: bool, grad_prior: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``vae_loss_forward``'s outputs with the KL against N(prior_mu, e^prior_logvar),
+        then (d kl/d prior_mu, d kl/d prior_logvar), mu-shaped or empty. The kernels
+        take no free_bits (the op sends those calls to the PyTorch path)."""
+        ...
+
+    def kl_forward_with_prior(
+        self, mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None,
+        reduction: str, clamp_lo: float | None, clamp_hi: float | None, free_bits: float,
+        want_grad: bool, want_prior_grad: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(kl, d kl/d mu, d kl/d logvar, d kl/d prior_mu, d kl/d prior_logvar)."""
+        ...
+
     def kl_forward(
         self, mu: Tensor, logvar: Tensor, reduction: str,
         clamp_lo: float | None, clamp_hi: float | None, want_grad: bool,

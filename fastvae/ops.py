@@ -53,12 +53,22 @@ def _forward_backend(*tensors: Tensor, extended: bool = False) -> str:
     return "torch" if _dispatch.implementation(*tensors) is _torch_impl else "triton"
 
 
-def _extended(prior_mu, prior_logvar, free_bits=0.0, num_samples=0):
-    """A call with a diagonal Gaussian prior, free bits or several samples: these run
-    on the PyTorch path on every device (PyTorch ops on CUDA tensors too); the Triton
-    kernels implement the standard-normal, one-sample case."""
-    return prior_mu is not None or prior_logvar is not None or free_bits != 0.0 \
-        or num_samples != 0
+# What only the PyTorch path implements, on every device (PyTorch ops on CUDA
+# tensors too): free bits (they need the per-element batch sums before the
+# gradient), and in the reparameterization a prior or several samples. The loss
+# and KL kernels take a prior.
+
+
+def _free_bits_call(free_bits):
+    return free_bits != 0.0
+
+
+def _extended_sampling(prior_mu, prior_logvar, num_samples):
+    return num_samples != 0 or _with_prior(prior_mu, prior_logvar)
+
+
+def _with_prior(prior_mu, prior_logvar):
+    return prior_mu is not None or prior_logvar is not None
 
 
 # ---- fastvae::vae_loss --------------------------------------------------
@@ -128,12 +138,13 @@ def _vae_loss_impl(
     """LossOutputs: (loss, recon, kl, d recon/d x_hat, d kl/d mu, d kl/d logvar,
     d recon/d obs_logvar, d kl/d prior_mu, d kl/d prior_logvar)."""
     _validate.check_loss_values(x_hat, x, recon, beta)
-    if _extended(prior_mu, prior_logvar, free_bits):
-        return _torch_impl.vae_loss_forward_with_prior(
+    impl = _torch_impl if _free_bits_call(free_bits) else \
+        _dispatch.implementation(x_hat, x, mu, logvar)
+    if _free_bits_call(free_bits) or _with_prior(prior_mu, prior_logvar):
+        return impl.vae_loss_forward_with_prior(
             x_hat, x, mu, logvar, beta, obs_logvar, prior_mu, prior_logvar, beta_value, recon,
             obs_logvar_value, obs_logvar_optimal, reduction, clamp_lo, clamp_hi, free_bits,
             grad_recon, grad_kl, grad_prior)
-    impl = _dispatch.implementation(x_hat, x, mu, logvar)
     out = impl.vae_loss_forward(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
                                 obs_logvar_value, obs_logvar_optimal, reduction,
                                 clamp_lo, clamp_hi, grad_recon, grad_kl)
@@ -198,7 +209,7 @@ def _vae_loss_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(g_xhat, g_mu, g_lv, g_obs, g_pm, g_plv)
     # the backend that scales the gradient buffers, when there are any
     ctx.backend = _forward_backend(
-        x_hat, x, mu, logvar, extended=_extended(prior_mu, prior_logvar, free_bits)) \
+        x_hat, x, mu, logvar, extended=_free_bits_call(free_bits)) \
         if grad_recon or grad_kl or grad_prior else None
     # unused outputs (the gradient buffers; recon/kl when only the loss is used)
     # get None, not a zero-filled tensor as large as the input
@@ -334,11 +345,11 @@ def _kl_divergence_impl(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(kl, d kl/d mu, d kl/d logvar, d kl/d prior_mu, d kl/d prior_logvar), the
     prior's per element of mu (empty without that prior or when not asked for)."""
-    if _extended(prior_mu, prior_logvar, free_bits):
-        return _torch_impl.kl_forward_with_prior(mu, logvar, prior_mu, prior_logvar, reduction,
-                                                 clamp_lo, clamp_hi, free_bits, want_grad,
-                                                 want_prior_grad)
-    impl = _dispatch.implementation(mu, logvar)
+    impl = _torch_impl if _free_bits_call(free_bits) else _dispatch.implementation(mu, logvar)
+    if _free_bits_call(free_bits) or _with_prior(prior_mu, prior_logvar):
+        return impl.kl_forward_with_prior(mu, logvar, prior_mu, prior_logvar, reduction,
+                                          clamp_lo, clamp_hi, free_bits, want_grad,
+                                          want_prior_grad)
     return (*impl.kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad),
             mu.new_empty(0), mu.new_empty(0))
 
@@ -366,7 +377,7 @@ def _kl_setup(ctx, inputs, output):
     ctx.dtypes = (mu.dtype, logvar.dtype)
     # the backend that scales the buffers
     ctx.backend = _forward_backend(
-        mu, logvar, extended=_extended(prior_mu, prior_logvar, free_bits)) \
+        mu, logvar, extended=_free_bits_call(free_bits)) \
         if want_grad or want_prior_grad else None
     ctx.hooked = saved_tensor_hooks_active()
     ctx.prior_shapes_dtypes = tuple(None if p is None else (p.shape, p.dtype)
@@ -406,7 +417,7 @@ def _reparameterize_impl(
 ) -> Tuple[Tensor, Tensor]:
     """(z, per-sample kl (against the prior) or an empty tensor); z has mu's shape, or
     (num_samples, *mu.shape) for num_samples > 0."""
-    if _extended(prior_mu, prior_logvar, 0.0, num_samples):
+    if _extended_sampling(prior_mu, prior_logvar, num_samples):
         return _torch_impl.reparameterize_forward_with_prior(
             mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi, with_kl, num_samples)
     impl = _dispatch.implementation(mu, logvar)
@@ -439,7 +450,7 @@ def _reparameterize_backward_impl(
     """(grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar) (the prior's in its
     shape, empty without it), with the noise regenerated from ``seed`` by
     ``backend``, the one whose forward drew it (None: the one dispatch picks now)."""
-    if _extended(prior_mu, prior_logvar, 0.0, num_samples):
+    if _extended_sampling(prior_mu, prior_logvar, num_samples):
         return _torch_impl.reparameterize_backward_with_prior(
             grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi,
             num_samples)
@@ -458,7 +469,7 @@ reparameterize_backward_op = torch.library.custom_op(
 @reparameterize_backward_op.register_fake
 def _(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi,
       num_samples=0, backend=None):
-    extended = _extended(prior_mu, prior_logvar, 0.0, num_samples)
+    extended = _extended_sampling(prior_mu, prior_logvar, num_samples)
 
     def prior_grad(prior):
         if prior is None or not extended:
@@ -475,7 +486,7 @@ def _reparameterize_setup(ctx, inputs, output):
     ctx.clamp, ctx.with_kl, ctx.num_samples = (clamp_lo, clamp_hi), with_kl, num_samples
     # the backend whose noise the backward regenerates (None: no backward will run)
     ctx.backend = _forward_backend(
-        mu, logvar, extended=_extended(prior_mu, prior_logvar, 0.0, num_samples)) \
+        mu, logvar, extended=_extended_sampling(prior_mu, prior_logvar, num_samples)) \
         if any(ctx.needs_input_grad[:4]) else None
     ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar, seed)
 

@@ -337,3 +337,48 @@ def test_torch_func_grad_matches_eager():
     eager = torch.autograd.grad(sampled(mu, logvar, pm, plv), [mu, logvar, pm, plv])
     for a, b in zip(grads, eager):
         torch.testing.assert_close(a, b)
+
+
+def test_a_prior_runs_in_the_kernel_free_bits_and_samples_on_the_pytorch_path(monkeypatch):
+    from fastvae import _torch_impl, kernels
+
+    calls = []
+    for module, name in ((kernels, "vae_loss_forward_with_prior"),
+                         (kernels, "kl_forward_with_prior"),
+                         (_torch_impl, "vae_loss_forward_with_prior"),
+                         (_torch_impl, "kl_forward_with_prior"),
+                         (_torch_impl, "reparameterize_forward_with_prior")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name,
+                            lambda *a, _r=real, _n=f"{module.__name__}.{name}": calls.append(_n)
+                            or _r(*a))
+    fastvae.set_backend("triton")
+    x_hat, x, mu, logvar, pm, plv = make("learned")
+    fastvae.vae_loss(x_hat, x, mu, logvar, prior_mu=pm, prior_logvar=plv).backward()
+    fastvae.kl_divergence(mu, logvar, prior_mu=pm)
+    assert calls == ["fastvae.kernels.vae_loss_forward_with_prior",
+                     "fastvae.kernels.kl_forward_with_prior"]
+    calls.clear()
+    fastvae.vae_loss(x_hat, x, mu, logvar, prior_mu=pm, free_bits=0.1)
+    fastvae.kl_divergence(mu, logvar, free_bits=0.1)
+    fastvae.sample_and_kl(mu, logvar, prior_mu=pm)
+    fastvae.reparameterize(mu, logvar, num_samples=2)
+    assert calls == ["fastvae._torch_impl.vae_loss_forward_with_prior",
+                     "fastvae._torch_impl.kl_forward_with_prior",
+                     "fastvae._torch_impl.reparameterize_forward_with_prior",
+                     "fastvae._torch_impl.reparameterize_forward_with_prior"]
+
+
+def test_the_kernels_keep_the_gradient_accurate_when_the_logvars_are_50_apart():
+    fastvae.set_backend("triton")
+    g = torch.Generator().manual_seed(6)
+    lv = (19 + torch.rand(4, 32, generator=g)).requires_grad_()
+    plv = (-30 + torch.rand(32, generator=g)).requires_grad_()
+    mu, pm = torch.randn(4, 32, generator=g), torch.randn(32, generator=g)
+    kl = fastvae.kl_divergence(mu, lv, prior_mu=pm, prior_logvar=plv)
+    g_lv, g_plv = torch.autograd.grad(kl, [lv, plv])
+    ratio = torch.exp(lv.double() - plv.double())
+    want_lv = 0.5 * (ratio - 1)
+    want_plv = (0.5 * (1 - ratio - (mu.double() - pm.double()) ** 2 / plv.double().exp())).sum(0)
+    for got, want in ((g_lv, want_lv), (g_plv, want_plv)):
+        assert ((got.double() - want).abs() / want.abs()).max() < 4e-7
