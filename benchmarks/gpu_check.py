@@ -719,8 +719,8 @@ def benchmark_cases():
     # issue 15's likelihoods (learned scalar / fitted scale / laplace / CB), bf16 only
     out += [cases.Case("loss_fwd_bwd", S["gpu_target"], torch.bfloat16, recon, "sum")
             for recon in cases.LIKELIHOODS]
-    # issue 15's KL controls at the reparam size, float32 (the priors in the KL kernel;
-    # free bits and num_samples on the PyTorch path: the kernels do not implement them yet)
+    # issue 15's KL controls at the reparam size, float32 (priors and num_samples in the
+    # kernels; free bits on the PyTorch path: the kernels do not implement them yet)
     out += [cases.Case("kl_fwd_bwd", S["reparam"], torch.float32, variant=v)
             for v in ("prior_learned", "prior_per_sample", "free_bits")]
     out += [cases.Case("reparam_kl_fwd_bwd", S["reparam"], torch.float32, variant="samples4")]

@@ -84,6 +84,24 @@ class Backend(Protocol):
         the per-sample KL (N,) or an empty tensor)."""
         ...
 
+    def reparameterize_forward_with_prior(
+        self, mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None,
+        seed: int, clamp_lo: float | None, clamp_hi: float | None, with_kl: bool,
+        num_samples: int,
+    ) -> tuple[Tensor, Tensor]:
+        """``reparameterize_forward`` with ``num_samples`` (0: mu's shape; K: (K, *mu.shape))
+        and the KL against N(prior_mu, exp(prior_logvar))."""
+        ...
+
+    def reparameterize_backward_with_prior(
+        self, grad_z: Tensor, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
+        prior_mu: Tensor | None, prior_logvar: Tensor | None, seed: int,
+        clamp_lo: float | None, clamp_hi: float | None, num_samples: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar), the prior's in its
+        shape and dtype (empty without it), the noise regenerated from ``seed``."""
+        ...
+
     def reparameterize_backward(
         self, grad_z: Tensor, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
         seed: int, clamp_lo: float | None, clamp_hi: float | None,

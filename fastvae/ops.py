@@ -55,8 +55,8 @@ def _forward_backend(*tensors: Tensor, extended: bool = False) -> str:
 
 # What only the PyTorch path implements, on every device (PyTorch ops on CUDA
 # tensors too): free bits (they need the per-element batch sums before the
-# gradient), and in the reparameterization a prior or several samples. The loss
-# and KL kernels take a prior.
+# gradient). A prior (in the loss, the KL and the sampling's KL) and several
+# samples run on the kernels too.
 
 
 def _free_bits_call(free_bits):
@@ -417,10 +417,10 @@ def _reparameterize_impl(
 ) -> Tuple[Tensor, Tensor]:
     """(z, per-sample kl (against the prior) or an empty tensor); z has mu's shape, or
     (num_samples, *mu.shape) for num_samples > 0."""
-    if _extended_sampling(prior_mu, prior_logvar, num_samples):
-        return _torch_impl.reparameterize_forward_with_prior(
-            mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi, with_kl, num_samples)
     impl = _dispatch.implementation(mu, logvar)
+    if _extended_sampling(prior_mu, prior_logvar, num_samples):
+        return impl.reparameterize_forward_with_prior(
+            mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi, with_kl, num_samples)
     return impl.reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl)
 
 
@@ -450,14 +450,14 @@ def _reparameterize_backward_impl(
     """(grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar) (the prior's in its
     shape, empty without it), with the noise regenerated from ``seed`` by
     ``backend``, the one whose forward drew it (None: the one dispatch picks now)."""
-    if _extended_sampling(prior_mu, prior_logvar, num_samples):
-        return _torch_impl.reparameterize_backward_with_prior(
-            grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi,
-            num_samples)
     if backend is None:
         impl = _dispatch.implementation(mu, logvar)
     else:
         impl = _dispatch.implementation_named(backend)
+    if _extended_sampling(prior_mu, prior_logvar, num_samples):
+        return impl.reparameterize_backward_with_prior(
+            grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi,
+            num_samples)
     return (*impl.reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_hi),
             mu.new_empty(0), mu.new_empty(0))
 
@@ -485,9 +485,7 @@ def _reparameterize_setup(ctx, inputs, output):
     mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi, with_kl, num_samples = inputs
     ctx.clamp, ctx.with_kl, ctx.num_samples = (clamp_lo, clamp_hi), with_kl, num_samples
     # the backend whose noise the backward regenerates (None: no backward will run)
-    ctx.backend = _forward_backend(
-        mu, logvar, extended=_extended_sampling(prior_mu, prior_logvar, num_samples)) \
-        if any(ctx.needs_input_grad[:4]) else None
+    ctx.backend = _forward_backend(mu, logvar) if any(ctx.needs_input_grad[:4]) else None
     ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar, seed)
 
 

@@ -339,12 +339,13 @@ def test_torch_func_grad_matches_eager():
         torch.testing.assert_close(a, b)
 
 
-def test_a_prior_runs_in_the_kernel_free_bits_and_samples_on_the_pytorch_path(monkeypatch):
+def test_a_prior_and_samples_run_in_the_kernels_free_bits_on_the_pytorch_path(monkeypatch):
     from fastvae import _torch_impl, kernels
 
     calls = []
     for module, name in ((kernels, "vae_loss_forward_with_prior"),
                          (kernels, "kl_forward_with_prior"),
+                         (kernels, "reparameterize_forward_with_prior"),
                          (_torch_impl, "vae_loss_forward_with_prior"),
                          (_torch_impl, "kl_forward_with_prior"),
                          (_torch_impl, "reparameterize_forward_with_prior")):
@@ -356,17 +357,41 @@ def test_a_prior_runs_in_the_kernel_free_bits_and_samples_on_the_pytorch_path(mo
     x_hat, x, mu, logvar, pm, plv = make("learned")
     fastvae.vae_loss(x_hat, x, mu, logvar, prior_mu=pm, prior_logvar=plv).backward()
     fastvae.kl_divergence(mu, logvar, prior_mu=pm)
+    fastvae.sample_and_kl(mu, logvar, prior_mu=pm)
+    fastvae.reparameterize(mu, logvar, num_samples=2)
     assert calls == ["fastvae.kernels.vae_loss_forward_with_prior",
-                     "fastvae.kernels.kl_forward_with_prior"]
+                     "fastvae.kernels.kl_forward_with_prior",
+                     "fastvae.kernels.reparameterize_forward_with_prior",
+                     "fastvae.kernels.reparameterize_forward_with_prior"]
     calls.clear()
     fastvae.vae_loss(x_hat, x, mu, logvar, prior_mu=pm, free_bits=0.1)
     fastvae.kl_divergence(mu, logvar, free_bits=0.1)
-    fastvae.sample_and_kl(mu, logvar, prior_mu=pm)
-    fastvae.reparameterize(mu, logvar, num_samples=2)
     assert calls == ["fastvae._torch_impl.vae_loss_forward_with_prior",
-                     "fastvae._torch_impl.kl_forward_with_prior",
-                     "fastvae._torch_impl.reparameterize_forward_with_prior",
-                     "fastvae._torch_impl.reparameterize_forward_with_prior"]
+                     "fastvae._torch_impl.kl_forward_with_prior"]
+
+
+@pytest.mark.parametrize("prior", ["none", "learned", "batch_broadcast"])
+def test_sample_and_kl_with_a_prior_and_samples_on_the_kernels(prior):
+    """Against the float64 oracle, the noise read back from z (the kernels draw their own)."""
+    fastvae.set_backend("triton")
+    _, _, mu, logvar, pm, plv = make(prior)
+    z, kl = fastvae.sample_and_kl(mu, logvar, prior_mu=pm, prior_logvar=plv, num_samples=3,
+                                  logvar_clamp=(-1.0, 1.0))
+    assert z.shape == (3, *Z_SHAPE)
+    g = torch.Generator().manual_seed(2)
+    grad_z, grad_kl = torch.randn(z.shape, generator=g), torch.randn(kl.shape, generator=g)
+    leaves = present(mu, logvar, pm, plv)
+    grads = torch.autograd.grad([z, kl], leaves, [grad_z, grad_kl])
+    ref_leaves = float64_leaves(mu, logvar, pm, plv)
+    ref_kl = ref.per_sample(ref.kl_elementwise_prior(*ref_leaves, logvar_clamp=(-1.0, 1.0)))
+    lv_c = ref_leaves[1].clamp(-1.0, 1.0)
+    eps = ((z.detach().double() - mu.detach().double()) / torch.exp(0.5 * lv_c)).detach()
+    ref_z = ref_leaves[0] + torch.exp(0.5 * lv_c) * eps
+    ref_grads = torch.autograd.grad([ref_z, ref_kl], present(*ref_leaves),
+                                    [grad_z.double(), grad_kl.double()])
+    torch.testing.assert_close(kl.double(), ref_kl.detach(), rtol=2e-5, atol=2e-6)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-5)
 
 
 def test_the_kernels_keep_the_gradient_accurate_when_the_logvars_are_50_apart():

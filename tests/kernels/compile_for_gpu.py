@@ -153,6 +153,12 @@ def variants():
             for reduction in ("batchmean", "none"):
                 fastvae.kl_divergence(mu, logvar, reduction=reduction,
                                       logvar_clamp=clamp).sum().backward()
+            # several samples, and the KL against a learned prior
+            prior = torch.zeros(512, requires_grad=True)
+            z, kl = fastvae.sample_and_kl(mu, logvar, logvar_clamp=clamp, num_samples=3,
+                                          prior_mu=prior, prior_logvar=prior)
+            (z.sum() + kl.sum()).backward()
+            fastvae.reparameterize(mu, logvar, num_samples=2).sum().backward()
         yield f"sampling {dtype} clamp={clamp}", sampling
 
 
