@@ -669,7 +669,7 @@ def _prior_kl_terms(mu, logvar, prior_mu, prior_logvar, lo, hi, dtype):
         d = torch.add(lv, neg_plv).expand(mu.shape).contiguous()
         scratch = torch.sub(d, neg_plv)  # the part of d that came from lv
         err = torch.sub(lv, scratch).expand(mu.shape).contiguous()
-        scratch.neg_().add_(d).neg_().add_(neg_plv)  # neg_plv - (d - lv part)
+        scratch.sub_(d).add_(neg_plv)  # neg_plv - (d - lv part), rounded the same way
         err.add_(scratch)
         half_em1 = torch.expm1(d)
         torch.mul(half_em1, err, out=scratch).add_(err)  # e^d err = (expm1(d) + 1) err
