@@ -37,8 +37,20 @@ Stable API (other modules import these names; keep them):
                           distributions Laplace(x_hat, e^s).log_prob
         continuous_bernoulli  eager BCE-with-logits - log(l / tanh(l / 2)),
                           distributions ContinuousBernoulli(logits=l).log_prob
-    Case(op, size, dtype, recon=None, reduction="sum")   frozen dataclass
-        .id                  e.g. "loss_fwd_bwd/mse/sum/cpu_target/float32"
+    KL_VARIANTS  issue 15's KL controls, a Case's ``variant`` (kl_fwd_bwd, reparam_*):
+        prior_learned     KL against a learned diagonal Gaussian prior of the latent's
+                          trailing shape ((d,) for flat latents), gradients to it; eager
+                          1/2 sum[plv - lv + (e^lv + (mu - pm)^2) e^-plv - 1],
+                          distributions kl_divergence(Normal(mu, std), Normal(pm, pstd))
+        prior_per_sample  the same with a per-sample (mu-shaped) conditional prior
+        free_bits         kl_fwd_bwd: sum_k max(N K_k, N * FREE_BITS) (K_k the batch-mean
+                          KL of latent element k); eager/distributions clamp_min of the
+                          per-element KL's batch mean
+        samples4          reparam_*: num_samples=4 (z of shape (4, *mu.shape)); eager
+                          mu + std * randn(4, ...), distributions Normal.rsample((4,))
+    Case(op, size, dtype, recon=None, reduction="sum", variant=None)   frozen dataclass
+        .id                  e.g. "loss_fwd_bwd/mse/sum/cpu_target/float32",
+                             "kl_fwd_bwd/prior_learned/ldm/float32"
         .impls               the implementations this case runs ("fastvae" first)
         .inputs(device, seed=0)   fresh inputs: a dict of tensors (train_step: also model,
                              optimizer); the same values on every device
@@ -86,6 +98,10 @@ LIKELIHOODS = {"gaussian_learned": ("gaussian", "learned"),
                "laplace_learned": ("laplace", "learned"),
                "continuous_bernoulli": ("continuous_bernoulli", None)}
 LEARNED_OBS_LOGVAR = 0.3  # the learned scalar's value in the benchmarks
+KL_VARIANTS = ("prior_learned", "prior_per_sample", "free_bits", "samples4")
+FREE_BITS = 0.567  # about the mean KL per element of the benchmark latents (E[mu^2 + e^lv - 1 - lv] / 2
+# with mu ~ N(0, 1), lv ~ N(0, 1/4)): about half the elements are held at the floor
+NUM_SAMPLES = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +296,55 @@ def _reparam_fn(impl, with_kl):
     return _compiled(fn) if impl == "compile" else fn
 
 
+def _variant_kl_fn(impl, variant):
+    """(mu, logvar[, prior_mu, prior_logvar]) -> the summed KL of a KL_VARIANTS case."""
+    if impl == "fastvae":
+        import fastvae
+
+        if variant == "free_bits":
+            return lambda mu, logvar: fastvae.kl_divergence(mu, logvar, free_bits=FREE_BITS)
+        return lambda mu, logvar, pm, plv: fastvae.kl_divergence(mu, logvar, prior_mu=pm,
+                                                                 prior_logvar=plv)
+    if variant == "free_bits":
+        terms = (lambda mu, logvar: D.kl_divergence(
+            D.Normal(mu, torch.exp(0.5 * logvar)),
+            D.Normal(torch.zeros_like(mu), torch.ones_like(mu)))) if impl == "distributions" \
+            else (lambda mu, logvar: -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()))
+
+        def fn(mu, logvar):
+            return terms(mu, logvar).mean(0).clamp_min(FREE_BITS).sum() * mu.shape[0]
+    elif impl == "distributions":
+        def fn(mu, logvar, pm, plv):
+            return D.kl_divergence(D.Normal(mu, torch.exp(0.5 * logvar)),
+                                   D.Normal(pm, torch.exp(0.5 * plv))).sum()
+    else:
+        def fn(mu, logvar, pm, plv):
+            return 0.5 * torch.sum(plv - logvar + (logvar.exp() + (mu - pm).pow(2))
+                                   * torch.exp(-plv) - 1)
+    return _compiled(fn) if impl == "compile" else fn
+
+
+def _samples_fn(impl, with_kl):
+    """(mu, logvar) -> NUM_SAMPLES samples (and the per-sample KL)."""
+    if impl == "fastvae":
+        import fastvae
+
+        if with_kl:
+            return lambda mu, logvar: fastvae.sample_and_kl(mu, logvar, num_samples=NUM_SAMPLES)
+        return lambda mu, logvar: fastvae.reparameterize(mu, logvar, num_samples=NUM_SAMPLES)
+    kl = distributions_kl if impl == "distributions" else eager_kl
+
+    def fn(mu, logvar):
+        std = torch.exp(0.5 * logvar)
+        if impl == "distributions":
+            z = D.Normal(mu, std).rsample((NUM_SAMPLES,))
+        else:
+            z = mu + std * torch.randn((NUM_SAMPLES, *mu.shape), dtype=mu.dtype, device=mu.device)
+        return (z, kl(mu, logvar, "none")) if with_kl else z
+
+    return _compiled(fn) if impl == "compile" else fn
+
+
 def _compiled(fn):
     # A fresh Dynamo cache per case: the cases share code objects, and a warm
     # cache would hit the recompile limit and fall back to eager silently.
@@ -390,12 +455,15 @@ class Case:
     dtype: torch.dtype = torch.float32
     recon: str | None = None
     reduction: str = "sum"
+    variant: str | None = None  # one of KL_VARIANTS
 
     @property
     def id(self):
         parts = [self.op]
         if self.recon is not None:
             parts += [self.recon, self.reduction]
+        if self.variant is not None:
+            parts.append(self.variant)
         return "/".join(parts + [self.size.name, _dtype_name(self.dtype)])
 
     @property
@@ -429,9 +497,15 @@ class Case:
             mu, logvar = _latents(self.size, gen)
             out = dict(mu=_leaf(mu, device, self.dtype, True),
                        logvar=_leaf(logvar, device, self.dtype, True))
+            if self.variant in ("prior_learned", "prior_per_sample"):
+                shape = self.size.latent_shape[1:] if self.variant == "prior_learned" \
+                    else self.size.latent_shape
+                out["prior_mu"] = _leaf(_randn(shape, gen) * 0.5, device, self.dtype, True)
+                out["prior_logvar"] = _leaf(_randn(shape, gen) * 0.5, device, self.dtype, True)
         if self.op.startswith("reparam"):
             # the upstream gradients a backward receives
-            out["grad_z"] = _randn(self.size.latent_shape, gen).to(device, self.dtype)
+            samples = (NUM_SAMPLES,) if self.variant == "samples4" else ()
+            out["grad_z"] = _randn(samples + self.size.latent_shape, gen).to(device, self.dtype)
             out["grad_kl"] = _randn(self.size.latent_shape[:1], gen).to(device, torch.float32)
         return out
 
@@ -464,7 +538,9 @@ class Case:
         if self.op.startswith("loss"):
             return _loss_fn(impl, self.recon, self.reduction)
         if self.op == "kl_fwd_bwd":
-            return _kl_fn(impl)
+            return _kl_fn(impl) if self.variant is None else _variant_kl_fn(impl, self.variant)
+        if self.variant == "samples4":
+            return _samples_fn(impl, self.op == "reparam_kl_fwd_bwd")
         return _reparam_fn(impl, self.op == "reparam_kl_fwd_bwd")
 
     def _runner(self, impl, inp, fn=None):
@@ -485,6 +561,8 @@ class Case:
                 return (loss, *torch.autograd.grad(loss, wrt, torch.ones_like(loss)))
             return fwd_bwd
         wrt = (inp["mu"], inp["logvar"])
+        if "prior_mu" in inp:
+            wrt += (inp["prior_mu"], inp["prior_logvar"])
         if self.op == "kl_fwd_bwd":
             def kl_fwd_bwd():
                 kl = fn(*wrt)
@@ -544,7 +622,10 @@ class Case:
         # half-precision intermediates (a learned scalar's gradient is a sum of bf16
         # terms that cancel; CB's normaliser cancels near l = 0): off by more than any
         # fixed tolerance. Only their values are compared; fastvae's gradients always are.
-        values_only = (impl != "fastvae" and self.recon in LIKELIHOODS
+        # So are free bits': a half-precision batch mean can land on the other side of
+        # the floor than the exact one, which switches that element's gradient off or on.
+        values_only = (impl != "fastvae" and (self.recon in LIKELIHOODS
+                                              or self.variant == "free_bits")
                        and self.dtype in (torch.float16, torch.bfloat16))
         for name, g, w in zip(names, got, ref):
             if w is None:  # no value reference (z: its noise is checked in _reference)
@@ -558,6 +639,8 @@ class Case:
                 # z's dtype: allow that rounding, times d(grad)/dz = grad_z / 2
                 z = got[0].detach().double()
                 extra = 0.5 * inputs["grad_z"].double().abs() * z.abs() * torch.finfo(got[0].dtype).eps
+                if self.variant == "samples4":
+                    extra = extra.sum(0)
             if self.recon == "continuous_bernoulli" and impl == "distributions" and name == "grad x_hat":
                 # torch's normaliser, atanh(1 - 2p) / (1 - 2p) outside its Taylor window
                 # (0.499, 0.501) in p, cancels in float32 near l = 0: its gradient is off
@@ -573,7 +656,9 @@ class Case:
             return ["loss", "grad x_hat", "grad mu", "grad logvar"] + (
                 ["grad obs_logvar"] if learned else [])
         if self.op == "kl_fwd_bwd":
-            return ["kl", "grad mu", "grad logvar"]
+            prior = ["grad prior_mu", "grad prior_logvar"] if self.variant in (
+                "prior_learned", "prior_per_sample") else []
+            return ["kl", "grad mu", "grad logvar"] + prior
         if self.op == "reparam_fwd_bwd":
             return ["z", "grad mu", "grad logvar"]
         return ["z", "kl", "grad mu", "grad logvar"]
@@ -621,6 +706,20 @@ class Case:
             if self.op == "loss_fwd":
                 return [loss]
             return [loss, grad, mu, 0.5 * (lv.exp() - 1.0)] + grad_obs
+        if self.op == "kl_fwd_bwd" and self.variant == "free_bits":
+            per_element = kl_terms.mean(0)  # K_k; the floored ones pass no gradient
+            held = (per_element >= FREE_BITS).to(torch.float64)
+            kl = torch.clamp(per_element, min=FREE_BITS).sum() * mu.shape[0]
+            return [kl, mu * held, 0.5 * (lv.exp() - 1.0) * held]
+        if self.op == "kl_fwd_bwd" and "prior_mu" in inp:
+            pm, plv = inp["prior_mu"].double(), inp["prior_logvar"].double()
+            inv_pvar = torch.exp(-plv)
+            kl = 0.5 * (plv - lv + (lv.exp() + (mu - pm) ** 2) * inv_pvar - 1.0)
+            g_mu = (mu - pm) * inv_pvar
+            g_lv = 0.5 * (torch.exp(lv - plv) - 1.0)
+            g_plv = 0.5 * (1.0 - (lv.exp() + (mu - pm) ** 2) * inv_pvar)
+            return [kl.sum(), g_mu, g_lv, (-g_mu).sum_to_size(pm.shape),
+                    g_plv.sum_to_size(plv.shape)]
         if self.op == "kl_fwd_bwd":
             return [kl_rows.sum(), mu, 0.5 * (lv.exp() - 1.0)]
         # reparameterization: the noise each implementation drew is recovered from its z.
@@ -637,6 +736,8 @@ class Case:
             f"std {std:.4f} (bound 1 +- {std_bound:.4f})"
         g_z = inp["grad_z"].double()
         grad_mu, grad_lv = g_z, 0.5 * g_z * (z - mu)
+        if self.variant == "samples4":  # the samples' gradients add up
+            grad_mu, grad_lv = grad_mu.sum(0), grad_lv.sum(0)
         out = [None]  # z: checked through its noise above
         if self.op == "reparam_kl_fwd_bwd":
             g_kl = inp["grad_kl"].double().reshape((-1,) + (1,) * (mu.dim() - 1))
@@ -657,9 +758,16 @@ class Case:
             writes = 0 if self.op == "loss_fwd" else x + 2 * latent
             return reads + writes
         if self.op == "kl_fwd_bwd":
-            return 4 * latent
-        # forward reads mu, logvar and writes z; backward reads grad_z, mu, logvar, writes two grads
-        return 8 * latent
+            prior = 0
+            if self.variant in ("prior_learned", "prior_per_sample"):  # read, gradient written
+                shape = self.size.latent_shape[1:] if self.variant == "prior_learned" \
+                    else self.size.latent_shape
+                prior = 4 * math.prod(shape) * item
+            return 4 * latent + prior
+        # forward reads mu, logvar and writes z; backward reads grad_z, mu, logvar, writes
+        # two grads (z and grad_z NUM_SAMPLES times as large for samples4)
+        samples = NUM_SAMPLES if self.variant == "samples4" else 1
+        return 6 * latent + 2 * samples * latent
 
 
 def _loss_cases(sizes, dtypes, full_grid_size):
@@ -704,8 +812,22 @@ def suite(device, full=True):
         for dtype in dtypes:
             cases += [Case(op, size, dtype)
                       for op in ("reparam_kl_fwd_bwd", "reparam_fwd_bwd", "kl_fwd_bwd")]
+    cases += _kl_control_cases(latent_sizes, dtypes[:2])
     cases += [Case("train_step", size, torch.float32) for size in train_sizes]
     return cases
+
+
+def _kl_control_cases(sizes, dtypes):
+    """Issue 15's KL controls: a learned (d,) and a per-sample prior and free bits
+    (kl_fwd_bwd), num_samples=4 (both reparameterizations), float32 and bfloat16."""
+    out = []
+    for size in sizes:
+        for dtype in dtypes:
+            out += [Case("kl_fwd_bwd", size, dtype, variant=v)
+                    for v in ("prior_learned", "prior_per_sample", "free_bits")]
+            out += [Case(op, size, dtype, variant="samples4")
+                    for op in ("reparam_fwd_bwd", "reparam_kl_fwd_bwd")]
+    return out
 
 
 FIXED_COST_OPS = ("loss_fwd", "loss_fwd_bwd", "kl_fwd_bwd", "reparam_fwd_bwd", "reparam_kl_fwd_bwd")

@@ -51,6 +51,27 @@ class Backend(Protocol):
         """(loss, recon, kl, d recon/d x_hat, d kl/d mu, d kl/d logvar, d recon/d obs_logvar)."""
         ...
 
+    def vae_loss_forward_with_prior(
+        self, x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor,
+        beta: Tensor | None, obs_logvar: Tensor | None,
+        prior_mu: Tensor | None, prior_logvar: Tensor | None, beta_value: float, recon: str,
+        obs_logvar_value: float, obs_logvar_optimal: bool, reduction: str,
+        clamp_lo: float | None, clamp_hi: float | None, free_bits: float,
+        grad_recon: bool, grad_kl: bool, grad_prior: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``vae_loss_forward``'s outputs with the KL against N(prior_mu, e^prior_logvar),
+        then (d kl/d prior_mu, d kl/d prior_logvar), mu-shaped or empty. The kernels
+        take no free_bits (the op sends those calls to the PyTorch path)."""
+        ...
+
+    def kl_forward_with_prior(
+        self, mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None,
+        reduction: str, clamp_lo: float | None, clamp_hi: float | None, free_bits: float,
+        want_grad: bool, want_prior_grad: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(kl, d kl/d mu, d kl/d logvar, d kl/d prior_mu, d kl/d prior_logvar)."""
+        ...
+
     def kl_forward(
         self, mu: Tensor, logvar: Tensor, reduction: str,
         clamp_lo: float | None, clamp_hi: float | None, want_grad: bool,
@@ -64,6 +85,24 @@ class Backend(Protocol):
     ) -> tuple[Tensor, Tensor]:
         """(z = mu + exp(clamp(logvar) / 2) * eps with eps drawn from ``seed`` (a 1-element int64
         tensor, on the CPU or on mu's device), the per-sample KL (N,) or an empty tensor)."""
+        ...
+
+    def reparameterize_forward_with_prior(
+        self, mu: Tensor, logvar: Tensor, prior_mu: Tensor | None, prior_logvar: Tensor | None,
+        seed: int, clamp_lo: float | None, clamp_hi: float | None, with_kl: bool,
+        num_samples: int,
+    ) -> tuple[Tensor, Tensor]:
+        """``reparameterize_forward`` with ``num_samples`` (0: mu's shape; K: (K, *mu.shape))
+        and the KL against N(prior_mu, exp(prior_logvar))."""
+        ...
+
+    def reparameterize_backward_with_prior(
+        self, grad_z: Tensor, grad_kl: Tensor | None, mu: Tensor, logvar: Tensor,
+        prior_mu: Tensor | None, prior_logvar: Tensor | None, seed: int,
+        clamp_lo: float | None, clamp_hi: float | None, num_samples: int,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar), the prior's in its
+        shape and dtype (empty without it), the noise regenerated from ``seed``."""
         ...
 
     def reparameterize_backward(

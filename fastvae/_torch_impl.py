@@ -628,3 +628,207 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_h
     if clamp_lo is not None:
         grad_logvar.mul_(_unclamped_mask(logvar_c, clamp_lo, clamp_hi))
     return _as(grad_mu, mu.dtype), _as(grad_logvar, logvar.dtype)
+
+
+# ---- KL against a diagonal Gaussian prior, free bits, several samples ----
+#
+# KL(N(mu, e^lv) || N(pm, e^plv)) per element, with d = lv - plv:
+#     1/2 [plv - lv + (e^lv + (mu - pm)^2) e^-plv - 1] = 1/2 [expm1(d) - d + (mu - pm)^2 e^-plv]
+# (the standard-normal KL at pm = 0, plv = 0). e^lv e^-plv is formed as e^d, so a
+# prior and a posterior whose logvars are far apart (|d| ~ 50) neither overflow nor
+# lose the gradient to cancellation. Gradients:
+#     d/dmu = (mu - pm) e^-plv = -d/dpm,   d/dlv = 1/2 expm1(d),
+#     d/dplv = -1/2 [expm1(d) + (mu - pm)^2 e^-plv].
+# Free bits (Kingma et al. 2016): with K_k the batch mean of the KL of latent
+# element k, the KL term is sum_k max(K_k, free_bits) (per sample: "batchmean";
+# times N: "sum"; divided by the elements per sample: "mean"); the gradient is
+# zero for the elements held at the floor (torch.clamp_min's rule: K_k < free_bits).
+
+
+def _prior_kl_terms(mu, logvar, prior_mu, prior_logvar, lo, hi, dtype):
+    """(terms, diff_scaled, half_em1, sq_half): the per-element KL, (mu - pm) e^-plv,
+    1/2 expm1(lv - plv) and 1/2 (mu - pm)^2 e^-plv, each a fresh mu-shaped buffer in
+    ``dtype`` (the callers write them). In-place passes over few buffers: every
+    fresh large buffer costs page faults on the CPU."""
+    lv = _clamped(_as(logvar, dtype), lo, hi)
+    mu_c = _as(mu, dtype)
+    diff = mu_c if prior_mu is None else mu_c - _as(prior_mu, dtype)
+    if prior_logvar is None:
+        d = lv.expand(mu.shape)
+        diff_scaled = diff.expand(mu.shape).clone()
+        half_em1 = torch.expm1(d).mul_(0.5)
+        # 1/2 [expm1(d) - d]
+        terms = torch.sub(half_em1, d, alpha=0.5)
+    else:
+        neg_plv = torch.neg(_as(prior_logvar, dtype))
+        # d = fl(lv - plv) and its rounding error, exactly (Knuth's TwoSum): e^(lv - plv)
+        # - 1 = expm1(d + err) = expm1(d) + e^d err to first order. The rounded
+        # difference alone is off by |err| e^d, ~2e-6 relative in float32 when the
+        # logvars are 50 apart, and both logvar gradients would inherit it.
+        d = torch.add(lv, neg_plv).expand(mu.shape).contiguous()
+        scratch = torch.sub(d, neg_plv)  # the part of d that came from lv
+        err = torch.sub(lv, scratch).expand(mu.shape).contiguous()
+        scratch.sub_(d).add_(neg_plv)  # neg_plv - (d - lv part), rounded the same way
+        err.add_(scratch)
+        half_em1 = torch.expm1(d)
+        torch.mul(half_em1, err, out=scratch).add_(err)  # e^d err = (expm1(d) + 1) err
+        half_em1.add_(scratch).mul_(0.5)
+        # 1/2 [e^(lv - plv) - 1 - (lv - plv)], lv - plv = d + err: into d's buffer
+        terms = d.add_(err).mul_(-0.5).add_(half_em1)
+        diff_scaled = torch.mul(diff, torch.exp(neg_plv))
+        if diff_scaled.shape != mu.shape:
+            diff_scaled = diff_scaled.expand(mu.shape).contiguous()
+    sq_half = torch.mul(diff_scaled, diff).mul_(0.5)
+    terms.add_(sq_half)
+    return terms, diff_scaled, half_em1, sq_half
+
+
+def kl_with_prior(mu, logvar, prior_mu, prior_logvar, reduction, lo, hi, free_bits, dtype,
+                  want_grad, want_prior_grad):
+    """(kl reduced (or per sample for "none"), grad_mu, grad_logvar, grad_prior_mu,
+    grad_prior_logvar): the KL against N(prior_mu, e^prior_logvar) (None: 0) with
+    free bits, and the gradients of the reduced value, all mu-shaped (the prior's
+    are summed to its shape in the backward), None where not asked for."""
+    batch = mu.shape[0]
+    scale = reduction_scale(reduction, batch, mu.numel())
+    terms, diff_scaled, half_em1, sq_half = _prior_kl_terms(
+        mu, logvar, prior_mu, prior_logvar, lo, hi, dtype)
+    mask = None
+    if free_bits > 0.0:  # (validation refused it with reduction="none")
+        columns = terms.sum(dim=0)  # N K_k: the batch's KL of each latent element
+        floor = batch * free_bits
+        kl = torch.clamp_min(columns, floor).sum() * scale
+        mask = (columns >= floor).to(dtype)  # also 0 where columns is NaN (NaN is in kl)
+    else:
+        kl = reduce_per_sample(_row_sum(terms), reduction, scale)
+    g_mu = g_lv = g_pm = g_plv = None
+    factor = scale if mask is None else mask * scale
+    if want_grad or want_prior_grad:
+        g_mu = diff_scaled.mul_(factor)  # (the terms' buffers are this call's to write)
+    if want_prior_grad:
+        if prior_mu is not None:
+            g_pm = torch.neg(g_mu)
+        if prior_logvar is not None:
+            g_plv = sq_half.add_(half_em1).mul_(factor).neg_()
+    if want_grad:
+        g_lv = half_em1.mul_(factor)
+        if lo is not None:
+            g_lv.mul_(_unclamped_mask(_as(logvar, dtype), lo, hi))
+    else:
+        g_mu = None
+    return kl, g_mu, g_lv, g_pm, g_plv
+
+
+def _empty_unless(grad, like):
+    return _grad_or_empty(grad, like) if grad is not None else like.new_empty(0)
+
+
+def vae_loss_forward_with_prior(x_hat, x, mu, logvar, beta, obs_logvar, prior_mu, prior_logvar,
+                                beta_value, recon, obs_logvar_value, obs_logvar_optimal,
+                                reduction, clamp_lo, clamp_hi, free_bits, grad_recon, grad_kl,
+                                grad_prior):
+    """``vae_loss_forward`` with the KL against a diagonal Gaussian prior and free
+    bits; returns its seven outputs plus (grad_prior_mu, grad_prior_logvar), mu-shaped
+    (or empty: no such prior, or not asked for)."""
+    dtype = compute_dtype(x_hat, x, mu, logvar)
+    batch = x_hat.shape[0]
+    recon_scale = reduction_scale(reduction, batch, x_hat.numel())
+    recon_rows, g_xhat, g_obs = recon_with_options(
+        x_hat, x, recon, obs_logvar, obs_logvar_value, obs_logvar_optimal, dtype,
+        recon_scale if grad_recon else None)
+    kl_out, g_mu, g_lv, g_pm, g_plv = kl_with_prior(
+        mu, logvar, prior_mu, prior_logvar, reduction, clamp_lo, clamp_hi, free_bits, dtype,
+        grad_kl, grad_prior)
+    recon_out = reduce_per_sample(recon_rows, reduction, recon_scale)
+    beta_c = beta_value if beta is None else _as(beta, dtype)
+    loss = recon_out + beta_c * kl_out
+    return (loss, recon_out, kl_out, _grad_or_empty(g_xhat, x_hat),
+            _grad_or_empty(g_mu, mu), _grad_or_empty(g_lv, logvar),
+            _grad_or_empty(g_obs, x_hat if obs_logvar is None else obs_logvar),
+            _empty_unless(g_pm, mu if prior_mu is None else prior_mu),
+            _empty_unless(g_plv, mu if prior_logvar is None else prior_logvar))
+
+
+def kl_forward_with_prior(mu, logvar, prior_mu, prior_logvar, reduction, clamp_lo, clamp_hi,
+                          free_bits, want_grad, want_prior_grad):
+    """``kl_forward`` with a prior and free bits: (kl, grad_mu, grad_logvar,
+    grad_prior_mu, grad_prior_logvar), the prior's mu-shaped or empty."""
+    dtype = compute_dtype(mu, logvar)
+    kl, g_mu, g_lv, g_pm, g_plv = kl_with_prior(
+        mu, logvar, prior_mu, prior_logvar, reduction, clamp_lo, clamp_hi, free_bits, dtype,
+        want_grad, want_prior_grad)
+    return (kl, _grad_or_empty(g_mu, mu), _grad_or_empty(g_lv, logvar),
+            _empty_unless(g_pm, mu if prior_mu is None else prior_mu),
+            _empty_unless(g_plv, mu if prior_logvar is None else prior_logvar))
+
+
+def _noise_shape(mu, num_samples):
+    return tuple(mu.shape) if not num_samples else (num_samples, *mu.shape)
+
+
+def reparameterize_forward_with_prior(mu, logvar, prior_mu, prior_logvar, seed, clamp_lo,
+                                      clamp_hi, with_kl, num_samples):
+    """``reparameterize_forward`` with ``num_samples`` (0: one sample, mu's shape;
+    K: K independent samples, shape (K, *mu.shape), from one read of mu and logvar)
+    and the per-sample KL against a diagonal Gaussian prior."""
+    dtype = compute_dtype(mu, logvar)
+    lv = _clamped(_as(logvar, dtype), clamp_lo, clamp_hi)
+    std = torch.mul(lv, 0.5).exp_()
+    shape = _noise_shape(mu, num_samples)
+    eps = standard_normal(seed, shape, dtype, mu.device)
+    if mu.device.type == "cpu" and (mu.requires_grad or logvar.requires_grad):
+        _keep_noise(_noise_key(seed, eps, dtype), eps)
+        z = torch.addcmul(_as(mu, dtype), eps, std)
+    else:
+        z = torch.addcmul(_as(mu, dtype), eps, std, out=eps)
+    z = _as(z, torch.promote_types(mu.dtype, logvar.dtype))
+    if not with_kl:
+        return z, mu.new_empty(0, dtype=dtype)
+    terms = _prior_kl_terms(mu, logvar, prior_mu, prior_logvar, clamp_lo, clamp_hi, dtype)[0]
+    return z, _row_sum(terms)
+
+
+def reparameterize_backward_with_prior(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed,
+                                       clamp_lo, clamp_hi, num_samples):
+    """(grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar), the prior's summed to
+    its shape and dtype (empty where there is no such prior), the noise taken from
+    the forward or regenerated from ``seed``."""
+    dtype = compute_dtype(mu, logvar)
+    logvar_c = _as(logvar, dtype)
+    lv = _clamped(logvar_c, clamp_lo, clamp_hi)
+    std = torch.mul(lv, 0.5).exp_()
+    shape = _noise_shape(mu, num_samples)
+    eps = None
+    if mu.device.type == "cpu":
+        eps = _take_noise((int(seed), shape, dtype, mu.device))
+    if eps is None:
+        eps = standard_normal(seed, shape, dtype, mu.device)
+    g_z = _as(grad_z, dtype)
+    grad_logvar = eps.mul_(g_z)  # (the kept noise is this call's to write)
+    grad_mu = g_z
+    if num_samples:
+        grad_logvar, grad_mu = grad_logvar.sum(dim=0), g_z.sum(dim=0)
+    grad_logvar = grad_logvar.mul_(std).mul_(0.5)
+    grad_mu = grad_mu.clone() if grad_mu is g_z else grad_mu
+    g_pm = g_plv = None
+    if grad_kl is not None:
+        g_kl = _as(grad_kl, dtype).reshape((-1,) + (1,) * (mu.dim() - 1))
+        _, diff_scaled, half_em1, sq_half = _prior_kl_terms(
+            mu, logvar, prior_mu, prior_logvar, clamp_lo, clamp_hi, dtype)
+        kl_mu = diff_scaled * g_kl
+        grad_mu.add_(kl_mu)
+        grad_logvar.addcmul_(half_em1, g_kl)
+        if prior_mu is not None:
+            g_pm = kl_mu.neg().sum_to_size(prior_mu.shape).to(prior_mu.dtype)
+        if prior_logvar is not None:
+            g_plv = (half_em1 + sq_half).mul_(g_kl).neg_().sum_to_size(prior_logvar.shape) \
+                .to(prior_logvar.dtype)
+    if clamp_lo is not None:
+        grad_logvar.mul_(_unclamped_mask(logvar_c, clamp_lo, clamp_hi))
+    if g_pm is None:
+        g_pm = (mu if prior_mu is None else prior_mu).new_zeros(
+            0 if prior_mu is None else prior_mu.shape)
+    if g_plv is None:
+        g_plv = (mu if prior_logvar is None else prior_logvar).new_zeros(
+            0 if prior_logvar is None else prior_logvar.shape)
+    return _as(grad_mu, mu.dtype), _as(grad_logvar, logvar.dtype), g_pm, g_plv

@@ -147,6 +147,60 @@ def check_obs_logvar(obs_logvar, recon, x):
     return None, _finite_float("obs_logvar", obs_logvar), False
 
 
+def check_prior(name, prior, mu):
+    """A prior's mean or log-variance (``name``): None, or a floating-point dense tensor
+    on mu's device whose shape broadcasts to mu's (a learned (d,) prior, a per-sample
+    conditional one of mu's shape, ...). Its dtype may differ: it is computed in the
+    KL's dtype and its gradient returned in its own."""
+    if prior is None:
+        return None
+    if not isinstance(prior, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor broadcastable to mu or None, got "
+                        f"{type(prior).__name__}")
+    if not prior.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {prior.dtype}")
+    if prior.layout != torch.strided or prior.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {prior.layout}")
+    if prior.device != mu.device:
+        raise ValueError(f"{name} is on {prior.device} but mu is on {mu.device}; put it on "
+                         f"mu's device")
+    try:
+        broadcast = torch.broadcast_shapes(prior.shape, mu.shape)
+    except RuntimeError:
+        broadcast = None
+    if broadcast != mu.shape:
+        raise ValueError(f"{name} must broadcast to mu's shape {tuple(mu.shape)}, got shape "
+                         f"{tuple(prior.shape)}")
+    return prior
+
+
+def check_free_bits(free_bits, reduction):
+    """``free_bits`` as a finite float >= 0; a positive one needs a reduction over the
+    batch (free bits couple the samples: no per-sample value exists)."""
+    if isinstance(free_bits, bool) or not isinstance(free_bits, numbers.Real):
+        raise TypeError(f"free_bits must be a float >= 0, got {type(free_bits).__name__}")
+    value = _finite_float("free_bits", free_bits)
+    if value < 0.0:
+        raise ValueError(f"free_bits must be >= 0, got {value}")
+    if value > 0.0 and reduction == "none":
+        raise ValueError(f"free_bits={value} needs reduction 'sum', 'batchmean' or 'mean', got "
+                         f"reduction='none': free bits floor each latent element's KL averaged "
+                         f"over the batch, so they have no per-sample value")
+    return value
+
+
+def check_num_samples(num_samples):
+    """0 for None (one sample, mu's shape), else the int K >= 1."""
+    if num_samples is None:
+        return 0
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+        raise TypeError(f"num_samples must be an int >= 1 or None, got "
+                        f"{type(num_samples).__name__} {num_samples!r:.40}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1 (or None), got {num_samples}")
+    return int(num_samples)
+
+
 def check_beta_device(beta_t, data):
     """A beta tensor lives on the data's device or on the CPU."""
     if beta_t is not None and beta_t.device != data.device and beta_t.device.type != "cpu":

@@ -33,8 +33,11 @@ def vae_loss(x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, recon: str
              beta: float | Tensor = 1.0, reduction: str = "sum",
              logvar_clamp: tuple[float, float] | None = None,
              return_parts: bool = False,
-             obs_logvar: float | Tensor | str | None = None) -> Tensor | LossParts:
-    """Reconstruction loss + beta * KL(N(mu, exp(logvar)) || N(0, I)).
+             obs_logvar: float | Tensor | str | None = None,
+             free_bits: float = 0.0, prior_mu: Tensor | None = None,
+             prior_logvar: Tensor | None = None) -> Tensor | LossParts:
+    """Reconstruction loss + beta * KL(N(mu, exp(logvar)) || prior), the prior
+    N(0, I) or N(prior_mu, exp(prior_logvar)).
 
     Args:
         x_hat: decoder output; probabilities for ``recon="bce"``, logits for
@@ -59,6 +62,15 @@ def vae_loss(x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, recon: str
             from the decoder; its gradient is summed over the broadcast dims), or
             ``"optimal"``: sigma^2 (b) is the batch's mean squared (absolute)
             error, a constant to the gradient (sigma-VAE; the Laplace MLE).
+        free_bits: a float >= 0 (default 0: none). With K_k the batch-mean KL of
+            latent element k, the KL term is sum_k max(K_k, free_bits) ("batchmean";
+            N times that for "sum", divided by the latent elements per sample for
+            "mean"); zero gradient for the elements held at the floor. Not with
+            reduction="none" (ValueError).
+        prior_mu, prior_logvar: the KL's diagonal Gaussian prior, tensors
+            broadcastable to ``mu`` (a learned (d,) prior, a per-sample conditional
+            one); None: 0. KL per element: 1/2 [plv - lv + (e^lv + (mu - pm)^2) e^-plv - 1].
+            Gradients flow to them (summed over their broadcast dims).
 
     The loss is float32 for half-precision inputs, float64 for float64 inputs
     (obs_logvar is computed in that dtype too).
@@ -68,53 +80,86 @@ def vae_loss(x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, recon: str
     beta_t, beta_v = _validate.check_beta(beta)
     if beta_t is not None:
         _validate.check_beta_device(beta_t, x_hat)
+    free_bits = _validate.check_free_bits(free_bits, reduction)
+    prior_mu = _validate.check_prior("prior_mu", prior_mu, mu)
+    prior_logvar = _validate.check_prior("prior_logvar", prior_logvar, mu)
     if torch.onnx.is_in_onnx_export():
         parts = _vae_loss_formula(x_hat, x, mu, logvar, recon, beta, reduction, lo, hi,
-                                  obs_logvar)
+                                  obs_logvar, prior_mu, prior_logvar, free_bits)
     else:
         grad_recon = _needs_grad(x_hat, x) if obs_t is None else _needs_grad(x_hat, x, obs_t)
         parts = LossParts(*ops.vae_loss(
-            x_hat, x, mu, logvar, beta_t, obs_t, beta_v, recon, obs_v, obs_optimal, reduction,
-            lo, hi, grad_recon, _needs_grad(mu, logvar))[:3])
+            x_hat, x, mu, logvar, beta_t, obs_t, prior_mu, prior_logvar, beta_v, recon, obs_v,
+            obs_optimal, reduction, lo, hi, free_bits, grad_recon, _needs_grad(mu, logvar),
+            _prior_needs_grad(prior_mu, prior_logvar))[:3])
     return parts if return_parts else parts.loss
 
 
+def _prior_needs_grad(prior_mu, prior_logvar):
+    return _needs_grad(*(p for p in (prior_mu, prior_logvar) if p is not None))
+
+
 def kl_divergence(mu: Tensor, logvar: Tensor, *, reduction: str = "sum",
-                  logvar_clamp: tuple[float, float] | None = None) -> Tensor:
+                  logvar_clamp: tuple[float, float] | None = None, free_bits: float = 0.0,
+                  prior_mu: Tensor | None = None,
+                  prior_logvar: Tensor | None = None) -> Tensor:
     """KL(N(mu, exp(logvar)) || N(0, I)) = -1/2 sum(1 + logvar - mu^2 - exp(logvar)),
-    reduced like ``vae_loss`` ("mean" divides by the number of latent elements)."""
+    or against N(prior_mu, exp(prior_logvar)) (tensors broadcastable to mu; None: 0),
+    1/2 sum[plv - lv + (e^lv + (mu - pm)^2) e^-plv - 1], reduced like ``vae_loss``
+    ("mean" divides by the number of latent elements), with its ``free_bits``."""
     lo, hi = _validate.latent_plan(mu, logvar, logvar_clamp, reduction)
+    free_bits = _validate.check_free_bits(free_bits, reduction)
+    prior_mu = _validate.check_prior("prior_mu", prior_mu, mu)
+    prior_logvar = _validate.check_prior("prior_logvar", prior_logvar, mu)
     if torch.onnx.is_in_onnx_export():
-        return _reduce(_kl_rows(mu, logvar, lo, hi), reduction, mu[0].numel())
-    return ops.kl_divergence(mu, logvar, reduction, lo, hi, _needs_grad(mu, logvar))[0]
+        return _kl_formula(mu, logvar, lo, hi, prior_mu, prior_logvar, free_bits, reduction)
+    return ops.kl_divergence(mu, logvar, prior_mu, prior_logvar, reduction, lo, hi, free_bits,
+                             _needs_grad(mu, logvar),
+                             _prior_needs_grad(prior_mu, prior_logvar))[0]
 
 
-def reparameterize(mu: Tensor, logvar: Tensor, *,
-                   generator: torch.Generator | None = None) -> Tensor:
+def reparameterize(mu: Tensor, logvar: Tensor, *, generator: torch.Generator | None = None,
+                   num_samples: int | None = None) -> Tensor:
     """z = mu + exp(logvar / 2) * eps with eps ~ N(0, I), differentiable in mu
     and logvar. The noise comes from a seed drawn from ``generator`` (or PyTorch's
     default generator); the GPU kernels regenerate it in the backward, the CPU path
-    keeps it until the backward (see the README)."""
+    keeps it until the backward (see the README). ``num_samples=K``: K independent
+    samples, shape (K, *mu.shape) (None: one, mu's shape)."""
     _validate.latent_plan(mu, logvar, None)
+    num_samples = _validate.check_num_samples(num_samples)
     if generator is not None:
         _validate.check_generator(generator, mu.device)
     if torch.onnx.is_in_onnx_export():
-        return mu + torch.exp(0.5 * logvar) * torch.randn_like(mu)
+        return mu + torch.exp(0.5 * logvar) * _export_noise(mu, num_samples)
     seed = _draw_seed(generator, mu)
-    return ops.reparameterize(mu, logvar, seed, None, None, False)[0]
+    return ops.reparameterize(mu, logvar, None, None, seed, None, None, False, num_samples)[0]
 
 
 def sample_and_kl(mu: Tensor, logvar: Tensor, *, generator: torch.Generator | None = None,
-                  logvar_clamp: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
-    """``(z, kl)``: a reparameterized sample and the per-sample KL (shape (N,)) in one pass."""
+                  logvar_clamp: tuple[float, float] | None = None,
+                  prior_mu: Tensor | None = None, prior_logvar: Tensor | None = None,
+                  num_samples: int | None = None) -> tuple[Tensor, Tensor]:
+    """``(z, kl)``: a reparameterized sample (``num_samples=K``: K of them, shape
+    (K, *mu.shape)) and the per-sample KL (shape (N,)) against N(0, I) or the
+    diagonal Gaussian N(prior_mu, exp(prior_logvar)), in one pass."""
     lo, hi = _validate.latent_plan(mu, logvar, logvar_clamp)
+    num_samples = _validate.check_num_samples(num_samples)
+    prior_mu = _validate.check_prior("prior_mu", prior_mu, mu)
+    prior_logvar = _validate.check_prior("prior_logvar", prior_logvar, mu)
     if generator is not None:
         _validate.check_generator(generator, mu.device)
     if torch.onnx.is_in_onnx_export():
         lv = logvar if lo is None else logvar.clamp(lo, hi)
-        z = mu + torch.exp(0.5 * lv) * torch.randn_like(mu)
-        return z, _kl_rows(mu, logvar, lo, hi)
-    return ops.reparameterize(mu, logvar, _draw_seed(generator, mu), lo, hi, True)
+        z = mu + torch.exp(0.5 * lv) * _export_noise(mu, num_samples)
+        return z, _kl_rows(mu, logvar, lo, hi, prior_mu, prior_logvar)
+    return ops.reparameterize(mu, logvar, prior_mu, prior_logvar, _draw_seed(generator, mu),
+                              lo, hi, True, num_samples)
+
+
+def _export_noise(mu, num_samples):
+    if not num_samples:
+        return torch.randn_like(mu)
+    return torch.randn_like(mu.unsqueeze(0).expand(num_samples, *mu.shape))
 
 
 def _draw_seed(generator, like):
@@ -169,10 +214,30 @@ _RECON_FORMULAS = {
 }
 
 
-def _kl_rows(mu, logvar, lo, hi):
+def _kl_terms(mu, logvar, lo, hi, prior_mu=None, prior_logvar=None):
+    """Per element 1/2 [plv - lv + (e^lv + (mu - pm)^2) e^-plv - 1] (pm, plv None: 0)."""
     lv = logvar.float() if lo is None else logvar.float().clamp(lo, hi)
-    mu = mu.float()
-    return (-0.5 * (1 + lv - mu * mu - lv.exp())).flatten(1).sum(1)
+    diff = mu.float() if prior_mu is None else mu.float() - prior_mu.float()
+    if prior_logvar is None:
+        return (-0.5 * (1 + lv - diff * diff - lv.exp())).expand(mu.shape)
+    plv = prior_logvar.float()
+    return (0.5 * (plv - lv + (lv.exp() + diff * diff) * torch.exp(-plv) - 1)).expand(mu.shape)
+
+
+def _kl_rows(mu, logvar, lo, hi, prior_mu=None, prior_logvar=None):
+    return _kl_terms(mu, logvar, lo, hi, prior_mu, prior_logvar).flatten(1).sum(1)
+
+
+def _kl_formula(mu, logvar, lo, hi, prior_mu, prior_logvar, free_bits, reduction):
+    """The reduced KL with free bits: sum_k max(K_k, free_bits), K_k the batch mean."""
+    if free_bits > 0.0:
+        terms = _kl_terms(mu, logvar, lo, hi, prior_mu, prior_logvar)
+        per_sample = terms.mean(0).clamp_min(free_bits).sum()
+        batch = mu.shape[0]
+        return {"sum": per_sample * batch, "batchmean": per_sample,
+                "mean": per_sample / mu[0].numel()}[reduction]
+    return _reduce(_kl_rows(mu, logvar, lo, hi, prior_mu, prior_logvar), reduction,
+                   mu[0].numel())
 
 
 def _reduce(rows, reduction, per_sample_numel):
@@ -197,12 +262,13 @@ def _obs_scale_formula(x_hat, x, recon, obs_logvar):
     return _numerics.obs_scale_terms(err, log_scale, recon)
 
 
-def _vae_loss_formula(x_hat, x, mu, logvar, recon, beta, reduction, lo, hi, obs_logvar=None):
+def _vae_loss_formula(x_hat, x, mu, logvar, recon, beta, reduction, lo, hi, obs_logvar=None,
+                      prior_mu=None, prior_logvar=None, free_bits=0.0):
     if recon in _numerics.OBS_SCALE:
         terms = _obs_scale_formula(x_hat.float(), x.float(), recon, obs_logvar)
     else:
         terms = _RECON_FORMULAS[recon](x_hat.float(), x.float())
     recon_rows = terms.flatten(1).sum(1)
     recon_out = _reduce(recon_rows, reduction, x_hat[0].numel())
-    kl_out = _reduce(_kl_rows(mu, logvar, lo, hi), reduction, mu[0].numel())
+    kl_out = _kl_formula(mu, logvar, lo, hi, prior_mu, prior_logvar, free_bits, reduction)
     return LossParts(recon_out + beta * kl_out, recon_out, kl_out)

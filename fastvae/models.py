@@ -27,6 +27,12 @@ scale), a float, ``"learned"`` (a scalar ``nn.Parameter``, initialised to 0 and
 trained with the model: in its ``state_dict``, so in checkpoints and in the
 exported scorer) or ``"optimal"`` (fitted to each batch, sigma-VAE style; a
 score is then relative to the batch it is computed in).
+
+``prior`` (VAEs only): ``"standard"`` (default, N(0, I)) or ``"learned"``: a
+diagonal Gaussian N(prior_mu, exp(prior_logvar)) with (latent_dim,) parameters,
+initialised to N(0, I) and trained with the model (the KL of the loss is taken
+against it, by the fused op); ``sample`` draws from it, and the ONNX export
+writes it into ``metadata.json`` so that the runtime samples from it too.
 """
 
 from collections.abc import Sequence
@@ -55,6 +61,9 @@ def _check_model_obs_logvar(obs_logvar, recon):
                          f"{obs_logvar!r:.60}")
     _, value, _ = _validate.check_obs_logvar(obs_logvar, recon, None)
     return value
+
+
+PRIORS = ("standard", "learned")
 
 
 def _check_shape(name, shape):
@@ -124,9 +133,12 @@ class _Autoencoding(nn.Module):
 
     is_vae = False
 
-    def __init__(self, input_shape, latent_dim, recon, beta, nets, obs_logvar=None, **arch):
+    def __init__(self, input_shape, latent_dim, recon, beta, nets, obs_logvar=None,
+                 prior="standard", **arch):
         super().__init__()
         _validate.check_choice("recon", recon, _validate.RECONS)
+        _validate.check_choice("prior", prior, PRIORS)  # (autoencoders take none)
+        self.prior = prior
         self.obs_logvar_mode = _check_model_obs_logvar(obs_logvar, recon)
         if self.obs_logvar_mode == "learned":
             # log sigma^2 (gaussian) or log b (laplace), one for all elements
@@ -142,14 +154,25 @@ class _Autoencoding(nn.Module):
         self.recon, self.beta = recon, float(beta)
         encoder_out = 2 * latent_dim if self.is_vae else latent_dim
         self.encoder, self.decoder = nets(self.input_shape, encoder_out, latent_dim, **arch)
+        if prior == "learned":  # N(prior_mu, exp(prior_logvar)), starting as N(0, I)
+            self.prior_mu = nn.Parameter(torch.zeros(latent_dim))
+            self.prior_logvar = nn.Parameter(torch.zeros(latent_dim))
         self._arch = {k: list(v) for k, v in arch.items()}
 
     def config(self) -> dict[str, Any]:
         """A JSON-able dict from which ``model_from_config`` rebuilds this model."""
         obs = {} if self.obs_logvar_mode is None else {"obs_logvar": self.obs_logvar_mode}
+        if self.prior != "standard":
+            obs["prior"] = self.prior
         return {"class": type(self).__name__, "input_shape": list(self.input_shape),
                 "latent_dim": self.latent_shape[0], "recon": self.recon, "beta": self.beta,
                 **obs, **self._arch}
+
+    def _prior_args(self):
+        """``prior_mu`` / ``prior_logvar`` keywords of the KL functions for this model."""
+        if self.prior == "learned":
+            return {"prior_mu": self.prior_mu, "prior_logvar": self.prior_logvar}
+        return {}
 
     def _obs_logvar_arg(self):
         """``vae_loss``'s obs_logvar for this model (the parameter when learned)."""
@@ -181,10 +204,12 @@ class _Autoencoding(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        """Decode ``n`` codes drawn from N(0, I)."""
+        """Decode ``n`` codes drawn from the prior (N(0, I), or the learned one)."""
         p = next(self.parameters())
         z = torch.randn(int(n), *self.latent_shape, generator=generator, device=p.device,
                         dtype=p.dtype)
+        if self.prior == "learned":
+            z = self.prior_mu + torch.exp(0.5 * self.prior_logvar) * z
         return self.decode(z)
 
     def loss(self, x: Tensor, *, beta: float | Tensor | None = None, free_bits: float = 0.0,
@@ -194,6 +219,8 @@ class _Autoencoding(nn.Module):
 
     def extra_repr(self):
         obs = "" if self.obs_logvar_mode is None else f", obs_logvar={self.obs_logvar_mode!r}"
+        if self.prior != "standard":
+            obs += f", prior={self.prior!r}"
         return (f"input_shape={self.input_shape}, latent_shape={self.latent_shape}, "
                 f"recon={self.recon!r}{obs}")
 
@@ -219,22 +246,19 @@ class _VAE(_Autoencoding):
 
         With ``free_bits`` > 0, each latent dimension's batch-mean KL counts as at
         least ``free_bits`` nats in the loss (Kingma et al. 2016), so the encoder
-        is not pushed to collapse dimensions early; the reported ``kl`` is the true KL.
+        is not pushed to collapse dimensions early (the fused op's ``free_bits``); the
+        reported ``kl`` is the true KL (without gradient when free bits apply).
         """
         out, mu, logvar = outputs
         beta = self.beta if beta is None else beta
+        parts = vae_loss(out, x, mu, logvar, recon=self.recon, beta=beta, reduction="batchmean",
+                         return_parts=True, obs_logvar=self._obs_logvar_arg(),
+                         free_bits=free_bits, **self._prior_args())
         if not free_bits:
-            return vae_loss(out, x, mu, logvar, recon=self.recon, beta=beta,
-                            reduction="batchmean", return_parts=True,
-                            obs_logvar=self._obs_logvar_arg())
-        parts = vae_loss(out, x, mu, logvar, recon=self.recon, beta=0.0,
-                         reduction="batchmean", return_parts=True,
-                         obs_logvar=self._obs_logvar_arg())
-        # Transposed, dim 0 runs over latent dimensions: "none" gives the KL of
-        # each dimension summed over the batch.
-        kl_per_dim = kl_divergence(mu.flatten(1).T, logvar.flatten(1).T, reduction="none")
-        kl_floored = (kl_per_dim / x.shape[0]).clamp(min=free_bits).sum()
-        return LossParts(parts.recon + beta * kl_floored, parts.recon, parts.kl)
+            return parts
+        with torch.no_grad():
+            kl = kl_divergence(mu, logvar, reduction="batchmean", **self._prior_args())
+        return LossParts(parts.loss, parts.recon, kl)
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """Decode the posterior mean: deterministic reconstructions in data space."""
@@ -244,7 +268,8 @@ class _VAE(_Autoencoding):
         """Per-sample loss (recon + beta * KL) at z = mu, shape (N,): higher = more anomalous."""
         mu, logvar = self.encode(x)
         return vae_loss(self._decoder_out(mu), x, mu, logvar, recon=self.recon, beta=self.beta,
-                        reduction="none", obs_logvar=self._obs_logvar_arg())
+                        reduction="none", obs_logvar=self._obs_logvar_arg(),
+                        **self._prior_args())
 
 
 class _AE(_Autoencoding):
@@ -282,8 +307,9 @@ class MLPVAE(_VAE):
 
     def __init__(self, input_shape: Sequence[int], latent_dim: int = 8,
                  hidden: Sequence[int] = (256, 128), recon: str = "bce_logits",
-                 beta: float = 1.0, obs_logvar: float | str | None = None) -> None:
-        super().__init__(input_shape, latent_dim, recon, beta, _mlp_nets, obs_logvar,
+                 beta: float = 1.0, obs_logvar: float | str | None = None,
+                 prior: str = "standard") -> None:
+        super().__init__(input_shape, latent_dim, recon, beta, _mlp_nets, obs_logvar, prior,
                          hidden=hidden)
 
 
@@ -293,8 +319,9 @@ class ConvVAE(_VAE):
 
     def __init__(self, input_shape: Sequence[int], latent_dim: int = 8,
                  channels: Sequence[int] = (32, 64), recon: str = "bce_logits",
-                 beta: float = 1.0, obs_logvar: float | str | None = None) -> None:
-        super().__init__(input_shape, latent_dim, recon, beta, _conv_nets, obs_logvar,
+                 beta: float = 1.0, obs_logvar: float | str | None = None,
+                 prior: str = "standard") -> None:
+        super().__init__(input_shape, latent_dim, recon, beta, _conv_nets, obs_logvar, prior,
                          channels=channels)
 
 

@@ -158,7 +158,19 @@ def _model_facts(model):
         raise TypeError(f"model.beta must be a finite float, got {beta!r}")
     return {"input_shape": _shape_attr(model, "input_shape"),
             "latent_shape": _shape_attr(model, "latent_shape"),
-            "recon": recon, "beta": float(beta)}
+            "recon": recon, "beta": float(beta), "prior": _learned_prior(model)}
+
+
+def _learned_prior(model):
+    """{"mu": [...], "logvar": [...]} of a model with a learned diagonal Gaussian prior
+    (``prior == "learned"``), for the runtime to sample from; None for N(0, I)."""
+    if getattr(model, "prior", "standard") != "learned":
+        return None
+    mu, logvar = (getattr(model, name).detach().float().cpu()
+                  for name in ("prior_mu", "prior_logvar"))
+    if not (torch.isfinite(mu).all() and torch.isfinite(logvar).all()):
+        raise ValueError("model's learned prior is not finite; nothing is exported")
+    return {"mu": mu.tolist(), "logvar": logvar.tolist()}
 
 
 def _check_interface(model, facts):
@@ -264,6 +276,7 @@ def export(model, out_dir, *, parts=("encoder", "decoder", "scorer"), opset=None
                 "input_shape": list(facts["input_shape"]),
                 "latent_shape": list(facts["latent_shape"]),
                 "recon": facts["recon"], "beta": facts["beta"], "batch": batch,
+                **({} if facts["prior"] is None else {"prior": facts["prior"]}),
                 "parity_rtol": PARITY_RTOL, "parts": {}}
         opsets = set()
         for part in parts:

@@ -43,13 +43,32 @@ from fastvae._grad_scaling import (
 )
 
 
-def _forward_backend(*tensors: Tensor) -> str:
+def _forward_backend(*tensors: Tensor, extended: bool = False) -> str:
     """The backend an op's forward runs on for these inputs, asked at setup and kept
     in ``ctx`` for the backward. Meta tensors only ever run the fake implementations;
-    the backward's arithmetic on them is PyTorch's."""
-    if tensors[0].is_meta:
+    the backward's arithmetic on them is PyTorch's. ``extended``: the call uses a
+    prior, free bits or several samples, which only the PyTorch path implements."""
+    if tensors[0].is_meta or extended:
         return "torch"
     return "torch" if _dispatch.implementation(*tensors) is _torch_impl else "triton"
+
+
+# What only the PyTorch path implements, on every device (PyTorch ops on CUDA
+# tensors too): free bits (they need the per-element batch sums before the
+# gradient). A prior (in the loss, the KL and the sampling's KL) and several
+# samples run on the kernels too.
+
+
+def _free_bits_call(free_bits):
+    return free_bits != 0.0
+
+
+def _extended_sampling(prior_mu, prior_logvar, num_samples):
+    return num_samples != 0 or _with_prior(prior_mu, prior_logvar)
+
+
+def _with_prior(prior_mu, prior_logvar):
+    return prior_mu is not None or prior_logvar is not None
 
 
 # ---- fastvae::vae_loss --------------------------------------------------
@@ -66,6 +85,10 @@ class LossInputs(NamedTuple):
     beta: Optional[Tensor]  # a 0-dim tensor, or None when beta is the float beta_value
     # gaussian / laplace: log sigma^2 / log b, broadcastable to x; None: obs_logvar_value
     obs_logvar: Optional[Tensor]
+    # the KL's diagonal Gaussian prior N(prior_mu, e^prior_logvar), broadcastable to
+    # mu; None: 0 (the standard normal)
+    prior_mu: Optional[Tensor]
+    prior_logvar: Optional[Tensor]
     beta_value: float
     recon: str
     obs_logvar_value: float  # the float obs_logvar (0.0 by default), when the tensor is None
@@ -73,8 +96,10 @@ class LossInputs(NamedTuple):
     reduction: str
     clamp_lo: Optional[float]
     clamp_hi: Optional[float]
+    free_bits: float  # the floor of each latent element's batch-mean KL (0: none)
     grad_recon: bool  # compute d recon / d x_hat in the forward
     grad_kl: bool  # compute d kl / d (mu, logvar) in the forward
+    grad_prior: bool  # compute d kl / d (prior_mu, prior_logvar) in the forward
 
 
 class LossOutputs(NamedTuple):
@@ -90,9 +115,13 @@ class LossOutputs(NamedTuple):
     # d recon/d obs_logvar per element of x (an obs_logvar of more than one element;
     # empty otherwise: a scalar's is derived from recon in the backward)
     grad_obs_logvar: Tensor
+    # d kl/d prior_mu, d kl/d prior_logvar per element of mu (summed to the prior's
+    # shape in the backward); empty without that prior or when not asked for
+    grad_prior_mu: Tensor
+    grad_prior_logvar: Tensor
 
 
-# the inputs that can have gradients: x_hat ... obs_logvar
+# the inputs that can have gradients: x_hat ... prior_logvar
 LOSS_TENSOR_INPUTS = LossInputs._fields.index("beta_value")
 # the backward's answer for the options (beta_value ... grad_kl): no gradient
 _NO_GRADS_FOR_LOSS_OPTIONS = (None,) * (len(LossInputs._fields) - LOSS_TENSOR_INPUTS)
@@ -100,17 +129,26 @@ _NO_GRADS_FOR_LOSS_OPTIONS = (None,) * (len(LossInputs._fields) - LOSS_TENSOR_IN
 
 def _vae_loss_impl(
     x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor,
-    beta: Optional[Tensor], obs_logvar: Optional[Tensor], beta_value: float,
+    beta: Optional[Tensor], obs_logvar: Optional[Tensor],
+    prior_mu: Optional[Tensor], prior_logvar: Optional[Tensor], beta_value: float,
     recon: str, obs_logvar_value: float, obs_logvar_optimal: bool, reduction: str,
-    clamp_lo: Optional[float], clamp_hi: Optional[float],
-    grad_recon: bool, grad_kl: bool,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, recon, kl, d recon/d x_hat, d kl/d mu, d kl/d logvar, d recon/d obs_logvar)."""
+    clamp_lo: Optional[float], clamp_hi: Optional[float], free_bits: float,
+    grad_recon: bool, grad_kl: bool, grad_prior: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """LossOutputs: (loss, recon, kl, d recon/d x_hat, d kl/d mu, d kl/d logvar,
+    d recon/d obs_logvar, d kl/d prior_mu, d kl/d prior_logvar)."""
     _validate.check_loss_values(x_hat, x, recon, beta)
-    impl = _dispatch.implementation(x_hat, x, mu, logvar)
-    return impl.vae_loss_forward(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
-                                 obs_logvar_value, obs_logvar_optimal, reduction,
-                                 clamp_lo, clamp_hi, grad_recon, grad_kl)
+    impl = _torch_impl if _free_bits_call(free_bits) else \
+        _dispatch.implementation(x_hat, x, mu, logvar)
+    if _free_bits_call(free_bits) or _with_prior(prior_mu, prior_logvar):
+        return impl.vae_loss_forward_with_prior(
+            x_hat, x, mu, logvar, beta, obs_logvar, prior_mu, prior_logvar, beta_value, recon,
+            obs_logvar_value, obs_logvar_optimal, reduction, clamp_lo, clamp_hi, free_bits,
+            grad_recon, grad_kl, grad_prior)
+    out = impl.vae_loss_forward(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
+                                obs_logvar_value, obs_logvar_optimal, reduction,
+                                clamp_lo, clamp_hi, grad_recon, grad_kl)
+    return (*out, mu.new_empty(0), mu.new_empty(0))
 
 
 vae_loss_op = torch.library.custom_op("fastvae::vae_loss", mutates_args=())(_vae_loss_impl)
@@ -129,9 +167,17 @@ def _elementwise_obs_logvar(obs_logvar):
     return obs_logvar is not None and obs_logvar.numel() > 1
 
 
+def _prior_grad_buffer(prior, mu, wanted):
+    """The fake of a prior's gradient buffer: mu-shaped in the prior's buffer dtype."""
+    if prior is None or not wanted:
+        return (mu if prior is None else prior).new_empty(0)
+    return torch.empty(mu.shape, dtype=_numerics.grad_buffer_dtype(prior.dtype), device=mu.device)
+
+
 @vae_loss_op.register_fake
-def _(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon, obs_logvar_value,
-      obs_logvar_optimal, reduction, clamp_lo, clamp_hi, grad_recon, grad_kl):
+def _(x_hat, x, mu, logvar, beta, obs_logvar, prior_mu, prior_logvar, beta_value, recon,
+      obs_logvar_value, obs_logvar_optimal, reduction, clamp_lo, clamp_hi, free_bits,
+      grad_recon, grad_kl, grad_prior):
     dtype = _out_dtype(x_hat, x, mu, logvar)
     shape = (x_hat.shape[0],) if reduction == "none" else ()
     values = [x_hat.new_empty(shape, dtype=dtype) for _ in range(3)]
@@ -141,7 +187,9 @@ def _(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon, obs_logvar_valu
     else:
         grad_obs = (x_hat if obs_logvar is None else obs_logvar).new_empty(0)
     return (*values, _grad_buffer(x_hat, grad_recon),
-            _grad_buffer(mu, grad_kl), _grad_buffer(logvar, grad_kl), grad_obs)
+            _grad_buffer(mu, grad_kl), _grad_buffer(logvar, grad_kl), grad_obs,
+            _prior_grad_buffer(prior_mu, mu, grad_prior),
+            _prior_grad_buffer(prior_logvar, mu, grad_prior))
 
 
 def _refuse_double_backward(op):
@@ -155,12 +203,14 @@ def _refuse_double_backward(op):
 
 
 def _vae_loss_setup(ctx, inputs, output):
-    (x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon, _, _, reduction,
-     clamp_lo, clamp_hi, grad_recon, grad_kl) = inputs
-    _, recon_out, kl, g_xhat, g_mu, g_lv, g_obs = output  # LossOutputs
-    ctx.mark_non_differentiable(g_xhat, g_mu, g_lv, g_obs)
+    (x_hat, x, mu, logvar, beta, obs_logvar, prior_mu, prior_logvar, beta_value, recon, _, _,
+     reduction, clamp_lo, clamp_hi, free_bits, grad_recon, grad_kl, grad_prior) = inputs
+    _, recon_out, kl, g_xhat, g_mu, g_lv, g_obs, g_pm, g_plv = output  # LossOutputs
+    ctx.mark_non_differentiable(g_xhat, g_mu, g_lv, g_obs, g_pm, g_plv)
     # the backend that scales the gradient buffers, when there are any
-    ctx.backend = _forward_backend(x_hat, x, mu, logvar) if grad_recon or grad_kl else None
+    ctx.backend = _forward_backend(
+        x_hat, x, mu, logvar, extended=_free_bits_call(free_bits)) \
+        if grad_recon or grad_kl or grad_prior else None
     # unused outputs (the gradient buffers; recon/kl when only the loss is used)
     # get None, not a zero-filled tensor as large as the input
     ctx.set_materialize_grads(False)
@@ -179,8 +229,11 @@ def _vae_loss_setup(ctx, inputs, output):
         and not _elementwise_obs_logvar(obs_logvar) else None
     ctx.save_for_backward(x_hat if target_grad_needs_x_hat else None, beta, kl,
                           g_xhat.detach(), g_mu.detach(), g_lv.detach(), g_obs.detach(),
-                          scalar_obs, recon_out if scalar_obs is not None else None)
+                          scalar_obs, recon_out if scalar_obs is not None else None,
+                          g_pm.detach(), g_plv.detach())
     ctx.obs_shape_dtype = None if obs_logvar is None else (obs_logvar.shape, obs_logvar.dtype)
+    ctx.prior_shapes_dtypes = tuple(None if p is None else (p.shape, p.dtype)
+                                    for p in (prior_mu, prior_logvar))
 
 
 def _sum_present(*grads):
@@ -195,9 +248,10 @@ def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_grad_buffers):
     """Gradients for LossInputs (the options get None) from those of LossOutputs
     (the gradient buffers are non-differentiable outputs)."""
     _refuse_double_backward("vae_loss")
-    x_hat, beta, kl, g_xhat, g_mu, g_lv, g_obs, scalar_obs, recon_out = ctx.saved_tensors
+    (x_hat, beta, kl, g_xhat, g_mu, g_lv, g_obs, scalar_obs, recon_out, g_pm,
+     g_plv) = ctx.saved_tensors
     xhat_dtype, x_dtype, mu_dtype, lv_dtype = ctx.dtypes
-    need_xhat, need_x, need_mu, need_lv, need_beta, need_obs = \
+    need_xhat, need_x, need_mu, need_lv, need_beta, need_obs, need_pm, need_plv = \
         ctx.needs_input_grad[:LOSS_TENSOR_INPUTS]
     w_recon = _sum_present(g_loss, g_recon)
     if g_loss is not None:
@@ -214,7 +268,8 @@ def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_grad_buffers):
         grad_obs = _scalar_obs_logvar_grad(ctx, scalar_obs, recon_out, w_recon)
     need_obs_buffer = need_obs and grad_obs is None
     if w_kl is None:
-        need_mu = need_lv = False
+        need_mu = need_lv = need_pm = need_plv = False
+    grad_pm, grad_plv = _prior_grads(ctx, w_kl, (g_pm, g_plv), (need_pm, need_plv))
     if need_x and ctx.recon in _TARGET_GRAD_FROM_X_HAT:
         grad_x = _target_grad(ctx, x_hat, per_sample_view(w_recon, g_xhat)).to(x_dtype)
     x_from_xhat = need_x and grad_x is None  # mse, l1, gaussian, laplace: d/dx = -d/dx_hat
@@ -235,7 +290,20 @@ def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_grad_buffers):
         grad_mu = scaled_mu.to(mu_dtype)
     if need_lv:
         grad_lv = scaled_lv.to(lv_dtype)
-    return (grad_xhat, grad_x, grad_mu, grad_lv, grad_beta, grad_obs) + _NO_GRADS_FOR_LOSS_OPTIONS
+    return (grad_xhat, grad_x, grad_mu, grad_lv, grad_beta, grad_obs, grad_pm,
+            grad_plv) + _NO_GRADS_FOR_LOSS_OPTIONS
+
+
+def _prior_grads(ctx, w_kl, buffers, needed):
+    """The prior's gradients: its mu-shaped buffers scaled by the KL's output
+    gradient, summed over the prior's broadcast dims, in its dtype."""
+    wanted = [(buf, w_kl) if need and buf.numel() else None for buf, need in zip(buffers, needed)]
+    if not any(wanted):
+        return None, None
+    scaled = scale_gradients(ctx, wanted)
+    return tuple(None if s is None or shape_dtype is None
+                 else s.sum_to_size(shape_dtype[0]).to(shape_dtype[1])
+                 for s, shape_dtype in zip(scaled, ctx.prior_shapes_dtypes))
 
 
 # the recons whose target gradient is not -d/dx_hat: computed from x_hat
@@ -271,12 +339,19 @@ vae_loss_op.register_autograd(_vae_loss_backward, setup_context=_vae_loss_setup)
 
 
 def _kl_divergence_impl(
-    mu: Tensor, logvar: Tensor, reduction: str,
-    clamp_lo: Optional[float], clamp_hi: Optional[float], want_grad: bool,
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """(kl, d kl/d mu, d kl/d logvar)."""
-    impl = _dispatch.implementation(mu, logvar)
-    return impl.kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad)
+    mu: Tensor, logvar: Tensor, prior_mu: Optional[Tensor], prior_logvar: Optional[Tensor],
+    reduction: str, clamp_lo: Optional[float], clamp_hi: Optional[float], free_bits: float,
+    want_grad: bool, want_prior_grad: bool,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(kl, d kl/d mu, d kl/d logvar, d kl/d prior_mu, d kl/d prior_logvar), the
+    prior's per element of mu (empty without that prior or when not asked for)."""
+    impl = _torch_impl if _free_bits_call(free_bits) else _dispatch.implementation(mu, logvar)
+    if _free_bits_call(free_bits) or _with_prior(prior_mu, prior_logvar):
+        return impl.kl_forward_with_prior(mu, logvar, prior_mu, prior_logvar, reduction,
+                                          clamp_lo, clamp_hi, free_bits, want_grad,
+                                          want_prior_grad)
+    return (*impl.kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad),
+            mu.new_empty(0), mu.new_empty(0))
 
 
 kl_divergence_op = torch.library.custom_op("fastvae::kl_divergence", mutates_args=())(
@@ -284,37 +359,49 @@ kl_divergence_op = torch.library.custom_op("fastvae::kl_divergence", mutates_arg
 
 
 @kl_divergence_op.register_fake
-def _(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
+def _(mu, logvar, prior_mu, prior_logvar, reduction, clamp_lo, clamp_hi, free_bits, want_grad,
+      want_prior_grad):
     shape = (mu.shape[0],) if reduction == "none" else ()
     return (mu.new_empty(shape, dtype=_out_dtype(mu, logvar)),
-            _grad_buffer(mu, want_grad), _grad_buffer(logvar, want_grad))
+            _grad_buffer(mu, want_grad), _grad_buffer(logvar, want_grad),
+            _prior_grad_buffer(prior_mu, mu, want_prior_grad),
+            _prior_grad_buffer(prior_logvar, mu, want_prior_grad))
 
 
 def _kl_setup(ctx, inputs, output):
-    mu, logvar, _, _, _, want_grad = inputs  # mu, logvar, reduction, clamp_lo, clamp_hi, want_grad
-    _, g_mu, g_lv = output  # kl, d kl/d mu, d kl/d logvar
-    ctx.mark_non_differentiable(g_mu, g_lv)
+    (mu, logvar, prior_mu, prior_logvar, _, _, _, free_bits, want_grad,
+     want_prior_grad) = inputs
+    _, g_mu, g_lv, g_pm, g_plv = output
+    ctx.mark_non_differentiable(g_mu, g_lv, g_pm, g_plv)
     ctx.set_materialize_grads(False)
     ctx.dtypes = (mu.dtype, logvar.dtype)
-    ctx.backend = _forward_backend(mu, logvar) if want_grad else None  # scales the buffers
+    # the backend that scales the buffers
+    ctx.backend = _forward_backend(
+        mu, logvar, extended=_free_bits_call(free_bits)) \
+        if want_grad or want_prior_grad else None
     ctx.hooked = saved_tensor_hooks_active()
-    ctx.save_for_backward(g_mu.detach(), g_lv.detach())
+    ctx.prior_shapes_dtypes = tuple(None if p is None else (p.shape, p.dtype)
+                                    for p in (prior_mu, prior_logvar))
+    ctx.save_for_backward(g_mu.detach(), g_lv.detach(), g_pm.detach(), g_plv.detach())
 
 
-_NO_GRADS_FOR_KL_OPTIONS = (None,) * 4  # reduction, clamp_lo, clamp_hi, want_grad
+# reduction, clamp_lo, clamp_hi, free_bits, want_grad, want_prior_grad
+_NO_GRADS_FOR_KL_OPTIONS = (None,) * 6
 
 
 def _kl_backward(ctx, g_kl, *_grad_buffers):
     _refuse_double_backward("kl_divergence")
     if g_kl is None:
-        return (None, None) + _NO_GRADS_FOR_KL_OPTIONS
-    g_mu, g_lv = ctx.saved_tensors
-    need_mu, need_lv = ctx.needs_input_grad[:2]
+        return (None,) * 4 + _NO_GRADS_FOR_KL_OPTIONS
+    g_mu, g_lv, g_pm, g_plv = ctx.saved_tensors
+    need_mu, need_lv, need_pm, need_plv = ctx.needs_input_grad[:4]
     mu_dtype, lv_dtype = ctx.dtypes
+    grad_pm, grad_plv = _prior_grads(ctx, g_kl, (g_pm, g_plv), (need_pm, need_plv))
     scaled_mu, scaled_lv = scale_gradients(ctx, [(g_mu, g_kl) if need_mu else None,
                                                  (g_lv, g_kl) if need_lv else None])
     return (scaled_mu.to(mu_dtype) if need_mu else None,
-            scaled_lv.to(lv_dtype) if need_lv else None) + _NO_GRADS_FOR_KL_OPTIONS
+            scaled_lv.to(lv_dtype) if need_lv else None,
+            grad_pm, grad_plv) + _NO_GRADS_FOR_KL_OPTIONS
 
 
 kl_divergence_op.register_autograd(_kl_backward, setup_context=_kl_setup)
@@ -324,11 +411,16 @@ kl_divergence_op.register_autograd(_kl_backward, setup_context=_kl_setup)
 
 
 def _reparameterize_impl(
-    mu: Tensor, logvar: Tensor, seed: Tensor,
-    clamp_lo: Optional[float], clamp_hi: Optional[float], with_kl: bool,
+    mu: Tensor, logvar: Tensor, prior_mu: Optional[Tensor], prior_logvar: Optional[Tensor],
+    seed: Tensor, clamp_lo: Optional[float], clamp_hi: Optional[float], with_kl: bool,
+    num_samples: int,
 ) -> Tuple[Tensor, Tensor]:
-    """(z, per-sample kl or an empty tensor)."""
+    """(z, per-sample kl (against the prior) or an empty tensor); z has mu's shape, or
+    (num_samples, *mu.shape) for num_samples > 0."""
     impl = _dispatch.implementation(mu, logvar)
+    if _extended_sampling(prior_mu, prior_logvar, num_samples):
+        return impl.reparameterize_forward_with_prior(
+            mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi, with_kl, num_samples)
     return impl.reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl)
 
 
@@ -336,25 +428,38 @@ reparameterize_op = torch.library.custom_op("fastvae::reparameterize", mutates_a
     _reparameterize_impl)
 
 
+def _sample_shape(mu, num_samples):
+    return tuple(mu.shape) if num_samples == 0 else (num_samples, *mu.shape)
+
+
 @reparameterize_op.register_fake
-def _(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
-    z = torch.empty(mu.shape, dtype=torch.promote_types(mu.dtype, logvar.dtype), device=mu.device)
+def _(mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi, with_kl, num_samples):
+    z = torch.empty(_sample_shape(mu, num_samples),
+                    dtype=torch.promote_types(mu.dtype, logvar.dtype), device=mu.device)
     dtype = _out_dtype(mu, logvar)
     kl = mu.new_empty((mu.shape[0],) if with_kl else (0,), dtype=dtype)
     return z, kl
 
 
 def _reparameterize_backward_impl(
-    grad_z: Tensor, grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor, seed: Tensor,
-    clamp_lo: Optional[float], clamp_hi: Optional[float], backend: Optional[str] = None,
-) -> Tuple[Tensor, Tensor]:
-    """(grad_mu, grad_logvar), with the noise regenerated from ``seed`` by ``backend``,
-    the one whose forward drew it (None: the one dispatch picks now)."""
+    grad_z: Tensor, grad_kl: Optional[Tensor], mu: Tensor, logvar: Tensor,
+    prior_mu: Optional[Tensor], prior_logvar: Optional[Tensor], seed: Tensor,
+    clamp_lo: Optional[float], clamp_hi: Optional[float], num_samples: int = 0,
+    backend: Optional[str] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar) (the prior's in its
+    shape, empty without it), with the noise regenerated from ``seed`` by
+    ``backend``, the one whose forward drew it (None: the one dispatch picks now)."""
     if backend is None:
         impl = _dispatch.implementation(mu, logvar)
     else:
         impl = _dispatch.implementation_named(backend)
-    return impl.reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_hi)
+    if _extended_sampling(prior_mu, prior_logvar, num_samples):
+        return impl.reparameterize_backward_with_prior(
+            grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi,
+            num_samples)
+    return (*impl.reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_hi),
+            mu.new_empty(0), mu.new_empty(0))
 
 
 reparameterize_backward_op = torch.library.custom_op(
@@ -362,26 +467,35 @@ reparameterize_backward_op = torch.library.custom_op(
 
 
 @reparameterize_backward_op.register_fake
-def _(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_hi, backend=None):
+def _(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi,
+      num_samples=0, backend=None):
+    extended = _extended_sampling(prior_mu, prior_logvar, num_samples)
+
+    def prior_grad(prior):
+        if prior is None or not extended:
+            return mu.new_empty(0)
+        return torch.empty(prior.shape, dtype=prior.dtype, device=prior.device)
+
     return (torch.empty(mu.shape, dtype=mu.dtype, device=mu.device),
-            torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device))
+            torch.empty(logvar.shape, dtype=logvar.dtype, device=logvar.device),
+            prior_grad(prior_mu), prior_grad(prior_logvar))
 
 
 def _reparameterize_setup(ctx, inputs, output):
-    mu, logvar, seed, clamp_lo, clamp_hi, with_kl = inputs
-    ctx.clamp, ctx.with_kl = (clamp_lo, clamp_hi), with_kl
+    mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi, with_kl, num_samples = inputs
+    ctx.clamp, ctx.with_kl, ctx.num_samples = (clamp_lo, clamp_hi), with_kl, num_samples
     # the backend whose noise the backward regenerates (None: no backward will run)
-    ctx.backend = _forward_backend(mu, logvar) if any(ctx.needs_input_grad[:2]) else None
-    ctx.save_for_backward(mu, logvar, seed)
+    ctx.backend = _forward_backend(mu, logvar) if any(ctx.needs_input_grad[:4]) else None
+    ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar, seed)
 
 
 def _reparameterize_grads(ctx, grad_z, grad_kl, run_backward):
-    mu, logvar, seed = ctx.saved_tensors
-    grad_mu, grad_logvar = run_backward(
-        grad_z, grad_kl if ctx.with_kl else None, mu, logvar, seed, *ctx.clamp, ctx.backend)
-    need_mu, need_lv = ctx.needs_input_grad[:2]
-    # no gradients for seed, clamp_lo, clamp_hi, with_kl
-    return (grad_mu if need_mu else None, grad_logvar if need_lv else None, None, None, None, None)
+    mu, logvar, prior_mu, prior_logvar, seed = ctx.saved_tensors
+    grads = run_backward(grad_z, grad_kl if ctx.with_kl else None, mu, logvar, prior_mu,
+                         prior_logvar, seed, *ctx.clamp, ctx.num_samples, ctx.backend)
+    # no gradients for seed, clamp_lo, clamp_hi, with_kl, num_samples
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])) \
+        + (None,) * 5
 
 
 def _reparameterize_backward(ctx, grad_z, grad_kl):
@@ -482,17 +596,40 @@ def _recon_terms(x_hat, x, recon, obs_logvar=None, obs_logvar_value=0.0,
     return F.softplus(x_hat) - x_hat * x
 
 
-def _kl_rows(mu, logvar, clamp_lo, clamp_hi, dtype):
+def _kl_terms(mu, logvar, clamp_lo, clamp_hi, dtype, prior_mu=None, prior_logvar=None):
+    """Per-element KL(N(mu, e^lv) || N(pm, e^plv)) = 1/2 [expm1(d) - d + (mu - pm)^2 e^-plv],
+    d = lv - plv (pm, plv None: 0)."""
     lv = logvar.to(dtype)
     if clamp_lo is not None:
         lv = lv.clamp(clamp_lo, clamp_hi)
-    mu = mu.to(dtype)
-    return 0.5 * _rows(mu.square() + torch.expm1(lv) - lv).sum(1)
+    diff = mu.to(dtype)
+    if prior_mu is not None:
+        diff = diff - prior_mu.to(dtype)
+    sq = diff.square()
+    if prior_logvar is not None:
+        plv = prior_logvar.to(dtype)
+        lv = lv - plv
+        sq = sq * torch.exp(-plv)
+    return (0.5 * (sq + torch.expm1(lv) - lv)).expand(mu.shape)
 
 
-def _composite_vae_loss(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
-                        obs_logvar_value, obs_logvar_optimal, reduction,
-                        clamp_lo, clamp_hi, grad_recon, grad_kl):
+def _kl_rows(mu, logvar, clamp_lo, clamp_hi, dtype, prior_mu=None, prior_logvar=None):
+    return _rows(_kl_terms(mu, logvar, clamp_lo, clamp_hi, dtype, prior_mu, prior_logvar)).sum(1)
+
+
+def _kl_reduced(mu, logvar, prior_mu, prior_logvar, reduction, clamp_lo, clamp_hi, free_bits,
+                dtype):
+    """The reduced KL, free bits applied: scale * sum_k max(N K_k, N free_bits)."""
+    scale = _numerics.reduction_scale(reduction, mu.shape[0], mu.numel())
+    terms = _kl_terms(mu, logvar, clamp_lo, clamp_hi, dtype, prior_mu, prior_logvar)
+    if free_bits > 0.0:
+        return torch.clamp_min(terms.sum(0), mu.shape[0] * free_bits).sum() * scale
+    return _reduced(_rows(terms).sum(1), reduction, scale)
+
+
+def _composite_vae_loss(x_hat, x, mu, logvar, beta, obs_logvar, prior_mu, prior_logvar,
+                        beta_value, recon, obs_logvar_value, obs_logvar_optimal, reduction,
+                        clamp_lo, clamp_hi, free_bits, grad_recon, grad_kl, grad_prior):
     """LossOutputs, differentiable by any transform; the gradient buffers are empty."""
     if not torch.compiler.is_compiling():  # (compiled, they would break the graph)
         with _DisableFuncTorch():  # the value checks read all samples of a vmap at once
@@ -504,36 +641,39 @@ def _composite_vae_loss(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, reco
                                     obs_logvar_value, obs_logvar_optimal)).sum(1)
     recon_out = _reduced(recon_rows, reduction,
                          _numerics.reduction_scale(reduction, batch, x_hat.numel()))
-    kl_out = _reduced(_kl_rows(mu, logvar, clamp_lo, clamp_hi, dtype), reduction,
-                      _numerics.reduction_scale(reduction, batch, mu.numel()))
+    kl_out = _kl_reduced(mu, logvar, prior_mu, prior_logvar, reduction, clamp_lo, clamp_hi,
+                         free_bits, dtype)
     loss = recon_out + (beta_value if beta is None else beta.to(dtype)) * kl_out
     return LossOutputs(loss, recon_out, kl_out, x_hat.new_empty(0), mu.new_empty(0),
                        logvar.new_empty(0),
-                       (x_hat if obs_logvar is None else obs_logvar).new_empty(0))
+                       (x_hat if obs_logvar is None else obs_logvar).new_empty(0),
+                       mu.new_empty(0), mu.new_empty(0))
 
 
-def _composite_kl_divergence(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
+def _composite_kl_divergence(mu, logvar, prior_mu, prior_logvar, reduction, clamp_lo, clamp_hi,
+                             free_bits, want_grad, want_prior_grad):
     dtype = _out_dtype(mu, logvar)
-    scale = _numerics.reduction_scale(reduction, mu.shape[0], mu.numel())
-    kl = _reduced(_kl_rows(mu, logvar, clamp_lo, clamp_hi, dtype), reduction, scale)
-    return kl, mu.new_empty(0), logvar.new_empty(0)
+    kl = _kl_reduced(mu, logvar, prior_mu, prior_logvar, reduction, clamp_lo, clamp_hi,
+                     free_bits, dtype)
+    return kl, mu.new_empty(0), logvar.new_empty(0), mu.new_empty(0), mu.new_empty(0)
 
 
-def _noise(seed, shape, dtype, device):
+def _noise(seed, shape, dtype, device, num_samples=0):
     """The eps ~ N(0, I) that the eager op draws from ``seed`` for a (mu, logvar) of
     ``shape`` computed in ``dtype``: the backend's reparameterization of mu = 0,
     logvar = 0 is exactly its noise (0 + exp(0) eps), a constant to every transform.
     Under vmap(randomness="different") the seed is batched and each sample gets the
     noise of its own seed (torch's per-sample fallback for the custom op)."""
     zeros = torch.zeros(shape, dtype=dtype, device=device)
-    return reparameterize_op(zeros, zeros, seed, None, None, False)[0]
+    return reparameterize_op(zeros, zeros, None, None, seed, None, None, False, num_samples)[0]
 
 
-def _composite_reparameterize(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
+def _composite_reparameterize(mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi,
+                              with_kl, num_samples):
     """(z, per-sample kl or an empty tensor), as the eager op computes them:
     z = mu + exp(lv / 2) * eps in the compute dtype, then in mu's and logvar's."""
     dtype = _out_dtype(mu, logvar)
-    eps = _noise(seed, mu.shape, dtype, mu.device)
+    eps = _noise(seed, mu.shape, dtype, mu.device, num_samples)
     lv = logvar.to(dtype)
     if clamp_lo is not None:
         lv = lv.clamp(clamp_lo, clamp_hi)
@@ -541,8 +681,7 @@ def _composite_reparameterize(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
     z = torch.addcmul(mu.to(dtype), eps, std).to(torch.promote_types(mu.dtype, logvar.dtype))
     if not with_kl:
         return z, mu.new_empty(0, dtype=dtype)
-    mu_c = mu.to(dtype)
-    return z, 0.5 * _rows(mu_c.square() + std.square() - 1.0 - lv).sum(1)
+    return z, _kl_rows(mu, logvar, clamp_lo, clamp_hi, dtype, prior_mu, prior_logvar)
 
 
 # ---- eager calls ---------------------------------------------------------
@@ -605,11 +744,11 @@ _ReparameterizeFunction = _function("_ReparameterizeFunction", _reparameterize_i
 
 def vae_loss(x_hat, x, mu, logvar, *args):
     """``vae_loss_op`` (same arguments), from the cheapest entry point that is correct here."""
-    beta, obs_logvar = args[0], args[1]
-    if _eager(x_hat, x, mu, logvar, beta, obs_logvar):
-        # args[-2:]: grad_recon, grad_kl (grad mode and requires_grad already folded in)
-        if not (args[-2] or args[-1] or (beta is not None and beta.requires_grad
-                                         and torch.is_grad_enabled())):
+    beta, obs_logvar, prior_mu, prior_logvar = args[:4]
+    if _eager(x_hat, x, mu, logvar, beta, obs_logvar, prior_mu, prior_logvar):
+        # args[-3:]: grad_recon, grad_kl, grad_prior (grad mode and requires_grad folded in)
+        if not (args[-3] or args[-2] or args[-1] or (beta is not None and beta.requires_grad
+                                                     and torch.is_grad_enabled())):
             return _vae_loss_impl(x_hat, x, mu, logvar, *args)
         return _VAELossFunction.apply(x_hat, x, mu, logvar, *args)
     if _differentiated_by_a_transform():  # torch.func, also inside torch.compile
@@ -619,8 +758,8 @@ def vae_loss(x_hat, x, mu, logvar, *args):
 
 def kl_divergence(mu, logvar, *args):
     """``kl_divergence_op`` (same arguments), from the cheapest correct entry point."""
-    if _eager(mu, logvar):
-        if not args[-1]:  # want_grad
+    if _eager(mu, logvar, args[0], args[1]):  # mu, logvar, prior_mu, prior_logvar
+        if not (args[-2] or args[-1]):  # want_grad, want_prior_grad
             return _kl_divergence_impl(mu, logvar, *args)
         return _KLDivergenceFunction.apply(mu, logvar, *args)
     if _differentiated_by_a_transform():  # torch.func, also inside torch.compile
@@ -628,12 +767,14 @@ def kl_divergence(mu, logvar, *args):
     return kl_divergence_op(mu, logvar, *args)
 
 
-def reparameterize(mu, logvar, seed, *args):
+def reparameterize(mu, logvar, *args):
     """``reparameterize_op`` (same arguments), from the cheapest correct entry point."""
-    if _eager(mu, logvar, seed):
-        if not (torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)):
-            return _reparameterize_impl(mu, logvar, seed, *args)
-        return _ReparameterizeFunction.apply(mu, logvar, seed, *args)
+    prior_mu, prior_logvar, seed = args[:3]
+    if _eager(mu, logvar, prior_mu, prior_logvar, seed):
+        if not (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (mu, logvar, prior_mu, prior_logvar))):
+            return _reparameterize_impl(mu, logvar, *args)
+        return _ReparameterizeFunction.apply(mu, logvar, *args)
     if _differentiated_by_a_transform():  # torch.func, also inside torch.compile
-        return _composite_reparameterize(mu, logvar, seed, *args)
-    return reparameterize_op(mu, logvar, seed, *args)
+        return _composite_reparameterize(mu, logvar, *args)
+    return reparameterize_op(mu, logvar, *args)

@@ -180,6 +180,16 @@ class GaussianPosterior:
             inf = torch.full(shape, math.inf, dtype=dtype, device=self.mean.device)
             return self._sum_dims(inf).to(torch.promote_types(self.mean.dtype, om.dtype))
         result_dtype = torch.promote_types(self.mean.dtype, om.dtype)
+        sums_every_dim = self.semantics == "fastvae" or self.mean.dim() <= len(_DIFFUSERS_DIMS) + 1
+        if sums_every_dim and dtype == _compute_dtype(self.mean) and olv.shape == om.shape:
+            # the fused KL against a diagonal Gaussian prior (same formula, TwoSum
+            # included); self broadcast to the common shape first when other is larger
+            mean, raw_logvar = self.mean, self._raw_logvar
+            if tuple(mean.shape) != tuple(shape):
+                mean, raw_logvar = mean.expand(shape), raw_logvar.expand(shape)
+            per_sample = kl_divergence(mean, raw_logvar, reduction="none",
+                                       logvar_clamp=self._clamp, prior_mu=om, prior_logvar=olv)
+            return per_sample if self.semantics == "fastvae" else per_sample.to(result_dtype)
         m, lv, om, olv = (t.to(dtype) for t in (self.mean, self.logvar, om, olv))
         # 2 KL = (m - om)^2 / ov + v / ov - 1 - log(v / ov). With d = lv - olv rounded and
         # err its rounding error (exact, by TwoSum), v / ov - 1 = expm1(d + err) =

@@ -106,9 +106,26 @@ def _check_fields(meta):
     batch = meta.get("batch", "dynamic")
     if batch != "dynamic" and not (_is_int(batch) and batch > 0):
         raise ValueError(f"batch must be 'dynamic' or a positive int, got {batch!r}")
+    if "prior" in meta:
+        _check_prior(meta["prior"], meta["latent_shape"])
     _check_part_table(meta, "parts", PARTS, quantized=False)
     if "quantized" in meta:
         _check_part_table(meta, "quantized", QUANTIZABLE_PARTS, quantized=True)
+
+
+def _check_prior(prior, latent_shape):
+    """A learned diagonal Gaussian prior: {"mu": [...], "logvar": [...]}, finite numbers,
+    one per latent element (latent_shape[0] of a flat latent)."""
+    if not isinstance(prior, dict) or set(prior) != {"mu", "logvar"}:
+        raise ValueError(f"prior must be an object with keys 'mu' and 'logvar', got {prior!r:.80}")
+    size = math.prod(latent_shape)
+    for key in ("mu", "logvar"):
+        values = prior[key]
+        if (not isinstance(values, list) or len(values) != size
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                           and math.isfinite(v) for v in values)):
+            raise ValueError(f"prior.{key} must be a list of {size} finite numbers (one per "
+                             f"latent element), got {values!r:.80}")
 
 
 def _check_part_table(meta, key, allowed, quantized):
@@ -302,8 +319,9 @@ class VAERuntime:
         return self._run("decoder", mu)[0]
 
     def sample(self, n, seed=None):
-        """Decode ``n`` codes z ~ N(0, I) drawn by numpy from ``seed``
-        (same seed -> same samples; None -> fresh randomness)."""
+        """Decode ``n`` codes drawn by numpy from ``seed`` (same seed -> same samples;
+        None -> fresh randomness) from the model's prior: N(0, I), or the learned
+        N(mu, exp(logvar)) recorded in the metadata."""
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
             raise TypeError(f"n must be an int, got {type(n).__name__}")
         if n <= 0:
@@ -314,6 +332,12 @@ class VAERuntime:
             raise ValueError(f"seed must be non-negative, got {seed}")
         rng = np.random.default_rng(seed)
         z = rng.standard_normal((int(n),) + self.latent_shape, dtype=np.float32)
+        prior = self.metadata.get("prior")
+        if prior is not None:
+            shape = self.latent_shape
+            mu = np.asarray(prior["mu"], dtype=np.float32).reshape(shape)
+            std = np.exp(0.5 * np.asarray(prior["logvar"], dtype=np.float32)).reshape(shape)
+            z = mu + std * z
         return self._run("decoder", z)[0]
 
     def score(self, x):

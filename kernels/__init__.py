@@ -27,10 +27,22 @@ except ImportError:
     AVAILABLE = False
 else:
     AVAILABLE = True
-    from .reparameterize import reparameterize_backward, reparameterize_forward  # noqa: F401
+    from .reparameterize import (  # noqa: F401
+        reparameterize_backward,
+        reparameterize_backward_with_prior,
+        reparameterize_forward,
+        reparameterize_forward_with_prior,
+    )
     from .scale_gradients import scale_gradient_, scale_gradients_  # noqa: F401
-    from .vae_loss import kl_forward, vae_loss_forward  # noqa: F401
+    from .vae_loss import (  # noqa: F401
+        kl_forward,
+        kl_forward_with_prior,
+        vae_loss_forward,
+        vae_loss_forward_with_prior,
+    )
 
-__all__ = ["AVAILABLE", "vae_loss_forward", "kl_forward",
-           "reparameterize_forward", "reparameterize_backward", "scale_gradient_",
+__all__ = ["AVAILABLE", "vae_loss_forward", "kl_forward", "vae_loss_forward_with_prior",
+           "kl_forward_with_prior",
+           "reparameterize_forward", "reparameterize_backward",
+           "reparameterize_forward_with_prior", "reparameterize_backward_with_prior", "scale_gradient_",
            "scale_gradients_"]

@@ -242,8 +242,14 @@ def _kl_partials(
     kl_grad_scale,  # float32: the reduction's scale (1, 1/N or 1/(N d))
     clamp_lo,  # float32: lower logvar clamp (HAS_CLAMP)
     clamp_hi,  # float32: upper logvar clamp (HAS_CLAMP)
+    prior_mu_ptr,  # (N, d) contiguous: the prior's means (HAS_PRIOR)
+    prior_logvar_ptr,  # (N, d) contiguous: the prior's log-variances (HAS_PRIOR)
+    grad_prior_mu_ptr,  # (N, d), out: kl_grad_scale * d kl/d prior_mu (WRITE_PRIOR_GRAD)
+    grad_prior_logvar_ptr,  # (N, d), out: kl_grad_scale * d kl/d prior_logvar (WRITE_PRIOR_GRAD)
     HAS_CLAMP: tl.constexpr,  # clamp logvar to [clamp_lo, clamp_hi]
     WRITE_KL_GRAD: tl.constexpr,  # write grad_mu and grad_logvar
+    HAS_PRIOR: tl.constexpr,  # the KL against N(prior_mu, exp(prior_logvar)), not N(0, I)
+    WRITE_PRIOR_GRAD: tl.constexpr,  # write grad_prior_mu and grad_prior_logvar
     KL_BLOCK: tl.constexpr,  # columns per iteration (a power of two)
     KL_ROWS: tl.constexpr,  # rows per tile (a power of two)
     KL_ITERS: tl.constexpr,  # column blocks per tile
@@ -265,11 +271,25 @@ def _kl_partials(
         offs = rows[:, None] * kl_cols + cols[None, :]
         mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        value, grad_lv = _shared.kl_terms(mu, logvar, clamp_lo, clamp_hi, HAS_CLAMP)
+        if HAS_PRIOR:
+            prior_mu = tl.load(prior_mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            prior_logvar = tl.load(prior_logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            value, grad_mu, grad_lv, grad_plv = _shared.prior_kl_terms(
+                mu, logvar, prior_mu, prior_logvar, clamp_lo, clamp_hi, HAS_CLAMP)
+            if WRITE_PRIOR_GRAD:
+                tl.store(grad_prior_mu_ptr + offs,
+                         (-grad_mu * kl_grad_scale).to(grad_prior_mu_ptr.dtype.element_ty),
+                         mask=mask)
+                tl.store(grad_prior_logvar_ptr + offs,
+                         (grad_plv * kl_grad_scale).to(grad_prior_logvar_ptr.dtype.element_ty),
+                         mask=mask)
+        else:
+            value, grad_lv = _shared.kl_terms(mu, logvar, clamp_lo, clamp_hi, HAS_CLAMP)
+            grad_mu = mu
         acc += tl.where(mask, value, 0.0)
         if WRITE_KL_GRAD:
             tl.store(grad_mu_ptr + offs,
-                     (mu * kl_grad_scale).to(grad_mu_ptr.dtype.element_ty), mask=mask)
+                     (grad_mu * kl_grad_scale).to(grad_mu_ptr.dtype.element_ty), mask=mask)
             tl.store(grad_logvar_ptr + offs,
                      (grad_lv * kl_grad_scale).to(grad_logvar_ptr.dtype.element_ty),
                      mask=mask)
@@ -301,6 +321,10 @@ def _vae_loss_partials_kernel(
     clamp_lo,  # float32: lower logvar clamp (HAS_CLAMP)
     clamp_hi,  # float32: upper logvar clamp (HAS_CLAMP)
     obs_logvar_value,  # float32: s when OBS_LOGVAR="value"
+    prior_mu_ptr,  # (N, d): the KL prior's means (HAS_PRIOR)
+    prior_logvar_ptr,  # (N, d): the KL prior's log-variances (HAS_PRIOR)
+    grad_prior_mu_ptr,  # (N, d), out: d kl/d prior_mu of the reduced KL (WRITE_PRIOR_GRAD)
+    grad_prior_logvar_ptr,  # (N, d), out: d kl/d prior_logvar (WRITE_PRIOR_GRAD)
     RECON: tl.constexpr,  # the reconstruction term's name (RECON_KINDS)
     OBS_LOGVAR: tl.constexpr,  # where s is (OBS_LOGVAR_LAYOUTS)
     WRITE_OBS_GRAD: tl.constexpr,  # write grad_obs_logvar
@@ -309,6 +333,8 @@ def _vae_loss_partials_kernel(
     HAS_CLAMP: tl.constexpr,  # clamp logvar to [clamp_lo, clamp_hi]
     WRITE_RECON_GRAD: tl.constexpr,  # write grad_x_hat
     WRITE_KL_GRAD: tl.constexpr,  # write grad_mu and grad_logvar
+    HAS_PRIOR: tl.constexpr,  # the KL against N(prior_mu, exp(prior_logvar))
+    WRITE_PRIOR_GRAD: tl.constexpr,  # write grad_prior_mu and grad_prior_logvar
     RECON_BLOCK: tl.constexpr,  # recon columns per iteration
     RECON_ROWS: tl.constexpr,  # recon rows per tile
     RECON_ITERS: tl.constexpr,  # recon column blocks per tile
@@ -337,7 +363,9 @@ def _vae_loss_partials_kernel(
     else:
         _kl_partials(pid - recon_programs, mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr,
                      partials_ptr, n_rows, kl_cols, kl_chunks, kl_base, kl_grad_scale,
-                     clamp_lo, clamp_hi, HAS_CLAMP, WRITE_KL_GRAD, KL_BLOCK, KL_ROWS, KL_ITERS)
+                     clamp_lo, clamp_hi, prior_mu_ptr, prior_logvar_ptr, grad_prior_mu_ptr,
+                     grad_prior_logvar_ptr, HAS_CLAMP, WRITE_KL_GRAD, HAS_PRIOR,
+                     WRITE_PRIOR_GRAD, KL_BLOCK, KL_ROWS, KL_ITERS)
 
 
 # ---- launchers --------------------------------------------------------------
@@ -364,9 +392,11 @@ def _beta_arguments(beta, beta_value, device):
 
 def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
             grad_recon, grad_kl, beta, beta_value, obs_layout="value", obs_logvar=None,
-            obs_logvar_value=0.0, per_sample_values=False):
+            obs_logvar_value=0.0, per_sample_values=False, prior=None, grad_prior=False):
     """Run both stages; returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar,
-    grad_obs_logvar) (loss, recon and grad_x_hat are None without x_hat).
+    grad_obs_logvar, grad_prior_mu, grad_prior_logvar) (loss, recon and grad_x_hat are
+    None without x_hat; the prior's gradients None unless ``grad_prior``).
+    ``prior``: None, or (prior_mu, prior_logvar) each of mu's shape, contiguous.
     ``obs_logvar``: s for obs_layout "scalar" (1 element) or "elementwise" (x's
     shape, contiguous). ``per_sample_values``: (N,) values, unscaled, whatever the
     reduction (whose scale the gradients still carry)."""
@@ -400,6 +430,12 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
         like = obs_logvar if obs_logvar is not None else (x_hat if has_recon else mu)
         grad_obs = like.new_empty(0)
     has_clamp = clamp_lo is not None
+    has_prior = prior is not None
+    grad_pm = grad_plv = None
+    if has_prior and grad_prior:
+        grad_pm, grad_plv = (torch.empty(mu.shape, device=device,
+                                         dtype=_numerics.grad_buffer_dtype(p.dtype))
+                             for p in prior)
     _vae_loss_partials_kernel[(r_split.programs + kl_split.programs,)](
         x_hat if has_recon else mu, x if has_recon else mu, mu, logvar,
         grad_x_hat if grad_recon else partials, grad_mu if grad_kl else partials,
@@ -410,11 +446,15 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
         float(recon_scale), float(kl_scale),
         float(clamp_lo) if has_clamp else 0.0, float(clamp_hi) if has_clamp else 0.0,
         float(obs_logvar_value),
+        prior[0] if has_prior else partials, prior[1] if has_prior else partials,
+        grad_pm if grad_pm is not None else partials,
+        grad_plv if grad_plv is not None else partials,
         RECON=recon if has_recon else "mse",  # the KL-only op runs no recon tile
         OBS_LOGVAR=obs_layout, WRITE_OBS_GRAD=write_obs_grad,
         BCE_LOG_FLOOR=_numerics.BCE_LOG_FLOOR, BCE_GRAD_EPS=_numerics.BCE_GRAD_EPS,
         HAS_CLAMP=has_clamp,
         WRITE_RECON_GRAD=bool(has_recon and grad_recon), WRITE_KL_GRAD=bool(grad_kl),
+        HAS_PRIOR=has_prior, WRITE_PRIOR_GRAD=grad_pm is not None,
         RECON_BLOCK=r_split.block, RECON_ROWS=r_split.rows, RECON_ITERS=r_split.iters,
         KL_BLOCK=kl_split.block, KL_ROWS=kl_split.rows, KL_ITERS=kl_split.iters,
         num_warps=max(r_split.num_warps, kl_split.num_warps),
@@ -433,19 +473,20 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
         recon_chunks=r_split.chunks if has_recon else 0, recon_scale=recon_scale,
         recon_out=recon_out, loss_out=loss_out, beta=beta_ptr, beta_value=beta_value,
         per_sample=per_sample)
-    return loss_out, recon_out, kl_out, grad_x_hat, grad_mu, grad_logvar, grad_obs
+    return (loss_out, recon_out, kl_out, grad_x_hat, grad_mu, grad_logvar, grad_obs, grad_pm,
+            grad_plv)
 
 
 def _fitted_scale_loss(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
-                       clamp_lo, clamp_hi, grad_recon, grad_kl):
+                       clamp_lo, clamp_hi, grad_recon, grad_kl, prior=None, grad_prior=False):
     """obs_logvar="optimal": the mse / l1 kernel's per-sample sums S_n and gradient,
     then (N,)-sized torch ops (no host sync) for sigma^2 = sum S_n / (N D) and the
     values, and one more pass over the gradient for its factor 1/sigma^2, known
     only after the sums."""
     base = "mse" if recon == "gaussian" else "l1"
-    _, err_rows, kl_rows, grad_x_hat, grad_mu, grad_logvar, grad_obs = _launch(
-        x_hat, x, mu, logvar, base, reduction, clamp_lo, clamp_hi, grad_recon, grad_kl,
-        None, 0.0, per_sample_values=True)
+    _, err_rows, kl_rows, grad_x_hat, grad_mu, grad_logvar, grad_obs, grad_pm, grad_plv = \
+        _launch(x_hat, x, mu, logvar, base, reduction, clamp_lo, clamp_hi, grad_recon, grad_kl,
+                None, 0.0, per_sample_values=True, prior=prior, grad_prior=grad_prior)
     rows, inv_scale = _numerics.fitted_recon_rows(err_rows, recon, x_hat.numel())
     if grad_recon:  # mse's gradient is 2 (x_hat - x): the gaussian's is HALF of it / sigma^2
         grad_x_hat.mul_(inv_scale * _numerics.OBS_SCALE[recon][0])
@@ -456,12 +497,50 @@ def _fitted_scale_loss(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
         recon_out = rows.sum() * _numerics.reduction_scale(reduction, batch, x_hat.numel())
         kl_out = kl_rows.sum() * _numerics.reduction_scale(reduction, batch, mu.numel())
     loss = recon_out + (beta_value if beta is None else beta.to(recon_out.dtype)) * kl_out
-    return loss, recon_out, kl_out, grad_x_hat, grad_mu, grad_logvar, grad_obs
+    return loss, recon_out, kl_out, grad_x_hat, grad_mu, grad_logvar, grad_obs, grad_pm, grad_plv
 
 
 def vae_loss_forward(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
                      obs_logvar_value, obs_logvar_optimal, reduction,
                      clamp_lo, clamp_hi, grad_recon, grad_kl):
+    """``_vae_loss`` against N(0, I): its first seven outputs."""
+    return _vae_loss(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
+                     obs_logvar_value, obs_logvar_optimal, reduction, clamp_lo, clamp_hi,
+                     grad_recon, grad_kl)[:7]
+
+
+def _prior_tiles(mu, prior_mu, prior_logvar):
+    """(prior_mu, prior_logvar) as the kernel reads them: mu's shape, contiguous (a
+    broadcast prior is materialized: one latent-sized write and read each, and its
+    gradient is latent-sized until the backward's sum_to_size); None is 0."""
+    return tuple(torch.zeros(mu.shape, dtype=mu.dtype, device=mu.device) if p is None
+                 else p.expand(mu.shape).contiguous() for p in (prior_mu, prior_logvar))
+
+
+def _prior_grads_or_empty(grad_pm, grad_plv, prior_mu, prior_logvar, mu):
+    return tuple(g if g is not None and p is not None else (mu if p is None else p).new_empty(0)
+                 for g, p in ((grad_pm, prior_mu), (grad_plv, prior_logvar)))
+
+
+def vae_loss_forward_with_prior(x_hat, x, mu, logvar, beta, obs_logvar, prior_mu, prior_logvar,
+                                beta_value, recon, obs_logvar_value, obs_logvar_optimal,
+                                reduction, clamp_lo, clamp_hi, free_bits, grad_recon, grad_kl,
+                                grad_prior):
+    """``vae_loss_forward`` with the KL against N(prior_mu, exp(prior_logvar)), like
+    ``fastvae._torch_impl.vae_loss_forward_with_prior``: nine outputs, the prior's
+    gradients mu-shaped (or empty). One pass, as without a prior. Free bits are not
+    implemented here (they need the per-element batch sums first)."""
+    if free_bits:
+        raise NotImplementedError("the Triton loss kernel does not implement free_bits")
+    out = _vae_loss(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
+                    obs_logvar_value, obs_logvar_optimal, reduction, clamp_lo, clamp_hi,
+                    grad_recon, grad_kl, _prior_tiles(mu, prior_mu, prior_logvar), grad_prior)
+    return (*out[:7], *_prior_grads_or_empty(out[7], out[8], prior_mu, prior_logvar, mu))
+
+
+def _vae_loss(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
+              obs_logvar_value, obs_logvar_optimal, reduction,
+              clamp_lo, clamp_hi, grad_recon, grad_kl, prior=None, grad_prior=False):
     """Returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar, grad_obs_logvar)
     like ``fastvae._torch_impl.vae_loss_forward``: values in float32, gradients of
     the reduced recon and kl (beta not applied), each in the
@@ -470,7 +549,7 @@ def vae_loss_forward(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
     with _shared.device_guard(x_hat):
         if obs_logvar_optimal:
             return _fitted_scale_loss(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
-                                      clamp_lo, clamp_hi, grad_recon, grad_kl)
+                                      clamp_lo, clamp_hi, grad_recon, grad_kl, prior, grad_prior)
         layout = "value"
         if obs_logvar is not None and obs_logvar.numel() == 1:
             layout = "scalar"  # read by the kernel: a learned scalar costs no host sync
@@ -483,14 +562,29 @@ def vae_loss_forward(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
             obs_logvar = obs_logvar.expand(x_hat.shape).contiguous()
         return _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
                        grad_recon, grad_kl, beta, beta_value, layout, obs_logvar,
-                       obs_logvar_value)
+                       obs_logvar_value, prior=prior, grad_prior=grad_prior)
 
 
 def kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
     """Returns (kl, grad_mu, grad_logvar) like ``fastvae._torch_impl.kl_forward``,
     with the loss kernel's KL programs alone."""
     with _shared.device_guard(mu):
-        _, _, kl, _, grad_mu, grad_logvar, _ = _launch(
+        _, _, kl, _, grad_mu, grad_logvar = _launch(
             None, None, mu, logvar, "mse", reduction, clamp_lo, clamp_hi,
-            False, want_grad, None, 0.0)
+            False, want_grad, None, 0.0)[:6]
     return kl, grad_mu, grad_logvar
+
+
+def kl_forward_with_prior(mu, logvar, prior_mu, prior_logvar, reduction, clamp_lo, clamp_hi,
+                          free_bits, want_grad, want_prior_grad):
+    """(kl, grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar) like
+    ``fastvae._torch_impl.kl_forward_with_prior``, with the loss kernel's KL programs
+    alone (no free bits)."""
+    if free_bits:
+        raise NotImplementedError("the Triton KL kernel does not implement free_bits")
+    with _shared.device_guard(mu):
+        out = _launch(None, None, mu, logvar, "mse", reduction, clamp_lo, clamp_hi, False,
+                      want_grad, None, 0.0, prior=_prior_tiles(mu, prior_mu, prior_logvar),
+                      grad_prior=want_prior_grad)
+    return (out[2], out[4], out[5],
+            *_prior_grads_or_empty(out[7], out[8], prior_mu, prior_logvar, mu))

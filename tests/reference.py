@@ -103,3 +103,32 @@ def assert_standard_normal(samples, min_samples=NOISE_SAMPLES):
     mean, std = samples.mean().item(), samples.std().item()
     assert abs(mean) < mean_bound, f"mean {mean:.5f} of {n} draws, bound {mean_bound:.5f}"
     assert abs(std - 1.0) < std_bound, f"std {std:.5f} of {n} draws, bound 1 +- {std_bound:.5f}"
+
+
+def kl_elementwise_prior(mu, logvar, prior_mu=None, prior_logvar=None, logvar_clamp=None):
+    """KL(N(mu, e^lv) || N(pm, e^plv)) per element, the textbook formula
+    log(sigma_p / sigma_q) + (sigma_q^2 + (mu_q - mu_p)^2) / (2 sigma_p^2) - 1/2
+    (pm, plv None: 0, the standard normal)."""
+    mu, logvar = mu.double(), logvar.double()
+    if logvar_clamp is not None:
+        logvar = logvar.clamp(*logvar_clamp)
+    pm = torch.zeros((), dtype=torch.float64) if prior_mu is None else prior_mu.double()
+    plv = torch.zeros((), dtype=torch.float64) if prior_logvar is None else prior_logvar.double()
+    var_q, var_p = torch.exp(logvar), torch.exp(plv)
+    return 0.5 * (plv - logvar) + (var_q + (mu - pm) ** 2) / (2 * var_p) - 0.5
+
+
+def kl_free_bits(elementwise, free_bits, reduction):
+    """The free-bits KL term: K_k, the batch mean of latent element k's KL, floored at
+    ``free_bits`` and summed over k (per sample: "batchmean"); "sum" is N times
+    that, "mean" that divided by the number of latent elements per sample."""
+    n = elementwise.shape[0]
+    per_element = elementwise.reshape(n, -1).mean(0)
+    floored = torch.maximum(per_element, torch.full_like(per_element, free_bits)).sum()
+    if reduction == "batchmean":
+        return floored
+    if reduction == "sum":
+        return n * floored
+    if reduction == "mean":
+        return floored / per_element.numel()
+    raise AssertionError(reduction)

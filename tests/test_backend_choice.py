@@ -111,7 +111,8 @@ def test_reparameterize_backward_op_takes_the_forwards_backend(kernels):
     for backend in ("torch", "triton"):
         z, _ = _dispatch.implementation_named(backend).reparameterize_forward(
             mu, logvar, seed, None, None, False)
-        _, grad_logvar = ops.reparameterize_backward_op(grad_z, None, mu, logvar, seed, None, None, backend)
+        _, grad_logvar, _, _ = ops.reparameterize_backward_op(grad_z, None, mu, logvar, None, None,
+                                                              seed, None, None, 0, backend)
         # dz/dlv = (z - mu) / 2 with the forward's own z
         torch.testing.assert_close(grad_logvar, 0.5 * (z - mu))
         outputs[backend] = grad_logvar

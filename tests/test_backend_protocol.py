@@ -9,8 +9,10 @@ import pytest
 
 from fastvae import _dispatch, _torch_impl
 
-PROTOCOL_FUNCTIONS = ("vae_loss_forward", "kl_forward", "reparameterize_forward",
-                      "reparameterize_backward")
+PROTOCOL_FUNCTIONS = ("vae_loss_forward", "kl_forward", "vae_loss_forward_with_prior",
+                      "kl_forward_with_prior", "reparameterize_forward",
+                      "reparameterize_backward", "reparameterize_forward_with_prior",
+                      "reparameterize_backward_with_prior")
 
 
 def backends():

@@ -319,8 +319,8 @@ def test_opcheck():
         tensor_obs = obs if isinstance(obs, torch.Tensor) else None
         for reduction in ("sum", "none"):
             torch.library.opcheck(ops.vae_loss_op, (
-                x_hat, x, mu, logvar, None, tensor_obs, 0.5, recon,
-                0.0, obs == "optimal", reduction, None, None, True, True))
+                x_hat, x, mu, logvar, None, tensor_obs, None, None, 0.5, recon,
+                0.0, obs == "optimal", reduction, None, None, 0.0, True, True, False))
 
 
 @pytest.mark.parametrize("layout", ["scalar", "channel"])

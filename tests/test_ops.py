@@ -26,25 +26,28 @@ def test_opcheck_vae_loss(device, recon, reduction, beta, clamp, grad):
     x_hat, x, mu, logvar = tensors(grad, device)
     beta = None if beta is None else beta.to(device)
     lo, hi = clamp or (None, None)
-    torch.library.opcheck(ops.vae_loss_op, (x_hat, x, mu, logvar, beta, None, 0.5, recon, 0.0,
-                                            False, reduction, lo, hi, grad, grad))
+    torch.library.opcheck(ops.vae_loss_op, (x_hat, x, mu, logvar, beta, None, None, None, 0.5,
+                                            recon, 0.0, False, reduction, lo, hi, 0.0, grad,
+                                            grad, False))
 
 
 @pytest.mark.parametrize("reduction,grad", [("sum", True), ("none", True), ("mean", False)])
 def test_opcheck_kl(device, reduction, grad):
     _, _, mu, logvar = tensors(grad, device)
-    torch.library.opcheck(ops.kl_divergence_op, (mu, logvar, reduction, -2.0, 2.0, grad))
+    torch.library.opcheck(ops.kl_divergence_op, (mu, logvar, None, None, reduction, -2.0, 2.0, 0.0,
+                                                 grad, False))
 
 
 @pytest.mark.parametrize("with_kl", [False, True])
 def test_opcheck_reparameterize(device, with_kl):
     _, _, mu, logvar = tensors(True, device)
     seed = torch.tensor(1234)  # seeds stay on the CPU: no device sync to read them
-    torch.library.opcheck(ops.reparameterize_op, (mu, logvar, seed, None, None, with_kl))
+    torch.library.opcheck(ops.reparameterize_op, (mu, logvar, None, None, seed, None, None, with_kl,
+                                                 0))
     grad_kl = torch.randn(3, device=device) if with_kl else None
     torch.library.opcheck(ops.reparameterize_backward_op,
                           (torch.randn(3, 5, device=device), grad_kl, mu.detach(), logvar.detach(),
-                           seed, -1.0, 1.0))
+                           None, None, seed, -1.0, 1.0))
 
 
 class TinyVAE(torch.nn.Module):
@@ -149,14 +152,17 @@ def test_opcheck_with_channels_last_latents(device):
     x_hat = torch.randn(3, 2, 4, 4, device=device).contiguous(memory_format=torch.channels_last)
     x_hat.requires_grad_()
     x = torch.rand(3, 2, 4, 4, device=device)
-    torch.library.opcheck(ops.kl_divergence_op, (mu, logvar, "none", -2.0, 2.0, True))
-    torch.library.opcheck(ops.vae_loss_op, (x_hat, x, mu, logvar, None, None, 1.0, "mse", 0.0,
-                                            False, "none", None, None, True, True))
+    torch.library.opcheck(ops.kl_divergence_op, (mu, logvar, None, None, "none", -2.0, 2.0, 0.0,
+                                                 True, False))
+    torch.library.opcheck(ops.vae_loss_op, (x_hat, x, mu, logvar, None, None, None, None, 1.0,
+                                            "mse", 0.0, False, "none", None, None, 0.0, True,
+                                            True, False))
     seed = torch.tensor(7)
-    torch.library.opcheck(ops.reparameterize_op, (mu, logvar, seed, None, None, True))
+    torch.library.opcheck(ops.reparameterize_op, (mu, logvar, None, None, seed, None, None, True,
+                                                 0))
     torch.library.opcheck(ops.reparameterize_backward_op,
                           (torch.randn(3, 4, 3, 3, device=device), torch.randn(3, device=device),
-                           mu.detach(), logvar.detach(), seed, None, None))
+                           mu.detach(), logvar.detach(), None, None, seed, None, None))
 
 
 def test_compile_with_channels_last_latents(device):
@@ -191,8 +197,8 @@ def test_loss_inputs_and_outputs_are_named_in_the_ops_order():
 
     assert ops.LossInputs._fields == tuple(inspect.signature(ops._vae_loss_impl).parameters)
     x_hat, x, mu, logvar = tensors(True)
-    out = ops.vae_loss(x_hat, x, mu, logvar, None, None, 1.0, "mse", 0.0, False, "sum",
-                       None, None, True, True)
+    out = ops.vae_loss(x_hat, x, mu, logvar, None, None, None, None, 1.0, "mse", 0.0, False,
+                       "sum", None, None, 0.0, True, True, False)
     named = ops.LossOutputs(*out)
     torch.testing.assert_close(named.loss, named.recon + named.kl)
     torch.testing.assert_close(named.grad_x_hat, 2 * (x_hat.detach() - x))

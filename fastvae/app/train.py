@@ -23,7 +23,7 @@ from tqdm import tqdm
 from fastvae import _validate
 from fastvae.app import checkpoint
 from fastvae.app.data import check_range, fingerprint, load_data
-from fastvae.models import BY_KIND
+from fastvae.models import BY_KIND, PRIORS
 
 ANNEALING = ("none", "linear", "cyclical")
 
@@ -302,7 +302,8 @@ def pick_device(name):
 # resumed run the options saved in its checkpoint (explicit ones must agree).
 
 MODEL_DEFAULTS = {"model": "vae", "arch": "mlp", "latent_dim": 8, "hidden": [256, 128],
-                  "channels": [32, 64], "recon": "bce_logits", "obs_logvar": None}
+                  "channels": [32, 64], "recon": "bce_logits", "obs_logvar": None,
+                  "prior": "standard"}
 RUN_DEFAULTS = {"data": "digits", **MODEL_DEFAULTS, **asdict(TrainConfig())}
 # may differ on resume: more epochs extend the run; how often it saves does not change it;
 # the data may be given by another path (its content is checked by hash)
@@ -314,8 +315,9 @@ def build_model(options, input_shape):
     cls = BY_KIND[(options["model"], options["arch"])]
     arch_key = "hidden" if options["arch"] == "mlp" else "channels"
     beta = options["beta"] if options["model"] == "vae" else 0.0
+    prior = {"prior": options["prior"]} if options["model"] == "vae" else {}
     return cls(input_shape, latent_dim=options["latent_dim"], recon=options["recon"], beta=beta,
-               obs_logvar=options["obs_logvar"], **{arch_key: tuple(options[arch_key])})
+               obs_logvar=options["obs_logvar"], **prior, **{arch_key: tuple(options[arch_key])})
 
 
 def check_model_fits(options, input_shape, device):
@@ -346,7 +348,8 @@ def saved_options(config, where):
         raise ValueError(f"{where}: the model config is invalid: {model!r}")
     options = {"data": train["data"]["name"], "model": kind[0], "arch": kind[1],
                "latent_dim": model.get("latent_dim"), "recon": model.get("recon"),
-               "obs_logvar": model.get("obs_logvar"), arch_key: model[arch_key], **train["options"]}
+               "obs_logvar": model.get("obs_logvar"), "prior": model.get("prior", "standard"),
+               arch_key: model[arch_key], **train["options"]}
     return options
 
 
@@ -408,6 +411,9 @@ def add_arguments(parser):
     a("--obs-logvar", type=obs_logvar_option, metavar="learned|optimal|FLOAT",
       help="gaussian/laplace: log sigma^2 (log b) of the observation model: learned (a "
            "trained scalar), optimal (fitted to each batch) or a number (default: 0)")
+    a("--prior", choices=PRIORS,
+      help="VAEs: the KL's prior, standard (N(0, I)) or learned (a trained diagonal Gaussian, "
+           "sampled from when generating) (default: standard)")
     for field in fields(TrainConfig):
         flag = f"--{field.name.replace('_', '-')}"
         default = f"(default: {d[field.name]})"
@@ -539,6 +545,8 @@ def run(args):
     cfg = TrainConfig(**{f.name: options[f.name] for f in fields(TrainConfig)})
     if options["model"] == "ae" and (cfg.free_bits or cfg.anneal != "none"):
         raise ValueError("--free-bits and --anneal apply to VAEs (--model vae) only")
+    if options["model"] == "ae" and options["prior"] != "standard":
+        raise ValueError(f"--prior {options['prior']}: applies to VAEs (--model vae) only")
     data = load_data(options["data"], root=args.data_root, download=args.download)
     check_range(data, options["recon"])
     if resume is None:

@@ -118,6 +118,22 @@ def variants():
                                        obs_logvar=obs_logvar)
                 (out.sum() * 2.0).backward()
         yield f"vae_loss {dtype} {recon} obs_logvar={obs}", likelihood
+    for dtype, prior, clamp in itertools.product(dtypes, ("learned", "per_sample"),
+                                                 (None, (-8.0, 8.0))):
+        def with_prior(dtype=dtype, prior=prior, clamp=clamp):
+            x_hat = torch.rand(4, 3, 64, 64, dtype=dtype, requires_grad=True)
+            x = torch.rand(4, 3, 64, 64, dtype=dtype)
+            mu = torch.randn(4, 16, dtype=dtype, requires_grad=True)
+            shape = (16,) if prior == "learned" else (4, 16)
+            prior_mu = torch.zeros(shape, requires_grad=True)  # a float32 parameter
+            prior_logvar = torch.zeros(shape, dtype=dtype, requires_grad=True)
+            for reduction in ("sum", "none"):
+                out = fastvae.vae_loss(x_hat, x, mu, mu, reduction=reduction, logvar_clamp=clamp,
+                                       prior_mu=prior_mu, prior_logvar=prior_logvar)
+                (out.sum() * 2.0).backward()
+                fastvae.kl_divergence(mu, mu, reduction=reduction, prior_mu=prior_mu,
+                                      prior_logvar=prior_logvar).sum().backward()
+        yield f"KL against a prior {dtype} {prior} clamp={clamp}", with_prior
     for batch, cols, latent in ((1, 777, 3), (64, 784, 20), (2, 3 * 256 * 256, 4 * 32 * 32)):
         def shapes(batch=batch, cols=cols, latent=latent):
             x_hat = torch.rand(batch, cols, requires_grad=True)
@@ -137,6 +153,12 @@ def variants():
             for reduction in ("batchmean", "none"):
                 fastvae.kl_divergence(mu, logvar, reduction=reduction,
                                       logvar_clamp=clamp).sum().backward()
+            # several samples, and the KL against a learned prior
+            prior = torch.zeros(512, requires_grad=True)
+            z, kl = fastvae.sample_and_kl(mu, logvar, logvar_clamp=clamp, num_samples=3,
+                                          prior_mu=prior, prior_logvar=prior)
+            (z.sum() + kl.sum()).backward()
+            fastvae.reparameterize(mu, logvar, num_samples=2).sum().backward()
         yield f"sampling {dtype} clamp={clamp}", sampling
 
 

@@ -183,7 +183,7 @@ def test_compiled_with_a_seed_tensor_one_graph_for_every_seed(backends, device):
     grad_z = torch.randn_like(mu)
 
     def sample(mu, logvar, seed):
-        z, kl = ops.reparameterize(mu, logvar, seed, -2.0, 2.0, True)
+        z, kl = ops.reparameterize(mu, logvar, None, None, seed, -2.0, 2.0, True, 0)
         return z, kl
 
     compiled = torch.compile(sample, fullgraph=True, dynamic=False)

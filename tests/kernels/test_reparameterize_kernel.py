@@ -235,10 +235,10 @@ def test_opcheck_with_the_kernels(backends, device):
     logvar.requires_grad_()
     seed = seed_tensor(1234, device)
     backends.kernels(torch.library.opcheck, ops.reparameterize_op,
-                     (mu, logvar, seed, -1.0, 1.0, True))
+                     (mu, logvar, None, None, seed, -1.0, 1.0, True, 0))
     backends.kernels(torch.library.opcheck, ops.reparameterize_backward_op,
                      (torch.randn(3, 5, device=device), torch.randn(3, device=device),
-                      mu.detach(), logvar.detach(), seed, -1.0, 1.0))
+                      mu.detach(), logvar.detach(), None, None, seed, -1.0, 1.0))
 
 
 def test_core_input_errors_still_raised():

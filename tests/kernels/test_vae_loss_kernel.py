@@ -313,8 +313,9 @@ def test_backward_reuses_the_gradient_buffer_only_when_nothing_else_sees_it(back
     gradient (no second full-size buffer) on its last use; kept intact when the
     graph is retained or a caller still holds the op's output."""
     x_hat, x, mu, logvar = (t.requires_grad_() for t in make_inputs(device))
-    out = backends.kernels(ops.vae_loss_op, x_hat, x.detach(), mu, logvar, None, None, 1.0,
-                           "mse", 0.0, False, "sum", None, None, True, True)
+    out = backends.kernels(ops.vae_loss_op, x_hat, x.detach(), mu, logvar, None, None, None,
+                           None, 1.0, "mse", 0.0, False, "sum", None, None, 0.0, True, True,
+                           False)
     loss, buffer_ptr, buffer_before = out[0], out[3].data_ptr(), out[3].clone()
     if case != "output_held":
         del out  # like vae_loss, which keeps no reference to the gradient buffers
