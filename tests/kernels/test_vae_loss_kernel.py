@@ -550,5 +550,5 @@ def test_opcheck_with_the_kernels_and_mixed_dtypes(backends, device, obs):
     recon = "mse" if obs == "none" else "gaussian"
     obs_logvar = torch.tensor([0.3], device=device, requires_grad=True) if obs == "scalar" else None
     backends.kernels(torch.library.opcheck, ops.vae_loss_op,
-                     (x_hat, x, mu, logvar, None, obs_logvar, 1.0, recon, 0.0, obs == "optimal",
-                      "sum", None, None, True, True))
+                     ops.LossInputs(x_hat, x, mu, logvar, None, obs_logvar, None, None, 1.0, recon, 0.0,
+                                    obs == "optimal", "sum", None, None, 0.0, True, True, False))
