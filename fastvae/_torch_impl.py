@@ -96,7 +96,7 @@ def _row_sum_of_squares(t):
     return _blocked_row_norm(t, 2)
 
 
-_SUM = 2  # at::Reduction::Sum, for the aten loss-backward ops
+_NONE, _SUM = 0, 2  # at::Reduction::None, ::Sum, for the aten loss ops
 
 
 def _mse_grad_unscaled(x_hat, x, dtype):
@@ -429,6 +429,99 @@ def kl_per_sample(mu, logvar, lo, hi, dtype, grad_scale):
     return per_sample, grad_mu, grad_logvar
 
 
+# ---- small inputs: whole-tensor ops ----------------------------------------
+#
+# At most SMALL_NUMEL elements (an MNIST batch is 2^17 / 1.3), a call's cost is
+# its number of ops (each a few us of dispatch on the CPU), not memory traffic:
+# the chunked and blocked machinery above exists for cache and long-row accuracy
+# at large sizes. Here the recon and KL are a handful of whole-tensor ops, and
+# only the totals are computed when no per-sample sums are asked for. Every sum
+# is torch.sum's (cascade summation, eager's accuracy; aten's mse_loss / l1_loss
+# reduce with it too), never a running float32 sum.
+SMALL_NUMEL = 1 << 17
+SMALL_RECONS = ("mse", "l1")
+
+_constants = {}
+MAX_CONSTANTS = 64  # then the cache starts again
+
+
+def constant(value, dtype, device):
+    """A cached 0-dim tensor holding ``value`` (a finite float), for reading only:
+    an op given a Python number wraps it in a fresh tensor on every call."""
+    key = (value, dtype, device)
+    t = _constants.get(key)
+    if t is None:
+        if len(_constants) >= MAX_CONSTANTS:
+            _constants.clear()
+        with torch.inference_mode(False):  # usable outside inference mode too
+            t = _constants[key] = torch.full((), value, dtype=dtype, device=device)
+    return t
+
+
+def _contiguous_result(op, t, dtype, *args, **kwargs):
+    """``op(t, *args)`` in a contiguous buffer (gradient buffers are contiguous: the
+    fake implementations promise it), allocated only if ``t`` is not contiguous."""
+    if t.is_contiguous():
+        return op(t, *args, **kwargs)
+    return op(t, *args, **kwargs, out=_empty_like_contiguous(t, dtype))
+
+
+def _small_recon(x_hat, x, recon, dtype, reduction, scale, want_grad):
+    """mse / l1 of at most SMALL_NUMEL elements: (the reduced recon, scale times
+    the gradient of the reduced sum with respect to x_hat, or None)."""
+    p, target = _as(x_hat, dtype), _as(x, dtype)
+    if reduction == "none":
+        terms = torch._C._nn.mse_loss(p, target, _NONE) if recon == "mse" \
+            else torch._C._nn.l1_loss(p, target, _NONE)
+        value = _row_sum(terms)
+    else:
+        value = torch._C._nn.mse_loss(p, target, _SUM) if recon == "mse" \
+            else torch._C._nn.l1_loss(p, target, _SUM)
+        if scale != 1.0:
+            value = value.mul_(scale)
+    if not want_grad:
+        return value, None
+    out = _empty_like_contiguous(p, dtype)
+    if recon == "mse":  # 2 scale (x_hat - x) in one pass
+        grad = torch.ops.aten.mse_loss_backward.grad_input(
+            constant(scale, dtype, p.device), p, target, _SUM, grad_input=out)
+    else:
+        grad = torch.sub(p, target, out=out).sign_()
+        if scale != 1.0:
+            grad.mul_(scale)
+    return value, grad
+
+
+def _small_kl(mu, logvar, lo, hi, dtype, reduction, scale, want_grad):
+    """The KL of at most SMALL_NUMEL elements: (the reduced KL, then scale times
+    its gradients with respect to mu and logvar, or None, None)."""
+    mu_c, lv = _as(mu, dtype), _clamped(_as(logvar, dtype), lo, hi)
+    var_m1 = _contiguous_result(torch.expm1, lv, dtype)  # exp(lv) - 1, exact near 0
+    if want_grad:
+        # the terms halved as they are built (exact: a power of two)
+        half_var_m1 = var_m1.mul_(0.5)  # d kl / d lv, unscaled
+        terms = torch.sub(half_var_m1, lv, alpha=0.5).addcmul_(mu_c, mu_c, value=0.5)
+        total_scale = scale
+    else:
+        terms = var_m1.sub_(lv).addcmul_(mu_c, mu_c)
+        total_scale = 0.5 * scale
+    value = _row_sum(terms) if reduction == "none" else terms.sum()
+    if total_scale != 1.0:
+        value = value.mul_(total_scale)
+    if not want_grad:
+        return value, None, None
+    if scale != 1.0:
+        grad_mu = _contiguous_result(torch.mul, mu_c, dtype, constant(scale, dtype, mu_c.device))
+        half_var_m1.mul_(scale)
+    elif mu_c is not mu and mu_c.is_contiguous():
+        grad_mu = mu_c  # a fresh converted copy: the gradient itself
+    else:
+        grad_mu = mu_c.clone(memory_format=torch.contiguous_format)
+    if lo is not None:
+        half_var_m1.mul_(_unclamped_mask(_as(logvar, dtype), lo, hi))
+    return value, grad_mu, half_var_m1
+
+
 def _grad_or_empty(grad, like):
     """The gradient buffer (see grad_buffer_dtype), or a fresh empty tensor when none
     was computed (custom-op outputs may not alias each other)."""
@@ -447,16 +540,26 @@ def vae_loss_forward(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
     recon_scale = reduction_scale(reduction, batch, x_hat.numel())
     kl_scale = reduction_scale(reduction, batch, mu.numel())
 
-    recon_rows, g_xhat, g_obs = recon_with_options(
-        x_hat, x, recon, obs_logvar, obs_logvar_value, obs_logvar_optimal, dtype,
-        recon_scale if grad_recon else None)
-    kl_rows, g_mu, g_lv = kl_per_sample(
-        mu, logvar, clamp_lo, clamp_hi, dtype, kl_scale if grad_kl else None)
-
-    recon_out = reduce_per_sample(recon_rows, reduction, recon_scale)
-    kl_out = reduce_per_sample(kl_rows, reduction, kl_scale)
-    beta_c = beta_value if beta is None else _as(beta, dtype)
-    loss = recon_out + beta_c * kl_out
+    if recon in SMALL_RECONS and x_hat.numel() <= SMALL_NUMEL:
+        recon_out, g_xhat = _small_recon(x_hat, x, recon, dtype, reduction, recon_scale,
+                                         grad_recon)
+        g_obs = None
+    else:
+        recon_rows, g_xhat, g_obs = recon_with_options(
+            x_hat, x, recon, obs_logvar, obs_logvar_value, obs_logvar_optimal, dtype,
+            recon_scale if grad_recon else None)
+        recon_out = reduce_per_sample(recon_rows, reduction, recon_scale)
+    if mu.numel() <= SMALL_NUMEL:
+        kl_out, g_mu, g_lv = _small_kl(mu, logvar, clamp_lo, clamp_hi, dtype, reduction,
+                                       kl_scale, grad_kl)
+    else:
+        kl_rows, g_mu, g_lv = kl_per_sample(
+            mu, logvar, clamp_lo, clamp_hi, dtype, kl_scale if grad_kl else None)
+        kl_out = reduce_per_sample(kl_rows, reduction, kl_scale)
+    if beta is None:
+        loss = torch.add(recon_out, kl_out, alpha=beta_value)  # one op
+    else:
+        loss = recon_out + _as(beta, dtype) * kl_out
     return (loss, recon_out, kl_out, _grad_or_empty(g_xhat, x_hat),
             _grad_or_empty(g_mu, mu), _grad_or_empty(g_lv, logvar),
             _grad_or_empty(g_obs, x_hat if obs_logvar is None else obs_logvar))
@@ -466,6 +569,10 @@ def kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
     """Returns (kl, grad_mu, grad_logvar) for the reduced KL; gradients empty if not asked for."""
     dtype = compute_dtype(mu, logvar)
     scale = reduction_scale(reduction, mu.shape[0], mu.numel())
+    if mu.numel() <= SMALL_NUMEL:
+        kl, g_mu, g_lv = _small_kl(mu, logvar, clamp_lo, clamp_hi, dtype, reduction, scale,
+                                   want_grad)
+        return kl, _grad_or_empty(g_mu, mu), _grad_or_empty(g_lv, logvar)
     rows, g_mu, g_lv = kl_per_sample(mu, logvar, clamp_lo, clamp_hi, dtype,
                                      scale if want_grad else None)
     return (reduce_per_sample(rows, reduction, scale),
