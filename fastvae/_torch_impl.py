@@ -614,6 +614,9 @@ def _noise_pool(workers):
     return pool
 
 
+_thread_generators = threading.local()  # standard_normal's CPU generator, per thread
+
+
 def standard_normal(seed, shape, dtype, device, std=1.0):
     """The noise eps ~ N(0, I) of one reparameterize call (times ``std``, a power
     of two keeps it exact), reproducible from ``seed`` so that the backward can
@@ -633,7 +636,12 @@ def standard_normal(seed, shape, dtype, device, std=1.0):
     for n in shape:
         numel *= n
     if device.type != "cpu" or numel <= NOISE_CHUNK:
-        gen = torch.Generator(device=device)
+        if device.type == "cpu":  # reseeded below: one generator object per thread will do
+            gen = getattr(_thread_generators, "cpu", None)
+            if gen is None:
+                gen = _thread_generators.cpu = torch.Generator()
+        else:
+            gen = torch.Generator(device=device)
         gen.manual_seed(_chunk_seed(seed, -1))  # mt19937 keeps only 32 bits: mix all 62 in
         return torch.randn(shape, generator=gen, dtype=dtype, device=device).mul_(std) \
             if std != 1.0 else torch.randn(shape, generator=gen, dtype=dtype, device=device)
@@ -689,13 +697,15 @@ def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
     """z = mu + exp(lv / 2) * eps and, if ``with_kl``, the per-sample KL (N,)."""
     dtype = compute_dtype(mu, logvar)
     lv = _clamped(_as(logvar, dtype), clamp_lo, clamp_hi)
-    std = torch.mul(lv, 0.5).exp_()
+    std = torch.mul(lv, constant(0.5, dtype, lv.device)).exp_()
     eps = standard_normal(seed, mu.shape, dtype, mu.device)
     mu_c = _as(mu, dtype)
     if mu.device.type == "cpu" and (mu.requires_grad or logvar.requires_grad):
-        _keep_noise(_noise_key(seed, mu, dtype), eps)
         # mu + eps * std, contiguous like eps (the fake implementation promises it)
         z = torch.addcmul(mu_c, eps, std, out=_empty_like_contiguous(eps, dtype))
+        # eps * std is kept for the backward (d z / d lv = eps std / 2): bit for bit
+        # what a backward that draws eps again computes
+        _keep_noise(_noise_key(seed, mu, dtype), eps.mul_(std))
     else:
         z = torch.addcmul(mu_c, eps, std, out=eps)  # written over eps
     z = _as(z, torch.promote_types(mu.dtype, logvar.dtype))
@@ -716,23 +726,25 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_h
     dtype = compute_dtype(mu, logvar)
     logvar_c = _as(logvar, dtype)
     lv = _clamped(logvar_c, clamp_lo, clamp_hi)
-    # a fresh contiguous buffer (it becomes grad_mu) even when lv is logvar itself
-    std = torch.mul(lv, 0.5, out=_empty_like_contiguous(lv, dtype)).exp_()
-    eps = _take_noise(_noise_key(seed, mu, dtype)) if mu.device.type == "cpu" else None
-    if eps is not None:
-        half_eps = eps.mul_(0.5)  # exactly eps / 2; the kept noise is this call's to write
-    else:
-        half_eps = standard_normal(seed, mu.shape, dtype, mu.device, std=0.5)
+    half = constant(0.5, dtype, lv.device)
+    # eps * std: the forward's, kept (this call's to write), or drawn again from the seed
+    scaled = _take_noise(_noise_key(seed, mu, dtype)) if mu.device.type == "cpu" else None
+    std = None
+    if scaled is None:
+        std = torch.mul(lv, half).exp_()
+        scaled = standard_normal(seed, mu.shape, dtype, mu.device).mul_(std)
     g_z = _as(grad_z, dtype)
-    grad_logvar = half_eps.mul_(std).mul_(g_z)
-    # grad_mu is written into std's buffer once std is used up: a fresh buffer
-    # costs page faults on the CPU. (Outputs may not alias grad_z, so it is a copy.)
+    grad_logvar = scaled.mul_(g_z).mul_(half)  # (eps std) g_z / 2, in the noise's buffer
     if grad_kl is not None:
+        if std is None:
+            std = torch.mul(lv, half).exp_()
         g_kl = _as(grad_kl, dtype).reshape((-1,) + (1,) * (mu.dim() - 1))
-        grad_logvar.addcmul_(torch.mul(std, std).sub_(1.0), g_kl, value=0.5)  # exp(lv) - 1
-        grad_mu = torch.addcmul(g_z, _as(mu, dtype), g_kl, out=std)
+        grad_logvar.addcmul_(std.mul_(std).sub_(1.0), g_kl, value=0.5)  # exp(lv) - 1
+        # (outputs may not alias grad_z: a fresh buffer)
+        grad_mu = torch.addcmul(g_z, _as(mu, dtype), g_kl, out=torch.empty_like(grad_logvar))
     else:
-        grad_mu = std.copy_(g_z)
+        # exactly grad_z, in mu's dtype, in a fresh contiguous buffer
+        grad_mu = grad_z.to(mu.dtype, copy=True, memory_format=torch.contiguous_format)
     if clamp_lo is not None:
         grad_logvar.mul_(_unclamped_mask(logvar_c, clamp_lo, clamp_hi))
     return _as(grad_mu, mu.dtype), _as(grad_logvar, logvar.dtype)

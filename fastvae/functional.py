@@ -130,6 +130,10 @@ def _draw_seed(generator, like):
     from ``generator`` (a CPU one) or the default CPU generator, the same value
     as before seeds became tensors; a CUDA generator with non-CUDA tensors has
     its Philox state (seed, offset) read and advanced on the host."""
+    # the common CPU call first (the same call as the last line: traced, a generator=None
+    # keeps aten.randint in the graph, so compiled and eager draw the same seed)
+    if generator is None and like.device.type != "cuda":
+        return torch.randint(0, 2**62, (1,), generator=None)
     _validate.check_generator(generator)
     gen_device = None if generator is None else generator.device
     if like.device.type == "cuda" and gen_device is not None and gen_device.type == "cpu" \

@@ -183,6 +183,11 @@ def _vae_loss_setup(ctx, inputs, output):
     ctx.obs_shape_dtype = None if obs_logvar is None else (obs_logvar.shape, obs_logvar.dtype)
 
 
+def _in_dtype(t, dtype):
+    """``t.to(dtype)`` without the call (a few us on a small tensor) when it has it already."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _sum_present(*grads):
     """Sum of the output gradients autograd passed; None (output unused) counts as zero."""
     present = [g for g in grads if g is not None]
@@ -201,8 +206,10 @@ def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_grad_buffers):
         ctx.needs_input_grad[:LOSS_TENSOR_INPUTS]
     w_recon = _sum_present(g_loss, g_recon)
     if g_loss is not None:
-        beta_c = ctx.beta_value if beta is None else beta.to(g_loss.dtype)
-        g_loss_kl = g_loss * beta_c
+        if beta is None:  # a float beta; 1.0 (the default) costs no op
+            g_loss_kl = g_loss if ctx.beta_value == 1.0 else g_loss * ctx.beta_value
+        else:
+            g_loss_kl = g_loss * beta.to(g_loss.dtype)
     w_kl = _sum_present(None if g_loss is None else g_loss_kl, g_kl)
 
     grad_beta = grad_x = grad_xhat = grad_mu = grad_lv = grad_obs = None
@@ -228,13 +235,13 @@ def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_grad_buffers):
         # summed over obs_logvar's broadcast dims
         grad_obs = scaled_obs.sum_to_size(obs_shape).to(obs_dtype)
     if x_from_xhat:
-        grad_x = scaled_xhat.neg().to(x_dtype)
+        grad_x = _in_dtype(scaled_xhat.neg(), x_dtype)
     if need_xhat:
-        grad_xhat = scaled_xhat.to(xhat_dtype)
+        grad_xhat = _in_dtype(scaled_xhat, xhat_dtype)
     if need_mu:
-        grad_mu = scaled_mu.to(mu_dtype)
+        grad_mu = _in_dtype(scaled_mu, mu_dtype)
     if need_lv:
-        grad_lv = scaled_lv.to(lv_dtype)
+        grad_lv = _in_dtype(scaled_lv, lv_dtype)
     return (grad_xhat, grad_x, grad_mu, grad_lv, grad_beta, grad_obs) + _NO_GRADS_FOR_LOSS_OPTIONS
 
 
@@ -313,8 +320,8 @@ def _kl_backward(ctx, g_kl, *_grad_buffers):
     mu_dtype, lv_dtype = ctx.dtypes
     scaled_mu, scaled_lv = scale_gradients(ctx, [(g_mu, g_kl) if need_mu else None,
                                                  (g_lv, g_kl) if need_lv else None])
-    return (scaled_mu.to(mu_dtype) if need_mu else None,
-            scaled_lv.to(lv_dtype) if need_lv else None) + _NO_GRADS_FOR_KL_OPTIONS
+    return (_in_dtype(scaled_mu, mu_dtype) if need_mu else None,
+            _in_dtype(scaled_lv, lv_dtype) if need_lv else None) + _NO_GRADS_FOR_KL_OPTIONS
 
 
 kl_divergence_op.register_autograd(_kl_backward, setup_context=_kl_setup)
@@ -370,6 +377,7 @@ def _(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_hi, backend=None):
 def _reparameterize_setup(ctx, inputs, output):
     mu, logvar, seed, clamp_lo, clamp_hi, with_kl = inputs
     ctx.clamp, ctx.with_kl = (clamp_lo, clamp_hi), with_kl
+    ctx.set_materialize_grads(False)  # an unused output (the empty kl) gets None, not zeros
     # the backend whose noise the backward regenerates (None: no backward will run)
     ctx.backend = _forward_backend(mu, logvar) if any(ctx.needs_input_grad[:2]) else None
     ctx.save_for_backward(mu, logvar, seed)
@@ -377,6 +385,9 @@ def _reparameterize_setup(ctx, inputs, output):
 
 def _reparameterize_grads(ctx, grad_z, grad_kl, run_backward):
     mu, logvar, seed = ctx.saved_tensors
+    if grad_z is None:  # only the kl is used
+        grad_z = torch.zeros(mu.shape, dtype=torch.promote_types(mu.dtype, logvar.dtype),
+                             device=mu.device)
     grad_mu, grad_logvar = run_backward(
         grad_z, grad_kl if ctx.with_kl else None, mu, logvar, seed, *ctx.clamp, ctx.backend)
     need_mu, need_lv = ctx.needs_input_grad[:2]

@@ -202,3 +202,23 @@ def test_a_beta_that_requires_grad_keeps_the_autograd_function(function_spies):
     (grad_beta,) = torch.autograd.grad(loss, beta)
     kl = fastvae.kl_divergence(mu, logvar)
     torch.testing.assert_close(grad_beta, kl)
+
+
+
+def test_repeated_calls_reuse_the_cached_constants(monkeypatch):
+    """The PyTorch path's 0-dim constants are made once per (value, dtype, device),
+    and their cache is bounded."""
+    from fastvae import _torch_impl
+
+    monkeypatch.setattr(_torch_impl, "_constants", {})
+    inputs = tensors()
+    every_public_call(*inputs)
+    first = dict(_torch_impl._constants)
+    assert first  # the loss, KL and sampling use some
+    every_public_call(*inputs)
+    every_public_call(*(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs))
+    assert _torch_impl._constants.keys() == first.keys()
+    assert all(_torch_impl._constants[k] is t for k, t in first.items())  # not made again
+    for value in range(2 * _torch_impl.MAX_CONSTANTS):
+        assert _torch_impl.constant(float(value), torch.float32, inputs[0].device).item() == value
+    assert len(_torch_impl._constants) <= _torch_impl.MAX_CONSTANTS
