@@ -478,7 +478,7 @@ def _small_recon(x_hat, x, recon, dtype, reduction, scale, want_grad):
         value = torch._C._nn.mse_loss(p, target, _SUM) if recon == "mse" \
             else torch._C._nn.l1_loss(p, target, _SUM)
         if scale != 1.0:
-            value = value.mul_(scale)
+            value = value.mul_(constant(scale, dtype, p.device))
     if not want_grad:
         return value, None
     out = _empty_like_contiguous(p, dtype)
@@ -488,7 +488,7 @@ def _small_recon(x_hat, x, recon, dtype, reduction, scale, want_grad):
     else:
         grad = torch.sub(p, target, out=out).sign_()
         if scale != 1.0:
-            grad.mul_(scale)
+            grad.mul_(constant(scale, dtype, p.device))
     return value, grad
 
 
@@ -499,7 +499,7 @@ def _small_kl(mu, logvar, lo, hi, dtype, reduction, scale, want_grad):
     var_m1 = _contiguous_result(torch.expm1, lv, dtype)  # exp(lv) - 1, exact near 0
     if want_grad:
         # the terms halved as they are built (exact: a power of two)
-        half_var_m1 = var_m1.mul_(0.5)  # d kl / d lv, unscaled
+        half_var_m1 = var_m1.mul_(constant(0.5, dtype, lv.device))  # d kl / d lv, unscaled
         terms = torch.sub(half_var_m1, lv, alpha=0.5).addcmul_(mu_c, mu_c, value=0.5)
         total_scale = scale
     else:
@@ -507,12 +507,13 @@ def _small_kl(mu, logvar, lo, hi, dtype, reduction, scale, want_grad):
         total_scale = 0.5 * scale
     value = _row_sum(terms) if reduction == "none" else terms.sum()
     if total_scale != 1.0:
-        value = value.mul_(total_scale)
+        value = value.mul_(constant(total_scale, dtype, lv.device))
     if not want_grad:
         return value, None, None
     if scale != 1.0:
-        grad_mu = _contiguous_result(torch.mul, mu_c, dtype, constant(scale, dtype, mu_c.device))
-        half_var_m1.mul_(scale)
+        scale_t = constant(scale, dtype, mu_c.device)
+        grad_mu = _contiguous_result(torch.mul, mu_c, dtype, scale_t)
+        half_var_m1.mul_(scale_t)
     elif mu_c is not mu and mu_c.is_contiguous():
         grad_mu = mu_c  # a fresh converted copy: the gradient itself
     else:

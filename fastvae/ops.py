@@ -595,6 +595,20 @@ def _function(name, impl, setup, backward):
                 {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 
+_UNWRAP_IF_DEAD = getattr(torch._C._functorch, "unwrap_if_dead", None)
+
+
+def _apply(function, tensor_count, *args):
+    """``function.apply(*args)`` for a plain eager call (``_eager`` held, so no
+    functorch transform is active), without torch's Python wrapper: all that does
+    then is unwrap dead functorch wrappers from every argument, done here on the
+    first ``tensor_count`` only (the tensors; the rest are options), ~3 us less."""
+    if _UNWRAP_IF_DEAD is None or not isinstance(function, type):  # (a test's stand-in)
+        return function.apply(*args)
+    tensors = tuple(a if a is None else _UNWRAP_IF_DEAD(a) for a in args[:tensor_count])
+    return super(torch.autograd.Function, function).apply(*tensors, *args[tensor_count:])
+
+
 def _reparameterize_eager_backward(ctx, grad_z, grad_kl):
     # the Triton backward is not differentiable: refuse, as the custom op does
     _refuse_double_backward("reparameterize")
@@ -622,7 +636,7 @@ def vae_loss(x_hat, x, mu, logvar, *args):
         if not (args[-2] or args[-1] or (beta is not None and beta.requires_grad
                                          and torch.is_grad_enabled())):
             return _vae_loss_impl(x_hat, x, mu, logvar, *args)
-        return _VAELossFunction.apply(x_hat, x, mu, logvar, *args)
+        return _apply(_VAELossFunction, LOSS_TENSOR_INPUTS, x_hat, x, mu, logvar, *args)
     if _differentiated_by_a_transform():  # torch.func, also inside torch.compile
         return _composite_vae_loss(x_hat, x, mu, logvar, *args)
     return vae_loss_op(x_hat, x, mu, logvar, *args)
@@ -633,7 +647,7 @@ def kl_divergence(mu, logvar, *args):
     if _eager(mu, logvar):
         if not args[-1]:  # want_grad
             return _kl_divergence_impl(mu, logvar, *args)
-        return _KLDivergenceFunction.apply(mu, logvar, *args)
+        return _apply(_KLDivergenceFunction, 2, mu, logvar, *args)
     if _differentiated_by_a_transform():  # torch.func, also inside torch.compile
         return _composite_kl_divergence(mu, logvar, *args)
     return kl_divergence_op(mu, logvar, *args)
@@ -644,7 +658,7 @@ def reparameterize(mu, logvar, seed, *args):
     if _eager(mu, logvar, seed):
         if not (torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)):
             return _reparameterize_impl(mu, logvar, seed, *args)
-        return _ReparameterizeFunction.apply(mu, logvar, seed, *args)
+        return _apply(_ReparameterizeFunction, 3, mu, logvar, seed, *args)
     if _differentiated_by_a_transform():  # torch.func, also inside torch.compile
         return _composite_reparameterize(mu, logvar, seed, *args)
     return reparameterize_op(mu, logvar, seed, *args)
