@@ -709,12 +709,16 @@ def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
         _keep_noise(_noise_key(seed, mu, dtype), eps.mul_(std))
     else:
         z = torch.addcmul(mu_c, eps, std, out=eps)  # written over eps
-    z = _as(z, torch.promote_types(mu.dtype, logvar.dtype))
+    z = _as(z, mu.dtype if mu.dtype == logvar.dtype else torch.promote_types(mu.dtype, logvar.dtype))
     if not with_kl:
         return z, mu.new_empty(0, dtype=dtype)
     # exp(lv) - 1 - lv elementwise (no cancellation between sums), exp(lv) as std^2:
     # an exp pass saved on the reparameterization's hot path, at eager's accuracy
     # (about 1e-7 absolute per element near lv = 0, where expm1 would be exact)
+    if mu.numel() <= SMALL_NUMEL:  # whole-tensor ops (see SMALL_NUMEL): mu^2 added elementwise
+        one, half = constant(1.0, dtype, lv.device), constant(0.5, dtype, lv.device)
+        terms = std.square_().sub_(one).sub_(lv).addcmul_(mu_c, mu_c)
+        return z, _row_sum(terms).mul_(half)
     kl = 0.5 * (_row_sum_of_squares(mu_c) + _row_sum(std.square_().sub_(1.0).sub_(lv)))
     return z, kl
 
@@ -740,7 +744,8 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_h
         if std is None:
             std = torch.mul(lv, half).exp_()
         g_kl = _as(grad_kl, dtype).reshape((-1,) + (1,) * (mu.dim() - 1))
-        grad_logvar.addcmul_(std.mul_(std).sub_(1.0), g_kl, value=0.5)  # exp(lv) - 1
+        grad_logvar.addcmul_(std.mul_(std).sub_(constant(1.0, dtype, lv.device)), g_kl,
+                             value=0.5)  # exp(lv) - 1
         # (outputs may not alias grad_z: a fresh buffer)
         grad_mu = torch.addcmul(g_z, _as(mu, dtype), g_kl, out=torch.empty_like(grad_logvar))
     else:
