@@ -72,10 +72,13 @@ def vae_loss(x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, recon: str
         parts = _vae_loss_formula(x_hat, x, mu, logvar, recon, beta, reduction, lo, hi,
                                   obs_logvar)
     else:
-        grad_recon = _needs_grad(x_hat, x) if obs_t is None else _needs_grad(x_hat, x, obs_t)
-        parts = LossParts(*ops.vae_loss(
+        grad_enabled = torch.is_grad_enabled()
+        grad_recon = grad_enabled and (x_hat.requires_grad or x.requires_grad
+                                       or (obs_t is not None and obs_t.requires_grad))
+        outputs = ops.vae_loss(
             x_hat, x, mu, logvar, beta_t, obs_t, beta_v, recon, obs_v, obs_optimal, reduction,
-            lo, hi, grad_recon, _needs_grad(mu, logvar))[:3])
+            lo, hi, grad_recon, grad_enabled and (mu.requires_grad or logvar.requires_grad))
+        return LossParts(*outputs[:3]) if return_parts else outputs[0]
     return parts if return_parts else parts.loss
 
 
