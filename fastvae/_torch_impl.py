@@ -40,7 +40,10 @@ def reduce_per_sample(per_sample, reduction, scale):
 
 
 def _as(t, dtype):
-    return t if t.dtype == dtype else t.to(dtype)
+    if t.dtype == dtype:
+        return t
+    # .float() parses no arguments: ~1 us less than .to(torch.float32) on a small tensor
+    return t.float() if dtype == torch.float32 else t.to(dtype)
 
 
 def _empty_like_contiguous(t, dtype):
