@@ -178,7 +178,8 @@ def _vae_loss_setup(ctx, inputs, output):
     scalar_obs = obs_logvar if obs_logvar is not None and obs_logvar.requires_grad \
         and not _elementwise_obs_logvar(obs_logvar) else None
     ctx.save_for_backward(x_hat if target_grad_needs_x_hat else None, beta, kl,
-                          g_xhat.detach(), g_mu.detach(), g_lv.detach(), g_obs.detach(),
+                          g_xhat.detach(), g_mu.detach(), g_lv.detach(),
+                          g_obs.detach() if g_obs.numel() else None,  # (read only when filled)
                           scalar_obs, recon_out if scalar_obs is not None else None)
     ctx.obs_shape_dtype = None if obs_logvar is None else (obs_logvar.shape, obs_logvar.dtype)
 
