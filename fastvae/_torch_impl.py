@@ -635,10 +635,9 @@ def standard_normal(seed, shape, dtype, device, std=1.0):
     ``seed``: an int or a 1-element int64 tensor, read on the host (free for a CPU
     tensor; a device sync for a CUDA one, which only this path on CUDA meets)."""
     seed = int(seed)
-    device = torch.device(device)
-    numel = 1
-    for n in shape:
-        numel *= n
+    if type(device) is not torch.device:
+        device = torch.device(device)
+    numel = math.prod(shape)
     if device.type != "cpu" or numel <= NOISE_CHUNK:
         if device.type == "cpu":  # reseeded below: one generator object per thread will do
             gen = getattr(_thread_generators, "cpu", None)
@@ -702,6 +701,7 @@ def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
     dtype = compute_dtype(mu, logvar)
     lv = _clamped(_as(logvar, dtype), clamp_lo, clamp_hi)
     std = torch.mul(lv, constant(0.5, dtype, lv.device)).exp_()
+    seed = int(seed)  # read once (a CPU tensor: no sync; the kernels serve CUDA)
     eps = standard_normal(seed, mu.shape, dtype, mu.device)
     mu_c = _as(mu, dtype)
     if mu.device.type == "cpu" and (mu.requires_grad or logvar.requires_grad):
