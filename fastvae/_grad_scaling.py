@@ -127,10 +127,12 @@ def scale_gradients(ctx, pairs: Sequence[tuple[Tensor, Tensor] | None]) -> list:
         for i in in_place:
             out[i] = pairs[i][0]
         return out
+    w_is_one = {}  # one read per weight shared by several buffers
     for i in in_place:
         g, w = pairs[i]
-        if w.dim() == 0 and w.device.type == "cpu" and w.item() == 1.0:
-            out[i] = g  # the usual loss.backward(): reading a CPU scalar is no device sync
-        else:
-            out[i] = g.mul_(per_sample_view(w, g))
+        one = w_is_one.get(id(w))
+        if one is None:
+            # the usual loss.backward(): reading a CPU scalar is no device sync
+            one = w_is_one[id(w)] = w.dim() == 0 and w.device.type == "cpu" and w.item() == 1.0
+        out[i] = g if one else g.mul_(per_sample_view(w, g))
     return out

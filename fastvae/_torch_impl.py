@@ -23,6 +23,7 @@ Formulas (per element, summed over each sample's non-batch dims):
 with lv = clamp(logvar, lo, hi) and d/dlogvar = 0 where the clamp was active.
 """
 
+import math
 import threading
 
 import torch
@@ -39,7 +40,10 @@ def reduce_per_sample(per_sample, reduction, scale):
 
 
 def _as(t, dtype):
-    return t if t.dtype == dtype else t.to(dtype)
+    if t.dtype == dtype:
+        return t
+    # .float() parses no arguments: ~1 us less than .to(torch.float32) on a small tensor
+    return t.float() if dtype == torch.float32 else t.to(dtype)
 
 
 def _empty_like_contiguous(t, dtype):
@@ -95,7 +99,7 @@ def _row_sum_of_squares(t):
     return _blocked_row_norm(t, 2)
 
 
-_SUM = 2  # at::Reduction::Sum, for the aten loss-backward ops
+_NONE, _SUM = 0, 2  # at::Reduction::None, ::Sum, for the aten loss ops
 
 
 def _mse_grad_unscaled(x_hat, x, dtype):
@@ -428,6 +432,100 @@ def kl_per_sample(mu, logvar, lo, hi, dtype, grad_scale):
     return per_sample, grad_mu, grad_logvar
 
 
+# ---- small inputs: whole-tensor ops ----------------------------------------
+#
+# At most SMALL_NUMEL elements (an MNIST batch is 2^17 / 1.3), a call's cost is
+# its number of ops (each a few us of dispatch on the CPU), not memory traffic:
+# the chunked and blocked machinery above exists for cache and long-row accuracy
+# at large sizes. Here the recon and KL are a handful of whole-tensor ops, and
+# only the totals are computed when no per-sample sums are asked for. Every sum
+# is torch.sum's (cascade summation, eager's accuracy; aten's mse_loss / l1_loss
+# reduce with it too), never a running float32 sum.
+SMALL_NUMEL = 1 << 17
+SMALL_RECONS = ("mse", "l1")
+
+_constants = {}
+MAX_CONSTANTS = 64  # then the cache starts again
+
+
+def constant(value, dtype, device):
+    """A cached 0-dim tensor holding ``value`` (a finite float), for reading only:
+    an op given a Python number wraps it in a fresh tensor on every call."""
+    key = (value, dtype, device)
+    t = _constants.get(key)
+    if t is None:
+        if len(_constants) >= MAX_CONSTANTS:
+            _constants.clear()
+        with torch.inference_mode(False):  # usable outside inference mode too
+            t = _constants[key] = torch.full((), value, dtype=dtype, device=device)
+    return t
+
+
+def _contiguous_result(op, t, dtype, *args, **kwargs):
+    """``op(t, *args)`` in a contiguous buffer (gradient buffers are contiguous: the
+    fake implementations promise it), allocated only if ``t`` is not contiguous."""
+    if t.is_contiguous():
+        return op(t, *args, **kwargs)
+    return op(t, *args, **kwargs, out=_empty_like_contiguous(t, dtype))
+
+
+def _small_recon(x_hat, x, recon, dtype, reduction, scale, want_grad):
+    """mse / l1 of at most SMALL_NUMEL elements: (the reduced recon, scale times
+    the gradient of the reduced sum with respect to x_hat, or None)."""
+    p, target = _as(x_hat, dtype), _as(x, dtype)
+    if reduction == "none":
+        terms = torch._C._nn.mse_loss(p, target, _NONE) if recon == "mse" \
+            else torch._C._nn.l1_loss(p, target, _NONE)
+        value = _row_sum(terms)
+    else:
+        value = torch._C._nn.mse_loss(p, target, _SUM) if recon == "mse" \
+            else torch._C._nn.l1_loss(p, target, _SUM)
+        if scale != 1.0:
+            value = value.mul_(constant(scale, dtype, p.device))
+    if not want_grad:
+        return value, None
+    out = _empty_like_contiguous(p, dtype)
+    if recon == "mse":  # 2 scale (x_hat - x) in one pass
+        grad = torch.ops.aten.mse_loss_backward.grad_input(
+            constant(scale, dtype, p.device), p, target, _SUM, grad_input=out)
+    else:
+        grad = torch.sub(p, target, out=out).sign_()
+        if scale != 1.0:
+            grad.mul_(constant(scale, dtype, p.device))
+    return value, grad
+
+
+def _small_kl(mu, logvar, lo, hi, dtype, reduction, scale, want_grad):
+    """The KL of at most SMALL_NUMEL elements: (the reduced KL, then scale times
+    its gradients with respect to mu and logvar, or None, None)."""
+    mu_c, lv = _as(mu, dtype), _clamped(_as(logvar, dtype), lo, hi)
+    var_m1 = _contiguous_result(torch.expm1, lv, dtype)  # exp(lv) - 1, exact near 0
+    if want_grad:
+        # the terms halved as they are built (exact: a power of two)
+        half_var_m1 = var_m1.mul_(constant(0.5, dtype, lv.device))  # d kl / d lv, unscaled
+        terms = torch.sub(half_var_m1, lv, alpha=0.5).addcmul_(mu_c, mu_c, value=0.5)
+        total_scale = scale
+    else:
+        terms = var_m1.sub_(lv).addcmul_(mu_c, mu_c)
+        total_scale = 0.5 * scale
+    value = _row_sum(terms) if reduction == "none" else terms.sum()
+    if total_scale != 1.0:
+        value = value.mul_(constant(total_scale, dtype, lv.device))
+    if not want_grad:
+        return value, None, None
+    if scale != 1.0:
+        scale_t = constant(scale, dtype, mu_c.device)
+        grad_mu = _contiguous_result(torch.mul, mu_c, dtype, scale_t)
+        half_var_m1.mul_(scale_t)
+    elif mu_c is not mu and mu_c.is_contiguous():
+        grad_mu = mu_c  # a fresh converted copy: the gradient itself
+    else:
+        grad_mu = mu_c.clone(memory_format=torch.contiguous_format)
+    if lo is not None:
+        half_var_m1.mul_(_unclamped_mask(_as(logvar, dtype), lo, hi))
+    return value, grad_mu, half_var_m1
+
+
 def _grad_or_empty(grad, like):
     """The gradient buffer (see grad_buffer_dtype), or a fresh empty tensor when none
     was computed (custom-op outputs may not alias each other)."""
@@ -446,16 +544,26 @@ def vae_loss_forward(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
     recon_scale = reduction_scale(reduction, batch, x_hat.numel())
     kl_scale = reduction_scale(reduction, batch, mu.numel())
 
-    recon_rows, g_xhat, g_obs = recon_with_options(
-        x_hat, x, recon, obs_logvar, obs_logvar_value, obs_logvar_optimal, dtype,
-        recon_scale if grad_recon else None)
-    kl_rows, g_mu, g_lv = kl_per_sample(
-        mu, logvar, clamp_lo, clamp_hi, dtype, kl_scale if grad_kl else None)
-
-    recon_out = reduce_per_sample(recon_rows, reduction, recon_scale)
-    kl_out = reduce_per_sample(kl_rows, reduction, kl_scale)
-    beta_c = beta_value if beta is None else _as(beta, dtype)
-    loss = recon_out + beta_c * kl_out
+    if recon in SMALL_RECONS and x_hat.numel() <= SMALL_NUMEL:
+        recon_out, g_xhat = _small_recon(x_hat, x, recon, dtype, reduction, recon_scale,
+                                         grad_recon)
+        g_obs = None
+    else:
+        recon_rows, g_xhat, g_obs = recon_with_options(
+            x_hat, x, recon, obs_logvar, obs_logvar_value, obs_logvar_optimal, dtype,
+            recon_scale if grad_recon else None)
+        recon_out = reduce_per_sample(recon_rows, reduction, recon_scale)
+    if mu.numel() <= SMALL_NUMEL:
+        kl_out, g_mu, g_lv = _small_kl(mu, logvar, clamp_lo, clamp_hi, dtype, reduction,
+                                       kl_scale, grad_kl)
+    else:
+        kl_rows, g_mu, g_lv = kl_per_sample(
+            mu, logvar, clamp_lo, clamp_hi, dtype, kl_scale if grad_kl else None)
+        kl_out = reduce_per_sample(kl_rows, reduction, kl_scale)
+    if beta is None:
+        loss = torch.add(recon_out, kl_out, alpha=beta_value)  # one op
+    else:
+        loss = recon_out + _as(beta, dtype) * kl_out
     return (loss, recon_out, kl_out, _grad_or_empty(g_xhat, x_hat),
             _grad_or_empty(g_mu, mu), _grad_or_empty(g_lv, logvar),
             _grad_or_empty(g_obs, x_hat if obs_logvar is None else obs_logvar))
@@ -465,6 +573,10 @@ def kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
     """Returns (kl, grad_mu, grad_logvar) for the reduced KL; gradients empty if not asked for."""
     dtype = compute_dtype(mu, logvar)
     scale = reduction_scale(reduction, mu.shape[0], mu.numel())
+    if mu.numel() <= SMALL_NUMEL:
+        kl, g_mu, g_lv = _small_kl(mu, logvar, clamp_lo, clamp_hi, dtype, reduction, scale,
+                                   want_grad)
+        return kl, _grad_or_empty(g_mu, mu), _grad_or_empty(g_lv, logvar)
     rows, g_mu, g_lv = kl_per_sample(mu, logvar, clamp_lo, clamp_hi, dtype,
                                      scale if want_grad else None)
     return (reduce_per_sample(rows, reduction, scale),
@@ -506,6 +618,9 @@ def _noise_pool(workers):
     return pool
 
 
+_thread_generators = threading.local()  # standard_normal's CPU generator, per thread
+
+
 def standard_normal(seed, shape, dtype, device, std=1.0):
     """The noise eps ~ N(0, I) of one reparameterize call (times ``std``, a power
     of two keeps it exact), reproducible from ``seed`` so that the backward can
@@ -520,12 +635,16 @@ def standard_normal(seed, shape, dtype, device, std=1.0):
     ``seed``: an int or a 1-element int64 tensor, read on the host (free for a CPU
     tensor; a device sync for a CUDA one, which only this path on CUDA meets)."""
     seed = int(seed)
-    device = torch.device(device)
-    numel = 1
-    for n in shape:
-        numel *= n
+    if type(device) is not torch.device:
+        device = torch.device(device)
+    numel = math.prod(shape)
     if device.type != "cpu" or numel <= NOISE_CHUNK:
-        gen = torch.Generator(device=device)
+        if device.type == "cpu":  # reseeded below: one generator object per thread will do
+            gen = getattr(_thread_generators, "cpu", None)
+            if gen is None:
+                gen = _thread_generators.cpu = torch.Generator()
+        else:
+            gen = torch.Generator(device=device)
         gen.manual_seed(_chunk_seed(seed, -1))  # mt19937 keeps only 32 bits: mix all 62 in
         return torch.randn(shape, generator=gen, dtype=dtype, device=device).mul_(std) \
             if std != 1.0 else torch.randn(shape, generator=gen, dtype=dtype, device=device)
@@ -581,21 +700,29 @@ def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
     """z = mu + exp(lv / 2) * eps and, if ``with_kl``, the per-sample KL (N,)."""
     dtype = compute_dtype(mu, logvar)
     lv = _clamped(_as(logvar, dtype), clamp_lo, clamp_hi)
-    std = torch.mul(lv, 0.5).exp_()
+    std = torch.mul(lv, constant(0.5, dtype, lv.device)).exp_()
+    seed = int(seed)  # read once (a CPU tensor: no sync; the kernels serve CUDA)
     eps = standard_normal(seed, mu.shape, dtype, mu.device)
     mu_c = _as(mu, dtype)
     if mu.device.type == "cpu" and (mu.requires_grad or logvar.requires_grad):
-        _keep_noise(_noise_key(seed, mu, dtype), eps)
         # mu + eps * std, contiguous like eps (the fake implementation promises it)
         z = torch.addcmul(mu_c, eps, std, out=_empty_like_contiguous(eps, dtype))
+        # eps itself is kept, not eps * std: a slot is found by the seed's value, and two
+        # calls drawn from the same seed (a reseeded generator) with other logvars must
+        # not take each other's std
+        _keep_noise(_noise_key(seed, mu, dtype), eps)
     else:
         z = torch.addcmul(mu_c, eps, std, out=eps)  # written over eps
-    z = _as(z, torch.promote_types(mu.dtype, logvar.dtype))
+    z = _as(z, mu.dtype if mu.dtype == logvar.dtype else torch.promote_types(mu.dtype, logvar.dtype))
     if not with_kl:
         return z, mu.new_empty(0, dtype=dtype)
     # exp(lv) - 1 - lv elementwise (no cancellation between sums), exp(lv) as std^2:
     # an exp pass saved on the reparameterization's hot path, at eager's accuracy
     # (about 1e-7 absolute per element near lv = 0, where expm1 would be exact)
+    if mu.numel() <= SMALL_NUMEL:  # whole-tensor ops (see SMALL_NUMEL): mu^2 added elementwise
+        one, half = constant(1.0, dtype, lv.device), constant(0.5, dtype, lv.device)
+        terms = std.square_().sub_(one).sub_(lv).addcmul_(mu_c, mu_c)
+        return z, _row_sum(terms).mul_(half)
     kl = 0.5 * (_row_sum_of_squares(mu_c) + _row_sum(std.square_().sub_(1.0).sub_(lv)))
     return z, kl
 
@@ -608,23 +735,23 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_h
     dtype = compute_dtype(mu, logvar)
     logvar_c = _as(logvar, dtype)
     lv = _clamped(logvar_c, clamp_lo, clamp_hi)
-    # a fresh contiguous buffer (it becomes grad_mu) even when lv is logvar itself
-    std = torch.mul(lv, 0.5, out=_empty_like_contiguous(lv, dtype)).exp_()
+    half = constant(0.5, dtype, lv.device)
+    # eps: the forward's, kept (this call's to write), or drawn again from the seed
     eps = _take_noise(_noise_key(seed, mu, dtype)) if mu.device.type == "cpu" else None
-    if eps is not None:
-        half_eps = eps.mul_(0.5)  # exactly eps / 2; the kept noise is this call's to write
-    else:
-        half_eps = standard_normal(seed, mu.shape, dtype, mu.device, std=0.5)
+    if eps is None:
+        eps = standard_normal(seed, mu.shape, dtype, mu.device)
+    std = torch.mul(lv, half).exp_()
     g_z = _as(grad_z, dtype)
-    grad_logvar = half_eps.mul_(std).mul_(g_z)
-    # grad_mu is written into std's buffer once std is used up: a fresh buffer
-    # costs page faults on the CPU. (Outputs may not alias grad_z, so it is a copy.)
+    grad_logvar = eps.mul_(std).mul_(g_z).mul_(half)  # eps std g_z / 2, in the noise's buffer
     if grad_kl is not None:
         g_kl = _as(grad_kl, dtype).reshape((-1,) + (1,) * (mu.dim() - 1))
-        grad_logvar.addcmul_(torch.mul(std, std).sub_(1.0), g_kl, value=0.5)  # exp(lv) - 1
-        grad_mu = torch.addcmul(g_z, _as(mu, dtype), g_kl, out=std)
+        grad_logvar.addcmul_(std.mul_(std).sub_(constant(1.0, dtype, lv.device)), g_kl,
+                             value=0.5)  # exp(lv) - 1
+        # (outputs may not alias grad_z: a fresh buffer)
+        grad_mu = torch.addcmul(g_z, _as(mu, dtype), g_kl, out=torch.empty_like(grad_logvar))
     else:
-        grad_mu = std.copy_(g_z)
+        # exactly grad_z, in mu's dtype, in a fresh contiguous buffer
+        grad_mu = grad_z.to(mu.dtype, copy=True, memory_format=torch.contiguous_format)
     if clamp_lo is not None:
         grad_logvar.mul_(_unclamped_mask(logvar_c, clamp_lo, clamp_hi))
     return _as(grad_mu, mu.dtype), _as(grad_logvar, logvar.dtype)

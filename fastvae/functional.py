@@ -87,11 +87,17 @@ def vae_loss(x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, recon: str
         parts = _vae_loss_formula(x_hat, x, mu, logvar, recon, beta, reduction, lo, hi,
                                   obs_logvar, prior_mu, prior_logvar, free_bits)
     else:
-        grad_recon = _needs_grad(x_hat, x) if obs_t is None else _needs_grad(x_hat, x, obs_t)
-        parts = LossParts(*ops.vae_loss(
+        grad_enabled = torch.is_grad_enabled()
+        grad_recon = grad_enabled and (x_hat.requires_grad or x.requires_grad
+                                       or (obs_t is not None and obs_t.requires_grad))
+        grad_prior = grad_enabled and (
+            (prior_mu is not None and prior_mu.requires_grad)
+            or (prior_logvar is not None and prior_logvar.requires_grad))
+        outputs = ops.vae_loss(
             x_hat, x, mu, logvar, beta_t, obs_t, prior_mu, prior_logvar, beta_v, recon, obs_v,
-            obs_optimal, reduction, lo, hi, free_bits, grad_recon, _needs_grad(mu, logvar),
-            _prior_needs_grad(prior_mu, prior_logvar))[:3])
+            obs_optimal, reduction, lo, hi, free_bits, grad_recon,
+            grad_enabled and (mu.requires_grad or logvar.requires_grad), grad_prior)
+        return LossParts(*outputs[:3]) if return_parts else outputs[0]
     return parts if return_parts else parts.loss
 
 
@@ -176,6 +182,10 @@ def _draw_seed(generator, like):
     as before seeds became tensors; a generator of another accelerator (MPS, say,
     with tensors on it: check_generator refuses mismatched device types) has its
     Philox state (seed, offset) read and advanced on the host."""
+    # the common CPU call first (the same call as the last line: traced, a generator=None
+    # keeps aten.randint in the graph, so compiled and eager draw the same seed)
+    if generator is None and like.device.type != "cuda":
+        return torch.randint(0, 2**62, (1,), generator=None)
     _validate.check_generator(generator)
     gen_device = None if generator is None else generator.device
     if like.device.type == "cuda" and gen_device is not None and gen_device.type == "cpu" \

@@ -202,3 +202,50 @@ def test_a_beta_that_requires_grad_keeps_the_autograd_function(function_spies):
     (grad_beta,) = torch.autograd.grad(loss, beta)
     kl = fastvae.kl_divergence(mu, logvar)
     torch.testing.assert_close(grad_beta, kl)
+
+
+
+def test_repeated_calls_reuse_the_cached_constants(monkeypatch):
+    """The PyTorch path's 0-dim constants are made once per (value, dtype, device),
+    and their cache is bounded."""
+    from fastvae import _torch_impl
+
+    monkeypatch.setattr(_torch_impl, "_constants", {})
+    inputs = tensors()
+    every_public_call(*inputs)
+    first = dict(_torch_impl._constants)
+    assert first  # the loss, KL and sampling use some
+    every_public_call(*inputs)
+    every_public_call(*(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs))
+    assert _torch_impl._constants.keys() == first.keys()
+    assert all(_torch_impl._constants[k] is t for k, t in first.items())  # not made again
+    for value in range(2 * _torch_impl.MAX_CONSTANTS):
+        assert _torch_impl.constant(float(value), torch.float32, inputs[0].device).item() == value
+    assert len(_torch_impl._constants) <= _torch_impl.MAX_CONSTANTS
+
+
+def test_small_cpu_draws_reuse_one_generator_per_thread_and_stay_reproducible():
+    """standard_normal reseeds one CPU generator per thread instead of creating one
+    per draw; the noise of a seed stays the same, whatever was drawn in between,
+    and another thread gets its own generator."""
+    import threading
+
+    from fastvae import _torch_impl
+
+    first = _torch_impl.standard_normal(123, (3, 5), torch.float32, "cpu")
+    gen = _torch_impl._thread_generators.cpu
+    _torch_impl.standard_normal(456, (7,), torch.float32, "cpu")
+    again = _torch_impl.standard_normal(123, (3, 5), torch.float32, "cpu")
+    assert _torch_impl._thread_generators.cpu is gen
+    assert torch.equal(first, again)
+    assert not torch.equal(first, _torch_impl.standard_normal(124, (3, 5), torch.float32, "cpu"))
+    other = {}
+
+    def draw():
+        other["noise"] = _torch_impl.standard_normal(123, (3, 5), torch.float32, "cpu")
+        other["gen"] = _torch_impl._thread_generators.cpu
+
+    thread = threading.Thread(target=draw)
+    thread.start()
+    thread.join()
+    assert other["gen"] is not gen and torch.equal(other["noise"], first)

@@ -76,3 +76,24 @@ def test_kept_noise_is_bounded_and_not_kept_without_grad():
         fastvae.reparameterize(mu, logvar)  # forwards whose backward never runs
     assert len(_torch_impl._kept_noise) == _torch_impl.KEPT_NOISE_SLOTS
     _torch_impl._kept_noise.clear()
+
+
+@pytest.mark.parametrize("prior", [False, True])
+def test_two_draws_from_one_seed_with_other_logvars_keep_their_own_gradients(prior):
+    """A reseeded generator gives two calls the same seed, so the same kept slot: the
+    backward of the first (run last) must still use its own logvar's std."""
+    mu, logvar = _latents()
+    other_logvar = (logvar.detach() + 1.5).requires_grad_(True)
+    kwargs = dict(prior_mu=torch.zeros(40), prior_logvar=torch.zeros(40)) if prior else {}
+
+    def sample(lv):
+        return fastvae.sample_and_kl(mu, lv, generator=torch.Generator().manual_seed(11), **kwargs)[0]
+
+    z_first, z_second = sample(logvar), sample(other_logvar)
+    weights = torch.linspace(-1, 1, 40)
+    (z_second * weights).sum().backward()
+    (z_first * weights).sum().backward()
+    # d z / d logvar = eps exp(logvar / 2) / 2, with eps = (z - mu) / exp(logvar / 2)
+    eps = ((z_first - mu) / torch.exp(0.5 * logvar)).detach()
+    want = weights * eps * torch.exp(0.5 * logvar.detach()) / 2
+    torch.testing.assert_close(logvar.grad, want)

@@ -114,6 +114,7 @@ def test_chunked_recon_matches_the_reference_across_chunk_edges(monkeypatch, sha
     # chunks of 64 elements: rows split into column pieces with a tail (150 = 2 * 64 + 22),
     # and several short rows per chunk with a partial last chunk (7 rows of 20, 3 per chunk)
     monkeypatch.setattr(_torch_impl, "RECON_CHUNK", 64)
+    monkeypatch.setattr(_torch_impl, "SMALL_NUMEL", 0)  # not the whole-tensor path for small inputs
     gen = torch.Generator().manual_seed(4)
     x = torch.rand(shape, generator=gen).to(dtype)
     x_hat = torch.rand(shape, generator=gen) * 0.98 + 0.01
@@ -147,3 +148,49 @@ def test_bce_probability_out_of_range_is_refused_by_the_loss_pass(monkeypatch, b
     latent = torch.zeros(3, 2)
     with pytest.raises(ValueError, match=r"x_hat must hold probabilities in \[0, 1\]"):
         fastvae.vae_loss(x_hat.requires_grad_(requires_grad), x, latent, latent, recon="bce")
+
+
+# ---- small inputs: whole-tensor ops (_torch_impl.SMALL_NUMEL) ------------------
+
+def _loss_and_grads(x_hat, x, mu, logvar, **options):
+    leaves = [t.clone().requires_grad_(True) for t in (x_hat, mu, logvar)]
+    parts = fastvae.vae_loss(leaves[0], x, leaves[1], leaves[2], return_parts=True, **options)
+    weight = torch.arange(1.0, x_hat.shape[0] + 1) if options["reduction"] == "none" else None
+    torch.autograd.backward(parts.loss, weight)
+    return [t.detach() for t in parts] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("recon", ["mse", "l1", "bce_logits"])
+@pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("clamp", [None, (-1.0, 1.0)])
+def test_small_input_path_matches_the_reference_and_the_large_path(
+        monkeypatch, recon, reduction, dtype, clamp):
+    from fastvae import _torch_impl
+
+    gen = torch.Generator().manual_seed(5)
+    # a transposed x_hat and logvar: the gradient buffers are contiguous all the same
+    x_hat = (torch.randn(40, 6, generator=gen) * 2).to(dtype).t()
+    x = torch.rand(6, 40, generator=gen).to(dtype)
+    mu = torch.randn(6, 3, generator=gen).to(dtype)
+    logvar = (torch.randn(3, 6, generator=gen) * 1.5).to(dtype).t()
+    options = dict(recon=recon, reduction=reduction, beta=0.7, logvar_clamp=clamp)
+    assert x_hat.numel() <= _torch_impl.SMALL_NUMEL
+    small = _loss_and_grads(x_hat, x, mu, logvar, **options)
+    monkeypatch.setattr(_torch_impl, "SMALL_NUMEL", 0)
+    large = _loss_and_grads(x_hat, x, mu, logvar, **options)
+    ref_leaves = [t.double().requires_grad_(True) for t in (x_hat, mu, logvar)]
+    recon_ref = reference.reduce(reference.recon_elementwise(ref_leaves[0], x.double(), recon),
+                                 reduction)
+    kl_ref = reference.reduce(reference.kl_elementwise(ref_leaves[1], ref_leaves[2], clamp),
+                              reduction)
+    loss_ref = recon_ref + 0.7 * kl_ref
+    torch.autograd.backward(loss_ref, None if reduction != "none"
+                            else torch.arange(1.0, x_hat.shape[0] + 1, dtype=torch.float64))
+    ref = [t.detach() for t in (loss_ref, recon_ref, kl_ref)] + [t.grad for t in ref_leaves]
+    grad_tol = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}[dtype]
+    for got, other, want in zip(small, large, ref):
+        assert got.dtype == other.dtype and got.is_contiguous() == other.is_contiguous()
+        tol = 1e-5 if got.dtype == torch.float32 else grad_tol
+        torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+        torch.testing.assert_close(got, other, rtol=tol, atol=tol)
