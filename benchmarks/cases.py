@@ -431,8 +431,13 @@ def _assert_close(name, got, want, extra=None, loose=False):
     ``loose``: 4x the tolerance, for baselines that round every intermediate to
     half precision (fastvae computes in float32 and is held to the tight one)."""
     rtol = max(_TOLERANCE[got.dtype], _TOLERANCE[torch.float32]) * (4 if loose else 1)
+    largest = torch.finfo(got.dtype).max
     got, want = got.detach().to(torch.float64), want.detach().to(torch.float64)
-    atol = rtol * float(want.abs().mean()) + 1e-12
+    # an exact value beyond the output dtype's range rounds to inf in it (float16 tops out
+    # at 65504: an eager float16 summed loss, a BCE gradient at a near-0 probability)
+    want = torch.where(want.abs() > largest, want.sign() * math.inf, want)
+    finite = want[want.isfinite()]
+    atol = rtol * float(finite.abs().mean() if finite.numel() else 0.0) + 1e-12
     if extra is None:
         torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
         return
@@ -627,6 +632,10 @@ class Case:
         values_only = (impl != "fastvae" and (self.recon in LIKELIHOODS
                                               or self.variant == "free_bits")
                        and self.dtype in (torch.float16, torch.bfloat16))
+        # torch.distributions' continuous Bernoulli normaliser, atanh(1 - 2p) / (1 - 2p)
+        # outside its Taylor window (0.499, 0.501) in p, cancels in float32 near l = 0: its
+        # gradient was off by up to 3.4e-3 at the ldm size (measured), unlike its value
+        values_only = values_only or (impl == "distributions" and self.recon == "continuous_bernoulli")
         for name, g, w in zip(names, got, ref):
             if w is None:  # no value reference (z: its noise is checked in _reference)
                 continue
@@ -641,11 +650,6 @@ class Case:
                 extra = 0.5 * inputs["grad_z"].double().abs() * z.abs() * torch.finfo(got[0].dtype).eps
                 if self.variant == "samples4":
                     extra = extra.sum(0)
-            if self.recon == "continuous_bernoulli" and impl == "distributions" and name == "grad x_hat":
-                # torch's normaliser, atanh(1 - 2p) / (1 - 2p) outside its Taylor window
-                # (0.499, 0.501) in p, cancels in float32 near l = 0: its gradient is off
-                # by up to ~3e-4 there (measured); allow 1e-3
-                extra = torch.full_like(w, 1e-3)
             _assert_close(f"{self.id} {impl} {name}", g, w, extra, loose=impl != "fastvae")
 
     def _output_names(self):
