@@ -121,25 +121,7 @@ def check_obs_logvar(obs_logvar, recon, x):
                              f"got {obs_logvar!r:.60}")
         return None, 0.0, True
     if isinstance(obs_logvar, torch.Tensor):
-        if not obs_logvar.is_floating_point():
-            raise TypeError(f"obs_logvar must be a floating-point tensor, got {obs_logvar.dtype}")
-        if obs_logvar.is_nested:
-            raise TypeError("obs_logvar must be a dense (strided) tensor, got a nested tensor")
-        if obs_logvar.layout != torch.strided:
-            raise TypeError(f"obs_logvar must be a dense (strided) tensor, got layout "
-                            f"{obs_logvar.layout}")
-        if x is None:  # (VAELoss's constructor: the data is not known yet)
-            return obs_logvar, 0.0, False
-        if obs_logvar.device != x.device:
-            raise ValueError(f"obs_logvar is on {obs_logvar.device} but the data is on "
-                             f"{x.device}; put it on the data's device")
-        try:
-            broadcast = torch.broadcast_shapes(obs_logvar.shape, x.shape)
-        except RuntimeError:
-            broadcast = None
-        if broadcast != x.shape:
-            raise ValueError(f"obs_logvar must broadcast to x's shape {tuple(x.shape)}, got "
-                             f"shape {tuple(obs_logvar.shape)}")
+        _check_broadcast_operand("obs_logvar", obs_logvar, x, "x", "the data")
         return obs_logvar, 0.0, False
     if isinstance(obs_logvar, bool) or not isinstance(obs_logvar, numbers.Real):
         raise TypeError(f"obs_logvar must be a float, a tensor or 'optimal', got "
@@ -157,21 +139,32 @@ def check_prior(name, prior, mu):
     if not isinstance(prior, torch.Tensor):
         raise TypeError(f"{name} must be a tensor broadcastable to mu or None, got "
                         f"{type(prior).__name__}")
-    if not prior.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {prior.dtype}")
-    if prior.layout != torch.strided or prior.is_nested:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {prior.layout}")
-    if prior.device != mu.device:
-        raise ValueError(f"{name} is on {prior.device} but mu is on {mu.device}; put it on "
-                         f"mu's device")
+    _check_broadcast_operand(name, prior, mu, "mu", "mu")
+    return prior
+
+
+def _check_broadcast_operand(name, t, like, like_name, like_phrase):
+    """``t`` (the tensor argument ``name``): floating point, dense, on ``like``'s device
+    and broadcastable to its shape (``like`` None: only the first two; its shape is not
+    known yet, as in VAELoss's constructor)."""
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if t.is_nested:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if like is None:
+        return
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device} but {like_phrase} is on {like.device}; put it "
+                         f"on {like_phrase}'s device")
     try:
-        broadcast = torch.broadcast_shapes(prior.shape, mu.shape)
+        broadcast = torch.broadcast_shapes(t.shape, like.shape)
     except RuntimeError:
         broadcast = None
-    if broadcast != mu.shape:
-        raise ValueError(f"{name} must broadcast to mu's shape {tuple(mu.shape)}, got shape "
-                         f"{tuple(prior.shape)}")
-    return prior
+    if broadcast != like.shape:
+        raise ValueError(f"{name} must broadcast to {like_name}'s shape {tuple(like.shape)}, got "
+                         f"shape {tuple(t.shape)}")
 
 
 def check_free_bits(free_bits, reduction):
