@@ -70,11 +70,27 @@ WHY = {
         "(1-x)*, sum, the gradient, plus the two [0, 1] value checks (aminmax of x and x_hat): "
         "about 11 passes over 25 MB.",
     ("cpu", "reparam_kl_fwd_bwd/reparam/float32", "speedup", "eager"):
-        "The backward draws the noise again (nothing noise-sized is saved, by design): two "
-        "draws against eager's one, and PyTorch's CPU generator is sequential (7.1 ms per "
-        "4096x512 draw). fastvae draws in fixed chunks on both threads (3.8 ms on two idle "
-        "cores), which halves each draw but cannot make two draws cost less than one.",
+        "PyTorch's CPU generator is sequential (7.1 ms per 4096x512 draw): the draw is most of "
+        "the call. fastvae draws in fixed chunks on both threads and keeps the noise for the "
+        "backward (one draw, as eager), so only the arithmetic is left to win.",
 }
+
+# The fixed cost of a call (issue 12), measured with a profiler on 2x4 tensors, 1 thread:
+# the same reasons for every case of the group.
+_FIXED_COST_WHY = (
+    "Eager's few aten ops cost less than fastvae's fixed cost per call: the argument checks "
+    "and the cached plan lookup (~6 us in Python), an autograd.Function's forward and backward "
+    "bookkeeping (~30 us for a forward+backward before any arithmetic), and on bfloat16 the "
+    "float32 conversions of the inputs.")
+_REPARAM_FIXED_COST_WHY = _FIXED_COST_WHY + (
+    " reparameterize also draws a seed and reseeds a generator (~8 us) and keeps its noise for "
+    "the backward, against eager's randn_like, exp, mul and add.")
+for _size in ("fixed_tiny", "mnist_mlp"):
+    for _dtype in ("float32", "bfloat16"):
+        for _op in ("loss_fwd/mse/sum", "loss_fwd_bwd/mse/sum", "kl_fwd_bwd", "reparam_fwd_bwd",
+                    "reparam_kl_fwd_bwd"):
+            _why = _REPARAM_FIXED_COST_WHY if _op.startswith("reparam") else _FIXED_COST_WHY
+            WHY[("cpu", f"{_op}/{_size}/{_dtype}", "speedup", "eager")] = _why
 
 
 # ---- reading ----------------------------------------------------------------
