@@ -719,10 +719,11 @@ def benchmark_cases():
     # issue 15's likelihoods (learned scalar / fitted scale / laplace / CB), bf16 only
     out += [cases.Case("loss_fwd_bwd", S["gpu_target"], torch.bfloat16, recon, "sum")
             for recon in cases.LIKELIHOODS]
-    # issue 15's KL controls at the reparam size, float32 (priors and num_samples in the
-    # kernels; free bits on the PyTorch path: the kernels do not implement them yet)
+    # issue 15's KL controls at the reparam size, float32, all in the kernels (free bits:
+    # the column-sum pre-pass, then the masked KL pass; also in bfloat16)
     out += [cases.Case("kl_fwd_bwd", S["reparam"], torch.float32, variant=v)
             for v in ("prior_learned", "prior_per_sample", "free_bits")]
+    out += [cases.Case("kl_fwd_bwd", S["reparam"], torch.bfloat16, variant="free_bits")]
     out += [cases.Case("reparam_kl_fwd_bwd", S["reparam"], torch.float32, variant="samples4")]
     # the fixed cost of a call (issue 12): float32 loss and sampling+KL at 2x4 and MNIST size
     out += [c for c in cases.fixed_cost_suite("cuda")

@@ -60,8 +60,8 @@ class Backend(Protocol):
         grad_recon: bool, grad_kl: bool, grad_prior: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``vae_loss_forward``'s outputs with the KL against N(prior_mu, e^prior_logvar),
-        then (d kl/d prior_mu, d kl/d prior_logvar), mu-shaped or empty. The kernels
-        take no free_bits (the op sends those calls to the PyTorch path)."""
+        then (d kl/d prior_mu, d kl/d prior_logvar), mu-shaped or empty; with
+        ``free_bits`` > 0 the KL is the free-bits one (not with reduction="none")."""
         ...
 
     def kl_forward_with_prior(

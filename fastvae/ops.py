@@ -43,20 +43,18 @@ from fastvae._grad_scaling import (
 )
 
 
-def _forward_backend(*tensors: Tensor, extended: bool = False) -> str:
+def _forward_backend(*tensors: Tensor) -> str:
     """The backend an op's forward runs on for these inputs, asked at setup and kept
     in ``ctx`` for the backward. Meta tensors only ever run the fake implementations;
-    the backward's arithmetic on them is PyTorch's. ``extended``: the call uses a
-    prior, free bits or several samples, which only the PyTorch path implements."""
-    if tensors[0].is_meta or extended:
+    the backward's arithmetic on them is PyTorch's."""
+    if tensors[0].is_meta:
         return "torch"
     return "torch" if _dispatch.implementation(*tensors) is _torch_impl else "triton"
 
 
-# What only the PyTorch path implements, on every device (PyTorch ops on CUDA
-# tensors too): free bits (they need the per-element batch sums before the
-# gradient). A prior (in the loss, the KL and the sampling's KL) and several
-# samples run on the kernels too.
+# Free bits, a prior (in the loss, the KL and the sampling's KL) and several
+# samples run on both backends, through their ``*_with_prior`` functions; the
+# plain functions serve the calls without them.
 
 
 def _free_bits_call(free_bits):
@@ -138,8 +136,7 @@ def _vae_loss_impl(
     """LossOutputs: (loss, recon, kl, d recon/d x_hat, d kl/d mu, d kl/d logvar,
     d recon/d obs_logvar, d kl/d prior_mu, d kl/d prior_logvar)."""
     _validate.check_loss_values(x_hat, x, recon, beta)
-    impl = _torch_impl if _free_bits_call(free_bits) else \
-        _dispatch.implementation(x_hat, x, mu, logvar)
+    impl = _dispatch.implementation(x_hat, x, mu, logvar)
     if _free_bits_call(free_bits) or _with_prior(prior_mu, prior_logvar):
         return impl.vae_loss_forward_with_prior(
             x_hat, x, mu, logvar, beta, obs_logvar, prior_mu, prior_logvar, beta_value, recon,
@@ -204,12 +201,11 @@ def _refuse_double_backward(op):
 
 def _vae_loss_setup(ctx, inputs, output):
     (x_hat, x, mu, logvar, beta, obs_logvar, prior_mu, prior_logvar, beta_value, recon, _, _,
-     reduction, clamp_lo, clamp_hi, free_bits, grad_recon, grad_kl, grad_prior) = inputs
+     reduction, clamp_lo, clamp_hi, _, grad_recon, grad_kl, grad_prior) = inputs
     _, recon_out, kl, g_xhat, g_mu, g_lv, g_obs, g_pm, g_plv = output  # LossOutputs
     ctx.mark_non_differentiable(g_xhat, g_mu, g_lv, g_obs, g_pm, g_plv)
     # the backend that scales the gradient buffers, when there are any
-    ctx.backend = _forward_backend(
-        x_hat, x, mu, logvar, extended=_free_bits_call(free_bits)) \
+    ctx.backend = _forward_backend(x_hat, x, mu, logvar) \
         if grad_recon or grad_kl or grad_prior else None
     # unused outputs (the gradient buffers; recon/kl when only the loss is used)
     # get None, not a zero-filled tensor as large as the input
@@ -353,7 +349,7 @@ def _kl_divergence_impl(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(kl, d kl/d mu, d kl/d logvar, d kl/d prior_mu, d kl/d prior_logvar), the
     prior's per element of mu (empty without that prior or when not asked for)."""
-    impl = _torch_impl if _free_bits_call(free_bits) else _dispatch.implementation(mu, logvar)
+    impl = _dispatch.implementation(mu, logvar)
     if _free_bits_call(free_bits) or _with_prior(prior_mu, prior_logvar):
         return impl.kl_forward_with_prior(mu, logvar, prior_mu, prior_logvar, reduction,
                                           clamp_lo, clamp_hi, free_bits, want_grad,
@@ -377,16 +373,13 @@ def _(mu, logvar, prior_mu, prior_logvar, reduction, clamp_lo, clamp_hi, free_bi
 
 
 def _kl_setup(ctx, inputs, output):
-    (mu, logvar, prior_mu, prior_logvar, _, _, _, free_bits, want_grad,
-     want_prior_grad) = inputs
+    (mu, logvar, prior_mu, prior_logvar, _, _, _, _, want_grad, want_prior_grad) = inputs
     _, g_mu, g_lv, g_pm, g_plv = output
     ctx.mark_non_differentiable(g_mu, g_lv, g_pm, g_plv)
     ctx.set_materialize_grads(False)
     ctx.dtypes = (mu.dtype, logvar.dtype)
     # the backend that scales the buffers
-    ctx.backend = _forward_backend(
-        mu, logvar, extended=_free_bits_call(free_bits)) \
-        if want_grad or want_prior_grad else None
+    ctx.backend = _forward_backend(mu, logvar) if want_grad or want_prior_grad else None
     ctx.hooked = saved_tensor_hooks_active()
     ctx.prior_shapes_dtypes = tuple(None if p is None else (p.shape, p.dtype)
                                     for p in (prior_mu, prior_logvar))

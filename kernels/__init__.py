@@ -4,7 +4,8 @@ Each fused operation lives in its own module with its math, its kernels and
 the launcher that picks block sizes:
 
 - ``vae_loss``: reconstruction + beta * KL with its gradients in one pass
-  (also the KL-only op);
+  (also the KL-only op; free bits add a pre-pass that sums each latent
+  element's KL down the batch);
 - ``reparameterize``: z = mu + exp(logvar / 2) * eps with in-kernel Philox
   noise seeded from memory (a 1-element int64 tensor on the device, so CUDA
   graph replays draw fresh noise), optionally the per-sample KL, and the

@@ -171,12 +171,16 @@ def _finish_rows_kernel(
     kl_base,  # where the KL partials start
     recon_scale,  # float32: the recon reduction's scale (1, 1/N or 1/(N D))
     kl_scale,  # float32: the KL reduction's scale (1, 1/N or 1/(N d))
+    col_sums_ptr,  # float32 (d,): C_k, the KL of latent element k summed over the batch (FREE_BITS)
+    kl_cols,  # d, latent elements per sample (FREE_BITS)
+    free_bits_floor,  # float32: N * free_bits, the floor of each C_k (FREE_BITS)
     HAS_RECON: tl.constexpr,  # a loss (recon + beta kl), not the KL alone
     BETA_FROM_PTR: tl.constexpr,  # read beta from beta_ptr (a tensor beta)
     PER_SAMPLE: tl.constexpr,  # reduction="none": write (N,) outputs
+    FREE_BITS: tl.constexpr,  # the KL from the floored column sums, not from the KL partials
     BLOCK_ROWS: tl.constexpr,  # rows per iteration (a power of two)
     BLOCK_RECON: tl.constexpr,  # recon chunks read per iteration (a power of two)
-    BLOCK_KL: tl.constexpr,  # KL chunks read per iteration (a power of two)
+    BLOCK_KL: tl.constexpr,  # KL chunks (or, FREE_BITS, column sums) read per iteration
 ):
     """Stage 2, one program, in a fixed order (bitwise reproducible):
 
@@ -186,7 +190,10 @@ def _finish_rows_kernel(
     then either per-sample outputs (PER_SAMPLE: recon[n], kl[n],
     loss[n] = recon[n] + beta kl[n]) or the scaled totals
     (recon = recon_scale sum_n recon[n], kl = kl_scale sum_n kl[n],
-    loss = recon + beta kl). Without HAS_RECON only ``kl`` is written."""
+    loss = recon + beta kl). Without HAS_RECON only ``kl`` is written.
+    FREE_BITS (never with PER_SAMPLE): kl = kl_scale sum_k max(C_k, free_bits_floor)
+    instead (NaN stays NaN), the KL partials unread."""
+    tl.static_assert(not (PER_SAMPLE and FREE_BITS), "free bits have no per-sample KL")
     if BETA_FROM_PTR:
         beta = tl.load(beta_ptr).to(tl.float32)
     else:
@@ -196,8 +203,9 @@ def _finish_rows_kernel(
     for r0 in range(0, rows_total, BLOCK_ROWS):
         rows = r0 + tl.arange(0, BLOCK_ROWS)
         row_mask = rows < rows_total
-        kl_rows = _row_sums(partials_ptr, rows, row_mask, kl_base, kl_chunks,
-                            BLOCK_ROWS, BLOCK_KL)
+        if not FREE_BITS:
+            kl_rows = _row_sums(partials_ptr, rows, row_mask, kl_base, kl_chunks,
+                                BLOCK_ROWS, BLOCK_KL)
         if HAS_RECON:
             recon_rows = _row_sums(partials_ptr, rows, row_mask, 0, recon_chunks,
                                    BLOCK_ROWS, BLOCK_RECON)
@@ -207,11 +215,21 @@ def _finish_rows_kernel(
                 tl.store(recon_ptr + rows, recon_rows, mask=row_mask)
                 tl.store(loss_ptr + rows, recon_rows + beta * kl_rows, mask=row_mask)
         else:
-            kl_total += kl_rows
+            if not FREE_BITS:
+                kl_total += kl_rows
             if HAS_RECON:
                 recon_total += recon_rows
     if not PER_SAMPLE:
-        kl_out = tl.sum(kl_total, axis=0) * kl_scale
+        if FREE_BITS:
+            floored = tl.zeros((BLOCK_KL,), dtype=tl.float32)
+            for c0 in range(0, kl_cols, BLOCK_KL):
+                cols = c0 + tl.arange(0, BLOCK_KL)
+                col_mask = cols < kl_cols
+                sums = tl.load(col_sums_ptr + cols, mask=col_mask, other=0.0)
+                floored += tl.where(col_mask, clamp_min(sums, free_bits_floor), 0.0)
+            kl_out = tl.sum(floored, axis=0) * kl_scale
+        else:
+            kl_out = tl.sum(kl_total, axis=0) * kl_scale
         tl.store(kl_ptr, kl_out)
         if HAS_RECON:
             recon_out = tl.sum(recon_total, axis=0) * recon_scale
@@ -221,20 +239,29 @@ def _finish_rows_kernel(
 
 def finish_rows(partials, rows, kl_chunks, kl_base, kl_scale, kl_out, *,
                 recon_chunks=0, recon_scale=1.0, recon_out=None, loss_out=None,
-                beta=None, beta_value=0.0, per_sample):
-    """Launch the second stage (one program) on ``partials``."""
+                beta=None, beta_value=0.0, per_sample, col_sums=None, free_bits_floor=0.0):
+    """Launch the second stage (one program) on ``partials``. ``col_sums``: the
+    (d,) batch sums of the KL per latent element, for free bits (the KL is then
+    kl_scale sum_k max(col_sums[k], free_bits_floor))."""
     has_recon = recon_out is not None
+    free_bits = col_sums is not None
     block_rows = min(triton.next_power_of_2(rows), 64 if is_interpreted() else 128)
+    kl_cols = col_sums.numel() if free_bits else 0
+    # KL values read per iteration: chunk partials per row, or (free bits) column sums
+    kl_block = min(triton.next_power_of_2(max(kl_cols, 1)), 1024) if free_bits else \
+        min(triton.next_power_of_2(max(kl_chunks, 1)), 64)
     _finish_rows_kernel[(1,)](
         partials,
         loss_out if has_recon else kl_out, recon_out if has_recon else kl_out, kl_out,
         beta if beta is not None else kl_out,
         float(beta_value), rows, recon_chunks, kl_chunks, kl_base,
         float(recon_scale), float(kl_scale),
+        col_sums if free_bits else partials, kl_cols, float(free_bits_floor),
         HAS_RECON=has_recon, BETA_FROM_PTR=beta is not None, PER_SAMPLE=per_sample,
+        FREE_BITS=free_bits,
         BLOCK_ROWS=block_rows,
         BLOCK_RECON=min(triton.next_power_of_2(max(recon_chunks, 1)), 64),
-        BLOCK_KL=min(triton.next_power_of_2(max(kl_chunks, 1)), 64),
+        BLOCK_KL=kl_block,
         num_warps=4,
     )
 
@@ -305,6 +332,37 @@ def row_split(rows, cols, device):
         return _make_split(rows, cols, block, tile_rows,
                            min(triton.cdiv(cols, block), max_iters), 1)
     return _heuristic_split(rows, cols, is_interpreted(), _sm_count(device))
+
+
+class ColumnSplit(NamedTuple):
+    """How the free-bits pre-pass cuts a (rows, cols) view: each of ``programs``
+    programs sums COLS adjacent columns down all rows, ROWS rows per iteration."""
+
+    cols: int
+    rows: int
+    programs: int
+    num_warps: int
+
+
+def column_split(rows, cols, device):
+    """The ColumnSplit for per-column sums over a (rows, cols) view on ``device``."""
+    if _forced_split is not None:
+        max_block, max_rows, _ = _forced_split
+        block_cols = min(triton.next_power_of_2(cols), max_block)
+        block_rows = min(triton.next_power_of_2(rows), max_rows)
+        return ColumnSplit(block_cols, block_rows, triton.cdiv(cols, block_cols), 1)
+    if is_interpreted():  # programs run one after another: as few as possible
+        block_cols = min(triton.next_power_of_2(cols), 1 << 12)
+        block_rows = min(triton.next_power_of_2(rows), max(1, (1 << 15) // block_cols))
+        return ColumnSplit(block_cols, block_rows, triton.cdiv(cols, block_cols), 1)
+    # GPU: one program per COLS columns, so that all SMs get one where d allows
+    # (16 columns at least: 64-byte rows of float32 per load), 2048-element tiles.
+    block_cols = min(max(triton.next_power_of_2(triton.cdiv(cols, _sm_count(device))), 16), 128)
+    block_cols = min(block_cols, triton.next_power_of_2(cols))
+    block_rows = min(triton.next_power_of_2(rows), max(1, 2048 // block_cols))
+    tile = block_cols * block_rows
+    num_warps = 8 if tile >= 2048 else 4 if tile >= 512 else 2 if tile >= 128 else 1
+    return ColumnSplit(block_cols, block_rows, triton.cdiv(cols, block_cols), num_warps)
 
 
 @functools.cache

@@ -28,6 +28,16 @@ applied; d kl/d mu = scale mu, d kl/d logvar = scale (exp(lv) - 1) / 2, zero
 where the clamp was active), so the backward only scales them by grad_output.
 All math and accumulation is float32; offsets are int64.
 
+Free bits (free_bits = f > 0, never with "none"): with C_k = sum_n kl[n, k] the batch
+sum of latent element k's KL (against N(0, I) or the prior), the KL term is
+
+    kl = scale sum_k max(C_k, N f)       (scale: 1, 1/N or 1/(N d), as above)
+
+and the KL gradients of column k are multiplied by [C_k >= N f] (zero for the
+columns held at the floor, torch.clamp_min's rule). A pre-pass
+(``_kl_column_sums_kernel``) writes C (d,) before the pass above, which then masks
+the gradients it writes; the second stage takes the KL from C.
+
 Programs: the recon view is cut into tiles (a few rows when rows are short,
 column chunks when they are long), then the KL view; all in one 1-D grid.
 Each program writes one float32 partial sum per row it covers;
@@ -246,10 +256,13 @@ def _kl_partials(
     prior_logvar_ptr,  # (N, d) contiguous: the prior's log-variances (HAS_PRIOR)
     grad_prior_mu_ptr,  # (N, d), out: kl_grad_scale * d kl/d prior_mu (WRITE_PRIOR_GRAD)
     grad_prior_logvar_ptr,  # (N, d), out: kl_grad_scale * d kl/d prior_logvar (WRITE_PRIOR_GRAD)
+    col_sums_ptr,  # float32 (d,): C_k, latent element k's KL summed over the batch (FREE_BITS)
+    free_bits_floor,  # float32: N * free_bits (FREE_BITS)
     HAS_CLAMP: tl.constexpr,  # clamp logvar to [clamp_lo, clamp_hi]
     WRITE_KL_GRAD: tl.constexpr,  # write grad_mu and grad_logvar
     HAS_PRIOR: tl.constexpr,  # the KL against N(prior_mu, exp(prior_logvar)), not N(0, I)
     WRITE_PRIOR_GRAD: tl.constexpr,  # write grad_prior_mu and grad_prior_logvar
+    FREE_BITS: tl.constexpr,  # zero the gradients of the columns held at the floor
     KL_BLOCK: tl.constexpr,  # columns per iteration (a power of two)
     KL_ROWS: tl.constexpr,  # rows per tile (a power of two)
     KL_ITERS: tl.constexpr,  # column blocks per tile
@@ -259,6 +272,11 @@ def _kl_partials(
         partials[kl_base + n * kl_chunks + c] = sum_{k in chunk c} 1/2 (mu^2 + exp(lv) - 1 - lv)
         grad_mu     = kl_grad_scale * mu
         grad_logvar = kl_grad_scale * (exp(lv) - 1) / 2     (0 where the clamp was active)
+
+    With FREE_BITS the gradients of column k are multiplied by
+    [C_k >= free_bits_floor] (0 for a held column, and for a NaN C_k, whose NaN is
+    in the KL value: torch.clamp_min's gradient rule, as the PyTorch path's mask);
+    the product keeps a NaN gradient NaN, as the PyTorch path's does.
     """
     chunk = kl_pid % kl_chunks
     rows = (kl_pid // kl_chunks) * KL_ROWS + tl.arange(0, KL_ROWS).to(tl.int64)
@@ -267,10 +285,16 @@ def _kl_partials(
     acc = tl.zeros((KL_ROWS, KL_BLOCK), dtype=tl.float32)
     for i in range(KL_ITERS):
         cols = col0 + i * KL_BLOCK + tl.arange(0, KL_BLOCK).to(tl.int64)
-        mask = row_mask[:, None] & (cols < kl_cols)[None, :]
+        col_mask = cols < kl_cols
+        mask = row_mask[:, None] & col_mask[None, :]
         offs = rows[:, None] * kl_cols + cols[None, :]
         mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if FREE_BITS:
+            col_sums = tl.load(col_sums_ptr + cols, mask=col_mask, other=0.0)
+            grad_scale = tl.where(col_sums >= free_bits_floor, kl_grad_scale, 0.0)[None, :]
+        else:
+            grad_scale = kl_grad_scale
         if HAS_PRIOR:
             prior_mu = tl.load(prior_mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             prior_logvar = tl.load(prior_logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -278,10 +302,10 @@ def _kl_partials(
                 mu, logvar, prior_mu, prior_logvar, clamp_lo, clamp_hi, HAS_CLAMP)
             if WRITE_PRIOR_GRAD:
                 tl.store(grad_prior_mu_ptr + offs,
-                         (-grad_mu * kl_grad_scale).to(grad_prior_mu_ptr.dtype.element_ty),
+                         (-grad_mu * grad_scale).to(grad_prior_mu_ptr.dtype.element_ty),
                          mask=mask)
                 tl.store(grad_prior_logvar_ptr + offs,
-                         (grad_plv * kl_grad_scale).to(grad_prior_logvar_ptr.dtype.element_ty),
+                         (grad_plv * grad_scale).to(grad_prior_logvar_ptr.dtype.element_ty),
                          mask=mask)
         else:
             value, grad_lv = _shared.kl_terms(mu, logvar, clamp_lo, clamp_hi, HAS_CLAMP)
@@ -289,9 +313,9 @@ def _kl_partials(
         acc += tl.where(mask, value, 0.0)
         if WRITE_KL_GRAD:
             tl.store(grad_mu_ptr + offs,
-                     (grad_mu * kl_grad_scale).to(grad_mu_ptr.dtype.element_ty), mask=mask)
+                     (grad_mu * grad_scale).to(grad_mu_ptr.dtype.element_ty), mask=mask)
             tl.store(grad_logvar_ptr + offs,
-                     (grad_lv * kl_grad_scale).to(grad_logvar_ptr.dtype.element_ty),
+                     (grad_lv * grad_scale).to(grad_logvar_ptr.dtype.element_ty),
                      mask=mask)
     tl.store(partials_ptr + kl_base + rows * kl_chunks + chunk, tl.sum(acc, axis=1),
              mask=row_mask)
@@ -325,6 +349,8 @@ def _vae_loss_partials_kernel(
     prior_logvar_ptr,  # (N, d): the KL prior's log-variances (HAS_PRIOR)
     grad_prior_mu_ptr,  # (N, d), out: d kl/d prior_mu of the reduced KL (WRITE_PRIOR_GRAD)
     grad_prior_logvar_ptr,  # (N, d), out: d kl/d prior_logvar (WRITE_PRIOR_GRAD)
+    col_sums_ptr,  # float32 (d,): the KL of each latent element summed over the batch (FREE_BITS)
+    free_bits_floor,  # float32: N * free_bits, below which a column's gradient is 0 (FREE_BITS)
     RECON: tl.constexpr,  # the reconstruction term's name (RECON_KINDS)
     OBS_LOGVAR: tl.constexpr,  # where s is (OBS_LOGVAR_LAYOUTS)
     WRITE_OBS_GRAD: tl.constexpr,  # write grad_obs_logvar
@@ -335,6 +361,7 @@ def _vae_loss_partials_kernel(
     WRITE_KL_GRAD: tl.constexpr,  # write grad_mu and grad_logvar
     HAS_PRIOR: tl.constexpr,  # the KL against N(prior_mu, exp(prior_logvar))
     WRITE_PRIOR_GRAD: tl.constexpr,  # write grad_prior_mu and grad_prior_logvar
+    FREE_BITS: tl.constexpr,  # zero the KL gradients of the latent elements held at the floor
     RECON_BLOCK: tl.constexpr,  # recon columns per iteration
     RECON_ROWS: tl.constexpr,  # recon rows per tile
     RECON_ITERS: tl.constexpr,  # recon column blocks per tile
@@ -364,11 +391,78 @@ def _vae_loss_partials_kernel(
         _kl_partials(pid - recon_programs, mu_ptr, logvar_ptr, grad_mu_ptr, grad_logvar_ptr,
                      partials_ptr, n_rows, kl_cols, kl_chunks, kl_base, kl_grad_scale,
                      clamp_lo, clamp_hi, prior_mu_ptr, prior_logvar_ptr, grad_prior_mu_ptr,
-                     grad_prior_logvar_ptr, HAS_CLAMP, WRITE_KL_GRAD, HAS_PRIOR,
-                     WRITE_PRIOR_GRAD, KL_BLOCK, KL_ROWS, KL_ITERS)
+                     grad_prior_logvar_ptr, col_sums_ptr, free_bits_floor, HAS_CLAMP,
+                     WRITE_KL_GRAD, HAS_PRIOR, WRITE_PRIOR_GRAD, FREE_BITS,
+                     KL_BLOCK, KL_ROWS, KL_ITERS)
+
+
+@triton.jit
+def _kl_column_sums_kernel(
+    mu_ptr,  # (N, d) contiguous: the posterior means
+    logvar_ptr,  # (N, d) contiguous: the posterior log-variances
+    prior_mu_ptr,  # (N, d) contiguous: the prior's means (HAS_PRIOR)
+    prior_logvar_ptr,  # (N, d) contiguous: the prior's log-variances (HAS_PRIOR)
+    col_sums_ptr,  # float32 (d,), out: C_k, the KL of latent element k summed over the batch
+    n_rows,  # N, the batch size
+    kl_cols,  # d, latent elements per sample
+    clamp_lo,  # float32: lower logvar clamp (HAS_CLAMP)
+    clamp_hi,  # float32: upper logvar clamp (HAS_CLAMP)
+    HAS_CLAMP: tl.constexpr,  # clamp logvar to [clamp_lo, clamp_hi]
+    HAS_PRIOR: tl.constexpr,  # the KL against N(prior_mu, exp(prior_logvar)), not N(0, I)
+    COLS: tl.constexpr,  # columns per program (a power of two)
+    ROWS: tl.constexpr,  # rows per iteration (a power of two)
+):
+    """The free-bits pre-pass: for the COLS columns k of this program,
+
+        C_k = sum_n kl(mu[n, k], logvar[n, k] (, prior_mu[n, k], prior_logvar[n, k]))
+
+    with the per-element KL of ``_shared.kl_terms`` / ``_shared.prior_kl_terms``
+    (lv clamped if HAS_CLAMP), N K_k in the math of free bits. The rows are added
+    ROWS at a time in float32, each lane down its own column, and the ROWS lanes
+    of a column summed at the end: a fixed order for given sizes (no atomics), so
+    reruns are bitwise equal. NaN stays NaN.
+    """
+    pid = tl.program_id(0).to(tl.int64)
+    cols = pid * COLS + tl.arange(0, COLS).to(tl.int64)
+    col_mask = cols < kl_cols
+    acc = tl.zeros((ROWS, COLS), dtype=tl.float32)
+    for r0 in range(0, n_rows, ROWS):
+        rows = r0 + tl.arange(0, ROWS).to(tl.int64)
+        mask = (rows < n_rows)[:, None] & col_mask[None, :]
+        offs = rows[:, None] * kl_cols + cols[None, :]
+        mu = tl.load(mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        logvar = tl.load(logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        if HAS_PRIOR:
+            prior_mu = tl.load(prior_mu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            prior_logvar = tl.load(prior_logvar_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            value, _, _, _ = _shared.prior_kl_terms(mu, logvar, prior_mu, prior_logvar,
+                                                    clamp_lo, clamp_hi, HAS_CLAMP)
+        else:
+            value, _ = _shared.kl_terms(mu, logvar, clamp_lo, clamp_hi, HAS_CLAMP)
+        acc += tl.where(mask, value, 0.0)
+    tl.store(col_sums_ptr + cols, tl.sum(acc, axis=0), mask=col_mask)
 
 
 # ---- launchers --------------------------------------------------------------
+
+
+def _kl_column_sums(mu, logvar, prior, clamp_lo, clamp_hi):
+    """C (d,) float32: each latent element's KL summed over the batch (the free-bits
+    pre-pass, ``_kl_column_sums_kernel``). ``mu``, ``logvar`` contiguous; ``prior``
+    None or (prior_mu, prior_logvar) of mu's shape, contiguous."""
+    batch = mu.shape[0]
+    kl_cols = mu.numel() // batch
+    split = _shared.column_split(batch, kl_cols, mu.device)
+    col_sums = torch.empty(kl_cols, dtype=torch.float32, device=mu.device)
+    has_clamp = clamp_lo is not None
+    _kl_column_sums_kernel[(split.programs,)](
+        mu, logvar, prior[0] if prior is not None else mu, prior[1] if prior is not None else mu,
+        col_sums, batch, kl_cols,
+        float(clamp_lo) if has_clamp else 0.0, float(clamp_hi) if has_clamp else 0.0,
+        HAS_CLAMP=has_clamp, HAS_PRIOR=prior is not None, COLS=split.cols, ROWS=split.rows,
+        num_warps=split.num_warps,
+    )
+    return col_sums
 
 
 def _grad_buffer(t, wanted):
@@ -392,14 +486,19 @@ def _beta_arguments(beta, beta_value, device):
 
 def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
             grad_recon, grad_kl, beta, beta_value, obs_layout="value", obs_logvar=None,
-            obs_logvar_value=0.0, per_sample_values=False, prior=None, grad_prior=False):
+            obs_logvar_value=0.0, per_sample_values=False, prior=None, grad_prior=False,
+            free_bits=0.0):
     """Run both stages; returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar,
-    grad_obs_logvar, grad_prior_mu, grad_prior_logvar) (loss, recon and grad_x_hat are
-    None without x_hat; the prior's gradients None unless ``grad_prior``).
+    grad_obs_logvar, grad_prior_mu, grad_prior_logvar, col_sums) (loss, recon and
+    grad_x_hat are None without x_hat; the prior's gradients None unless ``grad_prior``;
+    col_sums, the (d,) batch sums of the KL per latent element, None without free bits).
     ``prior``: None, or (prior_mu, prior_logvar) each of mu's shape, contiguous.
     ``obs_logvar``: s for obs_layout "scalar" (1 element) or "elementwise" (x's
     shape, contiguous). ``per_sample_values``: (N,) values, unscaled, whatever the
-    reduction (whose scale the gradients still carry)."""
+    reduction (whose scale the gradients still carry; with free bits the kl rows are
+    not the free-bits KL). ``free_bits`` > 0: first the column sums (a pre-pass over
+    the latents), then the KL gradients zeroed where a column is held at the floor,
+    and the KL value sum_k max(C_k, N free_bits), scaled."""
     has_recon = x_hat is not None
     if has_recon and recon not in RECON_KINDS:
         raise ValueError(f"recon must be one of {RECON_KINDS}, got {recon!r}")
@@ -431,6 +530,9 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
         grad_obs = like.new_empty(0)
     has_clamp = clamp_lo is not None
     has_prior = prior is not None
+    # free bits: C_k first, so that the pass below can zero the held columns' gradients
+    col_sums = _kl_column_sums(mu, logvar, prior, clamp_lo, clamp_hi) if free_bits else None
+    free_bits_floor = float(batch * free_bits)
     grad_pm = grad_plv = None
     if has_prior and grad_prior:
         grad_pm, grad_plv = (torch.empty(mu.shape, device=device,
@@ -449,12 +551,14 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
         prior[0] if has_prior else partials, prior[1] if has_prior else partials,
         grad_pm if grad_pm is not None else partials,
         grad_plv if grad_plv is not None else partials,
+        col_sums if col_sums is not None else partials, free_bits_floor,
         RECON=recon if has_recon else "mse",  # the KL-only op runs no recon tile
         OBS_LOGVAR=obs_layout, WRITE_OBS_GRAD=write_obs_grad,
         BCE_LOG_FLOOR=_numerics.BCE_LOG_FLOOR, BCE_GRAD_EPS=_numerics.BCE_GRAD_EPS,
         HAS_CLAMP=has_clamp,
         WRITE_RECON_GRAD=bool(has_recon and grad_recon), WRITE_KL_GRAD=bool(grad_kl),
         HAS_PRIOR=has_prior, WRITE_PRIOR_GRAD=grad_pm is not None,
+        FREE_BITS=col_sums is not None,
         RECON_BLOCK=r_split.block, RECON_ROWS=r_split.rows, RECON_ITERS=r_split.iters,
         KL_BLOCK=kl_split.block, KL_ROWS=kl_split.rows, KL_ITERS=kl_split.iters,
         num_warps=max(r_split.num_warps, kl_split.num_warps),
@@ -472,21 +576,25 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
         partials, batch, kl_split.chunks, kl_base, kl_scale, kl_out,
         recon_chunks=r_split.chunks if has_recon else 0, recon_scale=recon_scale,
         recon_out=recon_out, loss_out=loss_out, beta=beta_ptr, beta_value=beta_value,
-        per_sample=per_sample)
+        per_sample=per_sample, col_sums=None if per_sample else col_sums,
+        free_bits_floor=free_bits_floor)
     return (loss_out, recon_out, kl_out, grad_x_hat, grad_mu, grad_logvar, grad_obs, grad_pm,
-            grad_plv)
+            grad_plv, col_sums)
 
 
 def _fitted_scale_loss(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
-                       clamp_lo, clamp_hi, grad_recon, grad_kl, prior=None, grad_prior=False):
+                       clamp_lo, clamp_hi, grad_recon, grad_kl, prior=None, grad_prior=False,
+                       free_bits=0.0):
     """obs_logvar="optimal": the mse / l1 kernel's per-sample sums S_n and gradient,
     then (N,)-sized torch ops (no host sync) for sigma^2 = sum S_n / (N D) and the
     values, and one more pass over the gradient for its factor 1/sigma^2, known
-    only after the sums."""
+    only after the sums. With free bits the KL is sum_k max(C_k, N free_bits),
+    scaled, from the kernel's (d,) column sums (torch ops, no host sync)."""
     base = "mse" if recon == "gaussian" else "l1"
-    _, err_rows, kl_rows, grad_x_hat, grad_mu, grad_logvar, grad_obs, grad_pm, grad_plv = \
-        _launch(x_hat, x, mu, logvar, base, reduction, clamp_lo, clamp_hi, grad_recon, grad_kl,
-                None, 0.0, per_sample_values=True, prior=prior, grad_prior=grad_prior)
+    (_, err_rows, kl_rows, grad_x_hat, grad_mu, grad_logvar, grad_obs, grad_pm, grad_plv,
+     col_sums) = _launch(x_hat, x, mu, logvar, base, reduction, clamp_lo, clamp_hi, grad_recon,
+                         grad_kl, None, 0.0, per_sample_values=True, prior=prior,
+                         grad_prior=grad_prior, free_bits=free_bits)
     rows, inv_scale = _numerics.fitted_recon_rows(err_rows, recon, x_hat.numel())
     if grad_recon:  # mse's gradient is 2 (x_hat - x): the gaussian's is HALF of it / sigma^2
         grad_x_hat.mul_(inv_scale * _numerics.OBS_SCALE[recon][0])
@@ -495,9 +603,14 @@ def _fitted_scale_loss(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
         recon_out, kl_out = rows, kl_rows
     else:
         recon_out = rows.sum() * _numerics.reduction_scale(reduction, batch, x_hat.numel())
-        kl_out = kl_rows.sum() * _numerics.reduction_scale(reduction, batch, mu.numel())
+        kl_scale = _numerics.reduction_scale(reduction, batch, mu.numel())
+        if col_sums is not None:
+            kl_out = torch.clamp_min(col_sums, batch * free_bits).sum() * kl_scale
+        else:
+            kl_out = kl_rows.sum() * kl_scale
     loss = recon_out + (beta_value if beta is None else beta.to(recon_out.dtype)) * kl_out
-    return loss, recon_out, kl_out, grad_x_hat, grad_mu, grad_logvar, grad_obs, grad_pm, grad_plv
+    return (loss, recon_out, kl_out, grad_x_hat, grad_mu, grad_logvar, grad_obs, grad_pm,
+            grad_plv, col_sums)
 
 
 def vae_loss_forward(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
@@ -517,6 +630,13 @@ def _prior_tiles(mu, prior_mu, prior_logvar):
                  else p.expand(mu.shape).contiguous() for p in (prior_mu, prior_logvar))
 
 
+def _prior_tiles_or_none(mu, prior_mu, prior_logvar):
+    """``_prior_tiles``, or None without a prior (a free-bits call against N(0, I))."""
+    if prior_mu is None and prior_logvar is None:
+        return None
+    return _prior_tiles(mu, prior_mu, prior_logvar)
+
+
 def _prior_grads_or_empty(grad_pm, grad_plv, prior_mu, prior_logvar, mu):
     return tuple(g if g is not None and p is not None else (mu if p is None else p).new_empty(0)
                  for g, p in ((grad_pm, prior_mu), (grad_plv, prior_logvar)))
@@ -526,21 +646,21 @@ def vae_loss_forward_with_prior(x_hat, x, mu, logvar, beta, obs_logvar, prior_mu
                                 beta_value, recon, obs_logvar_value, obs_logvar_optimal,
                                 reduction, clamp_lo, clamp_hi, free_bits, grad_recon, grad_kl,
                                 grad_prior):
-    """``vae_loss_forward`` with the KL against N(prior_mu, exp(prior_logvar)), like
-    ``fastvae._torch_impl.vae_loss_forward_with_prior``: nine outputs, the prior's
-    gradients mu-shaped (or empty). One pass, as without a prior. Free bits are not
-    implemented here (they need the per-element batch sums first)."""
-    if free_bits:
-        raise NotImplementedError("the Triton loss kernel does not implement free_bits")
+    """``vae_loss_forward`` with the KL against N(prior_mu, exp(prior_logvar)) (both
+    None: N(0, I)) and free bits, like ``fastvae._torch_impl.vae_loss_forward_with_prior``:
+    nine outputs, the prior's gradients mu-shaped (or empty). One pass, as without a
+    prior; free bits add a pre-pass over the latents (their per-element batch sums)."""
     out = _vae_loss(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
                     obs_logvar_value, obs_logvar_optimal, reduction, clamp_lo, clamp_hi,
-                    grad_recon, grad_kl, _prior_tiles(mu, prior_mu, prior_logvar), grad_prior)
+                    grad_recon, grad_kl, _prior_tiles_or_none(mu, prior_mu, prior_logvar),
+                    grad_prior, free_bits)
     return (*out[:7], *_prior_grads_or_empty(out[7], out[8], prior_mu, prior_logvar, mu))
 
 
 def _vae_loss(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
               obs_logvar_value, obs_logvar_optimal, reduction,
-              clamp_lo, clamp_hi, grad_recon, grad_kl, prior=None, grad_prior=False):
+              clamp_lo, clamp_hi, grad_recon, grad_kl, prior=None, grad_prior=False,
+              free_bits=0.0):
     """Returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar, grad_obs_logvar)
     like ``fastvae._torch_impl.vae_loss_forward``: values in float32, gradients of
     the reduced recon and kl (beta not applied), each in the
@@ -549,7 +669,8 @@ def _vae_loss(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
     with _shared.device_guard(x_hat):
         if obs_logvar_optimal:
             return _fitted_scale_loss(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
-                                      clamp_lo, clamp_hi, grad_recon, grad_kl, prior, grad_prior)
+                                      clamp_lo, clamp_hi, grad_recon, grad_kl, prior, grad_prior,
+                                      free_bits)
         layout = "value"
         if obs_logvar is not None and obs_logvar.numel() == 1:
             layout = "scalar"  # read by the kernel: a learned scalar costs no host sync
@@ -562,7 +683,8 @@ def _vae_loss(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
             obs_logvar = obs_logvar.expand(x_hat.shape).contiguous()
         return _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
                        grad_recon, grad_kl, beta, beta_value, layout, obs_logvar,
-                       obs_logvar_value, prior=prior, grad_prior=grad_prior)
+                       obs_logvar_value, prior=prior, grad_prior=grad_prior,
+                       free_bits=free_bits)
 
 
 def kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
@@ -579,12 +701,11 @@ def kl_forward_with_prior(mu, logvar, prior_mu, prior_logvar, reduction, clamp_l
                           free_bits, want_grad, want_prior_grad):
     """(kl, grad_mu, grad_logvar, grad_prior_mu, grad_prior_logvar) like
     ``fastvae._torch_impl.kl_forward_with_prior``, with the loss kernel's KL programs
-    alone (no free bits)."""
-    if free_bits:
-        raise NotImplementedError("the Triton KL kernel does not implement free_bits")
+    alone (after the column-sum pre-pass, with free bits)."""
     with _shared.device_guard(mu):
         out = _launch(None, None, mu, logvar, "mse", reduction, clamp_lo, clamp_hi, False,
-                      want_grad, None, 0.0, prior=_prior_tiles(mu, prior_mu, prior_logvar),
-                      grad_prior=want_prior_grad)
+                      want_grad, None, 0.0,
+                      prior=_prior_tiles_or_none(mu, prior_mu, prior_logvar),
+                      grad_prior=want_prior_grad, free_bits=free_bits)
     return (out[2], out[4], out[5],
             *_prior_grads_or_empty(out[7], out[8], prior_mu, prior_logvar, mu))

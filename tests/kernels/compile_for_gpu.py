@@ -134,6 +134,34 @@ def variants():
                 fastvae.kl_divergence(mu, mu, reduction=reduction, prior_mu=prior_mu,
                                       prior_logvar=prior_logvar).sum().backward()
         yield f"KL against a prior {dtype} {prior} clamp={clamp}", with_prior
+    for dtype, prior, clamp in itertools.product(dtypes, ("none", "learned"),
+                                                 (None, (-8.0, 8.0))):
+        def free_bits(dtype=dtype, prior=prior, clamp=clamp):
+            # the column-sum pre-pass, the loss/KL pass with FREE_BITS, the finish with
+            # FREE_BITS; a long latent without a prior (pre-pass tiles of 16 columns)
+            batch, latent = (64, 512) if prior == "none" else (4, 16)
+            x_hat = torch.rand(batch, 784, dtype=dtype, requires_grad=True)
+            x = torch.rand(batch, 784, dtype=dtype)
+            mu = torch.randn(batch, latent, dtype=dtype, requires_grad=True)
+            logvar = torch.randn(batch, latent, dtype=dtype, requires_grad=True)
+            pm = plv = None
+            if prior == "learned":
+                pm = torch.zeros(latent, requires_grad=True)
+                plv = torch.zeros(latent, dtype=dtype, requires_grad=True)
+            for reduction in ("sum", "mean"):
+                out = fastvae.vae_loss(x_hat, x, mu, logvar, reduction=reduction, free_bits=0.1,
+                                       logvar_clamp=clamp, prior_mu=pm, prior_logvar=plv)
+                (out * 2.0).backward()
+                fastvae.kl_divergence(mu, logvar, reduction=reduction, free_bits=0.1,
+                                      logvar_clamp=clamp, prior_mu=pm,
+                                      prior_logvar=plv).backward()
+            out = fastvae.vae_loss(x_hat, x, mu, logvar, recon="gaussian", obs_logvar="optimal",
+                                   free_bits=0.1, prior_mu=pm, prior_logvar=plv)
+            out.backward()
+            with torch.no_grad():  # eval: no gradient written
+                fastvae.vae_loss(x_hat, x, mu, logvar, free_bits=0.1, prior_mu=pm,
+                                 prior_logvar=plv)
+        yield f"free bits {dtype} prior={prior} clamp={clamp}", free_bits
     for batch, cols, latent in ((1, 777, 3), (64, 784, 20), (2, 3 * 256 * 256, 4 * 32 * 32)):
         def shapes(batch=batch, cols=cols, latent=latent):
             x_hat = torch.rand(batch, cols, requires_grad=True)
