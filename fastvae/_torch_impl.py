@@ -843,7 +843,13 @@ def kl_with_prior(mu, logvar, prior_mu, prior_logvar, reduction, lo, hi, free_bi
             g_lv.mul_(_unclamped_mask(_as(logvar, dtype), lo, hi))
     else:
         g_mu = None
-    return kl, g_mu, g_lv, g_pm, g_plv
+    # contiguous whatever mu's layout (channels_last, transposed): the fake implementations
+    # promise it, and compiled graphs are built on their strides
+    return kl, _dense(g_mu), _dense(g_lv), _dense(g_pm), _dense(g_plv)
+
+
+def _dense(t):
+    return None if t is None else t.contiguous()
 
 
 def _empty_unless(grad, like):
@@ -908,7 +914,7 @@ def reparameterize_forward_with_prior(mu, logvar, prior_mu, prior_logvar, seed, 
         z = torch.addcmul(_as(mu, dtype), eps, std)
     else:
         z = torch.addcmul(_as(mu, dtype), eps, std, out=eps)
-    z = _as(z, torch.promote_types(mu.dtype, logvar.dtype))
+    z = _dense(_as(z, torch.promote_types(mu.dtype, logvar.dtype)))  # (as the fake promises)
     if not with_kl:
         return z, mu.new_empty(0, dtype=dtype)
     terms = _prior_kl_terms(mu, logvar, prior_mu, prior_logvar, clamp_lo, clamp_hi, dtype)[0]
@@ -958,4 +964,5 @@ def reparameterize_backward_with_prior(grad_z, grad_kl, mu, logvar, prior_mu, pr
     if g_plv is None:
         g_plv = (mu if prior_logvar is None else prior_logvar).new_zeros(
             0 if prior_logvar is None else prior_logvar.shape)
-    return _as(grad_mu, mu.dtype), _as(grad_logvar, logvar.dtype), g_pm, g_plv
+    return (_dense(_as(grad_mu, mu.dtype)), _dense(_as(grad_logvar, logvar.dtype)), _dense(g_pm),
+            _dense(g_plv))

@@ -204,3 +204,32 @@ def test_loss_inputs_and_outputs_are_named_in_the_ops_order():
     torch.testing.assert_close(named.grad_x_hat, 2 * (x_hat.detach() - x))
     torch.testing.assert_close(named.grad_mu, mu.detach())
     torch.testing.assert_close(named.grad_logvar, 0.5 * torch.expm1(logvar.detach()))
+
+
+@pytest.mark.parametrize("options", ["prior", "free_bits", "num_samples"])
+def test_kl_controls_keep_the_fake_strides_for_channels_last_latents(device, options):
+    """Free bits, a prior and several samples return contiguous results whatever the latents'
+    layout, as the fake implementations promise (Inductor asserts the strides it was promised)."""
+    _, mu, logvar = channels_last_latents(device)  # halves of a channels_last tensor: not dense
+    if options == "free_bits":  # dense channels_last latents
+        mu, logvar = (t.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+                      for t in (mu, logvar))
+    prior = torch.randn(4, 1, 1, device=device, requires_grad=True) if options == "prior" else None
+    free_bits = 0.2 if options == "free_bits" else 0.0
+    x_hat = torch.randn(3, 2, 4, 4, device=device, requires_grad=True)
+    x = torch.rand(3, 2, 4, 4, device=device)
+    torch.library.opcheck(ops.kl_divergence_op, (mu, logvar, prior, prior, "sum", None, None, free_bits,
+                                                 True, prior is not None))
+    torch.library.opcheck(ops.vae_loss_op, ops.LossInputs(
+        x_hat, x, mu, logvar, None, None, prior, prior, 1.0, "mse", 0.0, False, "sum", None, None,
+        free_bits, True, True, prior is not None))
+    if options != "free_bits":
+        samples = 2 if options == "num_samples" else 0
+        seed = torch.tensor([7])
+        torch.library.opcheck(ops.reparameterize_op, (mu, logvar, prior, prior, seed, None, None, True,
+                                                      samples))
+        grad_z = torch.randn((samples, 3, 4, 3, 3) if samples else (3, 4, 3, 3), device=device)
+        torch.library.opcheck(ops.reparameterize_backward_op, (
+            grad_z.transpose(-1, -2), torch.randn(3, device=device), mu.detach(), logvar.detach(),
+            None if prior is None else prior.detach(), None if prior is None else prior.detach(), seed,
+            None, None, samples))
