@@ -39,11 +39,7 @@ def reduce_per_sample(per_sample, reduction, scale):
     return total if scale == 1.0 else total * scale
 
 
-def _as(t, dtype):
-    if t.dtype == dtype:
-        return t
-    # .float() parses no arguments: ~1 us less than .to(torch.float32) on a small tensor
-    return t.float() if dtype == torch.float32 else t.to(dtype)
+_as = _numerics.as_dtype
 
 
 def _empty_like_contiguous(t, dtype):
@@ -677,10 +673,10 @@ _kept_noise = {}
 _kept_noise_lock = threading.Lock()
 
 
-def _noise_key(seed, mu, dtype):
+def _noise_key(seed, shape, dtype, device):
     # the seed's value (a CPU int64 tensor or an int): tensors hash by identity, and the
     # backward's saved seed need not be the forward's Python object
-    return (int(seed), tuple(mu.shape), dtype, mu.device)
+    return (int(seed), tuple(shape), dtype, device)
 
 
 def _keep_noise(key, eps):
@@ -710,7 +706,7 @@ def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
         # eps itself is kept, not eps * std: a slot is found by the seed's value, and two
         # calls drawn from the same seed (a reseeded generator) with other logvars must
         # not take each other's std
-        _keep_noise(_noise_key(seed, mu, dtype), eps)
+        _keep_noise(_noise_key(seed, mu.shape, dtype, mu.device), eps)
     else:
         z = torch.addcmul(mu_c, eps, std, out=eps)  # written over eps
     z = _as(z, mu.dtype if mu.dtype == logvar.dtype else torch.promote_types(mu.dtype, logvar.dtype))
@@ -737,7 +733,7 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_h
     lv = _clamped(logvar_c, clamp_lo, clamp_hi)
     half = constant(0.5, dtype, lv.device)
     # eps: the forward's, kept (this call's to write), or drawn again from the seed
-    eps = _take_noise(_noise_key(seed, mu, dtype)) if mu.device.type == "cpu" else None
+    eps = _take_noise(_noise_key(seed, mu.shape, dtype, mu.device)) if mu.device.type == "cpu" else None
     if eps is None:
         eps = standard_normal(seed, mu.shape, dtype, mu.device)
     std = torch.mul(lv, half).exp_()
@@ -910,7 +906,7 @@ def reparameterize_forward_with_prior(mu, logvar, prior_mu, prior_logvar, seed, 
     shape = _noise_shape(mu, num_samples)
     eps = standard_normal(seed, shape, dtype, mu.device)
     if mu.device.type == "cpu" and (mu.requires_grad or logvar.requires_grad):
-        _keep_noise(_noise_key(seed, eps, dtype), eps)
+        _keep_noise(_noise_key(seed, shape, dtype, mu.device), eps)
         z = torch.addcmul(_as(mu, dtype), eps, std)
     else:
         z = torch.addcmul(_as(mu, dtype), eps, std, out=eps)
@@ -933,7 +929,7 @@ def reparameterize_backward_with_prior(grad_z, grad_kl, mu, logvar, prior_mu, pr
     shape = _noise_shape(mu, num_samples)
     eps = None
     if mu.device.type == "cpu":
-        eps = _take_noise((int(seed), shape, dtype, mu.device))
+        eps = _take_noise(_noise_key(seed, shape, dtype, mu.device))
     if eps is None:
         eps = standard_normal(seed, shape, dtype, mu.device)
     g_z = _as(grad_z, dtype)

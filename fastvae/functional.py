@@ -86,23 +86,23 @@ def vae_loss(x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, recon: str
     if torch.onnx.is_in_onnx_export():
         parts = _vae_loss_formula(x_hat, x, mu, logvar, recon, beta, reduction, lo, hi,
                                   obs_logvar, prior_mu, prior_logvar, free_bits)
-    else:
-        grad_enabled = torch.is_grad_enabled()
-        grad_recon = grad_enabled and (x_hat.requires_grad or x.requires_grad
-                                       or (obs_t is not None and obs_t.requires_grad))
-        grad_prior = grad_enabled and (
-            (prior_mu is not None and prior_mu.requires_grad)
-            or (prior_logvar is not None and prior_logvar.requires_grad))
-        outputs = ops.vae_loss(
-            x_hat, x, mu, logvar, beta_t, obs_t, prior_mu, prior_logvar, beta_v, recon, obs_v,
-            obs_optimal, reduction, lo, hi, free_bits, grad_recon,
-            grad_enabled and (mu.requires_grad or logvar.requires_grad), grad_prior)
-        return LossParts(*outputs[:3]) if return_parts else outputs[0]
-    return parts if return_parts else parts.loss
+        return parts if return_parts else parts.loss
+    # (requires_grad read inline, not through _needs_grad: a measurable us per call)
+    grad_enabled = torch.is_grad_enabled()
+    grad_recon = grad_enabled and (x_hat.requires_grad or x.requires_grad
+                                   or (obs_t is not None and obs_t.requires_grad))
+    outputs = ops.vae_loss(
+        x_hat, x, mu, logvar, beta_t, obs_t, prior_mu, prior_logvar, beta_v, recon, obs_v,
+        obs_optimal, reduction, lo, hi, free_bits, grad_recon,
+        grad_enabled and (mu.requires_grad or logvar.requires_grad),
+        _prior_needs_grad(prior_mu, prior_logvar))
+    return LossParts(*outputs[:3]) if return_parts else outputs[0]
 
 
 def _prior_needs_grad(prior_mu, prior_logvar):
-    return _needs_grad(*(p for p in (prior_mu, prior_logvar) if p is not None))
+    return torch.is_grad_enabled() and (
+        (prior_mu is not None and prior_mu.requires_grad)
+        or (prior_logvar is not None and prior_logvar.requires_grad))
 
 
 def kl_divergence(mu: Tensor, logvar: Tensor, *, reduction: str = "sum",

@@ -233,11 +233,6 @@ def _vae_loss_setup(ctx, inputs, output):
                                     for p in (prior_mu, prior_logvar))
 
 
-def _in_dtype(t, dtype):
-    """``t.to(dtype)`` without the call (a few us on a small tensor) when it has it already."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _sum_present(*grads):
     """Sum of the output gradients autograd passed; None (output unused) counts as zero."""
     present = [g for g in grads if g is not None]
@@ -287,13 +282,13 @@ def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_grad_buffers):
         # summed over obs_logvar's broadcast dims
         grad_obs = scaled_obs.sum_to_size(obs_shape).to(obs_dtype)
     if x_from_xhat:
-        grad_x = _in_dtype(scaled_xhat.neg(), x_dtype)
+        grad_x = _numerics.as_dtype(scaled_xhat.neg(), x_dtype)
     if need_xhat:
-        grad_xhat = _in_dtype(scaled_xhat, xhat_dtype)
+        grad_xhat = _numerics.as_dtype(scaled_xhat, xhat_dtype)
     if need_mu:
-        grad_mu = _in_dtype(scaled_mu, mu_dtype)
+        grad_mu = _numerics.as_dtype(scaled_mu, mu_dtype)
     if need_lv:
-        grad_lv = _in_dtype(scaled_lv, lv_dtype)
+        grad_lv = _numerics.as_dtype(scaled_lv, lv_dtype)
     return (grad_xhat, grad_x, grad_mu, grad_lv, grad_beta, grad_obs, grad_pm,
             grad_plv) + _NO_GRADS_FOR_LOSS_OPTIONS
 
@@ -306,7 +301,7 @@ def _prior_grads(ctx, w_kl, buffers, needed):
         return None, None
     scaled = scale_gradients(ctx, wanted)
     return tuple(None if s is None or shape_dtype is None
-                 else _in_dtype(s.sum_to_size(shape_dtype[0]), shape_dtype[1])
+                 else _numerics.as_dtype(s.sum_to_size(shape_dtype[0]), shape_dtype[1])
                  for s, shape_dtype in zip(scaled, ctx.prior_shapes_dtypes))
 
 
@@ -400,8 +395,8 @@ def _kl_backward(ctx, g_kl, *_grad_buffers):
     grad_pm, grad_plv = _prior_grads(ctx, g_kl, (g_pm, g_plv), (need_pm, need_plv))
     scaled_mu, scaled_lv = scale_gradients(ctx, [(g_mu, g_kl) if need_mu else None,
                                                  (g_lv, g_kl) if need_lv else None])
-    return (_in_dtype(scaled_mu, mu_dtype) if need_mu else None,
-            _in_dtype(scaled_lv, lv_dtype) if need_lv else None,
+    return (_numerics.as_dtype(scaled_mu, mu_dtype) if need_mu else None,
+            _numerics.as_dtype(scaled_lv, lv_dtype) if need_lv else None,
             grad_pm, grad_plv) + _NO_GRADS_FOR_KL_OPTIONS
 
 
