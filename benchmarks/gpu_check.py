@@ -341,6 +341,20 @@ def check_determinism(run, device):
     same = all(torch.equal(a, b) for a, b in zip(*draws))
     run.record("determinism sample_and_kl 4096x512", same,
                "bitwise equal" if same else "two runs differ")
+    # The second stage runs in the program that draws the last ticket, reading the
+    # other programs' partials: a missed memory ordering would show as a rare wrong
+    # value. Many launches, many programs each, every result bitwise equal to the first.
+    calls = 300
+    first = fastvae.kl_divergence(mu, logvar, reduction="none")
+    rows_differ = sum(not torch.equal(fastvae.kl_divergence(mu, logvar, reduction="none"), first)
+                      for _ in range(calls))
+    x_hat, x = torch.rand(64, 3 * 64 * 64, device=device), torch.rand(64, 3 * 64 * 64, device=device)
+    first = fastvae.vae_loss(x_hat, x, mu[:64], logvar[:64])
+    totals_differ = sum(not torch.equal(fastvae.vae_loss(x_hat, x, mu[:64], logvar[:64]), first)
+                        for _ in range(calls))
+    run.record(f"last-program finish, {calls} launches x 2", rows_differ + totals_differ == 0,
+               f"{rows_differ} per-sample KL and {totals_differ} loss results differed "
+               "from the first")
 
 
 def check_past_2_to_31(run, device):

@@ -5,9 +5,10 @@ checks.
 Two-stage reduction. A per-sample sum (one row of a (N, D) view) is split over
 ``chunks`` column chunks; the program for (row block b, chunk c) writes, for each
 row n of its block, the float32 sum of its chunk of row n to
-``partials[n * chunks + c]`` (no atomics). ``_finish_rows_kernel``
-then adds each row's partials and the rows themselves in one fixed order, so
-the same inputs and sizes give bitwise-equal results on every run.
+``partials[n * chunks + c]`` (no atomics on the sums). The program that finishes
+last (``take_ticket``) then adds each row's partials and the rows themselves in
+one fixed order (``finish_rows``), in the same launch, so the same inputs and
+sizes give bitwise-equal results on every run.
 """
 
 import contextlib
@@ -135,6 +136,36 @@ def prior_kl_terms(mu, logvar, prior_mu, prior_logvar, clamp_lo, clamp_hi,
 
 
 # ---- second stage of the reduction ---------------------------------------
+#
+# The program that stores its partials last runs the second stage, in the same
+# launch: each program, once its partials are stored, takes a ticket from a
+# zeroed int32 counter (an atomic add, acquire-release at GPU scope); the one
+# that draws ``programs - 1`` knows every other partial is visible to it and
+# sums them all in one fixed order. Which program that is does not matter: the
+# order of the sums is fixed, so the result is bitwise the same on every run.
+# (CUDA's threadFenceReduction sample and CUB's single-pass reductions use this
+# pattern.) One launch instead of two: the host time of a call is what a user
+# of small and mid-size tensors waits for.
+
+
+def new_ticket_counter(device):
+    """A zeroed int32 counter for ``take_ticket``, one per launch (a CUDA graph
+    captures its zeroing with the launch, so every replay starts from 0)."""
+    return torch.zeros((), dtype=torch.int32, device=device)
+
+
+@triton.jit
+def take_ticket(counter_ptr):
+    """This program's place in the order in which the programs finished their
+    partials: 0 for the first, ``tl.num_programs(0) - 1`` for the last. Call it
+    once per program, after the program's last store of partials.
+
+    counter_ptr: int32 (), zeroed before the launch.
+    """
+    # every thread of this program has stored its share of the partials before
+    # the one atomic (executed once for the program) releases them
+    tl.debug_barrier()
+    return tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu")
 
 
 @triton.jit
@@ -147,18 +178,20 @@ def _row_sums(
     BLOCK_ROWS: tl.constexpr,  # rows per block (a power of two)
     BLOCK_CHUNKS: tl.constexpr,  # chunks read per iteration (a power of two)
 ):
-    """sum_c partials[base + row * chunks + c] for each row, float32 (BLOCK_ROWS,)."""
+    """sum_c partials[base + row * chunks + c] for each row, float32 (BLOCK_ROWS,).
+    The loads are volatile: the partials were written by other programs of the
+    same launch, and must be read from the GPU's L2, never from a stale L1 line."""
     acc = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
     for c0 in range(0, chunks, BLOCK_CHUNKS):
         cols = c0 + tl.arange(0, BLOCK_CHUNKS)
         offs = base + rows[:, None] * chunks + cols[None, :]
         mask = row_mask[:, None] & (cols[None, :] < chunks)
-        acc += tl.sum(tl.load(partials_ptr + offs, mask=mask, other=0.0), axis=1)
+        acc += tl.sum(tl.load(partials_ptr + offs, mask=mask, other=0.0, volatile=True), axis=1)
     return acc
 
 
 @triton.jit
-def _finish_rows_kernel(
+def finish_rows(
     partials_ptr,  # float32: stage 1's per-(row, chunk) sums, recon's then the KL's
     loss_ptr,  # float32 (N,) or (), out: the loss (HAS_RECON)
     recon_ptr,  # float32 (N,) or (), out: the reconstruction term (HAS_RECON)
@@ -180,9 +213,11 @@ def _finish_rows_kernel(
     FREE_BITS: tl.constexpr,  # the KL from the floored column sums, not from the KL partials
     BLOCK_ROWS: tl.constexpr,  # rows per iteration (a power of two)
     BLOCK_RECON: tl.constexpr,  # recon chunks read per iteration (a power of two)
-    BLOCK_KL: tl.constexpr,  # KL chunks (or, FREE_BITS, column sums) read per iteration
+    BLOCK_KL: tl.constexpr,  # KL chunks read per iteration (a power of two)
+    BLOCK_COLS: tl.constexpr,  # column sums read per iteration (FREE_BITS; a power of two)
 ):
-    """Stage 2, one program, in a fixed order (bitwise reproducible):
+    """Stage 2, run by the last program of stage 1's launch, in a fixed order
+    (bitwise reproducible):
 
         recon[n] = sum_c partials[n * recon_chunks + c]
         kl[n]    = sum_c partials[kl_base + n * kl_chunks + c]
@@ -201,7 +236,7 @@ def _finish_rows_kernel(
     recon_total = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
     kl_total = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
     for r0 in range(0, rows_total, BLOCK_ROWS):
-        rows = r0 + tl.arange(0, BLOCK_ROWS)
+        rows = r0 + tl.arange(0, BLOCK_ROWS).to(tl.int64)
         row_mask = rows < rows_total
         if not FREE_BITS:
             kl_rows = _row_sums(partials_ptr, rows, row_mask, kl_base, kl_chunks,
@@ -221,9 +256,10 @@ def _finish_rows_kernel(
                 recon_total += recon_rows
     if not PER_SAMPLE:
         if FREE_BITS:
-            floored = tl.zeros((BLOCK_KL,), dtype=tl.float32)
-            for c0 in range(0, kl_cols, BLOCK_KL):
-                cols = c0 + tl.arange(0, BLOCK_KL)
+            # (written by the pre-pass, an earlier launch: plain loads)
+            floored = tl.zeros((BLOCK_COLS,), dtype=tl.float32)
+            for c0 in range(0, kl_cols, BLOCK_COLS):
+                cols = c0 + tl.arange(0, BLOCK_COLS)
                 col_mask = cols < kl_cols
                 sums = tl.load(col_sums_ptr + cols, mask=col_mask, other=0.0)
                 floored += tl.where(col_mask, clamp_min(sums, free_bits_floor), 0.0)
@@ -237,33 +273,24 @@ def _finish_rows_kernel(
             tl.store(loss_ptr, recon_out + beta * kl_out)
 
 
-def finish_rows(partials, rows, kl_chunks, kl_base, kl_scale, kl_out, *,
-                recon_chunks=0, recon_scale=1.0, recon_out=None, loss_out=None,
-                beta=None, beta_value=0.0, per_sample, col_sums=None, free_bits_floor=0.0):
-    """Launch the second stage (one program) on ``partials``. ``col_sums``: the
-    (d,) batch sums of the KL per latent element, for free bits (the KL is then
-    kl_scale sum_k max(col_sums[k], free_bits_floor))."""
-    has_recon = recon_out is not None
-    free_bits = col_sums is not None
-    block_rows = min(triton.next_power_of_2(rows), 64 if is_interpreted() else 128)
-    kl_cols = col_sums.numel() if free_bits else 0
-    # KL values read per iteration: chunk partials per row, or (free bits) column sums
-    kl_block = min(triton.next_power_of_2(max(kl_cols, 1)), 1024) if free_bits else \
-        min(triton.next_power_of_2(max(kl_chunks, 1)), 64)
-    _finish_rows_kernel[(1,)](
-        partials,
-        loss_out if has_recon else kl_out, recon_out if has_recon else kl_out, kl_out,
-        beta if beta is not None else kl_out,
-        float(beta_value), rows, recon_chunks, kl_chunks, kl_base,
-        float(recon_scale), float(kl_scale),
-        col_sums if free_bits else partials, kl_cols, float(free_bits_floor),
-        HAS_RECON=has_recon, BETA_FROM_PTR=beta is not None, PER_SAMPLE=per_sample,
-        FREE_BITS=free_bits,
-        BLOCK_ROWS=block_rows,
-        BLOCK_RECON=min(triton.next_power_of_2(max(recon_chunks, 1)), 64),
-        BLOCK_KL=kl_block,
-        num_warps=4,
-    )
+class FinishBlocks(NamedTuple):
+    """``finish_rows``'s block sizes, small enough that the second stage, inlined
+    in the stage-1 kernel, does not raise its register count (each iteration
+    holds at most 32 x 32 partials)."""
+
+    rows: int
+    recon: int
+    kl: int
+    cols: int
+
+
+def finish_blocks(rows, recon_chunks, kl_chunks, kl_cols=0):
+    """The FinishBlocks for N = ``rows`` and the given partials per row (and
+    ``kl_cols`` column sums, with free bits)."""
+    return FinishBlocks(rows=min(triton.next_power_of_2(max(rows, 1)), 32),
+                        recon=min(triton.next_power_of_2(max(recon_chunks, 1)), 32),
+                        kl=min(triton.next_power_of_2(max(kl_chunks, 1)), 32),
+                        cols=min(triton.next_power_of_2(max(kl_cols, 1)), 1024))
 
 
 # ---- launch sizes --------------------------------------------------------

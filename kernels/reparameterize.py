@@ -21,7 +21,8 @@ int passed at launch): on a GPU it is drawn on the device, so a captured CUDA
 graph draws a fresh seed and fresh noise on every replay. eps is regenerated
 from (seed, i) in the backward, so nothing noise-sized is saved. Since eps
 depends only on the element index, z does not depend on the tile sizes. The
-per-sample KL uses the two-stage reduction of ``_shared``.
+per-sample KL uses the two-stage reduction of ``_shared``, both stages in the
+one launch.
 """
 
 import torch
@@ -86,12 +87,16 @@ def _reparameterize_kernel(
     chunks,  # column chunks per row block
     clamp_lo,  # float32: lower logvar clamp (HAS_CLAMP)
     clamp_hi,  # float32: upper logvar clamp (HAS_CLAMP)
+    counter_ptr,  # int32 (), zeroed: the ticket counter that elects the finishing program (WITH_KL)
+    kl_ptr,  # float32 (N,), out: the per-sample KL (WITH_KL)
     HAS_CLAMP: tl.constexpr,  # clamp logvar to [clamp_lo, clamp_hi]
-    WITH_KL: tl.constexpr,  # also write the KL partial sums
+    WITH_KL: tl.constexpr,  # also the per-sample KL
     HAS_PRIOR: tl.constexpr,  # the KL against N(prior_mu, exp(prior_logvar))
     BLOCK: tl.constexpr,  # columns per iteration (a power of two)
     ROWS: tl.constexpr,  # rows per tile (a power of two)
     ITERS: tl.constexpr,  # column blocks per tile
+    FINISH_ROWS: tl.constexpr,  # the KL's second stage: rows per iteration (WITH_KL)
+    FINISH_KL: tl.constexpr,  # the KL's second stage: partials per row read at once (WITH_KL)
 ):
     """The forward, one tile per program, i = n * d + k the flat element index:
 
@@ -101,6 +106,7 @@ def _reparameterize_kernel(
         z[s, i]   = mu[i] + exp(lv[i] / 2) eps[s, i],  lv = clamp(logvar, lo, hi)
         partials[n * chunks + c] = sum_{k in chunk c} 1/2 (mu^2 + exp(lv) - 1 - lv)   (WITH_KL)
                                    (against the prior: _shared.prior_kl_terms)
+        kl[n] = sum_c partials[n * chunks + c]  (WITH_KL; by the program that finishes last)
     """
     seed = tl.load(seed_ptr)
     pid = tl.program_id(0).to(tl.int64)
@@ -130,6 +136,12 @@ def _reparameterize_kernel(
         rows = (pid // chunks) * ROWS + tl.arange(0, ROWS).to(tl.int64)
         tl.store(partials_ptr + rows * chunks + pid % chunks, tl.sum(acc, axis=1),
                  mask=rows < n_rows)
+        if _shared.take_ticket(counter_ptr) == tl.num_programs(0) - 1:
+            _shared.finish_rows(
+                partials_ptr, kl_ptr, kl_ptr, kl_ptr, kl_ptr, 0.0, n_rows, 0, chunks, 0,
+                1.0, 1.0, kl_ptr, 0, 0.0,
+                False, False, True, False,  # HAS_RECON, BETA_FROM_PTR, PER_SAMPLE, FREE_BITS
+                FINISH_ROWS, 1, FINISH_KL, 1)
 
 
 @triton.jit
@@ -262,15 +274,16 @@ def reparameterize_forward_with_prior(mu, logvar, prior_mu, prior_logvar, seed, 
         lo, hi, has_clamp = _clamp_arguments(clamp_lo, clamp_hi)
         has_prior = with_kl and (prior_mu is not None or prior_logvar is not None)
         prior = _prior_tiles(mu, prior_mu, prior_logvar) if has_prior else (mu, mu)
+        kl = torch.empty((batch,) if with_kl else (0,), dtype=torch.float32, device=device)
+        finish = _shared.finish_blocks(batch, 0, split.chunks)
         _reparameterize_kernel[(split.programs,)](
             mu, logvar, z, partials, _seed_on(seed, device), *prior, batch, cols, mu.numel(),
             max(1, num_samples), split.chunks, lo, hi,
+            _shared.new_ticket_counter(device) if with_kl else partials, kl,
             HAS_CLAMP=has_clamp, WITH_KL=bool(with_kl), HAS_PRIOR=has_prior,
-            BLOCK=split.block, ROWS=split.rows, ITERS=split.iters, num_warps=split.num_warps,
+            BLOCK=split.block, ROWS=split.rows, ITERS=split.iters,
+            FINISH_ROWS=finish.rows, FINISH_KL=finish.kl, num_warps=split.num_warps,
         )
-        kl = torch.empty((batch,) if with_kl else (0,), dtype=torch.float32, device=device)
-        if with_kl:
-            _shared.finish_rows(partials, batch, split.chunks, 0, 1.0, kl, per_sample=True)
     return z, kl
 
 

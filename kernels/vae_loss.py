@@ -40,9 +40,9 @@ the gradients it writes; the second stage takes the KL from C.
 
 Programs: the recon view is cut into tiles (a few rows when rows are short,
 column chunks when they are long), then the KL view; all in one 1-D grid.
-Each program writes one float32 partial sum per row it covers;
-``_shared.finish_rows`` adds them in a fixed order (two-stage, deterministic,
-no atomics).
+Each program writes one float32 partial sum per row it covers; the program
+that finishes last adds them in a fixed order (``_shared.finish_rows``: two
+stages in one launch, deterministic, no atomic adds of values).
 """
 
 import torch
@@ -351,6 +351,12 @@ def _vae_loss_partials_kernel(
     grad_prior_logvar_ptr,  # (N, d), out: d kl/d prior_logvar (WRITE_PRIOR_GRAD)
     col_sums_ptr,  # float32 (d,): the KL of each latent element summed over the batch (FREE_BITS)
     free_bits_floor,  # float32: N * free_bits, below which a column's gradient is 0 (FREE_BITS)
+    counter_ptr,  # int32 (), zeroed: the ticket counter that elects the finishing program
+    loss_ptr,  # float32 (N,) or (), out: the loss (HAS_RECON)
+    recon_ptr,  # float32 (N,) or (), out: the reconstruction term (HAS_RECON)
+    kl_ptr,  # float32 (N,) or (), out: the KL
+    beta_ptr,  # 0-dim beta on the device, read when BETA_FROM_PTR
+    beta_value,  # float32: beta when it is not read from beta_ptr
     RECON: tl.constexpr,  # the reconstruction term's name (RECON_KINDS)
     OBS_LOGVAR: tl.constexpr,  # where s is (OBS_LOGVAR_LAYOUTS)
     WRITE_OBS_GRAD: tl.constexpr,  # write grad_obs_logvar
@@ -368,8 +374,15 @@ def _vae_loss_partials_kernel(
     KL_BLOCK: tl.constexpr,  # KL columns per iteration
     KL_ROWS: tl.constexpr,  # KL rows per tile
     KL_ITERS: tl.constexpr,  # KL column blocks per tile
+    HAS_RECON: tl.constexpr,  # a loss; False: the KL alone (recon_programs = 0)
+    BETA_FROM_PTR: tl.constexpr,  # read beta from beta_ptr (a tensor beta)
+    PER_SAMPLE: tl.constexpr,  # write (N,) values (reduction "none", or asked for)
+    FINISH_ROWS: tl.constexpr,  # the second stage: rows per iteration (_shared.FinishBlocks)
+    FINISH_RECON: tl.constexpr,  # the second stage: recon partials per row read at once
+    FINISH_KL: tl.constexpr,  # the second stage: KL partials per row read at once
+    FINISH_COLS: tl.constexpr,  # the second stage: column sums read at once (FREE_BITS)
 ):
-    """Stage 1 of the loss: per-(row, chunk) partial sums of
+    """Both stages of the loss, one launch. Stage 1: per-(row, chunk) partial sums of
 
         recon[n] = sum_j r(x_hat[n, j], x[n, j])        (``_recon_terms``)
         kl[n]    = sum_k 1/2 (mu^2 + exp(lv) - 1 - lv),  lv = clamp(logvar, lo, hi)
@@ -378,7 +391,8 @@ def _vae_loss_partials_kernel(
     Programs [0, recon_programs) each reduce one recon tile, the others one KL
     tile. (The two tiles live in separate functions: a variable assigned in both
     branches of a runtime ``if`` must have one type in compiled Triton, which the
-    interpreter does not check.)"""
+    interpreter does not check.) Stage 2: the program that stores its partials
+    last sums them in a fixed order into the values (``_shared.finish_rows``)."""
     pid = tl.program_id(0).to(tl.int64)
     if pid < recon_programs:  # never true for the KL-only op (recon_programs = 0)
         _recon_partials(pid, x_hat_ptr, x_ptr, grad_x_hat_ptr, obs_logvar_ptr,
@@ -394,6 +408,13 @@ def _vae_loss_partials_kernel(
                      grad_prior_logvar_ptr, col_sums_ptr, free_bits_floor, HAS_CLAMP,
                      WRITE_KL_GRAD, HAS_PRIOR, WRITE_PRIOR_GRAD, FREE_BITS,
                      KL_BLOCK, KL_ROWS, KL_ITERS)
+    if _shared.take_ticket(counter_ptr) == tl.num_programs(0) - 1:
+        _shared.finish_rows(
+            partials_ptr, loss_ptr, recon_ptr, kl_ptr, beta_ptr, beta_value, n_rows,
+            recon_chunks, kl_chunks, kl_base, recon_grad_scale, kl_grad_scale,
+            col_sums_ptr, kl_cols, free_bits_floor,
+            HAS_RECON, BETA_FROM_PTR, PER_SAMPLE, FREE_BITS and not PER_SAMPLE,
+            FINISH_ROWS, FINISH_RECON, FINISH_KL, FINISH_COLS)
 
 
 @triton.jit
@@ -538,6 +559,16 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
         grad_pm, grad_plv = (torch.empty(mu.shape, device=device,
                                          dtype=_numerics.grad_buffer_dtype(p.dtype))
                              for p in prior)
+    per_sample = reduction == "none" or per_sample_values
+    out_shape = (batch,) if per_sample else ()
+    new_value = lambda: torch.empty(out_shape, dtype=torch.float32, device=device)  # noqa: E731
+    kl_out = new_value()
+    loss_out = recon_out = beta_ptr = None
+    if has_recon:
+        loss_out, recon_out = new_value(), new_value()
+        beta_ptr, beta_value = _beta_arguments(beta, beta_value, device)
+    finish = _shared.finish_blocks(batch, r_split.chunks if has_recon else 0, kl_split.chunks,
+                                   kl_cols if col_sums is not None else 0)
     _vae_loss_partials_kernel[(r_split.programs + kl_split.programs,)](
         x_hat if has_recon else mu, x if has_recon else mu, mu, logvar,
         grad_x_hat if grad_recon else partials, grad_mu if grad_kl else partials,
@@ -552,6 +583,9 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
         grad_pm if grad_pm is not None else partials,
         grad_plv if grad_plv is not None else partials,
         col_sums if col_sums is not None else partials, free_bits_floor,
+        _shared.new_ticket_counter(device),
+        loss_out if has_recon else kl_out, recon_out if has_recon else kl_out, kl_out,
+        beta_ptr if beta_ptr is not None else kl_out, float(beta_value),
         RECON=recon if has_recon else "mse",  # the KL-only op runs no recon tile
         OBS_LOGVAR=obs_layout, WRITE_OBS_GRAD=write_obs_grad,
         BCE_LOG_FLOOR=_numerics.BCE_LOG_FLOOR, BCE_GRAD_EPS=_numerics.BCE_GRAD_EPS,
@@ -561,23 +595,11 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
         FREE_BITS=col_sums is not None,
         RECON_BLOCK=r_split.block, RECON_ROWS=r_split.rows, RECON_ITERS=r_split.iters,
         KL_BLOCK=kl_split.block, KL_ROWS=kl_split.rows, KL_ITERS=kl_split.iters,
+        HAS_RECON=has_recon, BETA_FROM_PTR=beta_ptr is not None, PER_SAMPLE=per_sample,
+        FINISH_ROWS=finish.rows, FINISH_RECON=finish.recon, FINISH_KL=finish.kl,
+        FINISH_COLS=finish.cols,
         num_warps=max(r_split.num_warps, kl_split.num_warps),
     )
-
-    per_sample = reduction == "none" or per_sample_values
-    out_shape = (batch,) if per_sample else ()
-    new_value = lambda: torch.empty(out_shape, dtype=torch.float32, device=device)  # noqa: E731
-    kl_out = new_value()
-    loss_out = recon_out = beta_ptr = None
-    if has_recon:
-        loss_out, recon_out = new_value(), new_value()
-        beta_ptr, beta_value = _beta_arguments(beta, beta_value, device)
-    _shared.finish_rows(
-        partials, batch, kl_split.chunks, kl_base, kl_scale, kl_out,
-        recon_chunks=r_split.chunks if has_recon else 0, recon_scale=recon_scale,
-        recon_out=recon_out, loss_out=loss_out, beta=beta_ptr, beta_value=beta_value,
-        per_sample=per_sample, col_sums=None if per_sample else col_sums,
-        free_bits_floor=free_bits_floor)
     return (loss_out, recon_out, kl_out, grad_x_hat, grad_mu, grad_logvar, grad_obs, grad_pm,
             grad_plv, col_sums)
 
