@@ -284,9 +284,11 @@ class FinishBlocks(NamedTuple):
     cols: int
 
 
+@functools.lru_cache(maxsize=256)
 def finish_blocks(rows, recon_chunks, kl_chunks, kl_cols=0):
     """The FinishBlocks for N = ``rows`` and the given partials per row (and
-    ``kl_cols`` column sums, with free bits)."""
+    ``kl_cols`` column sums, with free bits); cached (triton.next_power_of_2
+    costs microseconds a call)."""
     return FinishBlocks(rows=min(triton.next_power_of_2(max(rows, 1)), 32),
                         recon=min(triton.next_power_of_2(max(recon_chunks, 1)), 32),
                         kl=min(triton.next_power_of_2(max(kl_chunks, 1)), 32),

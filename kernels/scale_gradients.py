@@ -8,6 +8,8 @@ A tile whose weights are all exactly 1 (the usual ``loss.backward()``) is left
 untouched, decided on the device: no host sync, no memory traffic.
 """
 
+import functools
+
 import triton
 import triton.language as tl
 
@@ -96,6 +98,32 @@ def _scale_gradients_kernel(
                     PER_SAMPLE2, BLOCK2, ROWS2, ITERS2)
 
 
+def cols_padded(cols):
+    """The three segments' columns per row (1 for the unused ones)."""
+    return cols + (1,) * (3 - len(cols))
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(batch, cols, per_sample, device, forced_split):
+    """(constexpr arguments, programs per segment, chunks per segment) for
+    ``_scale_gradients_kernel``: cached per shapes and layout, so a repeated call
+    derives nothing. ``forced_split``: part of the key (a test's tile caps)."""
+    meta, programs, chunks = {"num_warps": 1}, [], []
+    for k in range(3):
+        if k < len(cols):
+            split = _shared.row_split(batch, cols[k], device)
+            flag = per_sample[k]
+        else:  # an empty segment
+            split = _shared.Split(block=1, rows=1, iters=1, chunks=1, programs=0, num_warps=1)
+            flag = False
+        programs.append(split.programs)
+        chunks.append(split.chunks)
+        meta.update({f"PER_SAMPLE{k}": flag, f"BLOCK{k}": split.block,
+                     f"ROWS{k}": split.rows, f"ITERS{k}": split.iters})
+        meta["num_warps"] = max(meta["num_warps"], split.num_warps)
+    return meta, tuple(programs), tuple(chunks)
+
+
 def scale_gradients_(pairs):
     """Scale up to three gradient buffers that the loss op allocated, in place,
     each by its weight (0-dim, or (N,) for reduction="none"), in one launch.
@@ -111,26 +139,16 @@ def scale_gradients_(pairs):
                              f"or ({batch},) weight; got grad {tuple(g.shape)}, "
                              f"weight {tuple(w.shape)}")
     with _shared.device_guard(grads[0]):
-        batch, device = grads[0].shape[0], grads[0].device
-        args, meta, programs = [], {}, []
-        for k in range(3):
-            if k < len(pairs):
-                grad, weight = pairs[k]
-                cols = grad.numel() // batch
-                split = _shared.row_split(batch, cols, device)
-                weight = weight.contiguous()
-                per_sample = weight.dim() == 1
-            else:  # an empty segment: no programs, any valid pointer
-                grad, weight, cols, per_sample = grads[0], pairs[0][1].contiguous(), 1, False
-                split = _shared.Split(block=1, rows=1, iters=1, chunks=1, programs=0, num_warps=1)
-            args.append((grad, weight, cols, split.chunks))
-            programs.append(split.programs)
-            meta.update({f"PER_SAMPLE{k}": per_sample, f"BLOCK{k}": split.block,
-                         f"ROWS{k}": split.rows, f"ITERS{k}": split.iters})
-            meta["num_warps"] = max(meta.get("num_warps", 1), split.num_warps)
-        (g0, w0, c0, k0), (g1, w1, c1, k1), (g2, w2, c2, k2) = args
-        _scale_gradients_kernel[(sum(programs),)](
-            g0, w0, g1, w1, g2, w2, batch, c0, c1, c2, k0, k1, k2,
+        device = grads[0].device
+        cols = tuple(g.numel() // batch if batch else 0 for g in grads)
+        per_sample = tuple(w.dim() == 1 for _, w in pairs)
+        meta, programs, chunks = _plan(batch, cols, per_sample, device, _shared._forced_split)
+        args = [(g, w.contiguous()) for g, w in pairs]
+        while len(args) < 3:  # an empty segment: no programs, any valid pointer
+            args.append(args[0])
+        (g0, w0), (g1, w1), (g2, w2) = args
+        _scale_gradients_kernel[(programs[0] + programs[1] + programs[2],)](
+            g0, w0, g1, w1, g2, w2, batch, *cols_padded(cols), *chunks,
             programs[0], programs[0] + programs[1], **meta)
     return grads
 
