@@ -1,9 +1,10 @@
-"""One launch per forward (issue 12): the program that stores its partials last
-runs the second stage of the reduction in the same launch (kernels/_shared.py,
-``take_ticket`` and ``finish_rows``), instead of a second kernel.
+"""What a call on the kernels costs the host (issue 12), counted, not timed:
 
-Counted, not timed: the Triton launches of each public call, and the tickets
-the programs of a launch draw.
+- one launch per forward: the program that stores its partials last runs the
+  second stage of the reduction in the same launch (kernels/_shared.py,
+  ``take_ticket`` and ``finish_rows``), instead of a second kernel;
+- a repeated call derives no launch plan again (tile splits, the second
+  stage's blocks, the gradient scaling's plan come from caches).
 """
 
 import pytest
@@ -111,3 +112,26 @@ def test_each_program_draws_a_different_ticket_and_one_finishes(device, programs
     assert sorted(tickets.tolist()) == list(range(programs))
     assert finisher.sum().item() == 1
     assert counter.item() == programs
+
+
+def _plan_cache_misses():
+    from fastvae.kernels import scale_gradients
+
+    return {f.__name__: f.cache_info().misses
+            for f in (_shared._heuristic_split, _shared.finish_blocks, scale_gradients._plan)}
+
+
+@pytest.mark.parametrize("free_bits", [0.0, 0.1])
+def test_a_repeated_call_derives_no_launch_plan(backends, device, free_bits):
+    def every_call(batch):
+        x_hat, x, mu, logvar = _inputs(device, batch=batch)
+        loss = fastvae.vae_loss(x_hat, x, mu, logvar, free_bits=free_bits)
+        z, kl_rows = fastvae.sample_and_kl(mu, logvar)
+        (loss + z.sum() + kl_rows.sum()).backward()
+
+    backends.kernels(every_call, 3)  # first use of these shapes: plans derived here
+    before = _plan_cache_misses()
+    backends.kernels(every_call, 3)
+    assert _plan_cache_misses() == before
+    backends.kernels(every_call, 5)  # new shapes do derive (the check can fail)
+    assert _plan_cache_misses() != before
