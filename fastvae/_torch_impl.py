@@ -522,6 +522,79 @@ def _small_kl(mu, logvar, lo, hi, dtype, reduction, scale, want_grad):
     return value, grad_mu, half_var_m1
 
 
+# ---- small inputs in plain eager mode: the gradients in the backward ------
+#
+# The ops' contract is gradients computed in the forward pass (one pass over
+# large inputs), scaled by grad_output in the backward. At most SMALL_NUMEL
+# elements a call costs its number of ops instead, so fastvae.ops runs plain
+# eager calls there as eager PyTorch would: the values alone in the forward, and
+# in the backward each gradient by one op with grad_output already folded in (no
+# gradient op in a forward whose backward never runs, no scaling op after).
+# Traced graphs (torch.compile, export) keep the custom ops and their contract.
+
+
+def small_eager_applies(x_hat, mu, recon):
+    """Whether this loss (mse / l1 against N(0, I), no obs_logvar or free bits,
+    checked by the caller) is small enough for the backward-computed gradients."""
+    return recon in SMALL_RECONS and x_hat.numel() <= SMALL_NUMEL and mu.numel() <= SMALL_NUMEL
+
+
+def small_kl_value(mu, logvar, lo, hi, dtype, reduction):
+    """(the reduced KL, exp(lv) - 1 in ``dtype`` for the backward)."""
+    mu_c, lv = _as(mu, dtype), _clamped(_as(logvar, dtype), lo, hi)
+    var_m1 = torch.expm1(lv)  # exp(lv) - 1, exact near 0
+    terms = torch.sub(var_m1, lv).addcmul_(mu_c, mu_c)
+    value = _row_sum(terms) if reduction == "none" else terms.sum()
+    scale = 0.5 * reduction_scale(reduction, mu.shape[0], mu.numel())
+    return value.mul_(constant(scale, dtype, mu.device)), var_m1
+
+
+def small_loss_values(x_hat, x, mu, logvar, beta, beta_value, recon, reduction, lo, hi):
+    """(loss, recon, kl, exp(lv) - 1), the values of ``vae_loss_forward`` for the
+    inputs ``small_eager_applies`` to; no gradient."""
+    dtype = compute_dtype(x_hat, x, mu, logvar)
+    recon_scale = reduction_scale(reduction, x_hat.shape[0], x_hat.numel())
+    recon_out, _ = _small_recon(x_hat, x, recon, dtype, reduction, recon_scale, False)
+    kl_out, var_m1 = small_kl_value(mu, logvar, lo, hi, dtype, reduction)
+    if beta is None:
+        loss = torch.add(recon_out, kl_out, alpha=beta_value)
+    else:
+        loss = recon_out + _as(beta, dtype) * kl_out
+    return loss, recon_out, kl_out, var_m1
+
+
+def _weight(w, reduction, batch, numel, like_dim):
+    """w times the reduction's scale, shaped to broadcast over a (N, ...) tensor of
+    ``like_dim`` dims (w is 0-dim, or (N,) for reduction="none")."""
+    scale = reduction_scale(reduction, batch, numel)
+    if scale != 1.0:
+        w = w * scale
+    return w.reshape((-1,) + (1,) * (like_dim - 1)) if w.dim() == 1 else w
+
+
+def small_recon_grad(x_hat, x, recon, reduction, dtype, w):
+    """d/dx_hat of ``w`` times the reduced mse / l1 recon, in ``dtype`` (the
+    forward's compute dtype; w: the recon's output gradient)."""
+    p, target = _as(x_hat, dtype), _as(x, dtype)
+    w = _weight(w, reduction, x_hat.shape[0], x_hat.numel(), x_hat.dim())
+    if recon == "mse":  # 2 (x_hat - x) w, one op
+        return torch.ops.aten.mse_loss_backward(w, p, target, _NONE)
+    return torch.sub(p, target).sign_().mul_(w)
+
+
+def small_kl_grads(mu, logvar, var_m1, lo, hi, reduction, dtype, w, need_mu, need_lv):
+    """(d/dmu, d/dlogvar) of ``w`` times the reduced KL, in ``dtype``, from the
+    forward's exp(lv) - 1 (None where not needed)."""
+    w = _weight(w, reduction, mu.shape[0], mu.numel(), mu.dim())
+    grad_mu = torch.mul(_as(mu, dtype), w) if need_mu else None
+    grad_lv = None
+    if need_lv:
+        grad_lv = torch.mul(var_m1, w).mul_(constant(0.5, dtype, mu.device))
+        if lo is not None:
+            grad_lv.mul_(_unclamped_mask(_as(logvar, dtype), lo, hi))
+    return grad_mu, grad_lv
+
+
 def _grad_or_empty(grad, like):
     """The gradient buffer (see grad_buffer_dtype), or a fresh empty tensor when none
     was computed (custom-op outputs may not alias each other)."""

@@ -91,12 +91,12 @@ def vae_loss(x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, recon: str
     grad_enabled = torch.is_grad_enabled()
     grad_recon = grad_enabled and (x_hat.requires_grad or x.requires_grad
                                    or (obs_t is not None and obs_t.requires_grad))
-    outputs = ops.vae_loss(
+    outputs = ops.vae_loss_values(
         x_hat, x, mu, logvar, beta_t, obs_t, prior_mu, prior_logvar, beta_v, recon, obs_v,
         obs_optimal, reduction, lo, hi, free_bits, grad_recon,
         grad_enabled and (mu.requires_grad or logvar.requires_grad),
         _prior_needs_grad(prior_mu, prior_logvar))
-    return LossParts(*outputs[:3]) if return_parts else outputs[0]
+    return LossParts(*outputs) if return_parts else outputs[0]
 
 
 def _prior_needs_grad(prior_mu, prior_logvar):
@@ -119,9 +119,9 @@ def kl_divergence(mu: Tensor, logvar: Tensor, *, reduction: str = "sum",
     prior_logvar = _validate.check_prior("prior_logvar", prior_logvar, mu)
     if torch.onnx.is_in_onnx_export():
         return _kl_formula(mu, logvar, lo, hi, prior_mu, prior_logvar, free_bits, reduction)
-    return ops.kl_divergence(mu, logvar, prior_mu, prior_logvar, reduction, lo, hi, free_bits,
-                             _needs_grad(mu, logvar),
-                             _prior_needs_grad(prior_mu, prior_logvar))[0]
+    return ops.kl_divergence_value(mu, logvar, prior_mu, prior_logvar, reduction, lo, hi,
+                                   free_bits, _needs_grad(mu, logvar),
+                                   _prior_needs_grad(prior_mu, prior_logvar))
 
 
 def reparameterize(mu: Tensor, logvar: Tensor, *, generator: torch.Generator | None = None,

@@ -755,6 +755,87 @@ _ReparameterizeFunction = _function("_ReparameterizeFunction", _reparameterize_i
                                     _reparameterize_setup, _reparameterize_eager_backward)
 
 
+# ---- small inputs on the PyTorch path: the gradients in the backward ----------
+#
+# See fastvae._torch_impl (small_eager_applies): at most SMALL_NUMEL elements,
+# plain eager calls of the mse / l1 loss against N(0, I) and of the KL compute
+# the values in the forward and each gradient in the backward, grad_output
+# folded in. They save the inputs (small) instead of gradient buffers.
+
+
+def _small_eager(backend_tensors):
+    """The PyTorch path runs these tensors (not the kernels)."""
+    return _dispatch.backend_for(*backend_tensors) == "torch"
+
+
+class _SmallLossFunction(torch.autograd.Function):
+    """(loss, recon, kl) of an mse / l1 loss that ``_torch_impl.small_eager_applies`` to."""
+
+    @staticmethod
+    def forward(ctx, x_hat, x, mu, logvar, beta, beta_value, recon, reduction, lo, hi):
+        _validate.check_loss_values(x_hat, x, recon, beta)
+        loss, recon_out, kl, var_m1 = _torch_impl.small_loss_values(
+            x_hat, x, mu, logvar, beta, beta_value, recon, reduction, lo, hi)
+        ctx.set_materialize_grads(False)
+        ctx.options = (beta_value, recon, reduction, lo, hi, kl.dtype)
+        ctx.save_for_backward(x_hat, x, mu, logvar, beta, kl, var_m1)
+        return loss, recon_out, kl
+
+    @staticmethod
+    def backward(ctx, g_loss, g_recon, g_kl):
+        _refuse_double_backward("vae_loss")
+        x_hat, x, mu, logvar, beta, kl, var_m1 = ctx.saved_tensors
+        beta_value, recon, reduction, lo, hi, dtype = ctx.options
+        need_xhat, need_x, need_mu, need_lv, need_beta = ctx.needs_input_grad[:5]
+        grad_xhat = grad_x = grad_mu = grad_lv = grad_beta = None
+        w_recon = _sum_present(g_loss, g_recon)
+        if w_recon is not None and (need_xhat or need_x):
+            g = _torch_impl.small_recon_grad(x_hat, x, recon, reduction, dtype, w_recon)
+            if need_x:
+                grad_x = _numerics.as_dtype(g.neg(), x.dtype)
+            if need_xhat:
+                grad_xhat = _numerics.as_dtype(g, x_hat.dtype)
+        g_loss_kl = None
+        if g_loss is not None:
+            if beta is None:
+                g_loss_kl = g_loss if beta_value == 1.0 else g_loss * beta_value
+            else:
+                g_loss_kl = g_loss * beta.to(g_loss.dtype)
+            if need_beta:
+                grad_beta = (g_loss * kl).sum().to(device=beta.device, dtype=beta.dtype)
+        w_kl = _sum_present(g_loss_kl, g_kl)
+        if w_kl is not None and (need_mu or need_lv):
+            grad_mu, grad_lv = _torch_impl.small_kl_grads(mu, logvar, var_m1, lo, hi, reduction,
+                                                           dtype, w_kl, need_mu, need_lv)
+            grad_mu = None if grad_mu is None else _numerics.as_dtype(grad_mu, mu.dtype)
+            grad_lv = None if grad_lv is None else _numerics.as_dtype(grad_lv, logvar.dtype)
+        return grad_xhat, grad_x, grad_mu, grad_lv, grad_beta, None, None, None, None, None
+
+
+class _SmallKLFunction(torch.autograd.Function):
+    """The reduced KL against N(0, I) of at most SMALL_NUMEL latent elements."""
+
+    @staticmethod
+    def forward(ctx, mu, logvar, reduction, lo, hi):
+        dtype = _numerics.compute_dtype(mu, logvar)
+        kl, var_m1 = _torch_impl.small_kl_value(mu, logvar, lo, hi, dtype, reduction)
+        ctx.options = (reduction, lo, hi, dtype)
+        ctx.save_for_backward(mu, logvar, var_m1)
+        return kl
+
+    @staticmethod
+    def backward(ctx, g_kl):
+        _refuse_double_backward("kl_divergence")
+        mu, logvar, var_m1 = ctx.saved_tensors
+        reduction, lo, hi, dtype = ctx.options
+        need_mu, need_lv = ctx.needs_input_grad[:2]
+        grad_mu, grad_lv = _torch_impl.small_kl_grads(mu, logvar, var_m1, lo, hi, reduction,
+                                                       dtype, g_kl, need_mu, need_lv)
+        return (None if grad_mu is None else _numerics.as_dtype(grad_mu, mu.dtype),
+                None if grad_lv is None else _numerics.as_dtype(grad_lv, logvar.dtype),
+                None, None, None)
+
+
 # An eager call that no gradient can flow through (no input requires grad, or grad
 # mode is off) runs the implementation alone: what autograd.Function.apply and the
 # setup would add (~20 us) builds nothing that is used.
@@ -796,3 +877,32 @@ def reparameterize(mu, logvar, *args):
     if _differentiated_by_a_transform():  # torch.func, also inside torch.compile
         return _composite_reparameterize(mu, logvar, *args)
     return reparameterize_op(mu, logvar, *args)
+
+
+def vae_loss_values(x_hat, x, mu, logvar, *args):
+    """(loss, recon, kl): the first three outputs of ``vae_loss`` (same arguments),
+    for the public API. A plain eager mse / l1 loss against N(0, I) of at most
+    SMALL_NUMEL elements on the PyTorch path computes its gradients in the backward
+    instead (``_SmallLossFunction``): the gradient buffers are never made."""
+    beta, obs_logvar, prior_mu, prior_logvar = args[:4]
+    # (beta_value, recon, obs_logvar_value, obs_logvar_optimal, reduction, lo, hi,
+    # free_bits, grad_recon, grad_kl, grad_prior) = args[4:]
+    if (args[-3] or args[-2]) and obs_logvar is None and prior_mu is None \
+            and prior_logvar is None and not args[11] \
+            and _torch_impl.small_eager_applies(x_hat, mu, args[5]) \
+            and _eager(x_hat, x, mu, logvar, beta) and _small_eager((x_hat, x, mu, logvar)):
+        return _apply(_SmallLossFunction, 5, x_hat, x, mu, logvar, beta, args[4], args[5],
+                      args[8], args[9], args[10])
+    return vae_loss(x_hat, x, mu, logvar, *args)[:3]
+
+
+def kl_divergence_value(mu, logvar, *args):
+    """The KL: the first output of ``kl_divergence`` (same arguments), for the public
+    API; at most SMALL_NUMEL latent elements against N(0, I), plain eager, on the
+    PyTorch path, with its gradients computed in the backward (``_SmallKLFunction``)."""
+    # (prior_mu, prior_logvar, reduction, lo, hi, free_bits, want_grad, want_prior_grad)
+    if args[6] and args[0] is None and args[1] is None and not args[5] \
+            and mu.numel() <= _torch_impl.SMALL_NUMEL and _eager(mu, logvar) \
+            and _small_eager((mu, logvar)):
+        return _apply(_SmallKLFunction, 2, mu, logvar, *args[2:5])
+    return kl_divergence(mu, logvar, *args)[0]

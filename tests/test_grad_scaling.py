@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastvae
-from fastvae import _grad_scaling
+from fastvae import _grad_scaling, _torch_impl
 
 
 @pytest.mark.parametrize("name", sorted(_grad_scaling.PRIVATE_APIS))
@@ -34,8 +34,11 @@ def test_saved_tensor_hooks_are_seen():
 def _scaled_in_place(retain_graph, hooks=False):
     """Runs a loss backward and reports whether the x_hat gradient buffer was the
     op's own saved buffer (scaled in place) or a new tensor."""
-    x_hat = torch.randn(3, 5, requires_grad=True)
-    x, mu, lv = torch.randn(3, 5), torch.randn(3, 2), torch.randn(3, 2)
+    # more than SMALL_NUMEL elements: smaller losses compute their gradients in the
+    # backward (nothing saved to scale)
+    cols = _torch_impl.SMALL_NUMEL // 3 + 1
+    x_hat = torch.randn(3, cols, requires_grad=True)
+    x, mu, lv = torch.randn(3, cols), torch.randn(3, 2), torch.randn(3, 2)
     seen = []
     original = _grad_scaling.scale_gradients
 

@@ -1,0 +1,128 @@
+"""Small inputs in plain eager mode (issue 12): an mse / l1 loss against N(0, I),
+and the KL, of at most SMALL_NUMEL elements on the PyTorch path compute their
+values in the forward and their gradients in the backward, grad_output folded in
+(ops._SmallLossFunction, ops._SmallKLFunction). Held to the float64 oracle in
+tests/reference.py, written from the math."""
+
+import pytest
+import reference as ref
+import torch
+
+import fastvae
+from fastvae import _torch_impl
+
+TOL = {torch.float32: dict(rtol=2e-6, atol=1e-6), torch.bfloat16: dict(rtol=1e-2, atol=1e-2),
+       torch.float64: dict(rtol=1e-12, atol=1e-12)}
+
+
+def leaves(dtype, batch=3, cols=7, latent=4, seed=0, target_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    x_hat = torch.randn(batch, cols, generator=g, dtype=torch.float64)
+    x = torch.rand(batch, cols, generator=g, dtype=torch.float64)
+    mu = torch.randn(batch, latent, generator=g, dtype=torch.float64)
+    logvar = torch.randn(batch, latent, generator=g, dtype=torch.float64) * 2
+    made = [t.to(dtype).requires_grad_(grad) for t, grad in
+            ((x_hat, True), (x, target_grad), (mu, True), (logvar, True))]
+    return made
+
+
+def oracle(tensors, recon, beta, reduction, clamp):
+    """float64 copies of ``tensors`` as leaves and ref.vae_loss's (loss, recon, kl) on them."""
+    copies = [t.detach().double().requires_grad_(t.requires_grad) for t in tensors]
+    return copies, ref.vae_loss(*copies, recon, beta, reduction, logvar_clamp=clamp)
+
+
+def _weights(value, reduction, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(value.shape, generator=g, dtype=torch.float64) + 0.5 \
+        if reduction == "none" else torch.tensor(1.75, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("recon", ["mse", "l1"])
+@pytest.mark.parametrize("reduction", ["sum", "batchmean", "mean", "none"])
+@pytest.mark.parametrize("clamp", [None, (-1.0, 1.5)])
+def test_values_and_gradients_match_the_formulas(dtype, recon, reduction, clamp):
+    tensors = leaves(dtype, target_grad=True)
+    loss, rec, kl = fastvae.vae_loss(*tensors, recon=recon, beta=0.7, reduction=reduction,
+                                     logvar_clamp=clamp, return_parts=True)
+    assert "_SmallLossFunction" in type(loss.grad_fn).__name__
+    copies, (want_loss, want_rec, want_kl) = oracle(tensors, recon, 0.7, reduction, clamp)
+    for got, want in ((loss, want_loss), (rec, want_rec), (kl, want_kl)):
+        assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        torch.testing.assert_close(got.detach().double(), want.detach(), **TOL[dtype])
+    # every output used, each with its own weight (per sample for "none")
+    weights = [_weights(want_loss, reduction, s) for s in range(3)]
+    torch.autograd.backward([loss, rec, kl], [w.to(loss.dtype) for w in weights])
+    torch.autograd.backward([want_loss, want_rec, want_kl], weights)
+    for got, want in zip(tensors, copies):
+        assert got.grad.dtype == got.dtype
+        torch.testing.assert_close(got.grad.double(), want.grad, **TOL[dtype])
+
+
+def test_a_tensor_beta_gets_its_gradient():
+    tensors = leaves(torch.float32)
+    beta = torch.tensor(0.3, requires_grad=True)
+    loss = fastvae.vae_loss(*tensors, beta=beta)
+    assert "_SmallLossFunction" in type(loss.grad_fn).__name__
+    loss.backward()
+    kl = ref.reduce(ref.kl_elementwise(tensors[2].detach(), tensors[3].detach()), "sum")
+    torch.testing.assert_close(beta.grad.double(), kl, rtol=1e-6, atol=1e-6)
+    copies, (want, _, _) = oracle(tensors, "mse", 0.3, "sum", None)
+    want.backward()
+    for got, ref_t in zip(tensors, copies):
+        if got.requires_grad:
+            torch.testing.assert_close(got.grad.double(), ref_t.grad, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_kl_divergence_alone(reduction):
+    _, _, mu, logvar = leaves(torch.float32)
+    kl = fastvae.kl_divergence(mu, logvar, reduction=reduction, logvar_clamp=(-1.0, 1.0))
+    assert "_SmallKLFunction" in type(kl.grad_fn).__name__
+    mu64, lv64 = (t.detach().double().requires_grad_() for t in (mu, logvar))
+    want = ref.reduce(ref.kl_elementwise(mu64, lv64, (-1.0, 1.0)), reduction)
+    torch.testing.assert_close(kl.detach().double(), want.detach(), rtol=2e-6, atol=1e-6)
+    w = _weights(want, reduction, 4)
+    kl.backward(w.float())
+    want.backward(w)
+    torch.testing.assert_close(mu.grad.double(), mu64.grad, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(logvar.grad.double(), lv64.grad, rtol=2e-6, atol=1e-6)
+    assert (logvar.grad[(logvar.detach() < -1) | (logvar.detach() > 1)] == 0).all()
+
+
+def test_gradcheck_in_float64():
+    x_hat, x, mu, logvar = (t.detach().requires_grad_() for t in leaves(torch.float64))
+    assert torch.autograd.gradcheck(
+        lambda a, m, lv: fastvae.vae_loss(a, x, m, lv, recon="l1", beta=0.5, reduction="none",
+                                          logvar_clamp=(-1.0, 1.0), return_parts=True),
+        (x_hat, mu, logvar))
+    assert torch.autograd.gradcheck(
+        lambda m, lv: fastvae.kl_divergence(m, lv, reduction="batchmean"), (mu, logvar))
+
+
+def test_nan_propagates_to_the_values_and_gradients():
+    x_hat, x, mu, logvar = leaves(torch.float32)
+    with torch.no_grad():
+        logvar[1, 2] = float("nan")
+        x_hat[0, 3] = float("nan")
+    loss = fastvae.vae_loss(x_hat, x, mu, logvar, reduction="none")
+    loss.sum().backward()
+    assert torch.isnan(loss[0]) and torch.isnan(loss[1]) and not torch.isnan(loss[2])
+    assert torch.isnan(logvar.grad[1, 2]) and torch.isnan(x_hat.grad[0, 3])
+    assert not torch.isnan(logvar.grad[0]).any()
+
+
+@pytest.mark.parametrize("case", ["large", "prior", "free_bits", "bce", "gaussian", "no_grad"])
+def test_other_calls_keep_the_gradients_computed_in_the_forward(case):
+    cols = _torch_impl.SMALL_NUMEL // 3 + 1 if case == "large" else 7
+    x_hat, x, mu, logvar = leaves(torch.float32, cols=cols)
+    kwargs = {"prior": dict(prior_mu=torch.zeros(4)), "free_bits": dict(free_bits=0.1),
+              "bce": dict(recon="bce"), "gaussian": dict(recon="gaussian", obs_logvar=0.5)}
+    if case == "bce":
+        x_hat = torch.rand(x_hat.shape).requires_grad_()
+    with torch.set_grad_enabled(case != "no_grad"):
+        loss = fastvae.vae_loss(x_hat, x, mu, logvar, **kwargs.get(case, {}))
+    name = type(loss.grad_fn).__name__ if loss.grad_fn is not None else ""
+    assert "_SmallLossFunction" not in name
+    assert ("_VAELossFunction" in name) == (case != "no_grad")
