@@ -451,3 +451,24 @@ def test_the_private_torch_apis_of_the_transform_path_are_still_there():
 
     missing = [name for name, api in ops.TRANSFORM_PRIVATE_APIS.items() if api is None]
     assert not missing, f"torch moved: {missing}"
+
+
+def test_prior_kl_under_a_transform_keeps_its_accuracy_with_far_apart_logvars():
+    """lv - plv is rounded; the fused ops (and so the transforms' formula) add its
+    rounding error back (TwoSum): with the logvars 50 apart the rounded difference
+    alone is ~1e-6 relative off in the value and the logvar gradient."""
+    g = torch.Generator().manual_seed(3)
+    mu = torch.randn(4, 8, generator=g)
+    logvar = torch.randn(4, 8, generator=g) + 25.0
+    prior_mu, prior_logvar = torch.randn(8, generator=g), torch.randn(8, generator=g) - 25.0
+
+    def kl(lv, plv):
+        return fastvae.kl_divergence(mu, lv, prior_mu=prior_mu, prior_logvar=plv)
+
+    (g_lv, g_plv), value = torch.func.grad_and_value(kl, argnums=(0, 1))(logvar, prior_logvar)
+    lv64, plv64 = logvar.double().requires_grad_(), prior_logvar.double().requires_grad_()
+    want = ref.kl_elementwise_prior(mu, lv64, prior_mu, plv64).sum()
+    want.backward()
+    torch.testing.assert_close(value.double(), want.detach(), rtol=1e-7, atol=0)
+    torch.testing.assert_close(g_lv.double(), lv64.grad, rtol=3e-7, atol=0)
+    torch.testing.assert_close(g_plv.double(), plv64.grad, rtol=3e-7, atol=0)
