@@ -843,6 +843,32 @@ class _SmallKLFunction(torch.autograd.Function):
                 None, None, None)
 
 
+class _SmallSampleFunction(torch.autograd.Function):
+    """reparameterize / sample_and_kl of at most SMALL_NUMEL latent elements on the
+    CPU against N(0, I), one sample: the PyTorch path's forward and backward called
+    directly, without the dispatch and bookkeeping of the general op's Function
+    (the noise is kept and taken back as there: nothing noise-sized is saved)."""
+
+    @staticmethod
+    def forward(ctx, mu, logvar, seed, lo, hi, with_kl):
+        ctx.set_materialize_grads(False)
+        ctx.options = (lo, hi, with_kl)
+        ctx.save_for_backward(mu, logvar, seed)
+        return _torch_impl.reparameterize_forward(mu, logvar, seed, lo, hi, with_kl)
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_kl):
+        _refuse_double_backward("reparameterize")
+        mu, logvar, seed = ctx.saved_tensors
+        lo, hi, with_kl = ctx.options
+        if grad_z is None:  # only the kl is used
+            grad_z = torch.zeros(mu.shape, dtype=torch.promote_types(mu.dtype, logvar.dtype))
+        grad_mu, grad_lv = _torch_impl.reparameterize_backward(
+            grad_z, grad_kl if with_kl else None, mu, logvar, seed, lo, hi)
+        need_mu, need_lv = ctx.needs_input_grad[:2]
+        return (grad_mu if need_mu else None, grad_lv if need_lv else None) + (None,) * 4
+
+
 # An eager call that no gradient can flow through (no input requires grad, or grad
 # mode is off) runs the implementation alone: what autograd.Function.apply and the
 # setup would add (~20 us) builds nothing that is used.
@@ -880,6 +906,11 @@ def reparameterize(mu, logvar, *args):
         if not (torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (mu, logvar, prior_mu, prior_logvar))):
             return _reparameterize_impl(mu, logvar, *args)
+        # (prior_mu, prior_logvar, seed, clamp_lo, clamp_hi, with_kl, num_samples) = args
+        if prior_mu is None and prior_logvar is None and not args[6] \
+                and mu.numel() <= _torch_impl.SMALL_NUMEL and mu.device.type == "cpu" \
+                and _small_eager((mu, logvar)):
+            return _apply(_SmallSampleFunction, 3, mu, logvar, seed, *args[3:6])
         return _apply(_ReparameterizeFunction, 5, mu, logvar, *args)
     if _differentiated_by_a_transform():  # torch.func, also inside torch.compile
         return _composite_reparameterize(mu, logvar, *args)

@@ -163,7 +163,7 @@ class OpSpies(dict):
 
     OPS = {"loss": ("_VAELossFunction", "_SmallLossFunction"),
            "kl": ("_KLDivergenceFunction", "_SmallKLFunction"),
-           "reparameterize": ("_ReparameterizeFunction",)}
+           "reparameterize": ("_ReparameterizeFunction", "_SmallSampleFunction")}
 
     def calls(self):
         return [sum(self[name].calls for name in names) for names in self.OPS.values()]

@@ -126,3 +126,42 @@ def test_other_calls_keep_the_gradients_computed_in_the_forward(case):
     name = type(loss.grad_fn).__name__ if loss.grad_fn is not None else ""
     assert "_SmallLossFunction" not in name
     assert ("_VAELossFunction" in name) == (case != "no_grad")
+
+
+@pytest.mark.parametrize("with_kl,use", [(False, "z"), (True, "z"), (True, "kl"), (True, "both")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_sampling_equals_the_general_function_bit_for_bit(with_kl, use, dtype):
+    """ops._SmallSampleFunction calls the PyTorch path's forward and backward
+    directly: the same z, KL and gradients as the general autograd.Function."""
+    from fastvae import ops
+
+    _, _, mu, logvar = leaves(dtype)
+    seed = torch.tensor([123456789])
+    g = torch.Generator().manual_seed(9)
+    grad_z = torch.randn(mu.shape, generator=g).to(dtype)
+    grad_kl = torch.randn(mu.shape[0], generator=g)
+    results = []
+    for function, args in ((ops._SmallSampleFunction, (seed, -3.0, 1.0, with_kl)),
+                           (ops._ReparameterizeFunction, (None, None, seed, -3.0, 1.0, with_kl, 0))):
+        m, lv = (t.detach().clone().requires_grad_() for t in (mu, logvar))
+        z, kl = function.apply(m, lv, *args)
+        outs, grads = [], []
+        if use in ("z", "both"):
+            outs.append(z), grads.append(grad_z)
+        if use in ("kl", "both"):
+            outs.append(kl), grads.append(grad_kl)
+        torch.autograd.backward(outs, grads)
+        results.append((z, kl, m.grad, lv.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_small_sampling_is_what_the_public_api_runs_on_small_cpu_latents():
+    _, _, mu, logvar = leaves(torch.float32)
+    z, kl = fastvae.sample_and_kl(mu, logvar)
+    assert "_SmallSampleFunction" in type(z.grad_fn).__name__
+    big = torch.zeros(3, _torch_impl.SMALL_NUMEL // 3 + 1, requires_grad=True)
+    assert "_ReparameterizeFunction" in type(fastvae.reparameterize(big, big).grad_fn).__name__
+    prior = torch.zeros(4)
+    z, _ = fastvae.sample_and_kl(mu, logvar, prior_mu=prior)
+    assert "_ReparameterizeFunction" in type(z.grad_fn).__name__
