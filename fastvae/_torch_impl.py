@@ -533,10 +533,28 @@ def _small_kl(mu, logvar, lo, hi, dtype, reduction, scale, want_grad):
 # Traced graphs (torch.compile, export) keep the custom ops and their contract.
 
 
+SMALL_EAGER_RECONS = ("mse", "l1", "bce", "bce_logits")
+
+
 def small_eager_applies(x_hat, mu, recon):
-    """Whether this loss (mse / l1 against N(0, I), no obs_logvar or free bits,
-    checked by the caller) is small enough for the backward-computed gradients."""
-    return recon in SMALL_RECONS and x_hat.numel() <= SMALL_NUMEL and mu.numel() <= SMALL_NUMEL
+    """Whether this loss (mse, l1, bce or bce_logits against N(0, I), no obs_logvar or
+    free bits, checked by the caller) is small enough for the backward-computed gradients."""
+    return recon in SMALL_EAGER_RECONS and x_hat.numel() <= SMALL_NUMEL \
+        and mu.numel() <= SMALL_NUMEL
+
+
+def _small_bce_value(x_hat, x, recon, dtype, reduction, scale):
+    """bce / bce_logits of at most SMALL_NUMEL elements, reduced (no gradient)."""
+    p, target = _as(x_hat, dtype), _as(x, dtype)
+    if recon == "bce":
+        # aten's binary_cross_entropy is this formula, logs clamped at -100; it raises
+        # its own error for a probability outside [0, 1]: ours is raised first
+        _validate.check_probabilities(x_hat)
+        terms = torch._C._nn.binary_cross_entropy(p, target, None, _NONE)
+    else:  # softplus(l) - l x, as the larger path computes it (F.softplus's threshold 20)
+        terms = torch._C._nn.softplus(p, 1, 20).addcmul_(p, target, value=-1.0)
+    value = _row_sum(terms) if reduction == "none" else terms.sum()
+    return value if scale == 1.0 else value.mul_(constant(scale, dtype, p.device))
 
 
 def small_kl_value(mu, logvar, lo, hi, dtype, reduction):
@@ -554,7 +572,10 @@ def small_loss_values(x_hat, x, mu, logvar, beta, beta_value, recon, reduction, 
     inputs ``small_eager_applies`` to; no gradient."""
     dtype = compute_dtype(x_hat, x, mu, logvar)
     recon_scale = reduction_scale(reduction, x_hat.shape[0], x_hat.numel())
-    recon_out, _ = _small_recon(x_hat, x, recon, dtype, reduction, recon_scale, False)
+    if recon in SMALL_RECONS:
+        recon_out, _ = _small_recon(x_hat, x, recon, dtype, reduction, recon_scale, False)
+    else:
+        recon_out = _small_bce_value(x_hat, x, recon, dtype, reduction, recon_scale)
     kl_out, var_m1 = small_kl_value(mu, logvar, lo, hi, dtype, reduction)
     if beta is None:
         loss = torch.add(recon_out, kl_out, alpha=beta_value)
@@ -573,13 +594,27 @@ def _weight(w, reduction, batch, numel, like_dim):
 
 
 def small_recon_grad(x_hat, x, recon, reduction, dtype, w):
-    """d/dx_hat of ``w`` times the reduced mse / l1 recon, in ``dtype`` (the
-    forward's compute dtype; w: the recon's output gradient)."""
+    """d/dx_hat of ``w`` times the reduced recon (``SMALL_EAGER_RECONS``), in ``dtype``
+    (the forward's compute dtype; w: the recon's output gradient)."""
     p, target = _as(x_hat, dtype), _as(x, dtype)
     w = _weight(w, reduction, x_hat.shape[0], x_hat.numel(), x_hat.dim())
     if recon == "mse":  # 2 (x_hat - x) w, one op
         return torch.ops.aten.mse_loss_backward(w, p, target, _NONE)
+    if recon == "bce":  # w (p - x) / max(p (1 - p), 1e-12), one op
+        return torch.ops.aten.binary_cross_entropy_backward(w.expand(p.shape), p, target, None,
+                                                            _NONE)
+    if recon == "bce_logits":
+        return torch.sigmoid(p).sub_(target).mul_(w)
     return torch.sub(p, target).sign_().mul_(w)
+
+
+def small_target_grad(x_hat, recon, reduction, dtype, w, grad_x_hat):
+    """d/dx of ``w`` times the reduced recon: -d/dx_hat for mse and l1 (given as
+    ``grad_x_hat``), else from x_hat alone (``recon_grad_wrt_target``)."""
+    if recon in SMALL_RECONS:
+        return grad_x_hat.neg()
+    w = _weight(w, reduction, x_hat.shape[0], x_hat.numel(), x_hat.dim())
+    return recon_grad_wrt_target(x_hat, recon, dtype).mul_(w)
 
 
 def small_kl_grads(mu, logvar, var_m1, lo, hi, reduction, dtype, w, need_mu, need_lv):

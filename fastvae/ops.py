@@ -765,7 +765,7 @@ _ReparameterizeFunction = _function("_ReparameterizeFunction", _reparameterize_i
 # ---- small inputs on the PyTorch path: the gradients in the backward ----------
 #
 # See fastvae._torch_impl (small_eager_applies): at most SMALL_NUMEL elements,
-# plain eager calls of the mse / l1 loss against N(0, I) and of the KL compute
+# plain eager calls of the mse, l1, bce and bce_logits losses against N(0, I) and of the KL compute
 # the values in the forward and each gradient in the backward, grad_output
 # folded in. They save the inputs (small) instead of gradient buffers.
 
@@ -776,7 +776,7 @@ def _small_eager(backend_tensors):
 
 
 class _SmallLossFunction(torch.autograd.Function):
-    """(loss, recon, kl) of an mse / l1 loss that ``_torch_impl.small_eager_applies`` to."""
+    """(loss, recon, kl) of a loss that ``_torch_impl.small_eager_applies`` to."""
 
     @staticmethod
     def forward(ctx, x_hat, x, mu, logvar, beta, beta_value, recon, reduction, lo, hi):
@@ -797,9 +797,11 @@ class _SmallLossFunction(torch.autograd.Function):
         grad_xhat = grad_x = grad_mu = grad_lv = grad_beta = None
         w_recon = _sum_present(g_loss, g_recon)
         if w_recon is not None and (need_xhat or need_x):
-            g = _torch_impl.small_recon_grad(x_hat, x, recon, reduction, dtype, w_recon)
+            g = _torch_impl.small_recon_grad(x_hat, x, recon, reduction, dtype, w_recon) \
+                if need_xhat or recon in _torch_impl.SMALL_RECONS else None
             if need_x:
-                grad_x = _numerics.as_dtype(g.neg(), x.dtype)
+                grad_x = _numerics.as_dtype(_torch_impl.small_target_grad(
+                    x_hat, recon, reduction, dtype, w_recon, g), x.dtype)
             if need_xhat:
                 grad_xhat = _numerics.as_dtype(g, x_hat.dtype)
         g_loss_kl = None
@@ -919,7 +921,7 @@ def reparameterize(mu, logvar, *args):
 
 def vae_loss_values(x_hat, x, mu, logvar, *args):
     """(loss, recon, kl): the first three outputs of ``vae_loss`` (same arguments),
-    for the public API. A plain eager mse / l1 loss against N(0, I) of at most
+    for the public API. A plain eager mse, l1, bce or bce_logits loss against N(0, I) of at most
     SMALL_NUMEL elements on the PyTorch path computes its gradients in the backward
     instead (``_SmallLossFunction``): the gradient buffers are never made."""
     beta, obs_logvar, prior_mu, prior_logvar = args[:4]

@@ -15,9 +15,11 @@ TOL = {torch.float32: dict(rtol=2e-6, atol=1e-6), torch.bfloat16: dict(rtol=1e-2
        torch.float64: dict(rtol=1e-12, atol=1e-12)}
 
 
-def leaves(dtype, batch=3, cols=7, latent=4, seed=0, target_grad=False):
+def leaves(dtype, batch=3, cols=7, latent=4, seed=0, target_grad=False, recon="mse"):
     g = torch.Generator().manual_seed(seed)
     x_hat = torch.randn(batch, cols, generator=g, dtype=torch.float64)
+    if recon == "bce":  # probabilities, away from 0 and 1
+        x_hat = torch.rand(batch, cols, generator=g, dtype=torch.float64) * 0.9 + 0.05
     x = torch.rand(batch, cols, generator=g, dtype=torch.float64)
     mu = torch.randn(batch, latent, generator=g, dtype=torch.float64)
     logvar = torch.randn(batch, latent, generator=g, dtype=torch.float64) * 2
@@ -39,11 +41,11 @@ def _weights(value, reduction, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("recon", ["mse", "l1"])
+@pytest.mark.parametrize("recon", ["mse", "l1", "bce", "bce_logits"])
 @pytest.mark.parametrize("reduction", ["sum", "batchmean", "mean", "none"])
 @pytest.mark.parametrize("clamp", [None, (-1.0, 1.5)])
 def test_values_and_gradients_match_the_formulas(dtype, recon, reduction, clamp):
-    tensors = leaves(dtype, target_grad=True)
+    tensors = leaves(dtype, target_grad=True, recon=recon)
     loss, rec, kl = fastvae.vae_loss(*tensors, recon=recon, beta=0.7, reduction=reduction,
                                      logvar_clamp=clamp, return_parts=True)
     assert "_SmallLossFunction" in type(loss.grad_fn).__name__
@@ -113,14 +115,14 @@ def test_nan_propagates_to_the_values_and_gradients():
     assert not torch.isnan(logvar.grad[0]).any()
 
 
-@pytest.mark.parametrize("case", ["large", "prior", "free_bits", "bce", "gaussian", "no_grad"])
+@pytest.mark.parametrize("case", ["large", "prior", "free_bits", "continuous_bernoulli", "gaussian",
+                                  "no_grad"])
 def test_other_calls_keep_the_gradients_computed_in_the_forward(case):
     cols = _torch_impl.SMALL_NUMEL // 3 + 1 if case == "large" else 7
     x_hat, x, mu, logvar = leaves(torch.float32, cols=cols)
     kwargs = {"prior": dict(prior_mu=torch.zeros(4)), "free_bits": dict(free_bits=0.1),
-              "bce": dict(recon="bce"), "gaussian": dict(recon="gaussian", obs_logvar=0.5)}
-    if case == "bce":
-        x_hat = torch.rand(x_hat.shape).requires_grad_()
+              "continuous_bernoulli": dict(recon="continuous_bernoulli"),
+              "gaussian": dict(recon="gaussian", obs_logvar=0.5)}
     with torch.set_grad_enabled(case != "no_grad"):
         loss = fastvae.vae_loss(x_hat, x, mu, logvar, **kwargs.get(case, {}))
     name = type(loss.grad_fn).__name__ if loss.grad_fn is not None else ""
@@ -165,3 +167,21 @@ def test_small_sampling_is_what_the_public_api_runs_on_small_cpu_latents():
     prior = torch.zeros(4)
     z, _ = fastvae.sample_and_kl(mu, logvar, prior_mu=prior)
     assert "_ReparameterizeFunction" in type(z.grad_fn).__name__
+
+
+@pytest.mark.parametrize("bad", [1.5, -0.25, float("nan")])
+def test_bce_probabilities_outside_the_unit_interval_are_refused_by_name(bad):
+    x_hat, x, mu, logvar = leaves(torch.float32, recon="bce")
+    with torch.no_grad():
+        x_hat[1, 2] = bad
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="x_hat"):
+            fastvae.vae_loss(x_hat, x, mu, logvar, recon="bce")
+
+
+def test_bce_logits_targets_outside_the_unit_interval_are_refused_by_name():
+    x_hat, x, mu, logvar = leaves(torch.float32)
+    with torch.no_grad():
+        x[0, 0] = 1.5
+    with pytest.raises(ValueError, match=r"\bx\b"):
+        fastvae.vae_loss(x_hat, x, mu, logvar, recon="bce_logits")
