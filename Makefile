@@ -35,7 +35,8 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks --benchmark-enable --benchmark-only --benchmark-json=benchmarks/results/latest.json
-	$(PY) -m benchmarks.report benchmarks/results/latest.json
+	$(PY) -m benchmarks.interleaved --group all --device auto --rounds 10 --json benchmarks/results/latest-interleaved.json
+	$(PY) -m benchmarks.report benchmarks/results/latest.json --interleaved benchmarks/results/latest-interleaved.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,7 +1,8 @@
 """fastvae against its baselines, interleaved in one process: for a busy machine.
 
-    python -m benchmarks.interleaved [--group fixed_cost|suite] [--match TEXT]
+    python -m benchmarks.interleaved [--group fixed_cost|suite|all] [--match TEXT]
                                      [--baseline eager] [--threads N] [--rounds 40]
+                                     [--device cpu|cuda|auto] [--json PATH]
 
 ``make bench`` times each implementation in its own block of rounds, so on a
 machine shared with other work a burst of load lands on one side. Here every
@@ -9,11 +10,17 @@ round times a block of fastvae calls and a block of baseline calls back to back
 (alternating which goes first), and the ratio is the median over rounds of
 baseline time / fastvae time: load that lasts longer than a round hits both
 sides alike. Each case is first checked against the float64 reference.
+``--json PATH`` writes the results for ``benchmarks.report --interleaved`` (``make
+bench`` runs every case, ``--group all``, and the report shows these ratios).
 """
 
 import argparse
+import datetime
+import json
+import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -57,28 +64,61 @@ def compare(case, device, baseline="eager", rounds=40):
             "ratio": statistics.median(ratios)}
 
 
+def _write_json(path, data):
+    """Write ``data`` to ``path`` whole or not at all."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--group", choices=("fixed_cost", "suite"), default="fixed_cost")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--group", choices=("fixed_cost", "suite", "all"), default="fixed_cost")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu, cuda, or auto (cuda where present, else cpu)")
     parser.add_argument("--match", default="", help="only cases whose id contains this")
     parser.add_argument("--baseline", default="eager", choices=cases.BASELINES)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    chosen = (cases.fixed_cost_suite(args.device) if args.group == "fixed_cost"
-              else cases.suite(args.device))
-    chosen = [c for c in chosen if args.match in c.id and c.op != "train_step"]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = []
+    if args.group in ("fixed_cost", "all"):
+        chosen += cases.fixed_cost_suite(device)
+    if args.group in ("suite", "all"):
+        seen = {c.id for c in chosen}
+        chosen += [c for c in cases.suite(device) if c.id not in seen]
+    chosen = [c for c in chosen if args.match in c.id and c.op != "train_step"
+              and args.baseline in c.impls]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}, "
           f"{args.rounds} interleaved rounds")
     print(f"| case | fastvae | {args.baseline} | {args.baseline} / fastvae |")
     print("|---|---|---|---|")
+    results = {}
     for case in chosen:
-        got = compare(case, args.device, args.baseline, args.rounds)
+        got = compare(case, device, args.baseline, args.rounds)
+        results[case.id] = {"fastvae_s": got["fastvae"], "baseline_s": got[args.baseline],
+                            "ratio": got["ratio"]}
         print(f"| `{case.id}` | {got['fastvae'] * 1e6:.1f} µs | {got[args.baseline] * 1e6:.1f} µs "
               f"| {got['ratio']:.2f}× |", flush=True)
+        if args.json:  # after every case: a run cut short keeps what it measured
+            _write_json(args.json, {
+                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "torch": torch.__version__, "threads": torch.get_num_threads(),
+                "device": device, "baseline": args.baseline, "rounds": args.rounds,
+                "cases": results})
     return 0
 
 

@@ -123,6 +123,17 @@ def collect(run):
     return out
 
 
+def merge_interleaved(by_device, interleaved_run):
+    """Attach each case's interleaved ratio (benchmarks/interleaved.py --json) to the
+    same case of the same device; cases that run did not cover keep none."""
+    if interleaved_run.get("baseline", "eager") != "eager":
+        return
+    cases = by_device.get(interleaved_run.get("device"), {})
+    for case_id, got in interleaved_run.get("cases", {}).items():
+        if case_id in cases and got.get("ratio") is not None:
+            cases[case_id]["interleaved_ratio"] = got["ratio"]
+
+
 def device_kind(device):
     return "cuda" if device.startswith("cuda") else device
 
@@ -141,6 +152,20 @@ def speedup(entry, baseline):
     if not fast or not base or not fast["median_s"] or not base["median_s"]:
         return None
     return base["median_s"] / fast["median_s"]
+
+
+def interleaved(entry):
+    """fastvae's speedup over eager timed in alternating blocks in one process
+    (benchmarks/interleaved.py), or None where that run did not cover the case."""
+    return entry.get("interleaved_ratio")
+
+
+def vs_eager(entry):
+    """The speedup over eager that the report judges by: the interleaved one where
+    measured (robust to load that comes and goes on a shared machine), else the
+    ratio of the block medians."""
+    ratio = interleaved(entry)
+    return ratio if ratio is not None else speedup(entry, "eager")
 
 
 def achieved(entry, impl="fastvae"):
@@ -162,7 +187,8 @@ def memory_ratio(entry, baseline):
 def slowest(cases, baseline="eager"):
     """(speedup, case id) of the case where fastvae is slowest next to ``baseline``;
     None when no case has both timings."""
-    ratios = [(speedup(entry, baseline), case_id) for case_id, entry in cases.items()]
+    ratio_of = vs_eager if baseline == "eager" else (lambda entry: speedup(entry, baseline))
+    ratios = [(ratio_of(entry), case_id) for case_id, entry in cases.items()]
     ratios = [r for r in ratios if r[0] is not None]
     return min(ratios) if ratios else None
 
@@ -181,7 +207,8 @@ def evaluate_target(target, entry, copy_bw):
     """(value, met, text): how fastvae did against one target."""
     kind, minimum = target["kind"], target["minimum"]
     if kind == "speedup":
-        value = speedup(entry, target["baseline"])
+        value = vs_eager(entry) if target["baseline"] == "eager" else \
+            speedup(entry, target["baseline"])
         label = f"fastvae ≥ {minimum:g}× {target['baseline']}"
         shown = None if value is None else f"{value:.2f}×"
     elif kind == "bandwidth":
@@ -244,8 +271,16 @@ def markdown(device, cases, machine, run):
               "median over fastvae's (above 1: fastvae is faster). Compile: torch.compile's first "
               "call (compilation + one run; Inductor's C++ builds cached on disk by earlier runs "
               "are reused).", ""]
+    if any(interleaved(e) is not None for e in cases.values()):
+        lines += ["vs eager, interleaved: fastvae and eager timed in alternating blocks in one "
+                  "process (`benchmarks/interleaved.py`), the median of the per-round ratios: "
+                  "load that comes and goes on a shared machine hits both alike. Where present "
+                  "it is the ratio the first line and the targets judge by.", ""]
     has_mem = any(e.get("fastvae", {}).get("peak_bytes") for e in cases.values())
+    has_interleaved = any(interleaved(e) is not None for e in cases.values())
     header = ["case", "fastvae", "GB/s", "% copy bw"] + [f"vs {b}" for b in BASELINES] + ["compile"]
+    if has_interleaved:
+        header.insert(4, "vs eager, interleaved")
     if has_mem:
         header += ["peak mem fastvae", "peak mem eager"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -255,6 +290,8 @@ def markdown(device, cases, machine, run):
         row = [f"`{case_id}`", _ms((entry.get("fastvae") or {}).get("median_s")),
                "—" if gbs is None else f"{gbs / 1e9:.1f}",
                "—" if gbs is None or not copy_bw else f"{gbs / copy_bw:.0%}"]
+        if has_interleaved:
+            row.append(_x(interleaved(entry)))
         row += [_x(speedup(entry, b)) for b in BASELINES]
         row.append(_ms((entry.get("compile") or {}).get("compile_s")))
         if has_mem:
@@ -353,10 +390,14 @@ def main(argv=None):
     parser.add_argument("json", help="pytest-benchmark JSON (--benchmark-json)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
                         help="results folder (default: benchmarks/results)")
+    parser.add_argument("--interleaved", default=None,
+                        help="benchmarks.interleaved --json output to merge (optional)")
     args = parser.parse_args(argv)
     run = load(args.json)
     machine = run.get("machine_info", {}).get("fastvae", {})
     by_device = collect(run)
+    if args.interleaved and os.path.exists(args.interleaved):
+        merge_interleaved(by_device, load(args.interleaved))
     if not by_device:
         print(f"{args.json}: no fastvae benchmarks in it", file=sys.stderr)
         return 1

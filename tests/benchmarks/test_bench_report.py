@@ -137,3 +137,48 @@ def test_reparameterization_check_rejects_noise_that_is_not_standard_normal(monk
                         lambda mu, logvar: mu + 0.5 * torch.exp(0.5 * logvar) * torch.randn_like(mu))
     with pytest.raises(AssertionError):
         case.check("eager", "cpu")
+
+
+def test_interleaved_ratios_are_shown_and_judged_by(tmp_path):
+    """A benchmarks.interleaved --json run of the same device: its ratio gets a column,
+    and the first line and the eager targets use it where it covers the case."""
+    src = tmp_path / "run.json"
+    src.write_text(json.dumps(sample_run()))
+    inter = tmp_path / "inter.json"
+    # the block medians say mse is 1.5x eager; the interleaved run says 0.8x
+    inter.write_text(json.dumps({"device": "cpu", "baseline": "eager", "rounds": 10,
+                                 "cases": {MSE: {"fastvae_s": 0.005, "baseline_s": 0.004,
+                                                 "ratio": 0.8}}}))
+    assert report.main([str(src), "--out", str(tmp_path / "results"),
+                        "--interleaved", str(inter)]) == 0
+    text = (tmp_path / "results" / "cpu" / "bench.md").read_text()
+    first = text.splitlines()[0]
+    assert first.startswith(f"Slowest case vs eager: 0.80× (`{MSE}`)") and "**below**" in first
+    assert "vs eager, interleaved" in text
+    row = next(line for line in text.splitlines() if line.startswith(f"| `{MSE}`"))
+    assert "0.80×" in row and "1.50×" in row  # both figures, side by side
+    assert f"- `{MSE}`: fastvae ≥ 2× eager: **missed**, 0.80×" in text
+    # the BCE case, not covered by the interleaved run, keeps its block-median ratio
+    bce = report.collect(sample_run())["cpu"][BCE]
+    assert report.vs_eager(bce) == pytest.approx(12.0)
+    # a run of another device or baseline is not merged
+    by_device = report.collect(sample_run())
+    report.merge_interleaved(by_device, {"device": "cuda", "cases": {MSE: {"ratio": 0.1}}})
+    report.merge_interleaved(by_device, {"device": "cpu", "baseline": "compile",
+                                         "cases": {MSE: {"ratio": 0.1}}})
+    assert report.vs_eager(by_device["cpu"][MSE]) == pytest.approx(1.5)
+
+
+def test_interleaved_json_is_written_per_case(tmp_path):
+    from benchmarks import interleaved
+
+    out = tmp_path / "inter.json"
+    assert interleaved.main(["--group", "fixed_cost", "--match", "kl_fwd_bwd/fixed_tiny/float32",
+                             "--rounds", "2", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["device"] == "cpu" and got["baseline"] == "eager"
+    # (the match also takes reparam_kl_fwd_bwd/fixed_tiny/float32)
+    assert set(got["cases"]) == {"kl_fwd_bwd/fixed_tiny/float32",
+                                 "reparam_kl_fwd_bwd/fixed_tiny/float32"}
+    for timing in got["cases"].values():
+        assert timing["ratio"] > 0 and timing["fastvae_s"] > 0 and timing["baseline_s"] > 0
