@@ -412,6 +412,13 @@ def kl_per_sample(mu, logvar, lo, hi, dtype, grad_scale):
     """Per-sample KL(N(mu, exp(logvar)) || N(0, I)) sums (N,) and, if
     ``grad_scale`` is not None, ``grad_scale`` times the gradients of their sum
     with respect to mu and logvar."""
+    if mu.dtype != dtype or logvar.dtype != dtype:
+        # half-precision latents: converted block by block (never copied whole to
+        # float32), gradients written once in their buffers' dtypes
+        rows, grad_mu, grad_logvar, _, _ = _prior_kl_blocked(
+            mu, logvar, None, None, lo, hi, dtype, 1.0 if grad_scale is None else grad_scale,
+            grad_scale is not None, False, "rows")
+        return rows, grad_mu, grad_logvar
     mu_c, lv = _as(mu, dtype), _clamped(_as(logvar, dtype), lo, hi)
     # exp(lv) - 1, reused as the logvar gradient: contiguous like every gradient
     # buffer (the fake implementations promise it, whatever logvar's layout)
