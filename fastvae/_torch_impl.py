@@ -686,6 +686,17 @@ def _noise_key(seed, shape, dtype, device):
     return (int(seed), tuple(shape), dtype, device)
 
 
+def _scaled_noise_key(seed, shape, dtype, logvar, clamp_lo, clamp_hi):
+    """The slot of eps std / 2, which depends on logvar too: its storage, place, layout
+    and version counter name its values (autograd refuses a backward whose saved
+    logvar was written since), and the clamp. Two calls share a slot only if they drew
+    from one seed (a reseeded generator) with the same logvar: then they kept the same
+    values. A key the backward does not find (another tensor object under compile, an
+    evicted slot) means the noise is drawn again, never a wrong one."""
+    return (_noise_key(seed, shape, dtype, logvar.device), logvar.untyped_storage().data_ptr(),
+            logvar.storage_offset(), tuple(logvar.stride()), logvar._version, clamp_lo, clamp_hi)
+
+
 def _keep_noise(key, eps):
     with _kept_noise_lock:
         _kept_noise.pop(key, None)
@@ -705,16 +716,19 @@ def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
     lv = _clamped(_as(logvar, dtype), clamp_lo, clamp_hi)
     std = torch.mul(lv, constant(0.5, dtype, lv.device)).exp_()
     seed = int(seed)  # read once (a CPU tensor: no sync; the kernels serve CUDA)
-    eps = standard_normal(seed, mu.shape, dtype, mu.device)
     mu_c = _as(mu, dtype)
     if mu.device.type == "cpu" and (mu.requires_grad or logvar.requires_grad):
-        # mu + eps * std, contiguous like eps (the fake implementation promises it)
-        z = torch.addcmul(mu_c, eps, std, out=_empty_like_contiguous(eps, dtype))
-        # eps itself is kept, not eps * std: a slot is found by the seed's value, and two
-        # calls drawn from the same seed (a reseeded generator) with other logvars must
-        # not take each other's std
-        _keep_noise(_noise_key(seed, mu.shape, dtype, mu.device), eps)
+        # eps / 2 drawn (exactly half of the seed's eps: a power of two), so that
+        # z = mu + 2 (eps / 2) std is bit for bit mu + eps std and the kept
+        # eps std / 2 = d z / d logvar takes one pass; contiguous like the noise (the
+        # fake implementation promises it)
+        half_eps = standard_normal(seed, mu.shape, dtype, mu.device, std=0.5)
+        z = torch.addcmul(mu_c, half_eps, std, value=2.0,
+                          out=_empty_like_contiguous(half_eps, dtype))
+        _keep_noise(_scaled_noise_key(seed, mu.shape, dtype, logvar, clamp_lo, clamp_hi),
+                    half_eps.mul_(std))
     else:
+        eps = standard_normal(seed, mu.shape, dtype, mu.device)
         z = torch.addcmul(mu_c, eps, std, out=eps)  # written over eps
     z = _as(z, mu.dtype if mu.dtype == logvar.dtype else torch.promote_types(mu.dtype, logvar.dtype))
     if not with_kl:
@@ -739,17 +753,20 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_h
     logvar_c = _as(logvar, dtype)
     lv = _clamped(logvar_c, clamp_lo, clamp_hi)
     half = constant(0.5, dtype, lv.device)
-    # eps: the forward's, kept (this call's to write), or drawn again from the seed
-    eps = _take_noise(_noise_key(seed, mu.shape, dtype, mu.device)) if mu.device.type == "cpu" else None
-    if eps is None:
-        eps = standard_normal(seed, mu.shape, dtype, mu.device)
-    std = torch.mul(lv, half).exp_()
+    # eps std / 2: the forward's, kept (this call's to write), or drawn again from the
+    # seed and formed as the forward formed it (the same bits)
+    scaled = None
+    if mu.device.type == "cpu":
+        scaled = _take_noise(_scaled_noise_key(seed, mu.shape, dtype, logvar, clamp_lo, clamp_hi))
+    if scaled is None:
+        scaled = standard_normal(seed, mu.shape, dtype, mu.device, std=0.5) \
+            .mul_(torch.mul(lv, half).exp_())
     g_z = _as(grad_z, dtype)
-    grad_logvar = eps.mul_(std).mul_(g_z).mul_(half)  # eps std g_z / 2, in the noise's buffer
+    grad_logvar = scaled.mul_(g_z)  # eps std g_z / 2, in the kept buffer
     if grad_kl is not None:
         g_kl = _as(grad_kl, dtype).reshape((-1,) + (1,) * (mu.dim() - 1))
-        grad_logvar.addcmul_(std.mul_(std).sub_(constant(1.0, dtype, lv.device)), g_kl,
-                             value=0.5)  # exp(lv) - 1
+        # exp(lv) - 1 by expm1: one pass, exact near lv = 0
+        grad_logvar.addcmul_(torch.expm1(lv), g_kl, value=0.5)
         # (outputs may not alias grad_z: a fresh buffer)
         grad_mu = torch.addcmul(g_z, _as(mu, dtype), g_kl, out=torch.empty_like(grad_logvar))
     else:
