@@ -714,17 +714,23 @@ def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
     """z = mu + exp(lv / 2) * eps and, if ``with_kl``, the per-sample KL (N,)."""
     dtype = compute_dtype(mu, logvar)
     lv = _clamped(_as(logvar, dtype), clamp_lo, clamp_hi)
-    std = torch.mul(lv, constant(0.5, dtype, lv.device)).exp_()
+    half_c = constant(0.5, dtype, lv.device)
+    # a converted or clamped logvar is this call's buffer: std is written over it (the
+    # KL still reads lv)
+    std = lv.mul_(half_c).exp_() if lv is not logvar and not with_kl \
+        else torch.mul(lv, half_c).exp_()
     seed = int(seed)  # read once (a CPU tensor: no sync; the kernels serve CUDA)
     mu_c = _as(mu, dtype)
     if mu.device.type == "cpu" and (mu.requires_grad or logvar.requires_grad):
         # eps / 2 drawn (exactly half of the seed's eps: a power of two), so that
         # z = mu + 2 (eps / 2) std is bit for bit mu + eps std and the kept
-        # eps std / 2 = d z / d logvar takes one pass; contiguous like the noise (the
-        # fake implementation promises it)
+        # eps std / 2 = d z / d logvar takes one pass. z is contiguous like the noise
+        # (the fake implementation promises it): written over a converted mu (this
+        # call's buffer) when the KL does not read it
         half_eps = standard_normal(seed, mu.shape, dtype, mu.device, std=0.5)
+        own_mu = mu_c is not mu and not with_kl and mu_c.is_contiguous()
         z = torch.addcmul(mu_c, half_eps, std, value=2.0,
-                          out=_empty_like_contiguous(half_eps, dtype))
+                          out=mu_c if own_mu else _empty_like_contiguous(half_eps, dtype))
         _keep_noise(_scaled_noise_key(seed, mu.shape, dtype, logvar, clamp_lo, clamp_hi),
                     half_eps.mul_(std))
     else:
@@ -750,20 +756,24 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_h
     dz/dmu = 1, dz/dlv = eps * exp(lv / 2) / 2; dkl/dmu = mu, dkl/dlv = (exp(lv) - 1) / 2.
     """
     dtype = compute_dtype(mu, logvar)
-    logvar_c = _as(logvar, dtype)
-    lv = _clamped(logvar_c, clamp_lo, clamp_hi)
-    half = constant(0.5, dtype, lv.device)
     # eps std / 2: the forward's, kept (this call's to write), or drawn again from the
     # seed and formed as the forward formed it (the same bits)
     scaled = None
     if mu.device.type == "cpu":
         scaled = _take_noise(_scaled_noise_key(seed, mu.shape, dtype, logvar, clamp_lo, clamp_hi))
+    # logvar in the compute dtype only where it is read (a float32 copy of a half one)
+    if scaled is None or grad_kl is not None or clamp_lo is not None:
+        logvar_c = _as(logvar, dtype)
+        lv = _clamped(logvar_c, clamp_lo, clamp_hi)
     if scaled is None:
         scaled = standard_normal(seed, mu.shape, dtype, mu.device, std=0.5) \
-            .mul_(torch.mul(lv, half).exp_())
-    g_z = _as(grad_z, dtype)
-    grad_logvar = scaled.mul_(g_z)  # eps std g_z / 2, in the kept buffer
+            .mul_(torch.mul(lv, constant(0.5, dtype, lv.device)).exp_())
+    # eps std g_z / 2, in the kept buffer; a half-precision grad_z is widened exactly by
+    # the op (as fast as converting it first, without the float32 copy)
+    grad_logvar = scaled.mul_(grad_z if grad_z.dtype.itemsize <= scaled.dtype.itemsize
+                              else _as(grad_z, dtype))
     if grad_kl is not None:
+        g_z = _as(grad_z, dtype)
         g_kl = _as(grad_kl, dtype).reshape((-1,) + (1,) * (mu.dim() - 1))
         # exp(lv) - 1 by expm1: one pass, exact near lv = 0
         grad_logvar.addcmul_(torch.expm1(lv), g_kl, value=0.5)
