@@ -904,7 +904,7 @@ def _prior_kl_block(mu, lv, pm, npl, enp, scratch, shape, homes, want_p):
         a.sub_(d).add_(npl)  # npl - (d - lv part), rounded the same way
         err.add_(a)
         torch.expm1(d, out=h)
-        torch.mul(h, err, out=a).add_(err)  # e^d err = (expm1(d) + 1) err
+        torch.addcmul(err, h, err, out=a)  # e^d err = err + expm1(d) err
         h.add_(a)
         d_total = d.add_(err)  # lv - plv = d + err
     h.mul_(0.5)
