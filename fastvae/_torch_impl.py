@@ -814,10 +814,19 @@ LATENT_CHUNK = 1 << 18
 
 def _latent_row_blocks(rows, cols):
     """Row slices covering ``rows`` rows of ``cols`` elements, LATENT_CHUNK elements
-    per block (at least one row)."""
+    per block (at least one row); None alone when one block holds every row (then the
+    tensors are used whole: at the latent-diffusion size a call's ~20 slicing views
+    cost as much as a fifth of its arithmetic)."""
     height = max(1, LATENT_CHUNK // max(cols, 1))
+    if height >= rows:
+        yield None
+        return
     for r0 in range(0, rows, height):
         yield slice(r0, min(r0 + height, rows))
+
+
+def _rows_of(t, rows):
+    return t if rows is None else t[rows]
 
 
 _kept_scratch = threading.local()  # .blocks: {(dtype, name): buffer}, this thread's
@@ -850,7 +859,8 @@ class _Scratch:
                 if self.kept is not None:
                     self.kept[key] = buf
             self.bufs[name] = buf
-        return buf[:math.prod(shape)].view(shape)
+        numel = math.prod(shape)
+        return (buf if numel == buf.numel() else buf[:numel]).view(shape)
 
 
 def _block_in(src, scratch, name, shape, dtype):
@@ -867,17 +877,18 @@ class _PriorSource:
     ``small`` holds it; one as large as mu (``per_block``) is converted block by
     block, never copied whole."""
 
-    def __init__(self, prior, mu, dtype):
+    def __init__(self, prior, mu, dtype, one_block):
         self.per_block = prior is not None and prior.numel() * 2 > mu.numel()
         self.small = None
         if prior is not None and not self.per_block:
             prior = self.small = _as(prior, dtype)
-        self.view = None if prior is None else prior.expand(mu.shape)
+        # expanded to mu's shape to be sliced by rows; in one block the ops broadcast it
+        self.view = prior if prior is None or one_block else prior.expand(mu.shape)
 
     def block(self, rows, scratch, name, shape, dtype):
         if self.view is None:
             return None
-        return _block_in(self.view[rows], scratch, name, shape, dtype)
+        return _block_in(_rows_of(self.view, rows), scratch, name, shape, dtype)
 
 
 def _prior_kl_block(mu, lv, pm, npl, enp, scratch, shape, homes, want_p):
@@ -972,23 +983,28 @@ def _prior_kl_blocked(mu, logvar, prior_mu, prior_logvar, lo, hi, dtype, scale, 
     g_mu, g_lv = buffer(mu, want_grad), buffer(logvar, want_grad)
     g_pm = buffer(prior_mu, want_prior_grad and prior_mu is not None)
     g_plv = buffer(prior_logvar, want_prior_grad and prior_logvar is not None)
-    pm_src, plv_src = _PriorSource(prior_mu, mu, dtype), _PriorSource(prior_logvar, mu, dtype)
+    blocks = list(_latent_row_blocks(batch, cols))
+    one_block = blocks[0] is None
+    pm_src = _PriorSource(prior_mu, mu, dtype, one_block)
+    plv_src = _PriorSource(prior_logvar, mu, dtype, one_block)
     npl = enp = None
     if plv_src.small is not None:  # broadcast over the batch: e^-plv computed once
         npl = torch.neg(plv_src.small)
-        enp = torch.exp(npl).expand(mu.shape)
-        npl = npl.expand(mu.shape)
+        enp = torch.exp(npl)
+        if not one_block:  # (in one block the ops broadcast them)
+            npl, enp = npl.expand(mu.shape), enp.expand(mu.shape)
     out_sums = None
     if sums == "rows":
         out_sums = torch.empty(batch, dtype=dtype, device=device)
     elif sums == "columns":
         out_sums = torch.zeros(mu.shape[1:], dtype=dtype, device=device)
     per_row = (-1,) + (1,) * (mu.dim() - 1)
-    for rows in _latent_row_blocks(batch, cols):
-        shape = (rows.stop - rows.start, *mu.shape[1:])
-        block_scale = scale if isinstance(scale, float) else scale[rows].reshape(per_row)
-        mu_b = _block_in(mu[rows], scratch, "mu", shape, dtype)
-        lv_raw = _block_in(logvar[rows], scratch, "lv", shape, dtype)
+    for rows in blocks:
+        shape = mu.shape if rows is None else (rows.stop - rows.start, *mu.shape[1:])
+        block_scale = scale if isinstance(scale, float) \
+            else _rows_of(scale, rows).reshape(per_row)
+        mu_b = _block_in(_rows_of(mu, rows), scratch, "mu", shape, dtype)
+        lv_raw = _block_in(_rows_of(logvar, rows), scratch, "lv", shape, dtype)
         lv_b = lv_raw if lo is None else torch.clamp(lv_raw, lo, hi,
                                                      out=scratch.get("lv_clamped", shape))
         pm_b = pm_src.block(rows, scratch, "pm", shape, dtype)
@@ -997,18 +1013,18 @@ def _prior_kl_blocked(mu, logvar, prior_mu, prior_logvar, lo, hi, dtype, scale, 
                               out=scratch.get("npl", shape))
             enp_b = torch.exp(npl_b, out=scratch.get("enp", shape))
         else:
-            npl_b = None if npl is None else npl[rows]
-            enp_b = None if enp is None else enp[rows]
-        blocks = [None if g is None else g[rows] for g in (g_mu, g_lv, g_pm, g_plv)]
-        homes = {"gm": _home(blocks[0], dtype), "h": _home(blocks[1], dtype),
-                 "p": _home(blocks[3], dtype)}
+            npl_b = None if npl is None else _rows_of(npl, rows)
+            enp_b = None if enp is None else _rows_of(enp, rows)
+        outs = [None if g is None else _rows_of(g, rows) for g in (g_mu, g_lv, g_pm, g_plv)]
+        homes = {"gm": _home(outs[0], dtype), "h": _home(outs[1], dtype),
+                 "p": _home(outs[3], dtype)}
         terms, gm, h, p = _prior_kl_block(mu_b, lv_b, pm_b, npl_b, enp_b, scratch, shape, homes,
                                           want_p=g_plv is not None)
         if sums == "rows":
-            torch.sum(terms.view(shape[0], -1), dim=1, out=out_sums[rows])
+            torch.sum(terms.view(shape[0], -1), dim=1, out=_rows_of(out_sums, rows))
         elif sums == "columns":
             out_sums.add_(terms.sum(dim=0))
-        b_mu, b_lv, b_pm, b_plv = blocks
+        b_mu, b_lv, b_pm, b_plv = outs
         if b_plv is not None:
             _store_block(p, -block_scale, b_plv)
         # d/dpm = -d/dmu: negated from g_mu's block where the dtypes agree (exact)
