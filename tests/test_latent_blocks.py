@@ -34,9 +34,28 @@ CHUNKS = {"two_rows": 12, "below_a_row": 5, "one_row": 6, "above_a_row": 7, "who
 
 
 @pytest.fixture(autouse=True)
-def torch_backend():
+def torch_backend(monkeypatch):
+    # latents of at most SMALL_NUMEL elements take whole-tensor ops: none here
+    monkeypatch.setattr(_torch_impl, "SMALL_NUMEL", 0)
     with fastvae.use_backend("torch"):
         yield
+
+
+@pytest.mark.parametrize("prior", list(PRIORS))
+@pytest.mark.parametrize("free_bits", [0.0, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_latents_whole_and_blocked_agree(monkeypatch, prior, free_bits, dtype):
+    """The whole-tensor path (at most SMALL_NUMEL elements) and the blocked pass give
+    the same values and gradients, to a float32 rounding or two (a half-precision
+    one for bf16 gradients)."""
+    leaves = make(prior, dtype=dtype)
+    blocked = value_and_grads(leaves, reduction="batchmean", free_bits=free_bits)
+    monkeypatch.setattr(_torch_impl, "SMALL_NUMEL", 1 << 17)
+    whole = value_and_grads(leaves, reduction="batchmean", free_bits=free_bits)
+    torch.testing.assert_close(blocked[0], whole[0], rtol=1e-6, atol=1e-6)
+    for b, w in zip(blocked[1], whole[1]):
+        assert b.dtype == w.dtype == dtype
+        torch.testing.assert_close(b, w, rtol=2 * torch.finfo(dtype).eps, atol=1e-6)
 
 
 def make(prior, dtype=torch.float32, seed=0, shape=SHAPE):
@@ -117,7 +136,6 @@ def test_half_precision_latents_in_blocks(monkeypatch, dtype, prior, free_bits):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_large_half_precision_latents_take_the_blocked_pass(monkeypatch, dtype):
     """Past SMALL_NUMEL the plain KL of half-precision latents runs in blocks too."""
-    monkeypatch.setattr(_torch_impl, "SMALL_NUMEL", 0)
     monkeypatch.setattr(_torch_impl, "LATENT_CHUNK", CHUNKS["above_a_row"])
     calls = []
     real = _torch_impl._prior_kl_blocked
