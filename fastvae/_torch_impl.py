@@ -1239,6 +1239,10 @@ def reparameterize_forward_with_prior(mu, logvar, prior_mu, prior_logvar, seed, 
     z = _dense(_as(z, torch.promote_types(mu.dtype, logvar.dtype)))  # (as the fake promises)
     if not with_kl:
         return z, mu.new_empty(0, dtype=dtype)
+    if mu.numel() <= SMALL_NUMEL:  # whole-tensor ops (see _whole_kl_with_prior)
+        terms = _whole_prior_kl_terms(mu, logvar, prior_mu, prior_logvar, clamp_lo, clamp_hi,
+                                      dtype)[0]
+        return z, _row_sum(terms)
     return z, _prior_kl_blocked(mu, logvar, prior_mu, prior_logvar, clamp_lo, clamp_hi, dtype,
                                 1.0, False, False, "rows")[0]
 
@@ -1266,7 +1270,19 @@ def reparameterize_backward_with_prior(grad_z, grad_kl, mu, logvar, prior_mu, pr
     grad_logvar = grad_logvar.mul_(std).mul_(0.5)
     grad_mu = grad_mu.clone() if grad_mu is g_z else grad_mu
     g_pm = g_plv = None
-    if grad_kl is not None:
+    if grad_kl is not None and mu.numel() <= SMALL_NUMEL:  # (see _whole_kl_with_prior)
+        g_kl = _as(grad_kl, dtype).reshape((-1,) + (1,) * (mu.dim() - 1))
+        _, diff_scaled, half_em1, sq_half = _whole_prior_kl_terms(
+            mu, logvar, prior_mu, prior_logvar, clamp_lo, clamp_hi, dtype)
+        kl_mu = diff_scaled * g_kl
+        grad_mu.add_(kl_mu)
+        grad_logvar.addcmul_(half_em1, g_kl)
+        if prior_mu is not None:
+            g_pm = kl_mu.neg().sum_to_size(prior_mu.shape).to(prior_mu.dtype)
+        if prior_logvar is not None:
+            g_plv = (half_em1 + sq_half).mul_(g_kl).neg_().sum_to_size(prior_logvar.shape) \
+                .to(prior_logvar.dtype)
+    elif grad_kl is not None:
         # the KL's gradients times grad_kl per sample, in the compute dtype (added to the
         # noise's, then rounded once)
         _, kl_mu, kl_lv, g_pm, g_plv = _prior_kl_blocked(
