@@ -97,3 +97,35 @@ def test_two_draws_from_one_seed_with_other_logvars_keep_their_own_gradients(pri
     eps = ((z_first - mu) / torch.exp(0.5 * logvar)).detach()
     want = weights * eps * torch.exp(0.5 * logvar.detach()) / 2
     torch.testing.assert_close(logvar.grad, want)
+
+
+def test_one_seed_and_one_logvar_with_two_clamps_keep_their_own_gradients():
+    """The kept eps std / 2 depends on the clamp: two calls from one seed on the same
+    logvar with different clamps must not take each other's entry (both are kept)."""
+    mu, logvar = _latents()
+    with torch.no_grad():
+        logvar.mul_(3.0)  # some values beyond the clamps
+    weights = torch.linspace(-1, 1, 40)
+    grads = []
+    for clamp in ((-1.0, 1.0), (-2.0, 2.0)):
+        z = fastvae.sample_and_kl(mu, logvar, generator=torch.Generator().manual_seed(13),
+                                  logvar_clamp=clamp)[0]
+        grads.append((clamp, z.detach(), z))
+    assert len(_torch_impl._kept_noise) >= 2
+    for clamp, z_value, z in grads:  # the first call's backward first: the later entry is not its own
+        (g_lv,) = torch.autograd.grad((z * weights).sum(), [logvar])
+        inside = (logvar.detach() >= clamp[0]) & (logvar.detach() <= clamp[1])
+        # d z / d logvar = (z - mu) / 2 where the clamp passes the gradient, else 0
+        want = weights * (z_value - mu.detach()) / 2 * inside
+        torch.testing.assert_close(g_lv, want)
+
+
+def test_the_kept_entry_is_the_gradient_wrt_logvar():
+    """What the forward keeps is eps std / 2 = d z / d logvar itself: the backward is one
+    multiply by grad_z, equal bit for bit to drawing the noise again."""
+    _torch_impl._kept_noise.clear()
+    mu, logvar = _latents((4, 6))
+    z = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(21))
+    (kept,) = _torch_impl._kept_noise.values()
+    torch.testing.assert_close(kept, (z.detach() - mu.detach()) / 2)
+    _torch_impl._kept_noise.clear()

@@ -232,3 +232,20 @@ def test_cached_checks_still_refuse_what_they_refused():
             fastvae.kl_divergence(mu, logvar, reduction="avg")
         with pytest.raises(ValueError, match="one device"):
             call(x_hat, x.to("meta"), mu, logvar)
+
+
+def test_the_broadcast_check_agrees_with_torch_broadcast_shapes():
+    """_validate's own broadcast rule (a loop, for speed) against PyTorch's, on shapes
+    with 1s, 0s, missing leading dims and mismatches."""
+    import itertools
+
+    from fastvae._validate import _broadcasts_to
+
+    shapes = [(), (1,), (3,), (0,), (2, 3), (1, 3), (2, 1), (4, 2, 3), (1, 2, 3), (4, 1, 1),
+              (5, 2, 3), (2, 3, 1), (0, 3), (4, 0, 3)]
+    for a, b in itertools.product(shapes, repeat=2):
+        try:
+            want = torch.broadcast_shapes(a, b) == torch.Size(b)
+        except RuntimeError:
+            want = False
+        assert _broadcasts_to(torch.Size(a), torch.Size(b)) == want, (a, b)
