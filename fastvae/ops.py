@@ -927,9 +927,12 @@ def vae_loss_values(x_hat, x, mu, logvar, *args):
     beta, obs_logvar, prior_mu, prior_logvar = args[:4]
     # (beta_value, recon, obs_logvar_value, obs_logvar_optimal, reduction, lo, hi,
     # free_bits, grad_recon, grad_kl, grad_prior) = args[4:]
+    # _eager first: under tracing the size comparisons would become guards on the
+    # symbolic shapes (a dynamic batch could not cross SMALL_NUMEL in an export)
     if obs_logvar is None and prior_mu is None and prior_logvar is None and not args[11] \
+            and _eager(x_hat, x, mu, logvar, beta) \
             and _torch_impl.small_eager_applies(x_hat, mu, args[5]) \
-            and _eager(x_hat, x, mu, logvar, beta) and _small_eager((x_hat, x, mu, logvar)):
+            and _small_eager((x_hat, x, mu, logvar)):
         small_args = (x_hat, x, mu, logvar, beta, args[4], args[5], args[8], args[9], args[10])
         if args[-3] or args[-2]:  # grad_recon, grad_kl
             return _apply(_SmallLossFunction, 5, *small_args)
@@ -945,9 +948,8 @@ def kl_divergence_value(mu, logvar, *args):
     API; at most SMALL_NUMEL latent elements against N(0, I), plain eager, on the
     PyTorch path, with its gradients computed in the backward (``_SmallKLFunction``)."""
     # (prior_mu, prior_logvar, reduction, lo, hi, free_bits, want_grad, want_prior_grad)
-    if args[0] is None and args[1] is None and not args[5] \
-            and mu.numel() <= _torch_impl.SMALL_NUMEL and _eager(mu, logvar) \
-            and _small_eager((mu, logvar)):
+    if args[0] is None and args[1] is None and not args[5] and _eager(mu, logvar) \
+            and mu.numel() <= _torch_impl.SMALL_NUMEL and _small_eager((mu, logvar)):
         if args[6]:
             return _apply(_SmallKLFunction, 2, mu, logvar, *args[2:5])
         return _torch_impl.small_kl_value(mu, logvar, args[3], args[4],

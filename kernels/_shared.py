@@ -274,9 +274,10 @@ def finish_rows(
 
 
 class FinishBlocks(NamedTuple):
-    """``finish_rows``'s block sizes, small enough that the second stage, inlined
-    in the stage-1 kernel, does not raise its register count (each iteration
-    holds at most 32 x 32 partials)."""
+    """``finish_rows``'s block sizes. Inlined in the stage-1 kernel, the second stage
+    holds about 16 partials per thread per iteration (so it does not raise the
+    kernel's register count much), with as many rows per iteration as that allows:
+    the iterations run one after another in one program, each waiting on its loads."""
 
     rows: int
     recon: int
@@ -284,15 +285,20 @@ class FinishBlocks(NamedTuple):
     cols: int
 
 
+FINISH_PER_THREAD = 16  # partials a thread holds per iteration of the second stage
+
+
 @functools.lru_cache(maxsize=256)
-def finish_blocks(rows, recon_chunks, kl_chunks, kl_cols=0):
+def finish_blocks(rows, recon_chunks, kl_chunks, kl_cols=0, num_warps=4):
     """The FinishBlocks for N = ``rows`` and the given partials per row (and
-    ``kl_cols`` column sums, with free bits); cached (triton.next_power_of_2
-    costs microseconds a call)."""
-    return FinishBlocks(rows=min(triton.next_power_of_2(max(rows, 1)), 32),
-                        recon=min(triton.next_power_of_2(max(recon_chunks, 1)), 32),
-                        kl=min(triton.next_power_of_2(max(kl_chunks, 1)), 32),
-                        cols=min(triton.next_power_of_2(max(kl_cols, 1)), 1024))
+    ``kl_cols`` column sums, with free bits), for a program of ``num_warps`` warps;
+    cached (triton.next_power_of_2 costs microseconds a call)."""
+    recon = min(triton.next_power_of_2(max(recon_chunks, 1)), 32)
+    kl = min(triton.next_power_of_2(max(kl_chunks, 1)), 32)
+    budget = FINISH_PER_THREAD * 32 * num_warps
+    row_cap = max(16, min(256, budget // max(recon, kl)))
+    return FinishBlocks(rows=min(triton.next_power_of_2(max(rows, 1)), row_cap), recon=recon,
+                        kl=kl, cols=min(triton.next_power_of_2(max(kl_cols, 1)), 1024))
 
 
 # ---- launch sizes --------------------------------------------------------

@@ -275,7 +275,7 @@ def reparameterize_forward_with_prior(mu, logvar, prior_mu, prior_logvar, seed, 
         has_prior = with_kl and (prior_mu is not None or prior_logvar is not None)
         prior = _prior_tiles(mu, prior_mu, prior_logvar) if has_prior else (mu, mu)
         kl = torch.empty((batch,) if with_kl else (0,), dtype=torch.float32, device=device)
-        finish = _shared.finish_blocks(batch, 0, split.chunks)
+        finish = _shared.finish_blocks(batch, 0, split.chunks, 0, split.num_warps)
         _reparameterize_kernel[(split.programs,)](
             mu, logvar, z, partials, _seed_on(seed, device), *prior, batch, cols, mu.numel(),
             max(1, num_samples), split.chunks, lo, hi,

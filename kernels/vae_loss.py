@@ -567,8 +567,9 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
     if has_recon:
         loss_out, recon_out = new_value(), new_value()
         beta_ptr, beta_value = _beta_arguments(beta, beta_value, device)
+    num_warps = max(r_split.num_warps, kl_split.num_warps)
     finish = _shared.finish_blocks(batch, r_split.chunks if has_recon else 0, kl_split.chunks,
-                                   kl_cols if col_sums is not None else 0)
+                                   kl_cols if col_sums is not None else 0, num_warps)
     _vae_loss_partials_kernel[(r_split.programs + kl_split.programs,)](
         x_hat if has_recon else mu, x if has_recon else mu, mu, logvar,
         grad_x_hat if grad_recon else partials, grad_mu if grad_kl else partials,
@@ -598,7 +599,7 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
         HAS_RECON=has_recon, BETA_FROM_PTR=beta_ptr is not None, PER_SAMPLE=per_sample,
         FINISH_ROWS=finish.rows, FINISH_RECON=finish.recon, FINISH_KL=finish.kl,
         FINISH_COLS=finish.cols,
-        num_warps=max(r_split.num_warps, kl_split.num_warps),
+        num_warps=num_warps,
     )
     return (loss_out, recon_out, kl_out, grad_x_hat, grad_mu, grad_logvar, grad_obs, grad_pm,
             grad_plv, col_sums)

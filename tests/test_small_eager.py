@@ -185,3 +185,24 @@ def test_bce_logits_targets_outside_the_unit_interval_are_refused_by_name():
         x[0, 0] = 1.5
     with pytest.raises(ValueError, match=r"\bx\b"):
         fastvae.vae_loss(x_hat, x, mu, logvar, recon="bce_logits")
+
+
+def test_export_with_a_dynamic_batch_across_small_numel():
+    """The size test of the small path runs only in plain eager mode: traced, it would
+    become a guard that caps a dynamic batch below SMALL_NUMEL / row length."""
+    from torch.export import Dim, export
+
+    class Loss(torch.nn.Module):
+        def forward(self, x_hat, x, mu, logvar):
+            return fastvae.vae_loss(x_hat, x, mu, logvar) + fastvae.kl_divergence(mu, logvar)
+
+    cols = 64
+    batch = Dim("batch", min=2, max=4 * _torch_impl.SMALL_NUMEL // cols)
+    inputs = [torch.rand(8, cols), torch.rand(8, cols), torch.randn(8, 4), torch.randn(8, 4)]
+    program = export(Loss(), tuple(inputs), dynamic_shapes=({0: batch},) * 4)
+    big = _torch_impl.SMALL_NUMEL // cols + 5  # past SMALL_NUMEL elements
+    for rows in (8, big):
+        args = [torch.rand(rows, cols), torch.rand(rows, cols), torch.randn(rows, 4),
+                torch.randn(rows, 4)]
+        want = Loss()(*args)
+        torch.testing.assert_close(program.module()(*args), want, rtol=1e-5, atol=1e-4)
