@@ -765,7 +765,7 @@ _ReparameterizeFunction = _function("_ReparameterizeFunction", _reparameterize_i
 # ---- small inputs on the PyTorch path: the gradients in the backward ----------
 #
 # See fastvae._torch_impl (small_eager_applies): at most SMALL_NUMEL elements,
-# plain eager calls of the mse, l1, bce and bce_logits losses against N(0, I) and of the KL compute
+# plain eager calls of the mse, l1 and bce_logits losses against N(0, I) and of the KL compute
 # the values in the forward and each gradient in the backward, grad_output
 # folded in. They save the inputs (small) instead of gradient buffers.
 
@@ -921,7 +921,7 @@ def reparameterize(mu, logvar, *args):
 
 def vae_loss_values(x_hat, x, mu, logvar, *args):
     """(loss, recon, kl): the first three outputs of ``vae_loss`` (same arguments),
-    for the public API. A plain eager mse, l1, bce or bce_logits loss against N(0, I) of at most
+    for the public API. A plain eager mse, l1 or bce_logits loss against N(0, I) of at most
     SMALL_NUMEL elements on the PyTorch path computes its gradients in the backward
     instead (``_SmallLossFunction``): the gradient buffers are never made."""
     beta, obs_logvar, prior_mu, prior_logvar = args[:4]
