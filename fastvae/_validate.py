@@ -13,7 +13,6 @@ is never remembered. ``beta`` (often annealed, a new float each step) is
 checked on every call.
 """
 
-import math
 import numbers
 
 import torch
@@ -81,7 +80,9 @@ def _finite_float(name, value):
         value_f = float(value)
     except OverflowError:
         raise ValueError(f"{name} must be finite, got {value!r:.40}, too large for a float") from None
-    if not math.isfinite(value_f):
+    # v - v is 0 exactly for a finite v (NaN for inf and NaN): arithmetic, not
+    # math.isfinite, which torch.compile(dynamic=True) cannot trace on a symbolic float
+    if not value_f - value_f == 0.0:
         raise ValueError(f"{name} must be finite, got {value_f}")
     return value_f
 
@@ -229,9 +230,10 @@ def check_logvar_clamp(logvar_clamp):
         if not (is_number or is_scalar_tensor):
             raise shape_error
     lo, hi = _bound(lo), _bound(hi)
-    if math.isnan(lo) or math.isnan(hi) or lo > hi:
+    # (NaN != NaN; an infinite bound less itself is NaN: arithmetic, as in _finite_float)
+    if lo != lo or hi != hi or lo > hi:
         raise ValueError(f"logvar_clamp must satisfy lo <= hi, got ({lo}, {hi})")
-    if math.isinf(lo) or math.isinf(hi):
+    if not (lo - lo == 0.0 and hi - hi == 0.0):
         # clamping to +-inf makes exp(logvar) inf or 0 and the KL inf - inf = nan
         raise ValueError(f"logvar_clamp bounds must be finite, got ({lo}, {hi}); "
                          f"use None for no clamp")

@@ -238,3 +238,31 @@ def test_kl_controls_keep_the_fake_strides_for_channels_last_latents(device, opt
             grad_z.transpose(-1, -2), torch.randn(3, device=device), mu.detach(), logvar.detach(),
             None if prior is None else prior.detach(), None if prior is None else prior.detach(), seed,
             None, None, samples))
+
+
+def test_compile_with_dynamic_shapes_has_no_graph_break(device):
+    """torch.compile(dynamic=True): Python floats (free_bits's default, beta) may be
+    traced as symbolic floats, which the argument checks must handle without
+    math.isfinite (untraceable there); several batch sizes, one graph each at most."""
+    torch._dynamo.reset()
+
+    def step(x_hat, x, mu, logvar):
+        loss = fastvae.vae_loss(x_hat, x, mu, logvar, beta=0.5, logvar_clamp=(-5.0, 5.0))
+        kl = fastvae.kl_divergence(mu, logvar, reduction="batchmean", free_bits=0.0)
+        return loss + kl
+
+    compiled = torch.compile(step, dynamic=True, fullgraph=True, backend="aot_eager")
+    g = torch.Generator().manual_seed(0)
+    for batch in (4, 7, 3):
+        args = [torch.randn(batch, 6, generator=g).to(device), torch.rand(batch, 6, generator=g).to(device),
+                torch.randn(batch, 2, generator=g).to(device), torch.randn(batch, 2, generator=g).to(device)]
+        leaves = [a.clone().requires_grad_() for a in args]
+        got = compiled(*leaves)
+        got.backward()
+        want_leaves = [a.clone().requires_grad_() for a in args]
+        want = step(*want_leaves)
+        want.backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for a, b in zip(leaves, want_leaves):
+            if b.grad is not None:
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
