@@ -562,30 +562,34 @@ def _small_bce_logits_value(x_hat, x, dtype, reduction, scale):
 
 
 def small_kl_value(mu, logvar, lo, hi, dtype, reduction):
-    """(the reduced KL, exp(lv) - 1 in ``dtype`` for the backward)."""
-    mu_c, lv = _as(mu, dtype), _clamped(_as(logvar, dtype), lo, hi)
+    """(the reduced KL, exp(lv) - 1, mu and logvar in ``dtype``): the last three for
+    the backward (half-precision latents converted once, not again there)."""
+    mu_c, logvar_c = _as(mu, dtype), _as(logvar, dtype)
+    lv = _clamped(logvar_c, lo, hi)
     var_m1 = torch.expm1(lv)  # exp(lv) - 1, exact near 0
     terms = torch.sub(var_m1, lv).addcmul_(mu_c, mu_c)
     value = _row_sum(terms) if reduction == "none" else terms.sum()
     scale = 0.5 * reduction_scale(reduction, mu.shape[0], mu.numel())
-    return value.mul_(constant(scale, dtype, mu.device)), var_m1
+    return value.mul_(constant(scale, dtype, mu.device)), var_m1, mu_c, logvar_c
 
 
 def small_loss_values(x_hat, x, mu, logvar, beta, beta_value, recon, reduction, lo, hi):
-    """(loss, recon, kl, exp(lv) - 1), the values of ``vae_loss_forward`` for the
-    inputs ``small_eager_applies`` to; no gradient."""
+    """((loss, recon, kl), (x_hat, x, mu, logvar, exp(lv) - 1) in the compute dtype):
+    the values of ``vae_loss_forward`` for the inputs ``small_eager_applies`` to, no
+    gradient, and what the backward needs (half-precision inputs converted once)."""
     dtype = compute_dtype(x_hat, x, mu, logvar)
+    p, target = _as(x_hat, dtype), _as(x, dtype)
     recon_scale = reduction_scale(reduction, x_hat.shape[0], x_hat.numel())
     if recon in SMALL_RECONS:
-        recon_out, _ = _small_recon(x_hat, x, recon, dtype, reduction, recon_scale, False)
+        recon_out, _ = _small_recon(p, target, recon, dtype, reduction, recon_scale, False)
     else:
-        recon_out = _small_bce_logits_value(x_hat, x, dtype, reduction, recon_scale)
-    kl_out, var_m1 = small_kl_value(mu, logvar, lo, hi, dtype, reduction)
+        recon_out = _small_bce_logits_value(p, target, dtype, reduction, recon_scale)
+    kl_out, var_m1, mu_c, logvar_c = small_kl_value(mu, logvar, lo, hi, dtype, reduction)
     if beta is None:
         loss = torch.add(recon_out, kl_out, alpha=beta_value)
     else:
         loss = recon_out + _as(beta, dtype) * kl_out
-    return loss, recon_out, kl_out, var_m1
+    return (loss, recon_out, kl_out), (p, target, mu_c, logvar_c, var_m1)
 
 
 def _weight(w, reduction, batch, numel, like_dim):

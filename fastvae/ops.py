@@ -781,18 +781,21 @@ class _SmallLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_hat, x, mu, logvar, beta, beta_value, recon, reduction, lo, hi):
         _validate.check_loss_values(x_hat, x, recon, beta)
-        loss, recon_out, kl, var_m1 = _torch_impl.small_loss_values(
+        (loss, recon_out, kl), converted = _torch_impl.small_loss_values(
             x_hat, x, mu, logvar, beta, beta_value, recon, reduction, lo, hi)
         ctx.set_materialize_grads(False)
         ctx.options = (beta_value, recon, reduction, lo, hi, kl.dtype)
-        ctx.save_for_backward(x_hat, x, mu, logvar, beta, kl, var_m1)
+        ctx.dtypes = (x_hat.dtype, x.dtype, mu.dtype, logvar.dtype)
+        # the inputs in the compute dtype (converted once) and exp(lv) - 1
+        ctx.save_for_backward(*converted, beta, kl)
         return loss, recon_out, kl
 
     @staticmethod
     def backward(ctx, g_loss, g_recon, g_kl):
         _refuse_double_backward("vae_loss")
-        x_hat, x, mu, logvar, beta, kl, var_m1 = ctx.saved_tensors
+        x_hat, x, mu, logvar, var_m1, beta, kl = ctx.saved_tensors  # (compute dtype)
         beta_value, recon, reduction, lo, hi, dtype = ctx.options
+        xhat_dtype, x_dtype, mu_dtype, lv_dtype = ctx.dtypes
         need_xhat, need_x, need_mu, need_lv, need_beta = ctx.needs_input_grad[:5]
         grad_xhat = grad_x = grad_mu = grad_lv = grad_beta = None
         w_recon = _sum_present(g_loss, g_recon)
@@ -801,9 +804,9 @@ class _SmallLossFunction(torch.autograd.Function):
                 if need_xhat or recon in _torch_impl.SMALL_RECONS else None
             if need_x:
                 grad_x = _numerics.as_dtype(_torch_impl.small_target_grad(
-                    x_hat, recon, reduction, dtype, w_recon, g), x.dtype)
+                    x_hat, recon, reduction, dtype, w_recon, g), x_dtype)
             if need_xhat:
-                grad_xhat = _numerics.as_dtype(g, x_hat.dtype)
+                grad_xhat = _numerics.as_dtype(g, xhat_dtype)
         g_loss_kl = None
         if g_loss is not None:
             if beta is None:
@@ -816,8 +819,8 @@ class _SmallLossFunction(torch.autograd.Function):
         if w_kl is not None and (need_mu or need_lv):
             grad_mu, grad_lv = _torch_impl.small_kl_grads(mu, logvar, var_m1, lo, hi, reduction,
                                                            dtype, w_kl, need_mu, need_lv)
-            grad_mu = None if grad_mu is None else _numerics.as_dtype(grad_mu, mu.dtype)
-            grad_lv = None if grad_lv is None else _numerics.as_dtype(grad_lv, logvar.dtype)
+            grad_mu = None if grad_mu is None else _numerics.as_dtype(grad_mu, mu_dtype)
+            grad_lv = None if grad_lv is None else _numerics.as_dtype(grad_lv, lv_dtype)
         return grad_xhat, grad_x, grad_mu, grad_lv, grad_beta, None, None, None, None, None
 
 
@@ -827,21 +830,22 @@ class _SmallKLFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, mu, logvar, reduction, lo, hi):
         dtype = _numerics.compute_dtype(mu, logvar)
-        kl, var_m1 = _torch_impl.small_kl_value(mu, logvar, lo, hi, dtype, reduction)
-        ctx.options = (reduction, lo, hi, dtype)
-        ctx.save_for_backward(mu, logvar, var_m1)
+        kl, var_m1, mu_c, logvar_c = _torch_impl.small_kl_value(mu, logvar, lo, hi, dtype,
+                                                                reduction)
+        ctx.options = (reduction, lo, hi, dtype, mu.dtype, logvar.dtype)
+        ctx.save_for_backward(mu_c, logvar_c, var_m1)  # (compute dtype)
         return kl
 
     @staticmethod
     def backward(ctx, g_kl):
         _refuse_double_backward("kl_divergence")
         mu, logvar, var_m1 = ctx.saved_tensors
-        reduction, lo, hi, dtype = ctx.options
+        reduction, lo, hi, dtype, mu_dtype, lv_dtype = ctx.options
         need_mu, need_lv = ctx.needs_input_grad[:2]
         grad_mu, grad_lv = _torch_impl.small_kl_grads(mu, logvar, var_m1, lo, hi, reduction,
                                                        dtype, g_kl, need_mu, need_lv)
-        return (None if grad_mu is None else _numerics.as_dtype(grad_mu, mu.dtype),
-                None if grad_lv is None else _numerics.as_dtype(grad_lv, logvar.dtype),
+        return (None if grad_mu is None else _numerics.as_dtype(grad_mu, mu_dtype),
+                None if grad_lv is None else _numerics.as_dtype(grad_lv, lv_dtype),
                 None, None, None)
 
 
@@ -939,7 +943,7 @@ def vae_loss_values(x_hat, x, mu, logvar, *args):
         if beta is None or not (beta.requires_grad and torch.is_grad_enabled()):
             # nothing to differentiate: the values alone, no gradient buffers
             _validate.check_loss_values(x_hat, x, args[5], beta)
-            return _torch_impl.small_loss_values(*small_args)[:3]
+            return _torch_impl.small_loss_values(*small_args)[0]
     return vae_loss(x_hat, x, mu, logvar, *args)[:3]
 
 
