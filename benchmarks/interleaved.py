@@ -16,16 +16,13 @@ bench`` runs every case, ``--group all``, and the report shows these ratios).
 
 import argparse
 import datetime
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 
-from benchmarks import cases
+from benchmarks import cases, report
 
 BLOCK_SECONDS = 2e-3  # one timed block of calls per implementation per round
 
@@ -64,20 +61,6 @@ def compare(case, device, baseline="eager", rounds=40):
             "ratio": statistics.median(ratios)}
 
 
-def _write_json(path, data):
-    """Write ``data`` to ``path`` whole or not at all."""
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--group", choices=("fixed_cost", "suite", "all"), default="fixed_cost")
@@ -114,7 +97,7 @@ def main(argv=None):
         print(f"| `{case.id}` | {got['fastvae'] * 1e6:.1f} µs | {got[args.baseline] * 1e6:.1f} µs "
               f"| {got['ratio']:.2f}× |", flush=True)
         if args.json:  # after every case: a run cut short keeps what it measured
-            _write_json(args.json, {
+            report.write_json(args.json, {
                 "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                 "torch": torch.__version__, "threads": torch.get_num_threads(),
                 "device": device, "baseline": args.baseline, "rounds": args.rounds,

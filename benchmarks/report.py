@@ -366,6 +366,11 @@ def _atomic_write(path, write, binary=False):
         raise
 
 
+def write_json(path, data):
+    """``data`` as JSON at ``path``, written whole or not at all."""
+    _atomic_write(path, lambda f: json.dump(data, f, indent=1))
+
+
 _KEPT_STATS = ("min", "median", "mean", "max", "stddev", "iqr", "rounds")
 
 

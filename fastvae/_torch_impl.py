@@ -501,23 +501,17 @@ def _small_recon(x_hat, x, recon, dtype, reduction, scale, want_grad):
 def _small_kl(mu, logvar, lo, hi, dtype, reduction, scale, want_grad):
     """The KL of at most SMALL_NUMEL elements: (the reduced KL, then scale times
     its gradients with respect to mu and logvar, or None, None)."""
+    if not want_grad:
+        return small_kl_value(mu, logvar, lo, hi, dtype, reduction)[0], None, None
     mu_c, lv = _as(mu, dtype), _clamped(_as(logvar, dtype), lo, hi)
     var_m1 = _contiguous_result(torch.expm1, lv, dtype)  # exp(lv) - 1, exact near 0
-    if want_grad:
-        # the terms halved as they are built (exact: a power of two)
-        half_var_m1 = var_m1.mul_(constant(0.5, dtype, lv.device))  # d kl / d lv, unscaled
-        terms = torch.sub(half_var_m1, lv, alpha=0.5).addcmul_(mu_c, mu_c, value=0.5)
-        total_scale = scale
-    else:
-        terms = var_m1.sub_(lv).addcmul_(mu_c, mu_c)
-        total_scale = 0.5 * scale
+    # the terms halved as they are built (exact: a power of two)
+    half_var_m1 = var_m1.mul_(constant(0.5, dtype, lv.device))  # d kl / d lv, unscaled
+    terms = torch.sub(half_var_m1, lv, alpha=0.5).addcmul_(mu_c, mu_c, value=0.5)
     value = _row_sum(terms) if reduction == "none" else terms.sum()
-    if total_scale != 1.0:
-        value = value.mul_(constant(total_scale, dtype, lv.device))
-    if not want_grad:
-        return value, None, None
     if scale != 1.0:
         scale_t = constant(scale, dtype, mu_c.device)
+        value = value.mul_(scale_t)
         grad_mu = _contiguous_result(torch.mul, mu_c, dtype, scale_t)
         half_var_m1.mul_(scale_t)
     elif mu_c is not mu and mu_c.is_contiguous():
@@ -562,8 +556,9 @@ def _small_bce_logits_value(x_hat, x, dtype, reduction, scale):
 
 
 def small_kl_value(mu, logvar, lo, hi, dtype, reduction):
-    """(the reduced KL, exp(lv) - 1, mu and logvar in ``dtype``): the last three for
-    the backward (half-precision latents converted once, not again there)."""
+    """(the reduced KL, exp(lv) - 1, mu and logvar in ``dtype``) of at most
+    SMALL_NUMEL elements: the last three for a backward (half-precision latents
+    converted once, not again there)."""
     mu_c, logvar_c = _as(mu, dtype), _as(logvar, dtype)
     lv = _clamped(logvar_c, lo, hi)
     var_m1 = torch.expm1(lv)  # exp(lv) - 1, exact near 0

@@ -241,6 +241,20 @@ def _sum_present(*grads):
     return present[0] if len(present) == 1 else sum(present[1:], present[0])
 
 
+def _kl_weight_and_beta_grad(g_loss, g_kl, beta, beta_value, kl, need_beta):
+    """(the KL's output gradient: beta g_loss + g_kl, None when neither flows;
+    d loss/d beta for a tensor beta that needs it, else None)."""
+    g_loss_kl = grad_beta = None
+    if g_loss is not None:
+        if beta is None:  # a float beta; 1.0 (the default) costs no op
+            g_loss_kl = g_loss if beta_value == 1.0 else g_loss * beta_value
+        else:
+            g_loss_kl = g_loss * beta.to(g_loss.dtype)
+            if need_beta:
+                grad_beta = (g_loss * kl).sum().to(device=beta.device, dtype=beta.dtype)
+    return _sum_present(g_loss_kl, g_kl), grad_beta
+
+
 def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_grad_buffers):
     """Gradients for LossInputs (the options get None) from those of LossOutputs
     (the gradient buffers are non-differentiable outputs)."""
@@ -251,16 +265,8 @@ def _vae_loss_backward(ctx, g_loss, g_recon, g_kl, *_grad_buffers):
     need_xhat, need_x, need_mu, need_lv, need_beta, need_obs, need_pm, need_plv = \
         ctx.needs_input_grad[:LOSS_TENSOR_INPUTS]
     w_recon = _sum_present(g_loss, g_recon)
-    if g_loss is not None:
-        if beta is None:  # a float beta; 1.0 (the default) costs no op
-            g_loss_kl = g_loss if ctx.beta_value == 1.0 else g_loss * ctx.beta_value
-        else:
-            g_loss_kl = g_loss * beta.to(g_loss.dtype)
-    w_kl = _sum_present(None if g_loss is None else g_loss_kl, g_kl)
-
-    grad_beta = grad_x = grad_xhat = grad_mu = grad_lv = grad_obs = None
-    if need_beta and g_loss is not None:
-        grad_beta = (g_loss * kl).sum().to(device=beta.device, dtype=beta.dtype)
+    w_kl, grad_beta = _kl_weight_and_beta_grad(g_loss, g_kl, beta, ctx.beta_value, kl, need_beta)
+    grad_x = grad_xhat = grad_mu = grad_lv = grad_obs = None
     if w_recon is None:
         need_xhat = need_x = need_obs = False
     if need_obs and scalar_obs is not None:
@@ -797,7 +803,7 @@ class _SmallLossFunction(torch.autograd.Function):
         beta_value, recon, reduction, lo, hi, dtype = ctx.options
         xhat_dtype, x_dtype, mu_dtype, lv_dtype = ctx.dtypes
         need_xhat, need_x, need_mu, need_lv, need_beta = ctx.needs_input_grad[:5]
-        grad_xhat = grad_x = grad_mu = grad_lv = grad_beta = None
+        grad_xhat = grad_x = grad_mu = grad_lv = None
         w_recon = _sum_present(g_loss, g_recon)
         if w_recon is not None and (need_xhat or need_x):
             g = _torch_impl.small_recon_grad(x_hat, x, recon, reduction, dtype, w_recon) \
@@ -807,15 +813,7 @@ class _SmallLossFunction(torch.autograd.Function):
                     x_hat, recon, reduction, dtype, w_recon, g), x_dtype)
             if need_xhat:
                 grad_xhat = _numerics.as_dtype(g, xhat_dtype)
-        g_loss_kl = None
-        if g_loss is not None:
-            if beta is None:
-                g_loss_kl = g_loss if beta_value == 1.0 else g_loss * beta_value
-            else:
-                g_loss_kl = g_loss * beta.to(g_loss.dtype)
-            if need_beta:
-                grad_beta = (g_loss * kl).sum().to(device=beta.device, dtype=beta.dtype)
-        w_kl = _sum_present(g_loss_kl, g_kl)
+        w_kl, grad_beta = _kl_weight_and_beta_grad(g_loss, g_kl, beta, beta_value, kl, need_beta)
         if w_kl is not None and (need_mu or need_lv):
             grad_mu, grad_lv = _torch_impl.small_kl_grads(mu, logvar, var_m1, lo, hi, reduction,
                                                            dtype, w_kl, need_mu, need_lv)
