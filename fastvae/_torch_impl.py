@@ -729,6 +729,22 @@ def _noise_pool(workers):
 _thread_generators = threading.local()  # standard_normal's CPU generator, per thread
 
 
+def _cpu_generator():
+    """This thread's CPU generator for draws that reseed it first: one object will do."""
+    gen = getattr(_thread_generators, "cpu", None)
+    if gen is None:
+        gen = _thread_generators.cpu = torch.Generator()
+    return gen
+
+
+def _reseeded_normal(gen, seed, shape, dtype, device, std):
+    """N(0, std^2) noise of ``shape`` drawn by ``gen`` reseeded from ``seed``: the draw of
+    a call of at most NOISE_CHUNK elements (normal_ scales as it writes: for a power of
+    two ``std``, bit for bit ``randn * std`` without a second pass)."""
+    gen.manual_seed(_chunk_seed(seed, -1))  # mt19937 keeps only 32 bits: mix all 62 in
+    return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=gen)
+
+
 def standard_normal(seed, shape, dtype, device, std=1.0):
     """The noise eps ~ N(0, I) of one reparameterize call (times ``std``, a power
     of two keeps it exact), reproducible from ``seed`` so that the backward can
@@ -747,15 +763,8 @@ def standard_normal(seed, shape, dtype, device, std=1.0):
         device = torch.device(device)
     numel = math.prod(shape)
     if device.type != "cpu" or numel <= NOISE_CHUNK:
-        if device.type == "cpu":  # reseeded below: one generator object per thread will do
-            gen = getattr(_thread_generators, "cpu", None)
-            if gen is None:
-                gen = _thread_generators.cpu = torch.Generator()
-        else:
-            gen = torch.Generator(device=device)
-        gen.manual_seed(_chunk_seed(seed, -1))  # mt19937 keeps only 32 bits: mix all 62 in
-        return torch.randn(shape, generator=gen, dtype=dtype, device=device).mul_(std) \
-            if std != 1.0 else torch.randn(shape, generator=gen, dtype=dtype, device=device)
+        gen = _cpu_generator() if device.type == "cpu" else torch.Generator(device=device)
+        return _reseeded_normal(gen, seed, shape, dtype, device, std)
     out = torch.empty(shape, dtype=dtype, device=device)
     flat = out.view(-1)
     starts = range(0, numel, NOISE_CHUNK)
@@ -887,6 +896,54 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_h
     else:
         # exactly grad_z, in mu's dtype, in a fresh contiguous buffer
         grad_mu = grad_z.to(mu.dtype, copy=True, memory_format=torch.contiguous_format)
+    if clamp_lo is not None:
+        grad_logvar.mul_(_unclamped_mask(logvar_c, clamp_lo, clamp_hi))
+    return _as(grad_mu, mu.dtype), _as(grad_logvar, logvar.dtype)
+
+
+# ---- small CPU sampling: the noise saved, not kept in the table ----------
+#
+# A plain eager reparameterize / sample_and_kl with gradients, against N(0, I), of at
+# most SMALL_NUMEL latent elements on the CPU (ops._SmallSampleFunction): the same
+# arithmetic as reparameterize_forward / _backward above (the same bits), with what
+# the backward reads returned to the caller to save: eps std / 2 is at most
+# SMALL_NUMEL elements, as much as eager's saved noise. Nothing to key or look up; a
+# second backward reads it again.
+
+
+def small_sample_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
+    """(z, the per-sample KL (N,) or None without ``with_kl``, eps std / 2)."""
+    dtype = compute_dtype(mu, logvar)
+    lv = _clamped(_as(logvar, dtype), clamp_lo, clamp_hi)
+    std = torch.mul(lv, constant(0.5, dtype, lv.device)).exp_()
+    half_eps = _reseeded_normal(_cpu_generator(), int(seed), mu.shape, dtype, None, 0.5)
+    mu_c = _as(mu, dtype)
+    z = torch.addcmul(mu_c, half_eps, std, value=2.0)  # bit for bit mu + eps std
+    kept = half_eps.mul_(std)
+    out_dtype = mu.dtype if mu.dtype == logvar.dtype else torch.promote_types(mu.dtype, logvar.dtype)
+    z = _as(z, out_dtype)
+    if not with_kl:
+        return z, None, kept
+    one, half = constant(1.0, dtype, lv.device), constant(0.5, dtype, lv.device)
+    terms = std.square_().sub_(one).sub_(lv).addcmul_(mu_c, mu_c)
+    return z, _row_sum(terms).mul_(half), kept
+
+
+def small_sample_backward(grad_z, grad_kl, mu, logvar, kept, clamp_lo, clamp_hi):
+    """reparameterize_backward's gradients from the saved eps std / 2 (read, not
+    written), in fresh buffers; without the KL d z / d mu is grad_z itself, passed on
+    as eager's add passes it."""
+    dtype = kept.dtype
+    grad_logvar = torch.mul(kept, grad_z if grad_z.dtype.itemsize <= kept.dtype.itemsize
+                            else _as(grad_z, dtype))
+    if grad_kl is not None or clamp_lo is not None:
+        logvar_c = _as(logvar, dtype)
+    if grad_kl is not None:
+        g_kl = _as(grad_kl, dtype).reshape((-1,) + (1,) * (mu.dim() - 1))
+        grad_logvar.addcmul_(torch.expm1(_clamped(logvar_c, clamp_lo, clamp_hi)), g_kl, value=0.5)
+        grad_mu = torch.addcmul(_as(grad_z, dtype), _as(mu, dtype), g_kl)
+    else:
+        grad_mu = grad_z
     if clamp_lo is not None:
         grad_logvar.mul_(_unclamped_mask(logvar_c, clamp_lo, clamp_hi))
     return _as(grad_mu, mu.dtype), _as(grad_logvar, logvar.dtype)

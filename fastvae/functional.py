@@ -137,8 +137,7 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, generator: torch.Generator | N
         _validate.check_generator(generator, mu.device)
     if torch.onnx.is_in_onnx_export():
         return mu + torch.exp(0.5 * logvar) * _export_noise(mu, num_samples)
-    seed = _draw_seed(generator, mu)
-    return ops.reparameterize(mu, logvar, None, None, seed, None, None, False, num_samples)[0]
+    return ops.reparameterize_value(mu, logvar, _draw_seed(generator, mu), num_samples)
 
 
 def sample_and_kl(mu: Tensor, logvar: Tensor, *, generator: torch.Generator | None = None,

@@ -850,25 +850,29 @@ class _SmallKLFunction(torch.autograd.Function):
 class _SmallSampleFunction(torch.autograd.Function):
     """reparameterize / sample_and_kl of at most SMALL_NUMEL latent elements on the
     CPU against N(0, I), one sample: the PyTorch path's forward and backward called
-    directly, without the dispatch and bookkeeping of the general op's Function
-    (the noise is kept and taken back as there: nothing noise-sized is saved)."""
+    directly, without the dispatch and bookkeeping of the general op's Function.
+    Returns z alone without the KL (one output: autograd's cost per output is
+    measurable at these sizes), else (z, kl). The forward's eps std / 2 (d z / d
+    logvar, at most SMALL_NUMEL elements: as much as eager's saved noise) is saved
+    like any saved tensor, not kept in the table the general path bounds."""
 
     @staticmethod
     def forward(ctx, mu, logvar, seed, lo, hi, with_kl):
         ctx.set_materialize_grads(False)
         ctx.options = (lo, hi, with_kl)
-        ctx.save_for_backward(mu, logvar, seed)
-        return _torch_impl.reparameterize_forward(mu, logvar, seed, lo, hi, with_kl)
+        z, kl, kept = _torch_impl.small_sample_forward(mu, logvar, seed, lo, hi, with_kl)
+        ctx.save_for_backward(mu, logvar, kept)
+        return (z, kl) if with_kl else z
 
     @staticmethod
-    def backward(ctx, grad_z, grad_kl):
+    def backward(ctx, grad_z, grad_kl=None):
         _refuse_double_backward("reparameterize")
-        mu, logvar, seed = ctx.saved_tensors
-        lo, hi, with_kl = ctx.options
+        mu, logvar, kept = ctx.saved_tensors
+        lo, hi, _ = ctx.options
         if grad_z is None:  # only the kl is used
             grad_z = torch.zeros(mu.shape, dtype=torch.promote_types(mu.dtype, logvar.dtype))
-        grad_mu, grad_lv = _torch_impl.reparameterize_backward(
-            grad_z, grad_kl if with_kl else None, mu, logvar, seed, lo, hi)
+        grad_mu, grad_lv = _torch_impl.small_sample_backward(grad_z, grad_kl, mu, logvar, kept,
+                                                             lo, hi)
         need_mu, need_lv = ctx.needs_input_grad[:2]
         return (grad_mu if need_mu else None, grad_lv if need_lv else None) + (None,) * 4
 
@@ -911,14 +915,28 @@ def reparameterize(mu, logvar, *args):
                 t is not None and t.requires_grad for t in (mu, logvar, prior_mu, prior_logvar))):
             return _reparameterize_impl(mu, logvar, *args)
         # (prior_mu, prior_logvar, seed, clamp_lo, clamp_hi, with_kl, num_samples) = args
-        if prior_mu is None and prior_logvar is None and not args[6] \
-                and mu.numel() <= _torch_impl.SMALL_NUMEL and mu.device.type == "cpu" \
-                and _small_eager((mu, logvar)):
-            return _apply(_SmallSampleFunction, 3, mu, logvar, seed, *args[3:6])
+        if prior_mu is None and prior_logvar is None and not args[6] and _small_sample(mu, logvar):
+            out = _apply(_SmallSampleFunction, 3, mu, logvar, seed, *args[3:6])
+            return out if args[5] else (out, mu.new_empty(0, dtype=out.dtype))
         return _apply(_ReparameterizeFunction, 5, mu, logvar, *args)
     if _differentiated_by_a_transform():  # torch.func, also inside torch.compile
         return _composite_reparameterize(mu, logvar, *args)
     return reparameterize_op(mu, logvar, *args)
+
+
+def _small_sample(mu, logvar):
+    return mu.numel() <= _torch_impl.SMALL_NUMEL and mu.device.type == "cpu" \
+        and _small_eager((mu, logvar))
+
+
+def reparameterize_value(mu, logvar, seed, num_samples):
+    """z: the first output of ``reparameterize`` against N(0, I) without a clamp or the
+    KL, for the public API; a plain eager call with gradients and at most SMALL_NUMEL
+    latent elements on the CPU takes ``_SmallSampleFunction``'s one output."""
+    if not num_samples and _eager(mu, logvar) and torch.is_grad_enabled() \
+            and (mu.requires_grad or logvar.requires_grad) and _small_sample(mu, logvar):
+        return _apply(_SmallSampleFunction, 3, mu, logvar, seed, None, None, False)
+    return reparameterize(mu, logvar, None, None, seed, None, None, False, num_samples)[0]
 
 
 def vae_loss_values(x_hat, x, mu, logvar, *args):

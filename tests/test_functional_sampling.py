@@ -7,6 +7,7 @@ import reference as ref
 import torch
 
 import fastvae
+from fastvae import _dispatch
 
 
 def latents(shape=(64, 32), dtype=torch.float32, device="cpu", seed=0):
@@ -130,15 +131,47 @@ def test_gradcheck_float64(with_kl):
     assert torch.autograd.gradcheck(fn, (mu, logvar))
 
 
-def test_no_noise_sized_tensor_saved_for_backward():
-    mu, logvar = latents((32, 16))
+@pytest.mark.parametrize("small", [True, False])
+def test_what_is_saved_for_backward(small):
+    """Past SMALL_NUMEL latent elements no noise-sized tensor is saved (the CPU path keeps
+    its noise in a bounded table, the kernels draw it again); a small CPU call saves one,
+    eps std / 2 (eager saves two: eps and std)."""
+    from fastvae._torch_impl import SMALL_NUMEL
+
+    mu, logvar = latents((32, 16) if small else (2, SMALL_NUMEL // 2 + 1))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         z, kl = fastvae.sample_and_kl(mu, logvar)
     big = [t for t in saved if t.numel() == mu.numel()]
-    # only mu and logvar themselves (no eps, std or z)
-    assert len(big) == 2 and all(any(t is s for s in (mu, logvar)) for t in big)
+    inputs = [t for t in big if any(t is s for s in (mu, logvar))]
+    assert len(inputs) == 2  # mu and logvar themselves
+    if small and mu.device.type == "cpu" and _dispatch.backend_for(mu, logvar) == "torch":
+        assert len(big) == 3  # and eps std / 2
+    else:
+        assert len(big) == 2  # no eps, std or z
     (z.sum() + kl.sum()).backward()
+
+
+def test_activation_checkpointing_recomputes_the_same_sample():
+    """torch.utils.checkpoint drops what the forward saved and runs it again for the
+    backward: the seed is drawn again from the restored generator state, so the
+    recomputed noise is the forward's and the gradients are those of no checkpointing."""
+    import torch.utils.checkpoint as checkpoint
+
+    mu, logvar = latents((32, 16))
+    weights = torch.linspace(-1, 1, 16)
+
+    def step(m, lv):
+        z, kl = fastvae.sample_and_kl(m, lv)
+        return (z * weights).sum() + kl.sum()
+
+    torch.manual_seed(4)
+    want = torch.autograd.grad(step(mu, logvar), (mu, logvar))
+    torch.manual_seed(4)
+    loss = checkpoint.checkpoint(step, mu, logvar, use_reentrant=False)
+    got = torch.autograd.grad(loss, (mu, logvar))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

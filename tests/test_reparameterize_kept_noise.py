@@ -1,5 +1,9 @@
 """On the CPU the PyTorch path keeps a reparameterization's noise for its backward
-instead of drawing it a second time (issue 14); the gradients are the same."""
+instead of drawing it a second time (issue 14); the gradients are the same.
+
+Two places keep it: calls of at most SMALL_NUMEL latent elements (``SMALL``) save
+eps std / 2 with their autograd node; larger ones (``GENERAL``) keep it in a
+bounded table, keyed by seed and logvar, and draw it again if it is gone."""
 
 import pytest
 import torch
@@ -7,29 +11,42 @@ import torch
 import fastvae
 from fastvae import _torch_impl
 
+SMALL = (16, 40)
+GENERAL = (4, 40000)  # above SMALL_NUMEL (asserted below), one noise chunk
+SHAPES = pytest.mark.parametrize("shape", [SMALL, GENERAL], ids=["small", "general"])
 
-def _latents(shape=(16, 40), seed=0):
+
+def test_the_two_shapes_take_the_two_paths():
+    assert SMALL[0] * SMALL[1] <= _torch_impl.SMALL_NUMEL < GENERAL[0] * GENERAL[1]
+    for shape, name in ((SMALL, "_SmallSampleFunction"), (GENERAL, "_ReparameterizeFunction")):
+        z = fastvae.reparameterize(*_latents(shape))
+        assert name in type(z.grad_fn).__name__
+
+
+def _latents(shape=GENERAL, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=gen).requires_grad_(True),
             torch.randn(shape, generator=gen).requires_grad_(True))
 
 
 def _count_draws(monkeypatch):
+    """Every draw of noise (of at most one chunk) reseeds this thread's generator."""
     draws = []
-    real = _torch_impl.standard_normal
+    real = _torch_impl._cpu_generator
 
-    def counting(*args, **kwargs):
-        draws.append(args[1])
-        return real(*args, **kwargs)
+    def counting():
+        draws.append(1)
+        return real()
 
-    monkeypatch.setattr(_torch_impl, "standard_normal", counting)
+    monkeypatch.setattr(_torch_impl, "_cpu_generator", counting)
     return draws
 
 
+@SHAPES
 @pytest.mark.parametrize("with_kl", [False, True])
-def test_backward_uses_the_kept_noise_and_draws_none(monkeypatch, with_kl):
+def test_backward_uses_the_kept_noise_and_draws_none(monkeypatch, with_kl, shape):
     draws = _count_draws(monkeypatch)
-    mu, logvar = _latents()
+    mu, logvar = _latents(shape)
     gen = torch.Generator().manual_seed(5)
     out = fastvae.sample_and_kl(mu, logvar, generator=gen) if with_kl \
         else fastvae.reparameterize(mu, logvar, generator=gen)
@@ -42,6 +59,7 @@ def test_backward_uses_the_kept_noise_and_draws_none(monkeypatch, with_kl):
 
 @pytest.mark.parametrize("with_kl", [False, True])
 def test_kept_and_regenerated_noise_give_identical_gradients(monkeypatch, with_kl):
+    """(The table's path: a small call's saved noise cannot go missing.)"""
     def grads():
         mu, logvar = _latents()
         gen = torch.Generator().manual_seed(7)
@@ -58,8 +76,11 @@ def test_kept_and_regenerated_noise_give_identical_gradients(monkeypatch, with_k
     assert torch.equal(kept_mu, regen_mu) and torch.equal(kept_lv, regen_lv)
 
 
-def test_second_backward_regenerates_the_noise():
-    mu, logvar = _latents()
+@SHAPES
+def test_second_backward_gives_the_same_gradients(shape):
+    """The table's path draws the noise again; the small path reads its saved noise
+    again (the first backward must not have written over it)."""
+    mu, logvar = _latents(shape)
     z = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(3))
     first = torch.autograd.grad(z.sum(), (mu, logvar), retain_graph=True)
     second = torch.autograd.grad(z.sum(), (mu, logvar))
@@ -68,29 +89,34 @@ def test_second_backward_regenerates_the_noise():
 
 def test_kept_noise_is_bounded_and_not_kept_without_grad():
     _torch_impl._kept_noise.clear()
-    plain = torch.randn(8, 8), torch.randn(8, 8)
+    plain = torch.randn(GENERAL), torch.randn(GENERAL)
     fastvae.reparameterize(*plain)
     assert not _torch_impl._kept_noise  # nothing can call a backward
-    mu, logvar = _latents((8, 8))
+    mu, logvar = _latents()
     for _ in range(3 * _torch_impl.KEPT_NOISE_SLOTS):
         fastvae.reparameterize(mu, logvar)  # forwards whose backward never runs
     assert len(_torch_impl._kept_noise) == _torch_impl.KEPT_NOISE_SLOTS
     _torch_impl._kept_noise.clear()
+    z = fastvae.reparameterize(*_latents(SMALL))  # saved with its node, not in the table
+    assert not _torch_impl._kept_noise
+    del z
 
 
+@SHAPES
 @pytest.mark.parametrize("prior", [False, True])
-def test_two_draws_from_one_seed_with_other_logvars_keep_their_own_gradients(prior):
+def test_two_draws_from_one_seed_with_other_logvars_keep_their_own_gradients(prior, shape):
     """A reseeded generator gives two calls the same seed, so the same kept slot: the
     backward of the first (run last) must still use its own logvar's std."""
-    mu, logvar = _latents()
+    mu, logvar = _latents(shape)
+    width = shape[1]
     other_logvar = (logvar.detach() + 1.5).requires_grad_(True)
-    kwargs = dict(prior_mu=torch.zeros(40), prior_logvar=torch.zeros(40)) if prior else {}
+    kwargs = dict(prior_mu=torch.zeros(width), prior_logvar=torch.zeros(width)) if prior else {}
 
     def sample(lv):
         return fastvae.sample_and_kl(mu, lv, generator=torch.Generator().manual_seed(11), **kwargs)[0]
 
     z_first, z_second = sample(logvar), sample(other_logvar)
-    weights = torch.linspace(-1, 1, 40)
+    weights = torch.linspace(-1, 1, width)
     (z_second * weights).sum().backward()
     (z_first * weights).sum().backward()
     # d z / d logvar = eps exp(logvar / 2) / 2, with eps = (z - mu) / exp(logvar / 2)
@@ -99,19 +125,21 @@ def test_two_draws_from_one_seed_with_other_logvars_keep_their_own_gradients(pri
     torch.testing.assert_close(logvar.grad, want)
 
 
-def test_one_seed_and_one_logvar_with_two_clamps_keep_their_own_gradients():
+@SHAPES
+def test_one_seed_and_one_logvar_with_two_clamps_keep_their_own_gradients(shape):
     """The kept eps std / 2 depends on the clamp: two calls from one seed on the same
     logvar with different clamps must not take each other's entry (both are kept)."""
-    mu, logvar = _latents()
+    mu, logvar = _latents(shape)
     with torch.no_grad():
         logvar.mul_(3.0)  # some values beyond the clamps
-    weights = torch.linspace(-1, 1, 40)
+    weights = torch.linspace(-1, 1, shape[1])
     grads = []
     for clamp in ((-1.0, 1.0), (-2.0, 2.0)):
         z = fastvae.sample_and_kl(mu, logvar, generator=torch.Generator().manual_seed(13),
                                   logvar_clamp=clamp)[0]
         grads.append((clamp, z.detach(), z))
-    assert len(_torch_impl._kept_noise) >= 2
+    if shape == GENERAL:
+        assert len(_torch_impl._kept_noise) >= 2
     for clamp, z_value, z in grads:  # the first call's backward first: the later entry is not its own
         (g_lv,) = torch.autograd.grad((z * weights).sum(), [logvar])
         inside = (logvar.detach() >= clamp[0]) & (logvar.detach() <= clamp[1])
@@ -124,8 +152,16 @@ def test_the_kept_entry_is_the_gradient_wrt_logvar():
     """What the forward keeps is eps std / 2 = d z / d logvar itself: the backward is one
     multiply by grad_z, equal bit for bit to drawing the noise again."""
     _torch_impl._kept_noise.clear()
-    mu, logvar = _latents((4, 6))
+    mu, logvar = _latents()
     z = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(21))
     (kept,) = _torch_impl._kept_noise.values()
     torch.testing.assert_close(kept, (z.detach() - mu.detach()) / 2)
     _torch_impl._kept_noise.clear()
+
+
+def test_the_small_path_saves_the_gradient_wrt_logvar_with_its_node():
+    mu, logvar = _latents(SMALL)
+    z = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(21))
+    saved = z.grad_fn.saved_tensors
+    assert len(saved) == 3 and saved[0] is mu and saved[1] is logvar
+    torch.testing.assert_close(saved[2], (z.detach() - mu.detach()) / 2)
