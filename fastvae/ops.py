@@ -17,7 +17,8 @@ int64 tensor (on the GPU for CUDA tensors, drawn there by a graph-safe
 PyTorch call; on the CPU otherwise) that is an op input, so it stays data
 under compile and in CUDA graphs; the kernels read it from memory. Its
 backward is its own op that regenerates the noise from the same seed tensor,
-so no noise-sized tensor is saved.
+so no noise-sized tensor is saved (the CPU path keeps its noise outside autograd,
+see ``_torch_impl``; a small plain eager CPU call saves it, ``_SmallSampleFunction``).
 
 The backward runs on the backend its forward ran on (stored in ``ctx`` at
 setup), whatever the backend setting says by then: the reparameterization's
