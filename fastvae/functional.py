@@ -25,6 +25,33 @@ class LossParts(NamedTuple):
     kl: torch.Tensor
 
 
+_ONNX_FLAGS = []  # [(GLOBALS, _flags)] or [None], resolved on the first call
+
+
+def _in_onnx_export() -> bool:
+    """``torch.onnx.is_in_onnx_export()`` without its two imports on every call (~1 us of
+    a ~25 us small loss): the two flags it reads, found once. Used only where that
+    function reads exactly those names (checked on its code); otherwise it is called."""
+    if not _ONNX_FLAGS:
+        flags = None
+        reads = set(torch.onnx.is_in_onnx_export.__code__.co_names)
+        if reads == {"torch.onnx._internal.exporter", "_flags", "GLOBALS", "in_onnx_export",
+                     "torch.onnx._internal.torchscript_exporter._globals",
+                     "_is_onnx_exporting"}:
+            try:
+                from torch.onnx._internal.exporter import _flags
+                from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+                flags = (GLOBALS, _flags)
+            except ImportError:
+                pass
+        _ONNX_FLAGS.append(flags)
+    flags = _ONNX_FLAGS[0]
+    # (traced, torch's function: Dynamo knows it, not the flags' properties)
+    if flags is None or torch.compiler.is_compiling():
+        return torch.onnx.is_in_onnx_export()
+    return flags[0].in_onnx_export or flags[1]._is_onnx_exporting
+
+
 def _needs_grad(*tensors):
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -83,7 +110,7 @@ def vae_loss(x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, recon: str
     free_bits = _validate.check_free_bits(free_bits, reduction)
     prior_mu = _validate.check_prior("prior_mu", prior_mu, mu)
     prior_logvar = _validate.check_prior("prior_logvar", prior_logvar, mu)
-    if torch.onnx.is_in_onnx_export():
+    if _in_onnx_export():
         parts = _vae_loss_formula(x_hat, x, mu, logvar, recon, beta, reduction, lo, hi,
                                   obs_logvar, prior_mu, prior_logvar, free_bits)
         return parts if return_parts else parts.loss
@@ -95,7 +122,7 @@ def vae_loss(x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, recon: str
         x_hat, x, mu, logvar, beta_t, obs_t, prior_mu, prior_logvar, beta_v, recon, obs_v,
         obs_optimal, reduction, lo, hi, free_bits, grad_recon,
         grad_enabled and (mu.requires_grad or logvar.requires_grad),
-        _prior_needs_grad(prior_mu, prior_logvar))
+        _prior_needs_grad(prior_mu, prior_logvar), parts=return_parts)
     return LossParts(*outputs) if return_parts else outputs[0]
 
 
@@ -117,7 +144,7 @@ def kl_divergence(mu: Tensor, logvar: Tensor, *, reduction: str = "sum",
     free_bits = _validate.check_free_bits(free_bits, reduction)
     prior_mu = _validate.check_prior("prior_mu", prior_mu, mu)
     prior_logvar = _validate.check_prior("prior_logvar", prior_logvar, mu)
-    if torch.onnx.is_in_onnx_export():
+    if _in_onnx_export():
         return _kl_formula(mu, logvar, lo, hi, prior_mu, prior_logvar, free_bits, reduction)
     return ops.kl_divergence_value(mu, logvar, prior_mu, prior_logvar, reduction, lo, hi,
                                    free_bits, _needs_grad(mu, logvar),
@@ -135,7 +162,7 @@ def reparameterize(mu: Tensor, logvar: Tensor, *, generator: torch.Generator | N
     num_samples = _validate.check_num_samples(num_samples)
     if generator is not None:
         _validate.check_generator(generator, mu.device)
-    if torch.onnx.is_in_onnx_export():
+    if _in_onnx_export():
         return mu + torch.exp(0.5 * logvar) * _export_noise(mu, num_samples)
     return ops.reparameterize_value(mu, logvar, _draw_seed(generator, mu), num_samples)
 
@@ -153,7 +180,7 @@ def sample_and_kl(mu: Tensor, logvar: Tensor, *, generator: torch.Generator | No
     prior_logvar = _validate.check_prior("prior_logvar", prior_logvar, mu)
     if generator is not None:
         _validate.check_generator(generator, mu.device)
-    if torch.onnx.is_in_onnx_export():
+    if _in_onnx_export():
         lv = logvar if lo is None else logvar.clamp(lo, hi)
         z = mu + torch.exp(0.5 * lv) * _export_noise(mu, num_samples)
         return z, _kl_rows(mu, logvar, lo, hi, prior_mu, prior_logvar)

@@ -783,10 +783,11 @@ def _small_eager(backend_tensors):
 
 
 class _SmallLossFunction(torch.autograd.Function):
-    """(loss, recon, kl) of a loss that ``_torch_impl.small_eager_applies`` to."""
+    """(loss, recon, kl) of a loss that ``_torch_impl.small_eager_applies`` to; the
+    loss alone unless ``parts`` (autograd's cost per output is measurable here)."""
 
     @staticmethod
-    def forward(ctx, x_hat, x, mu, logvar, beta, beta_value, recon, reduction, lo, hi):
+    def forward(ctx, x_hat, x, mu, logvar, beta, beta_value, recon, reduction, lo, hi, parts):
         _validate.check_loss_values(x_hat, x, recon, beta)
         (loss, recon_out, kl), converted = _torch_impl.small_loss_values(
             x_hat, x, mu, logvar, beta, beta_value, recon, reduction, lo, hi)
@@ -795,10 +796,10 @@ class _SmallLossFunction(torch.autograd.Function):
         ctx.dtypes = (x_hat.dtype, x.dtype, mu.dtype, logvar.dtype)
         # the inputs in the compute dtype (converted once) and exp(lv) - 1
         ctx.save_for_backward(*converted, beta, kl)
-        return loss, recon_out, kl
+        return (loss, recon_out, kl) if parts else loss
 
     @staticmethod
-    def backward(ctx, g_loss, g_recon, g_kl):
+    def backward(ctx, g_loss, g_recon=None, g_kl=None):
         _refuse_double_backward("vae_loss")
         x_hat, x, mu, logvar, var_m1, beta, kl = ctx.saved_tensors  # (compute dtype)
         beta_value, recon, reduction, lo, hi, dtype = ctx.options
@@ -820,7 +821,7 @@ class _SmallLossFunction(torch.autograd.Function):
                                                            dtype, w_kl, need_mu, need_lv)
             grad_mu = None if grad_mu is None else _numerics.as_dtype(grad_mu, mu_dtype)
             grad_lv = None if grad_lv is None else _numerics.as_dtype(grad_lv, lv_dtype)
-        return grad_xhat, grad_x, grad_mu, grad_lv, grad_beta, None, None, None, None, None
+        return grad_xhat, grad_x, grad_mu, grad_lv, grad_beta, None, None, None, None, None, None
 
 
 class _SmallKLFunction(torch.autograd.Function):
@@ -940,11 +941,12 @@ def reparameterize_value(mu, logvar, seed, num_samples):
     return reparameterize(mu, logvar, None, None, seed, None, None, False, num_samples)[0]
 
 
-def vae_loss_values(x_hat, x, mu, logvar, *args):
+def vae_loss_values(x_hat, x, mu, logvar, *args, parts=True):
     """(loss, recon, kl): the first three outputs of ``vae_loss`` (same arguments),
     for the public API. A plain eager mse, l1 or bce_logits loss against N(0, I) of at most
     SMALL_NUMEL elements on the PyTorch path computes its gradients in the backward
-    instead (``_SmallLossFunction``): the gradient buffers are never made."""
+    instead (``_SmallLossFunction``): the gradient buffers are never made. Without
+    ``parts`` only the loss is wanted: recon and kl may be None."""
     beta, obs_logvar, prior_mu, prior_logvar = args[:4]
     # (beta_value, recon, obs_logvar_value, obs_logvar_optimal, reduction, lo, hi,
     # free_bits, grad_recon, grad_kl, grad_prior) = args[4:]
@@ -956,7 +958,8 @@ def vae_loss_values(x_hat, x, mu, logvar, *args):
             and _small_eager((x_hat, x, mu, logvar)):
         small_args = (x_hat, x, mu, logvar, beta, args[4], args[5], args[8], args[9], args[10])
         if args[-3] or args[-2]:  # grad_recon, grad_kl
-            return _apply(_SmallLossFunction, 5, *small_args)
+            out = _apply(_SmallLossFunction, 5, *small_args, parts)
+            return out if parts else (out, None, None)
         if beta is None or not (beta.requires_grad and torch.is_grad_enabled()):
             # nothing to differentiate: the values alone, no gradient buffers
             _validate.check_loss_values(x_hat, x, args[5], beta)

@@ -535,3 +535,21 @@ def test_user_module_bce_logits_stays_finite_for_saturated_logits(tmp_path):
     want = recon_rows(logits.double().numpy(), x.double().numpy(), "bce_logits")
     assert np.isfinite(got).all()
     assert rel_err(got, want) <= RTOL
+
+
+def test_the_export_flag_fastvae_reads_is_torchs(tmp_path):
+    """fastvae reads the exporter's flags itself (torch.onnx.is_in_onnx_export imports
+    two modules per call): outside an export and inside one it says what torch says."""
+    from fastvae import functional
+
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append((functional._in_onnx_export(), torch.onnx.is_in_onnx_export()))
+            return x + 1
+
+    assert functional._in_onnx_export() is torch.onnx.is_in_onnx_export() is False
+    torch.onnx.export(Probe(), (torch.zeros(2, 3),), str(tmp_path / "probe.onnx"), dynamo=True)
+    assert seen and all(ours == theirs for ours, theirs in seen)
+    assert any(theirs for _, theirs in seen)

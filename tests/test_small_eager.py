@@ -62,6 +62,22 @@ def test_values_and_gradients_match_the_formulas(dtype, recon, reduction, clamp)
         torch.testing.assert_close(got.grad.double(), want.grad, **TOL[dtype])
 
 
+@pytest.mark.parametrize("recon", ["mse", "l1", "bce_logits"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_the_loss_alone_matches_the_formulas(recon, reduction):
+    """Without return_parts the Function has one output, the loss."""
+    tensors = leaves(torch.float32, target_grad=True, recon=recon)
+    loss = fastvae.vae_loss(*tensors, recon=recon, beta=0.7, reduction=reduction)
+    assert "_SmallLossFunction" in type(loss.grad_fn).__name__
+    copies, (want, _, _) = oracle(tensors, recon, 0.7, reduction, None)
+    torch.testing.assert_close(loss.detach().double(), want.detach(), **TOL[torch.float32])
+    weight = _weights(want, reduction, 3)
+    loss.backward(weight.to(loss.dtype))
+    want.backward(weight)
+    for got, ref_t in zip(tensors, copies):
+        torch.testing.assert_close(got.grad.double(), ref_t.grad, **TOL[torch.float32])
+
+
 def test_a_tensor_beta_gets_its_gradient():
     tensors = leaves(torch.float32)
     beta = torch.tensor(0.3, requires_grad=True)
