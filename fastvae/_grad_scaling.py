@@ -94,6 +94,38 @@ def per_sample_view(w: Tensor, like: Tensor) -> Tensor:
     return w.reshape((-1,) + (1,) * (like.dim() - 1)) if w.dim() == 1 else w
 
 
+# Rows of a half-precision buffer scaled per block in float32 when the weights are not
+# exactly half-precision numbers: a block in cache, ~1 MiB of float32 at a time.
+_SCALE_BLOCK_ELEMENTS = 1 << 18
+
+
+def _scale_in_place(g: Tensor, w: Tensor) -> Tensor:
+    """``g *= w`` with one rounding to g's dtype (w: 0-dim, or (N,) per sample).
+
+    A half-precision ``g`` times a float32 (N, 1) ``w`` is a mixed-dtype op, which
+    PyTorch's CPU kernels run element by element with dynamic casts (measured 3.1 ms
+    at 512x12288 bfloat16, against 0.47 ms with both in bfloat16). Where every
+    weight is exactly a number of g's dtype (1, 1/N for a power of two N, ...), the
+    weights are converted: the kernel multiplies in float32 and rounds once, the
+    same bits as float32 arithmetic (a product of two such numbers is exact in
+    float32). Otherwise blocks of rows are scaled in float32 in cache. A 0-dim ``w``
+    is read as a float32 scalar by the kernel already."""
+    if w.dim() == 0 or g.dtype.itemsize >= w.dtype.itemsize or g.device.type != "cpu":
+        return g.mul_(per_sample_view(w, g))
+    narrow = w.to(g.dtype)
+    if torch.equal(narrow.to(w.dtype), w):
+        return g.mul_(per_sample_view(narrow, g))
+    rows = g.view(g.shape[0], -1) if g.is_contiguous() else None
+    if rows is None:
+        return g.mul_(per_sample_view(w, g))
+    height = max(1, _SCALE_BLOCK_ELEMENTS // max(rows.shape[1], 1))
+    wide = torch.float32 if w.dtype == torch.float32 else w.dtype
+    for r0 in range(0, rows.shape[0], height):
+        block = rows[r0:r0 + height]
+        block.copy_(block.to(wide).mul_(w[r0:r0 + height, None]))
+    return g
+
+
 def scale_gradients(ctx, pairs: Sequence[tuple[Tensor, Tensor] | None]) -> list:
     """``g * w`` for each (g, w) in ``pairs`` (None entries pass through), each ``g``
     a gradient buffer that the op allocated and saved. In place where
@@ -112,8 +144,10 @@ def scale_gradients(ctx, pairs: Sequence[tuple[Tensor, Tensor] | None]) -> list:
         g, w = pair
         if backward_may_write and _unshared(g):
             in_place.append(i)
-        else:
+        elif w.dim() == 0 or g.dtype.itemsize >= w.dtype.itemsize or g.device.type != "cpu":
             out[i] = g * per_sample_view(w, g)
+        else:  # a half-precision buffer: a copy in its dtype, scaled as in place
+            out[i] = _scale_in_place(g.clone(), w)
     if not in_place:
         return out
     # a forward on the kernels had no float64 input (those take the PyTorch path),
@@ -134,5 +168,5 @@ def scale_gradients(ctx, pairs: Sequence[tuple[Tensor, Tensor] | None]) -> list:
         if one is None:
             # the usual loss.backward(): reading a CPU scalar is no device sync
             one = w_is_one[id(w)] = w.dim() == 0 and w.device.type == "cpu" and w.item() == 1.0
-        out[i] = g if one else g.mul_(per_sample_view(w, g))
+        out[i] = g if one else _scale_in_place(g, w)
     return out

@@ -66,3 +66,41 @@ def test_in_place_only_on_the_last_use_without_hooks():
     assert _scaled_in_place(retain_graph=False)
     assert not _scaled_in_place(retain_graph=True)
     assert not _scaled_in_place(retain_graph=False, hooks=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weights", ["ones", "powers_of_two", "thirds", "random"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_half_buffers_scaled_per_sample_round_once(dtype, weights, layout):
+    """A half-precision buffer times float32 per-sample weights: the float32 product
+    rounded once to the buffer's dtype, whichever way it is computed (the weights
+    converted when exact, blocks of rows in float32, or the mixed-dtype op)."""
+    gen = torch.Generator().manual_seed(1)
+    rows, cols = 37, 9000  # several row blocks
+    g = torch.randn(rows, cols, generator=gen).to(dtype)
+    if layout == "transposed":
+        g = g.t().contiguous().t()
+    w = {"ones": torch.ones(rows),
+         "powers_of_two": 2.0 ** torch.randint(-6, 6, (rows,), generator=gen).float(),
+         "thirds": torch.full((rows,), 1.0 / 3.0),
+         "random": torch.rand(rows, generator=gen) + 0.25}[weights]
+    want = (g.float() * w[:, None]).to(dtype)
+    got = _grad_scaling._scale_in_place(g.clone(), w)
+    assert got.dtype == dtype
+    assert torch.equal(got, want)
+
+
+def test_half_precision_loss_gradients_per_sample_are_the_float32_products():
+    """reduction="none" on bfloat16 inputs: the gradient for unit weights is 2 (x_hat - x)
+    rounded once to bfloat16 (the buffer the forward writes); weighted per sample, it is
+    that buffer times the weight in float32, rounded once more."""
+    gen = torch.Generator().manual_seed(2)
+    x_hat = torch.randn(6, 50000, generator=gen).bfloat16().requires_grad_()  # past SMALL_NUMEL
+    x = torch.randn(6, 50000, generator=gen).bfloat16()
+    mu, logvar = (torch.randn(6, 4, generator=gen).requires_grad_() for _ in range(2))
+    w = torch.rand(6, generator=gen) + 0.5
+    loss = fastvae.vae_loss(x_hat, x, mu, logvar, reduction="none")
+    (g_weighted,) = torch.autograd.grad(loss, x_hat, w, retain_graph=True)
+    (g_unit,) = torch.autograd.grad(loss, x_hat, torch.ones(6))
+    assert torch.equal(g_unit, (2 * (x_hat.detach().float() - x.float())).bfloat16())
+    assert torch.equal(g_weighted, (g_unit.float() * w[:, None]).bfloat16())
