@@ -110,7 +110,7 @@ def _scale_in_place(g: Tensor, w: Tensor) -> Tensor:
     same bits as float32 arithmetic (a product of two such numbers is exact in
     float32). Otherwise blocks of rows are scaled in float32 in cache. A 0-dim ``w``
     is read as a float32 scalar by the kernel already."""
-    if w.dim() == 0 or g.dtype.itemsize >= w.dtype.itemsize or g.device.type != "cpu":
+    if not _mixed_per_sample(g, w):
         return g.mul_(per_sample_view(w, g))
     narrow = w.to(g.dtype)
     if torch.equal(narrow.to(w.dtype), w):
@@ -119,11 +119,15 @@ def _scale_in_place(g: Tensor, w: Tensor) -> Tensor:
     if rows is None:
         return g.mul_(per_sample_view(w, g))
     height = max(1, _SCALE_BLOCK_ELEMENTS // max(rows.shape[1], 1))
-    wide = torch.float32 if w.dtype == torch.float32 else w.dtype
     for r0 in range(0, rows.shape[0], height):
         block = rows[r0:r0 + height]
-        block.copy_(block.to(wide).mul_(w[r0:r0 + height, None]))
+        block.copy_(block.to(w.dtype).mul_(w[r0:r0 + height, None]))
     return g
+
+
+def _mixed_per_sample(g: Tensor, w: Tensor) -> bool:
+    """A CPU buffer narrower than its per-sample weights: PyTorch's mixed-dtype path."""
+    return w.dim() != 0 and g.dtype.itemsize < w.dtype.itemsize and g.device.type == "cpu"
 
 
 def scale_gradients(ctx, pairs: Sequence[tuple[Tensor, Tensor] | None]) -> list:
@@ -144,7 +148,7 @@ def scale_gradients(ctx, pairs: Sequence[tuple[Tensor, Tensor] | None]) -> list:
         g, w = pair
         if backward_may_write and _unshared(g):
             in_place.append(i)
-        elif w.dim() == 0 or g.dtype.itemsize >= w.dtype.itemsize or g.device.type != "cpu":
+        elif not _mixed_per_sample(g, w):
             out[i] = g * per_sample_view(w, g)
         else:  # a half-precision buffer: a copy in its dtype, scaled as in place
             out[i] = _scale_in_place(g.clone(), w)

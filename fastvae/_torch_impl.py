@@ -740,7 +740,8 @@ def _cpu_generator():
 def _reseeded_normal(gen, seed, shape, dtype, device, std):
     """N(0, std^2) noise of ``shape`` drawn by ``gen`` reseeded from ``seed``: the draw of
     a call of at most NOISE_CHUNK elements (normal_ scales as it writes: for a power of
-    two ``std``, bit for bit ``randn * std`` without a second pass)."""
+    two ``std``, bit for bit ``randn * std`` in float32 and float64, the compute dtypes,
+    without a second pass)."""
     gen.manual_seed(_chunk_seed(seed, -1))  # mt19937 keeps only 32 bits: mix all 62 in
     return torch.empty(shape, dtype=dtype, device=device).normal_(0.0, std, generator=gen)
 
@@ -850,18 +851,30 @@ def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
     else:
         eps = standard_normal(seed, mu.shape, dtype, mu.device)
         z = torch.addcmul(mu_c, eps, std, out=eps)  # written over eps
-    z = _as(z, mu.dtype if mu.dtype == logvar.dtype else torch.promote_types(mu.dtype, logvar.dtype))
+    z = _as(z, _sample_dtype(mu, logvar))
     if not with_kl:
         return z, mu.new_empty(0, dtype=dtype)
-    # exp(lv) - 1 - lv elementwise (no cancellation between sums), exp(lv) as std^2:
-    # an exp pass saved on the reparameterization's hot path, at eager's accuracy
-    # (about 1e-7 absolute per element near lv = 0, where expm1 would be exact)
-    if mu.numel() <= SMALL_NUMEL:  # whole-tensor ops (see SMALL_NUMEL): mu^2 added elementwise
-        one, half = constant(1.0, dtype, lv.device), constant(0.5, dtype, lv.device)
-        terms = std.square_().sub_(one).sub_(lv).addcmul_(mu_c, mu_c)
-        return z, _row_sum(terms).mul_(half)
+    if mu.numel() <= SMALL_NUMEL:
+        return z, _small_sample_kl_rows(mu_c, lv, std, dtype)
+    # exp(lv) - 1 - lv elementwise, as in _small_sample_kl_rows
     kl = 0.5 * (_row_sum_of_squares(mu_c) + _row_sum(std.square_().sub_(1.0).sub_(lv)))
     return z, kl
+
+
+def _sample_dtype(mu, logvar):
+    """z's dtype: mu's and logvar's, promoted."""
+    return mu.dtype if mu.dtype == logvar.dtype else torch.promote_types(mu.dtype, logvar.dtype)
+
+
+def _small_sample_kl_rows(mu_c, lv, std, dtype):
+    """The per-sample KL of at most SMALL_NUMEL latent elements, by whole-tensor ops (see
+    SMALL_NUMEL), ``std`` = exp(lv / 2) used up: exp(lv) - 1 - lv elementwise (no
+    cancellation between sums), exp(lv) as std^2 (an exp pass saved on the
+    reparameterization's hot path, at eager's accuracy: about 1e-7 absolute per
+    element near lv = 0, where expm1 would be exact), mu^2 added elementwise."""
+    one, half = constant(1.0, dtype, lv.device), constant(0.5, dtype, lv.device)
+    terms = std.square_().sub_(one).sub_(lv).addcmul_(mu_c, mu_c)
+    return _row_sum(terms).mul_(half)
 
 
 def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_hi):
@@ -875,40 +888,55 @@ def reparameterize_backward(grad_z, grad_kl, mu, logvar, seed, clamp_lo, clamp_h
     scaled = None
     if mu.device.type == "cpu":
         scaled = _take_noise(_scaled_noise_key(seed, mu.shape, dtype, logvar, clamp_lo, clamp_hi))
-    # logvar in the compute dtype only where it is read (a float32 copy of a half one)
-    if scaled is None or grad_kl is not None or clamp_lo is not None:
-        logvar_c = _as(logvar, dtype)
-        lv = _clamped(logvar_c, clamp_lo, clamp_hi)
     if scaled is None:
+        lv = _clamped(_as(logvar, dtype), clamp_lo, clamp_hi)
         scaled = standard_normal(seed, mu.shape, dtype, mu.device, std=0.5) \
             .mul_(torch.mul(lv, constant(0.5, dtype, lv.device)).exp_())
-    # eps std g_z / 2, in the kept buffer; a half-precision grad_z is widened exactly by
-    # the op (as fast as converting it first, without the float32 copy)
-    grad_logvar = scaled.mul_(grad_z if grad_z.dtype.itemsize <= scaled.dtype.itemsize
-                              else _as(grad_z, dtype))
+    return _sampling_grads(grad_z, grad_kl, mu, logvar, scaled, clamp_lo, clamp_hi, True,
+                           mu.dtype, logvar.dtype)
+
+
+def _sampling_grads(grad_z, grad_kl, mu, logvar, scaled, clamp_lo, clamp_hi, owned, mu_dtype,
+                    lv_dtype):
+    """(d/dmu, d/dlogvar) of reparameterize(+KL), in ``mu_dtype`` and ``lv_dtype``, from
+    ``scaled`` = eps std / 2 = d z / d logvar (mu-shaped, in the compute dtype). ``mu``
+    is read only with the KL, ``logvar`` only with the KL or a clamp (else they may be
+    None). ``owned``: ``scaled`` is this call's to write and the gradients may not alias
+    grad_z (the custom op's backward); else ``scaled`` is read only (a saved tensor that
+    a second backward reads again) and d z / d mu is grad_z itself, passed on as
+    eager's add passes it."""
+    dtype = scaled.dtype
+    # eps std g_z / 2; a half-precision grad_z is widened exactly by the op (as fast as
+    # converting it first, without the float32 copy)
+    g_z = grad_z if grad_z.dtype.itemsize <= scaled.dtype.itemsize else _as(grad_z, dtype)
+    grad_logvar = scaled.mul_(g_z) if owned else torch.mul(scaled, g_z)
+    if grad_kl is not None or clamp_lo is not None:
+        logvar_c = _as(logvar, dtype)
     if grad_kl is not None:
-        g_z = _as(grad_z, dtype)
-        g_kl = _as(grad_kl, dtype).reshape((-1,) + (1,) * (mu.dim() - 1))
+        g_kl = _as(grad_kl, dtype).reshape((-1,) + (1,) * (scaled.dim() - 1))
         # exp(lv) - 1 by expm1: one pass, exact near lv = 0
-        grad_logvar.addcmul_(torch.expm1(lv), g_kl, value=0.5)
-        # (outputs may not alias grad_z: a fresh buffer)
-        grad_mu = torch.addcmul(g_z, _as(mu, dtype), g_kl, out=torch.empty_like(grad_logvar))
-    else:
+        grad_logvar.addcmul_(torch.expm1(_clamped(logvar_c, clamp_lo, clamp_hi)), g_kl, value=0.5)
+        # (owned: a fresh contiguous buffer, as the backward op's fake implementation promises)
+        grad_mu = torch.addcmul(_as(grad_z, dtype), _as(mu, dtype), g_kl,
+                                out=torch.empty_like(grad_logvar) if owned else None)
+    elif owned:
         # exactly grad_z, in mu's dtype, in a fresh contiguous buffer
-        grad_mu = grad_z.to(mu.dtype, copy=True, memory_format=torch.contiguous_format)
+        grad_mu = grad_z.to(mu_dtype, copy=True, memory_format=torch.contiguous_format)
+    else:
+        grad_mu = grad_z
     if clamp_lo is not None:
         grad_logvar.mul_(_unclamped_mask(logvar_c, clamp_lo, clamp_hi))
-    return _as(grad_mu, mu.dtype), _as(grad_logvar, logvar.dtype)
+    return _as(grad_mu, mu_dtype), _as(grad_logvar, lv_dtype)
 
 
 # ---- small CPU sampling: the noise saved, not kept in the table ----------
 #
 # A plain eager reparameterize / sample_and_kl with gradients, against N(0, I), of at
-# most SMALL_NUMEL latent elements on the CPU (ops._SmallSampleFunction): the same
-# arithmetic as reparameterize_forward / _backward above (the same bits), with what
-# the backward reads returned to the caller to save: eps std / 2 is at most
-# SMALL_NUMEL elements, as much as eager's saved noise. Nothing to key or look up; a
-# second backward reads it again.
+# most SMALL_NUMEL latent elements on the CPU (ops._SmallSampleFunction): the
+# arithmetic of reparameterize_forward / _backward above (the same bits), with eps
+# std / 2 returned to the caller to save with its autograd node instead of kept in the
+# table: nothing to key or look up, and a second backward reads it again. It is at
+# most SMALL_NUMEL elements in the compute dtype (float32 for half-precision latents).
 
 
 def small_sample_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
@@ -916,37 +944,26 @@ def small_sample_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
     dtype = compute_dtype(mu, logvar)
     lv = _clamped(_as(logvar, dtype), clamp_lo, clamp_hi)
     std = torch.mul(lv, constant(0.5, dtype, lv.device)).exp_()
-    half_eps = _reseeded_normal(_cpu_generator(), int(seed), mu.shape, dtype, None, 0.5)
+    half_eps = _reseeded_normal(_cpu_generator(), int(seed), mu.shape, dtype, mu.device, 0.5)
     mu_c = _as(mu, dtype)
-    z = torch.addcmul(mu_c, half_eps, std, value=2.0)  # bit for bit mu + eps std
+    # bit for bit mu + eps std; contiguous like the noise whatever mu's layout (as the
+    # general path's z and the fake implementation's)
+    z = torch.addcmul(mu_c, half_eps, std, value=2.0,
+                      out=None if mu_c.is_contiguous() and std.is_contiguous()
+                      else _empty_like_contiguous(half_eps, dtype))
     kept = half_eps.mul_(std)
-    out_dtype = mu.dtype if mu.dtype == logvar.dtype else torch.promote_types(mu.dtype, logvar.dtype)
-    z = _as(z, out_dtype)
+    z = _as(z, _sample_dtype(mu, logvar))
     if not with_kl:
         return z, None, kept
-    one, half = constant(1.0, dtype, lv.device), constant(0.5, dtype, lv.device)
-    terms = std.square_().sub_(one).sub_(lv).addcmul_(mu_c, mu_c)
-    return z, _row_sum(terms).mul_(half), kept
+    return z, _small_sample_kl_rows(mu_c, lv, std, dtype), kept
 
 
-def small_sample_backward(grad_z, grad_kl, mu, logvar, kept, clamp_lo, clamp_hi):
-    """reparameterize_backward's gradients from the saved eps std / 2 (read, not
-    written), in fresh buffers; without the KL d z / d mu is grad_z itself, passed on
-    as eager's add passes it."""
-    dtype = kept.dtype
-    grad_logvar = torch.mul(kept, grad_z if grad_z.dtype.itemsize <= kept.dtype.itemsize
-                            else _as(grad_z, dtype))
-    if grad_kl is not None or clamp_lo is not None:
-        logvar_c = _as(logvar, dtype)
-    if grad_kl is not None:
-        g_kl = _as(grad_kl, dtype).reshape((-1,) + (1,) * (mu.dim() - 1))
-        grad_logvar.addcmul_(torch.expm1(_clamped(logvar_c, clamp_lo, clamp_hi)), g_kl, value=0.5)
-        grad_mu = torch.addcmul(_as(grad_z, dtype), _as(mu, dtype), g_kl)
-    else:
-        grad_mu = grad_z
-    if clamp_lo is not None:
-        grad_logvar.mul_(_unclamped_mask(logvar_c, clamp_lo, clamp_hi))
-    return _as(grad_mu, mu.dtype), _as(grad_logvar, logvar.dtype)
+def small_sample_backward(grad_z, grad_kl, mu, logvar, kept, clamp_lo, clamp_hi, mu_dtype,
+                          lv_dtype):
+    """The gradients from the saved eps std / 2 (read, not written); ``mu`` is read only
+    with the KL, ``logvar`` only with the KL or a clamp (None otherwise)."""
+    return _sampling_grads(grad_z, grad_kl, mu, logvar, kept, clamp_lo, clamp_hi, False,
+                           mu_dtype, lv_dtype)
 
 
 # ---- KL against a diagonal Gaussian prior, free bits, several samples ----

@@ -211,7 +211,9 @@ def _draw_seed(generator, like):
     # the common CPU call first (the same call as the last line: traced, a generator=None
     # keeps aten.randint in the graph, so compiled and eager draw the same seed)
     if generator is None and like.device.type != "cuda":
-        return torch.randint(0, 2**62, (1,), generator=None)
+        # (device="cpu": a host seed whatever torch's default device is, e.g. inside a
+        # `with torch.device("meta")` block, where a seed on it would hold no value)
+        return torch.randint(0, 2**62, (1,), generator=None, device="cpu")
     _validate.check_generator(generator)
     gen_device = None if generator is None else generator.device
     if like.device.type == "cuda" and gen_device is not None and gen_device.type == "cpu" \
@@ -228,8 +230,8 @@ def _draw_seed(generator, like):
     if gen_device is not None and gen_device.type != "cpu":
         seed, offset = generator.initial_seed(), generator.get_offset()
         generator.set_offset(offset + 4)
-        return torch.tensor([hash((seed, offset)) & (2**62 - 1)])
-    return torch.randint(0, 2**62, (1,), generator=generator)
+        return torch.tensor([hash((seed, offset)) & (2**62 - 1)], device="cpu")
+    return torch.randint(0, 2**62, (1,), generator=generator, device="cpu")
 
 
 # ---- the plain formulas, used while exporting to ONNX -------------------

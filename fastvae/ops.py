@@ -851,30 +851,32 @@ class _SmallKLFunction(torch.autograd.Function):
 
 class _SmallSampleFunction(torch.autograd.Function):
     """reparameterize / sample_and_kl of at most SMALL_NUMEL latent elements on the
-    CPU against N(0, I), one sample: the PyTorch path's forward and backward called
-    directly, without the dispatch and bookkeeping of the general op's Function.
-    Returns z alone without the KL (one output: autograd's cost per output is
-    measurable at these sizes), else (z, kl). The forward's eps std / 2 (d z / d
-    logvar, at most SMALL_NUMEL elements: as much as eager's saved noise) is saved
-    like any saved tensor, not kept in the table the general path bounds."""
+    CPU against N(0, I), one sample (``_small_sample``): the PyTorch path's arithmetic
+    without the dispatch and bookkeeping of the general op's Function. Returns z alone
+    without the KL (one output: autograd's cost per output is measurable at these
+    sizes), else (z, kl). The forward's eps std / 2 (d z / d logvar) is saved like any
+    saved tensor, not kept in the table the general path bounds; mu and logvar are
+    saved only where the backward reads them (the KL, a clamp)."""
 
     @staticmethod
     def forward(ctx, mu, logvar, seed, lo, hi, with_kl):
         ctx.set_materialize_grads(False)
-        ctx.options = (lo, hi, with_kl)
+        ctx.options = (lo, hi, mu.shape, _torch_impl._sample_dtype(mu, logvar), mu.dtype,
+                       logvar.dtype)
         z, kl, kept = _torch_impl.small_sample_forward(mu, logvar, seed, lo, hi, with_kl)
-        ctx.save_for_backward(mu, logvar, kept)
+        ctx.save_for_backward(mu if with_kl else None,
+                              logvar if with_kl or lo is not None else None, kept)
         return (z, kl) if with_kl else z
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl=None):
         _refuse_double_backward("reparameterize")
         mu, logvar, kept = ctx.saved_tensors
-        lo, hi, _ = ctx.options
+        lo, hi, shape, z_dtype, mu_dtype, lv_dtype = ctx.options
         if grad_z is None:  # only the kl is used
-            grad_z = torch.zeros(mu.shape, dtype=torch.promote_types(mu.dtype, logvar.dtype))
-        grad_mu, grad_lv = _torch_impl.small_sample_backward(grad_z, grad_kl, mu, logvar, kept,
-                                                             lo, hi)
+            grad_z = torch.zeros(shape, dtype=z_dtype, device=kept.device)
+        grad_mu, grad_lv = _torch_impl.small_sample_backward(
+            grad_z, grad_kl, mu, logvar, kept, lo, hi, mu_dtype, lv_dtype)
         need_mu, need_lv = ctx.needs_input_grad[:2]
         return (grad_mu if need_mu else None, grad_lv if need_lv else None) + (None,) * 4
 
@@ -917,7 +919,7 @@ def reparameterize(mu, logvar, *args):
                 t is not None and t.requires_grad for t in (mu, logvar, prior_mu, prior_logvar))):
             return _reparameterize_impl(mu, logvar, *args)
         # (prior_mu, prior_logvar, seed, clamp_lo, clamp_hi, with_kl, num_samples) = args
-        if prior_mu is None and prior_logvar is None and not args[6] and _small_sample(mu, logvar):
+        if _small_sample(mu, logvar, prior_mu, prior_logvar, args[6]):
             out = _apply(_SmallSampleFunction, 3, mu, logvar, seed, *args[3:6])
             return out if args[5] else (out, mu.new_empty(0, dtype=out.dtype))
         return _apply(_ReparameterizeFunction, 5, mu, logvar, *args)
@@ -926,17 +928,22 @@ def reparameterize(mu, logvar, *args):
     return reparameterize_op(mu, logvar, *args)
 
 
-def _small_sample(mu, logvar):
-    return mu.numel() <= _torch_impl.SMALL_NUMEL and mu.device.type == "cpu" \
+def _small_sample(mu, logvar, prior_mu, prior_logvar, num_samples):
+    """A plain eager sampling call with gradients (checked by the caller) that
+    ``_SmallSampleFunction`` serves: against N(0, I), one sample, at most SMALL_NUMEL
+    latent elements, on the CPU's PyTorch path."""
+    return prior_mu is None and prior_logvar is None and not num_samples \
+        and mu.numel() <= _torch_impl.SMALL_NUMEL and mu.device.type == "cpu" \
         and _small_eager((mu, logvar))
 
 
 def reparameterize_value(mu, logvar, seed, num_samples):
     """z: the first output of ``reparameterize`` against N(0, I) without a clamp or the
-    KL, for the public API; a plain eager call with gradients and at most SMALL_NUMEL
-    latent elements on the CPU takes ``_SmallSampleFunction``'s one output."""
-    if not num_samples and _eager(mu, logvar) and torch.is_grad_enabled() \
-            and (mu.requires_grad or logvar.requires_grad) and _small_sample(mu, logvar):
+    KL, for the public API; where ``_small_sample`` holds, ``_SmallSampleFunction``'s
+    one output (no empty KL made)."""
+    if _eager(mu, logvar, seed) and torch.is_grad_enabled() \
+            and (mu.requires_grad or logvar.requires_grad) \
+            and _small_sample(mu, logvar, None, None, num_samples):
         return _apply(_SmallSampleFunction, 3, mu, logvar, seed, None, None, False)
     return reparameterize(mu, logvar, None, None, seed, None, None, False, num_samples)[0]
 

@@ -160,8 +160,28 @@ def test_the_kept_entry_is_the_gradient_wrt_logvar():
 
 
 def test_the_small_path_saves_the_gradient_wrt_logvar_with_its_node():
+    """What it saves: eps std / 2, and mu and logvar only where the backward reads them
+    (the KL reads both, a clamp logvar)."""
     mu, logvar = _latents(SMALL)
     z = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(21))
     saved = z.grad_fn.saved_tensors
-    assert len(saved) == 3 and saved[0] is mu and saved[1] is logvar
+    assert saved[0] is None and saved[1] is None
     torch.testing.assert_close(saved[2], (z.detach() - mu.detach()) / 2)
+    z, _ = fastvae.sample_and_kl(mu, logvar)
+    assert z.grad_fn.saved_tensors[0] is mu and z.grad_fn.saved_tensors[1] is logvar
+    z, _ = fastvae.sample_and_kl(mu, logvar, logvar_clamp=(-1.0, 1.0))
+    assert z.grad_fn.saved_tensors[1] is logvar
+
+
+def test_the_small_path_allows_writing_mu_before_the_backward_as_eager_does():
+    """Eager's mu + eps std saves neither mu nor anything computed from it, so mu may be
+    updated in place (an optimizer step on it) before the backward: so may fastvae's."""
+    mu, logvar = _latents(SMALL)
+    z = fastvae.reparameterize(mu, logvar, generator=torch.Generator().manual_seed(5))
+    eps_std = (z - mu).detach()
+    with torch.no_grad():
+        mu.add_(1.0)
+    weights = torch.linspace(-1, 1, SMALL[1])
+    g_mu, g_lv = torch.autograd.grad((z * weights).sum(), (mu, logvar))
+    torch.testing.assert_close(g_mu, weights.expand(SMALL))
+    torch.testing.assert_close(g_lv, weights * eps_std / 2)

@@ -229,3 +229,36 @@ def test_export_with_a_dynamic_batch_across_small_numel():
                 torch.randn(rows, 4)]
         want = Loss()(*args)
         torch.testing.assert_close(program.module()(*args), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last"])
+def test_small_sampling_returns_a_contiguous_z_whatever_the_latents_layout(layout):
+    """As the general path and the custom op's fake implementation do: z.view(-1) works in
+    training as in eval."""
+    gen = torch.Generator().manual_seed(3)
+    if layout == "transposed":
+        mu, logvar = (torch.randn(6, 4, generator=gen).t().requires_grad_() for _ in range(2))
+    else:
+        mu, logvar = (torch.randn(2, 3, 4, 5, generator=gen)
+                      .to(memory_format=torch.channels_last).requires_grad_() for _ in range(2))
+    for z in (fastvae.reparameterize(mu, logvar), fastvae.sample_and_kl(mu, logvar)[0]):
+        assert "_SmallSampleFunction" in type(z.grad_fn).__name__
+        assert z.is_contiguous()
+        z.view(-1).sum().backward()
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, _torch_impl.SMALL_NUMEL // 2 + 1)],
+                         ids=["small", "general"])
+def test_sampling_of_cpu_latents_under_another_default_device(shape):
+    """The seed and the noise are drawn for the latents' device, not torch's default one
+    (a seed on the meta device held no value: z was garbage)."""
+    mu, logvar = (torch.randn(shape, generator=torch.Generator().manual_seed(i)).requires_grad_()
+                  for i in range(2))
+    want = fastvae.sample_and_kl(mu, logvar, generator=torch.Generator().manual_seed(8))
+    with torch.device("meta"):
+        z, kl = fastvae.sample_and_kl(mu, logvar, generator=torch.Generator(device="cpu").manual_seed(8))
+        z_only = fastvae.reparameterize(mu, logvar, generator=torch.Generator(device="cpu").manual_seed(8))
+    assert z.device.type == z_only.device.type == "cpu"
+    assert torch.equal(z, want[0]) and torch.equal(kl, want[1]) and torch.equal(z_only, want[0])
+    (kl.sum()).backward()  # only the KL used: the backward's zero grad_z is made on the CPU too
+    assert mu.grad.device.type == "cpu"

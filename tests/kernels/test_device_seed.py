@@ -155,10 +155,10 @@ def test_cuda_tensors_draw_their_seed_on_their_device(monkeypatch):
     # a CPU generator with CUDA data: a host draw from that generator (the launcher copies it)
     cpu_gen = torch.Generator()
     functional._draw_seed(cpu_gen, cuda_data)
-    assert calls[-1]["generator"] is cpu_gen and calls[-1]["device"] is None
-    # CPU data: the host draw
+    assert calls[-1]["generator"] is cpu_gen and calls[-1]["device"] == torch.device("cpu")
+    # CPU data: the host draw (on the CPU whatever torch's default device)
     functional._draw_seed(None, torch.zeros(2))
-    assert calls[-1]["device"] is None and calls[-1]["size"] == (1,)
+    assert calls[-1]["device"] == torch.device("cpu") and calls[-1]["size"] == (1,)
 
 
 def test_a_cpu_generator_is_refused_inside_a_cuda_graph_capture(monkeypatch):
