@@ -85,11 +85,11 @@ _FIXED_COST_WHY = (
     "(122 us in all), and on bfloat16 the float32 conversions of the inputs (fastvae's math is "
     "float32; eager's ops stay in bfloat16) are ops eager does not run.")
 _REPARAM_FIXED_COST_WHY = (
-    "reparameterize draws a seed and reseeds a generator from it (~15 us, so that the noise is "
-    "reproducible from the seed: the same on every path and in compiled graphs, and the "
-    "backward can regenerate it), against eager's one randn_like; it keeps its noise for the "
-    "backward outside autograd's saved tensors (a lookup table, ~4 us), and the public call's "
-    "checks cost as for the loss.")
+    "reparameterize draws a seed and reseeds a generator from it (~5 us, so that the noise is "
+    "reproducible from the seed: the same on every path and in compiled graphs), against "
+    "eager's one randn_like; it runs as one Python autograd.Function (~9 us of forward, ~10 us "
+    "of backward overhead, measured 2x2, 1 thread, 2026-12-06) where eager's four ops and "
+    "their backward are C++, and the public call's checks cost as for the loss.")
 for _size in ("fixed_tiny", "mnist_mlp"):
     for _dtype in ("float32", "bfloat16"):
         for _op in ("loss_fwd/mse/sum", "loss_fwd_bwd/mse/sum", "kl_fwd_bwd", "reparam_fwd_bwd",
