@@ -151,6 +151,11 @@ def _recon_chunk(p, target, recon, grad_scale, work, spare, grad_out, value_out)
     gradient). ``p`` and ``target`` are in the compute dtype and only read;
     ``work`` and ``spare`` are scratch."""
     if recon in ("mse", "l1"):
+        if grad_out is None and recon == "mse":
+            # no gradient, so no difference to keep: (x_hat - x)^2 in one pass (the same
+            # values as the difference, then its square)
+            torch.sum(torch._C._nn.mse_loss(p, target, _NONE, out=spare), dim=1, out=value_out)
+            return
         diff = torch.sub(p, target, out=work)
         # the terms written to cache and summed by torch.sum (cascade): faster here
         # than a blocked vector_norm, as accurate
