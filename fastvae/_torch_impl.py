@@ -150,22 +150,28 @@ def _recon_chunk(p, target, recon, grad_scale, work, spare, grad_out, value_out)
     grad_scale times their gradient written into ``grad_out`` (None: no
     gradient). ``p`` and ``target`` are in the compute dtype and only read;
     ``work`` and ``spare`` are scratch."""
-    if recon in ("mse", "l1"):
-        if grad_out is None and recon == "mse":
-            # no gradient, so no difference to keep: (x_hat - x)^2 in one pass (the same
-            # values as the difference, then its square)
-            torch.sum(torch._C._nn.mse_loss(p, target, _NONE, out=spare), dim=1, out=value_out)
-            return
+    if recon == "mse":
+        # (x_hat - x)^2 in one pass (the same values as the difference, then its square),
+        # summed by torch.sum (cascade) while in cache
+        torch.sum(torch._C._nn.mse_loss(p, target, _NONE, out=spare), dim=1, out=value_out)
+        if grad_out is not None:
+            # 2 grad_scale (x_hat - x) in one pass, as (x_hat - x) * (2 grad_scale)
+            # bit for bit (doubling is exact); rounded once on the store into grad_out
+            into = grad_out if grad_out.dtype == p.dtype else work
+            torch.ops.aten.mse_loss_backward.grad_input(
+                torch.full((), grad_scale, dtype=p.dtype, device=p.device), p, target, _SUM,
+                grad_input=into)
+            if into is not grad_out:
+                grad_out.copy_(into)
+        return
+    if recon == "l1":
         diff = torch.sub(p, target, out=work)
         # the terms written to cache and summed by torch.sum (cascade): faster here
         # than a blocked vector_norm, as accurate
-        terms = torch.mul(diff, diff, out=spare) if recon == "mse" else torch.abs(diff, out=spare)
-        torch.sum(terms, dim=1, out=value_out)
+        torch.sum(torch.abs(diff, out=spare), dim=1, out=value_out)
         if grad_out is not None:
-            if recon == "l1":
-                diff.sign_()
             # computed in the compute dtype, rounded once on the store into grad_out
-            _store_scaled(diff, 2.0 * grad_scale if recon == "mse" else grad_scale, grad_out)
+            _store_scaled(diff.sign_(), grad_scale, grad_out)
         return
     if recon == "bce_logits":
         # softplus(l) - l x, then the gradient sigmoid(l) - x
@@ -219,6 +225,13 @@ def _chunked_recon_per_sample(x_hat, x, recon, dtype, grad_scale):
         # a probability outside [0, 1] (or NaN) made a log NaN: the value check
         # fastvae._validate leaves to this pass (the targets were checked before)
         _validate.check_probabilities(x_hat)
+    if (recon == "mse" and grad is not None and x_hat.dtype == torch.bfloat16
+            and torch.isinf(per_sample).any()):
+        # the chunks' gradient doubles the difference before scaling it: where it
+        # exceeds half of float32's range (bfloat16 inputs near their largest
+        # values, whose squares made this sum infinite) that overflowed, so the
+        # gradient is computed again as (x_hat - x) * (2 grad_scale)
+        torch.mul(_difference(x_hat, x, dtype), 2.0 * grad_scale, out=grad)
     return per_sample, grad
 
 

@@ -199,8 +199,8 @@ def test_small_input_path_matches_the_reference_and_the_large_path(
 @pytest.mark.parametrize("recon", ["mse", "l1", "bce_logits", "bce"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chunked_recon_without_gradient_equals_the_values_with_it(monkeypatch, recon, dtype):
-    """Without a gradient the chunked mse computes its terms in one op instead of the
-    difference and its square: the same per-sample sums, bit for bit (each recon checked)."""
+    """With or without a gradient, the chunked path gives the same per-sample sums,
+    bit for bit (each recon checked)."""
     from fastvae import _torch_impl
 
     monkeypatch.setattr(_torch_impl, "RECON_CHUNK", 64)
@@ -216,3 +216,42 @@ def test_chunked_recon_without_gradient_equals_the_values_with_it(monkeypatch, r
     with_grad = fastvae.vae_loss(x_hat.clone().requires_grad_(True), x, latent, latent,
                                  recon=recon, beta=0.0, reduction="none")
     assert torch.equal(plain, with_grad.detach())
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "batchmean"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunked_mse_gradient_is_the_scaled_difference_rounded_once(monkeypatch, reduction, dtype):
+    """d/dx_hat of the reduced mse is 2 (x_hat - x) / (the reduction's divisor): computed
+    in float32 from the half-precision inputs and rounded once to their dtype."""
+    from fastvae import _torch_impl
+
+    monkeypatch.setattr(_torch_impl, "RECON_CHUNK", 64)
+    monkeypatch.setattr(_torch_impl, "SMALL_NUMEL", 0)
+    gen = torch.Generator().manual_seed(7)
+    x_hat = (torch.randn(6, 150, generator=gen) * 3).to(dtype)
+    x = torch.rand(6, 150, generator=gen).to(dtype)
+    leaf = x_hat.clone().requires_grad_(True)
+    latent = torch.zeros(6, 2)
+    fastvae.vae_loss(leaf, x, latent, latent, recon="mse", beta=0.0, reduction=reduction).backward()
+    divisor = {"sum": 1, "mean": x.numel(), "batchmean": x.shape[0]}[reduction]
+    want = ((x_hat.float() - x.float()) * (2.0 / divisor)).to(dtype)
+    assert torch.equal(leaf.grad, want)
+
+
+def test_chunked_bfloat16_mse_gradient_near_the_largest_values_matches_eager(monkeypatch):
+    """Differences beyond half of float32's range: 2 (x_hat - x) would overflow, the
+    gradient of the mean does not (eager's value: 2 / numel times the difference)."""
+    from fastvae import _torch_impl
+
+    monkeypatch.setattr(_torch_impl, "RECON_CHUNK", 64)
+    monkeypatch.setattr(_torch_impl, "SMALL_NUMEL", 0)
+    x_hat = torch.full((2, 100), 2.0e38).to(torch.bfloat16)
+    x = torch.full((2, 100), -0.5e38).to(torch.bfloat16)
+    x_hat[1] = 0.5
+    x[1] = 0.25
+    leaf = x_hat.clone().requires_grad_(True)
+    latent = torch.zeros(2, 2)
+    fastvae.vae_loss(leaf, x, latent, latent, recon="mse", beta=0.0, reduction="mean").backward()
+    want = ((x_hat.double() - x.double()) * (2.0 / x.numel())).to(torch.bfloat16)
+    assert torch.isfinite(leaf.grad).all()
+    assert torch.equal(leaf.grad, want)
