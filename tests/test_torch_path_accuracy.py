@@ -238,20 +238,22 @@ def test_chunked_mse_gradient_is_the_scaled_difference_rounded_once(monkeypatch,
     assert torch.equal(leaf.grad, want)
 
 
-def test_chunked_bfloat16_mse_gradient_near_the_largest_values_matches_eager(monkeypatch):
+@pytest.mark.parametrize("x_hat_dtype", [torch.bfloat16, torch.float32])
+def test_chunked_mse_gradient_near_the_largest_values_matches_eager(monkeypatch, x_hat_dtype):
     """Differences beyond half of float32's range: 2 (x_hat - x) would overflow, the
-    gradient of the mean does not (eager's value: 2 / numel times the difference)."""
+    gradient of the mean does not (eager's value: 2 / numel times the difference).
+    bfloat16 targets with bfloat16 or float32 predictions (both take the chunked path)."""
     from fastvae import _torch_impl
 
     monkeypatch.setattr(_torch_impl, "RECON_CHUNK", 64)
     monkeypatch.setattr(_torch_impl, "SMALL_NUMEL", 0)
-    x_hat = torch.full((2, 100), 2.0e38).to(torch.bfloat16)
+    x_hat = torch.full((2, 100), 2.0e38).to(x_hat_dtype)
     x = torch.full((2, 100), -0.5e38).to(torch.bfloat16)
     x_hat[1] = 0.5
     x[1] = 0.25
     leaf = x_hat.clone().requires_grad_(True)
     latent = torch.zeros(2, 2)
     fastvae.vae_loss(leaf, x, latent, latent, recon="mse", beta=0.0, reduction="mean").backward()
-    want = ((x_hat.double() - x.double()) * (2.0 / x.numel())).to(torch.bfloat16)
+    want = ((x_hat.double() - x.double()) * (2.0 / x.numel())).to(x_hat_dtype)
     assert torch.isfinite(leaf.grad).all()
     assert torch.equal(leaf.grad, want)
