@@ -19,6 +19,32 @@ if not torch.cuda.is_available():
 elif os.environ.get("FASTVAE_BACKEND") == "triton":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _interpreter_index_from_one_element_arrays():
+    """Triton 3.6's interpreter converts a scalar kernel argument (a 1-element numpy
+    array) to a Python int with int(array), which NumPy >= 2.4 refuses ("only
+    0-dimensional arrays can be converted to Python scalars", triton-lang/triton#9171):
+    every ``range(runtime_scalar)`` in a kernel then fails. Later Triton squeezes the
+    array first; do the same here. Test set-up only, the compiled kernels never see it."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch_tensor is None or getattr(patch_tensor, "_fastvae_squeezes", False):
+        return
+
+    def patched(tensor, scope, _patch_tensor=patch_tensor):
+        _patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._fastvae_squeezes = True
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_index_from_one_element_arrays()
+
 # CUDA cases are generated everywhere: without a GPU they show as skipped, with the reason
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
