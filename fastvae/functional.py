@@ -32,6 +32,10 @@ def _in_onnx_export() -> bool:
     """``torch.onnx.is_in_onnx_export()`` without its two imports on every call (~1 us of
     a ~25 us small loss): the two flags it reads, found once. Used only where that
     function reads exactly those names (checked on its code); otherwise it is called."""
+    if torch.compiler.is_compiling():
+        # traced (a dynamo export too): torch's function, which Dynamo knows; the
+        # cache below is filled by an eager call only (Dynamo cannot trace its setup)
+        return torch.onnx.is_in_onnx_export()
     if not _ONNX_FLAGS:
         flags = None
         reads = set(torch.onnx.is_in_onnx_export.__code__.co_names)
@@ -46,8 +50,7 @@ def _in_onnx_export() -> bool:
                 pass
         _ONNX_FLAGS.append(flags)
     flags = _ONNX_FLAGS[0]
-    # (traced, torch's function: Dynamo knows it, not the flags' properties)
-    if flags is None or torch.compiler.is_compiling():
+    if flags is None:
         return torch.onnx.is_in_onnx_export()
     return flags[0].in_onnx_export or flags[1]._is_onnx_exporting
 
