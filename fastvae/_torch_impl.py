@@ -638,12 +638,14 @@ def small_target_grad(x_hat, recon, reduction, dtype, w, grad_x_hat):
 
 def small_kl_grads(mu, logvar, var_m1, lo, hi, reduction, dtype, w, need_mu, need_lv):
     """(d/dmu, d/dlogvar) of ``w`` times the reduced KL, in ``dtype``, from the
-    forward's exp(lv) - 1 (None where not needed)."""
-    w = _weight(w, reduction, mu.shape[0], mu.numel(), mu.dim())
+    forward's exp(lv) - 1 (None where not needed; ``mu`` and ``var_m1`` may be None where
+    their gradient is not, ``logvar`` without a clamp)."""
+    like = mu if need_mu else var_m1  # (the latents' shape)
+    w = _weight(w, reduction, like.shape[0], like.numel(), like.dim())
     grad_mu = torch.mul(_as(mu, dtype), w) if need_mu else None
     grad_lv = None
     if need_lv:
-        grad_lv = torch.mul(var_m1, w).mul_(constant(0.5, dtype, mu.device))
+        grad_lv = torch.mul(var_m1, w).mul_(constant(0.5, dtype, like.device))
         if lo is not None:
             grad_lv.mul_(_unclamped_mask(_as(logvar, dtype), lo, hi))
     return grad_mu, grad_lv
@@ -826,9 +828,12 @@ def _scaled_noise_key(seed, shape, dtype, logvar, clamp_lo, clamp_hi):
     logvar was written since), and the clamp. Two calls share a slot only if they drew
     from one seed (a reseeded generator) with the same logvar: then they kept the same
     values. A key the backward does not find (another tensor object under compile, an
-    evicted slot) means the noise is drawn again, never a wrong one."""
+    evicted slot) means the noise is drawn again, never a wrong one. An inference tensor
+    has no version counter: -1 (its backward saves a copy of it, another storage, so
+    that backward draws again)."""
+    version = -1 if logvar.is_inference() else logvar._version
     return (_noise_key(seed, shape, dtype, logvar.device), logvar.untyped_storage().data_ptr(),
-            logvar.storage_offset(), tuple(logvar.stride()), logvar._version, clamp_lo, clamp_hi)
+            logvar.storage_offset(), tuple(logvar.stride()), version, clamp_lo, clamp_hi)
 
 
 def _keep_noise(key, eps):

@@ -490,7 +490,7 @@ def _reparameterize_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused output (the empty kl) gets None, not zeros
     # the backend whose noise the backward regenerates (None: no backward will run)
     ctx.backend = _forward_backend(mu, logvar) if any(ctx.needs_input_grad[:4]) else None
-    ctx.save_for_backward(mu, logvar, prior_mu, prior_logvar, seed)
+    ctx.save_for_backward(*map(_saveable, (mu, logvar, prior_mu, prior_logvar)), seed)
 
 
 def _reparameterize_grads(ctx, grad_z, grad_kl, run_backward):
@@ -782,6 +782,13 @@ def _small_eager(backend_tensors):
     return _dispatch.backend_for(*backend_tensors) == "torch"
 
 
+def _saveable(t):
+    """``t`` for save_for_backward; a copy of it if it is an inference tensor (made under
+    torch.inference_mode, e.g. latents of a frozen encoder), which autograd refuses to
+    save: a copy made here, outside inference mode, is an ordinary tensor."""
+    return t.clone() if t is not None and t.is_inference() else t
+
+
 class _SmallLossFunction(torch.autograd.Function):
     """(loss, recon, kl) of a loss that ``_torch_impl.small_eager_applies`` to; the
     loss alone unless ``parts`` (autograd's cost per output is measurable here)."""
@@ -794,8 +801,17 @@ class _SmallLossFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.options = (beta_value, recon, reduction, lo, hi, kl.dtype)
         ctx.dtypes = (x_hat.dtype, x.dtype, mu.dtype, logvar.dtype)
-        # the inputs in the compute dtype (converted once) and exp(lv) - 1
-        ctx.save_for_backward(*converted, beta, kl)
+        # the inputs in the compute dtype (converted once) and exp(lv) - 1, each only
+        # where a gradient the backward computes reads it (as eager saves nothing for
+        # an input no gradient flows to: latents without one may be inference tensors)
+        p, target, mu_c, logvar_c, var_m1 = converted
+        need_xhat, need_x, need_mu, need_lv, need_beta = ctx.needs_input_grad[:5]
+        recon_grad = need_xhat or need_x
+        ctx.save_for_backward(_saveable(p) if recon_grad else None,
+                              _saveable(target) if recon_grad else None,
+                              _saveable(mu_c) if need_mu else None,
+                              _saveable(logvar_c) if need_lv and lo is not None else None,
+                              var_m1 if need_lv else None, beta, kl if need_beta else None)
         return (loss, recon_out, kl) if parts else loss
 
     @staticmethod
@@ -833,7 +849,11 @@ class _SmallKLFunction(torch.autograd.Function):
         kl, var_m1, mu_c, logvar_c = _torch_impl.small_kl_value(mu, logvar, lo, hi, dtype,
                                                                 reduction)
         ctx.options = (reduction, lo, hi, dtype, mu.dtype, logvar.dtype)
-        ctx.save_for_backward(mu_c, logvar_c, var_m1)  # (compute dtype)
+        need_mu, need_lv = ctx.needs_input_grad[:2]
+        # (compute dtype) each only where its gradient reads it, as in _SmallLossFunction
+        ctx.save_for_backward(_saveable(mu_c) if need_mu else None,
+                              _saveable(logvar_c) if need_lv and lo is not None else None,
+                              var_m1 if need_lv else None)
         return kl
 
     @staticmethod
@@ -864,8 +884,8 @@ class _SmallSampleFunction(torch.autograd.Function):
         ctx.options = (lo, hi, mu.shape, _torch_impl._sample_dtype(mu, logvar), mu.dtype,
                        logvar.dtype)
         z, kl, kept = _torch_impl.small_sample_forward(mu, logvar, seed, lo, hi, with_kl)
-        ctx.save_for_backward(mu if with_kl else None,
-                              logvar if with_kl or lo is not None else None, kept)
+        ctx.save_for_backward(_saveable(mu) if with_kl else None,
+                              _saveable(logvar) if with_kl or lo is not None else None, kept)
         return (z, kl) if with_kl else z
 
     @staticmethod
