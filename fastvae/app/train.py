@@ -425,7 +425,18 @@ def add_arguments(parser):
     a("--out", help=f"checkpoint directory (default: {DEFAULT_OUT}, or the --resume directory)")
     a("--resume", metavar="CHECKPOINT",
       help="continue the run saved in this checkpoint (dir or file) with its options, in its directory")
+    a("--overwrite", action="store_true",
+      help="replace the run already saved in --out (without it, a fresh run there is refused)")
     a("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_no_run_in(out):
+    """A fresh run saves over the checkpoint in ``out``: refuse when one is there
+    (two runs with the default --out would otherwise lose the first), before any work."""
+    file = os.path.join(out, checkpoint.FILENAME)
+    if os.path.isfile(file):
+        raise ValueError(f"--out {out} already holds a trained run ({file}); pass --resume {out} "
+                         f"to continue it, --overwrite to replace it, or another --out")
 
 
 def check_resume(path, device):
@@ -532,6 +543,8 @@ def run(args):
     device = pick_device(args.device)
     resume = None
     if args.resume:
+        if args.overwrite:
+            raise ValueError("--overwrite replaces a run and --resume continues it: give one of them")
         config, tensors, model, saved = check_resume(args.resume, device)
         options = resolve_options(explicit, saved)
         out = os.path.dirname(os.path.abspath(checkpoint.checkpoint_file(args.resume)))
@@ -542,6 +555,8 @@ def run(args):
     else:
         options = resolve_options(explicit)
         out = args.out if args.out is not None else DEFAULT_OUT
+        if not args.overwrite:
+            check_no_run_in(out)
     cfg = TrainConfig(**{f.name: options[f.name] for f in fields(TrainConfig)})
     if options["model"] == "ae" and (cfg.free_bits or cfg.anneal != "none"):
         raise ValueError("--free-bits and --anneal apply to VAEs (--model vae) only")

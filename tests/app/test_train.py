@@ -135,6 +135,29 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, capsys):
     _rejected(capsys, train(tmp_path / "file", "--epochs", "1"), "is not a directory")
 
 
+def test_a_fresh_run_does_not_replace_a_saved_run(tmp_path, capsys, monkeypatch):
+    """A second `fastvae train` into the --out of a saved run (the default runs/train
+    included) used to replace its checkpoint silently; now it is refused, naming --out,
+    --resume and --overwrite, unless --overwrite is given."""
+    monkeypatch.chdir(tmp_path)
+    saved = tmp_path / "runs" / "train" / checkpoint.FILENAME
+    assert cli.main(["train", *SMALL, "--epochs", "1"]) == 0
+    before = saved.read_bytes()
+    capsys.readouterr()
+    code = cli.main(["train", *SMALL, "--epochs", "1", "--seed", "5"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    for words in (f"--out {os.path.join('runs', 'train')} already holds a trained run",
+                  f"--resume {os.path.join('runs', 'train')}", "--overwrite"):
+        assert words in err, err
+    assert saved.read_bytes() == before
+    _rejected(capsys, cli.main(["train", "--resume", "runs/train", "--overwrite", "--epochs", "2"]),
+              "--overwrite replaces a run and --resume continues it")
+    assert saved.read_bytes() == before
+    assert cli.main(["train", *SMALL, "--epochs", "1", "--seed", "5", "--overwrite"]) == 0
+    assert checkpoint.load(saved)[0]["train"]["options"]["seed"] == 5
+
+
 def test_resume_of_another_architecture_is_refused(tmp_path, capsys):
     assert train(tmp_path / "vae", "--epochs", "1") == 0
     before = (tmp_path / "vae" / checkpoint.FILENAME).read_bytes()
