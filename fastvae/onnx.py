@@ -322,8 +322,12 @@ def export(model, out_dir, *, parts=("encoder", "decoder", "scorer"), opset=None
             json.dump(meta, f, indent=2, allow_nan=False)
             f.write("\n")
         _install(tmp, out_dir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            # a full disk or a file-size limit names no file: say what failed; OSError(errno, ...)
+            # keeps the errno's subclass
+            raise OSError(err.errno, f"cannot write the export {out_dir}: {err.strerror or err}") from err
         raise
     return meta
 
