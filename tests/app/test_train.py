@@ -157,6 +157,28 @@ def test_a_fresh_run_does_not_replace_a_saved_run(tmp_path, capsys, monkeypatch)
     assert checkpoint.load(saved)[0]["train"]["options"]["seed"] == 5
 
 
+def test_resume_finds_the_data_file_from_another_directory(tmp_path, capsys, monkeypatch):
+    """The checkpoint recorded the data path as typed: resuming a `--data my.npy` run from
+    another working directory failed with "data file not found: my.npy", no word of --data."""
+    np.save(tmp_path / "my.npy", np.random.default_rng(0).random((30, 12)).astype(np.float32))
+    monkeypatch.chdir(tmp_path)
+    assert train("run", "--data", "my.npy", "--epochs", "1") == 0
+    recorded = lambda: checkpoint.load(tmp_path / "run")[0]["train"]["data"]["name"]  # noqa: E731
+    assert recorded() == os.path.realpath(tmp_path / "my.npy")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cli.main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2", "--no-progress"]) == 0
+    # moved since: the error says where it looked and how to go on
+    os.replace(tmp_path / "my.npy", tmp_path / "moved.npy")
+    _rejected(capsys, cli.main(["train", "--resume", str(tmp_path / "run"), "--epochs", "3",
+                                "--no-progress"]), f"the run's data {recorded()} is not there; pass --data")
+    assert cli.main(["train", "--resume", str(tmp_path / "run"), "--epochs", "3", "--no-progress",
+                     "--data", "../moved.npy"]) == 0
+    assert recorded() == os.path.realpath(tmp_path / "moved.npy")
+    assert train(tmp_path / "digits", "--epochs", "1") == 0  # a named data set stays a name
+    assert checkpoint.load(tmp_path / "digits")[0]["train"]["data"]["name"] == "digits"
+
+
 def test_resume_of_another_architecture_is_refused(tmp_path, capsys):
     assert train(tmp_path / "vae", "--epochs", "1") == 0
     before = (tmp_path / "vae" / checkpoint.FILENAME).read_bytes()
