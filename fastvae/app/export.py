@@ -31,6 +31,9 @@ def run(args):
             raise ValueError(f"--batch must be 'dynamic' or an int, got {batch!r}") from None
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     model = load_model(args.checkpoint)
+    if not model.is_vae:  # the export's encoder, scorer and sampling all need (mu, logvar)
+        raise ValueError(f"only VAE checkpoints can be exported: {args.checkpoint} holds an "
+                         f"autoencoder (--model ae), whose encoder gives no posterior (mu, logvar)")
     try:
         meta = export(model, args.out, parts=parts, opset=args.opset, batch=batch,
                       quantize=args.quantize)

@@ -135,3 +135,14 @@ assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
                             timeout=120)
     assert result.returncode == 0, result.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "got.npy"), np.load(expected))
+
+
+# ---- export of an autoencoder ---------------------------------------------------
+
+
+def test_exporting_an_autoencoder_says_only_vaes_export(runs, tmp_path, capsys):
+    """The error was the exporter's interface check: "model.encode(x) must return (mu, logvar)..."."""
+    code = cli.main(["export", str(runs["ae"]), "--out", str(tmp_path / "onnx")])
+    one_line_error(capsys, code, "only VAE checkpoints can be exported", str(runs["ae"]),
+                   "autoencoder (--model ae)")
+    assert not (tmp_path / "onnx").exists()
