@@ -77,9 +77,13 @@ def atomic_write(path, write):
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError):
+            # say which file failed (a full disk or a file-size limit names none, or the
+            # temporary); OSError(errno, ...) keeps the errno's subclass
+            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
         raise
 
 

@@ -193,6 +193,17 @@ def _check_interface(model, facts):
                         f"{tuple(getattr(decoded, 'shape', ())) or type(decoded).__name__}")
 
 
+def _max_opset():
+    """The highest opset the installed onnx knows. Above it the exporter's version
+    conversion fails, logs tracebacks and silently keeps its default opset; None when
+    onnx is missing (the export then stops on the missing onnxscript)."""
+    try:
+        from onnx.defs import onnx_opset_version
+    except ImportError:
+        return None
+    return onnx_opset_version()
+
+
 def _check_options(parts, opset, batch, quantize):
     if isinstance(parts, str):
         parts = (parts,)
@@ -200,9 +211,13 @@ def _check_options(parts, opset, batch, quantize):
     unknown = [p for p in parts if p not in _rt.PARTS]
     if unknown or not parts or len(set(parts)) != len(parts):
         raise ValueError(f"parts must be distinct names among {_rt.PARTS}, got {parts!r}")
-    if opset is not None and (isinstance(opset, bool) or not isinstance(opset, int)
-                              or opset < MIN_OPSET):
-        raise ValueError(f"opset must be None or an int >= {MIN_OPSET}, got {opset!r}")
+    if opset is not None:
+        highest = _max_opset()
+        if (isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET
+                or highest is not None and opset > highest):
+            supported = (f">= {MIN_OPSET}" if highest is None else
+                         f"from {MIN_OPSET} to {highest} (the installed onnx's highest)")
+            raise ValueError(f"opset must be None or an int {supported}, got {opset!r}")
     if batch != "dynamic" and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
         raise ValueError(f"batch must be 'dynamic' or a positive int, got {batch!r}")
     if not isinstance(quantize, bool):
@@ -247,7 +262,8 @@ def export(model, out_dir, *, parts=("encoder", "decoder", "scorer"), opset=None
         out_dir: the directory to write; created, or replaced if it holds an
             earlier export.
         parts: any of ``"encoder"``, ``"decoder"``, ``"scorer"``.
-        opset: ONNX opset; None takes the exporter's default.
+        opset: ONNX opset, from ``MIN_OPSET`` to the highest the installed onnx
+            knows (``onnx.defs.onnx_opset_version()``); None takes the exporter's default.
         batch: ``"dynamic"`` (any batch size) or a fixed batch size.
         quantize: also write int8 (dynamic quantization) encoder/decoder files,
             with their error against PyTorch and speed against fp32 recorded.
@@ -306,8 +322,12 @@ def export(model, out_dir, *, parts=("encoder", "decoder", "scorer"), opset=None
             json.dump(meta, f, indent=2, allow_nan=False)
             f.write("\n")
         _install(tmp, out_dir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            # a full disk or a file-size limit names no file: say what failed; OSError(errno, ...)
+            # keeps the errno's subclass
+            raise OSError(err.errno, f"cannot write the export {out_dir}: {err.strerror or err}") from err
         raise
     return meta
 

@@ -498,22 +498,24 @@ def test_library_models_match_pytorch(library_exports, kind, batch):
 
 def test_export_command_bad_input(tmp_path, capsys):
     from fastvae.app import checkpoint, cli
-    from fastvae.models import MLPAutoencoder
+    from fastvae.models import MLPVAE, MLPAutoencoder
 
     assert cli.main(["export", str(tmp_path / "missing"), "--out", str(tmp_path / "e")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     (tmp_path / "ae").mkdir()
     checkpoint.save(tmp_path / "ae", seeded(MLPAutoencoder, input_shape=(64,), hidden=(8,)))
     assert cli.main(["export", str(tmp_path / "ae"), "--out", str(tmp_path / "e")]) == 2
-    assert "must return (mu, logvar)" in capsys.readouterr().err
+    assert "only VAE checkpoints can be exported" in capsys.readouterr().err
     assert cli.main(["export", str(tmp_path / "ae"), "--out", str(tmp_path / "e"),
                      "--batch", "many"]) == 2
     assert "--batch" in capsys.readouterr().err
+    (tmp_path / "vae").mkdir()
+    checkpoint.save(tmp_path / "vae", seeded(MLPVAE, input_shape=(64,), hidden=(8,)))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "keep.txt").write_text("mine")
-    assert cli.main(["export", str(tmp_path / "ae"), "--out", str(tmp_path / "busy")]) == 2
+    assert cli.main(["export", str(tmp_path / "vae"), "--out", str(tmp_path / "busy")]) == 2
     assert "refusing to replace" in capsys.readouterr().err
-    assert sorted(os.listdir(tmp_path)) == ["ae", "busy"]
+    assert sorted(os.listdir(tmp_path)) == ["ae", "busy", "vae"]
 
 
 class BCELogitsLoss(nn.Module):

@@ -332,7 +332,7 @@ def test_infer_bad_input(mlp, tmp_path, capsys):
         (["--sample", "4", "--out", str(tmp_path / "x.jpg")], "--out must end with"),
         (["--score", str(tmp_path / "ints.npy"), "--out", str(tmp_path / "s.png")], "--out must end"),
         (["--score", str(tmp_path / "missing.npy"), "--out", str(tmp_path / "s.csv")], "does not exist"),
-        (["--score", str(tmp_path / "junk.npy"), "--out", str(tmp_path / "s.csv")], "not a readable"),
+        (["--score", str(tmp_path / "junk.npy"), "--out", str(tmp_path / "s.csv")], "cannot read data"),
         (["--score", str(tmp_path / "ints.npy"), "--out", str(tmp_path / "s.csv")], "floating-point"),
         (["--sample", "0", "--out", str(tmp_path / "s.npy")], "n must be positive"),
         (["--sample", "4", "--out", str(tmp_path / "no" / "s.npy")], "does not exist"),

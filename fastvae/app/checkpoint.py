@@ -88,8 +88,14 @@ def save(directory, model, *, tensors=None, train=None):
     all_tensors.update({k: _cpu(v) for k, v in (tensors or {}).items()})
     metadata = {"format": FORMAT, "config": text, "sha256": content_hash(text, all_tensors)}
     os.makedirs(directory, exist_ok=True)
-    atomic_write(os.path.join(directory, FILENAME),
-                 lambda tmp: save_file(all_tensors, tmp, metadata=metadata))
+
+    def write(tmp):
+        try:
+            save_file(all_tensors, tmp, metadata=metadata)
+        except SafetensorError as err:  # safetensors' own type for a failed write (disk full, ...)
+            raise OSError(str(err)) from None
+
+    atomic_write(os.path.join(directory, FILENAME), write)
     atomic_write_text(os.path.join(directory, CONFIG_FILENAME), text + "\n")
 
 

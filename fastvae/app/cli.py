@@ -17,15 +17,19 @@ COMMANDS = {
     "infer": ("fastvae.app.infer", "sample, reconstruct or score with an exported model (no PyTorch)"),
 }
 
-# Errors that mean "bad input": reported in one line, exit code 2.
+# Errors that mean "bad input": reported in one line, exit code 2. Any other OSError
+# is the system failing mid-way (disk full, file too large, I/O error): one line, exit
+# code 1. Ctrl-C: one line, exit code 130 (128 + SIGINT, as shells report it); the
+# atomic writes leave no half-written file either way.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
                PermissionError, IsADirectoryError)
+EXIT_CODES = "0 done, 1 a system error (disk full, file too large, I/O), 2 bad input, 130 interrupted"
 
 
 def _usage():
     lines = ["usage: fastvae COMMAND [options]", "", "commands:"]
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
-    lines += ["", "Run 'fastvae COMMAND --help' for a command's options."]
+    lines += ["", "Run 'fastvae COMMAND --help' for a command's options.", f"Exit codes: {EXIT_CODES}."]
     return "\n".join(lines)
 
 
@@ -39,15 +43,23 @@ def main(argv=None):
         print(f"fastvae: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, help_ = COMMANDS[command]
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"fastvae {command}", description=help_)
-    module.add_arguments(parser)
-    args = parser.parse_args(rest)
     try:
+        module = importlib.import_module(module_name)
+        parser = argparse.ArgumentParser(prog=f"fastvae {command}", description=help_,
+                                         epilog=f"Exit codes: {EXIT_CODES}.")
+        module.add_arguments(parser)
+        args = parser.parse_args(rest)
         return int(module.run(args) or 0)
     except USER_ERRORS as err:
         print(f"fastvae {command}: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        print(f"fastvae {command}: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"fastvae {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

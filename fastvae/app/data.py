@@ -7,7 +7,8 @@ Sources (``load_data(source)``):
   ``root``; a download happens only with ``download=True``;
 - a ``.npy`` file (an array), a ``.npz`` file (array ``x``, optional labels ``y``);
   shapes (N, D), (N, H, W) or (N, C, H, W); uint8 is divided by 255, floats are
-  taken as they are (BCE models need them in [0, 1]: ``check_range``);
+  taken as they are (BCE models need them in [0, 1]: ``check_range``); read by
+  ``fastvae.app.arrays``, which ``fastvae infer`` shares;
 - a directory of images (png, jpg, bmp, gif, tif, webp), read with Pillow as
   grayscale and scaled to [0, 1] by their bit depth (8-bit / 255, 16-bit / 65535);
   32-bit integer or float images are refused (their range is unknown); all must
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from fastvae import _validate
+from fastvae.app.arrays import as_samples, read_array_file
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 TORCHVISION_SETS = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST"}
@@ -54,50 +56,11 @@ def _split(name, x, y, test_fraction):
                 None if y is None else y[test])
 
 
-def _as_images(name, x):
-    """Array -> float32 (N, D) or (N, C, H, W), uint8 scaled to [0, 1]."""
-    if x.dtype == object or not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        raise TypeError(f"data {name!r}: expected a numeric array, got dtype {x.dtype}")
-    if x.dtype == np.uint8:
-        x = x.astype(np.float32) / 255.0
-    elif np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.complexfloating):
-        raise TypeError(f"data {name!r}: dtype {x.dtype} is ambiguous; give uint8 images "
-                        f"(0..255) or floats (in [0, 1] for BCE models)")
-    x = x.astype(np.float32)
-    if x.ndim == 3:
-        x = x[:, None]
-    if x.ndim not in (2, 4):
-        raise ValueError(f"data {name!r}: expected shape (N, D), (N, H, W) or (N, C, H, W), "
-                         f"got {x.shape}")
-    if 0 in x.shape[1:]:
-        raise ValueError(f"data {name!r}: each sample must hold values, got shape {x.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError(f"data {name!r} contains NaN or infinite values")
-    return x
-
-
 def _load_digits():
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     return digits.images[:, None].astype(np.float32) / 16.0, digits.target
-
-
-def _load_array_file(path):
-    try:
-        if path.endswith(".npz"):
-            with np.load(path, allow_pickle=False) as archive:
-                keys = list(archive.keys())
-                key = "x" if "x" in keys else (keys[0] if len(keys) == 1 else None)
-                if key is None:
-                    raise ValueError(f"an .npz needs an array named 'x' (optional labels 'y'); "
-                                     f"found {keys}")
-                return archive[key], (archive["y"] if "y" in keys else None)
-        return np.load(path, allow_pickle=False), None
-    except FileNotFoundError:
-        raise FileNotFoundError(f"data file not found: {path}") from None
-    except Exception as err:  # numpy raises many kinds on a corrupt file
-        raise ValueError(f"cannot read data file {path}: {err}") from None
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -170,14 +133,14 @@ def load_data(source="digits", *, root="data", download=False, test_fraction=0.2
     if os.path.isdir(source):
         x, y = _load_image_folder(source)
     elif source.endswith((".npy", ".npz")):
-        x, y = _load_array_file(source)
+        x, y = read_array_file(source)
     elif os.path.exists(source):
         raise ValueError(f"data file {source}: unsupported type (use .npy, .npz or a folder of images)")
     else:
         raise FileNotFoundError(
             f"data {source!r} not found: give 'digits', 'mnist', 'fashion-mnist', a .npy/.npz "
             f"file or a folder of images")
-    x = _as_images(source, x)
+    x = as_samples(source, x)
     if y is not None and (np.ndim(y) != 1 or len(y) != len(x)):
         raise ValueError(f"data {source!r}: labels 'y' must have shape ({len(x)},), got {np.shape(y)}")
     return _split(source, x, y, test_fraction)

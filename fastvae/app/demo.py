@@ -190,7 +190,8 @@ def draw(path, test, pictures, histories):
 
 def add_arguments(parser):
     a = parser.add_argument
-    a("--out", default="runs/demo", help="output directory (default: runs/demo)")
+    a("--out", default="runs/demo",
+      help="output directory, its files replaced by each run (default: runs/demo)")
     a("--arch", choices=("mlp", "conv"), default="mlp", help="architecture of both models")
     a("--epochs", type=int, default=200)
     a("--latent-dim", type=int, default=8)

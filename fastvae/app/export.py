@@ -3,7 +3,7 @@
 import os
 
 from fastvae import runtime as _rt
-from fastvae.onnx import ExportParityError, export
+from fastvae.onnx import MIN_OPSET, ExportParityError, export
 
 
 def add_arguments(parser):
@@ -11,7 +11,9 @@ def add_arguments(parser):
     parser.add_argument("--out", required=True, help="directory to write the export to")
     parser.add_argument("--parts", default=",".join(_rt.PARTS),
                         help="comma-separated parts to export (default: %(default)s)")
-    parser.add_argument("--opset", type=int, default=None, help="ONNX opset (default: exporter's)")
+    parser.add_argument("--opset", type=int, default=None,
+                        help=f"ONNX opset, {MIN_OPSET} to the installed onnx's highest "
+                             f"(default: the exporter's)")
     parser.add_argument("--batch", default="dynamic",
                         help="'dynamic' (default) or a fixed batch size")
     parser.add_argument("--quantize", action="store_true",
@@ -29,6 +31,9 @@ def run(args):
             raise ValueError(f"--batch must be 'dynamic' or an int, got {batch!r}") from None
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     model = load_model(args.checkpoint)
+    if not model.is_vae:  # the export's encoder, scorer and sampling all need (mu, logvar)
+        raise ValueError(f"only VAE checkpoints can be exported: {args.checkpoint} holds an "
+                         f"autoencoder (--model ae), whose encoder gives no posterior (mu, logvar)")
     try:
         meta = export(model, args.out, parts=parts, opset=args.opset, batch=batch,
                       quantize=args.quantize)

@@ -1,6 +1,6 @@
 """The ``fastvae infer`` command: sample, reconstruct or score with an exported
 model, through the torch-free ``fastvae.runtime`` (this module imports no torch
-either), plus its array loading and PNG drawing."""
+either), plus its array loading (as ``fastvae train`` reads data files) and PNG drawing."""
 
 import math
 import os
@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from fastvae import _io
+from fastvae.app.arrays import as_samples, read_array_file
 from fastvae.runtime import VAERuntime
 
 MAX_OUTPUT_BYTES = 2 ** 31  # what one command computes and writes at once (float32 results)
@@ -64,29 +65,22 @@ def run(args):
 
 
 def load_array(path, sample_shape):
-    """A float array of samples from a .npy file or a one-array .npz file. Flat
-    samples (N, D) are reshaped to ``sample_shape`` when the sizes agree, and
-    vice versa."""
+    """The samples of a .npy/.npz data file, read as ``fastvae train`` reads it
+    (``fastvae.app.arrays``: uint8 scaled to [0, 1], (N, H, W) as one channel), then
+    put in ``sample_shape`` where only the layout differs: flat samples (N, D) and
+    images of D values, or shapes that differ by size-1 axes (a channel)."""
     if os.path.isdir(path):
         raise IsADirectoryError(f"data file {path!r} is a directory; give a .npy or .npz file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
-    try:
-        loaded = np.load(path, allow_pickle=False)
-    except Exception as err:
-        raise ValueError(f"data file {path!r} is not a readable .npy/.npz array: {err}") from None
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        with loaded:
-            if len(loaded.files) != 1:
-                raise ValueError(f"data file {path!r} must hold exactly one array, "
-                                 f"got {loaded.files}")
-            loaded = loaded[loaded.files[0]]
-    arr = loaded
-    size = math.prod(sample_shape)
-    flat_pair = arr.ndim == 2 or len(sample_shape) == 1
-    if (arr.ndim >= 2 and tuple(arr.shape[1:]) != tuple(sample_shape) and flat_pair
-            and math.prod(arr.shape[1:]) == size):
-        arr = arr.reshape((arr.shape[0],) + tuple(sample_shape))
+    arr = as_samples(path, read_array_file(path)[0])  # labels, if any, are not needed
+    sample_shape = tuple(sample_shape)
+    have = tuple(arr.shape[1:])
+    flat = arr.ndim == 2 or len(sample_shape) == 1
+    # (N, H, W) became (N, 1, H, W) as in training; an export of an (H, W) model still takes it
+    channel = [s for s in have if s != 1] == [s for s in sample_shape if s != 1]
+    if have != sample_shape and math.prod(have) == math.prod(sample_shape) and (flat or channel):
+        arr = arr.reshape((arr.shape[0],) + sample_shape)  # the values keep their order
     return arr
 
 

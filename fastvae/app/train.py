@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from fastvae import _validate
 from fastvae.app import checkpoint
-from fastvae.app.data import check_range, fingerprint, load_data
+from fastvae.app.data import TORCHVISION_SETS, check_range, fingerprint, load_data
 from fastvae.models import BY_KIND, PRIORS
 
 ANNEALING = ("none", "linear", "cyclical")
@@ -309,6 +309,7 @@ RUN_DEFAULTS = {"data": "digits", **MODEL_DEFAULTS, **asdict(TrainConfig())}
 # the data may be given by another path (its content is checked by hash)
 RESUME_MAY_CHANGE = ("epochs", "save_every", "data")
 DEFAULT_OUT = os.path.join("runs", "train")
+NAMED_DATA = ("digits", *TORCHVISION_SETS)  # --data names, not paths
 
 
 def build_model(options, input_shape):
@@ -425,7 +426,33 @@ def add_arguments(parser):
     a("--out", help=f"checkpoint directory (default: {DEFAULT_OUT}, or the --resume directory)")
     a("--resume", metavar="CHECKPOINT",
       help="continue the run saved in this checkpoint (dir or file) with its options, in its directory")
+    a("--overwrite", action="store_true",
+      help="replace the run already saved in --out (without it, a fresh run there is refused)")
     a("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_no_run_in(out):
+    """A fresh run saves over the checkpoint in ``out``: refuse when one is there
+    (two runs with the default --out would otherwise lose the first), before any work."""
+    file = os.path.join(out, checkpoint.FILENAME)
+    if os.path.isfile(file):
+        raise ValueError(f"--out {out} already holds a trained run ({file}); pass --resume {out} "
+                         f"to continue it, --overwrite to replace it, or another --out")
+
+
+def data_source(source):
+    """A data file or folder as an absolute path, which is what the checkpoint records:
+    ``--resume`` then finds it from any working directory. Named data sets stay names,
+    and a missing path stays as typed for load_data's error."""
+    return source if source in NAMED_DATA or not os.path.exists(source) else os.path.abspath(source)
+
+
+def check_saved_data(source, resume):
+    """The data a resumed run was trained on must still be where it was recorded."""
+    if source not in NAMED_DATA and not os.path.exists(source):
+        where = "" if os.path.isabs(source) else f" (relative to {os.getcwd()})"
+        raise FileNotFoundError(f"--resume {resume}: the run's data {source}{where} is not there; "
+                                f"pass --data PATH with the same data (its hash is checked)")
 
 
 def check_resume(path, device):
@@ -532,6 +559,8 @@ def run(args):
     device = pick_device(args.device)
     resume = None
     if args.resume:
+        if args.overwrite:
+            raise ValueError("--overwrite replaces a run and --resume continues it: give one of them")
         config, tensors, model, saved = check_resume(args.resume, device)
         options = resolve_options(explicit, saved)
         out = os.path.dirname(os.path.abspath(checkpoint.checkpoint_file(args.resume)))
@@ -542,6 +571,11 @@ def run(args):
     else:
         options = resolve_options(explicit)
         out = args.out if args.out is not None else DEFAULT_OUT
+        if not args.overwrite:
+            check_no_run_in(out)
+    if resume is not None and "data" not in explicit:
+        check_saved_data(options["data"], args.resume)
+    options["data"] = data_source(options["data"])
     cfg = TrainConfig(**{f.name: options[f.name] for f in fields(TrainConfig)})
     if options["model"] == "ae" and (cfg.free_bits or cfg.anneal != "none"):
         raise ValueError("--free-bits and --anneal apply to VAEs (--model vae) only")

@@ -63,6 +63,21 @@ def test_quick_demo_writes_every_file(tmp_path, capsys):
     assert not [f for f in os.listdir(out) if ".tmp" in f]
 
 
+def test_the_demo_runs_again_into_its_own_directory(tmp_path, capsys):
+    """`make demo` runs on a fresh machine and again: a second demo replaces the first's
+    files (checkpoints and export included) instead of being refused like `fastvae train`."""
+    out = tmp_path / "demo"
+    quick = ["demo", "--quick", "--epochs", "1", "--samples", "10", "--out", str(out), "--no-progress"]
+    assert cli.main([*quick, "--seed", "0"]) == 0
+    first = (out / "checkpoints" / "vae" / checkpoint.FILENAME).read_bytes()
+    assert cli.main([*quick, "--seed", "1"]) == 0
+    assert (out / "checkpoints" / "vae" / checkpoint.FILENAME).read_bytes() != first
+    with open(out / "metrics.json") as f:
+        assert json.load(f)["settings"]["seed"] == 1
+    VAERuntime(out / "onnx")  # the export was replaced whole and loads
+    assert not [f for _, _, files in os.walk(out) for f in files if ".tmp" in f]
+
+
 def test_unwritable_out_fails_before_training(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     assert cli.main(["demo", "--quick", "--out", str(tmp_path / "file" / "demo")]) == 2

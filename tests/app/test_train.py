@@ -85,8 +85,7 @@ def test_resume_equals_uninterrupted_training(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(train_module, "_save", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(tmp_path / "part", *common)
+    assert train(tmp_path / "part", *common) == 130  # the command's exit code for Ctrl-C
     monkeypatch.setattr(train_module, "_save", save)
     assert [e["epoch"] for e in history(tmp_path / "part")] == [1]
     assert train(tmp_path / "part", *common, "--resume", str(tmp_path / "part")) == 0
@@ -133,6 +132,51 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     _rejected(capsys, train(tmp_path / "file" / "out", "--epochs", "1"), "is not writable")
     _rejected(capsys, train(tmp_path / "file", "--epochs", "1"), "is not a directory")
+
+
+def test_a_fresh_run_does_not_replace_a_saved_run(tmp_path, capsys, monkeypatch):
+    """A second `fastvae train` into the --out of a saved run (the default runs/train
+    included) used to replace its checkpoint silently; now it is refused, naming --out,
+    --resume and --overwrite, unless --overwrite is given."""
+    monkeypatch.chdir(tmp_path)
+    saved = tmp_path / "runs" / "train" / checkpoint.FILENAME
+    assert cli.main(["train", *SMALL, "--epochs", "1"]) == 0
+    before = saved.read_bytes()
+    capsys.readouterr()
+    code = cli.main(["train", *SMALL, "--epochs", "1", "--seed", "5"])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    for words in (f"--out {os.path.join('runs', 'train')} already holds a trained run",
+                  f"--resume {os.path.join('runs', 'train')}", "--overwrite"):
+        assert words in err, err
+    assert saved.read_bytes() == before
+    _rejected(capsys, cli.main(["train", "--resume", "runs/train", "--overwrite", "--epochs", "2"]),
+              "--overwrite replaces a run and --resume continues it")
+    assert saved.read_bytes() == before
+    assert cli.main(["train", *SMALL, "--epochs", "1", "--seed", "5", "--overwrite"]) == 0
+    assert checkpoint.load(saved)[0]["train"]["options"]["seed"] == 5
+
+
+def test_resume_finds_the_data_file_from_another_directory(tmp_path, capsys, monkeypatch):
+    """The checkpoint recorded the data path as typed: resuming a `--data my.npy` run from
+    another working directory failed with "data file not found: my.npy", no word of --data."""
+    np.save(tmp_path / "my.npy", np.random.default_rng(0).random((30, 12)).astype(np.float32))
+    monkeypatch.chdir(tmp_path)
+    assert train("run", "--data", "my.npy", "--epochs", "1") == 0
+    recorded = lambda: checkpoint.load(tmp_path / "run")[0]["train"]["data"]["name"]  # noqa: E731
+    assert recorded() == os.path.realpath(tmp_path / "my.npy")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cli.main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2", "--no-progress"]) == 0
+    # moved since: the error says where it looked and how to go on
+    os.replace(tmp_path / "my.npy", tmp_path / "moved.npy")
+    _rejected(capsys, cli.main(["train", "--resume", str(tmp_path / "run"), "--epochs", "3",
+                                "--no-progress"]), f"the run's data {recorded()} is not there; pass --data")
+    assert cli.main(["train", "--resume", str(tmp_path / "run"), "--epochs", "3", "--no-progress",
+                     "--data", "../moved.npy"]) == 0
+    assert recorded() == os.path.realpath(tmp_path / "moved.npy")
+    assert train(tmp_path / "digits", "--epochs", "1") == 0  # a named data set stays a name
+    assert checkpoint.load(tmp_path / "digits")[0]["train"]["data"]["name"] == "digits"
 
 
 def test_resume_of_another_architecture_is_refused(tmp_path, capsys):

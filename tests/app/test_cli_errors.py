@@ -1,0 +1,89 @@
+"""Failures that are not bad input end in one line, not a traceback: a write that
+fails (here a file-size limit, as `ulimit -f` sets; a full disk raises the same
+OSError) exits 1, Ctrl-C exits 130, and neither leaves a half-written file. Each
+printed a traceback before its fix (independent review of the CLI)."""
+
+import os
+import resource
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from fastvae.app import checkpoint, cli
+
+pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
+pytest.importorskip("onnxruntime")
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMALL = ["--hidden", "32", "16", "--latent-dim", "4", "--epochs", "1", "--no-progress"]
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")]
+
+
+def fastvae(*args, file_size_limit=None):
+    """Run `python -m fastvae ARGS` in a fresh process, its files capped at
+    ``file_size_limit`` bytes (Python ignores SIGXFSZ: a write past it fails with EFBIG)."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "fastvae", *map(str, args)], env=env,
+                          capture_output=True, text=True, timeout=240,
+                          preexec_fn=limit if file_size_limit else None)
+
+
+def one_line(result, code, *words):
+    err = result.stderr
+    assert result.returncode == code and len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err, err
+
+
+def files_under(path):
+    return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
+
+
+def test_a_failed_write_is_one_line_and_exit_code_1(tmp_path):
+    """`ulimit -f` then train/export/infer: safetensors' SafetensorError and OSError
+    "File too large" tracebacks before."""
+    # train: the checkpoint (safetensors) is larger than the limit
+    result = fastvae("train", "--out", tmp_path / "run", "--epochs", "1", "--no-progress",
+                     file_size_limit=64 * 1024)
+    one_line(result, 1, "fastvae train: error: cannot write", checkpoint.FILENAME, "File too large")
+    assert files_under(tmp_path / "run") == []
+
+    assert cli.main(["train", "--out", str(tmp_path / "small"), *SMALL]) == 0
+    result = fastvae("export", tmp_path / "small", "--out", tmp_path / "onnx", file_size_limit=8 * 1024)
+    one_line(result, 1, "fastvae export: error: cannot write the export", "File too large")
+    assert not (tmp_path / "onnx").exists()
+    assert [f for f in os.listdir(tmp_path) if ".tmp" in f] == []
+
+    assert cli.main(["export", str(tmp_path / "small"), "--out", str(tmp_path / "onnx")]) == 0
+    for out in ("samples.npy", "samples.png"):
+        result = fastvae("infer", tmp_path / "onnx", "--sample", "500", "--out", tmp_path / out,
+                         file_size_limit=16 * 1024)
+        one_line(result, 1, f"fastvae infer: error: cannot write {tmp_path / out}")
+    assert sorted(os.listdir(tmp_path)) == ["onnx", "run", "small"]
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path):
+    """Ctrl-C during training printed a KeyboardInterrupt traceback (exit -2); the
+    checkpoint of the last finished epoch stays, with no temporary beside it."""
+    env = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fastvae", "train", "--out", str(tmp_path / "run"), "--hidden", "32",
+         "16", "--epochs", "100000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stderr:  # not a terminal: one progress line per epoch
+            if ": epoch 2/" in line:  # epoch 1's checkpoint is saved by now
+                break
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert err.strip() == "fastvae train: interrupted", err
+    assert checkpoint.load(tmp_path / "run")[0]["train"]["epoch"] >= 1
+    assert files_under(tmp_path / "run") == sorted([checkpoint.FILENAME, checkpoint.CONFIG_FILENAME])
