@@ -63,6 +63,14 @@ def remove_stale_temps(path):
                 pass
 
 
+def write_error(err, what):
+    """``err`` (an OSError) as ``what: its reason``: OSError(errno, ...) keeps the errno's
+    subclass (PermissionError stays one); an error without an errno (e.g. a library's
+    wrapped write failure) gets none, not "[Errno None]"."""
+    text = f"{what}: {err.strerror or err}"
+    return OSError(err.errno, text) if err.errno is not None else OSError(text)
+
+
 def atomic_write(path, write):
     """Call ``write(tmp_path)`` then move ``tmp_path`` onto ``path`` atomically.
     On any error the temporary file is removed and ``path`` is untouched."""
@@ -83,7 +91,7 @@ def atomic_write(path, write):
         if isinstance(err, OSError):
             # say which file failed (a full disk or a file-size limit names none, or the
             # temporary); OSError(errno, ...) keeps the errno's subclass
-            raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
+            raise write_error(err, f"cannot write {path}") from err
         raise
 
 

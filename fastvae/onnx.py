@@ -327,7 +327,7 @@ def export(model, out_dir, *, parts=("encoder", "decoder", "scorer"), opset=None
         if isinstance(err, OSError):
             # a full disk or a file-size limit names no file: say what failed; OSError(errno, ...)
             # keeps the errno's subclass
-            raise OSError(err.errno, f"cannot write the export {out_dir}: {err.strerror or err}") from err
+            raise _io.write_error(err, f"cannot write the export {out_dir}") from err
         raise
     return meta
 
