@@ -829,8 +829,8 @@ def _scaled_noise_key(seed, shape, dtype, logvar, clamp_lo, clamp_hi):
     from one seed (a reseeded generator) with the same logvar: then they kept the same
     values. A key the backward does not find (another tensor object under compile, an
     evicted slot) means the noise is drawn again, never a wrong one. An inference tensor
-    has no version counter: -1 (its backward saves a copy of it, another storage, so
-    that backward draws again)."""
+    has no version counter: -1 (the forward keeps nothing for one: its backward reads a
+    copy of it, another storage; a direct call of the backward op may still pass one)."""
     version = -1 if logvar.is_inference() else logvar._version
     return (_noise_key(seed, shape, dtype, logvar.device), logvar.untyped_storage().data_ptr(),
             logvar.storage_offset(), tuple(logvar.stride()), version, clamp_lo, clamp_hi)
@@ -870,8 +870,9 @@ def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
         own_mu = mu_c is not mu and not with_kl and mu_c.is_contiguous()
         z = torch.addcmul(mu_c, half_eps, std, value=2.0,
                           out=mu_c if own_mu else _empty_like_contiguous(half_eps, dtype))
-        _keep_noise(_scaled_noise_key(seed, mu.shape, dtype, logvar, clamp_lo, clamp_hi),
-                    half_eps.mul_(std))
+        if not logvar.is_inference():  # (its backward reads a copy, another key: it draws again)
+            _keep_noise(_scaled_noise_key(seed, mu.shape, dtype, logvar, clamp_lo, clamp_hi),
+                        half_eps.mul_(std))
     else:
         eps = standard_normal(seed, mu.shape, dtype, mu.device)
         z = torch.addcmul(mu_c, eps, std, out=eps)  # written over eps

@@ -200,6 +200,13 @@ def _refuse_double_backward(op):
             f"gradient is computed in the forward pass and has no gradient of its own")
 
 
+def _saveable(t):
+    """``t`` for save_for_backward; a copy of it if it is an inference tensor (made under
+    torch.inference_mode, e.g. latents of a frozen encoder), which autograd refuses to
+    save: a copy made here, outside inference mode, is an ordinary tensor."""
+    return t.clone() if t is not None and t.is_inference() else t
+
+
 def _vae_loss_setup(ctx, inputs, output):
     (x_hat, x, mu, logvar, beta, obs_logvar, prior_mu, prior_logvar, beta_value, recon, _, _,
      reduction, clamp_lo, clamp_hi, _, grad_recon, grad_kl, grad_prior) = inputs
@@ -224,7 +231,7 @@ def _vae_loss_setup(ctx, inputs, output):
     # is needed for that); a larger one's is the g_obs buffer
     scalar_obs = obs_logvar if obs_logvar is not None and obs_logvar.requires_grad \
         and not _elementwise_obs_logvar(obs_logvar) else None
-    ctx.save_for_backward(x_hat if target_grad_needs_x_hat else None, beta, kl,
+    ctx.save_for_backward(x_hat if target_grad_needs_x_hat else None, _saveable(beta), kl,
                           g_xhat.detach(), g_mu.detach(), g_lv.detach(),
                           g_obs.detach() if g_obs.numel() else None,  # (read only when filled)
                           scalar_obs, recon_out if scalar_obs is not None else None,
@@ -782,13 +789,6 @@ def _small_eager(backend_tensors):
     return _dispatch.backend_for(*backend_tensors) == "torch"
 
 
-def _saveable(t):
-    """``t`` for save_for_backward; a copy of it if it is an inference tensor (made under
-    torch.inference_mode, e.g. latents of a frozen encoder), which autograd refuses to
-    save: a copy made here, outside inference mode, is an ordinary tensor."""
-    return t.clone() if t is not None and t.is_inference() else t
-
-
 class _SmallLossFunction(torch.autograd.Function):
     """(loss, recon, kl) of a loss that ``_torch_impl.small_eager_applies`` to; the
     loss alone unless ``parts`` (autograd's cost per output is measurable here)."""
@@ -811,7 +811,8 @@ class _SmallLossFunction(torch.autograd.Function):
                               _saveable(target) if recon_grad else None,
                               _saveable(mu_c) if need_mu else None,
                               _saveable(logvar_c) if need_lv and lo is not None else None,
-                              var_m1 if need_lv else None, beta, kl if need_beta else None)
+                              var_m1 if need_lv else None, _saveable(beta),
+                              kl if need_beta else None)
         return (loss, recon_out, kl) if parts else loss
 
     @staticmethod

@@ -80,3 +80,28 @@ def test_latent_ops_with_one_inference_tensor_input(size, frozen, name):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+def test_loss_with_an_inference_tensor_beta(size):
+    """A KL weight made under inference mode (a schedule's tensor) weighs the KL's gradients."""
+    inputs = dict(_inputs(size, "mse"), beta=torch.tensor(0.25))
+    (got, got_grads), (want, want_grads) = _call_twice(
+        inputs, ("beta",),
+        lambda x_hat, x, mu, logvar, beta: fastvae.vae_loss(x_hat, x, mu, logvar, beta=beta))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_large_sampling_keeps_no_noise_for_an_inference_logvar():
+    """Its backward reads a copy of logvar (another key), so noise kept for it would sit
+    unused in the table until evicted: none is kept, and the backward draws it again."""
+    inputs = _inputs("general", "mse")
+    with torch.inference_mode():
+        logvar = inputs["logvar"].clone()
+    _torch_impl._kept_noise.clear()
+    fastvae.reparameterize(inputs["mu"].clone().requires_grad_(), logvar)
+    assert len(_torch_impl._kept_noise) == 0
+    fastvae.reparameterize(inputs["mu"].clone().requires_grad_(), inputs["logvar"].clone())
+    assert len(_torch_impl._kept_noise) == 1  # (an ordinary logvar's is kept)

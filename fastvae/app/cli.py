@@ -23,7 +23,8 @@ COMMANDS = {
 # atomic writes leave no half-written file either way.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
                PermissionError, IsADirectoryError)
-EXIT_CODES = "0 done, 1 a system error (disk full, file too large, I/O), 2 bad input, 130 interrupted"
+EXIT_CODES = ("0 done, 1 a system error (disk full, file too large, I/O, a missing package), "
+              "2 bad input, 130 interrupted")
 
 
 def _usage():
@@ -31,6 +32,13 @@ def _usage():
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run 'fastvae COMMAND --help' for a command's options.", f"Exit codes: {EXIT_CODES}."]
     return "\n".join(lines)
+
+
+def _reason(err):
+    """The error's message; an OSError's without its "[Errno N]" prefix, with its file."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror + (f": {err.filename}" if err.filename else "")
+    return str(err)
 
 
 def main(argv=None):
@@ -51,11 +59,10 @@ def main(argv=None):
         args = parser.parse_args(rest)
         return int(module.run(args) or 0)
     except USER_ERRORS as err:
-        print(f"fastvae {command}: error: {err}", file=sys.stderr)
+        print(f"fastvae {command}: error: {_reason(err)}", file=sys.stderr)
         return 2
-    except OSError as err:
-        where = f": {err.filename}" if err.filename else ""
-        print(f"fastvae {command}: error: {err.strerror or err}{where}", file=sys.stderr)
+    except (OSError, ImportError) as err:  # (ImportError: an optional package not installed)
+        print(f"fastvae {command}: error: {_reason(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"fastvae {command}: interrupted", file=sys.stderr)

@@ -3,7 +3,7 @@
 import os
 
 from fastvae import runtime as _rt
-from fastvae.onnx import MIN_OPSET, ExportParityError, export
+from fastvae.onnx import MIN_OPSET, ExportParityError, _max_opset, export
 
 
 def add_arguments(parser):
@@ -29,6 +29,10 @@ def run(args):
             batch = int(batch)
         except ValueError:
             raise ValueError(f"--batch must be 'dynamic' or an int, got {batch!r}") from None
+    highest = _max_opset()
+    if args.opset is not None and not MIN_OPSET <= args.opset <= (highest or args.opset):
+        upto = f"to {highest} (the installed onnx's highest)" if highest else "or more"
+        raise ValueError(f"--opset must be from {MIN_OPSET} {upto}, got {args.opset}")
     parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     model = load_model(args.checkpoint)
     if not model.is_vae:  # the export's encoder, scorer and sampling all need (mu, logvar)

@@ -8,6 +8,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -75,6 +76,9 @@ def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastvae", "train", "--out", str(tmp_path / "run"), "--hidden", "32",
          "16", "--epochs", "100000"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a progress line that never matches must fail the test, not hang the suite
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
     try:
         for line in proc.stderr:  # not a terminal: one progress line per epoch
             if ": epoch 2/" in line:  # epoch 1's checkpoint is saved by now
@@ -82,8 +86,37 @@ def test_ctrl_c_is_one_line_and_exit_code_130(tmp_path):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
+        watchdog.cancel()
         proc.kill()
     assert proc.returncode == 130, err
     assert err.strip() == "fastvae train: interrupted", err
     assert checkpoint.load(tmp_path / "run")[0]["train"]["epoch"] >= 1
     assert files_under(tmp_path / "run") == sorted([checkpoint.FILENAME, checkpoint.CONFIG_FILENAME])
+
+
+def test_a_missing_optional_package_is_one_line_and_exit_code_1(monkeypatch, capsys):
+    """An ImportError naming what to install (here: export without onnxscript) is not a
+    traceback."""
+    from fastvae.app import cli, export
+
+    def needs_onnxscript(args):
+        raise ImportError("fastvae.onnx.export needs onnxscript: pip install onnxscript")
+
+    monkeypatch.setattr(export, "run", needs_onnxscript)
+    assert cli.main(["export", "ckpt", "--out", "o"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "fastvae export: error: fastvae.onnx.export needs onnxscript: pip install onnxscript"
+
+
+def test_a_bad_input_os_error_reads_without_its_errno(monkeypatch, capsys):
+    import errno
+
+    from fastvae import _io
+    from fastvae.app import cli, export
+
+    def refused(args):
+        raise _io.write_error(PermissionError(errno.EACCES, "Permission denied"), "cannot write x")
+
+    monkeypatch.setattr(export, "run", refused)
+    assert cli.main(["export", "ckpt", "--out", "o"]) == 2
+    assert capsys.readouterr().err.strip() == "fastvae export: error: cannot write x: Permission denied"
