@@ -11,16 +11,14 @@ import sys
 import threading
 
 import pytest
+from cli_helpers import MARKS, ONE_EPOCH, REPO, assert_one_line
 
 from fastvae.app import checkpoint, cli
 
 pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
 pytest.importorskip("onnxruntime")
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SMALL = ["--hidden", "32", "16", "--latent-dim", "4", "--epochs", "1", "--no-progress"]
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")]
+pytestmark = MARKS
 
 
 def fastvae(*args, file_size_limit=None):
@@ -35,13 +33,6 @@ def fastvae(*args, file_size_limit=None):
                           preexec_fn=limit if file_size_limit else None)
 
 
-def one_line(result, code, *words):
-    err = result.stderr
-    assert result.returncode == code and len(err.strip().splitlines()) == 1, err
-    for word in words:
-        assert word in err, err
-
-
 def files_under(path):
     return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
 
@@ -52,12 +43,14 @@ def test_a_failed_write_is_one_line_and_exit_code_1(tmp_path):
     # train: the checkpoint (safetensors) is larger than the limit
     result = fastvae("train", "--out", tmp_path / "run", "--epochs", "1", "--no-progress",
                      file_size_limit=64 * 1024)
-    one_line(result, 1, "fastvae train: error: cannot write", checkpoint.FILENAME, "File too large")
+    assert_one_line(result.returncode, result.stderr, 1, "fastvae train: error: cannot write",
+                    checkpoint.FILENAME, "File too large")
     assert files_under(tmp_path / "run") == []
 
-    assert cli.main(["train", "--out", str(tmp_path / "small"), *SMALL]) == 0
+    assert cli.main(["train", "--out", str(tmp_path / "small"), *ONE_EPOCH]) == 0
     result = fastvae("export", tmp_path / "small", "--out", tmp_path / "onnx", file_size_limit=8 * 1024)
-    one_line(result, 1, "fastvae export: error: cannot write the export", "File too large")
+    assert_one_line(result.returncode, result.stderr, 1,
+                    "fastvae export: error: cannot write the export", "File too large")
     assert not (tmp_path / "onnx").exists()
     assert [f for f in os.listdir(tmp_path) if ".tmp" in f] == []
 
@@ -65,7 +58,8 @@ def test_a_failed_write_is_one_line_and_exit_code_1(tmp_path):
     for out in ("samples.npy", "samples.png"):
         result = fastvae("infer", tmp_path / "onnx", "--sample", "500", "--out", tmp_path / out,
                          file_size_limit=16 * 1024)
-        one_line(result, 1, f"fastvae infer: error: cannot write {tmp_path / out}")
+        assert_one_line(result.returncode, result.stderr, 1,
+                        f"fastvae infer: error: cannot write {tmp_path / out}")
     assert sorted(os.listdir(tmp_path)) == ["onnx", "run", "small"]
 
 

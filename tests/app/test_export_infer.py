@@ -2,7 +2,6 @@
 exporter cannot honour, checkpoints it cannot export, and the data file a run was
 trained on. Each failed before its fix (independent review of the CLI)."""
 
-import os
 import subprocess
 import sys
 
@@ -14,23 +13,13 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
 pytest.importorskip("onnxruntime")
 
+from cli_helpers import MARKS, ONE_EPOCH, REPO, assert_one_line  # noqa: E402
+
 from fastvae import onnx as fv_onnx  # noqa: E402
 from fastvae.app import checkpoint, cli  # noqa: E402
 from fastvae.runtime import VAERuntime  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-SMALL = ["--hidden", "32", "16", "--latent-dim", "4", "--epochs", "1", "--no-progress"]
-# torch's exporter trips its own deprecation warning (torch 2.13); not ours to fix
-pytestmark = [pytest.mark.usefixtures("one_thread"),
-              pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")]
-
-
-def one_line_error(capsys, code, *words):
-    err = capsys.readouterr().err
-    assert code == 2 and len(err.strip().splitlines()) == 1, err
-    for word in words:
-        assert word in err, err
+pytestmark = MARKS
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +34,7 @@ def runs(tmp_path_factory):
     try:
         for model in ("vae", "ae"):
             assert cli.main(["train", "--data", str(data), "--model", model,
-                             "--out", str(root / model), *SMALL]) == 0
+                             "--out", str(root / model), *ONE_EPOCH]) == 0
     finally:
         torch.set_num_threads(threads)
     return {"data": data, "vae": root / "vae", "ae": root / "ae"}
@@ -64,7 +53,7 @@ def test_an_opset_above_the_installed_onnx_is_refused(runs, tmp_path, capsys):
     capsys.readouterr()
     code = cli.main(["export", str(runs["vae"]), "--out", str(tmp_path / "cli"),
                      "--opset", str(highest + 1)])
-    one_line_error(capsys, code, "opset", f"to {highest}", f"got {highest + 1}")
+    assert_one_line(code, capsys.readouterr().err, 2, "opset", f"to {highest}", f"got {highest + 1}")
     assert not (tmp_path / "lib").exists() and not (tmp_path / "cli").exists()
     # the bound is the exporter's real one: the highest opset exports as asked
     meta = fv_onnx.export(model, tmp_path / "top", parts=("encoder",), opset=highest)
@@ -101,11 +90,11 @@ def test_infer_scores_the_file_the_run_was_trained_on(runs, exported, tmp_path):
 
 def test_infer_refuses_what_train_refuses_in_the_same_words(exported, tmp_path, capsys):
     np.save(tmp_path / "ints.npy", np.ones((4, 8, 8), np.int64))
-    code = cli.main(["train", "--data", str(tmp_path / "ints.npy"), "--out", str(tmp_path / "r"), *SMALL])
-    one_line_error(capsys, code, "int64 is ambiguous; give uint8 images")
+    code = cli.main(["train", "--data", str(tmp_path / "ints.npy"), "--out", str(tmp_path / "r"), *ONE_EPOCH])
+    assert_one_line(code, capsys.readouterr().err, 2, "int64 is ambiguous; give uint8 images")
     code = cli.main(["infer", str(exported), "--score", str(tmp_path / "ints.npy"),
                      "--out", str(tmp_path / "s.csv")])
-    one_line_error(capsys, code, "int64 is ambiguous; give uint8 images")
+    assert_one_line(code, capsys.readouterr().err, 2, "int64 is ambiguous; give uint8 images")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ints.npy"]
 
 
@@ -143,6 +132,6 @@ assert not [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
 def test_exporting_an_autoencoder_says_only_vaes_export(runs, tmp_path, capsys):
     """The error was the exporter's interface check: "model.encode(x) must return (mu, logvar)..."."""
     code = cli.main(["export", str(runs["ae"]), "--out", str(tmp_path / "onnx")])
-    one_line_error(capsys, code, "only VAE checkpoints can be exported", str(runs["ae"]),
-                   "autoencoder (--model ae)")
+    assert_one_line(code, capsys.readouterr().err, 2, "only VAE checkpoints can be exported",
+                    str(runs["ae"]), "autoencoder (--model ae)")
     assert not (tmp_path / "onnx").exists()
