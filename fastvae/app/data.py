@@ -37,6 +37,7 @@ class Data:
     test: torch.Tensor
     train_labels: torch.Tensor = None  # int64 class labels where the source has them
     test_labels: torch.Tensor = None
+    root: str = None  # torchvision sets: the absolute directory their files were read from
 
     @property
     def input_shape(self):
@@ -115,10 +116,10 @@ def _load_torchvision(name, root, download):
         test = cls(root, train=False, download=download)
     except RuntimeError as err:  # torchvision: "Dataset not found. You can use download=True"
         raise FileNotFoundError(f"{name} files not found under {root!r} ({err}); pass "
-                                f"--download to fetch them") from None
+                                f"--data-root DIR where they are, or --download to fetch them") from None
     to_x = lambda ds: ds.data.numpy()[:, None].astype(np.float32) / 255.0  # noqa: E731
     return Data(name, torch.from_numpy(to_x(train)), torch.from_numpy(to_x(test)),
-                train.targets.clone(), test.targets.clone())
+                train.targets.clone(), test.targets.clone(), root=os.path.abspath(root))
 
 
 def load_data(source="digits", *, root="data", download=False, test_fraction=0.2):

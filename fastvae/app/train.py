@@ -122,7 +122,7 @@ class _Run:
     world: int
     x_train: torch.Tensor       # the training data, on the device
     steps_per_epoch: int
-    data: dict                  # {"name", "sha256": data.fingerprint}, saved with every checkpoint
+    data: dict                  # {"name", "sha256": data.fingerprint[, "root"]}, saved with every checkpoint
 
 
 def fit(model, data, cfg, *, out=None, resume=None, device="cpu", progress=True):
@@ -166,7 +166,8 @@ def _set_up(model, data, cfg, device):
         device=device, rank=rank, world=world, x_train=data.train.to(device),
         # DDP drops the last partial batch: every process must take the same number of steps
         steps_per_epoch=max(1, math.ceil(n / cfg.batch_size) if world == 1 else n // cfg.batch_size),
-        data={"name": data.name, "sha256": fingerprint(data)})
+        data={"name": data.name, "sha256": fingerprint(data),
+              **({} if data.root is None else {"root": data.root})})
 
 
 def _restore(run, config, tensors):
@@ -309,6 +310,7 @@ RUN_DEFAULTS = {"data": "digits", **MODEL_DEFAULTS, **asdict(TrainConfig())}
 # the data may be given by another path (its content is checked by hash)
 RESUME_MAY_CHANGE = ("epochs", "save_every", "data")
 DEFAULT_OUT = os.path.join("runs", "train")
+DEFAULT_DATA_ROOT = "data"
 NAMED_DATA = ("digits", *TORCHVISION_SETS)  # --data names, not paths
 
 
@@ -401,7 +403,8 @@ def add_arguments(parser):
     a = parser.add_argument
     d = RUN_DEFAULTS
     a("--data", help="digits (default), mnist, fashion-mnist, a .npy/.npz file or a folder of images")
-    a("--data-root", default="data", help="where torchvision data sets live (default: data)")
+    a("--data-root", help=f"where torchvision data sets live (default: {DEFAULT_DATA_ROOT}, or "
+                          f"the resumed run's)")
     a("--download", action="store_true", help="let torchvision download mnist/fashion-mnist")
     a("--model", choices=("vae", "ae"), help=f"(default: {d['model']})")
     a("--arch", choices=("mlp", "conv"), help=f"(default: {d['arch']})")
@@ -494,7 +497,8 @@ def _check_train_fields(train, where):
     need("optimizer", lambda v: isinstance(v, dict) and isinstance(v.get("param_groups"), list)
          and isinstance(v.get("state"), dict), "Adam's state")
     need("data", lambda v: isinstance(v, dict) and isinstance(v.get("name"), str)
-         and isinstance(v.get("sha256"), str), "the data's name and hash")
+         and isinstance(v.get("sha256"), str) and isinstance(v.get("root", ""), str),
+         "the data's name and hash")
 
 
 ADAM_STATE = {"step": (), "exp_avg": None, "exp_avg_sq": None}  # None: the parameter's shape
@@ -581,7 +585,11 @@ def run(args):
         raise ValueError("--free-bits and --anneal apply to VAEs (--model vae) only")
     if options["model"] == "ae" and options["prior"] != "standard":
         raise ValueError(f"--prior {options['prior']}: applies to VAEs (--model vae) only")
-    data = load_data(options["data"], root=args.data_root, download=args.download)
+    data_root = args.data_root
+    if data_root is None:  # a resumed torchvision run reads its files where it did before
+        data_root = DEFAULT_DATA_ROOT if resume is None \
+            else resume[0]["train"]["data"].get("root", DEFAULT_DATA_ROOT)
+    data = load_data(options["data"], root=data_root, download=args.download)
     check_range(data, options["recon"])
     if resume is None:
         check_model_fits(options, data.input_shape, device)

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -177,6 +178,51 @@ def test_resume_finds_the_data_file_from_another_directory(tmp_path, capsys, mon
     assert recorded() == os.path.realpath(tmp_path / "moved.npy")
     assert train(tmp_path / "digits", "--epochs", "1") == 0  # a named data set stays a name
     assert checkpoint.load(tmp_path / "digits")[0]["train"]["data"]["name"] == "digits"
+
+
+def _fake_torchvision_mnist(monkeypatch):
+    """torchvision.datasets.MNIST's interface (root, train=, download=) -> .data (N, 28, 28)
+    uint8 and .targets, serving fixed images where ``root``/MNIST exists (torchvision is
+    not a dependency here)."""
+    class FakeMNIST:
+        def __init__(self, root, train, download):
+            if not os.path.isdir(os.path.join(root, "MNIST")):
+                raise RuntimeError("Dataset not found. You can use download=True to download it")
+            n = 24 if train else 8
+            gen = torch.Generator().manual_seed(n)
+            self.data = torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8, generator=gen)
+            self.targets = torch.arange(n) % 10
+
+    datasets = types.ModuleType("torchvision.datasets")
+    datasets.MNIST = FakeMNIST
+    vision = types.ModuleType("torchvision")
+    vision.datasets = datasets
+    monkeypatch.setitem(sys.modules, "torchvision", vision)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", datasets)
+
+
+def test_resume_reads_a_torchvision_set_from_the_recorded_root(tmp_path, capsys, monkeypatch):
+    """`--data mnist --data-root DIR` then `--resume` from another working directory
+    looked for the files under ./data (--data-root was not recorded) and failed."""
+    _fake_torchvision_mnist(monkeypatch)
+    (tmp_path / "sets" / "MNIST").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    assert train("run", "--data", "mnist", "--data-root", "sets", "--epochs", "1") == 0
+    recorded = checkpoint.load(tmp_path / "run")[0]["train"]["data"]
+    assert recorded["name"] == "mnist"
+    assert os.path.realpath(recorded["root"]) == os.path.realpath(tmp_path / "sets")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cli.main(["train", "--resume", str(tmp_path / "run"), "--epochs", "2",
+                     "--no-progress"]) == 0
+    assert len(history(tmp_path / "run")) == 2
+    # an explicit --data-root wins; one that holds nothing is a one-line error naming the flag
+    assert cli.main(["train", "--resume", str(tmp_path / "run"), "--epochs", "3", "--no-progress",
+                     "--data-root", "nowhere"]) != 0
+    err = capsys.readouterr().err
+    assert "mnist files not found under 'nowhere'" in err and "--data-root" in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert len(history(tmp_path / "run")) == 2
 
 
 def test_resume_of_another_architecture_is_refused(tmp_path, capsys):
