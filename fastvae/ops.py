@@ -231,7 +231,7 @@ def _vae_loss_setup(ctx, inputs, output):
     # is needed for that); a larger one's is the g_obs buffer
     scalar_obs = obs_logvar if obs_logvar is not None and obs_logvar.requires_grad \
         and not _elementwise_obs_logvar(obs_logvar) else None
-    ctx.save_for_backward(x_hat if target_grad_needs_x_hat else None, _saveable(beta), kl,
+    ctx.save_for_backward(_saveable(x_hat) if target_grad_needs_x_hat else None, _saveable(beta), kl,
                           g_xhat.detach(), g_mu.detach(), g_lv.detach(),
                           g_obs.detach() if g_obs.numel() else None,  # (read only when filled)
                           scalar_obs, recon_out if scalar_obs is not None else None,

@@ -25,9 +25,10 @@ def _inputs(size, recon):
             "logvar": logvar}
 
 
-def _call_twice(inputs, frozen, fn):
+def _call_twice(inputs, frozen, fn, grad_x=False):
     """fn's output and gradients with the ``frozen`` inputs as inference tensors and
-    the rest requiring grad, then the same with ordinary tensors throughout."""
+    the rest requiring grad (the target x only with ``grad_x``), then the same with
+    ordinary tensors throughout."""
     results = []
     for inference in (True, False):
         args = {}
@@ -39,7 +40,7 @@ def _call_twice(inputs, frozen, fn):
                     assert t.is_inference()
                 args[name] = t
             else:
-                args[name] = t.clone().requires_grad_(name != "x")
+                args[name] = t.clone().requires_grad_(name != "x" or grad_x)
         torch.manual_seed(3)  # the same noise for both calls
         out = fn(**args)
         leaves = [t for t in args.values() if t.requires_grad]
@@ -55,6 +56,26 @@ def test_loss_with_inference_tensor_inputs(size, frozen, recon):
         _inputs(size, recon), frozen,
         lambda x_hat, x, mu, logvar: fastvae.vae_loss(x_hat, x, mu, logvar, recon=recon))
     torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", list(SIZES))
+@pytest.mark.parametrize("prior", [False, True], ids=["standard", "prior"])
+@pytest.mark.parametrize("recon", ["mse", "bce_logits", "bce", "continuous_bernoulli"])
+def test_loss_with_an_inference_tensor_x_hat_and_a_target_needing_grad(size, prior, recon):
+    """The target's gradient of bce, bce_logits and continuous_bernoulli reads x_hat:
+    a frozen (inference) x_hat is saved as a copy (it raised "Inference tensors cannot
+    be saved for backward")."""
+    inputs = {k: v.clamp(0.05, 0.95) if k == "x_hat" and recon == "bce" else v
+              for k, v in _inputs(size, recon).items()}
+    options = {"prior_mu": torch.zeros(inputs["mu"].shape[1])} if prior else {}
+    (got, got_grads), (want, want_grads) = _call_twice(
+        inputs, ("x_hat",),
+        lambda x_hat, x, mu, logvar: fastvae.vae_loss(x_hat, x, mu, logvar, recon=recon,
+                                                      **options), grad_x=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert len(got_grads) == 3  # x, mu, logvar
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
