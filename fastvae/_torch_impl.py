@@ -1086,8 +1086,11 @@ class _PriorSource:
         self.small = None
         if prior is not None and not self.per_block:
             prior = self.small = _as(prior, dtype)
-        # expanded to mu's shape to be sliced by rows; in one block the ops broadcast it
-        self.view = prior if prior is None or one_block else prior.expand(mu.shape)
+        # expanded to mu's shape to be sliced by rows; in one block the ops broadcast a
+        # small one (a per-block one is read into mu-shaped scratch and out= buffers: a
+        # (d,) prior of a batch of 1 would make them resize, a deprecated torch behaviour)
+        self.view = prior if prior is None or (one_block and not self.per_block) \
+            else prior.expand(mu.shape)
 
     def block(self, rows, scratch, name, shape, dtype):
         if self.view is None:

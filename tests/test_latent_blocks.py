@@ -4,6 +4,8 @@ LATENT_CHUNK elements of mu's rows. LATENT_CHUNK is made tiny here so that a few
 rows span several blocks; every result is held to tests/reference.py (float64,
 from the math) and to the same call in one block."""
 
+import warnings
+
 import pytest
 import reference as ref
 import torch
@@ -255,3 +257,25 @@ def test_scratch_is_kept_per_thread_and_never_returned(monkeypatch):
     for a, b in zip(first, second):
         assert a.untyped_storage().data_ptr() not in kept
         assert torch.equal(a, b)  # the second call's scratch did not write the first's outputs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("prior", ["learned", "logvar_only", "mean_only", "per_sample"])
+@pytest.mark.parametrize("free_bits", [0.0, 1.0])
+def test_a_batch_of_one_with_a_prior_as_large_as_mu(prior, dtype, free_bits):
+    """A batch of one with a learned (d,) prior: the prior is as large as mu, read block
+    by block, in one block. Its float32 blocks were (d,)-shaped where the scratch and the
+    out= buffers are (1, d), and torch warned that it resized them (deprecated)."""
+    leaves = make(prior, dtype=dtype, shape=(1, *TRAILING))
+    if prior == "per_sample":  # (the batch of one's own prior)
+        leaves[2:] = [t[:1].detach().clone().requires_grad_() for t in leaves[2:]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got, grads = value_and_grads(leaves, reduction="batchmean", free_bits=free_bits)
+    want, want_grads = reference(*leaves, "batchmean", free_bits)
+    # the value is float32 either way; gradients come back in mu's dtype
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+    eps = torch.finfo(dtype).eps
+    for g, w in zip(grads, want_grads):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.double(), w, rtol=max(eps, 1e-6), atol=1e-6)
