@@ -371,7 +371,9 @@ def _continuous_bernoulli_recon(x_hat, x, dtype, grad_scale):
     a = torch.abs(logit, out=_empty_like_contiguous(logit, dtype)).clamp_(min=torch.finfo(dtype).tiny)
     m = torch.neg(a).expm1_().neg_()
     buf = torch.div(a, m).log_()
-    buf.neg_().addcmul_(logit, target, value=-1.0).add_(torch.relu(logit))
+    # max(l, 0) - l x first: for a saturated logit they cancel (exactly at x = 1), and
+    # log C(l) ~ log |l| is not rounded at the scale of l
+    buf = torch.relu(logit).addcmul_(logit, target, value=-1.0).sub_(buf)
     rows = _row_sum(buf)
     if grad_scale is None:
         return rows, None

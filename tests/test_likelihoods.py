@@ -119,6 +119,24 @@ def test_continuous_bernoulli_is_torch_distributions_log_prob(backend):
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_continuous_bernoulli_of_a_saturated_logit_keeps_its_digits(backend):
+    """-log CB(x | l) = max(l, 0) - l x + log1p(e^-|l|) - log C(l): with l large and x = 1
+    the first terms cancel exactly and the value is -log C(l) ~ -log l. The PyTorch path
+    added -log C(l) to -l x before max(l, 0), rounding it at the scale of l (-11.515625
+    for -11.512925 at l = 1e5); the mirror case (l < 0, x = 0) was exact."""
+    fastvae.set_backend(backend)
+    logits = torch.tensor([[1e4, -1e4, 1e5, -1e5, 300.0, -300.0]])
+    x = torch.tensor([[1.0, 0.0, 1.0, 0.0, 1.0, 0.0]])
+    got = fastvae.vae_loss(logits.repeat(2, 1), x.repeat(2, 1), torch.zeros(2, 1),
+                           torch.zeros(2, 1), recon="continuous_bernoulli", reduction="none")
+    # from the definition in float64: here max(l, 0) - l x = 0, log1p(e^-|l|) = 0 and
+    # log C(l) = log(|l| / tanh(|l| / 2)) = log |l| (tanh = 1 to double precision)
+    want = -sum(math.log(abs(v)) for v in logits[0].tolist())
+    torch.testing.assert_close(got.double(), torch.full((2,), want, dtype=torch.float64),
+                               rtol=1e-6, atol=0)
+
+
 def test_continuous_bernoulli_normaliser_and_its_derivative_near_zero_and_far():
     from fastvae import _numerics
 
