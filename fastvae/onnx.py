@@ -13,8 +13,13 @@ is built in a temporary directory that replaces ``out_dir`` only once it is
 complete.
 
 The model needs ``encode(x) -> (mu, logvar)``, ``decode(z)`` (data space) and
-the attributes ``recon``, ``beta``, ``input_shape``, ``latent_shape``; its
-``score(x)`` is used for the scorer when it has one. fastvae's loss and
+the attributes ``recon``, ``beta``, ``input_shape``, ``latent_shape`` (and, where
+they apply, ``obs_logvar`` for gaussian/laplace, and ``prior = "learned"`` with
+``prior_mu``, ``prior_logvar`` broadcastable to ``latent_shape``); its ``score(x)``
+is used for the scorer when it has one. A fixed ``batch`` splits and pads the data
+the runtime scores, so a model whose score of a sample depends on the rest of its
+batch (``obs_logvar="optimal"`` fits the scale to the batch) exports its scorer
+with a dynamic batch only. fastvae's loss and
 sampling functions switch to plain torch formulas while
 ``torch.onnx.is_in_onnx_export()``, so the dynamo exporter sees standard ops.
 
@@ -76,7 +81,8 @@ class _Decoder(nn.Module):
 class _Scorer(nn.Module):
     """Per-sample VAE loss at z = mu: ``model.score`` when the model has one;
     otherwise built from encode/decode (decode gives probabilities, so a
-    ``bce_logits`` model is scored with ``bce`` on them: the same loss)."""
+    ``bce_logits`` model is scored with ``bce`` on them: the same loss), with the
+    model's ``obs_logvar`` (gaussian, laplace) and learned prior where it has them."""
 
     def __init__(self, model):
         super().__init__()
@@ -87,8 +93,13 @@ class _Scorer(nn.Module):
             return self.model.score(x)
         mu, logvar = self.model.encode(x)
         recon = "bce" if self.model.recon == "bce_logits" else self.model.recon
+        options = {}
+        if getattr(self.model, "prior", "standard") == "learned":  # as the metadata records it
+            options = {"prior_mu": self.model.prior_mu, "prior_logvar": self.model.prior_logvar}
+        if recon in ("gaussian", "laplace"):
+            options["obs_logvar"] = getattr(self.model, "obs_logvar", None)
         return fastvae.vae_loss(self.model.decode(mu), x, mu, logvar, recon=recon,
-                                beta=self.model.beta, reduction="none")
+                                beta=self.model.beta, reduction="none", **options)
 
 
 _PART_MODULES = {"encoder": _Encoder, "decoder": _Decoder, "scorer": _Scorer}
@@ -156,21 +167,34 @@ def _model_facts(model):
         beta = beta.item()
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
         raise TypeError(f"model.beta must be a finite float, got {beta!r}")
+    latent_shape = _shape_attr(model, "latent_shape")
     return {"input_shape": _shape_attr(model, "input_shape"),
-            "latent_shape": _shape_attr(model, "latent_shape"),
-            "recon": recon, "beta": float(beta), "prior": _learned_prior(model)}
+            "latent_shape": latent_shape,
+            "recon": recon, "beta": float(beta), "prior": _learned_prior(model, latent_shape)}
 
 
-def _learned_prior(model):
+def _learned_prior(model, latent_shape):
     """{"mu": [...], "logvar": [...]} of a model with a learned diagonal Gaussian prior
-    (``prior == "learned"``), for the runtime to sample from; None for N(0, I)."""
+    (``prior == "learned"``), for the runtime to sample from: one number per latent
+    element, flat (the prior broadcast to ``latent_shape``); None for N(0, I)."""
     if getattr(model, "prior", "standard") != "learned":
         return None
-    mu, logvar = (getattr(model, name).detach().float().cpu()
-                  for name in ("prior_mu", "prior_logvar"))
-    if not (torch.isfinite(mu).all() and torch.isfinite(logvar).all()):
-        raise ValueError("model's learned prior is not finite; nothing is exported")
-    return {"mu": mu.tolist(), "logvar": logvar.tolist()}
+    prior = {}
+    for key, name in (("mu", "prior_mu"), ("logvar", "prior_logvar")):
+        value = getattr(model, name, None)
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"model.{name} must be a tensor (model.prior is 'learned'), got "
+                            f"{type(value).__name__}")
+        value = value.detach().float().cpu()
+        try:
+            value = value.expand(latent_shape)
+        except RuntimeError:
+            raise ValueError(f"model.{name} of shape {list(value.shape)} does not broadcast to "
+                             f"the latent shape {list(latent_shape)}") from None
+        if not torch.isfinite(value).all():
+            raise ValueError("model's learned prior is not finite; nothing is exported")
+        prior[key] = value.reshape(-1).tolist()
+    return prior
 
 
 def _check_interface(model, facts):
@@ -231,6 +255,11 @@ def _check_out_dir(out_dir):
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"out_dir must be a path, got {type(out_dir).__name__}")
     out_dir = os.path.abspath(os.fspath(out_dir))
+    parent = os.path.dirname(out_dir)
+    while not os.path.lexists(parent):  # the nearest existing ancestor must be a directory
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"out_dir {out_dir!r}: {parent!r} is a file, not a directory")
     if os.path.lexists(out_dir):
         if not os.path.isdir(out_dir) or os.path.islink(out_dir):
             raise NotADirectoryError(
@@ -282,6 +311,8 @@ def export(model, out_dir, *, parts=("encoder", "decoder", "scorer"), opset=None
 
     source = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     _check_interface(source, facts)
+    if batch != "dynamic" and "scorer" in parts:
+        _check_scores_are_per_sample(_Scorer(source).eval(), facts, batch)
     os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     _io.remove_stale_temps(out_dir)  # what an export killed mid-way (SIGKILL) left behind
     tmp = tempfile.mkdtemp(prefix=_io.temp_prefix(out_dir), dir=os.path.dirname(out_dir))
@@ -416,6 +447,21 @@ def relative_error(got, want):
         return math.inf
     scale = max(float(np.abs(want).max()), np.finfo(np.float32).tiny)
     return float(np.abs(got - want).max() / scale)
+
+
+def _check_scores_are_per_sample(scorer, facts, batch):
+    """A fixed batch makes the runtime split the data into batches of that size and pad
+    the last one: right only if a sample's score does not depend on the others in its
+    batch. Checked on random samples, scored together and one by one."""
+    x = _example("scorer", facts, 3, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        together = scorer(x)
+        alone = torch.cat([scorer(x[i:i + 1]) for i in range(len(x))])
+    if not torch.allclose(together, alone, rtol=1e-5, atol=1e-6):
+        raise ValueError(f"batch={batch}: this model's score of a sample depends on the other "
+                         f"samples scored with it (obs_logvar='optimal' fits its scale to the "
+                         f"batch), and a fixed batch splits and pads the data; export the scorer "
+                         f"with batch='dynamic', or leave it out of parts")
 
 
 def _parity_batches(batch):

@@ -36,6 +36,7 @@ PART_IO = {
 }
 RECONS = ("mse", "l1", "bce", "bce_logits", "gaussian", "laplace", "continuous_bernoulli")
 UNIT_TARGET_RECONS = ("bce", "bce_logits", "continuous_bernoulli")  # data in [0, 1]
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def part_file(part, quantized=False):
@@ -123,9 +124,9 @@ def _check_prior(prior, latent_shape):
         values = prior[key]
         if (not isinstance(values, list) or len(values) != size
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                           and math.isfinite(v) for v in values)):
-            raise ValueError(f"prior.{key} must be a list of {size} finite numbers (one per "
-                             f"latent element), got {values!r:.80}")
+                           and math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in values)):
+            raise ValueError(f"prior.{key} must be a list of {size} finite float32 numbers (one "
+                             f"per latent element), got {values!r:.80}")
 
 
 def _check_part_table(meta, key, allowed, quantized):
@@ -331,7 +332,11 @@ class VAERuntime:
         if seed is not None and seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
         rng = np.random.default_rng(seed)
-        z = rng.standard_normal((int(n),) + self.latent_shape, dtype=np.float32)
+        try:
+            z = rng.standard_normal((int(n),) + self.latent_shape, dtype=np.float32)
+        except (ValueError, MemoryError):  # numpy's "array is too big", or no memory for it
+            raise ValueError(f"n={n}: {n} codes of shape {self.latent_shape} do not fit in "
+                             f"memory") from None
         prior = self.metadata.get("prior")
         if prior is not None:
             shape = self.latent_shape

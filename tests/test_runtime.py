@@ -134,6 +134,80 @@ def test_static_batch_export_runs_any_batch_in_chunks(tmp_path):
         assert rel_err(rt.decode(z), torch_decode(model, z)) <= RTOL
 
 
+class PriorVAENoScore(torch.nn.Module):
+    """A user's VAE with a (2, 2) latent map, a learned prior of that shape and an
+    optional gaussian obs_logvar, and no score(): the export builds its scorer."""
+
+    def __init__(self, recon="mse", obs_logvar=None):
+        super().__init__()
+        self.enc = torch.nn.Linear(6, 8)
+        self.dec = torch.nn.Linear(4, 6)
+        self.input_shape, self.latent_shape = (6,), (2, 2)
+        self.recon, self.beta, self.prior = recon, 0.7, "learned"
+        if obs_logvar is not None:
+            self.obs_logvar = obs_logvar
+        g = torch.Generator().manual_seed(5)
+        self.prior_mu = torch.nn.Parameter(torch.randn(2, 2, generator=g))
+        self.prior_logvar = torch.nn.Parameter(0.5 * torch.randn(2, 2, generator=g))
+
+    def encode(self, x):
+        mu, logvar = self.enc(x).reshape(-1, 2, 2, 2).unbind(1)
+        return mu, logvar
+
+    def decode(self, z):
+        return self.dec(z.flatten(1))
+
+
+@pytest.mark.parametrize("recon, obs_logvar", [("mse", None), ("gaussian", 0.4)])
+def test_user_model_with_a_learned_prior_and_no_score(tmp_path, recon, obs_logvar):
+    """The scorer built for a model without score() used N(0, I) and unit variance although
+    the model has a learned prior (which the metadata records and sample() draws from) and
+    an obs_logvar; a prior shaped like a (2, 2) latent map was written nested, and the
+    runtime refused its own export as corrupt."""
+    model = seeded(PriorVAENoScore, seed=3, recon=recon, obs_logvar=obs_logvar)
+    meta = fv_onnx.export(model, tmp_path / "e")
+    assert meta["prior"]["mu"] == model.prior_mu.detach().reshape(-1).tolist()
+    rt = VAERuntime(tmp_path / "e")
+    x = np.random.default_rng(0).random((5, 6)).astype(np.float32)
+    # from the math, in float64: recon at z = mu, plus beta KL(N(mu, e^lv) || N(pm, e^plv))
+    p = {k: v.detach().double() for k, v in model.named_parameters()}
+    xd = torch.from_numpy(x).double()
+    mu, lv = (xd @ p["enc.weight"].T + p["enc.bias"]).reshape(-1, 2, 2, 2).unbind(1)
+    x_hat = mu.flatten(1) @ p["dec.weight"].T + p["dec.bias"]
+    sq = (x_hat - xd) ** 2
+    recon_terms = sq if obs_logvar is None else \
+        0.5 * (sq * np.exp(-obs_logvar) + obs_logvar + np.log(2 * np.pi))
+    pm, plv = p["prior_mu"], p["prior_logvar"]
+    kl = 0.5 * (plv - lv + (lv.exp() + (mu - pm) ** 2) * torch.exp(-plv) - 1)
+    want = recon_terms.sum(1) + 0.7 * kl.flatten(1).sum(1)
+    assert rel_err(rt.score(x), want.numpy()) <= RTOL
+    # samples come from the learned prior: decode(pm + e^(plv / 2) eps), eps of the seed
+    eps = np.random.default_rng(9).standard_normal((3, 2, 2), dtype=np.float32)
+    z = pm.float().numpy() + np.exp(0.5 * plv.float().numpy()) * eps
+    assert rel_err(rt.sample(3, seed=9), torch_decode(model, z)) <= RTOL
+
+
+def test_a_fixed_batch_refuses_a_scorer_that_couples_the_samples(tmp_path):
+    """obs_logvar="optimal" fits the scale to the batch scored; a fixed batch makes the
+    runtime split the data and pad the last chunk with zeros, which changed every score
+    of that chunk (48% off) without a word."""
+    from fastvae.models import MLPVAE
+
+    torch.manual_seed(0)
+    model = MLPVAE((6,), latent_dim=2, hidden=(8,), recon="gaussian", obs_logvar="optimal").eval()
+    with pytest.raises(ValueError, match="batch=4: this model's score of a sample depends on "
+                                         "the other samples"):
+        fv_onnx.export(model, tmp_path / "e", batch=4)
+    assert os.listdir(tmp_path) == []
+    # the encoder and decoder have no such coupling; a dynamic scorer scores the batch given
+    fv_onnx.export(model, tmp_path / "fixed", parts=("encoder", "decoder"), batch=4)
+    fv_onnx.export(model, tmp_path / "dynamic")
+    x = np.random.default_rng(1).random((7, 6)).astype(np.float32)
+    with torch.no_grad():
+        want = model.score(torch.from_numpy(x)).numpy()
+    assert rel_err(VAERuntime(tmp_path / "dynamic").score(x), want) <= RTOL
+
+
 # ---- bad inputs -------------------------------------------------------------
 
 
@@ -170,6 +244,7 @@ def test_bad_arrays(mlp_rt, method, value, error, match):
     ({"n": 2, "seed": -1}, ValueError, "seed must be non-negative"),
     ({"n": 2, "seed": "7"}, TypeError, "seed must be None or an int"),
     ({"n": 2, "seed": 1.5}, TypeError, "seed must be None or an int"),
+    ({"n": 2**62}, ValueError, r"n=\d+: .* do not fit in memory"),  # (numpy's error named no n)
 ])
 def test_bad_sample_arguments(mlp_rt, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -233,6 +308,11 @@ def test_corrupt_or_foreign_metadata(broken):
     meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "latent_shape"}))
     with pytest.raises(ValueError, match="corrupt.*latent_shape"):
         VAERuntime(broken)
+    # a prior beyond float32's range (finite in the JSON's float64) sampled NaN silently
+    for mu, logvar in (([1e39] * 3, [0.0] * 3), ([0.0] * 3, [-1e39] * 3)):
+        meta_path.write_text(json.dumps({**meta, "prior": {"mu": mu, "logvar": logvar}}))
+        with pytest.raises(ValueError, match="prior.(mu|logvar) must be a list of 3 finite float32"):
+            VAERuntime(broken)
 
 
 def test_missing_onnx_file(broken):
