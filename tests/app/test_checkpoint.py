@@ -52,6 +52,32 @@ def test_file_is_plain_safetensors_without_pickle(tmp_path):
     assert os.stat(tmp_path / checkpoint.FILENAME).st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_the_same_checkpoint_is_the_same_bytes(tmp_path):
+    """safetensors writes its header metadata in a hash map's random order, so two saves
+    of one run differed in their bytes (5 distinct files in 10 saves of one checkpoint);
+    the header's metadata keys are now sorted, and the file stays plain safetensors."""
+    torch.manual_seed(4)
+    model = ConvVAE((1, 8, 8), latent_dim=3)
+    opt = _trained_optimizer(model)
+    tensors, rest = checkpoint.flatten_optimizer(opt.state_dict())
+    files = set()
+    for i in range(8):
+        checkpoint.save(tmp_path / str(i), model, tensors=tensors, train={"optimizer": rest})
+        files.add((tmp_path / str(i) / checkpoint.FILENAME).read_bytes())
+    assert len(files) == 1
+    raw = files.pop()
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    assert header_len % 8 == 0
+    header = json.loads(raw[8:8 + header_len])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"])
+    with safe_open(str(tmp_path / "0" / checkpoint.FILENAME), framework="pt") as f:
+        assert f.metadata()["format"] == checkpoint.FORMAT
+        for k, v in model.state_dict().items():
+            assert torch.equal(f.get_tensor(f"model.{k}"), v)
+        for k, v in tensors.items():
+            assert torch.equal(f.get_tensor(k), v)
+
+
 def test_optimizer_state_round_trip_continues_identically(tmp_path):
     torch.manual_seed(1)
     model = MLPAutoencoder((6,), latent_dim=2, hidden=(5,))
@@ -77,12 +103,12 @@ def test_a_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     checkpoint.save(tmp_path, good, train={"epoch": 1})
     before = sorted(os.listdir(tmp_path))
 
-    def crash(tensors, path, metadata=None):
+    def crash(path, data):
         with open(path, "wb") as f:
-            f.write(b"half a file")
+            f.write(data[:len(data) // 2])
         raise KeyboardInterrupt  # e.g. the job is killed while writing
 
-    monkeypatch.setattr(checkpoint, "save_file", crash)
+    monkeypatch.setattr(checkpoint, "_write_bytes", crash)
     newer = MLPAutoencoder((6,), latent_dim=2, hidden=(4,))
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(tmp_path, newer, train={"epoch": 2})
