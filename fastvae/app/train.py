@@ -49,9 +49,10 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "anneal_epochs"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if not (math.isfinite(self.beta) and self.beta >= 0 and self.free_bits >= 0):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be finite and > 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.beta) and self.beta >= 0
+                and math.isfinite(self.free_bits) and self.free_bits >= 0):
             raise ValueError(f"beta and free_bits must be finite and >= 0, got "
                              f"{self.beta} and {self.free_bits}")
 

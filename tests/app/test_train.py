@@ -128,6 +128,10 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, capsys):
               "divisible by 2**len(channels)")
     _rejected(capsys, train(out, "--model", "ae", "--free-bits", "1"), "VAEs (--model vae) only")
     _rejected(capsys, train(out, "--epochs", "0"), "epochs must be >= 1")
+    # infinite options (an infinite --lr trained a NaN model and exited 0)
+    for flag, value in (("--lr", "inf"), ("--anneal-epochs", "inf"), ("--lr", "nan")):
+        _rejected(capsys, train(out, flag, value), f"{flag[2:].replace('-', '_')} must be finite")
+    _rejected(capsys, train(out, "--free-bits", "inf"), "free_bits must be finite")
     _rejected(capsys, train(out, "--resume", str(tmp_path / "nothing")), "checkpoint not found")
     assert not out.exists()
     (tmp_path / "file").write_text("x")
