@@ -94,13 +94,15 @@ def save(directory, model, *, tensors=None, train=None):
     atomic_write_text(os.path.join(directory, CONFIG_FILENAME), text + "\n")
 
 
-def _write_bytes(path, data):
+def _write_bytes(path, parts):
     with open(path, "wb") as f:
-        f.write(data)
+        for part in parts:
+            f.write(part)
 
 
 def canonical_safetensors(tensors, metadata):
-    """The safetensors bytes of ``tensors`` with ``metadata``, the header's metadata keys
+    """The safetensors file of ``tensors`` with ``metadata`` (as two byte strings to write
+    one after the other: no copy of the tensor data is made), the header's metadata keys
     sorted: safetensors writes them in a hash map's random order (safetensors#584), so
     saving the same run twice gave files with different bytes (and checksums). The format:
     an 8-byte little-endian header length, the JSON header (padded with spaces to a
@@ -112,7 +114,7 @@ def canonical_safetensors(tensors, metadata):
         header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + raw[8 + length:]
+    return len(text).to_bytes(8, "little") + text, memoryview(raw)[8 + length:]
 
 
 def content_hash(config_text, tensors):
