@@ -331,6 +331,17 @@ def test_static_batch_and_explicit_opset(tmp_path):
         s.run(None, {"x": torch.rand(6, 12).numpy()})
 
 
+def test_the_highest_opset_exports_without_the_converters_notices(tmp_path, caplog):
+    """Opsets the exporter reaches through onnx's version converter (26-28 with onnx 1.23)
+    logged "... fallback is enabled ..." once per part; the parity check covers it."""
+    highest = fv_onnx._max_opset()
+    model = seeded(TinyMLPVAE)
+    with caplog.at_level("WARNING"):
+        meta = fv_onnx.export(model, tmp_path / "e", parts=("decoder",), opset=highest)
+    assert meta["opset"] == highest
+    assert [r.getMessage() for r in caplog.records if "fallback" in r.getMessage()] == []
+
+
 # ---- nothing half-written -------------------------------------------------
 
 
