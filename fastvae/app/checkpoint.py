@@ -32,7 +32,7 @@ import tempfile
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save as safetensors_bytes
+from safetensors.torch import save_file
 
 from fastvae._io import atomic_write, atomic_write_text
 from fastvae.models import model_from_config
@@ -89,32 +89,36 @@ def save(directory, model, *, tensors=None, train=None):
     metadata = {"format": FORMAT, "config": text, "sha256": content_hash(text, all_tensors)}
     os.makedirs(directory, exist_ok=True)
 
-    data = canonical_safetensors(all_tensors, metadata)
-    atomic_write(os.path.join(directory, FILENAME), lambda tmp: _write_bytes(tmp, data))
+    def write(tmp):
+        try:
+            save_file(all_tensors, tmp, metadata=metadata)
+        except SafetensorError as err:  # safetensors' own type for a failed write (disk full, ...)
+            raise OSError(str(err)) from None
+        sort_header_metadata(tmp)
+
+    atomic_write(os.path.join(directory, FILENAME), write)
     atomic_write_text(os.path.join(directory, CONFIG_FILENAME), text + "\n")
 
 
-def _write_bytes(path, parts):
-    with open(path, "wb") as f:
-        for part in parts:
-            f.write(part)
-
-
-def canonical_safetensors(tensors, metadata):
-    """The safetensors file of ``tensors`` with ``metadata`` (as two byte strings to write
-    one after the other: no copy of the tensor data is made), the header's metadata keys
-    sorted: safetensors writes them in a hash map's random order (safetensors#584), so
-    saving the same run twice gave files with different bytes (and checksums). The format:
-    an 8-byte little-endian header length, the JSON header (padded with spaces to a
-    multiple of 8), then the tensor data, which the header locates by offsets into it."""
-    raw = safetensors_bytes(tensors, metadata=metadata)
-    length = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + length])
-    if "__metadata__" in header:
+def sort_header_metadata(path):
+    """Rewrite the header of the safetensors file at ``path`` in place with its metadata
+    keys sorted: safetensors writes them in a hash map's random order (safetensors#584),
+    so saving the same run twice gave files with different bytes (and checksums). The
+    format: an 8-byte little-endian header length, then the JSON header (padded with
+    spaces), then the tensor data, which the header locates by offsets into it. The same
+    keys and values in another order serialize to the same length, so only the header's
+    bytes change (nothing of the tensor data is read or copied)."""
+    with open(path, "r+b") as f:
+        length = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(length))
+        if not header.get("__metadata__"):
+            return
         header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text, memoryview(raw)[8 + length:]
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > length:  # (not for safetensors' compact JSON: left as it wrote it)
+            return
+        f.seek(8)
+        f.write(text + b" " * (length - len(text)))
 
 
 def content_hash(config_text, tensors):
