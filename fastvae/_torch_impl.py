@@ -373,7 +373,8 @@ def _continuous_bernoulli_recon(x_hat, x, dtype, grad_scale):
     buf = torch.div(a, m).log_()
     # max(l, 0) - l x first: for a saturated logit they cancel (exactly at x = 1), and
     # log C(l) ~ log |l| is not rounded at the scale of l
-    buf = torch.relu(logit).addcmul_(logit, target, value=-1.0).sub_(buf)
+    buf = torch.clamp_min(logit, 0.0, out=_empty_like_contiguous(logit, dtype)) \
+        .addcmul_(logit, target, value=-1.0).sub_(buf)
     rows = _row_sum(buf)
     if grad_scale is None:
         return rows, None

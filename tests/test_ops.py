@@ -266,3 +266,27 @@ def test_compile_with_dynamic_shapes_has_no_graph_break(device):
         for a, b in zip(leaves, want_leaves):
             if b.grad is not None:
                 torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("recon", ["mse", "l1", "bce", "bce_logits", "gaussian", "laplace",
+                                   "continuous_bernoulli"])
+def test_the_gradient_buffer_is_contiguous_for_a_channels_last_x_hat(backend, recon):
+    """The fake implementation promises contiguous gradient buffers (compiled graphs are
+    built on their strides): the real ones must be, whatever x_hat's layout. The PyTorch
+    path's continuous_bernoulli followed x_hat's layout for one commit. Values and
+    gradients equal those of the contiguous input."""
+    g = torch.Generator().manual_seed(1)
+    x_hat = torch.rand(2, 3, 4, 5, generator=g) * 0.8 + 0.1  # probabilities for bce
+    x = torch.rand(2, 3, 4, 5, generator=g)
+    mu, logvar = torch.randn(2, 3, generator=g), torch.randn(2, 3, generator=g)
+    results = []
+    for layout in (torch.channels_last, torch.contiguous_format):
+        args = (x_hat.contiguous(memory_format=layout), x, mu, logvar, None, None, None, None,
+                1.0, recon, 0.0, False, "sum", None, None, 0.0, True, True, False)
+        with fastvae.use_backend(backend):
+            out = ops.vae_loss_op(*args)
+        assert out[3].is_contiguous() and out[3].shape == x_hat.shape
+        results.append(out)
+    for got, want in zip(results[0][:4], results[1][:4]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
