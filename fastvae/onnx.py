@@ -193,6 +193,10 @@ def _learned_prior(model, latent_shape):
                              f"the latent shape {list(latent_shape)}") from None
         if not torch.isfinite(value).all():
             raise ValueError("model's learned prior is not finite; nothing is exported")
+        if key == "logvar" and value.max() > _rt.MAX_PRIOR_LOGVAR:  # std = exp(logvar / 2)
+            raise ValueError(f"model.prior_logvar reaches {value.max().item():.6g}, where its std "
+                             f"overflows float32 (above {_rt.MAX_PRIOR_LOGVAR:.6g}); nothing is "
+                             f"exported")
         prior[key] = value.reshape(-1).tolist()
     return prior
 
@@ -259,7 +263,7 @@ def _check_out_dir(out_dir):
     while not os.path.lexists(parent):  # the nearest existing ancestor must be a directory
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise NotADirectoryError(f"out_dir {out_dir!r}: {parent!r} is a file, not a directory")
+        raise NotADirectoryError(f"out_dir {out_dir!r}: {parent!r} is not a directory")
     if os.path.lexists(out_dir):
         if not os.path.isdir(out_dir) or os.path.islink(out_dir):
             raise NotADirectoryError(
@@ -470,10 +474,11 @@ def _check_scores_are_per_sample(scorer, facts, batch):
         together = scorer(x)
         alone = torch.cat([scorer(x[i:i + 1]) for i in range(len(x))])
     if not torch.allclose(together, alone, rtol=1e-5, atol=1e-6):
-        raise ValueError(f"batch={batch}: this model's score of a sample depends on the other "
+        raise ValueError(f"batch {batch}: this model's score of a sample depends on the other "
                          f"samples scored with it (obs_logvar='optimal' fits its scale to the "
                          f"batch), and a fixed batch splits and pads the data; export the scorer "
-                         f"with batch='dynamic', or leave it out of parts")
+                         f"with a dynamic batch (batch='dynamic', --batch dynamic), or leave it "
+                         f"out of the parts")
 
 
 def _parity_batches(batch):

@@ -37,6 +37,8 @@ PART_IO = {
 RECONS = ("mse", "l1", "bce", "bce_logits", "gaussian", "laplace", "continuous_bernoulli")
 UNIT_TARGET_RECONS = ("bce", "bce_logits", "continuous_bernoulli")  # data in [0, 1]
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# a prior logvar above this overflows its std, exp(logvar / 2), in float32: NaN samples
+MAX_PRIOR_LOGVAR = 2.0 * math.log(FLOAT32_MAX)
 
 
 def part_file(part, quantized=False):
@@ -120,13 +122,14 @@ def _check_prior(prior, latent_shape):
     if not isinstance(prior, dict) or set(prior) != {"mu", "logvar"}:
         raise ValueError(f"prior must be an object with keys 'mu' and 'logvar', got {prior!r:.80}")
     size = math.prod(latent_shape)
-    for key in ("mu", "logvar"):
+    for key, highest in (("mu", FLOAT32_MAX), ("logvar", MAX_PRIOR_LOGVAR)):
         values = prior[key]
         if (not isinstance(values, list) or len(values) != size
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                           and math.isfinite(v) and abs(v) <= FLOAT32_MAX for v in values)):
+                           and math.isfinite(v) and -FLOAT32_MAX <= v <= highest
+                           for v in values)):
             raise ValueError(f"prior.{key} must be a list of {size} finite float32 numbers (one "
-                             f"per latent element), got {values!r:.80}")
+                             f"per latent element) of at most {highest:.6g}, got {values!r:.80}")
 
 
 def _check_part_table(meta, key, allowed, quantized):

@@ -187,6 +187,18 @@ def test_user_model_with_a_learned_prior_and_no_score(tmp_path, recon, obs_logva
     assert rel_err(rt.sample(3, seed=9), torch_decode(model, z)) <= RTOL
 
 
+def test_a_prior_whose_std_overflows_float32_is_not_exported(tmp_path):
+    from fastvae.models import MLPVAE
+
+    torch.manual_seed(0)
+    model = MLPVAE((6,), latent_dim=3, hidden=(8,), prior="learned").eval()
+    with torch.no_grad():
+        model.prior_logvar.fill_(200.0)  # std e^100: inf in float32, every sample NaN
+    with pytest.raises(ValueError, match="model.prior_logvar reaches 200, where its std overflows"):
+        fv_onnx.export(model, tmp_path / "e", parts=("decoder",))
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_fixed_batch_refuses_a_scorer_that_couples_the_samples(tmp_path):
     """obs_logvar="optimal" fits the scale to the batch scored; a fixed batch makes the
     runtime split the data and pad the last chunk with zeros, which changed every score
@@ -195,7 +207,7 @@ def test_a_fixed_batch_refuses_a_scorer_that_couples_the_samples(tmp_path):
 
     torch.manual_seed(0)
     model = MLPVAE((6,), latent_dim=2, hidden=(8,), recon="gaussian", obs_logvar="optimal").eval()
-    with pytest.raises(ValueError, match="batch=4: this model's score of a sample depends on "
+    with pytest.raises(ValueError, match="batch 4: this model's score of a sample depends on "
                                          "the other samples"):
         fv_onnx.export(model, tmp_path / "e", batch=4)
     assert os.listdir(tmp_path) == []
@@ -308,11 +320,14 @@ def test_corrupt_or_foreign_metadata(broken):
     meta_path.write_text(json.dumps({k: v for k, v in meta.items() if k != "latent_shape"}))
     with pytest.raises(ValueError, match="corrupt.*latent_shape"):
         VAERuntime(broken)
-    # a prior beyond float32's range (finite in the JSON's float64) sampled NaN silently
-    for mu, logvar in (([1e39] * 3, [0.0] * 3), ([0.0] * 3, [-1e39] * 3)):
+    # a prior beyond float32's range (finite in the JSON's float64), or a logvar whose std
+    # exp(logvar / 2) overflows float32 (above 2 log(float32 max) ~ 177.4), sampled NaN silently
+    for mu, logvar in (([1e39] * 3, [0.0] * 3), ([0.0] * 3, [-1e39] * 3), ([0.0] * 3, [178.0] * 3)):
         meta_path.write_text(json.dumps({**meta, "prior": {"mu": mu, "logvar": logvar}}))
         with pytest.raises(ValueError, match="prior.(mu|logvar) must be a list of 3 finite float32"):
             VAERuntime(broken)
+    meta_path.write_text(json.dumps({**meta, "prior": {"mu": [1.0] * 3, "logvar": [177.0] * 3}}))
+    assert VAERuntime(broken).metadata["prior"]["logvar"] == [177.0] * 3  # std 4e38: finite
 
 
 def test_missing_onnx_file(broken):
