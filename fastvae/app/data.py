@@ -107,9 +107,9 @@ def _load_image_folder(path):
 def _load_torchvision(name, root, download):
     try:
         import torchvision.datasets as tvd
-    except ImportError:
-        raise ValueError(f"data {name!r} needs torchvision, which is not installed; install it "
-                         f"or pass the images as a .npy/.npz file or an image folder") from None
+    except ImportError:  # (an ImportError: the CLI's "missing package" exit code, 1)
+        raise ImportError(f"data {name!r} needs torchvision, which is not installed; install it "
+                          f"or pass the images as a .npy/.npz file or an image folder") from None
     cls = getattr(tvd, TORCHVISION_SETS[name])
     try:
         train = cls(root, train=True, download=download)

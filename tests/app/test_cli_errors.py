@@ -102,6 +102,17 @@ def test_a_missing_optional_package_is_one_line_and_exit_code_1(monkeypatch, cap
     assert err == "fastvae export: error: fastvae.onnx.export needs onnxscript: pip install onnxscript"
 
 
+def test_training_on_mnist_without_torchvision_is_exit_code_1(tmp_path, monkeypatch, capsys):
+    """A missing optional package is exit code 1 (README, --help); torchvision's absence
+    was reported as bad input, exit code 2."""
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails as if not installed
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
+    code = cli.main(["train", "--data", "mnist", "--out", str(tmp_path / "run"), *ONE_EPOCH])
+    assert_one_line(code, capsys.readouterr().err, 1, "fastvae train: error: data 'mnist' needs "
+                    "torchvision, which is not installed")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_bad_input_os_error_reads_without_its_errno(monkeypatch, capsys):
     import errno
 

@@ -119,7 +119,7 @@ def test_torchvision_sets_say_what_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", None)  # import fails as if not installed
     monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
     for name in ("mnist", "fashion-mnist"):
-        with pytest.raises(ValueError, match=f"data '{name}' needs torchvision, which is not installed"):
+        with pytest.raises(ImportError, match=f"data '{name}' needs torchvision, which is not installed"):
             load_data(name)
 
 
