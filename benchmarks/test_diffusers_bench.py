@@ -22,6 +22,7 @@ interleaved, round by round, in one process (for a contended machine) and prints
 the medians.
 """
 
+import argparse
 import dataclasses
 import statistics
 import sys
@@ -278,9 +279,15 @@ def interleaved(full, device="cpu", rounds=15):
 
 
 def main(argv):
-    full = "--full" in argv
-    if "--threads" in argv:
-        torch.set_num_threads(int(argv[argv.index("--threads") + 1]))
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.test_diffusers_bench",
+                                     description="diffusers' AutoencoderKL with and without "
+                                                 "fastvae, timed interleaved")
+    parser.add_argument("--full", action="store_true", help="the large sizes too")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    full = args.full
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"diffusers {_diffusers_version()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
           "medians of interleaved rounds (a shared machine: compare within a row)")
     for case_id, by_impl in interleaved(full).items():

@@ -431,5 +431,6 @@ def device_guard(t):
         f"fastvae's Triton kernels cannot run on {t.device} tensors"
         + (" unless TRITON_INTERPRET=1 is set before triton is first imported"
            if t.device.type == "cpu" else "")
-        + "; unset FASTVAE_BACKEND=triton to use the PyTorch path"
+        + "; to use the PyTorch path, unset FASTVAE_BACKEND=triton or leave the "
+          "set_backend('triton') / use_backend('triton') that chose the kernels"
     )
