@@ -468,12 +468,15 @@ def relative_error(got, want):
 def _check_scores_are_per_sample(scorer, facts, batch):
     """A fixed batch makes the runtime split the data into batches of that size and pad
     the last one: right only if a sample's score does not depend on the others in its
-    batch. Checked on random samples, scored together and one by one."""
+    batch. Checked on random samples, scored together and one by one, to the parity
+    check's tolerance (batch sizes may round differently; a fitted scale changes scores by
+    far more). Non-finite scores are left to the parity check, which names them."""
     x = _example("scorer", facts, 3, torch.Generator().manual_seed(2))
     with torch.no_grad():
         together = scorer(x)
         alone = torch.cat([scorer(x[i:i + 1]) for i in range(len(x))])
-    if not torch.allclose(together, alone, rtol=1e-5, atol=1e-6):
+    finite = bool(torch.isfinite(together).all() and torch.isfinite(alone).all())
+    if finite and relative_error(together.numpy(), alone.numpy()) > PARITY_RTOL:
         raise ValueError(f"batch {batch}: this model's score of a sample depends on the other "
                          f"samples scored with it (obs_logvar='optimal' fits its scale to the "
                          f"batch), and a fixed batch splits and pads the data; export the scorer "
