@@ -226,14 +226,27 @@ def _chunked_recon_per_sample(x_hat, x, recon, dtype, grad_scale):
         # fastvae._validate leaves to this pass (the targets were checked before)
         _validate.check_probabilities(x_hat)
     both_float16 = x_hat.dtype == x.dtype == torch.float16
-    if recon == "mse" and grad is not None and not both_float16 and torch.isinf(per_sample).any():
+    if recon == "mse" and grad is not None and not both_float16:
         # the chunks' gradient doubles the difference before scaling it: where it
         # exceeds half of float32's range (inputs near bfloat16's or float32's largest
         # values, whose squares made this sum infinite) that overflowed, so the
         # gradient is computed again as (x_hat - x) * (2 grad_scale). (Two float16
-        # inputs differ by at most 131008: no check, no host sync.)
-        torch.mul(_difference(x_hat, x, dtype), 2.0 * grad_scale, out=grad)
+        # inputs differ by at most 131008: no check.)
+        overflowed = torch.isinf(per_sample)
+        if host_reads_are_free(x_hat):
+            if overflowed.any():
+                torch.mul(_difference(x_hat, x, dtype), 2.0 * grad_scale, out=grad)
+        else:  # no host sync (CUDA graphs): the rows that overflowed, chosen on the device
+            again = torch.mul(_difference(x_hat, x, dtype), 2.0 * grad_scale).to(grad.dtype)
+            grad = torch.where(overflowed.view((-1,) + (1,) * (grad.dim() - 1)), again, grad)
     return per_sample, grad
+
+
+def host_reads_are_free(t):
+    """Whether reading a value of a tensor on ``t``'s device on the host (``.any()``,
+    ``int()``) is free: on the CPU. Elsewhere (CUDA) it is a device sync, which also
+    breaks CUDA-graph capture: the PyTorch path then decides on the device."""
+    return t.device.type == "cpu"
 
 
 def recon_per_sample(x_hat, x, recon, dtype, grad_scale):
@@ -244,16 +257,17 @@ def recon_per_sample(x_hat, x, recon, dtype, grad_scale):
     # bce: its many passes (two logs, clamps, products, sums, the gradient) over cached chunks
     if dtype != x_hat.dtype or dtype != x.dtype or recon == "bce":
         return _chunked_recon_per_sample(x_hat, x, recon, dtype, grad_scale)
-    if recon == "mse" and want_grad:
+    if recon == "mse" and want_grad and host_reads_are_free(x_hat):
         # g = 2 (x_hat - x) first, in the pass that reads the inputs; sum(g^2) / 4 is
         # then bit for bit the sum of (x_hat - x)^2 (scaling by 4 is exact), unless
-        # g^2 overflowed where (x_hat - x)^2 did not: then the squares are summed
-        # from the difference itself. The value never depends on grad_scale.
+        # g^2 overflowed (where (x_hat - x)^2 may not have, and where 2 (x_hat - x)
+        # itself may have though grad_scale times it does not): then both come from
+        # the difference below. That needs a host read of the sums: the CPU only (on
+        # CUDA the difference below, no sync). The value never depends on grad_scale.
         grad = _mse_grad_unscaled(x_hat, x, dtype)
         per_sample = _row_sum_of_squares(grad).mul_(0.25)
-        if torch.isinf(per_sample).any():
-            per_sample = _row_sum_of_squares(grad.mul(0.5))
-        return per_sample, grad if grad_scale == 1.0 else grad.mul_(grad_scale)
+        if not torch.isinf(per_sample).any():
+            return per_sample, grad if grad_scale == 1.0 else grad.mul_(grad_scale)
     if recon in ("mse", "l1"):
         diff = _difference(x_hat, x, dtype)
         if recon == "mse":

@@ -110,7 +110,8 @@ def _recon_terms(x_hat, x, obs_logvar, RECON: tl.constexpr, BCE_LOG_FLOOR: tl.co
     """Per-element reconstruction term r and its derivatives dr/dx_hat and dr/ds
     (s = obs_logvar; zero for the recons without it), float32:
 
-        mse         r = (x_hat - x)^2                     dr = 2 (x_hat - x)
+        mse         r = (x_hat - x)^2                     dr = 2 (x_hat - x), returned
+                                                          halved (_recon_partials doubles it)
         l1          r = |x_hat - x|                       dr = sign(x_hat - x)
         bce         r = -(x max(log p, F) + (1 - x) max(log(1 - p), F)),  p = x_hat
                                                           dr = (p - x) / max(p (1 - p), E)
@@ -137,7 +138,7 @@ def _recon_terms(x_hat, x, obs_logvar, RECON: tl.constexpr, BCE_LOG_FLOOR: tl.co
     if RECON == "mse":
         diff = x_hat - x
         value = diff * diff
-        grad = 2.0 * diff
+        grad = diff  # doubled by _recon_partials, with its scale
     elif RECON == "gaussian":
         diff = x_hat - x
         inv_var = tl.exp(-obs_logvar)
@@ -227,7 +228,13 @@ def _recon_partials(
             value, grad, grad_s = _recon_terms(x_hat, x, s, RECON, BCE_LOG_FLOOR, BCE_GRAD_EPS)
         acc += tl.where(mask, value, 0.0)
         if WRITE_RECON_GRAD:
-            grad = grad * recon_grad_scale
+            if RECON == "mse":
+                # dr = 2 (x_hat - x) as (x_hat - x) (2 scale): the same bits, but a
+                # difference past half of float32's range doubled first overflowed,
+                # where its gradient of a mean does not
+                grad = grad * (2.0 * recon_grad_scale)
+            else:
+                grad = grad * recon_grad_scale
             tl.store(grad_x_hat_ptr + offs,
                      grad.to(grad_x_hat_ptr.dtype.element_ty), mask=mask)
         if WRITE_OBS_GRAD:

@@ -238,17 +238,25 @@ def test_chunked_mse_gradient_is_the_scaled_difference_rounded_once(monkeypatch,
     assert torch.equal(leaf.grad, want)
 
 
-@pytest.mark.parametrize("x_hat_dtype", [torch.bfloat16, torch.float32])
-def test_chunked_mse_gradient_near_the_largest_values_does_not_overflow(monkeypatch, x_hat_dtype):
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # (x_hat - x)^2: inf
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("x_hat_dtype,x_dtype", [(torch.bfloat16, torch.bfloat16),
+                                                  (torch.float32, torch.bfloat16),
+                                                  (torch.float32, torch.float32)])
+def test_mse_gradient_near_the_largest_values_does_not_overflow(monkeypatch, x_hat_dtype,
+                                                                 x_dtype, backend):
     """Differences beyond half of float32's range: 2 (x_hat - x) would overflow, the
     gradient of the mean does not (2 / numel times the difference, from float64).
-    bfloat16 targets with bfloat16 or float32 predictions (both take the chunked path)."""
+    PyTorch path: bfloat16 targets with bfloat16 or float32 predictions (the chunked
+    path), and float32 with float32 (the whole-tensor pass, which gave inf before, as
+    did the kernels, interpreted here)."""
     from fastvae import _torch_impl
 
+    fastvae.set_backend(backend)
     monkeypatch.setattr(_torch_impl, "RECON_CHUNK", 64)
     monkeypatch.setattr(_torch_impl, "SMALL_NUMEL", 0)
     x_hat = torch.full((2, 100), 2.0e38).to(x_hat_dtype)
-    x = torch.full((2, 100), -0.5e38).to(torch.bfloat16)
+    x = torch.full((2, 100), -0.5e38).to(x_dtype)
     x_hat[1] = 0.5
     x[1] = 0.25
     leaf = x_hat.clone().requires_grad_(True)
@@ -256,4 +264,46 @@ def test_chunked_mse_gradient_near_the_largest_values_does_not_overflow(monkeypa
     fastvae.vae_loss(leaf, x, latent, latent, recon="mse", beta=0.0, reduction="mean").backward()
     want = ((x_hat.double() - x.double()) * (2.0 / x.numel())).to(x_hat_dtype)
     assert torch.isfinite(leaf.grad).all()
-    assert torch.equal(leaf.grad, want)
+    # the difference times 2 / numel, rounded twice in float32: within 2 ulp (bfloat16: exact,
+    # but Triton's interpreter truncates float32 to bfloat16: 1 ulp)
+    ulps = torch.finfo(x_hat_dtype).eps if backend == "triton" and x_hat_dtype == torch.bfloat16 \
+        else 2 * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(leaf.grad, want, rtol=ulps, atol=0)
+
+
+def _refuse_host_reads(monkeypatch):
+    """Make any read of a tensor's value on the host (a device sync on CUDA) an error."""
+    def refuse(*_):
+        raise AssertionError("a host read of a tensor value")
+
+    for name in ("__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+
+
+@pytest.mark.parametrize("case", ["whole_float32", "chunked_bfloat16", "chunked_mixed"])
+@pytest.mark.parametrize("rows", ["overflow", "no_overflow"])
+def test_mse_pass_where_host_reads_cost_a_sync_decides_on_the_device(monkeypatch, case, rows):
+    """On CUDA (float64, or a forced PyTorch backend) the mse pass must not read its
+    sums on the host to find an overflowed gradient: that is a device sync and breaks
+    CUDA-graph capture. Run here as the CUDA branch (host reads refused): the same
+    values and gradients as the CPU branch, the overflowing rows included."""
+    from fastvae import _torch_impl
+
+    monkeypatch.setattr(_torch_impl, "RECON_CHUNK", 64)
+    dtype = {"whole_float32": torch.float32, "chunked_bfloat16": torch.bfloat16,
+             "chunked_mixed": torch.float32}[case]
+    x_hat = torch.full((3, 100), 2.0e38 if rows == "overflow" else 3.0).to(dtype)
+    x = torch.full((3, 100), -0.5e38 if rows == "overflow" else 1.0)
+    x = x.to(torch.bfloat16 if case != "whole_float32" else torch.float32)
+    x_hat[1], x[1] = 0.5, 0.25
+    grad_scale = 1.0 / x.numel()  # "mean": the gradient 2 (x_hat - x) / numel stays finite
+    want = [t.clone() for t in _torch_impl.recon_per_sample(x_hat, x, "mse", torch.float32,
+                                                              grad_scale)]
+    if rows == "overflow":  # the CPU branch's result, against float64
+        assert torch.equal(want[1], ((x_hat.double() - x.double()) * (2 * grad_scale)).to(dtype))
+    monkeypatch.setattr(_torch_impl, "host_reads_are_free", lambda t: False)
+    _refuse_host_reads(monkeypatch)
+    got = _torch_impl.recon_per_sample(x_hat, x, "mse", torch.float32, grad_scale)
+    monkeypatch.undo()
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype and torch.equal(g, w)
