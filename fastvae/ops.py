@@ -190,14 +190,22 @@ def _(x_hat, x, mu, logvar, beta, obs_logvar, prior_mu, prior_logvar, beta_value
             _prior_grad_buffer(prior_logvar, mu, grad_prior))
 
 
+_SAMPLING = "reparameterize / fastvae.sample_and_kl"
+_WHY_NO_DOUBLE_BACKWARD = {
+    _SAMPLING: "the backward reads the noise back (kept or regenerated) outside autograd, so "
+               "the gradient has no gradient of its own",
+}
+
+
 def _refuse_double_backward(op):
-    """The saved gradients are constants to autograd, so a second derivative
-    through them would silently be zero: refuse it instead."""
+    """The saved gradients (sampling: the kept or regenerated noise) are constants to
+    autograd, so a second derivative through them would silently be zero: refuse it."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling() \
             and not in_torch_dispatch_mode():
+        why = _WHY_NO_DOUBLE_BACKWARD.get(
+            op, "its gradient is computed in the forward pass and has no gradient of its own")
         raise RuntimeError(
-            f"fastvae.{op} does not support double backward (create_graph=True): its "
-            f"gradient is computed in the forward pass and has no gradient of its own")
+            f"fastvae.{op} does not support double backward (create_graph=True): {why}")
 
 
 def _saveable(t):
@@ -520,6 +528,24 @@ def _reparameterize_backward(ctx, grad_z, grad_kl):
 reparameterize_op.register_autograd(_reparameterize_backward, setup_context=_reparameterize_setup)
 
 
+def _reparameterize_vmap(info, in_dims, mu, logvar, prior_mu, prior_logvar, seed, clamp_lo,
+                         clamp_hi, with_kl, num_samples):
+    """vmap's rule: one call per vmapped sample, as torch's per-sample fallback would
+    run it (so each sample's own seed under randomness="different", the same seed and
+    noise under "same"), without the fallback's warning that a batching rule is
+    missing. torch.func reaches the op only for the noise (the composite path)."""
+    tensors = (mu, logvar, prior_mu, prior_logvar, seed)
+    outputs = []
+    for index in range(info.batch_size):
+        sample = [t if dim is None else t.select(dim, index)
+                  for t, dim in zip(tensors, in_dims[:len(tensors)])]
+        outputs.append(reparameterize_op(*sample, clamp_lo, clamp_hi, with_kl, num_samples))
+    return tuple(torch.stack(parts) for parts in zip(*outputs)), (0, 0)
+
+
+reparameterize_op.register_vmap(_reparameterize_vmap)
+
+
 # ---- under torch.func transforms and forward-mode AD -------------------
 #
 # The ops compute their gradients in the forward pass and scale them in the
@@ -764,7 +790,7 @@ def _apply(function, tensor_count, *args):
 
 def _reparameterize_eager_backward(ctx, grad_z, grad_kl):
     # the Triton backward is not differentiable: refuse, as the custom op does
-    _refuse_double_backward("reparameterize")
+    _refuse_double_backward(_SAMPLING)
     return _reparameterize_grads(ctx, grad_z, grad_kl, _reparameterize_backward_impl)
 
 
@@ -891,7 +917,7 @@ class _SmallSampleFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z, grad_kl=None):
-        _refuse_double_backward("reparameterize")
+        _refuse_double_backward(_SAMPLING)
         mu, logvar, kept = ctx.saved_tensors
         lo, hi, shape, z_dtype, mu_dtype, lv_dtype = ctx.options
         if grad_z is None:  # only the kl is used

@@ -321,6 +321,21 @@ def test_vmap_with_different_noise_per_sample_and_its_per_sample_gradients():
     torch.testing.assert_close(grad_lv, 0.5 * torch.exp(0.5 * logvar) * eps * weights)
 
 
+@pytest.mark.parametrize("randomness", ["different", "same"])
+def test_vmap_of_sampling_has_a_batching_rule(capfd, randomness):
+    """fastvae::reparameterize registers its vmap rule (one call per sample, the per-sample
+    fallback's semantics): no warning from torch that a batching rule is missing, which
+    told users to file an issue with PyTorch; each sample draws its own noise under
+    "different", all the same noise under "same"."""
+    _, _, mu, logvar = inputs(dtype=torch.float32, latent=(4, 3))
+    for sample in (lambda m, lv: fastvae.reparameterize(m, lv),
+                   lambda m, lv: fastvae.sample_and_kl(m, lv, num_samples=2)[0][1]):
+        z = vmap(sample, randomness=randomness)(mu, logvar)
+        eps = (z - mu) / torch.exp(0.5 * logvar)
+        assert torch.allclose(eps[0], eps[1], rtol=0, atol=1e-5) == (randomness == "same")
+    assert "batching rule" not in capfd.readouterr().err
+
+
 def test_gaussian_posterior_kl_and_sample_under_transforms():
     params = torch.randn(2, 6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 

@@ -112,6 +112,19 @@ def test_double_backward_is_refused_not_silently_zero():
         torch.autograd.grad(kl, mu, create_graph=True)
 
 
+@pytest.mark.parametrize("rows", [3, _torch_impl.SMALL_NUMEL // 4 + 1], ids=["small", "general"])
+@pytest.mark.parametrize("call", ["reparameterize", "sample_and_kl"])
+def test_double_backward_through_sampling_names_both_sampling_functions(call, rows):
+    """The message names the sampling functions (a user of sample_and_kl never called
+    reparameterize) and gives the sampling's own reason, not the losses'."""
+    mu, logvar = (torch.zeros(rows, 4, requires_grad=True) for _ in range(2))
+    out = getattr(fastvae, call)(mu, logvar)
+    z = out if call == "reparameterize" else out[0]
+    with pytest.raises(RuntimeError, match=r"fastvae\.reparameterize / fastvae\.sample_and_kl "
+                                           r"does not support double backward.*reads the noise"):
+        torch.autograd.grad(z.sum(), logvar, create_graph=True)
+
+
 @pytest.mark.parametrize("recon,target_requires_grad,saves_x_hat", [
     ("mse", False, False), ("bce_logits", False, False), ("bce_logits", True, True)])
 def test_decoder_output_is_saved_only_when_the_target_gradient_needs_it(
