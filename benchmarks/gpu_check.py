@@ -35,6 +35,7 @@ spreads the suite over the CPU cores when it is installed).
 """
 
 import argparse
+import contextlib
 import datetime
 import importlib.util
 import itertools
@@ -292,7 +293,8 @@ def test_command(workers):
 
 def run_test_suite(run, timeout_s, log_path):
     env = {k: v for k, v in os.environ.items() if k not in ("FASTVAE_BACKEND", "TRITON_INTERPRET")}
-    cmd = test_command(min(8, os.cpu_count() or 1))
+    # (most of the suite is CPU-bound: compilation, the CPU cases; leave two cores spare)
+    cmd = test_command(max(1, min(12, (os.cpu_count() or 1) - 2)))
     print("gpu_check: " + " ".join(cmd[1:]), flush=True)
     start = time.monotonic()
     # its own process group: on a timeout the xdist workers go too, not only pytest,
@@ -510,6 +512,81 @@ def check_graph_sampling(run, device, generator=None, capture=cuda_graph_capture
     run.record(f"{name}: the loss follows a 0-dim beta tensor", follows,
                f"loss = recon + beta kl for beta 1.0 then 0.25 (relative errors "
                f"{', '.join(f'{e:.1e}' for e in errors)})")
+
+
+@contextlib.contextmanager
+def _sync_is_an_error():
+    """torch.cuda's sync debug mode: a host sync inside raises a RuntimeError."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def torch_path_cases():
+    """(label, dtype of x_hat, dtype of x, forced backend or None, vae_loss keywords):
+    losses that take the PyTorch path on CUDA tensors: float64 always does, and
+    ``FASTVAE_BACKEND=torch`` sends the rest there (half precision in chunks)."""
+    cases = []
+    for recon in ("mse", "l1", "bce", "bce_logits", "gaussian", "laplace", "continuous_bernoulli"):
+        cases.append((f"{recon} float64", torch.float64, torch.float64, None, dict(recon=recon)))
+    cases += [
+        ("gaussian, learned scalar obs_logvar, float64", torch.float64, torch.float64, None,
+         dict(recon="gaussian", obs_logvar="learned")),
+        ("laplace, optimal scale, float64", torch.float64, torch.float64, None,
+         dict(recon="laplace", obs_logvar="optimal")),
+        ("mse, learned prior, free bits, mean, float64", torch.float64, torch.float64, None,
+         dict(prior="learned", free_bits=0.01, reduction="mean")),
+        ("mse bfloat16, forced torch backend", torch.bfloat16, torch.bfloat16, "torch", {}),
+        ("mse float32 with bfloat16 targets, forced torch backend", torch.float32,
+         torch.bfloat16, "torch", {}),
+        ("bce bfloat16, forced torch backend", torch.bfloat16, torch.bfloat16, "torch",
+         dict(recon="bce")),
+    ]
+    return cases
+
+
+def check_torch_path_without_host_sync(run, device, no_sync=_sync_is_an_error, n=64, d=300):
+    """A loss forward + backward on the PyTorch path with CUDA tensors makes no host
+    sync (which would also break CUDA-graph capture): every recon in float64, the
+    options that read scales and priors, half precision through a forced backend.
+    ``no_sync``: a context manager inside which a sync raises (torch.cuda's debug mode)."""
+    import fastvae
+
+    failed = []
+    for label, xhat_dtype, x_dtype, backend, options in torch_path_cases():
+        options = dict(options)
+        gen = torch.Generator().manual_seed(0)
+        x_hat = torch.randn(n, d, generator=gen, dtype=torch.float64)
+        x = torch.rand(n, d, generator=gen, dtype=torch.float64)
+        if options.get("recon") == "bce":
+            x_hat = torch.sigmoid(x_hat)
+        mu, logvar = (torch.randn(n, 8, generator=gen, dtype=torch.float64) * 0.5 for _ in range(2))
+        leaves = [t.to(device, dtype).requires_grad_() for t, dtype in
+                  ((x_hat, xhat_dtype), (mu, xhat_dtype), (logvar, xhat_dtype))]
+        x = x.to(device, x_dtype)
+        if options.get("obs_logvar") == "learned":
+            options["obs_logvar"] = torch.tensor(0.1, device=device, requires_grad=True)
+        if options.pop("prior", None) == "learned":
+            options["prior_mu"] = torch.zeros(8, device=device, dtype=xhat_dtype, requires_grad=True)
+            options["prior_logvar"] = torch.zeros(8, device=device, dtype=xhat_dtype,
+                                                  requires_grad=True)
+
+        def step(leaves=leaves, x=x, options=options):
+            fastvae.vae_loss(leaves[0], x, leaves[1], leaves[2], **options).backward()
+
+        with fastvae.use_backend(backend):
+            try:
+                step()  # warm-up: first calls may build caches
+                with no_sync():
+                    step()
+            except RuntimeError as e:
+                failed.append(f"{label}: {str(e)[:200]}")
+    run.record("the PyTorch path on CUDA tensors: no host sync", not failed,
+               "; ".join(failed) if failed else
+               f"{len(torch_path_cases())} loss forward+backward cases (float64, forced "
+               f"PyTorch backend) under torch.cuda.set_sync_debug_mode('error')")
 
 
 def check_device_seed(run, device):
@@ -795,8 +872,8 @@ def environment(device):
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--test-timeout", type=float, default=210.0,
-                        help="seconds for the test suite (default 210)")
+    parser.add_argument("--test-timeout", type=float, default=240.0,
+                        help="seconds for the test suite (default 240)")
     parser.add_argument("--budget", type=float, default=BUDGET_S,
                         help=f"seconds for the whole run; later timings are skipped past it "
                              f"(default {BUDGET_S:.0f})")
@@ -849,6 +926,8 @@ def main(argv=None):
     torch.cuda.empty_cache()
     save("determinism, 2**31")
     run.guarded("device seeds", lambda: check_device_seed(run, device))
+    run.guarded("PyTorch path without host sync",
+                lambda: check_torch_path_without_host_sync(run, device))
     run.guarded("CUDA graph replays", lambda: check_graph_sampling(run, device))
     run.guarded("CUDA graph replays, explicit CUDA generator",
                 lambda: check_graph_sampling(run, device, torch.Generator(device=device).manual_seed(1),

@@ -308,3 +308,36 @@ def test_diffusers_check_checks_then_times_the_patched_model(monkeypatch, one_th
     case_id = small[0].id
     ratio = results["diffusers"][case_id]["eager"] / results["diffusers"][case_id]["fastvae"]
     assert f"| {case_id} | " in md and f"| {ratio:.2f}x |" in md
+
+
+def test_torch_path_sync_check_runs_every_case_and_names_the_ones_that_sync(one_thread):
+    """The check itself (on CPU tensors, where nothing can sync): every case runs its
+    loss forward + backward and passes; a case whose call raises inside the guard, as
+    torch.cuda's sync debug mode raises on a sync, is named in the failure."""
+    import contextlib
+
+    run = gpu_check.Run(deadline=float("inf"))
+    gpu_check.check_torch_path_without_host_sync(run, torch.device("cpu"),
+                                                 no_sync=contextlib.nullcontext, n=4, d=10)
+    (got,) = run.checks
+    assert got["ok"] and str(len(gpu_check.torch_path_cases())) in got["detail"], got
+
+    @contextlib.contextmanager
+    def refusing_host_reads():  # a stand-in for a sync: any read of a value on the host
+        original = torch.Tensor.__bool__
+
+        def refuse(self):
+            raise RuntimeError("called a synchronizing CUDA operation")
+
+        torch.Tensor.__bool__ = refuse
+        try:
+            yield
+        finally:
+            torch.Tensor.__bool__ = original
+
+    run = gpu_check.Run(deadline=float("inf"))
+    gpu_check.check_torch_path_without_host_sync(run, torch.device("cpu"),
+                                                 no_sync=refusing_host_reads, n=4, d=10)
+    (got,) = run.checks
+    # on CPU tensors the checks of bce's probabilities read values on the host
+    assert got["ok"] is False and "bce float64: called a synchronizing" in got["detail"], got
