@@ -43,7 +43,7 @@ import math
 import torch
 
 from fastvae import _validate
-from fastvae.functional import kl_divergence, sample_and_kl
+from fastvae.functional import kl_divergence, reparameterize, sample_and_kl
 
 _LOG_2PI = math.log(2.0 * math.pi)
 SEMANTICS = ("fastvae", "diffusers")
@@ -63,7 +63,10 @@ class GaussianPosterior:
     ``DiagonalGaussianDistribution``'s conventions).
 
     ``sample()`` draws z and the KL against N(0, I) in one fused pass; a later
-    ``kl()`` returns that KL instead of computing it again.
+    ``kl()`` returns (a copy of) that KL instead of computing it again. Assigning
+    ``logvar``, ``std`` or ``var`` (plain attributes in diffusers: ``post.std *= t``
+    samples at temperature t) switches ``sample``, ``kl`` and ``nll`` to diffusers'
+    formulas on the attributes as assigned.
     """
 
     def __init__(self, parameters: torch.Tensor, dim: int = 1,
@@ -86,7 +89,11 @@ class GaussianPosterior:
         self.deterministic = deterministic
         self.semantics = semantics
         self.mean, self._raw_logvar = torch.chunk(parameters, 2, dim=dim)
-        self.logvar = self._raw_logvar if lo is None else self._raw_logvar.clamp(lo, hi)
+        self._logvar = self._raw_logvar if lo is None else self._raw_logvar.clamp(lo, hi)
+        # logvar, std or var assigned by the user (diffusers' attributes are plain, so
+        # `posterior.std = posterior.std * t` samples at temperature t there): from then
+        # on each result reads the attributes as diffusers' formulas do, not the fused ops
+        self._moments_assigned = False
         # std and var are computed when first read (a training step reads neither), in the
         # grad mode of construction, as if computed here
         self._grad_at_init = torch.is_grad_enabled()
@@ -94,6 +101,14 @@ class GaussianPosterior:
         if deterministic:
             self._std = self._var = torch.zeros_like(self.mean)
         self._kl_of_sample = None  # (per-sample KL, grad mode) from the last fused sample()
+
+    @property
+    def logvar(self) -> torch.Tensor:
+        return self._logvar
+
+    @logvar.setter
+    def logvar(self, value):
+        self._logvar, self._moments_assigned = value, True
 
     @property
     def std(self) -> torch.Tensor:
@@ -104,7 +119,7 @@ class GaussianPosterior:
 
     @std.setter
     def std(self, value):
-        self._std = value
+        self._std, self._moments_assigned = value, True
 
     @property
     def var(self) -> torch.Tensor:
@@ -115,16 +130,25 @@ class GaussianPosterior:
 
     @var.setter
     def var(self, value):
-        self._var = value
+        self._var, self._moments_assigned = value, True
 
     # ---- sampling ---------------------------------------------------------
 
     def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """z = mean + std * eps, eps ~ N(0, I) drawn from ``generator`` (one
         generator, one per sample in a list, or None for PyTorch's default)."""
-        if self.deterministic:
-            return self.mean
+        if self.deterministic:  # a new tensor, as diffusers' mean + 0 * eps (z may be written)
+            return self.mean.clone()
         generator, generators = _split_generators(generator, self.mean.shape[0])
+        if self._moments_assigned:  # diffusers' formula on the attributes as they are now
+            self._kl_of_sample = None
+            zeros = torch.zeros_like(self.mean)  # fastvae's noise: 0 + exp(0) eps = eps
+            if generators is None:
+                eps = reparameterize(zeros, zeros, generator=generator)
+            else:
+                eps = torch.cat([reparameterize(zeros[i:i + 1], zeros[i:i + 1], generator=g)
+                                 for i, g in enumerate(generators)])
+            return self.mean + self.std * eps
         if generators is None:
             z, kl = sample_and_kl(self.mean, self._raw_logvar, generator=generator,
                                   logvar_clamp=self._clamp)
@@ -170,6 +194,8 @@ class GaussianPosterior:
         if self.deterministic:
             return self._zeros()
         if other is None:
+            if self._moments_assigned:
+                return self._kl_of_attributes(None, None)
             return self._kl_standard_normal()
         om, olv = _moments_of("other", other)
         shape = _broadcast_shape("self.mean", self.mean, "other.mean", om)
@@ -179,6 +205,8 @@ class GaussianPosterior:
                 raise ValueError("KL against a deterministic GaussianPosterior (zero variance) is infinite")
             inf = torch.full(shape, math.inf, dtype=dtype, device=self.mean.device)
             return self._sum_dims(inf).to(torch.promote_types(self.mean.dtype, om.dtype))
+        if self._moments_assigned:
+            return self._kl_of_attributes(om, olv)
         result_dtype = torch.promote_types(self.mean.dtype, om.dtype)
         sums_every_dim = self.semantics == "fastvae" or self.mean.dim() <= len(_DIFFUSERS_DIMS) + 1
         if sums_every_dim and dtype == _compute_dtype(self.mean) and olv.shape == om.shape:
@@ -205,6 +233,28 @@ class GaussianPosterior:
         per_sample = 0.5 * self._sum_dims(terms)
         return per_sample if self.semantics == "fastvae" else per_sample.to(result_dtype)
 
+    def _kl_of_attributes(self, om, olv):
+        """KL(self || N(om, e^olv)) (None: N(0, I)) by diffusers' formula on the
+        attributes as assigned (var and logvar may disagree: each term reads its own),
+        0.5 sum[(mean - om)^2 / ovar + var / ovar - 1 - logvar + ologvar]."""
+        tensors = [self.mean, self.var, self.logvar] + ([] if om is None else [om, olv])
+        _broadcast_shape("self.var", self.var, "self.mean", self.mean)
+        _broadcast_shape("self.logvar", self.logvar, "self.mean", self.mean)
+        dtype = _compute_dtype(*tensors)
+        m, var, lv = (t.to(dtype) for t in tensors[:3])
+        if om is None:
+            terms = m.square() + var - 1.0 - lv
+        else:
+            om, olv = om.to(dtype), olv.to(dtype)
+            terms = ((m - om).square() + var) * torch.exp(-olv) - 1.0 - lv + olv
+        per_sample = 0.5 * self._sum_dims(terms)
+        if self.semantics == "fastvae":
+            return per_sample
+        result_dtype = self.mean.dtype
+        for t in tensors:
+            result_dtype = torch.promote_types(result_dtype, t.dtype)
+        return per_sample.to(result_dtype)
+
     def _kl_standard_normal(self):
         diffusers_video = self.semantics == "diffusers" and self.mean.dim() > len(_DIFFUSERS_DIMS) + 1
         if diffusers_video:  # sums dims 1-3 only: the trailing dims become batch rows of the fused op
@@ -214,7 +264,9 @@ class GaussianPosterior:
             return kl.reshape((n,) + tuple(self.mean.shape[4:])).to(self.parameters.dtype)
         cached = self._kl_of_sample
         if cached is not None and (cached[1] or not torch.is_grad_enabled()):
-            kl = cached[0] if torch.is_grad_enabled() else cached[0].detach()
+            # a new tensor per call (as computing it again would give): writing one in place
+            # must not change the next
+            kl = cached[0].clone() if torch.is_grad_enabled() else cached[0].detach().clone()
         else:
             kl = kl_divergence(self.mean, self._raw_logvar, reduction="none", logvar_clamp=self._clamp)
         return kl if self.semantics == "fastvae" else kl.to(self.parameters.dtype)
@@ -229,7 +281,10 @@ class GaussianPosterior:
         shape = _broadcast_shape("sample", sample, "mean", self.mean)
         dims = _check_dims(dims, len(shape))
         x, m, lv = (t.to(_compute_dtype(self.mean, sample)) for t in (sample, self.mean, self.logvar))
-        terms = _LOG_2PI + lv + (x - m).square() * torch.exp(-lv)
+        if self._moments_assigned:  # diffusers' formula: each term reads its own attribute
+            terms = _LOG_2PI + lv + (x - m).square() / self.var.to(lv.dtype)
+        else:
+            terms = _LOG_2PI + lv + (x - m).square() * torch.exp(-lv)
         per_sample = 0.5 * self._sum_dims(terms, dims)
         if self.semantics == "fastvae":
             return per_sample

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+import fastvae
 from fastvae import GaussianPosterior
 
 
@@ -326,3 +327,71 @@ def test_without_a_clamp(semantics):
     eps = (z.double() - m) / (0.5 * lv).exp()
     assert eps.abs().max() < 6  # the unclamped std drew z
     torch.testing.assert_close(post.kl().double(), want, rtol=1e-5, atol=0)  # the fused one
+
+
+def test_deterministic_sample_is_a_new_tensor():
+    """As diffusers' mean + 0 * eps: writing the sample (z *= scaling_factor) must leave the
+    posterior and its parameters as they were."""
+    p = params()
+    post = GaussianPosterior(p.detach().clone(), deterministic=True)
+    z = post.sample()
+    assert torch.equal(z, post.mean)
+    z.mul_(0.18215)
+    assert torch.equal(post.mean, p.detach()[:, :4]) and torch.equal(post.mode(), p.detach()[:, :4])
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_each_kl_after_a_sample_is_a_new_tensor(grad):
+    """kl() after sample() reuses the fused KL; each call still returns its own tensor:
+    writing one in place leaves the next kl() the KL."""
+    with torch.set_grad_enabled(grad):
+        post = GaussianPosterior(params(seed=3))
+        post.sample()
+        first = post.kl()
+        want = first.detach().clone()
+        first.mul_(1e-3)
+        second = post.kl()
+    assert second is not first
+    torch.testing.assert_close(second.detach(), want, rtol=0, atol=0)
+
+
+def test_an_assigned_std_is_what_sample_draws_with():
+    """diffusers' attributes are plain: `posterior.std = posterior.std * t` samples at
+    temperature t there, so here too (it was silently ignored): z = mean + std * eps, the
+    noise fastvae's op draws from the generator, gradients through the assigned std."""
+    p = params((2, 8, 16, 16), seed=4)
+    post = GaussianPosterior(p)
+    post.std = post.std * 0.1
+    z = post.sample(generator=torch.Generator().manual_seed(5))
+    zeros = torch.zeros_like(post.mean)
+    eps = fastvae.reparameterize(zeros, zeros, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(z, post.mean + post.std * eps, rtol=0, atol=0)
+    empirical = ((z - post.mean) / torch.exp(0.5 * post.logvar)).std().item()
+    assert 0.08 < empirical < 0.12, empirical
+    z.sum().backward()
+    m, lv = p.detach()[:, :4].double(), p.detach()[:, 4:].double()
+    torch.testing.assert_close(p.grad[:, 4:].double(), 0.1 * 0.5 * torch.exp(0.5 * lv) * eps.double(),
+                               rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(p.grad[:, :4].double(), torch.ones_like(m))
+
+
+@pytest.mark.parametrize("semantics", ["fastvae", "diffusers"])
+def test_assigned_var_and_logvar_are_what_kl_and_nll_read(semantics):
+    """diffusers' kl is 1/2 sum(mean^2 + var - 1 - logvar) and its nll reads var: after an
+    assignment each term reads its own attribute (they were ignored: the fused ops read
+    the logvar the posterior was built from)."""
+    p = params(seed=6).detach()
+    post = GaussianPosterior(p, semantics=semantics)
+    new_logvar = post.logvar * 0.5 - 0.25
+    post.logvar = new_logvar
+    post.var = torch.exp(new_logvar) * 1.5  # deliberately not exp(logvar): each term its own
+    m, lv, var = post.mean.double(), new_logvar.double(), post.var.double()
+    want_kl = 0.5 * (m**2 + var - 1 - lv).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(post.kl().double(), want_kl, rtol=1e-6, atol=1e-6)
+    other = GaussianPosterior(params(seed=7).detach())
+    om, olv = other.mean.double(), other.logvar.double()
+    want_other = 0.5 * ((m - om) ** 2 / olv.exp() + var / olv.exp() - 1 - lv + olv).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(post.kl(other).double(), want_other, rtol=1e-6, atol=1e-6)
+    x = torch.randn(p[:, :4].shape, generator=torch.Generator().manual_seed(8))
+    want_nll = 0.5 * (math.log(2 * math.pi) + lv + (x.double() - m) ** 2 / var).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(post.nll(x).double(), want_nll, rtol=1e-6, atol=1e-6)

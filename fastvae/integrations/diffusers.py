@@ -34,7 +34,15 @@ except ImportError as e:
 __all__ = ["FusedDiagonalGaussianDistribution", "apply", "revert", "is_applied"]
 
 _NAME = "DiagonalGaussianDistribution"
-DiagonalGaussianDistribution = _diffusers_vae.DiagonalGaussianDistribution  # diffusers' own class
+# diffusers' own class: what the module holds, unless a fastvae class patched in by an
+# earlier import of this module (reloaded, e.g. by a notebook's autoreload) stands there
+DiagonalGaussianDistribution = getattr(_diffusers_vae.DiagonalGaussianDistribution,
+                                       "fastvae_replaces", _diffusers_vae.DiagonalGaussianDistribution)
+
+
+def _is_fastvae_class(obj):
+    """A FusedDiagonalGaussianDistribution, of this import of the module or an earlier one."""
+    return getattr(obj, "fastvae_replaces", None) is DiagonalGaussianDistribution
 
 
 class FusedDiagonalGaussianDistribution(GaussianPosterior, DiagonalGaussianDistribution):
@@ -43,6 +51,7 @@ class FusedDiagonalGaussianDistribution(GaussianPosterior, DiagonalGaussianDistr
     [-30, 20], results in the conventions of ``semantics`` (set by ``apply``)."""
 
     semantics_of_new = "diffusers"
+    fastvae_replaces = DiagonalGaussianDistribution  # the class apply() stands in for
 
     def __init__(self, parameters, deterministic=False):
         GaussianPosterior.__init__(self, parameters, dim=1, logvar_clamp=(-30.0, 20.0),
@@ -66,7 +75,8 @@ def apply(*, semantics: str = "diffusers") -> None:
     FusedDiagonalGaussianDistribution.semantics_of_new = semantics
     for module in _diffusers_modules():
         # the module's own dict: getattr on diffusers' lazy modules would import things
-        if getattr(module, "__dict__", {}).get(_NAME) is DiagonalGaussianDistribution:
+        current = getattr(module, "__dict__", {}).get(_NAME)
+        if current is DiagonalGaussianDistribution or _is_fastvae_class(current):
             setattr(module, _NAME, FusedDiagonalGaussianDistribution)
 
 
@@ -74,10 +84,10 @@ def revert() -> None:
     """Undo ``apply()``, also in diffusers modules imported since (they took the
     patched name from ``diffusers.models.autoencoders.vae``)."""
     for module in _diffusers_modules():
-        if getattr(module, "__dict__", {}).get(_NAME) is FusedDiagonalGaussianDistribution:
+        if _is_fastvae_class(getattr(module, "__dict__", {}).get(_NAME)):
             setattr(module, _NAME, DiagonalGaussianDistribution)
     FusedDiagonalGaussianDistribution.semantics_of_new = "diffusers"
 
 
 def is_applied() -> bool:
-    return vars(_diffusers_vae).get(_NAME) is FusedDiagonalGaussianDistribution
+    return _is_fastvae_class(vars(_diffusers_vae).get(_NAME))

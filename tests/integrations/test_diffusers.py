@@ -103,6 +103,31 @@ except ImportError as e:
             "pip install 'fastvae[diffusers]'") in run.stdout, run.stdout + run.stderr
 
 
+def test_reloading_the_integration_while_applied_keeps_diffusers_class_apart():
+    """A reload (a notebook's autoreload) while applied took the patched class for
+    diffusers' own and failed to build its subclass ("consistent method resolution
+    order"), leaving diffusers patched; now the reloaded module knows diffusers' class,
+    is_applied() holds, revert() removes the earlier import's class, apply() works again."""
+    code = """
+import importlib
+from diffusers.models.autoencoders import vae
+import fastvae.integrations.diffusers as fd
+original = vae.DiagonalGaussianDistribution
+fd.apply()
+fd = importlib.reload(fd)
+assert fd.DiagonalGaussianDistribution is original
+assert fd.is_applied()
+fd.revert()
+assert vae.DiagonalGaussianDistribution is original and not fd.is_applied()
+fd.apply()
+assert vae.DiagonalGaussianDistribution is fd.FusedDiagonalGaussianDistribution
+fd.revert()
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert run.stdout.strip() == "ok", run.stdout + run.stderr
+
+
 def holders(cls):
     return {name for name, module in list(sys.modules.items())
             if name.startswith("diffusers") and getattr(module, "__dict__", {}).get(
@@ -398,12 +423,19 @@ def test_channels_last_sample_like_diffusers():
         assert z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous()
 
 
-def test_fused_kl_reused_by_the_training_script_pattern(patched):
+def test_fused_kl_reused_by_the_training_script_pattern(patched, monkeypatch):
     model, x = tiny_autoencoder_kl(), images()
     posterior = model.encode(x).latent_dist
     posterior.sample()
-    kl = posterior.kl()
-    assert kl is posterior._kl_of_sample[0]  # the KL drawn with the sample: no second pass
+    from fastvae import posterior as posterior_module
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("kl() computed the KL again")
+
+    monkeypatch.setattr(posterior_module, "kl_divergence", no_second_pass)
+    kl = posterior.kl()  # the KL drawn with the sample (a copy of it: kl() returns a new tensor)
+    assert torch.equal(kl, posterior._kl_of_sample[0]) and kl is not posterior._kl_of_sample[0]
+    monkeypatch.undo()
     separate = GaussianPosterior(posterior.parameters, semantics="diffusers").kl()
     torch.testing.assert_close(kl, separate, rtol=1e-6, atol=1e-5)
 
