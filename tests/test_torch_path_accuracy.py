@@ -4,6 +4,8 @@ Every value is compared with the float64 formulas of tests/reference.py, or with
 PyTorch's own loss where the question is "the same number as F.mse_loss".
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -59,6 +61,23 @@ def test_mse_mean_of_constant_differences_is_accurate(shape, requires_grad):
     want = reference.reduce(reference.recon_elementwise(x_hat, x, "mse"), "mean")
     got = _recon_value(x_hat, x, "mse", "mean", requires_grad)
     assert _relative_error(got, want) < LONG_ROW_RTOL
+
+
+@pytest.mark.parametrize("shape", [(2000, 2000), (3, 2**19 + 5), (5, 7)], ids=str)
+@pytest.mark.parametrize("recon", ["l1", "laplace"])
+def test_per_sample_absolute_error_sums_are_accurate(shape, recon):
+    """The per-sample sums of |x_hat - x| (l1, laplace with a gradient: written block by
+    block into scratch and summed by cascade): row blocks, rows split into column blocks
+    with a short last one, and a single block, each sum to float64's value."""
+    gen = torch.Generator().manual_seed(2)
+    x_hat, x = torch.rand(shape, generator=gen), torch.rand(shape, generator=gen)
+    latent = torch.zeros(shape[0], 2)
+    got = fastvae.vae_loss(x_hat.requires_grad_(), x, latent, latent, recon=recon, beta=0.0,
+                           reduction="none", **({"obs_logvar": 0.0} if recon == "laplace" else {}))
+    want = (x_hat.detach().double() - x.double()).abs().sum(dim=1)
+    if recon == "laplace":  # + s + log 2 per element, s = 0
+        want = want + shape[1] * math.log(2.0)
+    assert ((got.detach().double() - want).abs() / want).max() < LONG_ROW_RTOL
 
 
 # ---- the mse value does not depend on requires_grad ------------------------
