@@ -7,6 +7,7 @@ the kernels. Small sizes: the kernels run under Triton's interpreter here.
 
 import pytest
 import torch
+from backends import INTERPRETED, NEEDS_INTERPRETER
 
 import fastvae
 from fastvae import _dispatch, _torch_impl, ops
@@ -19,7 +20,7 @@ def latents(seed=0, shape=(2, 3)):
 
 
 @pytest.fixture
-def kernels():
+def kernels_module():
     from fastvae import kernels
 
     if not kernels.AVAILABLE:
@@ -27,7 +28,15 @@ def kernels():
     return kernels
 
 
-def test_meta_tensors_with_the_triton_backend_run_the_backward(monkeypatch, kernels):
+@pytest.fixture
+def kernels(kernels_module):
+    """The kernels, for tests that run them on CPU tensors (only under the interpreter)."""
+    if not INTERPRETED:
+        pytest.skip(NEEDS_INTERPRETER.kwargs["reason"])
+    return kernels_module
+
+
+def test_meta_tensors_with_the_triton_backend_run_the_backward(monkeypatch, kernels_module):
     fastvae.set_backend("triton")
     x_hat = torch.empty(3, 4, device="meta", requires_grad=True)
     x = torch.empty(3, 4, device="meta")

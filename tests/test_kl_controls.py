@@ -7,13 +7,14 @@ import math
 import pytest
 import reference as ref
 import torch
+from backends import CPU_BACKENDS, NEEDS_INTERPRETER
 from torch.distributions import Normal
 from torch.distributions import kl_divergence as dist_kl
 
 import fastvae
 from fastvae import ops
 
-BACKENDS = ("torch", "triton")  # triton: the kernels where they serve the call
+BACKENDS = CPU_BACKENDS  # triton: the kernels where they serve the call
 REDUCTIONS = ("sum", "batchmean", "mean")
 X_SHAPE, Z_SHAPE = (4, 6), (4, 2, 3)
 
@@ -339,6 +340,7 @@ def test_torch_func_grad_matches_eager():
         torch.testing.assert_close(a, b)
 
 
+@NEEDS_INTERPRETER
 def test_a_prior_samples_and_free_bits_run_in_the_kernels(monkeypatch):
     from fastvae import _torch_impl, kernels
 
@@ -373,6 +375,7 @@ def test_a_prior_samples_and_free_bits_run_in_the_kernels(monkeypatch):
     assert calls == ["fastvae._torch_impl.kl_forward_with_prior"]
 
 
+@NEEDS_INTERPRETER
 @pytest.mark.parametrize("prior", ["none", "learned", "batch_broadcast"])
 def test_sample_and_kl_with_a_prior_and_samples_on_the_kernels(prior):
     """Against the float64 oracle, the noise read back from z (the kernels draw their own)."""
@@ -397,6 +400,7 @@ def test_sample_and_kl_with_a_prior_and_samples_on_the_kernels(prior):
         torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=1e-5)
 
 
+@NEEDS_INTERPRETER
 def test_the_kernels_keep_the_gradient_accurate_when_the_logvars_are_50_apart():
     fastvae.set_backend("triton")
     g = torch.Generator().manual_seed(6)

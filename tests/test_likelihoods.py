@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 import reference as ref
 import torch
+from backends import CPU_BACKENDS
 
 import fastvae
 from fastvae import ops
 
-BACKENDS = ("torch", "triton")  # triton: the kernels, interpreted on CPU tensors
+BACKENDS = CPU_BACKENDS  # triton: the kernels, interpreted on CPU tensors
 REDUCTIONS = ("sum", "batchmean", "mean", "none")
 X_SHAPE, Z_SHAPE = (3, 2, 4, 5), (3, 6)
 

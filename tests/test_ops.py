@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from backends import CPU_BACKENDS
 
 import fastvae
 from fastvae import _torch_impl, ops
@@ -281,7 +282,7 @@ def test_compile_with_dynamic_shapes_has_no_graph_break(device):
                 torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("recon", ["mse", "l1", "bce", "bce_logits", "gaussian", "laplace",
                                    "continuous_bernoulli"])
 def test_the_gradient_buffer_is_contiguous_for_a_channels_last_x_hat(backend, recon):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import fastvae
 from tests import reference
+from tests.backends import CPU_BACKENDS
 
 # eager's float32 sums over millions of elements are ~1e-8 off; a naive float32
 # running sum is ~1e-4 off; this bound lies between, far from both
@@ -258,7 +259,7 @@ def test_chunked_mse_gradient_is_the_scaled_difference_rounded_once(monkeypatch,
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # (x_hat - x)^2: inf
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("x_hat_dtype,x_dtype", [(torch.bfloat16, torch.bfloat16),
                                                   (torch.float32, torch.bfloat16),
                                                   (torch.float32, torch.float32)])
