@@ -129,6 +129,19 @@ def _row_abs_sum(t):
 _NONE, _SUM = 0, 2  # at::Reduction::None, ::Sum, for the aten loss ops
 
 
+def _scaled_mse_grad(scale, p, target, out=None):
+    """(p - target) * scale, ``scale`` a tensor (twice the weight of the squared error:
+    the gradient's 2 folded in, exactly), in one pass: aten's Huber-loss gradient with an
+    infinite delta is that product. Not mse_loss_backward, which doubles the difference
+    first: past half of float32's range that overflowed where the scaled gradient (of a
+    mean, say) is finite. The same bits otherwise (both products exact but the last)."""
+    # (the overloads named: the op's packet resolves them per call, ~5 us)
+    if out is None:
+        return torch.ops.aten.huber_loss_backward.default(scale, p, target, _SUM, math.inf)
+    return torch.ops.aten.huber_loss_backward.out(scale, p, target, _SUM, math.inf,
+                                                  grad_input=out)
+
+
 def _mse_grad_unscaled(x_hat, x, dtype):
     """2 (x_hat - x) in one pass over x_hat and x, in a fresh buffer: exactly twice
     the difference (a power of two), so its squares are exactly 4 (x_hat - x)^2."""
@@ -186,12 +199,11 @@ def _recon_chunk(p, target, recon, grad_scale, work, spare, grad_out, value_out)
         # summed by torch.sum (cascade) while in cache
         torch.sum(torch._C._nn.mse_loss(p, target, _NONE, out=spare), dim=1, out=value_out)
         if grad_out is not None:
-            # 2 grad_scale (x_hat - x) in one pass, as (x_hat - x) * (2 grad_scale)
-            # bit for bit (doubling is exact); rounded once on the store into grad_out
+            # (x_hat - x) * (2 grad_scale) in one pass (no overflow of a doubled difference);
+            # rounded once on the store into grad_out
             into = grad_out if grad_out.dtype == p.dtype else work
-            torch.ops.aten.mse_loss_backward.grad_input(
-                torch.full((), grad_scale, dtype=p.dtype, device=p.device), p, target, _SUM,
-                grad_input=into)
+            _scaled_mse_grad(torch.full((), 2.0 * grad_scale, dtype=p.dtype, device=p.device), p,
+                             target, out=into)
             if into is not grad_out:
                 grad_out.copy_(into)
         return
@@ -256,20 +268,6 @@ def _chunked_recon_per_sample(x_hat, x, recon, dtype, grad_scale):
         # a probability outside [0, 1] (or NaN) made a log NaN: the value check
         # fastvae._validate leaves to this pass (the targets were checked before)
         _validate.check_probabilities(x_hat)
-    both_float16 = x_hat.dtype == x.dtype == torch.float16
-    if recon == "mse" and grad is not None and not both_float16:
-        # the chunks' gradient doubles the difference before scaling it: where it
-        # exceeds half of float32's range (inputs near bfloat16's or float32's largest
-        # values, whose squares made this sum infinite) that overflowed, so the
-        # gradient is computed again as (x_hat - x) * (2 grad_scale). (Two float16
-        # inputs differ by at most 131008: no check.)
-        overflowed = torch.isinf(per_sample)
-        if host_reads_are_free(x_hat):
-            if overflowed.any():
-                torch.mul(_difference(x_hat, x, dtype), 2.0 * grad_scale, out=grad)
-        else:  # no host sync (CUDA graphs): the rows that overflowed, chosen on the device
-            again = torch.mul(_difference(x_hat, x, dtype), 2.0 * grad_scale).to(grad.dtype)
-            grad = torch.where(overflowed.view((-1,) + (1,) * (grad.dim() - 1)), again, grad)
     return per_sample, grad
 
 
@@ -555,9 +553,8 @@ def _small_recon(x_hat, x, recon, dtype, reduction, scale, want_grad):
     if not want_grad:
         return value, None
     out = _empty_like_contiguous(p, dtype)
-    if recon == "mse":  # 2 scale (x_hat - x) in one pass
-        grad = torch.ops.aten.mse_loss_backward.grad_input(
-            constant(scale, dtype, p.device), p, target, _SUM, grad_input=out)
+    if recon == "mse":  # (x_hat - x) (2 scale) in one pass
+        grad = _scaled_mse_grad(constant(2.0 * scale, dtype, p.device), p, target, out=out)
     else:
         grad = torch.sub(p, target, out=out).sign_()
         if scale != 1.0:
@@ -668,8 +665,10 @@ def small_recon_grad(x_hat, x, recon, reduction, dtype, w):
     (the forward's compute dtype; w: the recon's output gradient)."""
     p, target = _as(x_hat, dtype), _as(x, dtype)
     w = _weight(w, reduction, x_hat.shape[0], x_hat.numel(), x_hat.dim())
-    if recon == "mse":  # 2 (x_hat - x) w, one op
-        return torch.ops.aten.mse_loss_backward(w, p, target, _NONE)
+    if recon == "mse":
+        # ((x_hat - x) w) 2: the bits of (x_hat - x) (2 w) (doubling is exact), and no
+        # overflow of a doubled difference; cheaper at these sizes than one fused op
+        return torch.sub(p, target).mul_(w).mul_(constant(2.0, dtype, p.device))
     if recon == "bce_logits":
         return torch.sigmoid(p).sub_(target).mul_(w)
     return torch.sub(p, target).sign_().mul_(w)

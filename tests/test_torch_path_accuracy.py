@@ -263,18 +263,21 @@ def test_chunked_mse_gradient_is_the_scaled_difference_rounded_once(monkeypatch,
 @pytest.mark.parametrize("x_hat_dtype,x_dtype", [(torch.bfloat16, torch.bfloat16),
                                                   (torch.float32, torch.bfloat16),
                                                   (torch.float32, torch.float32)])
+@pytest.mark.parametrize("small", [False, True], ids=["large_path", "small_path"])
 def test_mse_gradient_near_the_largest_values_does_not_overflow(monkeypatch, x_hat_dtype,
-                                                                 x_dtype, backend):
+                                                                 x_dtype, backend, small):
     """Differences beyond half of float32's range: 2 (x_hat - x) would overflow, the
     gradient of the mean does not (2 / numel times the difference, from float64).
     PyTorch path: bfloat16 targets with bfloat16 or float32 predictions (the chunked
-    path), and float32 with float32 (the whole-tensor pass, which gave inf before, as
-    did the kernels, interpreted here)."""
+    path), float32 with float32 (the whole-tensor pass), and the small inputs' path
+    (its gradient computed in the backward), which all gave inf before, as did the
+    kernels, interpreted here."""
     from fastvae import _torch_impl
 
     fastvae.set_backend(backend)
     monkeypatch.setattr(_torch_impl, "RECON_CHUNK", 64)
-    monkeypatch.setattr(_torch_impl, "SMALL_NUMEL", 0)
+    if not small:
+        monkeypatch.setattr(_torch_impl, "SMALL_NUMEL", 0)
     x_hat = torch.full((2, 100), 2.0e38).to(x_hat_dtype)
     x = torch.full((2, 100), -0.5e38).to(x_dtype)
     x_hat[1] = 0.5
@@ -327,3 +330,15 @@ def test_mse_pass_where_host_reads_cost_a_sync_decides_on_the_device(monkeypatch
     monkeypatch.undo()
     for g, w in zip(got, want):
         assert g.dtype == w.dtype and torch.equal(g, w)
+
+
+def test_small_inputs_gradient_in_the_forward_does_not_overflow_either():
+    """The gradient computed in the forward for small inputs (the custom op's contract,
+    under torch.compile and export) is (x_hat - x) (2 scale) too: finite for a mean."""
+    from fastvae import _torch_impl
+
+    x_hat, x = torch.full((2, 100), 2.0e38), torch.full((2, 100), -0.5e38)
+    scale = 1.0 / x.numel()
+    _, grad = _torch_impl._small_recon(x_hat, x, "mse", torch.float32, "mean", scale, True)
+    want = ((x_hat.double() - x.double()) * (2 * scale)).float()
+    torch.testing.assert_close(grad, want, rtol=2 * torch.finfo(torch.float32).eps, atol=0)
