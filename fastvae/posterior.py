@@ -64,9 +64,10 @@ class GaussianPosterior:
 
     ``sample()`` draws z and the KL against N(0, I) in one fused pass; a later
     ``kl()`` returns (a copy of) that KL instead of computing it again. Assigning
-    ``logvar``, ``std`` or ``var`` (plain attributes in diffusers: ``post.std *= t``
+    ``mean``, ``logvar``, ``std`` or ``var`` (plain attributes in diffusers: ``post.std *= t``
     samples at temperature t) switches ``sample``, ``kl`` and ``nll`` to diffusers'
-    formulas on the attributes as assigned.
+    formulas on the attributes as assigned (std and var stay those built from the
+    original logvar when logvar is assigned, as in diffusers).
     """
 
     def __init__(self, parameters: torch.Tensor, dim: int = 1,
@@ -88,9 +89,9 @@ class GaussianPosterior:
         self.parameters = parameters
         self.deterministic = deterministic
         self.semantics = semantics
-        self.mean, self._raw_logvar = torch.chunk(parameters, 2, dim=dim)
+        self._mean, self._raw_logvar = torch.chunk(parameters, 2, dim=dim)
         self._logvar = self._raw_logvar if lo is None else self._raw_logvar.clamp(lo, hi)
-        # logvar, std or var assigned by the user (diffusers' attributes are plain, so
+        # mean, logvar, std or var assigned by the user (diffusers' attributes are plain, so
         # `posterior.std = posterior.std * t` samples at temperature t there): from then
         # on each result reads the attributes as diffusers' formulas do, not the fused ops
         self._moments_assigned = False
@@ -103,11 +104,21 @@ class GaussianPosterior:
         self._kl_of_sample = None  # (per-sample KL, grad mode) from the last fused sample()
 
     @property
+    def mean(self) -> torch.Tensor:
+        return self._mean
+
+    @mean.setter
+    def mean(self, value):
+        self._mean, self._moments_assigned = value, True
+
+    @property
     def logvar(self) -> torch.Tensor:
         return self._logvar
 
     @logvar.setter
     def logvar(self, value):
+        # diffusers computed std and var from the logvar it was built with: so do they here
+        self._std, self._var = self.std, self.var  # (computed now if not yet, from the old one)
         self._logvar, self._moments_assigned = value, True
 
     @property
@@ -137,8 +148,8 @@ class GaussianPosterior:
     def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """z = mean + std * eps, eps ~ N(0, I) drawn from ``generator`` (one
         generator, one per sample in a list, or None for PyTorch's default)."""
-        if self.deterministic:  # a new tensor, as diffusers' mean + 0 * eps (z may be written)
-            return self.mean.clone()
+        if self.deterministic and not self._moments_assigned:
+            return self.mean.clone()  # a new tensor, as diffusers' mean + 0 * eps (z may be written)
         generator, generators = _split_generators(generator, self.mean.shape[0])
         if self._moments_assigned:  # diffusers' formula on the attributes as they are now
             self._kl_of_sample = None
@@ -206,7 +217,9 @@ class GaussianPosterior:
             inf = torch.full(shape, math.inf, dtype=dtype, device=self.mean.device)
             return self._sum_dims(inf).to(torch.promote_types(self.mean.dtype, om.dtype))
         if self._moments_assigned:
-            return self._kl_of_attributes(om, olv)
+            other_var = getattr(other, "var", None)
+            return self._kl_of_attributes(om, olv, other_var if isinstance(other_var, torch.Tensor)
+                                          else None)
         result_dtype = torch.promote_types(self.mean.dtype, om.dtype)
         sums_every_dim = self.semantics == "fastvae" or self.mean.dim() <= len(_DIFFUSERS_DIMS) + 1
         if sums_every_dim and dtype == _compute_dtype(self.mean) and olv.shape == om.shape:
@@ -233,10 +246,11 @@ class GaussianPosterior:
         per_sample = 0.5 * self._sum_dims(terms)
         return per_sample if self.semantics == "fastvae" else per_sample.to(result_dtype)
 
-    def _kl_of_attributes(self, om, olv):
-        """KL(self || N(om, e^olv)) (None: N(0, I)) by diffusers' formula on the
+    def _kl_of_attributes(self, om, olv, other_var=None):
+        """KL(self || N(om, ovar)) (None: N(0, I)) by diffusers' formula on the
         attributes as assigned (var and logvar may disagree: each term reads its own),
-        0.5 sum[(mean - om)^2 / ovar + var / ovar - 1 - logvar + ologvar]."""
+        0.5 sum[(mean - om)^2 / ovar + var / ovar - 1 - logvar + ologvar], ovar =
+        ``other_var`` (other's var attribute) or e^olv."""
         tensors = [self.mean, self.var, self.logvar] + ([] if om is None else [om, olv])
         _broadcast_shape("self.var", self.var, "self.mean", self.mean)
         _broadcast_shape("self.logvar", self.logvar, "self.mean", self.mean)
@@ -246,7 +260,8 @@ class GaussianPosterior:
             terms = m.square() + var - 1.0 - lv
         else:
             om, olv = om.to(dtype), olv.to(dtype)
-            terms = ((m - om).square() + var) * torch.exp(-olv) - 1.0 - lv + olv
+            ovar = torch.exp(olv) if other_var is None else other_var.to(dtype)
+            terms = ((m - om).square() + var) / ovar - 1.0 - lv + olv
         per_sample = 0.5 * self._sum_dims(terms)
         if self.semantics == "fastvae":
             return per_sample

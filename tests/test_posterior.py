@@ -395,3 +395,58 @@ def test_assigned_var_and_logvar_are_what_kl_and_nll_read(semantics):
     x = torch.randn(p[:, :4].shape, generator=torch.Generator().manual_seed(8))
     want_nll = 0.5 * (math.log(2 * math.pi) + lv + (x.double() - m) ** 2 / var).sum(dim=(1, 2, 3))
     torch.testing.assert_close(post.nll(x).double(), want_nll, rtol=1e-6, atol=1e-6)
+
+
+def test_an_assigned_logvar_leaves_std_and_var_as_built():
+    """diffusers computes std and var in its constructor: assigning logvar later changes
+    neither, so sample() keeps the built std and kl() the built var (here too, though
+    they are computed lazily)."""
+    p = params(seed=9).detach()
+    post = GaussianPosterior(p)
+    built_lv = post.logvar.clone()
+    post.logvar = torch.full_like(built_lv, -20.0)
+    torch.testing.assert_close(post.std, torch.exp(0.5 * built_lv))
+    torch.testing.assert_close(post.var, torch.exp(built_lv))
+    z = post.sample(generator=torch.Generator().manual_seed(1))
+    zeros = torch.zeros_like(post.mean)
+    eps = fastvae.reparameterize(zeros, zeros, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(z, post.mean + torch.exp(0.5 * built_lv) * eps, rtol=0, atol=0)
+    m = post.mean.double()
+    want = 0.5 * (m**2 + built_lv.double().exp() - 1 + 20.0).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(post.kl().double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_an_assigned_mean_after_a_sample_is_what_kl_reads():
+    """The KL kept from the fused sample is of the mean it sampled; after `post.mean = ...`
+    kl() reads the new mean, as diffusers' does."""
+    p = params(seed=10).detach()
+    post = GaussianPosterior(p)
+    post.sample()
+    post.mean = post.mean + 1.0
+    m, lv = post.mean.double(), post.logvar.double()
+    want = 0.5 * (m**2 + lv.exp() - 1 - lv).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(post.kl().double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_kl_of_assigned_moments_reads_the_others_var():
+    p = params(seed=11).detach()
+    post, other = GaussianPosterior(p), GaussianPosterior(params(seed=12).detach())
+    post.std = post.std  # assigned (unchanged): the formula path
+    other.var = other.var * 2.0  # diffusers' kl(other) divides by other.var
+    m, lv, var = post.mean.double(), post.logvar.double(), post.var.double()
+    om, olv, ovar = other.mean.double(), other.logvar.double(), other.var.double()
+    want = 0.5 * ((m - om) ** 2 / ovar + var / ovar - 1 - lv + olv).sum(dim=(1, 2, 3))
+    torch.testing.assert_close(post.kl(other).double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_deterministic_posterior_samples_with_an_assigned_std():
+    """diffusers' deterministic posterior has std = 0 and samples mean + std * eps: an
+    assigned std is sampled with there, and here."""
+    p = params(seed=13).detach()
+    post = GaussianPosterior(p, deterministic=True)
+    post.std = torch.ones_like(post.mean)
+    z = post.sample(generator=torch.Generator().manual_seed(2))
+    assert not torch.equal(z, post.mean)
+    zeros = torch.zeros_like(post.mean)
+    eps = fastvae.reparameterize(zeros, zeros, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(z, post.mean + eps, rtol=0, atol=0)
