@@ -521,6 +521,7 @@ def _reparameterize_grads(ctx, grad_z, grad_kl, run_backward):
 
 
 def _reparameterize_backward(ctx, grad_z, grad_kl):
+    _refuse_double_backward(_SAMPLING)
     # the backward is its own op, so that compile traces it with a symbolic seed
     return _reparameterize_grads(ctx, grad_z, grad_kl, reparameterize_backward_op)
 
@@ -534,6 +535,8 @@ def _reparameterize_vmap(info, in_dims, mu, logvar, prior_mu, prior_logvar, seed
     run it (so each sample's own seed under randomness="different", the same seed and
     noise under "same"), without the fallback's warning that a batching rule is
     missing. torch.func reaches the op only for the noise (the composite path)."""
+    if info.batch_size == 0:  # (no sample to call the op on, nor to take the shapes from)
+        raise RuntimeError("fastvae's sampling does not support vmap over a dimension of size 0")
     tensors = (mu, logvar, prior_mu, prior_logvar, seed)
     outputs = []
     for index in range(info.batch_size):

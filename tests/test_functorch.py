@@ -336,6 +336,12 @@ def test_vmap_of_sampling_has_a_batching_rule(capfd, randomness):
     assert "batching rule" not in capfd.readouterr().err
 
 
+def test_vmap_of_sampling_over_a_dimension_of_size_0_is_a_clear_error():
+    mu = torch.zeros(0, 3, 2)
+    with pytest.raises(RuntimeError, match="size 0"):
+        vmap(lambda m: fastvae.reparameterize(m, m), randomness="different")(mu)
+
+
 def test_gaussian_posterior_kl_and_sample_under_transforms():
     params = torch.randn(2, 6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 

@@ -113,12 +113,21 @@ def test_double_backward_is_refused_not_silently_zero():
         torch.autograd.grad(kl, mu, create_graph=True)
 
 
-@pytest.mark.parametrize("rows", [3, _torch_impl.SMALL_NUMEL // 4 + 1], ids=["small", "general"])
+class _Subclass(torch.Tensor):
+    """A tensor subclass: fastvae's ops then run as torch.library custom ops."""
+
+
+@pytest.mark.parametrize("rows", [3, _torch_impl.SMALL_NUMEL // 4 + 1, "custom_op"],
+                         ids=["small", "general", "custom_op"])
 @pytest.mark.parametrize("call", ["reparameterize", "sample_and_kl"])
 def test_double_backward_through_sampling_names_both_sampling_functions(call, rows):
     """The message names the sampling functions (a user of sample_and_kl never called
-    reparameterize) and gives the sampling's own reason, not the losses'."""
-    mu, logvar = (torch.zeros(rows, 4, requires_grad=True) for _ in range(2))
+    reparameterize) and gives the sampling's own reason, not the losses', on every entry
+    point (the custom op's backward gave torch's "no autograd formula registered")."""
+    if rows == "custom_op":
+        mu, logvar = (torch.zeros(3, 4).as_subclass(_Subclass).requires_grad_() for _ in range(2))
+    else:
+        mu, logvar = (torch.zeros(rows, 4, requires_grad=True) for _ in range(2))
     out = getattr(fastvae, call)(mu, logvar)
     z = out if call == "reparameterize" else out[0]
     with pytest.raises(RuntimeError, match=r"fastvae\.reparameterize / fastvae\.sample_and_kl "
