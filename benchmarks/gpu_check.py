@@ -293,8 +293,10 @@ def test_command(workers):
 
 def run_test_suite(run, timeout_s, log_path):
     env = {k: v for k, v in os.environ.items() if k not in ("FASTVAE_BACKEND", "TRITON_INTERPRET")}
-    # (most of the suite is CPU-bound: compilation, the CPU cases; leave two cores spare)
+    # (most of the suite is CPU-bound: compilation, the CPU cases; leave two cores spare, and
+    # give each worker CI's two torch threads, not every core: 12 x 16 threads would thrash)
     cmd = test_command(max(1, min(12, (os.cpu_count() or 1) - 2)))
+    env.setdefault("OMP_NUM_THREADS", "2")
     print("gpu_check: " + " ".join(cmd[1:]), flush=True)
     start = time.monotonic()
     # its own process group: on a timeout the xdist workers go too, not only pytest,
