@@ -426,6 +426,12 @@ _TOLERANCE = {  # rtol per output dtype; atol is rtol times the mean magnitude
 }
 
 
+def _correlation(a, b):
+    """Pearson correlation of two same-shaped float64 tensors, flattened."""
+    a, b = a.flatten() - a.mean(), b.flatten() - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
 def _assert_close(name, got, want, extra=None, loose=False):
     """|got - want| <= rtol |want| + atol (+ ``extra``, an elementwise allowance).
     ``loose``: 4x the tolerance, for baselines that round every intermediate to
@@ -603,9 +609,14 @@ class Case:
 
     # -- correctness --
     def check(self, impl, device):
-        """Compare ``impl`` with a float64 reference written from the math."""
+        """Compare ``impl`` with a float64 reference written from the math; sampling
+        also draws fresh noise on a second call."""
         inputs = self.inputs(device)
-        self.verify(impl, inputs, self.run(impl, inputs))
+        got = self.run(impl, inputs)
+        self.verify(impl, inputs, got)
+        if self.op.startswith("reparam"):
+            again = self.run(impl, inputs)
+            assert not torch.equal(got[0], again[0]), f"{self.id} {impl}: two calls drew the same z"
 
     def verify(self, impl, inputs, got):
         """Compare ``got`` = ``run(impl, inputs)`` (or, except for train_step, the
@@ -738,6 +749,18 @@ class Case:
         assert abs(mean) < mean_bound and abs(std - 1) < std_bound, \
             f"{self.id}: recovered noise of {n} draws has mean {mean:.4f} (bound {mean_bound:.4f}), " \
             f"std {std:.4f} (bound 1 +- {std_bound:.4f})"
+        # and independent: of the inputs (noise made from mu, logvar or grad_z is N(0, 1)
+        # too) and, with several samples, of each other (the same draw K times), to 5
+        # standard errors of a correlation
+        pairs = [(eps, t.expand(eps.shape), name)
+                 for name, t in (("mu", mu), ("logvar", lv), ("grad_z", inp["grad_z"].double()))]
+        if self.variant == "samples4":
+            pairs += [(eps[k], eps[0], f"sample 0's noise (sample {k})") for k in range(1, len(eps))]
+        for a, b, name in pairs:
+            corr = _correlation(a, b)
+            bound = 5 / math.sqrt(a.numel())
+            assert abs(corr) < bound, \
+                f"{self.id}: recovered noise correlates with {name}: {corr:+.4f} (bound {bound:.4f})"
         g_z = inp["grad_z"].double()
         grad_mu, grad_lv = g_z, 0.5 * g_z * (z - mu)
         if self.variant == "samples4":  # the samples' gradients add up
