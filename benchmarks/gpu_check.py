@@ -562,8 +562,8 @@ def check_torch_path_without_host_sync(run, device, no_sync=_sync_is_an_error, n
     ``no_sync``: a context manager inside which a sync raises (torch.cuda's debug mode)."""
     import fastvae
 
-    failed = []
-    for label, xhat_dtype, x_dtype, backend, options in torch_path_cases():
+    failed, cases = [], torch_path_cases()
+    for label, xhat_dtype, x_dtype, backend, options in cases:
         options = dict(options)
         gen = torch.Generator().manual_seed(0)
         x_hat = torch.randn(n, d, generator=gen, dtype=torch.float64)
@@ -593,7 +593,7 @@ def check_torch_path_without_host_sync(run, device, no_sync=_sync_is_an_error, n
                 failed.append(f"{label}: {str(e)[:200]}")
     run.record("the PyTorch path on CUDA tensors: no host sync", not failed,
                "; ".join(failed) if failed else
-               f"{len(torch_path_cases())} loss forward+backward cases (float64, forced "
+               f"{len(cases)} loss forward+backward cases (float64, forced "
                f"PyTorch backend) under torch.cuda.set_sync_debug_mode('error')")
 
 

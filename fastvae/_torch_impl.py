@@ -68,32 +68,23 @@ def _row_sum(t):
 SUM_BLOCK = 256
 
 
-def _blocked_row_norm(t, ord):
-    """Per-row sum of |t|^ord (ord 1 or 2) in one pass over ``t``, without writing
-    |t|^ord: vector_norm over blocks of SUM_BLOCK elements (a view of the rows),
-    then the (N, blocks) partials summed by torch.sum. (ord 2 only in use: vector_norm's
-    ord 1 is slow on the CPU, see _row_abs_sum.)"""
+def _row_sum_of_squares(t):
+    """Per-row sum of t^2 in one pass over ``t``, without writing t^2: vector_norm over
+    blocks of SUM_BLOCK elements (a view of the rows), squared, then the (N, blocks)
+    partials summed by torch.sum. (Sums of |t| do not use vector_norm: its ord=1
+    reduction is slow on the CPU, see _row_abs_sum.)"""
     rows = _rows(t)
     length = rows.shape[1]
     blocks = length // SUM_BLOCK
     if blocks <= 1:
-        total = torch.linalg.vector_norm(rows, ord, dim=1)
-        return total.square_() if ord == 2 else total
+        return torch.linalg.vector_norm(rows, 2, dim=1).square_()
     split = blocks * SUM_BLOCK
     partials = torch.linalg.vector_norm(
-        rows[:, :split].reshape(rows.shape[0], blocks, SUM_BLOCK), ord, dim=2)
-    if ord == 2:
-        partials.square_()
+        rows[:, :split].reshape(rows.shape[0], blocks, SUM_BLOCK), 2, dim=2).square_()
     total = partials.sum(dim=1)
     if split < length:
-        tail = torch.linalg.vector_norm(rows[:, split:], ord, dim=1)
-        total.add_(tail.square_() if ord == 2 else tail)
+        total.add_(torch.linalg.vector_norm(rows[:, split:], 2, dim=1).square_())
     return total
-
-
-def _row_sum_of_squares(t):
-    # vector_norm reduces in one pass; vecdot(t, t) would first write t * t
-    return _blocked_row_norm(t, 2)
 
 
 # Elements of |t| written at a time by _row_abs_sum: a cached scratch block (1 MiB in float32).
