@@ -35,6 +35,7 @@ against it, by the fused op); ``sample`` draws from it, and the ONNX export
 writes it into ``metadata.json`` so that the runtime samples from it too.
 """
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -66,11 +67,36 @@ def _check_model_obs_logvar(obs_logvar, recon):
 PRIORS = ("standard", "learned")
 
 
+def _check_size(name, value):
+    """A positive int (a numpy integer too; not a bool, a float or a string, which
+    int() would truncate or parse), as a plain int: it goes into the JSON config."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r:.40}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value}")
+    return int(value)
+
+
+def _check_sizes(name, values, allow_empty=False):
+    """A sequence of positive ints (a list, tuple, 1-d array), as a list of plain ints:
+    what the model is built with and what its config records. Not a string, nor an
+    iterator, which the first reader would use up (the config recorded [] for a model
+    built from map(...))."""
+    try:
+        reusable = not isinstance(values, (str, bytes)) and iter(values) is not values
+    except TypeError:  # not iterable (an int, a 0-d array)
+        reusable = False
+    if not reusable:
+        raise TypeError(f"{name} must be a list or tuple of positive ints, got "
+                        f"{type(values).__name__} {values!r:.40}")
+    sizes = [_check_size(f"{name}[{i}]", v) for i, v in enumerate(values)]
+    if not sizes and not allow_empty:
+        raise ValueError(f"{name} must not be empty")
+    return sizes
+
+
 def _check_shape(name, shape):
-    shape = tuple(int(s) for s in shape)
-    if not shape or any(s <= 0 for s in shape):
-        raise ValueError(f"{name} must be a non-empty tuple of positive sizes, got {shape}")
-    return shape
+    return tuple(_check_sizes(name, shape))
 
 
 def _numel(shape):
@@ -82,9 +108,6 @@ def _numel(shape):
 
 def _mlp_nets(input_shape, encoder_out, latent_dim, hidden):
     """Encoder: flatten -> hidden layers -> encoder_out; decoder mirrors it."""
-    hidden = [int(h) for h in hidden]
-    if any(h <= 0 for h in hidden):
-        raise ValueError(f"hidden sizes must be positive, got {hidden}")
     sizes = [_numel(input_shape)] + hidden
     enc = [nn.Flatten()]
     for a, b in zip(sizes, sizes[1:]):
@@ -103,9 +126,6 @@ def _conv_nets(input_shape, encoder_out, latent_dim, channels):
     them back), then one linear layer to and from the latent vector."""
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (C, H, W) for a conv model, got {input_shape}")
-    channels = [int(c) for c in channels]
-    if not channels or any(c <= 0 for c in channels):
-        raise ValueError(f"channels must be a non-empty list of positive sizes, got {channels}")
     c_in, h, w = input_shape
     factor = 2 ** len(channels)
     if h % factor or w % factor:
@@ -146,9 +166,9 @@ class _Autoencoding(nn.Module):
         _validate.check_beta(beta)
         if isinstance(beta, torch.Tensor):
             raise TypeError("beta of a model must be a float (it is saved in the JSON config)")
-        latent_dim = int(latent_dim)
-        if latent_dim <= 0:
-            raise ValueError(f"latent_dim must be positive, got {latent_dim}")
+        latent_dim = _check_size("latent_dim", latent_dim)
+        # (hidden sizes, channels): checked once, built with and recorded as the same lists
+        arch = {k: _check_sizes(k, v, allow_empty=k == "hidden") for k, v in arch.items()}
         self.input_shape = _check_shape("input_shape", input_shape)
         self.latent_shape = (latent_dim,)
         self.recon, self.beta = recon, float(beta)
@@ -157,7 +177,7 @@ class _Autoencoding(nn.Module):
         if prior == "learned":  # N(prior_mu, exp(prior_logvar)), starting as N(0, I)
             self.prior_mu = nn.Parameter(torch.zeros(latent_dim))
             self.prior_logvar = nn.Parameter(torch.zeros(latent_dim))
-        self._arch = {k: list(v) for k, v in arch.items()}
+        self._arch = {k: list(v) for k, v in arch.items()}  # (copies: the config is the caller's)
 
     def config(self) -> dict[str, Any]:
         """A JSON-able dict from which ``model_from_config`` rebuilds this model."""
@@ -205,9 +225,17 @@ class _Autoencoding(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Decode ``n`` codes drawn from the prior (N(0, I), or the learned one)."""
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+            raise TypeError(f"n must be an int >= 0, got {type(n).__name__} {n!r:.40}")
+        if n < 0:
+            raise ValueError(f"n must be an int >= 0, got {n}")
         p = next(self.parameters())
-        z = torch.randn(int(n), *self.latent_shape, generator=generator, device=p.device,
-                        dtype=p.dtype)
+        _validate.check_generator(generator, p.device)
+        # drawn where the generator is (a CPU generator for a model on a GPU, as
+        # forward() accepts), then moved
+        z = torch.randn(int(n), *self.latent_shape, generator=generator,
+                        device=p.device if generator is None else generator.device,
+                        dtype=p.dtype).to(p.device)
         if self.prior == "learned":
             z = self.prior_mu + torch.exp(0.5 * self.prior_logvar) * z
         return self.decode(z)
@@ -291,7 +319,12 @@ class _AE(_Autoencoding):
 
     def criterion(self, x: Tensor, outputs: Tensor, *, beta: float | Tensor | None = None,
                   free_bits: float = 0.0) -> LossParts:
-        """The batch-mean reconstruction loss (``kl`` is 0: there is no posterior)."""
+        """The batch-mean reconstruction loss (``kl`` is 0: there is no posterior).
+        ``beta`` and ``free_bits`` (a VAE's call) weigh nothing here, but are checked
+        as a VAE checks them."""
+        if beta is not None:
+            _validate.check_beta(beta)
+        _validate.check_free_bits(free_bits, "batchmean")
         return self._recon_parts(x, outputs, "batchmean")
 
     def reconstruct(self, x: Tensor) -> Tensor:

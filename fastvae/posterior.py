@@ -39,6 +39,7 @@ stream of numbers for a given generator.
 """
 
 import math
+import numbers
 
 import torch
 
@@ -78,6 +79,8 @@ class GaussianPosterior:
         if parameters.dim() < 2:
             raise ValueError(
                 f"parameters must have a batch dim and a dim to split, got shape {tuple(parameters.shape)}")
+        if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+            raise TypeError(f"dim must be an int, got {type(dim).__name__} {dim!r:.40}")
         if not -parameters.dim() <= dim < parameters.dim():
             raise ValueError(f"dim={dim} is out of range for parameters of shape {tuple(parameters.shape)}")
         if parameters.shape[dim] % 2:

@@ -154,3 +154,60 @@ def test_bad_input():
         model_from_config({"class": "ResNet"})
     with pytest.raises(ValueError, match=r"x must hold targets in \[0, 1\]"):
         MLPVAE((4,), hidden=(3,)).loss(torch.full((2, 4), 2.0))
+
+
+def test_config_records_the_sizes_the_model_was_built_with():
+    """Sizes from an array, numpy integers or a range are recorded as the plain ints the
+    layers were built with, so the config is JSON and rebuilds the same model."""
+    np = pytest.importorskip("numpy")
+    import json
+
+    model = MLPVAE((1, np.int64(8), 8), latent_dim=np.int32(3), hidden=np.array([32, 16]))
+    config = json.loads(json.dumps(model.config()))
+    assert config["hidden"] == [32, 16] and config["latent_dim"] == 3
+    assert [m.out_features for m in model.encoder if isinstance(m, torch.nn.Linear)] == [32, 16, 6]
+    rebuilt = model_from_config(config)
+    rebuilt.load_state_dict(model.state_dict())  # the same architecture
+    conv = ConvVAE((1, 8, 8), channels=range(4, 6))
+    assert conv.config()["channels"] == [4, 5]
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: MLPVAE((1, 8.5, 8)), TypeError, r"input_shape\[1\] must be a positive int, got float 8.5"),
+    (lambda: MLPVAE("18"), TypeError, "input_shape must be a list or tuple of positive ints, got str"),
+    (lambda: MLPVAE(8), TypeError, "input_shape must be a list or tuple .*got int 8"),
+    (lambda: MLPVAE((1, 0, 8)), ValueError, r"input_shape\[1\] must be a positive int, got 0"),
+    (lambda: MLPVAE((4,), latent_dim=2.5), TypeError, "latent_dim must be a positive int, got float"),
+    (lambda: MLPVAE((4,), latent_dim=True), TypeError, "latent_dim must be a positive int, got bool"),
+    (lambda: MLPVAE((4,), latent_dim=None), TypeError, "latent_dim must be a positive int, got NoneType"),
+    (lambda: MLPVAE((4,), hidden=(16.7,)), TypeError, r"hidden\[0\] must be a positive int, got float"),
+    (lambda: MLPVAE((4,), hidden=16), TypeError, "hidden must be a list or tuple .*got int 16"),
+    # an iterator would be used up by the layers: the config recorded [] for a 2-layer model
+    (lambda: MLPVAE((4,), hidden=map(int, "3,4".split(","))), TypeError, "hidden must be .*got map"),
+    (lambda: ConvVAE((1, 8, 8), channels=()), ValueError, "channels must not be empty"),
+    (lambda: ConvVAE((1, 8, 8), channels=(4, -1)), ValueError, r"channels\[1\] must be a positive int"),
+])
+def test_bad_sizes_name_the_argument(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_sample_checks_n_and_generator():
+    model = MLPVAE((1, 8, 8), latent_dim=2)
+    assert model.sample(0).shape == (0, 1, 8, 8)
+    with pytest.raises(TypeError, match="n must be an int >= 0, got float 2.7"):
+        model.sample(2.7)  # was 2 samples
+    with pytest.raises(ValueError, match="n must be an int >= 0, got -1"):
+        model.sample(-1)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator or None, got int"):
+        model.sample(2, generator=5)
+
+
+@pytest.mark.parametrize("cls", [MLPAutoencoder, ConvAutoencoder])
+def test_autoencoder_loss_checks_the_vae_arguments_it_ignores(cls):
+    model, x = cls((1, 8, 8), latent_dim=2), torch.rand(2, 1, 8, 8)
+    with pytest.raises(ValueError, match="beta must be finite"):
+        model.loss(x, beta=float("nan"))
+    with pytest.raises(ValueError, match="free_bits must be >= 0, got -1.0"):
+        model.loss(x, free_bits=-1.0)
+    torch.testing.assert_close(model.loss(x, beta=2.0, free_bits=0.5).loss, model.loss(x).loss)

@@ -75,6 +75,9 @@ def test_split_along_last_dim_and_bad_input():
         GaussianPosterior(torch.randn(2, 5, 3))
     with pytest.raises(TypeError, match="other must be a GaussianPosterior"):
         post.kl(other=p)
+    for dim in (1.5, None, True):
+        with pytest.raises(TypeError, match=f"dim must be an int, got {type(dim).__name__}"):
+            GaussianPosterior(p, dim=dim)
     with pytest.raises(ValueError, match="sample and mean must have the same shape"):
         post.nll(torch.randn(5, 4))
 
