@@ -191,6 +191,21 @@ def check_free_bits(free_bits, reduction):
     return value
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_fits_loss_dtype(name, value, *tensors):
+    """A float weight (beta, free_bits) of a float32 loss must be a float32 number: a
+    larger one failed inside torch ("cannot be converted to type float without
+    overflow"). Float64 inputs make a float64 loss, which holds it."""
+    if value > FLOAT32_MAX or value < -FLOAT32_MAX:
+        for t in tensors:
+            if t is not None and t.dtype == torch.float64:
+                return
+        raise ValueError(f"{name}={value:g} is beyond float32's range (+-{FLOAT32_MAX:.4g}), the "
+                         f"dtype of this loss (float64 inputs make a float64 loss)")
+
+
 def check_num_samples(num_samples):
     """0 for None (one sample, mu's shape), else the int K >= 1."""
     if num_samples is None:

@@ -111,6 +111,8 @@ def vae_loss(x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, recon: str
     if beta_t is not None:
         _validate.check_beta_device(beta_t, x_hat)
     free_bits = _validate.check_free_bits(free_bits, reduction)
+    _validate.check_fits_loss_dtype("beta", beta_v, x_hat, x, mu, logvar)
+    _validate.check_fits_loss_dtype("free_bits", free_bits, x_hat, x, mu, logvar)
     prior_mu = _validate.check_prior("prior_mu", prior_mu, mu)
     prior_logvar = _validate.check_prior("prior_logvar", prior_logvar, mu)
     if _in_onnx_export():
@@ -145,6 +147,7 @@ def kl_divergence(mu: Tensor, logvar: Tensor, *, reduction: str = "sum",
     ("mean" divides by the number of latent elements), with its ``free_bits``."""
     lo, hi = _validate.latent_plan(mu, logvar, logvar_clamp, reduction)
     free_bits = _validate.check_free_bits(free_bits, reduction)
+    _validate.check_fits_loss_dtype("free_bits", free_bits, mu, logvar)
     prior_mu = _validate.check_prior("prior_mu", prior_mu, mu)
     prior_logvar = _validate.check_prior("prior_logvar", prior_logvar, mu)
     if _in_onnx_export():

@@ -179,6 +179,24 @@ def test_beta_too_large_for_a_float(beta):
         fastvae.VAELoss(beta=beta)
 
 
+@pytest.mark.parametrize("kwargs, name", [({"beta": 1e39}, "beta"), ({"beta": -1e39}, "beta"),
+                                          ({"free_bits": 1e39}, "free_bits")])
+def test_a_weight_past_float32_is_refused_by_a_float32_loss(kwargs, name):
+    """Finite for Python, not for the float32 loss: torch raised "value cannot be converted to
+    type float without overflow" from inside the computation. A float64 loss holds it."""
+    x_hat, x, mu, logvar = good()
+    with pytest.raises(ValueError, match=rf"{name}=-?1e\+39 is beyond float32's range"):
+        fastvae.vae_loss(x_hat, x, mu, logvar, **kwargs)
+    if name == "free_bits":
+        with pytest.raises(ValueError, match=r"free_bits=1e\+39 is beyond float32's range"):
+            fastvae.kl_divergence(mu, logvar, **kwargs)
+        assert fastvae.kl_divergence(mu.double(), logvar.double(), **kwargs).dtype == torch.float64
+    loss = fastvae.vae_loss(x_hat.double(), x.double(), mu.double(), logvar.double(), **kwargs)
+    assert loss.dtype == torch.float64 and not torch.isnan(loss)
+    # float32's largest numbers are accepted (the loss may then overflow, as eager's would)
+    assert fastvae.vae_loss(x_hat, x, mu, logvar, beta=3e38).dtype == torch.float32
+
+
 def test_huge_but_finite_python_int_beta_is_a_float():
     x_hat, x, mu, logvar = good()
     loss = call(x_hat, x, mu, logvar, beta=10**20)
