@@ -76,8 +76,11 @@ def atomic_write(path, write):
     On any error the temporary file is removed and ``path`` is untouched."""
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    remove_stale_temps(path)
-    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=directory)
+    try:
+        remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), dir=directory)
+    except OSError as err:  # (named by path, not by the temporary's name)
+        raise write_error(err, f"cannot write {path}") from None
     os.close(fd)
     try:
         write(tmp)

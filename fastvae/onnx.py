@@ -282,6 +282,34 @@ def _check_out_dir(out_dir):
     return out_dir
 
 
+def _check_batch_fits(batch, facts):
+    """A fixed batch's example inputs (encoder/scorer: data; decoder: latents) are made in
+    memory to trace and check the graphs: refuse one larger than this machine's memory
+    instead of failing in the allocator."""
+    if batch == "dynamic":
+        return
+    per_sample = max(math.prod(facts["input_shape"]), math.prod(facts["latent_shape"]))
+    need = 4 * batch * per_sample  # float32
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # (no sysconf: not checked)
+        return
+    if need > have:
+        raise ValueError(f"batch {batch}: its example inputs alone are {need / 2**30:.3g} GiB, "
+                         f"more than this machine's {have / 2**30:.3g} GiB of memory")
+
+
+def _interrupted(err):
+    """Whether ``err`` is, or was caused by, a KeyboardInterrupt."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return True
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return False
+
+
 # ---- export --------------------------------------------------------------
 
 
@@ -313,13 +341,17 @@ def export(model, out_dir, *, parts=("encoder", "decoder", "scorer"), opset=None
         raise ImportError("fastvae.onnx.export needs onnxscript: pip install onnxscript "
                           "(or fastvae[onnx])") from None
 
+    _check_batch_fits(batch, facts)
     source = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     _check_interface(source, facts)
     if batch != "dynamic" and "scorer" in parts:
         _check_scores_are_per_sample(_Scorer(source).eval(), facts, batch)
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    _io.remove_stale_temps(out_dir)  # what an export killed mid-way (SIGKILL) left behind
-    tmp = tempfile.mkdtemp(prefix=_io.temp_prefix(out_dir), dir=os.path.dirname(out_dir))
+    try:
+        os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+        _io.remove_stale_temps(out_dir)  # what an export killed mid-way (SIGKILL) left behind
+        tmp = tempfile.mkdtemp(prefix=_io.temp_prefix(out_dir), dir=os.path.dirname(out_dir))
+    except OSError as err:  # (named by out_dir, not by the temporary's name)
+        raise _io.write_error(err, f"cannot write the export {out_dir}") from None
     try:
         meta = {"format": _rt.FORMAT, "format_version": _rt.FORMAT_VERSION,
                 "fastvae_version": fastvae.__version__, "torch_version": torch.__version__,
@@ -359,6 +391,10 @@ def export(model, out_dir, *, parts=("encoder", "decoder", "scorer"), opset=None
         _install(tmp, out_dir)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _interrupted(err):
+            # Ctrl-C while torch imports its exporter lazily comes back wrapped in torch's
+            # TorchExportError: it is still an interrupt
+            raise KeyboardInterrupt from None
         if isinstance(err, OSError):
             # a full disk or a file-size limit names no file: say what failed; OSError(errno, ...)
             # keeps the errno's subclass
