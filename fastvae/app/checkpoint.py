@@ -43,7 +43,14 @@ CONFIG_FILENAME = "config.json"
 
 
 def _cpu(t):
-    return t.detach().to("cpu").contiguous().clone()
+    """``t`` on the CPU, as safetensors saves it: a copy only where one is needed (another
+    device, another layout, or a view into a larger storage, which safetensors refuses as
+    shared memory). A copy of every weight doubled a save's peak memory (a model that fit
+    for training ran out of memory at its first checkpoint)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        t = t.clone()
+    return t
 
 
 def flatten_optimizer(state_dict):
@@ -74,6 +81,8 @@ def checkpoint_file(path):
     if not os.path.isfile(file):
         where = f"no {FILENAME} in directory {path}" if os.path.isdir(path) else f"{path} does not exist"
         raise FileNotFoundError(f"checkpoint not found: {where}")
+    if not os.access(file, os.R_OK):  # (safetensors reports that as "No such file or directory")
+        raise PermissionError(f"checkpoint {file} is not readable (permission denied)")
     return file
 
 

@@ -44,7 +44,8 @@ def _reason(err):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print(_usage())
+        # asked for: stdout, exit 0; no command given: an error, on stderr
+        print(_usage(), file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
@@ -63,6 +64,9 @@ def main(argv=None):
         return 2
     except (OSError, ImportError) as err:  # (ImportError: an optional package not installed)
         print(f"fastvae {command}: error: {_reason(err)}", file=sys.stderr)
+        return 1
+    except MemoryError:
+        print(f"fastvae {command}: error: out of memory", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"fastvae {command}: interrupted", file=sys.stderr)

@@ -21,6 +21,7 @@ It writes report.md, metrics.json, PNGs, the checkpoints and the ONNX export of
 the VAE (checked in onnxruntime against PyTorch) into ``--out``.
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -212,7 +213,15 @@ def run(args):
     cfg = TrainConfig(epochs=args.epochs, anneal="linear", anneal_epochs=max(1, args.epochs / 5),
                       seed=args.seed, save_every=args.epochs)
     device = pick_device(args.device)
+    if args.latent_dim < 1:  # (before anything is written; the models would refuse it later)
+        raise ValueError(f"--latent-dim must be >= 1, got {args.latent_dim}")
     out = checkpoint.prepare_dir(args.out)
+    # the export folder is checked before minutes of training, not after them
+    from fastvae.onnx import _check_out_dir
+    try:
+        _check_out_dir(os.path.join(out, "onnx"))
+    except (FileExistsError, NotADirectoryError) as err:
+        raise ValueError(f"--out {args.out}: {err}") from None
     if device.type == "cpu":
         # The models are tiny: with more threads each small op waits on the others.
         torch.set_num_threads(1)
@@ -227,7 +236,10 @@ def run(args):
     for kind in ("ae", "vae"):
         torch.manual_seed(args.seed)
         model = BY_KIND[(kind, args.arch)](data.input_shape, latent_dim=args.latent_dim)
-        histories[kind] = fit(model, data, cfg, out=os.path.join(out, "checkpoints", kind),
+        # (the autoencoder has no KL to anneal: its checkpoint records none, so that
+        # `fastvae train --resume` takes it as it takes a --model ae run)
+        run_cfg = cfg if kind == "vae" else dataclasses.replace(cfg, anneal="none")
+        histories[kind] = fit(model, data, run_cfg, out=os.path.join(out, "checkpoints", kind),
                               device=device, progress=not args.no_progress)
         models[kind] = model.cpu().eval()
         results[kind], pictures[kind] = measure(models[kind], data, judge, ood, args.samples,

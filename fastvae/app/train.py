@@ -26,6 +26,13 @@ from fastvae.app.data import TORCHVISION_SETS, check_range, fingerprint, load_da
 from fastvae.models import BY_KIND, PRIORS
 
 ANNEALING = ("none", "linear", "cyclical")
+MAX_SEED = 2**32 - 1  # --seed's range, as numpy's (fastvae infer --seed)
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite: the run stops before saving over its last
+    finite checkpoint."""
 
 
 @dataclass
@@ -45,16 +52,29 @@ class TrainConfig:
     def __post_init__(self):
         _validate.check_choice("anneal", self.anneal, ANNEALING)
         _validate.check_choice("amp", self.amp, ("auto", "on", "off"))
+        for name in ("epochs", "batch_size", "cycles", "save_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r:.40}")
+        for name in ("lr", "beta", "anneal_epochs", "free_bits"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r:.40}")
+        if not 0 <= self.seed <= MAX_SEED:
+            # (every stream's seed is derived from it: noise_seed, epoch_order_seed)
+            raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
         for name in ("epochs", "batch_size", "cycles", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("lr", "anneal_epochs"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be finite and > 0, got {getattr(self, name)}")
-        if not (math.isfinite(self.beta) and self.beta >= 0
-                and math.isfinite(self.free_bits) and self.free_bits >= 0):
-            raise ValueError(f"beta and free_bits must be finite and >= 0, got "
-                             f"{self.beta} and {self.free_bits}")
+        for name in ("beta", "free_bits"):
+            value = getattr(self, name)
+            # (the loss is float32: a larger weight or floor would not fit it)
+            if not (math.isfinite(value) and 0 <= value <= FLOAT32_MAX):
+                raise ValueError(f"{name} must be >= 0 and at most float32's maximum "
+                                 f"({FLOAT32_MAX:.4g}), got {value}")
 
 
 def beta_at(cfg, epoch_progress):
@@ -142,6 +162,7 @@ def fit(model, data, cfg, *, out=None, resume=None, device="cpu", progress=True)
     for epoch in range(state["epoch"], cfg.epochs):
         sums, beta = _train_one_epoch(run, cfg, state, epoch, log)   # shuffle, optimizer steps
         record = _epoch_record(run, data, sums, epoch, beta)        # all-reduce, test loss
+        _check_finite(record, out)                                  # stop before saving a NaN model
         state["history"].append(record)
         state["epoch"] = epoch + 1
         log.epoch_done(record)
@@ -149,6 +170,20 @@ def fit(model, data, cfg, *, out=None, resume=None, device="cpu", progress=True)
             _save(out, run, state, cfg)                            # atomic checkpoint
     log.close()
     return state["history"]
+
+
+def _check_finite(record, out):
+    """A NaN or infinite loss (too large a learning rate, an extreme --obs-logvar) ends the
+    run with an error, exit code 2: saving would replace the last finite checkpoint with
+    weights that cannot be exported or resumed usefully. Every process sees the same
+    all-reduced loss, so every process stops."""
+    bad = [k for k in ("loss", "test_loss") if not math.isfinite(record[k])]
+    if bad:
+        kept = "" if out is None else (f"; {os.path.join(out, checkpoint.FILENAME)} keeps the last "
+                                       f"epoch with a finite loss, if one was saved")
+        raise TrainingDiverged(
+            f"training diverged at epoch {record['epoch']}: {bad[0]} is {record[bad[0]]} (a "
+            f"smaller --lr may help){kept}")
 
 
 def _set_up(model, data, cfg, device):
@@ -327,8 +362,13 @@ def build_model(options, input_shape):
 def check_model_fits(options, input_shape, device):
     """Refuse, before allocating it, a model whose weights, gradients and Adam state
     (4 float32 copies) exceed the memory of ``device``."""
-    with torch.device("meta"):
-        n_params = sum(p.numel() for p in build_model(options, input_shape).parameters())
+    try:
+        with torch.device("meta"):
+            n_params = sum(p.numel() for p in build_model(options, input_shape).parameters())
+    except (RuntimeError, OverflowError, TypeError):  # a size past what a tensor can hold
+        arch = "--hidden" if options["arch"] == "mlp" else "--channels"
+        raise ValueError(f"{arch} {' '.join(map(str, options[arch[2:]]))} and --latent-dim "
+                         f"{options['latent_dim']}: a layer is too large for a tensor") from None
     need = 4 * 4 * n_params
     if device.type == "cuda":
         have = torch.cuda.get_device_properties(device).total_memory
@@ -442,6 +482,10 @@ def check_no_run_in(out):
     if os.path.isfile(file):
         raise ValueError(f"--out {out} already holds a trained run ({file}); pass --resume {out} "
                          f"to continue it, --overwrite to replace it, or another --out")
+    config = os.path.join(out, checkpoint.CONFIG_FILENAME)
+    if os.path.lexists(config):  # a run's is written with its checkpoint: this one is not a run's
+        raise ValueError(f"--out {out} already holds a {checkpoint.CONFIG_FILENAME}, which a run "
+                         f"would replace; pass --overwrite to replace it, or another --out")
 
 
 def data_source(source):
@@ -523,6 +567,13 @@ def _check_extra_tensors(model, tensors, train, where, device):
             if tuple(t.shape) != shape:
                 raise ValueError(f"{where}: optimizer tensor {name} has shape {list(t.shape)}, "
                                  f"expected {list(shape)}")
+            # Adam's own values: a finite step count and moments, a second moment >= 0 (else
+            # the first step makes NaN weights or fails inside torch)
+            if not t.is_floating_point() or not torch.isfinite(t).all() \
+                    or (key != "exp_avg" and (t < 0).any()):
+                raise ValueError(f"{where}: optimizer tensor {name} holds values Adam never "
+                                 f"makes (non-finite{', negative' if key != 'exp_avg' else ''}, "
+                                 f"or not floating point: {t.dtype})")
             state.setdefault(index, set()).add(key)
         elif (name.startswith("rng.noise.") and len(parts) == 3 and parts[2].isdigit()
               and int(parts[2]) < train["world_size"]):
@@ -530,6 +581,10 @@ def _check_extra_tensors(model, tensors, train, where, device):
                 raise ValueError(f"{where}: {name} holds {t.numel()} values of {t.dtype}; a "
                                  f"{device.type} generator state is {noise_size} uint8 values (was "
                                  f"the run on another device type?)")
+            try:
+                torch.Generator(device).set_state(t)
+            except RuntimeError as err:
+                raise ValueError(f"{where}: {name} is not a generator state: {err}") from None
         else:
             raise ValueError(f"{where}: unexpected tensor {name} in the checkpoint")
     missing = [f"rng.noise.{r}" for r in range(train["world_size"]) if f"rng.noise.{r}" not in tensors]
@@ -548,11 +603,31 @@ def _check_extra_tensors(model, tensors, train, where, device):
                     and all(map(_is_number, groups[0]["betas"])))):
         raise ValueError(f"{where}: the optimizer's param_groups are not one Adam group over the "
                          f"model's {len(params)} parameters: {groups!r:.120}")
+    _check_adam_options(groups[0], params, where)
     try:
         optimizer = torch.optim.Adam(params)
         optimizer.load_state_dict(checkpoint.unflatten_optimizer(tensors, train["optimizer"]))
     except (ValueError, KeyError, TypeError, RuntimeError) as err:
         raise ValueError(f"{where}: the optimizer state does not fit the model: {err}") from None
+
+
+def _check_adam_options(group, params, where):
+    """The saved Adam options take the types and ranges Adam's own have: a flag stored as
+    a string ("amsgrad": "no") is truthy and failed only at the first step."""
+    fresh = torch.optim.Adam(params).param_groups[0]
+    for key, default in fresh.items():
+        if key == "params" or key not in group:  # (a key another torch version lacks: its default)
+            continue
+        value = group[key]
+        flag = isinstance(default, bool) or (default is None and key in ("foreach", "fused"))
+        if flag and not (isinstance(value, bool) or (default is None and value is None)):
+            raise ValueError(f"{where}: the optimizer's {key} must be "
+                             f"{'true, false or null' if default is None else 'true or false'}, "
+                             f"got {value!r:.40}")
+    lr, eps, decay, betas = group["lr"], group["eps"], group["weight_decay"], group["betas"]
+    if not (lr > 0 and eps >= 0 and decay >= 0 and all(0 <= b < 1 for b in betas)):
+        raise ValueError(f"{where}: the optimizer's options are out of Adam's range: lr {lr}, eps "
+                         f"{eps}, weight_decay {decay}, betas {betas}")
 
 
 def _is_number(value):
@@ -563,7 +638,7 @@ def run(args):
     explicit = {k: getattr(args, k) for k in RUN_DEFAULTS if getattr(args, k) is not None}
     device = pick_device(args.device)
     resume = None
-    if args.resume:
+    if args.resume is not None:  # (an empty --resume "" is a missing checkpoint, not a fresh run)
         if args.overwrite:
             raise ValueError("--overwrite replaces a run and --resume continues it: give one of them")
         config, tensors, model, saved = check_resume(args.resume, device)

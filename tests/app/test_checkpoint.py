@@ -10,7 +10,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from fastvae.app import checkpoint
-from fastvae.models import ConvVAE, MLPAutoencoder
+from fastvae.models import MLPVAE, ConvVAE, MLPAutoencoder
 
 
 def _trained_optimizer(model):
@@ -156,3 +156,20 @@ def test_prepare_dir(tmp_path):
         checkpoint.prepare_dir(blocker)
     with pytest.raises(ValueError, match="is not writable"):
         checkpoint.prepare_dir(blocker / "sub")
+
+
+def test_saving_copies_only_the_tensors_that_need_it(tmp_path):
+    """Every weight was cloned on save, doubling a save's peak memory: a model that fit for
+    training ran out of memory at its first checkpoint. A CPU tensor that owns its storage is
+    saved as it is; a view into a larger storage (which safetensors refuses as shared) and a
+    non-contiguous one are copied."""
+    whole = torch.randn(4, 6)
+    assert checkpoint._cpu(whole).data_ptr() == whole.data_ptr()
+    for view in (whole[1:3], whole.t()):
+        copy = checkpoint._cpu(view)
+        assert torch.equal(copy, view) and copy.data_ptr() != whole.data_ptr()
+        assert copy.untyped_storage().nbytes() == copy.numel() * copy.element_size()
+    model = MLPVAE((4,), hidden=(3,))
+    checkpoint.save(tmp_path, model, tensors={"extra.a": whole[:2], "extra.b": whole[2:]})
+    config, tensors = checkpoint.load(tmp_path)
+    assert torch.equal(tensors["extra.a"], whole[:2]) and torch.equal(tensors["extra.b"], whole[2:])

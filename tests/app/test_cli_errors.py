@@ -125,3 +125,42 @@ def test_a_bad_input_os_error_reads_without_its_errno(monkeypatch, capsys):
     monkeypatch.setattr(export, "run", refused)
     assert cli.main(["export", "ckpt", "--out", "o"]) == 2
     assert capsys.readouterr().err.strip() == "fastvae export: error: cannot write x: Permission denied"
+
+
+def test_no_command_prints_usage_to_stderr_with_exit_code_2(capsys):
+    """Usage for a missing command is an error (it went to stdout); asked for, stdout and 0."""
+    assert cli.main([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("usage: fastvae COMMAND")
+    assert cli.main(["--help"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.startswith("usage: fastvae COMMAND")
+
+
+def test_an_unreadable_checkpoint_says_permission_denied(tmp_path, monkeypatch, capsys):
+    """safetensors reports a permission error as "No such file or directory"."""
+    from fastvae.models import MLPVAE
+
+    checkpoint.save(tmp_path / "run", MLPVAE((4,), hidden=(3,)))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith(
+        checkpoint.FILENAME) else real_access(p, mode))  # (tests may run as root, who reads all)
+    code = cli.main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "o")])
+    assert_one_line(code, capsys.readouterr().err, 2, "is not readable (permission denied)")
+
+
+def test_a_read_only_folder_is_named_not_the_temporary(tmp_path, monkeypatch, capsys):
+    """An --out in a folder the user cannot write named the hidden temporary file."""
+    import errno
+    import tempfile
+
+    def refused(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / ".x.tmp-123"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    monkeypatch.setattr(tempfile, "mkdtemp", refused)
+    from fastvae import _io
+
+    with pytest.raises(PermissionError, match=r"cannot write .*out\.json: Permission denied") as info:
+        _io.atomic_write(tmp_path / "out.json", lambda tmp: None)
+    assert ".tmp-" not in str(info.value)

@@ -76,6 +76,23 @@ def test_the_demo_runs_again_into_its_own_directory(tmp_path, capsys):
         assert json.load(f)["settings"]["seed"] == 1
     VAERuntime(out / "onnx")  # the export was replaced whole and loads
     assert not [f for _, _, files in os.walk(out) for f in files if ".tmp" in f]
+    # both checkpoints resume with `fastvae train` (the autoencoder's recorded the VAE's
+    # linear KL schedule, refused as "--anneal applies to VAEs only")
+    for kind in ("ae", "vae"):
+        capsys.readouterr()
+        assert cli.main(["train", "--resume", str(out / "checkpoints" / kind), "--epochs", "2",
+                         "--no-progress"]) == 0, capsys.readouterr().err
+
+
+def test_a_foreign_onnx_folder_is_refused_before_training(tmp_path, capsys):
+    """Found only after both models had trained, leaving checkpoints and no report."""
+    (tmp_path / "demo" / "onnx").mkdir(parents=True)
+    (tmp_path / "demo" / "onnx" / "notes.txt").write_text("mine")
+    assert cli.main(["demo", "--quick", "--out", str(tmp_path / "demo"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "not an earlier fastvae export" in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path / "demo")) == ["onnx"]
 
 
 def test_unwritable_out_fails_before_training(tmp_path, capsys):

@@ -135,3 +135,39 @@ def test_exporting_an_autoencoder_says_only_vaes_export(runs, tmp_path, capsys):
     assert_one_line(code, capsys.readouterr().err, 2, "only VAE checkpoints can be exported",
                     str(runs["ae"]), "autoencoder (--model ae)")
     assert not (tmp_path / "onnx").exists()
+
+
+# ---- found by a second CLI review -------------------------------------------------
+
+
+def test_a_png_without_pillow_is_a_missing_package_exit_code_1(exported, tmp_path, capsys,
+                                                                monkeypatch):
+    """A missing optional package is exit code 1 (README); without Pillow `infer --out x.png`
+    was reported as bad input, exit code 2."""
+    monkeypatch.setitem(sys.modules, "PIL", None)  # import fails as if not installed
+    code = cli.main(["infer", str(exported), "--sample", "4", "--out", str(tmp_path / "s.png")])
+    assert_one_line(code, capsys.readouterr().err, 1, "needs Pillow")
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_a_fixed_batch_larger_than_memory_is_refused(runs, tmp_path, capsys):
+    """Its example inputs are made in memory: a DefaultCPUAllocator traceback before."""
+    code = cli.main(["export", str(runs["vae"]), "--out", str(tmp_path / "o"),
+                     "--batch", "100000000000"])
+    assert_one_line(code, capsys.readouterr().err, 2, "batch 100000000000", "GiB of memory")
+    assert not (tmp_path / "o").exists()
+
+
+def test_ctrl_c_inside_torchs_exporter_is_an_interrupt(runs, tmp_path, monkeypatch, capsys):
+    """A KeyboardInterrupt while torch imports its exporter comes back wrapped in torch's own
+    error (a 112-line TorchExportError traceback, exit 1): it is exit code 130."""
+    def interrupted_inside_torch(*args, **kwargs):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as err:
+            raise RuntimeError("Failed to export the model with torch.export") from err
+
+    monkeypatch.setattr(torch.onnx, "export", interrupted_inside_torch)
+    code = cli.main(["export", str(runs["vae"]), "--out", str(tmp_path / "o")])
+    assert code == 130 and capsys.readouterr().err.strip() == "fastvae export: interrupted"
+    assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []

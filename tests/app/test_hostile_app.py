@@ -183,6 +183,17 @@ TAMPERED = [
     ("optim-extra", lambda c, t: t.update({"optim.99.exp_avg": torch.zeros(2)}), "optim.99.exp_avg"),
     ("optim-missing", lambda c, t: t.pop("optim.2.exp_avg_sq"), "optim.2.exp_avg_sq"),
     ("stray-tensor", lambda c, t: t.update({"payload": torch.zeros(2)}), "payload"),
+    # values that passed the checks above and crashed the resumed run inside torch
+    ("rng-not-a-state", lambda c, t: t["rng.noise.0"].zero_(), "rng.noise.0 is not a generator state"),
+    ("amsgrad-a-string", lambda c, t: c["train"]["optimizer"]["param_groups"][0].update(
+        amsgrad="no"), "amsgrad must be true or false"),
+    ("seed-a-float", lambda c, t: c["train"]["options"].update(seed=1.5), "seed must be an int"),
+    ("seed-too-large", lambda c, t: c["train"]["options"].update(seed=2**63), "seed must be in"),
+    ("optim-step-negative", lambda c, t: t["optim.0.step"].fill_(-5.0), "optim.0.step holds"),
+    ("optim-sq-negative", lambda c, t: t["optim.1.exp_avg_sq"].fill_(-1.0), "optim.1.exp_avg_sq"),
+    ("optim-avg-nan", lambda c, t: t["optim.1.exp_avg"].fill_(float("nan")), "optim.1.exp_avg"),
+    ("lr-negative", lambda c, t: c["train"]["optimizer"]["param_groups"][0].update(lr=-1.0),
+     "out of Adam's range"),
 ]
 
 
@@ -249,7 +260,15 @@ def test_a_decompression_bomb_is_refused(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize("flags, named", [
     (["--device", "meta"], "--device"),
     (["--hidden", "1000000000"], "--hidden 1000000000"),
-], ids=["device-meta", "hidden-huge"])
+    # past what a tensor size can hold (a C++ stack trace from torch before)
+    (["--hidden", "100000000000000000000"], "a layer is too large for a tensor"),
+    (["--seed", "99999999999999999999"], "seed must be in [0, 4294967295]"),
+    (["--seed", "-1"], "seed must be in"),
+    # finite for Python, not for the float32 loss (a RuntimeError traceback before)
+    (["--beta", "1e39"], "beta must be >= 0 and at most float32's maximum"),
+    (["--free-bits", "1e39"], "free_bits must be >= 0 and at most float32's maximum"),
+], ids=["device-meta", "hidden-huge", "hidden-past-int64", "seed-past-int64", "seed-negative",
+        "beta-past-float32", "free-bits-past-float32"])
 def test_impossible_options_are_refused_before_anything_is_written(tmp_path, capsys, flags, named):
     code = train("--out", str(tmp_path / "r"), "--epochs", "1", "--no-progress", *flags)
     one_line_error(capsys, code, named)
@@ -262,3 +281,42 @@ def test_fewer_training_samples_than_processes_is_refused(monkeypatch):
     data = Data("two", x[:1], x[1:])
     with pytest.raises(ValueError, match="1 training sample.*fewer than the 2 processes"):
         fit(MLPVAE((6,), latent_dim=2, hidden=(4,)), data, TrainConfig(epochs=1), progress=False)
+
+
+def test_an_empty_resume_is_a_missing_checkpoint_not_a_fresh_run(tmp_path, capsys, monkeypatch):
+    """`--resume "$RUN"` with RUN unset trained a new run into runs/train and exited 0."""
+    monkeypatch.chdir(tmp_path)
+    one_line_error(capsys, train("--resume", "", "--epochs", "1", *SMALL), "checkpoint not found")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_fresh_run_does_not_replace_a_config_json_of_another_kind(tmp_path, capsys):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "config.json").write_text('{"mine": 1}')
+    one_line_error(capsys, train("--out", str(out), "--epochs", "1", *SMALL),
+                   "already holds a config.json", "--overwrite")
+    assert (out / "config.json").read_text() == '{"mine": 1}'
+    assert train("--out", str(out), "--epochs", "1", *SMALL, "--overwrite") == 0
+    assert json.loads((out / "config.json").read_text())["model"]["class"] == "MLPVAE"
+
+
+def test_a_diverged_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path, capsys, monkeypatch):
+    """A NaN loss saved over the last good checkpoint and the run exited 0."""
+    out = tmp_path / "run"
+    assert train("--out", str(out), "--epochs", "1", *SMALL) == 0
+    good = (out / checkpoint.FILENAME).read_bytes()
+    real_epoch = train_module._train_one_epoch
+
+    def diverging(run, cfg, state, epoch, log):  # what a too-large --lr does to the weights
+        sums, beta = real_epoch(run, cfg, state, epoch, log)
+        with torch.no_grad():
+            for p in run.model.parameters():
+                p.fill_(float("nan"))
+        return sums.fill_(float("nan")), beta
+
+    monkeypatch.setattr(train_module, "_train_one_epoch", diverging)
+    capsys.readouterr()
+    one_line_error(capsys, train("--resume", str(out), "--epochs", "3"),
+                   "training diverged at epoch 2: loss is nan", "--lr", "keeps the last epoch")
+    assert (out / checkpoint.FILENAME).read_bytes() == good
