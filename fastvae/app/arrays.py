@@ -14,6 +14,9 @@ import numpy as np
 
 def read_array_file(path):
     """``(x, y)`` of a .npy or .npz file; ``y`` (labels) is None unless an .npz has it."""
+    if not str(path).lower().endswith((".npy", ".npz")):  # (an image read as an array said
+        # "This file contains pickled (object) data")
+        raise ValueError(f"data file {path}: expected a .npy or .npz file")
     try:
         loaded = np.load(path, allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):

@@ -28,7 +28,9 @@ def run(args):
         try:
             batch = int(batch)
         except ValueError:
-            raise ValueError(f"--batch must be 'dynamic' or an int, got {batch!r}") from None
+            batch = 0
+        if batch < 1:
+            raise ValueError(f"--batch must be 'dynamic' or a positive int, got {args.batch!r}")
     highest = _max_opset()
     if args.opset is not None and not MIN_OPSET <= args.opset <= (highest or args.opset):
         upto = f"to {highest} (the installed onnx's highest)" if highest else "or more"

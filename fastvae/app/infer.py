@@ -37,7 +37,18 @@ def run(args):
     ext = os.path.splitext(args.out)[1].lower()
     if ext not in allowed:
         raise ValueError(f"--out must end with {' or '.join(allowed)}, got {args.out!r}")
-    rt = VAERuntime(args.dir, providers=args.providers, quantized=args.quantized)
+    # (the options' own names, not the runtime's arguments n and seed)
+    if args.sample is not None and args.sample < 1:
+        raise ValueError(f"--sample must be >= 1, got {args.sample}")
+    if args.seed is not None and args.seed < 0:
+        raise ValueError(f"--seed must be >= 0, got {args.seed}")
+    try:
+        rt = VAERuntime(args.dir, providers=args.providers, quantized=args.quantized)
+    except ValueError as err:
+        if args.quantized and str(err).startswith("quantized=True but"):
+            raise ValueError(f"--quantized: {args.dir} has no int8 files; export them with "
+                             f"`fastvae export --quantize`") from None
+        raise
     if args.sample is not None:
         size = 4 * args.sample * max(math.prod(rt.input_shape), math.prod(rt.latent_shape))
         if size > MAX_OUTPUT_BYTES:

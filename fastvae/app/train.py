@@ -630,6 +630,15 @@ def _check_adam_options(group, params, where):
                          f"{eps}, weight_decay {decay}, betas {betas}")
 
 
+def _with_flag(message):
+    """A TrainConfig message ("epochs must be >= 1, ...") as the command line names its
+    option ("--epochs must be >= 1, ...")."""
+    name, _, rest = message.partition(" ")
+    if name in {f.name for f in fields(TrainConfig)}:
+        return f"--{name.replace('_', '-')} {rest}"
+    return message
+
+
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -656,9 +665,15 @@ def run(args):
     if resume is not None and "data" not in explicit:
         check_saved_data(options["data"], args.resume)
     options["data"] = data_source(options["data"])
-    cfg = TrainConfig(**{f.name: options[f.name] for f in fields(TrainConfig)})
+    try:
+        cfg = TrainConfig(**{f.name: options[f.name] for f in fields(TrainConfig)})
+    except (TypeError, ValueError) as err:
+        raise type(err)(_with_flag(str(err))) from None
     if options["model"] == "ae" and (cfg.free_bits or cfg.anneal != "none"):
         raise ValueError("--free-bits and --anneal apply to VAEs (--model vae) only")
+    if options["model"] == "ae" and "beta" in explicit and resume is None:
+        # (an autoencoder has no KL to weigh: the value would be ignored)
+        raise ValueError(f"--beta {explicit['beta']}: applies to VAEs (--model vae) only")
     if options["model"] == "ae" and options["prior"] != "standard":
         raise ValueError(f"--prior {options['prior']}: applies to VAEs (--model vae) only")
     data_root = args.data_root

@@ -81,6 +81,19 @@ def test_bad_files(tmp_path):
     np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="cannot read data file"):  # never unpickled
         load_data(str(tmp_path / "obj.npy"))
+    # string labels: "invalid literal for int() with base 10: np.str_('cat')", naming nothing
+    np.savez(tmp_path / "named.npz", x=np.zeros((3, 2)), y=np.array(["cat", "dog", "cat"]))
+    with pytest.raises(ValueError, match=r"named.npz.*labels 'y' must be integer class ids, got dtype <U3"):
+        load_data(str(tmp_path / "named.npz"))
+
+
+def test_an_array_reader_refuses_other_files(tmp_path):
+    """`fastvae infer --score picture.png` said "This file contains pickled (object) data"."""
+    from fastvae.app.arrays import read_array_file
+
+    (tmp_path / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
+    with pytest.raises(ValueError, match=r"picture.png: expected a .npy or .npz file"):
+        read_array_file(str(tmp_path / "picture.png"))
 
 
 @pytest.mark.parametrize("array,error,match", [

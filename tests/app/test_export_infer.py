@@ -171,3 +171,20 @@ def test_ctrl_c_inside_torchs_exporter_is_an_interrupt(runs, tmp_path, monkeypat
     code = cli.main(["export", str(runs["vae"]), "--out", str(tmp_path / "o")])
     assert code == 130 and capsys.readouterr().err.strip() == "fastvae export: interrupted"
     assert not (tmp_path / "o").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_infer_and_export_name_their_options(runs, exported, tmp_path, capsys):
+    """They named the runtime's and exporter's arguments ("n must be positive", "seed must be
+    non-negative", "quantized=True but ...", "batch must be ...")."""
+    for args, words in (
+            (["infer", str(exported), "--sample", "0", "--out", str(tmp_path / "s.npy")],
+             ["--sample must be >= 1, got 0"]),
+            (["infer", str(exported), "--sample", "2", "--seed", "-1", "--out",
+              str(tmp_path / "s.npy")], ["--seed must be >= 0, got -1"]),
+            (["infer", str(exported), "--sample", "2", "--quantized", "--out",
+              str(tmp_path / "s.npy")], ["--quantized:", "has no int8 files", "--quantize"]),
+            (["export", str(runs["vae"]), "--out", str(tmp_path / "o"), "--batch", "0"],
+             ["--batch must be 'dynamic' or a positive int, got '0'"])):
+        capsys.readouterr()
+        assert_one_line(cli.main(args), capsys.readouterr().err, 2, *words)
+    assert not (tmp_path / "s.npy").exists() and not (tmp_path / "o").exists()

@@ -262,11 +262,11 @@ def test_a_decompression_bomb_is_refused(tmp_path, capsys, monkeypatch):
     (["--hidden", "1000000000"], "--hidden 1000000000"),
     # past what a tensor size can hold (a C++ stack trace from torch before)
     (["--hidden", "100000000000000000000"], "a layer is too large for a tensor"),
-    (["--seed", "99999999999999999999"], "seed must be in [0, 4294967295]"),
-    (["--seed", "-1"], "seed must be in"),
+    (["--seed", "99999999999999999999"], "--seed must be in [0, 4294967295]"),
+    (["--seed", "-1"], "--seed must be in"),
     # finite for Python, not for the float32 loss (a RuntimeError traceback before)
-    (["--beta", "1e39"], "beta must be >= 0 and at most float32's maximum"),
-    (["--free-bits", "1e39"], "free_bits must be >= 0 and at most float32's maximum"),
+    (["--beta", "1e39"], "--beta must be >= 0 and at most float32's maximum"),
+    (["--free-bits", "1e39"], "--free-bits must be >= 0 and at most float32's maximum"),
 ], ids=["device-meta", "hidden-huge", "hidden-past-int64", "seed-past-int64", "seed-negative",
         "beta-past-float32", "free-bits-past-float32"])
 def test_impossible_options_are_refused_before_anything_is_written(tmp_path, capsys, flags, named):

@@ -127,11 +127,14 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, capsys):
     _rejected(capsys, train(out, "--data", str(tmp_path / "odd.npy"), "--arch", "conv"),
               "divisible by 2**len(channels)")
     _rejected(capsys, train(out, "--model", "ae", "--free-bits", "1"), "VAEs (--model vae) only")
-    _rejected(capsys, train(out, "--epochs", "0"), "epochs must be >= 1")
+    _rejected(capsys, train(out, "--model", "ae", "--beta", "3"), "--beta 3.0: applies to VAEs")
+    # messages name the option as typed (they named TrainConfig's fields: "epochs must be")
+    _rejected(capsys, train(out, "--epochs", "0"), "--epochs must be >= 1")
     # infinite options (an infinite --lr trained a NaN model and exited 0)
     for flag, value in (("--lr", "inf"), ("--anneal-epochs", "inf"), ("--lr", "nan")):
-        _rejected(capsys, train(out, flag, value), f"{flag[2:].replace('-', '_')} must be finite")
-    _rejected(capsys, train(out, "--free-bits", "inf"), "free_bits must be finite")
+        _rejected(capsys, train(out, flag, value), f"{flag} must be finite")
+    _rejected(capsys, train(out, "--free-bits", "inf"), "--free-bits must be >= 0")
+    _rejected(capsys, train(out, "--beta", "-1"), "--beta must be >= 0")
     _rejected(capsys, train(out, "--resume", str(tmp_path / "nothing")), "checkpoint not found")
     assert not out.exists()
     (tmp_path / "file").write_text("x")
