@@ -244,12 +244,8 @@ def _chunked_recon_per_sample(x_hat, x, recon, dtype, grad_scale):
     grad_rows = None if grad is None else grad.view(n, m)
     width = min(m, RECON_CHUNK)
     chunk = width * max(1, RECON_CHUNK // width)
-    # kept scratch (see _Scratch): four fresh 2 MiB buffers per call came back as new
-    # pages, and first-touching them cost more than the arithmetic (512x12288 bf16 mse
-    # forward 2.9 ms with fresh buffers, 1.7 ms with kept ones)
-    scratch_blocks = _Scratch(min(chunk, n * m), dtype, x_hat.device)
-    p_buf, x_buf, work, spare = (scratch_blocks.get(name, (min(chunk, n * m),))
-                                 for name in ("recon p", "recon x", "recon work", "recon spare"))
+    p_buf, x_buf, work, spare = (torch.empty(min(chunk, n * m), dtype=dtype, device=x_hat.device)
+                                 for _ in range(4))
     partials = torch.empty((-(-m // width), n), dtype=dtype, device=x_hat.device)
     for rows, cols, k in _chunks((n, m)):
         p = _in_dtype(rows_h[rows, cols], p_buf, dtype)
