@@ -23,7 +23,8 @@ COMMANDS = {
 # atomic writes leave no half-written file either way.
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError,
                PermissionError, IsADirectoryError)
-EXIT_CODES = ("0 done, 1 a system error (disk full, file too large, I/O, a missing package), "
+EXIT_CODES = ("0 done, 1 a system error (disk full, file too large, I/O, out of memory, a "
+              "missing package), "
               "2 bad input, 130 interrupted")
 
 
@@ -39,6 +40,13 @@ def _reason(err):
     if isinstance(err, OSError) and err.strerror:
         return err.strerror + (f": {err.filename}" if err.filename else "")
     return str(err)
+
+
+def _out_of_memory(err):
+    """torch's allocators raise RuntimeError, not MemoryError: on the CPU "DefaultCPUAllocator:
+    can't allocate memory", on a GPU torch.OutOfMemoryError (named, not imported: this module
+    runs without torch)."""
+    return type(err).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(err)
 
 
 def main(argv=None):
@@ -67,6 +75,12 @@ def main(argv=None):
         return 1
     except MemoryError:
         print(f"fastvae {command}: error: out of memory", file=sys.stderr)
+        return 1
+    except RuntimeError as err:
+        if not _out_of_memory(err):
+            raise
+        print(f"fastvae {command}: error: out of memory: {str(err).splitlines()[0][:200]}",
+              file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"fastvae {command}: interrupted", file=sys.stderr)

@@ -164,3 +164,33 @@ def test_a_read_only_folder_is_named_not_the_temporary(tmp_path, monkeypatch, ca
     with pytest.raises(PermissionError, match=r"cannot write .*out\.json: Permission denied") as info:
         _io.atomic_write(tmp_path / "out.json", lambda tmp: None)
     assert ".tmp-" not in str(info.value)
+
+
+@pytest.mark.parametrize("error", [
+    MemoryError(),
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 800000000000 "
+                 "bytes. Error code 12 (Cannot allocate memory)\nException raised from ..."),
+], ids=["MemoryError", "torch-cpu-allocator"])
+def test_running_out_of_memory_is_one_line_and_exit_code_1(monkeypatch, capsys, error):
+    """A system failure (exit 1), not a traceback: torch's CPU allocator raises RuntimeError
+    (e.g. saving the first checkpoint of a model that only just fit for training)."""
+    from fastvae.app import export
+
+    def out_of_memory(args):
+        raise error
+
+    monkeypatch.setattr(export, "run", out_of_memory)
+    code = cli.main(["export", "ckpt", "--out", "o"])
+    assert_one_line(code, capsys.readouterr().err, 1, "fastvae export: error: out of memory")
+
+
+def test_other_runtime_errors_still_show_their_traceback(monkeypatch):
+    """Anything else is a bug, shown with its traceback (README)."""
+    from fastvae.app import export
+
+    def bug(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(export, "run", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["export", "ckpt", "--out", "o"])
