@@ -429,7 +429,7 @@ def test_infer_bad_input(mlp, tmp_path, capsys):
         (["--score", str(tmp_path / "missing.npy"), "--out", str(tmp_path / "s.csv")], "does not exist"),
         (["--score", str(tmp_path / "junk.npy"), "--out", str(tmp_path / "s.csv")], "cannot read data"),
         (["--score", str(tmp_path / "ints.npy"), "--out", str(tmp_path / "s.csv")], "floating-point"),
-        (["--sample", "0", "--out", str(tmp_path / "s.npy")], "n must be positive"),
+        (["--sample", "0", "--out", str(tmp_path / "s.npy")], "--sample must be >= 1, got 0"),
         (["--sample", "4", "--out", str(tmp_path / "no" / "s.npy")], "does not exist"),
     ]
     for args, message in cases:
