@@ -202,7 +202,8 @@ def check_fits_loss_dtype(name, value, *tensors):
         for t in tensors:
             if t is not None and t.dtype == torch.float64:
                 return
-        raise ValueError(f"{name}={value:g} is beyond float32's range (+-{FLOAT32_MAX:.4g}), the "
+        # ({value}, not {value:g}: under torch.compile(dynamic=True) value is a symbolic float)
+        raise ValueError(f"{name}={value} is beyond float32's range (+-{FLOAT32_MAX:.4g}), the "
                          f"dtype of this loss (float64 inputs make a float64 loss)")
 
 

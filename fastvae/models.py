@@ -35,7 +35,7 @@ against it, by the fused op); ``sample`` draws from it, and the ONNX export
 writes it into ``metadata.json`` so that the runtime samples from it too.
 """
 
-import numbers
+import operator
 from collections.abc import Sequence
 from typing import Any
 
@@ -67,14 +67,24 @@ def _check_model_obs_logvar(obs_logvar, recon):
 PRIORS = ("standard", "learned")
 
 
+def _as_int(name, value, what):
+    """``value`` as a plain int if it is an integer (a numpy integer or an integer 0-d
+    tensor too: anything with __index__); not a bool, a float or a string, which int()
+    would truncate or parse. TypeError naming ``name`` otherwise."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{name} must be {what}, got {type(value).__name__} {value!r:.40}")
+
+
 def _check_size(name, value):
-    """A positive int (a numpy integer too; not a bool, a float or a string, which
-    int() would truncate or parse), as a plain int: it goes into the JSON config."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r:.40}")
+    """A positive int, as a plain int: it goes into the JSON config."""
+    value = _as_int(name, value, "a positive int")
     if value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value}")
-    return int(value)
+    return value
 
 
 def _check_sizes(name, values, allow_empty=False):
@@ -225,8 +235,7 @@ class _Autoencoding(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Decode ``n`` codes drawn from the prior (N(0, I), or the learned one)."""
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-            raise TypeError(f"n must be an int >= 0, got {type(n).__name__} {n!r:.40}")
+        n = _as_int("n", n, "an int >= 0")
         if n < 0:
             raise ValueError(f"n must be an int >= 0, got {n}")
         p = next(self.parameters())

@@ -211,3 +211,14 @@ def test_autoencoder_loss_checks_the_vae_arguments_it_ignores(cls):
     with pytest.raises(ValueError, match="free_bits must be >= 0, got -1.0"):
         model.loss(x, free_bits=-1.0)
     torch.testing.assert_close(model.loss(x, beta=2.0, free_bits=0.5).loss, model.loss(x).loss)
+
+
+def test_integer_tensors_and_numpy_scalars_are_sizes():
+    """Anything with __index__ is an integer size (an integer 0-d tensor, numpy integers),
+    as int() took it before sizes were checked; a float tensor is not."""
+    np = pytest.importorskip("numpy")
+    model = MLPVAE(torch.tensor([1, 8, 8]), latent_dim=torch.tensor(4), hidden=(np.int16(5),))
+    assert model.config()["input_shape"] == [1, 8, 8] and model.config()["hidden"] == [5]
+    assert model.sample(torch.tensor(3)).shape == (3, 1, 8, 8)
+    with pytest.raises(TypeError, match="latent_dim must be a positive int, got Tensor"):
+        MLPVAE((4,), latent_dim=torch.tensor(2.0))

@@ -267,3 +267,14 @@ def test_the_broadcast_check_agrees_with_torch_broadcast_shapes():
         except RuntimeError:
             want = False
         assert _broadcasts_to(torch.Size(a), torch.Size(b)) == want, (a, b)
+
+
+def test_a_weight_past_float32_is_refused_under_compile_with_dynamic_floats():
+    """Under torch.compile(dynamic=True) the float is symbolic: its message must still be
+    ours (a format spec made Dynamo raise 'Unknown format code')."""
+    mu, logvar = torch.randn(3, 2), torch.randn(3, 2)
+    fn = torch.compile(lambda m, lv, fb: fastvae.kl_divergence(m, lv, free_bits=fb),
+                       dynamic=True, backend="eager")
+    fn(mu, logvar, 0.5)  # (a first call with a float in range)
+    with pytest.raises(Exception, match=r"free_bits=1e\+39 is beyond float32's range"):
+        fn(mu, logvar, 1e39)

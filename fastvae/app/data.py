@@ -144,8 +144,9 @@ def load_data(source="digits", *, root="data", download=False, test_fraction=0.2
     x = as_samples(source, x)
     if y is not None and (np.ndim(y) != 1 or len(y) != len(x)):
         raise ValueError(f"data {source!r}: labels 'y' must have shape ({len(x)},), got {np.shape(y)}")
-    if y is not None and not (np.issubdtype(y.dtype, np.integer) or y.dtype == bool):
-        raise ValueError(f"data {source!r}: labels 'y' must be integer class ids, got dtype "
+    if y is not None and not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
+        # (numbers are taken as class ids, as before; strings made int() fail naming nothing)
+        raise ValueError(f"data {source!r}: labels 'y' must be numeric class ids, got dtype "
                          f"{y.dtype} (training needs no labels: an .npz may hold 'x' alone)")
     return _split(source, x, y, test_fraction)
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from fastvae import _io
 from fastvae.app import checkpoint, metrics, plots
 from fastvae.app.data import load_data
-from fastvae.app.train import TrainConfig, fit, pick_device
+from fastvae.app.train import TrainConfig, check_seed, fit, pick_device
 from fastvae.functional import kl_divergence
 from fastvae.models import BY_KIND
 
@@ -215,6 +215,7 @@ def run(args):
     device = pick_device(args.device)
     if args.latent_dim < 1:  # (before anything is written; the models would refuse it later)
         raise ValueError(f"--latent-dim must be >= 1, got {args.latent_dim}")
+    check_seed(args.seed)
     out = checkpoint.prepare_dir(args.out)
     # the export folder is checked before minutes of training, not after them
     from fastvae.onnx import _check_out_dir

@@ -12,6 +12,7 @@ epoch-k checkpoint therefore continues bit for bit like the uninterrupted run.
 import argparse
 import contextlib
 import math
+import numbers
 import os
 import sys
 from dataclasses import asdict, dataclass, fields
@@ -26,7 +27,8 @@ from fastvae.app.data import TORCHVISION_SETS, check_range, fingerprint, load_da
 from fastvae.models import BY_KIND, PRIORS
 
 ANNEALING = ("none", "linear", "cyclical")
-MAX_SEED = 2**32 - 1  # --seed's range, as numpy's (fastvae infer --seed)
+MAX_SEED = 2**32 - 1  # a fresh run's --seed
+SEED_BOUND = 2**50  # any run's (older ones may hold a negative seed): seed * 7919 + epoch fits
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
@@ -52,17 +54,21 @@ class TrainConfig:
     def __post_init__(self):
         _validate.check_choice("anneal", self.anneal, ANNEALING)
         _validate.check_choice("amp", self.amp, ("auto", "on", "off"))
+        # numbers of the right kind (numpy scalars too), stored as Python's: they go into
+        # the checkpoint's JSON
         for name in ("epochs", "batch_size", "cycles", "save_every", "seed"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r:.40}")
+            setattr(self, name, int(value))
         for name in ("lr", "beta", "anneal_epochs", "free_bits"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r:.40}")
-        if not 0 <= self.seed <= MAX_SEED:
-            # (every stream's seed is derived from it: noise_seed, epoch_order_seed)
-            raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
+            setattr(self, name, float(value))
+        if not -SEED_BOUND <= self.seed <= SEED_BOUND:
+            # its derived seeds (noise_seed, epoch_order_seed) must be torch seeds
+            raise ValueError(f"seed must be in [-2**50, 2**50], got {self.seed}")
         for name in ("epochs", "batch_size", "cycles", "save_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -75,6 +81,13 @@ class TrainConfig:
             if not (math.isfinite(value) and 0 <= value <= FLOAT32_MAX):
                 raise ValueError(f"{name} must be >= 0 and at most float32's maximum "
                                  f"({FLOAT32_MAX:.4g}), got {value}")
+
+
+def check_seed(seed):
+    """A fresh run's seed: 0 to MAX_SEED (a resumed run keeps the one it was trained with;
+    runs from before this bound may hold another, which torch accepted)."""
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"--seed must be in [0, {MAX_SEED}], got {seed}")
 
 
 def beta_at(cfg, epoch_progress):
@@ -183,7 +196,7 @@ def _check_finite(record, out):
                                        f"epoch with a finite loss, if one was saved")
         raise TrainingDiverged(
             f"training diverged at epoch {record['epoch']}: {bad[0]} is {record[bad[0]]} (a "
-            f"smaller --lr may help){kept}")
+            f"smaller learning rate may help){kept}")
 
 
 def _set_up(model, data, cfg, device):
@@ -665,6 +678,8 @@ def run(args):
     if resume is not None and "data" not in explicit:
         check_saved_data(options["data"], args.resume)
     options["data"] = data_source(options["data"])
+    if resume is None and isinstance(options["seed"], int):
+        check_seed(options["seed"])
     try:
         cfg = TrainConfig(**{f.name: options[f.name] for f in fields(TrainConfig)})
     except (TypeError, ValueError) as err:

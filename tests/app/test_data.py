@@ -83,8 +83,10 @@ def test_bad_files(tmp_path):
         load_data(str(tmp_path / "obj.npy"))
     # string labels: "invalid literal for int() with base 10: np.str_('cat')", naming nothing
     np.savez(tmp_path / "named.npz", x=np.zeros((3, 2)), y=np.array(["cat", "dog", "cat"]))
-    with pytest.raises(ValueError, match=r"named.npz.*labels 'y' must be integer class ids, got dtype <U3"):
+    with pytest.raises(ValueError, match=r"named.npz.*labels 'y' must be numeric class ids, got dtype <U3"):
         load_data(str(tmp_path / "named.npz"))
+    np.savez(tmp_path / "floats.npz", x=np.zeros((3, 2)), y=np.array([0.0, 1.0, 2.0]))  # as before
+    assert load_data(str(tmp_path / "floats.npz")).train_labels.dtype == torch.int64
 
 
 def test_an_array_reader_refuses_other_files(tmp_path):

@@ -188,7 +188,8 @@ TAMPERED = [
     ("amsgrad-a-string", lambda c, t: c["train"]["optimizer"]["param_groups"][0].update(
         amsgrad="no"), "amsgrad must be true or false"),
     ("seed-a-float", lambda c, t: c["train"]["options"].update(seed=1.5), "seed must be an int"),
-    ("seed-too-large", lambda c, t: c["train"]["options"].update(seed=2**63), "seed must be in"),
+    ("seed-too-large", lambda c, t: c["train"]["options"].update(seed=2**63),
+     "seed must be in [-2**50, 2**50]"),
     ("optim-step-negative", lambda c, t: t["optim.0.step"].fill_(-5.0), "optim.0.step holds"),
     ("optim-sq-negative", lambda c, t: t["optim.1.exp_avg_sq"].fill_(-1.0), "optim.1.exp_avg_sq"),
     ("optim-avg-nan", lambda c, t: t["optim.1.exp_avg"].fill_(float("nan")), "optim.1.exp_avg"),
@@ -318,5 +319,17 @@ def test_a_diverged_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path, cap
     monkeypatch.setattr(train_module, "_train_one_epoch", diverging)
     capsys.readouterr()
     one_line_error(capsys, train("--resume", str(out), "--epochs", "3"),
-                   "training diverged at epoch 2: loss is nan", "--lr", "keeps the last epoch")
+                   "training diverged at epoch 2: loss is nan", "smaller learning rate",
+                   "keeps the last epoch")
     assert (out / checkpoint.FILENAME).read_bytes() == good
+
+
+def test_a_run_with_a_seed_from_before_the_bound_resumes(trained, tmp_path, capsys):
+    """A fresh run's --seed is 0..2^32-1, but runs trained before that bound (--seed -1) still
+    resume with the seed they hold (the review of the bound found them refused)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / checkpoint.FILENAME).write_bytes((trained / checkpoint.FILENAME).read_bytes())
+    rewrite(run, lambda c, t: c["train"]["options"].update(seed=-1))
+    assert train("--resume", str(run), "--epochs", "2") == 0, capsys.readouterr().err
+    assert checkpoint.load(run)[0]["train"]["options"]["seed"] == -1

@@ -307,3 +307,15 @@ def test_anneal_epochs_takes_a_fraction(tmp_path):
     assert config["history"][0]["beta"] == pytest.approx(beta_at(TrainConfig(anneal="linear",
                                                                              anneal_epochs=1.5),
                                                                   (steps - 1) / steps))
+
+
+def test_train_config_takes_numpy_numbers_as_python_ones():
+    """numpy scalars are numbers (the type checks refused them); stored as Python's, they
+    keep the checkpoint's JSON valid."""
+    import json
+
+    cfg = TrainConfig(epochs=np.int64(3), lr=np.float32(1e-3), seed=np.int64(1))
+    assert type(cfg.epochs) is int and type(cfg.lr) is float and type(cfg.seed) is int
+    json.dumps(vars(cfg))
+    with pytest.raises(TypeError, match="epochs must be an int, got float"):
+        TrainConfig(epochs=2.5)
