@@ -187,7 +187,7 @@ class _Autoencoding(nn.Module):
         if prior == "learned":  # N(prior_mu, exp(prior_logvar)), starting as N(0, I)
             self.prior_mu = nn.Parameter(torch.zeros(latent_dim))
             self.prior_logvar = nn.Parameter(torch.zeros(latent_dim))
-        self._arch = {k: list(v) for k, v in arch.items()}  # (copies: the config is the caller's)
+        self._arch = {k: list(v) for k, v in arch.items()}
 
     def config(self) -> dict[str, Any]:
         """A JSON-able dict from which ``model_from_config`` rebuilds this model."""
