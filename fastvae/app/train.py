@@ -29,7 +29,6 @@ from fastvae.models import BY_KIND, PRIORS
 ANNEALING = ("none", "linear", "cyclical")
 MAX_SEED = 2**32 - 1  # a fresh run's --seed
 SEED_BOUND = 2**50  # any run's (older ones may hold a negative seed): seed * 7919 + epoch fits
-FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 
 class TrainingDiverged(ValueError):
@@ -78,9 +77,9 @@ class TrainConfig:
         for name in ("beta", "free_bits"):
             value = getattr(self, name)
             # (the loss is float32: a larger weight or floor would not fit it)
-            if not (math.isfinite(value) and 0 <= value <= FLOAT32_MAX):
+            if not (math.isfinite(value) and 0 <= value <= _validate.FLOAT32_MAX):
                 raise ValueError(f"{name} must be >= 0 and at most float32's maximum "
-                                 f"({FLOAT32_MAX:.4g}), got {value}")
+                                 f"({_validate.FLOAT32_MAX:.4g}), got {value}")
 
 
 def check_seed(seed):
@@ -678,7 +677,7 @@ def run(args):
     if resume is not None and "data" not in explicit:
         check_saved_data(options["data"], args.resume)
     options["data"] = data_source(options["data"])
-    if resume is None and isinstance(options["seed"], int):
+    if resume is None:  # (a resumed run keeps its own seed)
         check_seed(options["seed"])
     try:
         cfg = TrainConfig(**{f.name: options[f.name] for f in fields(TrainConfig)})
