@@ -8,7 +8,7 @@ Stable API (other modules import these names; keep them):
 
     IMPLS = ("fastvae", "eager", "compile", "distributions")
     BASELINES = IMPLS[1:]
-        eager          the formulas as people write them: F.mse_loss / F.binary_cross_entropy /
+        eager          the formulas as people write them: F.mse_loss / F.l1_loss / F.binary_cross_entropy /
                        F.binary_cross_entropy_with_logits + -0.5 * sum(1 + logvar - mu^2 - exp(logvar));
                        z = mu + randn_like(std) * std with std = exp(0.5 * logvar)
         compile        the eager function under torch.compile (static shapes; each ``step``
@@ -91,7 +91,7 @@ IMPLS = ("fastvae", "eager", "compile", "distributions")
 BASELINES = IMPLS[1:]
 OPS = ("loss_fwd", "loss_fwd_bwd", "kl_fwd_bwd", "reparam_fwd_bwd", "reparam_kl_fwd_bwd",
        "train_step")
-RECONS = ("mse", "bce", "bce_logits")
+RECONS = ("mse", "l1", "bce", "bce_logits")
 # case recon name -> (fastvae's recon, obs_logvar: "learned" is a scalar input with a gradient)
 LIKELIHOODS = {"gaussian_learned": ("gaussian", "learned"),
                "gaussian_optimal": ("gaussian", "optimal"),
@@ -142,8 +142,8 @@ def _randn(shape, gen):
 
 def _loss_tensors(size, recon, gen):
     """x_hat, x, mu, logvar in float64 on the CPU: x_hat is a probability for
-    bce, a logit for bce_logits, a value for mse; x in [0, 1] for the bces."""
-    if recon == "mse" or recon in LIKELIHOODS and recon != "continuous_bernoulli":
+    bce, a logit for bce_logits, a value for mse and l1; x in [0, 1] for the bces."""
+    if recon in ("mse", "l1") or recon in LIKELIHOODS and recon != "continuous_bernoulli":
         x_hat, x = _randn(size.x_shape, gen), _randn(size.x_shape, gen)
     else:
         x_hat = _randn(size.x_shape, gen) * 2.0
@@ -165,6 +165,7 @@ def _leaf(t, device, dtype, requires_grad):
 
 _RECON_EAGER = {
     "mse": F.mse_loss,
+    "l1": F.l1_loss,
     "bce": F.binary_cross_entropy,
     "bce_logits": F.binary_cross_entropy_with_logits,
 }
@@ -710,6 +711,8 @@ class Case:
                 grad = torch.sigmoid(x_hat) - x - (1.0 / x_hat - 1.0 / torch.sinh(x_hat))
             elif self.recon == "mse":
                 terms, grad = (x_hat - x) ** 2, 2.0 * (x_hat - x)
+            elif self.recon == "l1":  # (random inputs: x_hat == x never happens)
+                terms, grad = (x_hat - x).abs(), (x_hat - x).sign()
             elif self.recon == "bce":
                 terms = -(x * x_hat.log().clamp_min(-100) + (1 - x) * (1 - x_hat).log().clamp_min(-100))
                 grad = (x_hat - x) / (x_hat * (1 - x_hat)).clamp_min(1e-12)

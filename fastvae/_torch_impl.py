@@ -68,11 +68,28 @@ def _row_sum(t):
 SUM_BLOCK = 256
 
 
-def _row_sum_of_squares(t):
+def _row_sum_of_squares(t, minus=None):
     """Per-row sum of t^2 in one pass over ``t``, without writing t^2: vector_norm over
     blocks of SUM_BLOCK elements (a view of the rows), squared, then the (N, blocks)
     partials summed by torch.sum. (Sums of |t| do not use vector_norm: its ord=1
-    reduction is slow on the CPU, see _row_abs_sum.)"""
+    reduction is slow on the CPU, see _row_abs_sum.)
+
+    ``minus`` (t's shape and dtype): of (t - minus)^2 instead, the difference made a
+    group of rows (RECON_CHUNK elements) at a time in a scratch block, never whole: each
+    row's sum is computed as from the whole difference, so the same bits."""
+    if minus is not None:
+        rows, rows_minus = _rows(t), _rows(minus)
+        n, m = rows.shape
+        height = max(1, RECON_CHUNK // max(m, 1))
+        if height >= n:
+            return _row_sum_of_squares(torch.sub(rows, rows_minus))
+        scratch = _Scratch(height * m, t.dtype, t.device)
+        total = torch.empty(n, dtype=t.dtype, device=t.device)
+        for r0 in range(0, n, height):
+            r1 = min(n, r0 + height)
+            total[r0:r1] = _row_sum_of_squares(torch.sub(
+                rows[r0:r1], rows_minus[r0:r1], out=scratch.get("diff", (r1 - r0, m))))
+        return total
     rows = _rows(t)
     length = rows.shape[1]
     blocks = length // SUM_BLOCK
@@ -91,16 +108,20 @@ def _row_sum_of_squares(t):
 ABS_BLOCK = 1 << 18
 
 
-def _row_abs_sum(t):
+def _row_abs_sum(t, minus=None):
     """Per-row sums of |t|, t (N, ...) read only: |t| written block by block into a
     cached scratch block and summed by torch.sum (cascade summation: eager's
     accuracy at any row length) while in cache. Not vector_norm(ord=1): its CPU
     reduction is not vectorized (at 128x784 111 us against 16 us for abs + sum, at
-    512x12288 5.0 ms against 0.7 ms, one process, quiet 2-core machine)."""
+    512x12288 5.0 ms against 0.7 ms, one process, quiet 2-core machine).
+
+    ``minus`` (t's shape and dtype): of |t - minus| instead, the difference made in the
+    scratch block: the same blocks, so the same bits as of the whole difference."""
     rows = _rows(t)
+    rows_minus = None if minus is None else _rows(minus)
     n, m = rows.shape
     if n * m <= ABS_BLOCK:
-        return torch.abs(rows).sum(dim=1)
+        return torch.abs(rows if minus is None else rows - rows_minus).sum(dim=1)
     width = min(m, ABS_BLOCK)
     height = max(1, ABS_BLOCK // width)
     scratch = _Scratch(height * width, t.dtype, t.device)
@@ -109,7 +130,10 @@ def _row_abs_sum(t):
         r1 = min(n, r0 + height)
         for c0 in range(0, m, width):
             block = rows[r0:r1, c0:c0 + width]
-            part = torch.abs(block, out=scratch.get("abs", block.shape)).sum(dim=1)
+            into = scratch.get("abs", block.shape)
+            if rows_minus is not None:
+                block = torch.sub(block, rows_minus[r0:r1, c0:c0 + width], out=into)
+            part = torch.abs(block, out=into).sum(dim=1)
             if c0 == 0:
                 total[r0:r1] = part
             else:
@@ -149,6 +173,16 @@ def _mse_grad_unscaled(x_hat, x, dtype):
 # the size: 512×12288 bf16 mse fwd+bwd took 8.9 / 5.9 / 4.3 / 3.9 ms with chunks
 # of 2^16 / 2^17 / 2^18 / 2^19 elements (measured side by side, contended).
 RECON_CHUNK = 1 << 19
+
+
+# From this many elements (float32) an mse or l1 without a gradient makes the difference
+# a block at a time in cache (_row_sum_of_squares / _row_abs_sum with ``minus``) rather
+# than writing it whole, or calling aten's mse_loss / l1_loss with reduction="sum",
+# which write the terms whole: the inputs no longer fit in cache, and that buffer's
+# traffic costs more than the blocks' Python. Old / new time, interleaved on the 2-core
+# machine: 1.2x (mse) and 1.5x (l1) at 512x12288 per sample, 1.5-2.7x summed; below
+# this size it lost (0.7x mse at 8x3x256x256 and 64x3x64x64).
+CHUNKED_NO_GRAD_NUMEL = 1 << 21
 
 
 def _chunks(rows_shape):
@@ -244,14 +278,21 @@ def _chunked_recon_per_sample(x_hat, x, recon, dtype, grad_scale):
     grad_rows = None if grad is None else grad.view(n, m)
     width = min(m, RECON_CHUNK)
     chunk = width * max(1, RECON_CHUNK // width)
-    p_buf, x_buf, work, spare = (torch.empty(min(chunk, n * m), dtype=dtype, device=x_hat.device)
-                                 for _ in range(4))
+    size = min(chunk, n * m)
+
+    def scratch_if(needed):  # (a fresh buffer costs page faults on the CPU: only those used)
+        return torch.empty(size if needed else 0, dtype=dtype, device=x_hat.device)
+
+    p_buf, x_buf = scratch_if(x_hat.dtype != dtype), scratch_if(x.dtype != dtype)
+    # the recon's two scratch chunks: an mse without a gradient uses one
+    work, spare = scratch_if(recon != "mse" or grad is not None), scratch_if(True)
     partials = torch.empty((-(-m // width), n), dtype=dtype, device=x_hat.device)
     for rows, cols, k in _chunks((n, m)):
         p = _in_dtype(rows_h[rows, cols], p_buf, dtype)
         # converted by a copy: mixed-dtype elementwise ops are ~10x slower than a copy
         target = _in_dtype(rows_x[rows, cols], x_buf, dtype)
-        scratch, scratch2 = (b[:p.numel()].view(p.shape) for b in (work, spare))
+        scratch, scratch2 = (b[:p.numel()].view(p.shape) if b.numel() else None
+                             for b in (work, spare))
         grad_out = None if grad_rows is None else grad_rows[rows, cols]
         _recon_chunk(p, target, recon, grad_scale, scratch, scratch2, grad_out, partials[k, rows])
     per_sample = partials[0] if partials.shape[0] == 1 else partials.sum(dim=0)
@@ -277,6 +318,11 @@ def recon_per_sample(x_hat, x, recon, dtype, grad_scale):
     # bce: its many passes (two logs, clamps, products, sums, the gradient) over cached chunks
     if dtype != x_hat.dtype or dtype != x.dtype or recon == "bce":
         return _chunked_recon_per_sample(x_hat, x, recon, dtype, grad_scale)
+    if not want_grad and recon in SMALL_RECONS and x_hat.numel() >= CHUNKED_NO_GRAD_NUMEL:
+        # the difference made and summed a block at a time in cache, never written whole;
+        # the same sums, bit for bit, as below (the value does not depend on a gradient)
+        sums = _row_sum_of_squares if recon == "mse" else _row_abs_sum
+        return sums(x_hat, x), None
     if recon == "mse" and want_grad and host_reads_are_free(x_hat):
         # g = 2 (x_hat - x) first, in the pass that reads the inputs; sum(g^2) / 4 is
         # then bit for bit the sum of (x_hat - x)^2 (scaling by 4 is exact), unless
@@ -708,10 +754,11 @@ def vae_loss_forward(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
     kl_scale = reduction_scale(reduction, batch, mu.numel())
 
     # small inputs; or, without a gradient, a total of inputs already in the compute
-    # dtype: aten's own mse_loss / l1_loss sum in one call (eager's op and accuracy)
-    # beats the per-sample blocked sums, which write the difference first
+    # dtype that fit in cache: aten's own mse_loss / l1_loss sum in one call (eager's
+    # op and accuracy) beats the per-sample blocked sums there (CHUNKED_NO_GRAD_NUMEL)
     if recon in SMALL_RECONS and (x_hat.numel() <= SMALL_NUMEL or (
-            not grad_recon and reduction != "none" and x_hat.dtype == dtype == x.dtype)):
+            not grad_recon and reduction != "none" and x_hat.dtype == dtype == x.dtype
+            and x_hat.numel() < CHUNKED_NO_GRAD_NUMEL)):
         recon_out, g_xhat = _small_recon(x_hat, x, recon, dtype, reduction, recon_scale,
                                          grad_recon)
         g_obs = None

@@ -342,3 +342,47 @@ def test_small_inputs_gradient_in_the_forward_does_not_overflow_either():
     _, grad = _torch_impl._small_recon(x_hat, x, "mse", torch.float32, "mean", scale, True)
     want = ((x_hat.double() - x.double()) * (2 * scale)).float()
     torch.testing.assert_close(grad, want, rtol=2 * torch.finfo(torch.float32).eps, atol=0)
+
+
+# ---- a large mse / l1 without a gradient: the difference never written whole -------
+
+@pytest.mark.parametrize("recon", ["mse", "l1"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("shape", [(7, 150), (3, 2, 7, 9), (4, 700)], ids=str)
+def test_large_loss_without_gradient_never_writes_the_difference_and_keeps_its_value(
+        monkeypatch, recon, reduction, shape):
+    """From CHUNKED_NO_GRAD_NUMEL elements an mse or l1 without a gradient makes x_hat - x
+    a block at a time (groups of rows; l1: column blocks of long rows too), neither
+    writing it whole nor calling aten's summed loss (which writes the terms whole): the
+    same value, bit for bit, as with a gradient, and float64's to float32 accuracy."""
+    from fastvae import _torch_impl
+
+    # small blocks: several row groups with a short last one, rows split into column
+    # blocks (700 = 2 * 256 + 188) and rows longer than a group (4 x 700 against 512)
+    monkeypatch.setattr(_torch_impl, "CHUNKED_NO_GRAD_NUMEL", 64)
+    monkeypatch.setattr(_torch_impl, "RECON_CHUNK", 512)
+    monkeypatch.setattr(_torch_impl, "ABS_BLOCK", 256)
+    monkeypatch.setattr(_torch_impl, "SMALL_NUMEL", 0)
+    gen = torch.Generator().manual_seed(8)
+    x_hat, x = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    latent = torch.zeros(shape[0], 2)
+
+    def with_grad():
+        leaf = x_hat.clone().requires_grad_(True)
+        return fastvae.vae_loss(leaf, x, latent, latent, recon=recon, beta=0.0,
+                                reduction=reduction).detach()
+
+    want_bits = with_grad()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the difference, or the loss terms, written whole")
+
+    monkeypatch.setattr(_torch_impl, "_difference", refuse)
+    monkeypatch.setattr(_torch_impl, "_small_recon", refuse)
+    with torch.no_grad():
+        got = fastvae.vae_loss(x_hat, x, latent, latent, recon=recon, beta=0.0,
+                               reduction=reduction)
+    assert torch.equal(got, want_bits)
+    want = reference.reduce(reference.recon_elementwise(x_hat.double(), x.double(), recon),
+                            reduction)
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
