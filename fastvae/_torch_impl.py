@@ -318,9 +318,11 @@ def recon_per_sample(x_hat, x, recon, dtype, grad_scale):
     # bce: its many passes (two logs, clamps, products, sums, the gradient) over cached chunks
     if dtype != x_hat.dtype or dtype != x.dtype or recon == "bce":
         return _chunked_recon_per_sample(x_hat, x, recon, dtype, grad_scale)
-    if not want_grad and recon in SMALL_RECONS and x_hat.numel() >= CHUNKED_NO_GRAD_NUMEL:
+    if not want_grad and recon in SMALL_RECONS and x_hat.numel() >= CHUNKED_NO_GRAD_NUMEL \
+            and x_hat.is_contiguous() and x.is_contiguous():
         # the difference made and summed a block at a time in cache, never written whole;
-        # the same sums, bit for bit, as below (the value does not depend on a gradient)
+        # the same sums, bit for bit, as below (the value does not depend on a gradient).
+        # (Contiguous inputs: rows of others, channels_last say, would be copied whole.)
         sums = _row_sum_of_squares if recon == "mse" else _row_abs_sum
         return sums(x_hat, x), None
     if recon == "mse" and want_grad and host_reads_are_free(x_hat):

@@ -386,3 +386,24 @@ def test_large_loss_without_gradient_never_writes_the_difference_and_keeps_its_v
     want = reference.reduce(reference.recon_elementwise(x_hat.double(), x.double(), recon),
                             reduction)
     torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("recon", ["mse", "l1"])
+def test_large_loss_without_gradient_of_strided_inputs_has_the_contiguous_value(monkeypatch,
+                                                                                 recon):
+    """channels_last (or otherwise strided) inputs take the whole-difference path there
+    (blocks of their rows would copy them whole): the same per-sample sums as contiguous."""
+    from fastvae import _torch_impl
+
+    monkeypatch.setattr(_torch_impl, "CHUNKED_NO_GRAD_NUMEL", 64)
+    monkeypatch.setattr(_torch_impl, "RECON_CHUNK", 512)
+    monkeypatch.setattr(_torch_impl, "SMALL_NUMEL", 0)
+    gen = torch.Generator().manual_seed(9)
+    x_hat, x = torch.randn(3, 4, 7, 9, generator=gen), torch.randn(3, 4, 7, 9, generator=gen)
+    latent = torch.zeros(3, 2)
+    with torch.no_grad():
+        want = fastvae.vae_loss(x_hat, x, latent, latent, recon=recon, reduction="none")
+        got = fastvae.vae_loss(x_hat.contiguous(memory_format=torch.channels_last),
+                               x.contiguous(memory_format=torch.channels_last), latent, latent,
+                               recon=recon, reduction="none")
+    assert torch.equal(got, want)
