@@ -219,10 +219,13 @@ class GaussianPosterior:
                 raise ValueError("KL against a deterministic GaussianPosterior (zero variance) is infinite")
             inf = torch.full(shape, math.inf, dtype=dtype, device=self.mean.device)
             return self._sum_dims(inf).to(torch.promote_types(self.mean.dtype, om.dtype))
-        if self._moments_assigned:
-            other_var = getattr(other, "var", None)
-            return self._kl_of_attributes(om, olv, other_var if isinstance(other_var, torch.Tensor)
-                                          else None)
+        other_var = getattr(other, "var", None)
+        other_var = other_var if isinstance(other_var, torch.Tensor) else None
+        # diffusers' kl(other) divides by other.var as it stands: read it where it may not
+        # be e^logvar (assigned to a posterior, or another object's own attribute)
+        if self._moments_assigned or getattr(other, "_moments_assigned", False) or (
+                other_var is not None and not isinstance(other, GaussianPosterior)):
+            return self._kl_of_attributes(om, olv, other_var)
         result_dtype = torch.promote_types(self.mean.dtype, om.dtype)
         sums_every_dim = self.semantics == "fastvae" or self.mean.dim() <= len(_DIFFUSERS_DIMS) + 1
         if sums_every_dim and dtype == _compute_dtype(self.mean) and olv.shape == om.shape:

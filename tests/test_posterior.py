@@ -1,6 +1,7 @@
 """GaussianPosterior against the diagonal-Gaussian formulas."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -440,6 +441,37 @@ def test_kl_of_assigned_moments_reads_the_others_var():
     om, olv, ovar = other.mean.double(), other.logvar.double(), other.var.double()
     want = 0.5 * ((m - om) ** 2 / ovar + var / ovar - 1 - lv + olv).sum(dim=(1, 2, 3))
     torch.testing.assert_close(post.kl(other).double(), want, rtol=1e-6, atol=1e-6)
+
+
+def _kl_by_diffusers_formula(post, other):
+    m, lv, var = post.mean.double(), post.logvar.double(), post.var.double()
+    om, olv, ovar = other.mean.double(), other.logvar.double(), other.var.double()
+    return 0.5 * ((m - om) ** 2 / ovar + var / ovar - 1 - lv + olv).sum(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("semantics", ["fastvae", "diffusers"])
+def test_kl_reads_the_others_assigned_var_when_self_has_none_assigned(semantics):
+    """diffusers' kl(other) divides by other.var as it stands: a var assigned to the other
+    posterior counts even when this one's moments are its own (the fused op would use
+    e^other.logvar instead)."""
+    post = GaussianPosterior(params(seed=14).detach(), semantics=semantics)
+    other = GaussianPosterior(params(seed=15).detach(), semantics=semantics)
+    other.var = other.var * 4.0
+    torch.testing.assert_close(post.kl(other).double(), _kl_by_diffusers_formula(post, other),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_kl_against_another_object_reads_its_var():
+    """Another object with mean, logvar and var tensors (diffusers' own
+    DiagonalGaussianDistribution, whose attributes are plain): its var is read as
+    diffusers' kl(other) reads it, assigned or not."""
+    post = GaussianPosterior(params(seed=16).detach())
+    source = GaussianPosterior(params(seed=17).detach())
+    other = types.SimpleNamespace(mean=source.mean, logvar=source.logvar, var=source.var * 0.5)
+    torch.testing.assert_close(post.kl(other).double(), _kl_by_diffusers_formula(post, other),
+                               rtol=1e-6, atol=1e-6)
+    other.var = source.logvar.exp()  # its own e^logvar: the same KL as the other posterior's
+    torch.testing.assert_close(post.kl(other), post.kl(source), rtol=1e-5, atol=1e-5)
 
 
 def test_a_deterministic_posterior_samples_with_an_assigned_std():
