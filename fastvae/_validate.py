@@ -388,15 +388,17 @@ def _torch_path_checks_probabilities(x_hat, x):
     return _dispatch.backend_for(x_hat, x) == "torch"
 
 
-def check_loss_values(x_hat, x, recon, beta):
-    """Value checks that PyTorch's own losses also make; skipped for CUDA tensors."""
+def check_loss_values(x_hat, x, recon, beta, loss_pass_checks_x_hat=True):
+    """Value checks that PyTorch's own losses also make; skipped for CUDA tensors.
+    ``loss_pass_checks_x_hat=False``: the caller's bce is not the PyTorch path's pass,
+    which checks x_hat itself (the composite formula for torch.func is not)."""
     if beta is not None and beta.device.type == "cpu" and not torch.isfinite(beta):
         raise ValueError(f"beta must be finite, got {beta.item()}")
     if x.device.type != "cpu":
         return
     if recon in UNIT_TARGET_RECONS:
         _check_unit_interval("x", x, "targets")
-    if recon == "bce" and not _torch_path_checks_probabilities(x_hat, x):
+    if recon == "bce" and not (loss_pass_checks_x_hat and _torch_path_checks_probabilities(x_hat, x)):
         check_probabilities(x_hat)
 
 

@@ -683,8 +683,10 @@ def _composite_vae_loss(x_hat, x, mu, logvar, beta, obs_logvar, prior_mu, prior_
     """LossOutputs, differentiable by any transform; the gradient buffers are empty."""
     if not torch.compiler.is_compiling():  # (compiled, they would break the graph)
         with _DisableFuncTorch():  # the value checks read all samples of a vmap at once
+            # (F.binary_cross_entropy below would raise its own error, naming nothing)
             _validate.check_loss_values(_unwrapped(x_hat), _unwrapped(x), recon,
-                                        None if beta is None else _unwrapped(beta))
+                                        None if beta is None else _unwrapped(beta),
+                                        loss_pass_checks_x_hat=False)
     dtype = _out_dtype(x_hat, x, mu, logvar)
     batch = x_hat.shape[0]
     recon_rows = _rows(_recon_terms(x_hat.to(dtype), x.to(dtype), recon, obs_logvar,

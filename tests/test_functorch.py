@@ -429,6 +429,22 @@ def test_value_checks_run_under_vmap_over_every_sample():
             (torch.ones_like(x_hat),))
 
 
+@pytest.mark.parametrize("bad", [1.5, -0.25, math.nan])
+def test_bce_probability_checks_run_under_a_transform(bad):
+    """recon="bce" with an x_hat outside [0, 1] (or NaN) is fastvae's ValueError naming
+    x_hat under torch.func, as in eager mode: not F.binary_cross_entropy's own error."""
+    x_hat, x, mu, logvar = inputs(dtype=torch.float32)
+    p = probabilities(x_hat).clone()
+    p[1, 0, 2] = bad
+    with pytest.raises(ValueError, match="x_hat must hold probabilities in"):
+        fastvae.vae_loss(p.clone().requires_grad_(), x, mu, logvar, recon="bce")
+    with pytest.raises(ValueError, match="x_hat must hold probabilities in"):
+        grad(lambda xh: fastvae.vae_loss(xh, x, mu, logvar, recon="bce"))(p)
+    with pytest.raises(ValueError, match="x_hat must hold probabilities in"):
+        vmap(grad(lambda xh, xx: fastvae.vae_loss(xh[None], xx[None], mu[:1], logvar[:1],
+                                                   recon="bce")))(p, x)
+
+
 def test_nan_propagates_under_a_transform():
     _, _, mu, logvar = inputs()
     logvar = logvar.clone()
