@@ -49,7 +49,7 @@ class VAELoss(torch.nn.Module):
                         free_bits=self.free_bits, prior_mu=self.prior_mu,
                         prior_logvar=self.prior_logvar)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         obs = "" if self.obs_logvar is None or isinstance(self.obs_logvar, torch.Tensor) \
             else f", obs_logvar={self.obs_logvar!r}"
         return (f"recon={self.recon!r}, beta={self.beta}, reduction={self.reduction!r}, "

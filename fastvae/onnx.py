@@ -36,8 +36,11 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Sequence
+from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from torch import nn
 
@@ -78,11 +81,18 @@ class _Decoder(nn.Module):
         return self.model.decode(z)
 
 
+# Recons whose loss reads the decoder's logits, which decode(z) (data space) does not
+# give back exactly: a model of one's own with these needs its own score(x) to export
+# a scorer (bce on sigmoid(logits) clamps log(1 - p) at -100 where sigmoid rounds to 1,
+# from logits ~17 in float32; the continuous Bernoulli's mean has no closed inverse).
+_LOGIT_RECONS = ("bce_logits", "continuous_bernoulli")
+
+
 class _Scorer(nn.Module):
     """Per-sample VAE loss at z = mu: ``model.score`` when the model has one;
-    otherwise built from encode/decode (decode gives probabilities, so a
-    ``bce_logits`` model is scored with ``bce`` on them: the same loss), with the
-    model's ``obs_logvar`` (gaussian, laplace) and learned prior where it has them."""
+    otherwise built from encode/decode (not for _LOGIT_RECONS, refused by
+    _check_interface), with the model's ``obs_logvar`` (gaussian, laplace) and
+    learned prior where it has them."""
 
     def __init__(self, model):
         super().__init__()
@@ -92,7 +102,7 @@ class _Scorer(nn.Module):
         if hasattr(self.model, "score"):
             return self.model.score(x)
         mu, logvar = self.model.encode(x)
-        recon = "bce" if self.model.recon == "bce_logits" else self.model.recon
+        recon = self.model.recon
         options = {}
         if getattr(self.model, "prior", "standard") == "learned":  # as the metadata records it
             options = {"prior_mu": self.model.prior_mu, "prior_logvar": self.model.prior_logvar}
@@ -201,8 +211,14 @@ def _learned_prior(model, latent_shape):
     return prior
 
 
-def _check_interface(model, facts):
+def _check_interface(model, facts, parts):
     """Run encode/decode once: a clear error now beats a confusing one from the exporter."""
+    if "scorer" in parts and not hasattr(model, "score") and facts["recon"] in _LOGIT_RECONS:
+        raise TypeError(
+            f"a model with recon={facts['recon']!r} needs a score(x) method (the per-sample "
+            f"loss at z = mu) to export a scorer: its loss reads the decoder's logits, which "
+            f"decode(z) (probabilities / data space) does not give back exactly; or export "
+            f"parts=('encoder', 'decoder')")
     x = torch.rand(2, *facts["input_shape"])
     z = torch.randn(2, *facts["latent_shape"])
     with torch.no_grad():
@@ -272,7 +288,10 @@ def _check_out_dir(out_dir):
         if entries:
             try:
                 _rt.read_metadata(out_dir)
-                ours = entries <= _rt.EXPORT_FILES
+                # (our names, each a plain file: a folder or link under one is not ours)
+                ours = entries <= _rt.EXPORT_FILES and all(
+                    os.path.isfile(os.path.join(out_dir, name))
+                    and not os.path.islink(os.path.join(out_dir, name)) for name in entries)
             except (ValueError, FileNotFoundError):
                 ours = False
             if not ours:
@@ -280,6 +299,25 @@ def _check_out_dir(out_dir):
                     f"out_dir {out_dir!r} exists and is not empty, and is not an earlier fastvae "
                     f"export; refusing to replace it")
     return out_dir
+
+
+def _missing_ancestors(out_dir):
+    """The folders above ``out_dir`` that do not exist yet, deepest first."""
+    missing, parent = [], os.path.dirname(out_dir)
+    while not os.path.lexists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    return missing
+
+
+def _remove_empty(folders):
+    """Remove ``folders`` (deepest first) that this export created, where still empty: a
+    failed export leaves nothing behind."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:  # (not made, or something else wrote into it meanwhile)
+            pass
 
 
 def _check_batch_fits(batch, facts):
@@ -313,8 +351,9 @@ def _interrupted(err):
 # ---- export --------------------------------------------------------------
 
 
-def export(model, out_dir, *, parts=("encoder", "decoder", "scorer"), opset=None,
-           batch="dynamic", quantize=False):
+def export(model: nn.Module, out_dir: str | os.PathLike[str], *,
+           parts: str | Sequence[str] = ("encoder", "decoder", "scorer"), opset: int | None = None,
+           batch: int | Literal["dynamic"] = "dynamic", quantize: bool = False) -> dict[str, Any]:
     """Export ``model``'s parts to ONNX files in ``out_dir``; return the metadata.
 
     Args:
@@ -343,14 +382,16 @@ def export(model, out_dir, *, parts=("encoder", "decoder", "scorer"), opset=None
 
     _check_batch_fits(batch, facts)
     source = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
-    _check_interface(source, facts)
+    _check_interface(source, facts, parts)
     if batch != "dynamic" and "scorer" in parts:
         _check_scores_are_per_sample(_Scorer(source).eval(), facts, batch)
+    created = _missing_ancestors(out_dir)  # removed again if the export fails
     try:
         os.makedirs(os.path.dirname(out_dir), exist_ok=True)
         _io.remove_stale_temps(out_dir)  # what an export killed mid-way (SIGKILL) left behind
         tmp = tempfile.mkdtemp(prefix=_io.temp_prefix(out_dir), dir=os.path.dirname(out_dir))
     except OSError as err:  # (named by out_dir, not by the temporary's name)
+        _remove_empty(created)
         raise _io.write_error(err, f"cannot write the export {out_dir}") from None
     try:
         meta = {"format": _rt.FORMAT, "format_version": _rt.FORMAT_VERSION,
@@ -391,6 +432,7 @@ def export(model, out_dir, *, parts=("encoder", "decoder", "scorer"), opset=None
         _install(tmp, out_dir)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(created)
         if _interrupted(err):
             # Ctrl-C while torch imports its exporter lazily comes back wrapped in torch's
             # TorchExportError: it is still an interrupt
@@ -490,7 +532,7 @@ def _op_types(proto):
     return found
 
 
-def relative_error(got, want):
+def relative_error(got: npt.ArrayLike, want: npt.ArrayLike) -> float:
     """max |got - want| / max |want|: the error relative to the output's scale
     (element-wise ratios blow up where a value crosses zero). ``inf`` when the
     shapes differ or either holds a NaN or Inf: no finite error bounds them."""

@@ -73,7 +73,7 @@ class GaussianPosterior:
 
     def __init__(self, parameters: torch.Tensor, dim: int = 1,
                  logvar_clamp: tuple[float, float] | None = (-30.0, 20.0),
-                 deterministic: bool = False, *, semantics: str = "fastvae"):
+                 deterministic: bool = False, *, semantics: str = "fastvae") -> None:
         _validate.check_tensor("parameters", parameters)
         _validate.check_choice("semantics", semantics, SEMANTICS)
         if parameters.dim() < 2:
@@ -203,7 +203,7 @@ class GaussianPosterior:
             dims = [d for d in _DIFFUSERS_DIMS if d < t.dim()]
         return t.sum(dim=dims)
 
-    def kl(self, other=None) -> torch.Tensor:
+    def kl(self, other: object | None = None) -> torch.Tensor:
         """KL(self || other) per sample; ``other`` defaults to N(0, I)."""
         if self.deterministic:
             return self._zeros()

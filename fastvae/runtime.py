@@ -17,8 +17,11 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import onnxruntime as ort
 
 # ---- the export format (shared with fastvae.onnx, which writes it) --------
@@ -41,7 +44,7 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_PRIOR_LOGVAR = 2.0 * math.log(FLOAT32_MAX)
 
 
-def part_file(part, quantized=False):
+def part_file(part: str, quantized: bool = False) -> str:
     """The file name of a part inside an export directory."""
     return f"{part}.int8.onnx" if quantized else f"{part}.onnx"
 
@@ -50,7 +53,7 @@ EXPORT_FILES = frozenset(
     [METADATA_FILE] + [part_file(p) for p in PARTS] + [part_file(p, True) for p in QUANTIZABLE_PARTS])
 
 
-def sha256_of(path):
+def sha256_of(path: str | os.PathLike[str]) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -58,7 +61,7 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def read_metadata(out_dir):
+def read_metadata(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Load and check ``metadata.json`` of an export directory: every field the
     runtime uses is checked here, so a tampered file is one clear ``ValueError``."""
     if not isinstance(out_dir, (str, os.PathLike)):
@@ -72,6 +75,8 @@ def read_metadata(out_dir):
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"out_dir {out_dir!r} has no {METADATA_FILE}: not a fastvae ONNX export")
+    if os.path.islink(path):  # (as the part files: nothing is read from outside the export)
+        raise ValueError(f"{path} is a symlink; an export's files must be inside it")
     try:
         with open(path, encoding="utf-8") as f:
             meta = json.load(f)
@@ -172,7 +177,8 @@ def _check_providers(providers):
     return providers
 
 
-def open_session(path, providers, sha256=None):
+def open_session(path: str | os.PathLike[str], providers: Sequence[str],
+                 sha256: str | None = None) -> ort.InferenceSession:
     """An ``InferenceSession`` with all graph optimizations, or a clear error for
     a missing or corrupt file (checked against ``sha256`` when given)."""
     if os.path.islink(path):
@@ -232,7 +238,11 @@ class VAERuntime:
     All methods take and return float32 numpy arrays with the batch first.
     """
 
-    def __init__(self, out_dir, providers=None, *, quantized=False):
+    def __init__(self, out_dir: str | os.PathLike[str], providers: Sequence[str] | None = None, *,
+                 quantized: bool = False) -> None:
+        if not isinstance(quantized, bool):
+            raise TypeError(f"quantized must be a bool, got {type(quantized).__name__} "
+                            f"{quantized!r:.40}")
         self.metadata = meta = read_metadata(out_dir)
         self.out_dir = os.fspath(out_dir)
         self.input_shape = tuple(meta["input_shape"])
@@ -279,7 +289,7 @@ class VAERuntime:
                                  f"{path!r} has sample shape {list(got)}")
 
     @property
-    def parts(self):
+    def parts(self) -> tuple[str, ...]:
         """The parts this export has."""
         return tuple(self._sessions)
 
@@ -305,24 +315,24 @@ class VAERuntime:
             chunks.append([out[:n] for out in session.run(None, {name: chunk})])
         return [np.concatenate(outs) for outs in zip(*chunks)]
 
-    def encode(self, x):
+    def encode(self, x: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray]:
         """x (N, *input_shape) -> (mu, logvar), each (N, *latent_shape)."""
         x = _as_float32_batch("x", x, self.input_shape)
         mu, logvar = self._run("encoder", x)
         return mu, logvar
 
-    def decode(self, z):
+    def decode(self, z: npt.ArrayLike) -> np.ndarray:
         """z (N, *latent_shape) -> x_hat (N, *input_shape) in data space
         (probabilities for BCE models)."""
         z = _as_float32_batch("z", z, self.latent_shape)
         return self._run("decoder", z)[0]
 
-    def reconstruct(self, x):
+    def reconstruct(self, x: npt.ArrayLike) -> np.ndarray:
         """Decode the posterior mean of each input: deterministic reconstructions."""
         mu, _ = self.encode(x)
         return self._run("decoder", mu)[0]
 
-    def sample(self, n, seed=None):
+    def sample(self, n: int, seed: int | None = None) -> np.ndarray:
         """Decode ``n`` codes drawn by numpy from ``seed`` (same seed -> same samples;
         None -> fresh randomness) from the model's prior: N(0, I), or the learned
         N(mu, exp(logvar)) recorded in the metadata."""
@@ -348,7 +358,7 @@ class VAERuntime:
             z = mu + std * z
         return self._run("decoder", z)[0]
 
-    def score(self, x):
+    def score(self, x: npt.ArrayLike) -> np.ndarray:
         """Per-sample anomaly score (N,): the VAE loss (recon + beta * KL) at z = mu."""
         x = _as_float32_batch("x", x, self.input_shape)
         if self.recon in UNIT_TARGET_RECONS and (x.min() < 0 or x.max() > 1):

@@ -393,6 +393,50 @@ def test_out_dir_that_is_a_file(tmp_path):
     assert os.listdir(tmp_path) == ["f"]
 
 
+def test_failed_export_removes_the_folders_it_created(tmp_path, monkeypatch):
+    """A failed export writes nothing: not the missing folders above out_dir either."""
+    monkeypatch.setattr(fv_onnx, "PARITY_RTOL", -1.0)  # every part "fails" its check
+    with pytest.raises(fv_onnx.ExportParityError):
+        fv_onnx.export(seeded(TinyMLPVAE), tmp_path / "a" / "b" / "e", parts=("decoder",))
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "kept").mkdir()  # an existing one stays
+    with pytest.raises(fv_onnx.ExportParityError):
+        fv_onnx.export(seeded(TinyMLPVAE), tmp_path / "kept" / "b" / "e", parts=("decoder",))
+    assert os.listdir(tmp_path) == ["kept"] and os.listdir(tmp_path / "kept") == []
+
+
+@pytest.mark.parametrize("kind", ["folder", "symlink"])
+def test_refuses_to_replace_an_export_holding_something_else_under_a_part_name(tmp_path, kind):
+    """An earlier export is replaced whole: only if each entry is one of its plain files
+    (a folder or link under a part's name holds something else: refused, not deleted)."""
+    out = tmp_path / "e"
+    fv_onnx.export(seeded(TinyMLPVAE), out, parts=("decoder",))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    if kind == "folder":
+        (out / "scorer.onnx").mkdir()
+        (out / "scorer.onnx" / "notes.txt").write_text("mine")
+    else:
+        (out / "scorer.onnx").symlink_to(tmp_path / "mine" / "notes.txt")
+    with pytest.raises(FileExistsError, match="out_dir"):
+        fv_onnx.export(seeded(TinyMLPVAE), out, parts=("decoder",))
+    assert (out / "scorer.onnx").exists() and (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("recon", ["bce_logits", "continuous_bernoulli"])
+def test_a_logit_recon_model_without_score_is_refused_a_scorer(tmp_path, recon):
+    """decode(z) gives data space: the loss of logits cannot be rebuilt from it exactly
+    (bce on sigmoid(l) clamps where sigmoid rounds to 1; the continuous Bernoulli's mean
+    has no closed inverse), so the scorer needs the model's own score(x); the other parts
+    export."""
+    model = seeded(TinyConvVAE, recon=recon)
+    with pytest.raises(TypeError, match=rf"recon={recon!r} needs a score\(x\) method"):
+        fv_onnx.export(model, tmp_path / "e")
+    assert os.listdir(tmp_path) == []
+    fv_onnx.export(model, tmp_path / "e", parts=("encoder", "decoder"))
+    assert sorted(os.listdir(tmp_path / "e")) == ["decoder.onnx", "encoder.onnx", "metadata.json"]
+
+
 # ---- bad arguments --------------------------------------------------------
 
 

@@ -271,6 +271,8 @@ def test_missing_part_and_missing_int8(conv):
         rt.score(np.zeros((1, 1, 8, 8), np.float32))
     with pytest.raises(ValueError, match="quantized=True.*no int8"):
         VAERuntime(out, quantized=True)
+    with pytest.raises(TypeError, match="quantized must be a bool, got str 'no'"):
+        VAERuntime(out, quantized="no")  # (a non-empty string read as True before)
 
 
 def test_bad_providers(mlp):
@@ -341,6 +343,17 @@ def test_corrupt_onnx_file(broken):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(ValueError, match="encoder.onnx.* is corrupt"):
+        VAERuntime(broken)
+
+
+def test_a_symlinked_metadata_file_is_refused(broken, tmp_path):
+    """Nothing is read from outside the export: metadata.json a link (to a valid file
+    elsewhere) is refused, as a linked part file is."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (broken / "metadata.json").rename(outside / "metadata.json")
+    (broken / "metadata.json").symlink_to(outside / "metadata.json")
+    with pytest.raises(ValueError, match="metadata.json is a symlink"):
         VAERuntime(broken)
 
 

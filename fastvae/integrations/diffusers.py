@@ -22,6 +22,8 @@ softplus scale; ``MiniMaxH3AudioDiagonalGaussianDistribution``: mean and log std
 
 import sys
 
+import torch
+
 from fastvae import _validate
 from fastvae.posterior import SEMANTICS, GaussianPosterior
 
@@ -53,7 +55,7 @@ class FusedDiagonalGaussianDistribution(GaussianPosterior, DiagonalGaussianDistr
     semantics_of_new = "diffusers"
     fastvae_replaces = DiagonalGaussianDistribution  # the class apply() stands in for
 
-    def __init__(self, parameters, deterministic=False):
+    def __init__(self, parameters: torch.Tensor, deterministic: bool = False) -> None:
         GaussianPosterior.__init__(self, parameters, dim=1, logvar_clamp=(-30.0, 20.0),
                                    deterministic=deterministic, semantics=self.semantics_of_new)
 
