@@ -507,9 +507,12 @@ def _clamped(logvar, lo, hi):
     return logvar.clamp(lo, hi)
 
 
-def _unclamped_mask(logvar, lo, hi):
-    """1 where clamp(logvar, lo, hi) passes the gradient (torch.clamp's rule), else 0."""
-    return (logvar >= lo) & (logvar <= hi)
+def _zero_where_clamped(grad, logvar, lo, hi):
+    """``grad`` (written) through clamp(logvar, lo, hi): zero where the clamp was active
+    (logvar < lo or > hi), whatever the gradient there (a NaN from a NaN prior too), as
+    torch.clamp's backward and the kernels' clamp_grad; a NaN logvar was not clamped and
+    its gradient passes."""
+    return grad.masked_fill_((logvar < lo) | (logvar > hi), 0.0)
 
 
 def kl_per_sample(mu, logvar, lo, hi, dtype, grad_scale):
@@ -535,7 +538,7 @@ def kl_per_sample(mu, logvar, lo, hi, dtype, grad_scale):
     grad_mu = torch.mul(mu_c, grad_scale, out=_empty_like_contiguous(mu_c, dtype))
     grad_logvar = var_m1.mul_(0.5 * grad_scale)
     if lo is not None:
-        grad_logvar.mul_(_unclamped_mask(_as(logvar, dtype), lo, hi))
+        _zero_where_clamped(grad_logvar, _as(logvar, dtype), lo, hi)
     return per_sample, grad_mu, grad_logvar
 
 
@@ -622,7 +625,7 @@ def _small_kl(mu, logvar, lo, hi, dtype, reduction, scale, want_grad):
     else:
         grad_mu = mu_c.clone(memory_format=torch.contiguous_format)
     if lo is not None:
-        half_var_m1.mul_(_unclamped_mask(_as(logvar, dtype), lo, hi))
+        _zero_where_clamped(half_var_m1, _as(logvar, dtype), lo, hi)
     return value, grad_mu, half_var_m1
 
 
@@ -733,7 +736,7 @@ def small_kl_grads(mu, logvar, var_m1, lo, hi, reduction, dtype, w, need_mu, nee
     if need_lv:
         grad_lv = torch.mul(var_m1, w).mul_(constant(0.5, dtype, like.device))
         if lo is not None:
-            grad_lv.mul_(_unclamped_mask(_as(logvar, dtype), lo, hi))
+            _zero_where_clamped(grad_lv, _as(logvar, dtype), lo, hi)
     return grad_mu, grad_lv
 
 
@@ -1042,7 +1045,7 @@ def _sampling_grads(grad_z, grad_kl, mu, logvar, scaled, clamp_lo, clamp_hi, own
     else:
         grad_mu = grad_z
     if clamp_lo is not None:
-        grad_logvar.mul_(_unclamped_mask(logvar_c, clamp_lo, clamp_hi))
+        _zero_where_clamped(grad_logvar, logvar_c, clamp_lo, clamp_hi)
     return _as(grad_mu, mu_dtype), _as(grad_logvar, lv_dtype)
 
 
@@ -1363,7 +1366,7 @@ def _prior_kl_blocked(mu, logvar, prior_mu, prior_logvar, lo, hi, dtype, scale, 
                 torch.neg(b_mu, out=b_pm)
         if b_lv is not None:
             if lo is not None:
-                h.mul_(_unclamped_mask(lv_raw, lo, hi))
+                _zero_where_clamped(h, lv_raw, lo, hi)
             _store_block(h, block_scale, b_lv)
     return out_sums, g_mu, g_lv, g_pm, g_plv
 
@@ -1436,7 +1439,7 @@ def _whole_kl_with_prior(mu, logvar, prior_mu, prior_logvar, reduction, lo, hi, 
     if want_grad:
         g_lv = half_em1.mul_(factor)
         if lo is not None:
-            g_lv.mul_(_unclamped_mask(_as(logvar, dtype), lo, hi))
+            _zero_where_clamped(g_lv, _as(logvar, dtype), lo, hi)
     else:
         g_mu = None
     # contiguous whatever mu's layout (channels_last, transposed): the fake implementations
@@ -1608,7 +1611,7 @@ def reparameterize_backward_with_prior(grad_z, grad_kl, mu, logvar, prior_mu, pr
         if g_plv is not None:
             g_plv = g_plv.sum_to_size(prior_logvar.shape).to(prior_logvar.dtype)
     if clamp_lo is not None:
-        grad_logvar.mul_(_unclamped_mask(logvar_c, clamp_lo, clamp_hi))
+        _zero_where_clamped(grad_logvar, logvar_c, clamp_lo, clamp_hi)
     if g_pm is None:
         g_pm = (mu if prior_mu is None else prior_mu).new_zeros(
             0 if prior_mu is None else prior_mu.shape)

@@ -47,8 +47,8 @@ def clamp_min(x, lo):
 @triton.jit
 def clamp_grad(grad, x, lo, hi):
     """The gradient through clamp(x, lo, hi): zero where the clamp was active
-    (x < lo or x > hi). A NaN x was not clamped: its gradient, NaN, passes, as
-    the PyTorch path's grad * (lo <= x <= hi) mask leaves it.
+    (x < lo or x > hi), whatever the gradient there (a NaN too). A NaN x was not
+    clamped: its gradient, NaN, passes. The PyTorch path's rule (_zero_where_clamped).
 
     grad: float32 tile, the gradient with respect to clamp(x); x: float32 tile
     like grad, the clamp's input; lo, hi: float32 scalars.

@@ -414,3 +414,29 @@ def test_the_kernels_keep_the_gradient_accurate_when_the_logvars_are_50_apart():
     want_plv = (0.5 * (1 - ratio - (mu.double() - pm.double()) ** 2 / plv.double().exp())).sum(0)
     for got, want in ((g_lv, want_lv), (g_plv, want_plv)):
         assert ((got.double() - want).abs() / want.abs()).max() < 4e-7
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["kl_divergence", "vae_loss", "sample_and_kl"])
+def test_a_clamped_logvar_passes_no_gradient_not_even_a_nan_from_the_prior(backend, op):
+    """Where logvar_clamp is active the logvar gets a zero gradient whatever the KL's
+    derivative there, a NaN from a NaN prior_logvar included, as through torch.clamp
+    (the kernels' rule; the PyTorch path multiplied by the mask: NaN * 0 = NaN); a NaN
+    logvar was not clamped and its NaN passes. Both backends."""
+    fastvae.set_backend(backend)
+    logvar = torch.tensor([[5.0, 0.3, -5.0], [0.2, float("nan"), -0.4]], requires_grad=True)
+    mu = torch.zeros(2, 3, requires_grad=True)
+    options = dict(logvar_clamp=(-1.0, 1.0), prior_logvar=torch.tensor([float("nan"), 0.0, 0.0]))
+    if op == "kl_divergence":
+        out = fastvae.kl_divergence(mu, logvar, reduction="none", **options)
+    elif op == "vae_loss":
+        x = torch.rand(2, 4)
+        out = fastvae.vae_loss(x.clone().requires_grad_(), x, mu, logvar, reduction="none",
+                               **options)
+    else:
+        out = fastvae.sample_and_kl(mu, logvar, **options)[1]
+    out.sum().backward()
+    grad = logvar.grad
+    assert grad[0, 0] == 0 and grad[0, 2] == 0  # clamped (5 and -5 against [-1, 1])
+    # NaN: the free element under the NaN prior logvar, and the NaN logvar; finite elsewhere
+    assert torch.equal(torch.isnan(grad), torch.tensor([[False, False, False], [True, True, False]]))
