@@ -45,9 +45,10 @@ def _interpreter_index_from_one_element_arrays():
 if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_index_from_one_element_arrays()
 
-# CUDA cases are generated everywhere: without a GPU they show as skipped, with the reason
+# CUDA cases are generated everywhere: without a GPU they show as skipped, with the reason.
+# Marked "cuda": benchmarks/gpu_check.py runs them alone (-m cuda; the CPU cases run in CI)
 NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-DEVICES = ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, NEEDS_CUDA])]
 
 
 @pytest.fixture(params=DEVICES)

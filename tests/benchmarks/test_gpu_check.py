@@ -366,3 +366,157 @@ def test_torch_path_sync_check_runs_every_case_and_names_the_ones_that_sync(one_
     (got,) = run.checks
     # on CPU tensors the checks of bce's probabilities read values on the host
     assert got["ok"] is False and "bce float64: called a synchronizing" in got["detail"], got
+
+
+# ---- the whole run's order and budget, on a stand-in for the GPU ---------------------
+
+
+class _FakeCase:
+    """A benchmark case whose steps are instant; ``check`` fails where asked."""
+
+    def __init__(self, case_id, fails=False):
+        self.id, self.op, self.fails = case_id, case_id.split("/")[0], fails
+
+    def check(self, impl, device):
+        if self.fails:
+            raise AssertionError(f"{self.id}: off the float64 reference")
+
+    def inputs(self, device, seed=0):
+        return {}
+
+    def step(self, impl, inputs):
+        return lambda: None
+
+    def bytes_moved(self):
+        return 10**6
+
+
+def _fake_gpu_run(monkeypatch, tmp_path, budget, consumed_by_checks, train_error=False):
+    """Run main() with every CUDA call stood in for: the checks cost
+    ``consumed_by_checks`` seconds of the budget (taken from the deadline); returns
+    (exit code, results, the order things ran in)."""
+    import triton.testing
+
+    from benchmarks import cases, train_steps
+
+    order = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(gpu_check, "environment", lambda device: dict(
+        gpu="Fake GPU", torch=torch.__version__, triton="3.6", cuda="12.8", python="3.11"))
+
+    def check(name, cost=0.0):
+        def run_check(run, device, *args, **kwargs):
+            order.append(name)
+            run.deadline -= cost
+            run.record(name, True, "stand-in")
+        return run_check
+
+    for name in ("check_determinism", "check_past_2_to_31", "check_device_seed",
+                 "check_torch_path_without_host_sync", "check_graph_sampling"):
+        monkeypatch.setattr(gpu_check, name, check(name))
+    monkeypatch.setattr(gpu_check, "check_reduce_overhead_step",
+                        check("reduce-overhead", consumed_by_checks / 2))
+    monkeypatch.setattr(gpu_check, "check_diffusers",
+                        lambda run, device, results: check("diffusers")(run, device))
+    monkeypatch.setattr(gpu_check, "cuda_generator",
+                        lambda device, seed: torch.Generator().manual_seed(seed))
+    fake_cases = [_FakeCase("loss_fwd_bwd/mse/sum/gpu_target/bfloat16"),
+                  _FakeCase("kl_fwd_bwd/free_bits/reparam/float32", fails=True),
+                  _FakeCase("loss_fwd_bwd/mse/sum/fixed_tiny/float32")]
+    monkeypatch.setattr(gpu_check, "benchmark_cases", lambda: fake_cases)
+    for case in fake_cases:
+        original = case.check
+
+        def logged(impl, device, case=case, original=original):
+            order.append(f"check {case.id}")
+            original(impl, device)
+        case.check = logged
+    monkeypatch.setattr(cases, "copy_bandwidth", lambda device: 2e12)
+    monkeypatch.setattr(gpu_check, "launch_overhead_us", lambda device: dict(aten=5.0, triton=9.0))
+    monkeypatch.setattr(gpu_check, "host_us", lambda step, device, calls=20: 50.0)
+    monkeypatch.setattr(gpu_check, "peak_mib", lambda step, device: 10.0)
+    monkeypatch.setattr(gpu_check, "graph_ms", lambda case, impl, device: 0.01)
+
+    def do_bench(step, warmup=25, rep=100, return_mode="median"):
+        return 0.1
+
+    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    real_time_case = gpu_check.time_case
+
+    def time_case(run, case, device, bandwidth, impls=None, entry=None):
+        order.append(f"time {case.id} {','.join(impls)}")
+        return real_time_case(run, case, device, bandwidth, impls, entry)
+
+    monkeypatch.setattr(gpu_check, "time_case", time_case)
+
+    def run_group(device, variants, time_left, log, rows, **kwargs):
+        for variant in variants:
+            need = 45 if variant in ("compile", "reduce-overhead") else 10
+            for impl in ("plain", "fastvae"):
+                row = dict(model="mlp784", variant=variant, impl=impl)
+                if time_left() < need:
+                    row["skipped"] = "time budget"
+                elif train_error and impl == "fastvae" and variant == "bf16":
+                    row["error"] = "RuntimeError: stand-in failure"
+                else:
+                    row["steps_per_s"] = 100.0
+                    order.append(f"train {variant} {impl}")
+                rows.append(row)
+                log(f"train step {variant} {impl}")
+        return rows
+
+    monkeypatch.setattr(train_steps, "run_group", run_group)
+    code = gpu_check.main(["--skip-tests", "--budget", str(budget), "--results-dir", str(tmp_path)])
+    [json_file] = tmp_path.glob("gpu_check-fake-gpu-*.json")
+    return code, json.loads(json_file.read_text()), order
+
+
+def test_a_full_budget_checks_everything_then_times_in_passes(monkeypatch, tmp_path):
+    code, results, order = _fake_gpu_run(monkeypatch, tmp_path, budget=1000.0, consumed_by_checks=0)
+    first_timing = next(i for i, step in enumerate(order) if step.startswith("time"))
+    assert all(step.startswith(("check", "reduce")) for step in order[:first_timing])
+    assert sum(step.startswith("check ") for step in order[:first_timing]) == 3
+    # fastvae and eager on the checked cases, eager/bf16 steps, compile baselines, compiled steps
+    assert [s for s in order[first_timing:] if not s.startswith("train")][:2] == [
+        "time loss_fwd_bwd/mse/sum/gpu_target/bfloat16 fastvae,eager",
+        "time loss_fwd_bwd/mse/sum/fixed_tiny/float32 fastvae,eager"]
+    train_at = [i for i, s in enumerate(order) if s.startswith("train")]
+    compile_at = order.index("time loss_fwd_bwd/mse/sum/gpu_target/bfloat16 compile")
+    assert order[train_at[0]] == "train eager plain" and train_at[3] < compile_at < train_at[4]
+    assert order[train_at[4]] == "train compile plain"
+    # the case that failed its float64 check is not timed, and the run says so
+    assert not any("free_bits" in s for s in order if s.startswith("time"))
+    assert code == 1
+    timed = {t["case"]: t for t in results["timings"]}
+    assert set(timed["loss_fwd_bwd/mse/sum/gpu_target/bfloat16"]["ms"]) == {"fastvae", "eager",
+                                                                            "compile"}
+    assert set(timed["loss_fwd_bwd/mse/sum/fixed_tiny/float32"]["ms"]) == {"fastvae", "eager"}
+    assert list(results["stage_s"])[:2] == ["start", "test suite"]
+    assert all(isinstance(c["ok"], (bool, type(None))) for c in results["checks"])
+
+
+def test_a_short_budget_loses_timings_never_checks(monkeypatch, tmp_path):
+    """With 40 s left after the random-number checks: every float64 check still runs,
+    fastvae and eager are timed, and neither the compile baselines (45 s each) nor any
+    training step fit: recorded as skipped, not failed."""
+    code, results, order = _fake_gpu_run(monkeypatch, tmp_path, budget=1000.0,
+                                         consumed_by_checks=960.0)
+    assert sum(step.startswith("check ") for step in order) == 3
+    assert "time loss_fwd_bwd/mse/sum/gpu_target/bfloat16 fastvae,eager" in order
+    assert not any(s.startswith("train") for s in order)
+    timed = {t["case"]: t for t in results["timings"]}
+    headline = timed["loss_fwd_bwd/mse/sum/gpu_target/bfloat16"]
+    assert "compile" not in headline["ms"] and headline["skipped"] == ["compile"]
+    assert all(row.get("skipped") for row in results["train_steps"])
+    failed = [c["name"] for c in results["checks"] if c["ok"] is False]
+    assert failed == ["float64 check kl_fwd_bwd/free_bits/reparam/float32"] and code == 1
+
+
+def test_a_failing_fastvae_training_step_fails_the_run(monkeypatch, tmp_path):
+    code, results, _ = _fake_gpu_run(monkeypatch, tmp_path, budget=1000.0, consumed_by_checks=0,
+                                     train_error=True)
+    failed = [c["name"] for c in results["checks"] if c["ok"] is False]
+    assert "training step mlp784 bf16 fastvae" in failed and code == 1

@@ -24,10 +24,10 @@ KERNEL_DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(
         not _INTERPRETED, reason="kernels on CPU tensors need TRITON_INTERPRET=1 (here they "
                                  "run compiled on the GPU; CI runs the interpreter)")),
-    pytest.param("cuda", marks=pytest.mark.skipif(
+    pytest.param("cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
         _INTERPRETED or not torch.cuda.is_available(),
         reason="compiled kernels need a CUDA GPU" if not torch.cuda.is_available()
-        else "TRITON_INTERPRET=1: the kernels run interpreted on CPU tensors")),
+        else "TRITON_INTERPRET=1: the kernels run interpreted on CPU tensors")]),
 ]
 
 

@@ -133,6 +133,7 @@ def test_cuda_generator_seed_comes_from_its_state_and_advances_it():
     assert functional._draw_seed(other, like) != first
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_generator_reproduces_a_draw():
     mu, logvar = torch.zeros(4, 8, device="cuda"), torch.zeros(4, 8, device="cuda")
