@@ -1586,7 +1586,14 @@ def reparameterize_backward_with_prior(grad_z, grad_kl, mu, logvar, prior_mu, pr
     grad_logvar = grad_logvar.mul_(std).mul_(0.5)
     grad_mu = grad_mu.clone() if grad_mu is g_z else grad_mu
     g_pm = g_plv = None
-    if grad_kl is not None and mu.numel() <= SMALL_NUMEL:  # (see _whole_kl_with_prior)
+    if grad_kl is not None and mu.numel() <= SMALL_NUMEL and prior_mu is None \
+            and prior_logvar is None:
+        # against N(0, I) (several samples): d/dmu = mu, d/dlv = expm1(lv) / 2, each times
+        # grad_kl, without the KL's other terms
+        g_kl = _as(grad_kl, dtype).reshape((-1,) + (1,) * (mu.dim() - 1))
+        grad_mu.addcmul_(_as(mu, dtype), g_kl)
+        grad_logvar.addcmul_(torch.expm1(lv), g_kl, value=0.5)
+    elif grad_kl is not None and mu.numel() <= SMALL_NUMEL:  # (see _whole_kl_with_prior)
         g_kl = _as(grad_kl, dtype).reshape((-1,) + (1,) * (mu.dim() - 1))
         _, diff_scaled, half_em1, sq_half = _whole_prior_kl_terms(
             mu, logvar, prior_mu, prior_logvar, clamp_lo, clamp_hi, dtype)
