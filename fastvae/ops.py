@@ -43,6 +43,18 @@ from fastvae._grad_scaling import (
     scale_gradients,
 )
 
+_DETECT_FAKE_MODE = getattr(torch._guards, "detect_fake_mode", None)
+
+
+def _traced(*tensors: Tensor) -> bool:
+    """Whether these are a traced graph's fake tensors (torch.compile, export, make_fx),
+    not values (unknown without torch._guards.detect_fake_mode: fake tensors checked)."""
+    if _DETECT_FAKE_MODE is not None:
+        return _DETECT_FAKE_MODE(tensors) is not None
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return any(isinstance(t, FakeTensor) for t in tensors)
+
 
 def _forward_backend(*tensors: Tensor) -> str:
     """The backend an op's forward runs on for these inputs, asked at setup and kept
@@ -503,8 +515,14 @@ def _reparameterize_setup(ctx, inputs, output):
     mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi, with_kl, num_samples = inputs
     ctx.clamp, ctx.with_kl, ctx.num_samples = (clamp_lo, clamp_hi), with_kl, num_samples
     ctx.set_materialize_grads(False)  # an unused output (the empty kl) gets None, not zeros
-    # the backend whose noise the backward regenerates (None: no backward will run)
-    ctx.backend = _forward_backend(mu, logvar) if any(ctx.needs_input_grad[:4]) else None
+    # the backend whose noise the backward regenerates (None: no backward will run; or a
+    # graph being traced, whose forward op picks its backend when the graph runs: the
+    # backward then picks the same one, by the same rule. A backend fixed at trace time
+    # would disagree with the forward if the setting changed since, or in a compiled
+    # graph cached on disk by a run on the other backend: other noise, wrong gradients)
+    ctx.backend = None
+    if any(ctx.needs_input_grad[:4]) and not _traced(mu, logvar):
+        ctx.backend = _forward_backend(mu, logvar)
     ctx.save_for_backward(*map(_saveable, (mu, logvar, prior_mu, prior_logvar)), seed)
 
 

@@ -145,3 +145,31 @@ def test_torch_func_on_the_kernels_backend_uses_the_kernels_noise(monkeypatch, k
     torch.testing.assert_close(dz, 0.5 * torch.exp(0.5 * logvar) * eps)
     torch.testing.assert_close(
         grad(lambda m: fastvae.kl_divergence(m, logvar))(mu), mu)
+
+
+@pytest.mark.parametrize("traced_on,run_on", [("torch", "triton"), ("triton", "torch")])
+def test_a_traced_graph_differentiates_the_noise_its_forward_drew(kernels, traced_on, run_on):
+    """A traced graph's forward op picks its backend when the graph runs; its backward
+    must regenerate that backend's noise, not the one set when the graph was traced. (A
+    torch.compile graph loaded from the on-disk cache that a run on the other backend
+    filled did so: the backward regenerated the other backend's noise, wrong gradients.
+    aot_function reuses its trace the same way, here without a disk cache.)"""
+    from functorch.compile import aot_function, nop
+
+    mu, logvar = latents(shape=(4, 6))
+
+    def step(mu, logvar):
+        z, kl = fastvae.sample_and_kl(mu, logvar, num_samples=2)
+        return z, z.square().mean() + kl.sum()
+
+    traced = aot_function(step, fw_compiler=nop, bw_compiler=nop)
+    fastvae.set_backend(traced_on)
+    traced(mu, logvar)  # traced on this backend
+    fastvae.set_backend(run_on)
+    z, loss = traced(mu, logvar)  # the same graph, its forward now on the other backend
+    grad_mu, grad_logvar = torch.autograd.grad(loss, (mu, logvar))
+    z, mu, logvar = z.detach(), mu.detach(), logvar.detach()
+    # loss = mean_k (z_k^2) + sum KL, z_k = mu + exp(lv / 2) eps_k: from the z the call drew
+    dz = 2 * z / z.numel()
+    torch.testing.assert_close(grad_mu, dz.sum(0) + mu)
+    torch.testing.assert_close(grad_logvar, (dz * (z - mu) / 2).sum(0) + 0.5 * torch.expm1(logvar))
