@@ -757,18 +757,21 @@ def rotation_sets(case, l2_bytes, most=16):
     return max(1, min(most, math.ceil(3 * l2_bytes / moved)))
 
 
-def graph_ms(case, impl, device):
-    """Device time per call from a CUDA graph replay: no host overhead, and the
-    calls cycle through enough input sets that they read DRAM, not L2. None,
-    with the reason printed, when capture fails."""
+def rotation_steps(case, impl, device):
+    """One step per input set, enough sets that replaying them in turn reads DRAM,
+    not L2 (rotation_sets); all share one function (compile: one compilation)."""
+    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
+    sets = [case.inputs(device, seed=k) for k in range(rotation_sets(case, l2_bytes))]
+    return case.steps(impl, sets)
+
+
+def graph_ms(steps, device):
+    """Device time per call from a CUDA graph replay of ``steps`` in turn (warmed up
+    already): no host overhead, and DRAM traffic rather than L2 hits. None, with the
+    reason printed, when capture fails."""
     from triton.testing import do_bench_cudagraph
 
-    l2_bytes = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 << 20)
     try:
-        sets = [case.inputs(device, seed=k) for k in range(rotation_sets(case, l2_bytes))]
-        steps = case.steps(impl, sets)
-        for step in steps:  # warm-up (compile: one compilation for every set)
-            step()
         calls = itertools.count()
 
         def rotating():
@@ -805,19 +808,23 @@ def time_case(run, case, device, bandwidth, impls=None, entry=None):
             skipped.append(impl)
             continue
         try:
-            inputs = case.inputs(device)
-            step = case.step(impl, inputs)
+            # the input sets of the graph replays; the first serves do_bench and the host
+            # time (one function for all: compile compiles once per case and impl)
+            steps = rotation_steps(case, impl, device)
+            step = steps[0]
             start = time.monotonic()
             step()  # warm-up; for compile, the compilation
             torch.cuda.synchronize(device)
             if impl == "compile":
                 entry["compile_s"] = time.monotonic() - start
+            for other in steps[1:]:
+                other()
             entry["ms"][impl] = do_bench(step, warmup=25, rep=100, return_mode="median")
             entry.setdefault("host_us", {})[impl] = host_us(step, device)
             if impl != "compile" and case.op.startswith("loss"):
                 entry["peak_mib"][impl] = peak_mib(step, device)
-            del inputs, step
-            entry.setdefault("graph_ms", {})[impl] = graph_ms(case, impl, device)
+            entry.setdefault("graph_ms", {})[impl] = graph_ms(steps, device)
+            del steps, step
         except Exception as e:  # noqa: BLE001 - a failing baseline loses its own numbers only
             if impl == "fastvae":
                 raise

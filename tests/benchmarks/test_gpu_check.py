@@ -438,7 +438,9 @@ def _fake_gpu_run(monkeypatch, tmp_path, budget, consumed_by_checks, train_error
     monkeypatch.setattr(gpu_check, "launch_overhead_us", lambda device: dict(aten=5.0, triton=9.0))
     monkeypatch.setattr(gpu_check, "host_us", lambda step, device, calls=20: 50.0)
     monkeypatch.setattr(gpu_check, "peak_mib", lambda step, device: 10.0)
-    monkeypatch.setattr(gpu_check, "graph_ms", lambda case, impl, device: 0.01)
+    monkeypatch.setattr(gpu_check, "graph_ms", lambda steps, device: 0.01)
+    monkeypatch.setattr(gpu_check, "rotation_steps",
+                        lambda case, impl, device: [case.step(impl, case.inputs(device))] * 2)
 
     def do_bench(step, warmup=25, rep=100, return_mode="median"):
         return 0.1
@@ -520,3 +522,35 @@ def test_a_failing_fastvae_training_step_fails_the_run(monkeypatch, tmp_path):
                                      train_error=True)
     failed = [c["name"] for c in results["checks"] if c["ok"] is False]
     assert "training step mlp784 bf16 fastvae" in failed and code == 1
+
+
+def test_each_implementation_is_built_once_per_timed_case(monkeypatch):
+    """do_bench, the host time and the graph replays share one set of steps: torch.compile
+    compiles once per case (it compiled twice, the graph replays' steps again)."""
+    import triton.testing
+
+    built = []
+
+    class Case(_FakeCase):
+        def step(self, impl, inputs):
+            raise AssertionError("time_case builds its steps with steps(), once")
+
+        def steps(self, impl, input_sets):
+            built.append(impl)
+            return [lambda: None for _ in input_sets]
+
+    class Props:
+        L2_cache_size = 50 << 20
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: Props())
+    monkeypatch.setattr(triton.testing, "do_bench", lambda step, **kwargs: 0.1)
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda step, **kwargs: 0.05)
+    monkeypatch.setattr(gpu_check, "host_us", lambda step, device, calls=20: 50.0)
+    monkeypatch.setattr(gpu_check, "peak_mib", lambda step, device: 10.0)
+    case = Case("loss_fwd_bwd/mse/sum/gpu_target/bfloat16")
+    entry = gpu_check.time_case(gpu_check.Run(deadline=float("inf")), case, "cpu", 2e12)
+    assert built == ["fastvae", "eager", "compile"]
+    assert entry["graph_ms"] == {"fastvae": 0.05, "eager": 0.05, "compile": 0.05}
+    assert entry["vs_eager"] == 1.0 and entry["vs_eager_graph"] == 1.0
