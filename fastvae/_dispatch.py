@@ -26,6 +26,7 @@ import threading
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 from fastvae import _torch_impl
@@ -230,6 +231,31 @@ def implementation(*tensors: Tensor) -> Backend:
             raise RuntimeError(f"backend 'triton' forced ({ENV_VAR} or fastvae.set_backend) "
                                f"but fastvae.kernels could not import triton")
     return _torch_impl
+
+
+@torch.compiler.assume_constant_result
+def traced_backend(device_type: str, wide: bool, meta: bool = False) -> str:
+    """The backend (its name) for an op traced into a graph on ``device_type`` tensors
+    (``wide``: one of them float64; ``meta``: meta tensors, whose backward arithmetic is
+    PyTorch's): what ``implementation`` would pick for them now. A constant to
+    torch.compile, so the graph holds it and both its forward and backward use it."""
+    if wide or meta:
+        return "torch"
+    forced = forced_backend()
+    name = forced if forced is not None else (
+        "triton" if device_type == "cuda" and triton_available() else "torch")
+    if name == "triton":
+        if forced == "triton" and not triton_available():
+            raise RuntimeError(f"backend 'triton' forced ({ENV_VAR} or fastvae.set_backend) "
+                               f"but triton is not installed")
+        from fastvae import kernels
+
+        if not kernels.AVAILABLE:
+            if forced == "triton":
+                raise RuntimeError(f"backend 'triton' forced ({ENV_VAR} or fastvae.set_backend) "
+                                   f"but fastvae.kernels could not import triton")
+            return "torch"
+    return name
 
 
 def implementation_named(backend):

@@ -43,18 +43,6 @@ from fastvae._grad_scaling import (
     scale_gradients,
 )
 
-_DETECT_FAKE_MODE = getattr(torch._guards, "detect_fake_mode", None)
-
-
-def _traced(*tensors: Tensor) -> bool:
-    """Whether these are a traced graph's fake tensors (torch.compile, export, make_fx),
-    not values (unknown without torch._guards.detect_fake_mode: fake tensors checked)."""
-    if _DETECT_FAKE_MODE is not None:
-        return _DETECT_FAKE_MODE(tensors) is not None
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return any(isinstance(t, FakeTensor) for t in tensors)
-
 
 def _forward_backend(*tensors: Tensor) -> str:
     """The backend an op's forward runs on for these inputs, asked at setup and kept
@@ -443,11 +431,14 @@ kl_divergence_op.register_autograd(_kl_backward, setup_context=_kl_setup)
 def _reparameterize_impl(
     mu: Tensor, logvar: Tensor, prior_mu: Optional[Tensor], prior_logvar: Optional[Tensor],
     seed: Tensor, clamp_lo: Optional[float], clamp_hi: Optional[float], with_kl: bool,
-    num_samples: int,
+    num_samples: int, backend: Optional[str] = None,
 ) -> Tuple[Tensor, Tensor]:
     """(z, per-sample kl (against the prior) or an empty tensor); z has mu's shape, or
-    (num_samples, *mu.shape) for num_samples > 0."""
-    impl = _dispatch.implementation(mu, logvar)
+    (num_samples, *mu.shape) for num_samples > 0. ``backend``: the one a traced graph
+    was traced for (its backward regenerates that backend's noise); None: dispatch's
+    choice now (an eager call records it at setup)."""
+    impl = _dispatch.implementation(mu, logvar) if backend is None \
+        else _dispatch.implementation_named(backend)
     if _extended_sampling(prior_mu, prior_logvar, num_samples):
         return impl.reparameterize_forward_with_prior(
             mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi, with_kl, num_samples)
@@ -463,7 +454,8 @@ def _sample_shape(mu, num_samples):
 
 
 @reparameterize_op.register_fake
-def _(mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi, with_kl, num_samples):
+def _(mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi, with_kl, num_samples,
+      backend=None):
     z = torch.empty(_sample_shape(mu, num_samples),
                     dtype=torch.promote_types(mu.dtype, logvar.dtype), device=mu.device)
     dtype = _out_dtype(mu, logvar)
@@ -512,17 +504,17 @@ def _(grad_z, grad_kl, mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp
 
 
 def _reparameterize_setup(ctx, inputs, output):
-    mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi, with_kl, num_samples = inputs
+    mu, logvar, prior_mu, prior_logvar, seed, clamp_lo, clamp_hi, with_kl, num_samples = inputs[:9]
+    backend = inputs[9] if len(inputs) > 9 else None  # (the eager Function passes none)
     ctx.clamp, ctx.with_kl, ctx.num_samples = (clamp_lo, clamp_hi), with_kl, num_samples
     ctx.set_materialize_grads(False)  # an unused output (the empty kl) gets None, not zeros
-    # the backend whose noise the backward regenerates (None: no backward will run; or a
-    # graph being traced, whose forward op picks its backend when the graph runs: the
-    # backward then picks the same one, by the same rule. A backend fixed at trace time
-    # would disagree with the forward if the setting changed since, or in a compiled
-    # graph cached on disk by a run on the other backend: other noise, wrong gradients)
-    ctx.backend = None
-    if any(ctx.needs_input_grad[:4]) and not _traced(mu, logvar):
-        ctx.backend = _forward_backend(mu, logvar)
+    # the backend whose noise the backward regenerates: a traced graph's, fixed at trace
+    # time for its forward op too (so a graph run later, under another setting, in another
+    # thread, or loaded from the on-disk compile cache, still differentiates the noise its
+    # forward drew); else the one this forward ran on (None: no backward will run)
+    if backend is None and any(ctx.needs_input_grad[:4]):
+        backend = _forward_backend(mu, logvar)
+    ctx.backend = backend
     ctx.save_for_backward(*map(_saveable, (mu, logvar, prior_mu, prior_logvar)), seed)
 
 
@@ -533,9 +525,9 @@ def _reparameterize_grads(ctx, grad_z, grad_kl, run_backward):
                              dtype=torch.promote_types(mu.dtype, logvar.dtype), device=mu.device)
     grads = run_backward(grad_z, grad_kl if ctx.with_kl else None, mu, logvar, prior_mu,
                          prior_logvar, seed, *ctx.clamp, ctx.num_samples, ctx.backend)
-    # no gradients for seed, clamp_lo, clamp_hi, with_kl, num_samples
+    # no gradients for seed, clamp_lo, clamp_hi, with_kl, num_samples (, backend)
     return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:4])) \
-        + (None,) * 5
+        + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
 def _reparameterize_backward(ctx, grad_z, grad_kl):
@@ -548,7 +540,7 @@ reparameterize_op.register_autograd(_reparameterize_backward, setup_context=_rep
 
 
 def _reparameterize_vmap(info, in_dims, mu, logvar, prior_mu, prior_logvar, seed, clamp_lo,
-                         clamp_hi, with_kl, num_samples):
+                         clamp_hi, with_kl, num_samples, backend=None):
     """vmap's rule: one call per vmapped sample, as torch's per-sample fallback would
     run it (so each sample's own seed under randomness="different", the same seed and
     noise under "same"), without the fallback's warning that a batching rule is
@@ -560,7 +552,8 @@ def _reparameterize_vmap(info, in_dims, mu, logvar, prior_mu, prior_logvar, seed
     for index in range(info.batch_size):
         sample = [t if dim is None else t.select(dim, index)
                   for t, dim in zip(tensors, in_dims[:len(tensors)])]
-        outputs.append(reparameterize_op(*sample, clamp_lo, clamp_hi, with_kl, num_samples))
+        outputs.append(reparameterize_op(*sample, clamp_lo, clamp_hi, with_kl, num_samples,
+                                         backend))
     return tuple(torch.stack(parts) for parts in zip(*outputs)), (0, 0)
 
 
@@ -995,7 +988,10 @@ def reparameterize(mu, logvar, *args):
         return _apply(_ReparameterizeFunction, 5, mu, logvar, *args)
     if _differentiated_by_a_transform():  # torch.func, also inside torch.compile
         return _composite_reparameterize(mu, logvar, *args)
-    return reparameterize_op(mu, logvar, *args)
+    # traced (compile, export, make_fx): the backend is fixed in the graph, for its
+    # forward and its backward alike
+    return reparameterize_op(mu, logvar, *args, _dispatch.traced_backend(
+        mu.device.type, mu.dtype.itemsize > 4 or logvar.dtype.itemsize > 4, mu.is_meta))
 
 
 def _small_sample(mu, logvar, prior_mu, prior_logvar, num_samples):

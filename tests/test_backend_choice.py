@@ -147,29 +147,74 @@ def test_torch_func_on_the_kernels_backend_uses_the_kernels_noise(monkeypatch, k
         grad(lambda m: fastvae.kl_divergence(m, logvar))(mu), mu)
 
 
-@pytest.mark.parametrize("traced_on,run_on", [("torch", "triton"), ("triton", "torch")])
-def test_a_traced_graph_differentiates_the_noise_its_forward_drew(kernels, traced_on, run_on):
-    """A traced graph's forward op picks its backend when the graph runs; its backward
-    must regenerate that backend's noise, not the one set when the graph was traced. (A
-    torch.compile graph loaded from the on-disk cache that a run on the other backend
-    filled did so: the backward regenerated the other backend's noise, wrong gradients.
-    aot_function reuses its trace the same way, here without a disk cache.)"""
-    from functorch.compile import aot_function, nop
+def _sample_and_loss(mu, logvar):
+    z, kl = fastvae.sample_and_kl(mu, logvar, num_samples=2)
+    return z, z.square().mean() + kl.sum()
 
-    mu, logvar = latents(shape=(4, 6))
 
-    def step(mu, logvar):
-        z, kl = fastvae.sample_and_kl(mu, logvar, num_samples=2)
-        return z, z.square().mean() + kl.sum()
-
-    traced = aot_function(step, fw_compiler=nop, bw_compiler=nop)
-    fastvae.set_backend(traced_on)
-    traced(mu, logvar)  # traced on this backend
-    fastvae.set_backend(run_on)
-    z, loss = traced(mu, logvar)  # the same graph, its forward now on the other backend
+def _assert_gradients_of_the_drawn_noise(z, loss, mu, logvar):
     grad_mu, grad_logvar = torch.autograd.grad(loss, (mu, logvar))
     z, mu, logvar = z.detach(), mu.detach(), logvar.detach()
     # loss = mean_k (z_k^2) + sum KL, z_k = mu + exp(lv / 2) eps_k: from the z the call drew
     dz = 2 * z / z.numel()
     torch.testing.assert_close(grad_mu, dz.sum(0) + mu)
     torch.testing.assert_close(grad_logvar, (dz * (z - mu) / 2).sum(0) + 0.5 * torch.expm1(logvar))
+
+
+def _traced(kind):
+    from functorch.compile import aot_function, nop
+
+    torch._dynamo.reset()
+    if kind == "aot_function":
+        return aot_function(_sample_and_loss, fw_compiler=nop, bw_compiler=nop)
+    return torch.compile(_sample_and_loss, backend="aot_eager", fullgraph=True)
+
+
+@pytest.mark.parametrize("kind", ["aot_function", "compile"])
+@pytest.mark.parametrize("traced_on,run_on", [("torch", "triton"), ("triton", "torch")])
+def test_a_traced_graph_keeps_one_backend_for_its_forward_and_backward(kernels, kind, traced_on,
+                                                                        run_on):
+    """A traced graph holds the backend it was traced for, for its forward op and its
+    backward alike: run later under another setting (aot_function reuses its trace; a
+    torch.compile graph loaded from the on-disk cache that a run on the other backend
+    filled did too), it still differentiates the noise its forward drew. (Before, the
+    backward kept the trace-time backend while the forward picked one when run: the
+    other backend's noise, wrong gradients.)"""
+    mu, logvar = latents(shape=(4, 6))
+    traced = _traced(kind)
+    fastvae.set_backend(traced_on)
+    traced(mu, logvar)
+    fastvae.set_backend(run_on)
+    _assert_gradients_of_the_drawn_noise(*traced(mu, logvar), mu, logvar)
+
+
+@pytest.mark.parametrize("kind", ["aot_function", "compile"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_traced_graphs_backward_outside_the_use_backend_block_or_thread(kernels, kind, backend):
+    """The forward runs in a use_backend block (thread-local), its backward after the block
+    ends, and in another thread (autograd runs a CUDA graph's backward in its device
+    thread, where the block is not in force): the noise of the forward's backend both times."""
+    import threading
+
+    other = "torch" if backend == "triton" else "triton"
+    fastvae.set_backend(other)
+    mu, logvar = latents(shape=(4, 6))
+    traced = _traced(kind)
+    with fastvae.use_backend(backend):
+        z, loss = traced(mu, logvar)
+    _assert_gradients_of_the_drawn_noise(z, loss, mu, logvar)
+    with fastvae.use_backend(backend):
+        z, loss = traced(mu, logvar)
+        errors = []
+
+        def backward():
+            try:
+                _assert_gradients_of_the_drawn_noise(z, loss, mu, logvar)
+            except BaseException as e:  # noqa: BLE001 - reported in the test's thread
+                errors.append(e)
+
+        thread = threading.Thread(target=backward)
+        thread.start()
+        thread.join()
+    if errors:
+        raise errors[0]
