@@ -76,19 +76,21 @@ def _row_sum_of_squares(t, minus=None):
 
     ``minus`` (t's shape and dtype): of (t - minus)^2 instead, the difference made a
     group of rows (RECON_CHUNK elements) at a time in a scratch block, never whole: each
-    row's sum is computed as from the whole difference, so the same bits."""
+    row's sum is computed as from the whole difference, so the same bits. (A row longer
+    than that is one group, in a temporary: a kept scratch block would hold a row's size
+    for the thread's lifetime.)"""
     if minus is not None:
         rows, rows_minus = _rows(t), _rows(minus)
         n, m = rows.shape
         height = max(1, RECON_CHUNK // max(m, 1))
         if height >= n:
             return _row_sum_of_squares(torch.sub(rows, rows_minus))
-        scratch = _Scratch(height * m, t.dtype, t.device)
+        scratch = _Scratch(height * m, t.dtype, t.device) if m <= RECON_CHUNK else None
         total = torch.empty(n, dtype=t.dtype, device=t.device)
         for r0 in range(0, n, height):
             r1 = min(n, r0 + height)
-            total[r0:r1] = _row_sum_of_squares(torch.sub(
-                rows[r0:r1], rows_minus[r0:r1], out=scratch.get("diff", (r1 - r0, m))))
+            into = None if scratch is None else scratch.get("diff", (r1 - r0, m))
+            total[r0:r1] = _row_sum_of_squares(torch.sub(rows[r0:r1], rows_minus[r0:r1], out=into))
         return total
     rows = _rows(t)
     length = rows.shape[1]
@@ -183,6 +185,14 @@ RECON_CHUNK = 1 << 19
 # machine: 1.2x (mse) and 1.5x (l1) at 512x12288 per sample, 1.5-2.7x summed; below
 # this size it lost (0.7x mse at 8x3x256x256 and 64x3x64x64).
 CHUNKED_NO_GRAD_NUMEL = 1 << 21
+
+
+def _blocked_without_gradient(x_hat, x):
+    """An mse/l1 without a gradient that CHUNKED_NO_GRAD_NUMEL's blocks serve: CPU tensors
+    (the cache argument; on a GPU the blocks would be many launches for one op's work),
+    contiguous (the rows of others, channels_last say, would be copied whole), large."""
+    return x_hat.device.type == "cpu" and x_hat.numel() >= CHUNKED_NO_GRAD_NUMEL \
+        and x_hat.is_contiguous() and x.is_contiguous()
 
 
 def _chunks(rows_shape):
@@ -318,11 +328,9 @@ def recon_per_sample(x_hat, x, recon, dtype, grad_scale):
     # bce: its many passes (two logs, clamps, products, sums, the gradient) over cached chunks
     if dtype != x_hat.dtype or dtype != x.dtype or recon == "bce":
         return _chunked_recon_per_sample(x_hat, x, recon, dtype, grad_scale)
-    if not want_grad and recon in SMALL_RECONS and x_hat.numel() >= CHUNKED_NO_GRAD_NUMEL \
-            and x_hat.is_contiguous() and x.is_contiguous():
+    if not want_grad and recon in SMALL_RECONS and _blocked_without_gradient(x_hat, x):
         # the difference made and summed a block at a time in cache, never written whole;
-        # the same sums, bit for bit, as below (the value does not depend on a gradient).
-        # (Contiguous inputs: rows of others, channels_last say, would be copied whole.)
+        # the same sums, bit for bit, as below (the value does not depend on a gradient)
         sums = _row_sum_of_squares if recon == "mse" else _row_abs_sum
         return sums(x_hat, x), None
     if recon == "mse" and want_grad and host_reads_are_free(x_hat):
@@ -763,7 +771,7 @@ def vae_loss_forward(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
     # op and accuracy) beats the per-sample blocked sums there (CHUNKED_NO_GRAD_NUMEL)
     if recon in SMALL_RECONS and (x_hat.numel() <= SMALL_NUMEL or (
             not grad_recon and reduction != "none" and x_hat.dtype == dtype == x.dtype
-            and x_hat.numel() < CHUNKED_NO_GRAD_NUMEL)):
+            and not _blocked_without_gradient(x_hat, x))):
         recon_out, g_xhat = _small_recon(x_hat, x, recon, dtype, reduction, recon_scale,
                                          grad_recon)
         g_obs = None

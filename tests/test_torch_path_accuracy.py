@@ -407,3 +407,25 @@ def test_large_loss_without_gradient_of_strided_inputs_has_the_contiguous_value(
                                x.contiguous(memory_format=torch.channels_last), latent, latent,
                                recon=recon, reduction="none")
     assert torch.equal(got, want)
+
+
+def test_large_loss_without_gradient_keeps_no_row_sized_scratch(monkeypatch):
+    """Rows longer than a block group: each row's difference is a temporary, not a kept
+    scratch block that would hold a row's size for the thread's lifetime."""
+    from fastvae import _torch_impl
+
+    monkeypatch.setattr(_torch_impl, "CHUNKED_NO_GRAD_NUMEL", 64)
+    monkeypatch.setattr(_torch_impl, "RECON_CHUNK", 512)
+    monkeypatch.setattr(_torch_impl, "SMALL_NUMEL", 0)
+    kept = getattr(_torch_impl._kept_scratch, "blocks", None)
+    if kept is not None:
+        monkeypatch.setattr(_torch_impl._kept_scratch, "blocks", {})
+    gen = torch.Generator().manual_seed(10)
+    x_hat, x = torch.randn(3, 2000, generator=gen), torch.randn(3, 2000, generator=gen)
+    latent = torch.zeros(3, 2)
+    with torch.no_grad():
+        got = fastvae.vae_loss(x_hat, x, latent, latent, recon="mse", reduction="none")
+    blocks = getattr(_torch_impl._kept_scratch, "blocks", {})
+    assert all(buf.numel() <= _torch_impl.RECON_CHUNK for buf in blocks.values())
+    want = reference.reduce(reference.recon_elementwise(x_hat.double(), x.double(), "mse"), "none")
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
