@@ -372,10 +372,11 @@ def test_torch_path_sync_check_runs_every_case_and_names_the_ones_that_sync(one_
 
 
 class _FakeCase:
-    """A benchmark case whose steps are instant; ``check`` fails where asked."""
+    """A benchmark case whose steps are instant; ``check`` fails where asked, and
+    fastvae's step where ``step_fails``."""
 
-    def __init__(self, case_id, fails=False):
-        self.id, self.op, self.fails = case_id, case_id.split("/")[0], fails
+    def __init__(self, case_id, fails=False, step_fails=False):
+        self.id, self.op, self.fails, self.step_fails = case_id, case_id.split("/")[0], fails, step_fails
 
     def check(self, impl, device):
         if self.fails:
@@ -385,6 +386,8 @@ class _FakeCase:
         return {}
 
     def step(self, impl, inputs):
+        if self.step_fails and impl == "fastvae":
+            raise RuntimeError("stand-in launch failure")
         return lambda: None
 
     def bytes_moved(self):
@@ -425,6 +428,7 @@ def _fake_gpu_run(monkeypatch, tmp_path, budget, consumed_by_checks, train_error
                         lambda device, seed: torch.Generator().manual_seed(seed))
     fake_cases = [_FakeCase("loss_fwd_bwd/mse/sum/gpu_target/bfloat16"),
                   _FakeCase("kl_fwd_bwd/free_bits/reparam/float32", fails=True),
+                  _FakeCase("loss_fwd_bwd/bce_logits/sum/gpu_target/float32", step_fails=True),
                   _FakeCase("loss_fwd_bwd/mse/sum/fixed_tiny/float32")]
     monkeypatch.setattr(gpu_check, "benchmark_cases", lambda: fake_cases)
     for case in fake_cases:
@@ -480,19 +484,25 @@ def test_a_full_budget_checks_everything_then_times_in_passes(monkeypatch, tmp_p
     code, results, order = _fake_gpu_run(monkeypatch, tmp_path, budget=1000.0, consumed_by_checks=0)
     first_timing = next(i for i, step in enumerate(order) if step.startswith("time"))
     assert all(step.startswith(("check", "reduce")) for step in order[:first_timing])
-    assert sum(step.startswith("check ") for step in order[:first_timing]) == 3
+    assert sum(step.startswith("check ") for step in order[:first_timing]) == 4
     # fastvae and eager on the checked cases, eager/bf16 steps, compile baselines, compiled steps
-    assert [s for s in order[first_timing:] if not s.startswith("train")][:2] == [
+    assert [s for s in order[first_timing:] if not s.startswith("train")][:3] == [
         "time loss_fwd_bwd/mse/sum/gpu_target/bfloat16 fastvae,eager",
+        "time loss_fwd_bwd/bce_logits/sum/gpu_target/float32 fastvae,eager",
         "time loss_fwd_bwd/mse/sum/fixed_tiny/float32 fastvae,eager"]
     train_at = [i for i, s in enumerate(order) if s.startswith("train")]
     compile_at = order.index("time loss_fwd_bwd/mse/sum/gpu_target/bfloat16 compile")
     assert order[train_at[0]] == "train eager plain" and train_at[3] < compile_at < train_at[4]
     assert order[train_at[4]] == "train compile plain"
-    # the case that failed its float64 check is not timed, and the run says so
+    # the case that failed its float64 check is not timed, and the run says so; the one
+    # whose fastvae step fails is a failed timing, and no later pass times it
     assert not any("free_bits" in s for s in order if s.startswith("time"))
+    assert not any("bce_logits" in s for s in order if s.endswith("compile"))
+    failed = {c["name"] for c in results["checks"] if c["ok"] is False}
+    assert "timing loss_fwd_bwd/bce_logits/sum/gpu_target/float32" in failed
     assert code == 1
     timed = {t["case"]: t for t in results["timings"]}
+    assert "loss_fwd_bwd/bce_logits/sum/gpu_target/float32" not in timed
     assert set(timed["loss_fwd_bwd/mse/sum/gpu_target/bfloat16"]["ms"]) == {"fastvae", "eager",
                                                                             "compile"}
     assert set(timed["loss_fwd_bwd/mse/sum/fixed_tiny/float32"]["ms"]) == {"fastvae", "eager"}
@@ -506,7 +516,7 @@ def test_a_short_budget_loses_timings_never_checks(monkeypatch, tmp_path):
     training step fit: recorded as skipped, not failed."""
     code, results, order = _fake_gpu_run(monkeypatch, tmp_path, budget=1000.0,
                                          consumed_by_checks=960.0)
-    assert sum(step.startswith("check ") for step in order) == 3
+    assert sum(step.startswith("check ") for step in order) == 4
     assert "time loss_fwd_bwd/mse/sum/gpu_target/bfloat16 fastvae,eager" in order
     assert not any(s.startswith("train") for s in order)
     timed = {t["case"]: t for t in results["timings"]}
@@ -514,7 +524,8 @@ def test_a_short_budget_loses_timings_never_checks(monkeypatch, tmp_path):
     assert "compile" not in headline["ms"] and headline["skipped"] == ["compile"]
     assert all(row.get("skipped") for row in results["train_steps"])
     failed = [c["name"] for c in results["checks"] if c["ok"] is False]
-    assert failed == ["float64 check kl_fwd_bwd/free_bits/reparam/float32"] and code == 1
+    assert failed == ["float64 check kl_fwd_bwd/free_bits/reparam/float32",
+                      "timing loss_fwd_bwd/bce_logits/sum/gpu_target/float32"] and code == 1
 
 
 def test_a_failing_fastvae_training_step_fails_the_run(monkeypatch, tmp_path):
