@@ -26,7 +26,6 @@ import threading
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
-import torch
 from torch import Tensor
 
 from fastvae import _torch_impl
@@ -233,7 +232,6 @@ def implementation(*tensors: Tensor) -> Backend:
     return _torch_impl
 
 
-@torch.compiler.assume_constant_result
 def traced_backend(device_type: str, wide: bool, meta: bool = False) -> str:
     """The backend (its name) for an op traced into a graph on ``device_type`` tensors
     (``wide``: one of them float64; ``meta``: meta tensors, whose backward arithmetic is
@@ -256,6 +254,12 @@ def traced_backend(device_type: str, wide: bool, meta: bool = False) -> str:
                                    f"but fastvae.kernels could not import triton")
             return "torch"
     return name
+
+
+# torch.compiler.assume_constant_result's mark, set without it: that function imports
+# torch._dynamo (and Triton), which `import fastvae` must not (tests/test_package.py;
+# tests/test_dispatch.py checks the mark is still the decorator's)
+traced_backend._dynamo_marked_constant = True
 
 
 def implementation_named(backend):

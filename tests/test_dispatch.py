@@ -148,3 +148,15 @@ def test_set_backend_is_exported():
     assert fastvae.set_backend is _dispatch.set_backend
     assert fastvae.use_backend is _dispatch.use_backend
     assert {"set_backend", "use_backend"} <= set(fastvae.__all__)
+
+
+def test_traced_backend_is_a_constant_to_torch_compile():
+    """traced_backend carries torch.compiler.assume_constant_result's mark (set without
+    importing torch._dynamo): the decorator still marks a function that way."""
+    def probe():
+        return None
+
+    marked = torch.compiler.assume_constant_result(probe)
+    marks = {name for name in vars(marked) if name.startswith("_dynamo")}
+    assert marks == {"_dynamo_marked_constant"}
+    assert getattr(_dispatch.traced_backend, "_dynamo_marked_constant", False) is True
