@@ -48,6 +48,13 @@ Stable API (other modules import these names; keep them):
                           per-element KL's batch mean
         samples4          reparam_*: num_samples=4 (z of shape (4, *mu.shape)); eager
                           mu + std * randn(4, ...), distributions Normal.rsample((4,))
+    LOSS_VARIANTS  a loss case's ``variant``:
+        grad_scaled       the backward receives GRAD_SCALE (AMP's GradScaler) instead of
+                          1 (loss.backward()), which the gradients computed in the forward
+                          must then be scaled by
+    REDUCTIONS  a loss case's reduction: "sum" (the headline: loss.backward() of a
+                summed loss, fastvae's cheapest backward), "none" (per sample) and
+                "batchmean" (sum / N; eager: the summed loss divided by N)
     Case(op, size, dtype, recon=None, reduction="sum", variant=None)   frozen dataclass
         .id                  e.g. "loss_fwd_bwd/mse/sum/cpu_target/float32",
                              "kl_fwd_bwd/prior_learned/ldm/float32"
@@ -99,6 +106,9 @@ LIKELIHOODS = {"gaussian_learned": ("gaussian", "learned"),
                "continuous_bernoulli": ("continuous_bernoulli", None)}
 LEARNED_OBS_LOGVAR = 0.3  # the learned scalar's value in the benchmarks
 KL_VARIANTS = ("prior_learned", "prior_per_sample", "free_bits", "samples4")
+LOSS_VARIANTS = ("grad_scaled",)
+GRAD_SCALE = 2.0 ** 16  # torch.amp.GradScaler's initial scale
+REDUCTIONS = ("sum", "none", "batchmean")
 FREE_BITS = 0.567  # about the mean KL per element of the benchmark latents (E[mu^2 + e^lv - 1 - lv] / 2
 # with mu ~ N(0, 1), lv ~ N(0, 1/4)): about half the elements are held at the floor
 NUM_SAMPLES = 4
@@ -175,11 +185,16 @@ def _per_sample(t):
     return t.flatten(1).sum(1)
 
 
+def _batchmean(total, reduction, batch):
+    """A summed loss, divided by the batch size for "batchmean" (as written by hand)."""
+    return total / batch if reduction == "batchmean" else total
+
+
 def eager_kl(mu, logvar, reduction):
     """-1/2 sum(1 + logvar - mu^2 - exp(logvar)), the VAE paper's formula."""
     terms = 1 + logvar - mu.pow(2) - logvar.exp()
-    if reduction == "sum":
-        return -0.5 * torch.sum(terms)
+    if reduction != "none":
+        return _batchmean(-0.5 * torch.sum(terms), reduction, mu.shape[0])
     return -0.5 * _per_sample(terms)
 
 
@@ -187,11 +202,13 @@ def distributions_kl(mu, logvar, reduction):
     q = D.Normal(mu, torch.exp(0.5 * logvar))
     prior = D.Normal(torch.zeros_like(mu), torch.ones_like(mu))
     kl = D.kl_divergence(q, prior)
-    return kl.sum() if reduction == "sum" else _per_sample(kl)
+    return _reduced_terms(kl, reduction)
 
 
 def _reduced_terms(terms, reduction):
-    return terms.sum() if reduction == "sum" else _per_sample(terms)
+    if reduction == "none":
+        return _per_sample(terms)
+    return _batchmean(terms.sum(), reduction, terms.shape[0])
 
 
 def _cb_log_norm_eager(logits):
@@ -231,8 +248,9 @@ def distributions_likelihood(x_hat, x, recon, reduction, obs_logvar=None):
 
 
 def eager_recon(x_hat, x, recon, reduction):
-    if reduction == "sum":
-        return _RECON_EAGER[recon](x_hat, x, reduction="sum")
+    if reduction != "none":
+        return _batchmean(_RECON_EAGER[recon](x_hat, x, reduction="sum"), reduction,
+                          x_hat.shape[0])
     return _per_sample(_RECON_EAGER[recon](x_hat, x, reduction="none"))
 
 
@@ -467,7 +485,7 @@ class Case:
     dtype: torch.dtype = torch.float32
     recon: str | None = None
     reduction: str = "sum"
-    variant: str | None = None  # one of KL_VARIANTS
+    variant: str | None = None  # one of KL_VARIANTS (latent ops), LOSS_VARIANTS (losses)
 
     @property
     def id(self):
@@ -565,12 +583,14 @@ class Case:
             if self.op == "loss_fwd":
                 return lambda: (fn(*args),)
 
+            upstream = GRAD_SCALE if self.variant == "grad_scaled" else 1.0
+
             def fwd_bwd():
                 loss = fn(*args)
-                # ones made on the loss's device, as loss.backward() does: a CPU tensor
+                # made on the loss's device, as loss.backward() does: a CPU tensor
                 # here would put a blocking host-to-device copy into every timed step
                 # (and cannot be captured in a CUDA graph)
-                return (loss, *torch.autograd.grad(loss, wrt, torch.ones_like(loss)))
+                return (loss, *torch.autograd.grad(loss, wrt, torch.full_like(loss, upstream)))
             return fwd_bwd
         wrt = (inp["mu"], inp["logvar"])
         if "prior_mu" in inp:
@@ -720,10 +740,15 @@ class Case:
                 terms = torch.clamp(x_hat, min=0) - x_hat * x + torch.log1p(torch.exp(-x_hat.abs()))
                 grad = torch.sigmoid(x_hat) - x
             rows = _per_sample(terms) + kl_rows
-            loss = rows.sum() if self.reduction == "sum" else rows
+            batch = rows.shape[0]
+            loss = rows if self.reduction == "none" else rows.sum() / (
+                batch if self.reduction == "batchmean" else 1)
             if self.op == "loss_fwd":
                 return [loss]
-            return [loss, grad, mu, 0.5 * (lv.exp() - 1.0)] + grad_obs
+            # d(upstream . loss): the reduction's 1/N and the upstream gradient
+            w = (1.0 / batch if self.reduction == "batchmean" else 1.0) \
+                * (GRAD_SCALE if self.variant == "grad_scaled" else 1.0)
+            return [loss] + [w * g for g in [grad, mu, 0.5 * (lv.exp() - 1.0)] + grad_obs]
         if self.op == "kl_fwd_bwd" and self.variant == "free_bits":
             per_element = kl_terms.mean(0)  # K_k; the floored ones pass no gradient
             held = (per_element >= FREE_BITS).to(torch.float64)
@@ -812,6 +837,14 @@ def _loss_cases(sizes, dtypes, full_grid_size):
                     out.append(Case("loss_fwd_bwd", size, dtype, recon, reduction))
                     if full or dtype == torch.float32:
                         out.append(Case("loss_fwd", size, dtype, recon, reduction))
+    # what the headline (a summed loss, loss.backward()) leaves out: the mean over the
+    # batch, and AMP's scaled upstream gradient, both of which fastvae's gradients computed
+    # in the forward must be scaled by (eager folds them into its backward)
+    grid = [s for s in sizes if s == full_grid_size]
+    for size in grid:
+        for recon in ("mse", "bce_logits"):
+            out += [Case("loss_fwd_bwd", size, dtype, recon, "batchmean") for dtype in dtypes[:2]]
+            out.append(Case("loss_fwd_bwd", size, torch.float32, recon, "sum", "grad_scaled"))
     return out
 
 

@@ -867,6 +867,10 @@ def benchmark_cases():
     S = cases.SIZES
     out = [cases.Case("loss_fwd_bwd", S["gpu_target"], dtype, recon, "sum")
            for dtype in (torch.bfloat16, torch.float32) for recon in ("mse", "bce_logits")]
+    # what that headline leaves out: the mean over the batch and AMP's scaled upstream
+    # gradient, which gradients computed in the forward must be scaled by
+    out += [cases.Case("loss_fwd_bwd", S["gpu_target"], torch.bfloat16, "mse", "batchmean"),
+            cases.Case("loss_fwd_bwd", S["gpu_target"], torch.float32, "mse", "sum", "grad_scaled")]
     out += [cases.Case("reparam_kl_fwd_bwd", S["reparam"], dtype)
             for dtype in (torch.float32, torch.bfloat16)]
     out += [cases.Case("loss_fwd_bwd", S["ldm"], torch.bfloat16, "mse", "sum")]
