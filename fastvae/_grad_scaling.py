@@ -109,8 +109,10 @@ def _scale_in_place(g: Tensor, w: Tensor) -> Tensor:
     weights are converted: the kernel multiplies in float32 and rounds once, the
     same bits as float32 arithmetic (a product of two such numbers is exact in
     float32). Otherwise blocks of rows are scaled in float32 in cache. A 0-dim ``w``
-    is read as a float32 scalar by the kernel already."""
-    if not _mixed_per_sample(g, w):
+    is read as a float32 scalar by the kernel already. Traced (torch.compile, make_fx),
+    the mixed-dtype op itself: the shortcut's test reads the weights' values, which a
+    trace cannot (and a compiled kernel fuses the conversion anyway)."""
+    if not _mixed_per_sample(g, w) or torch.compiler.is_compiling() or in_torch_dispatch_mode():
         return g.mul_(per_sample_view(w, g))
     narrow = w.to(g.dtype)
     if torch.equal(narrow.to(w.dtype), w):

@@ -104,3 +104,35 @@ def test_half_precision_loss_gradients_per_sample_are_the_float32_products():
     (g_unit,) = torch.autograd.grad(loss, x_hat, torch.ones(6))
     assert torch.equal(g_unit, (2 * (x_hat.detach().float() - x.float())).bfloat16())
     assert torch.equal(g_weighted, (g_unit.float() * w[:, None]).bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("call", ["vae_loss", "kl_divergence"])
+def test_half_precision_per_sample_gradients_compile_in_one_graph(dtype, call):
+    """reduction="none" on half-precision inputs under torch.compile(fullgraph=True):
+    the backward's per-sample scaling of a half-precision buffer is traced (its shortcut
+    for weights that are exactly half-precision numbers read them with torch.equal, a
+    data-dependent call that failed AOTAutograd's trace of the backward), and gives the
+    eager gradients (to the dtype's rounding: small eager calls compute theirs in the
+    backward, rounding once where the traced op's forward-computed buffer is rounded,
+    then scaled and rounded again)."""
+    gen = torch.Generator().manual_seed(3)
+    x_hat, x = (torch.randn(5, 7, generator=gen).to(dtype) for _ in range(2))
+    mu, logvar = (torch.randn(5, 3, generator=gen).to(dtype) for _ in range(2))
+    w = torch.rand(5, generator=gen) + 0.5  # per-sample weights, not half-precision numbers
+
+    def per_sample(x_hat, mu, logvar):
+        if call == "vae_loss":
+            return fastvae.vae_loss(x_hat, x, mu, logvar, reduction="none")
+        return fastvae.kl_divergence(mu, logvar, reduction="none")
+
+    compiled = torch.compile(per_sample, fullgraph=True, backend="aot_eager")
+    results = []
+    for fn in (per_sample, compiled):
+        leaves = [t.clone().requires_grad_() for t in (x_hat, mu, logvar)]
+        out = fn(*leaves)
+        wrt = leaves if call == "vae_loss" else leaves[1:]
+        results.append((out, *torch.autograd.grad(out, wrt, w)))
+    for got, want in zip(results[1], results[0]):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
