@@ -230,21 +230,28 @@ def check_logvar_clamp(logvar_clamp):
     """Return ``(lo, hi)``, each a finite float, or ``(None, None)``."""
     if logvar_clamp is None:
         return None, None
-    shape_error = TypeError(
-        f"logvar_clamp must be None or a pair of numbers (lo, hi), got {logvar_clamp!r:.80}")
+
+    def shape_error():  # made only when raised: torch.compile cannot repr a symbolic bound
+        return TypeError(f"logvar_clamp must be None or a pair of numbers (lo, hi), got "
+                         f"{logvar_clamp!r:.80}")
     # a string unpacks into characters: "12" would read as (1.0, 2.0)
     if isinstance(logvar_clamp, (str, bytes, bytearray)):
-        raise shape_error
+        raise shape_error()
     try:
         lo, hi = logvar_clamp
     except (TypeError, ValueError):
-        raise shape_error from None
+        raise shape_error() from None
     for bound in (lo, hi):
         is_number = isinstance(bound, numbers.Real) and not isinstance(bound, bool)
         is_scalar_tensor = (isinstance(bound, torch.Tensor) and bound.dim() == 0
                             and bound.is_floating_point() and not bound.is_meta)
         if not (is_number or is_scalar_tensor):
-            raise shape_error
+            raise shape_error()
+        if is_scalar_tensor and torch.compiler.is_compiling():
+            # its value is read on the host (the ops take the bounds as numbers), which a
+            # compiled graph cannot do: it would fail on the bounds' comparison below
+            raise TypeError("logvar_clamp: under torch.compile the bounds must be Python "
+                            "numbers, got a tensor; pass float(lo), float(hi)")
     lo, hi = _bound(lo), _bound(hi)
     # (NaN != NaN; an infinite bound less itself is NaN: arithmetic, as in _finite_float)
     if lo != lo or hi != hi or lo > hi:

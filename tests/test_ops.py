@@ -313,3 +313,24 @@ def test_the_gradient_buffer_is_contiguous_for_a_channels_last_x_hat(backend, re
         results.append(out)
     for got, want in zip(results[0][:4], results[1][:4]):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dynamic", [None, True])
+def test_logvar_clamp_bounds_that_torch_compile_makes_symbolic(dynamic):
+    """Clamp bounds passed as arguments compile like any number: the TypeError's message,
+    built before any check, repr'd a symbolic bound, which Dynamo cannot (a float's second
+    value under the default dynamic, int bounds with dynamic=True). A tensor bound, read on
+    the host, is refused under compile by a message naming the argument."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    mu, logvar = torch.randn(3, 2, generator=g), 3 * torch.randn(3, 2, generator=g)
+
+    def kl(mu, logvar, lo, hi):
+        return fastvae.kl_divergence(mu, logvar, logvar_clamp=(lo, hi))
+
+    compiled = torch.compile(kl, fullgraph=True, backend="aot_eager", dynamic=dynamic)
+    for lo, hi in ((-30.0, 20.0), (-2.0, 20.0), (-1.5, 0.5), (-3, 5)):
+        assert torch.equal(compiled(mu, logvar, lo, hi), kl(mu, logvar, lo, hi)), (lo, hi)
+    with pytest.raises(Exception, match="logvar_clamp: under torch.compile the bounds must be"):
+        compiled(mu, logvar, torch.tensor(-1.0), torch.tensor(1.0))
+    torch._dynamo.reset()
