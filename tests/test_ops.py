@@ -334,3 +334,33 @@ def test_logvar_clamp_bounds_that_torch_compile_makes_symbolic(dynamic):
     with pytest.raises(Exception, match="logvar_clamp: under torch.compile the bounds must be"):
         compiled(mu, logvar, torch.tensor(-1.0), torch.tensor(1.0))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("recon", ["mse", "bce_logits", "gaussian"])
+def test_a_float_beta_schedule_compiles_twice_not_once_per_value(recon):
+    """A beta schedule of Python floats (the README's training loop) under
+    torch.compile(fullgraph=True): two graphs, as for eager torch code (the first value
+    specialized, then a symbolic float), not one per value until the recompile limit
+    (the custom op's float argument was specialized: the 9th value raised
+    FailOnRecompileLimitHit). Values and gradients are the eager ones."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    g = torch.Generator().manual_seed(0)
+    x_hat, mu, logvar = (torch.randn(3, n, generator=g) for n in (4, 2, 2))
+    x = torch.rand(3, 4, generator=g)
+
+    def loss(x_hat, mu, logvar, beta):
+        return fastvae.vae_loss(x_hat, x, mu, logvar, recon=recon, beta=beta)
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    for step in range(10):
+        beta = 0.1 * (step + 1)
+        results = []
+        for fn in (loss, compiled):
+            leaves = [t.clone().requires_grad_() for t in (x_hat, mu, logvar)]
+            value = fn(*leaves, beta)
+            results.append((value, *torch.autograd.grad(value, leaves)))
+        for want, got in zip(*results):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    torch._dynamo.reset()
