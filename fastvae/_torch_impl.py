@@ -1239,7 +1239,10 @@ def _prior_kl_block(mu, lv, pm, npl, enp, scratch, shape, homes, want_p):
         a.sub_(d).add_(npl)  # npl - (d - lv part), rounded the same way
         err.add_(a)
         torch.expm1(d, out=h)
-        torch.addcmul(err, h, err, out=a)  # e^d err = err + expm1(d) err
+        # e^d err = err + expm1(d) err, expm1(d) capped at the dtype's largest number: where
+        # it overflowed (err may be 0: inf * 0 = NaN) the correction is finite, h stays inf
+        torch.clamp_max(h, torch.finfo(h.dtype).max, out=a)
+        torch.addcmul(err, a, err, out=a)
         h.add_(a)
         d_total = d.add_(err)  # lv - plv = d + err
     h.mul_(0.5)
@@ -1405,7 +1408,8 @@ def _whole_prior_kl_terms(mu, logvar, prior_mu, prior_logvar, lo, hi, dtype):
         scratch.sub_(d).add_(neg_plv)  # neg_plv - (d - lv part), rounded the same way
         err.add_(scratch)
         half_em1 = torch.expm1(d)
-        torch.mul(half_em1, err, out=scratch).add_(err)  # e^d err = (expm1(d) + 1) err
+        # e^d err = (expm1(d) + 1) err, expm1(d) capped as in _prior_kl_block (inf * 0 = NaN)
+        torch.clamp_max(half_em1, torch.finfo(dtype).max, out=scratch).mul_(err).add_(err)
         half_em1.add_(scratch).mul_(0.5)
         # 1/2 [e^(lv - plv) - 1 - (lv - plv)], lv - plv = d + err: into d's buffer
         terms = d.add_(err).mul_(-0.5).add_(half_em1)

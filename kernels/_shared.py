@@ -125,7 +125,9 @@ def prior_kl_terms(mu, logvar, prior_mu, prior_logvar, clamp_lo, clamp_hi,
     lv_part = d - neg_plv
     err = (lv - lv_part) + (neg_plv - (d - lv_part))
     em1 = expm1(d)
-    half_em1 = 0.5 * (em1 + (em1 + 1.0) * err)
+    # expm1(d) capped at float32's largest number in the correction: where it overflowed
+    # (err may be 0: inf * 0 = NaN) the correction is finite and the sum stays inf
+    half_em1 = 0.5 * (em1 + (tl.minimum(em1, 3.4028234663852886e38) + 1.0) * err)
     diff_scaled = (mu - prior_mu) * tl.exp(neg_plv)
     sq_half = 0.5 * diff_scaled * (mu - prior_mu)
     kl = half_em1 - 0.5 * (d + err) + sq_half

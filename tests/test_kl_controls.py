@@ -440,3 +440,39 @@ def test_a_clamped_logvar_passes_no_gradient_not_even_a_nan_from_the_prior(backe
     assert grad[0, 0] == 0 and grad[0, 2] == 0  # clamped (5 and -5 against [-1, 1])
     # NaN: the free element under the NaN prior logvar, and the NaN logvar; finite elsewhere
     assert torch.equal(torch.isnan(grad), torch.tensor([[False, False, False], [True, True, False]]))
+
+
+@pytest.mark.parametrize("backend,rows", [
+    ("torch", 3), ("torch", "blocked"),  # (the PyTorch path's blocked latents: > SMALL_NUMEL)
+    pytest.param("triton", 3, marks=NEEDS_INTERPRETER)])
+def test_a_kl_past_float32s_range_is_inf_not_nan(backend, rows):
+    """A KL term that overflows float32 is inf with a prior as without one: the
+    rounding-error correction of e^(lv - plv) multiplied an infinite expm1 by an error
+    of 0 (inf * 0 = NaN), so lv = 89 against N(0, 1) given explicitly was NaN, value and
+    gradient. Also where the exact KL (6.1e38 for lv = 45 against plv = -45) is past
+    float32's largest number. Every finite element keeps its value."""
+    if rows == "blocked":
+        rows = ops._torch_impl.SMALL_NUMEL // 4 + 1
+    fastvae.set_backend(backend)
+    g = torch.Generator().manual_seed(7)
+    mu = torch.randn(rows, 4, generator=g)
+    logvar = torch.randn(rows, 4, generator=g)
+    mu[0, 0], logvar[0, 0] = 0.0, 89.0  # e^89 - 1 > float32's max
+    mu[1, 1], logvar[1, 1] = 1.0, 45.0  # against plv = -45 below: e^90 - 1
+    plv = torch.tensor([0.0, -45.0, 0.0, 0.0])
+    mu, logvar = mu.requires_grad_(), logvar.requires_grad_()
+    kl = fastvae.kl_divergence(mu, logvar, prior_mu=torch.zeros(4), prior_logvar=plv,
+                               reduction="none")
+    g_mu, g_lv = torch.autograd.grad(kl.sum(), [mu, logvar])
+    assert kl[0] == math.inf and kl[1] == math.inf and g_lv[0, 0] == math.inf
+    assert g_lv[1, 1] == math.inf
+    # the float64 formula on the other rows and elements
+    m, lv = mu.detach().double(), logvar.detach().double()
+    p = plv.double()
+    want = 0.5 * (p - lv + (lv.exp() + m ** 2) * torch.exp(-p) - 1)
+    torch.testing.assert_close(kl[2:].double(), want[2:].sum(1), rtol=2e-6, atol=1e-6)
+    finite = torch.ones(rows, 4, dtype=torch.bool)
+    finite[0, 0] = finite[1, 1] = False
+    torch.testing.assert_close(g_lv[finite].double(), (0.5 * torch.expm1(lv - p))[finite],
+                               rtol=2e-6, atol=1e-6)
+    assert not torch.isnan(g_mu).any()
