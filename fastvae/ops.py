@@ -964,9 +964,10 @@ def vae_loss(x_hat, x, mu, logvar, *args):
         # a float beta goes in as a tensor made in the graph: the op's float argument is
         # specialized by Dynamo, one graph per value of a beta schedule until torch.compile's
         # recompile limit (fullgraph: an error); a product of a float is not (2 graphs, as
-        # for eager torch code). float64 holds the float exactly; each backend reads it as
-        # it reads a tensor beta (rounded to the loss's dtype)
-        beta = torch.ones((), dtype=torch.float64, device=x_hat.device) * args[4]
+        # for eager torch code). In the loss's dtype, to which both backends round a float
+        # or tensor beta alike (the same values, checked)
+        beta = torch.ones((), dtype=_numerics.compute_dtype(x_hat, x, mu, logvar),
+                          device=x_hat.device) * args[4]
         args = (beta, *args[1:4], 0.0, *args[5:])
     return vae_loss_op(x_hat, x, mu, logvar, *args)
 
