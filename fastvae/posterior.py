@@ -8,7 +8,10 @@ Two result conventions (``semantics=``), side by side:
 =====================  ==============================  =====================================
 kl / nll dtype         float32 for float16/bfloat16     the inputs' promoted dtype (float16
                        inputs (float64 where any        in, float16 out), computed in float32
-                       input is float64)                and rounded once at the end
+                       input is float64)                and rounded once at the end; float32
+                                                        (so sample, std and var too) when built
+                                                        under CUDA autocast, as diffusers'
+                                                        (its exp runs in float32 there)
 dims kl sums           every non-batch dim              dims 1, 2, 3 (a 5-D video posterior
                                                         gives (N, W)); every non-batch dim
                                                         below 4-D, where diffusers fails
@@ -50,6 +53,10 @@ _LOG_2PI = math.log(2.0 * math.pi)
 SEMANTICS = ("fastvae", "diffusers")
 # the dims diffusers' DiagonalGaussianDistribution sums kl and (by default) nll over
 _DIFFUSERS_DIMS = (1, 2, 3)
+# Device types whose autocast runs exp (and pow, sum) in float32 (PyTorch's CUDA op
+# lists; the CPU's keep them in bfloat16): built under autocast there, diffusers' std and
+# var (exp, at construction) are float32, and with them its sample, kl and nll
+_AUTOCAST_WIDENS_EXP = ("cuda",)
 
 
 class GaussianPosterior:
@@ -105,6 +112,11 @@ class GaussianPosterior:
         if deterministic:
             self._std = self._var = torch.zeros_like(self.mean)
         self._kl_of_sample = None  # (per-sample KL, grad mode) from the last fused sample()
+        # diffusers' results are float32 (not the half-precision parameters' dtype) when it
+        # is built under an autocast that widens exp: so are these, in its conventions
+        device_type = parameters.device.type
+        self._autocast_float32 = (semantics == "diffusers" and device_type in _AUTOCAST_WIDENS_EXP
+                                  and torch.is_autocast_enabled(device_type))
 
     @property
     def mean(self) -> torch.Tensor:
@@ -128,7 +140,8 @@ class GaussianPosterior:
     def std(self) -> torch.Tensor:
         if self._std is None:
             with torch.set_grad_enabled(self._grad_at_init):
-                self._std = torch.exp(0.5 * self.logvar)
+                half_lv = 0.5 * self.logvar
+                self._std = torch.exp(half_lv.float() if self._autocast_float32 else half_lv)
         return self._std
 
     @std.setter
@@ -139,7 +152,7 @@ class GaussianPosterior:
     def var(self) -> torch.Tensor:
         if self._var is None:
             with torch.set_grad_enabled(self._grad_at_init):
-                self._var = torch.exp(self.logvar)
+                self._var = torch.exp(self.logvar.float() if self._autocast_float32 else self.logvar)
         return self._var
 
     @var.setter
@@ -163,11 +176,13 @@ class GaussianPosterior:
                 eps = torch.cat([reparameterize(zeros[i:i + 1], zeros[i:i + 1], generator=g)
                                  for i, g in enumerate(generators)])
             return self.mean + self.std * eps
+        mean, raw_logvar = self.mean, self._raw_logvar
+        if self._autocast_float32:  # a float32 z and KL, as diffusers' float32 std makes them
+            mean, raw_logvar = mean.float(), raw_logvar.float()
         if generators is None:
-            z, kl = sample_and_kl(self.mean, self._raw_logvar, generator=generator,
-                                  logvar_clamp=self._clamp)
+            z, kl = sample_and_kl(mean, raw_logvar, generator=generator, logvar_clamp=self._clamp)
         else:  # sample i from generators[i] alone, as diffusers' randn_tensor draws it
-            rows = [sample_and_kl(self.mean[i:i + 1], self._raw_logvar[i:i + 1], generator=g,
+            rows = [sample_and_kl(mean[i:i + 1], raw_logvar[i:i + 1], generator=g,
                                   logvar_clamp=self._clamp)
                     for i, g in enumerate(generators)]
             z = torch.cat([r[0] for r in rows])
@@ -218,7 +233,7 @@ class GaussianPosterior:
             if self.semantics == "fastvae":
                 raise ValueError("KL against a deterministic GaussianPosterior (zero variance) is infinite")
             inf = torch.full(shape, math.inf, dtype=dtype, device=self.mean.device)
-            return self._sum_dims(inf).to(torch.promote_types(self.mean.dtype, om.dtype))
+            return self._sum_dims(inf).to(self._diffusers_dtype(self.mean.dtype, om.dtype))
         other_var = getattr(other, "var", None)
         other_var = other_var if isinstance(other_var, torch.Tensor) else None
         # diffusers' kl(other) divides by other.var as it stands: read it where it may not
@@ -226,7 +241,7 @@ class GaussianPosterior:
         if self._moments_assigned or getattr(other, "_moments_assigned", False) or (
                 other_var is not None and not isinstance(other, GaussianPosterior)):
             return self._kl_of_attributes(om, olv, other_var)
-        result_dtype = torch.promote_types(self.mean.dtype, om.dtype)
+        result_dtype = self._diffusers_dtype(self.mean.dtype, om.dtype)
         sums_every_dim = self.semantics == "fastvae" or self.mean.dim() <= len(_DIFFUSERS_DIMS) + 1
         if sums_every_dim and dtype == _compute_dtype(self.mean) and olv.shape == om.shape:
             # the fused KL against a diagonal Gaussian prior (same formula, TwoSum
@@ -271,10 +286,7 @@ class GaussianPosterior:
         per_sample = 0.5 * self._sum_dims(terms)
         if self.semantics == "fastvae":
             return per_sample
-        result_dtype = self.mean.dtype
-        for t in tensors:
-            result_dtype = torch.promote_types(result_dtype, t.dtype)
-        return per_sample.to(result_dtype)
+        return per_sample.to(self._diffusers_dtype(*(t.dtype for t in tensors)))
 
     def _kl_standard_normal(self):
         diffusers_video = self.semantics == "diffusers" and self.mean.dim() > len(_DIFFUSERS_DIMS) + 1
@@ -282,7 +294,8 @@ class GaussianPosterior:
             n = self.mean.shape[0]
             rows = [t.flatten(4).movedim(-1, 1).flatten(0, 1) for t in (self.mean, self._raw_logvar)]
             kl = kl_divergence(*rows, reduction="none", logvar_clamp=self._clamp)
-            return kl.reshape((n,) + tuple(self.mean.shape[4:])).to(self.parameters.dtype)
+            return kl.reshape((n,) + tuple(self.mean.shape[4:])).to(
+                self._diffusers_dtype(self.parameters.dtype))
         cached = self._kl_of_sample
         if cached is not None and (cached[1] or not torch.is_grad_enabled()):
             # a new tensor per call (as computing it again would give): writing one in place
@@ -290,7 +303,7 @@ class GaussianPosterior:
             kl = cached[0].clone() if torch.is_grad_enabled() else cached[0].detach().clone()
         else:
             kl = kl_divergence(self.mean, self._raw_logvar, reduction="none", logvar_clamp=self._clamp)
-        return kl if self.semantics == "fastvae" else kl.to(self.parameters.dtype)
+        return kl if self.semantics == "fastvae" else kl.to(self._diffusers_dtype(self.parameters.dtype))
 
     def nll(self, sample: torch.Tensor,
             dims: int | list[int] | tuple[int, ...] | None = None) -> torch.Tensor:
@@ -309,7 +322,16 @@ class GaussianPosterior:
         per_sample = 0.5 * self._sum_dims(terms, dims)
         if self.semantics == "fastvae":
             return per_sample
-        return per_sample.to(torch.promote_types(self.mean.dtype, sample.dtype))
+        return per_sample.to(self._diffusers_dtype(self.mean.dtype, sample.dtype))
+
+    def _diffusers_dtype(self, *dtypes):
+        """The dtype of a result in diffusers' conventions: the operands' promoted dtype,
+        at least float32 where diffusers, built under an autocast that widens exp,
+        computes in float32."""
+        out = torch.float32 if self._autocast_float32 else dtypes[0]
+        for dtype in dtypes:
+            out = torch.promote_types(out, dtype)
+        return out
 
 def _split_generators(generator, batch):
     """``(generator, None)`` for one generator (or None, or a list of one);

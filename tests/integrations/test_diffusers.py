@@ -383,6 +383,50 @@ def test_half_precision_results_in_the_input_dtype_and_closer_to_the_exact_value
     assert ours.sample().dtype == theirs.sample().dtype == torch.float16
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_built_under_an_autocast_that_widens_exp_the_results_are_float32(monkeypatch, dtype):
+    """Under CUDA autocast diffusers' std and var (exp: float32 in CUDA's autocast lists)
+    are float32, so are its sample, kl and nll; the patched posterior returned the
+    parameters' half-precision dtype (a KL summed over a large latent overflows float16).
+    The CPU's autocast keeps exp in bfloat16, so here the CPU stands in for CUDA: the same
+    rule, then the values against the formulas on the half-precision parameters."""
+    from fastvae import posterior
+
+    monkeypatch.setattr(posterior, "_AUTOCAST_WIDENS_EXP", ("cuda", "cpu"))
+    p = (moments((2, 8, 4, 4), 6, torch.float32) * 2).to(dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = Fused(p)
+    outside = Fused(p)
+    z = ours.sample()
+    assert ours.std.dtype == ours.var.dtype == z.dtype == ours.kl().dtype == torch.float32
+    assert ours.nll(z).dtype == ours.kl(outside).dtype == torch.float32
+    assert outside.kl().dtype == outside.sample().dtype == outside.std.dtype == dtype
+    m, lv = (t.double() for t in p.chunk(2, dim=1))
+    lv = lv.clamp(-30.0, 20.0)
+    torch.testing.assert_close(ours.kl().double(), 0.5 * (m**2 + lv.exp() - 1 - lv).sum(dim=(1, 2, 3)),
+                               rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(ours.std.double(), torch.exp(0.5 * lv), rtol=1e-6, atol=0)
+    # z's noise, read back from a float32 z, is standard normal (not rounded to the half dtype)
+    eps = (z.double() - m) / torch.exp(0.5 * lv)
+    assert eps.abs().max() < 6 and not torch.equal(z, z.to(dtype).float())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_under_cuda_autocast_the_dtypes_are_diffusers(dtype):
+    conv = torch.nn.Conv2d(8, 8, 1).cuda()
+    p = moments((2, 8, 4, 4), 7, torch.float32).cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        h = conv(p)
+        theirs, ours = DiagonalGaussianDistribution(h), Fused(h)
+        z_theirs, z_ours = theirs.sample(), ours.sample()
+        for a, b in ((theirs.std, ours.std), (theirs.var, ours.var), (z_theirs, z_ours),
+                     (theirs.kl(), ours.kl()), (theirs.nll(z_theirs), ours.nll(z_ours))):
+            assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(ours.kl(), theirs.kl(), rtol=1e-3, atol=1e-3)
+
+
 def test_video_posterior_sums_dims_1_to_3_like_diffusers():
     theirs, ours = both(moments((2, 8, 3, 4, 5), 6))
     want = theirs.kl()
