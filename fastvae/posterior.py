@@ -73,9 +73,9 @@ class GaussianPosterior:
     ``sample()`` draws z and the KL against N(0, I) in one fused pass; a later
     ``kl()`` returns (a copy of) that KL instead of computing it again. Assigning
     ``mean``, ``logvar``, ``std`` or ``var`` (plain attributes in diffusers: ``post.std *= t``
-    samples at temperature t) switches ``sample``, ``kl`` and ``nll`` to diffusers'
-    formulas on the attributes as assigned (std and var stay those built from the
-    original logvar when logvar is assigned, as in diffusers).
+    samples at temperature t), or writing one in place, switches ``sample``, ``kl`` and
+    ``nll`` to diffusers' formulas on the attributes as they are (std and var stay those
+    built from the original logvar when logvar is assigned or written, as in diffusers).
     """
 
     def __init__(self, parameters: torch.Tensor, dim: int = 1,
@@ -104,13 +104,21 @@ class GaussianPosterior:
         # mean, logvar, std or var assigned by the user (diffusers' attributes are plain, so
         # `posterior.std = posterior.std * t` samples at temperature t there): from then
         # on each result reads the attributes as diffusers' formulas do, not the fused ops
-        self._moments_assigned = False
+        self._assigned = False
         # std and var are computed when first read (a training step reads neither), in the
         # grad mode of construction, as if computed here
         self._grad_at_init = torch.is_grad_enabled()
         self._std = self._var = None
+        self._std_version = self._var_version = None
         if deterministic:
             self._std = self._var = torch.zeros_like(self.mean)
+            self._std_version = self._var_version = _version_of(self._std)
+        # diffusers fixes std and var (zeros if deterministic) when built: a posterior built
+        # deterministic and switched off later samples its mean, and its kl and nll read var = 0
+        self._deterministic_at_init = deterministic
+        # the moments' version counters now: a moment written in place later (mean.mul_(0),
+        # std.mul_(t)) is read as diffusers reads its attributes, not through the fused ops
+        self._versions = (_version_of(self._mean), _version_of(self._logvar))
         self._kl_of_sample = None  # (per-sample KL, grad mode) from the last fused sample()
         # diffusers' results are float32 (not the half-precision parameters' dtype) when it
         # is built under an autocast that widens exp: so are these, in its conventions
@@ -124,7 +132,7 @@ class GaussianPosterior:
 
     @mean.setter
     def mean(self, value):
-        self._mean, self._moments_assigned = value, True
+        self._mean, self._assigned = value, True
 
     @property
     def logvar(self) -> torch.Tensor:
@@ -134,37 +142,64 @@ class GaussianPosterior:
     def logvar(self, value):
         # diffusers computed std and var from the logvar it was built with: so do they here
         self._std, self._var = self.std, self.var  # (computed now if not yet, from the old one)
-        self._logvar, self._moments_assigned = value, True
+        self._logvar, self._assigned = value, True
 
     @property
     def std(self) -> torch.Tensor:
         if self._std is None:
             with torch.set_grad_enabled(self._grad_at_init):
-                half_lv = 0.5 * self.logvar
+                half_lv = 0.5 * self._logvar_at_init()
                 self._std = torch.exp(half_lv.float() if self._autocast_float32 else half_lv)
+                self._std_version = _version_of(self._std)
         return self._std
 
     @std.setter
     def std(self, value):
-        self._std, self._moments_assigned = value, True
+        self._std, self._assigned = value, True
 
     @property
     def var(self) -> torch.Tensor:
         if self._var is None:
             with torch.set_grad_enabled(self._grad_at_init):
-                self._var = torch.exp(self.logvar.float() if self._autocast_float32 else self.logvar)
+                lv = self._logvar_at_init()
+                self._var = torch.exp(lv.float() if self._autocast_float32 else lv)
+                self._var_version = _version_of(self._var)
         return self._var
 
     @var.setter
     def var(self, value):
-        self._var, self._moments_assigned = value, True
+        self._var, self._assigned = value, True
+
+    def _logvar_at_init(self):
+        """The logvar this posterior was built with (diffusers makes std and var from it
+        then): the clamped one again if it was written in place since (the clamp's output
+        is its own tensor; the parameters' half it was made from is intact)."""
+        lv = self._logvar
+        if self._clamp is not None and self._versions[1] is not None \
+                and lv._version != self._versions[1]:
+            lv = self._raw_logvar.clamp(*self._clamp)
+        return lv
+
+    @property
+    def _moments_assigned(self) -> bool:
+        """Whether the results read the attributes by diffusers' formulas: a moment was
+        assigned or written in place, or a posterior built deterministic was switched off."""
+        if self._assigned or (self._deterministic_at_init and not self.deterministic):
+            return True
+        if torch.compiler.is_compiling():  # (version counters are not traced)
+            return False
+        for t, version in ((self._mean, self._versions[0]), (self._logvar, self._versions[1]),
+                           (self._std, self._std_version), (self._var, self._var_version)):
+            if version is not None and t._version != version:
+                return True
+        return False
 
     # ---- sampling ---------------------------------------------------------
 
     def sample(self, generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """z = mean + std * eps, eps ~ N(0, I) drawn from ``generator`` (one
         generator, one per sample in a list, or None for PyTorch's default)."""
-        if self.deterministic and not self._moments_assigned:
+        if self._deterministic_at_init and not self._moments_assigned:
             return self.mean.clone()  # a new tensor, as diffusers' mean + 0 * eps (z may be written)
         generator, generators = _split_generators(generator, self.mean.shape[0])
         if self._moments_assigned:  # diffusers' formula on the attributes as they are now
@@ -332,6 +367,14 @@ class GaussianPosterior:
         for dtype in dtypes:
             out = torch.promote_types(out, dtype)
         return out
+
+def _version_of(t):
+    """``t``'s version counter; None for an inference tensor (which has none) and while
+    torch.compile traces (which reads neither)."""
+    if torch.compiler.is_compiling() or t.is_inference():
+        return None
+    return t._version
+
 
 def _split_generators(generator, batch):
     """``(generator, None)`` for one generator (or None, or a list of one);

@@ -427,6 +427,49 @@ def test_under_cuda_autocast_the_dtypes_are_diffusers(dtype):
         torch.testing.assert_close(ours.kl(), theirs.kl(), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("edit", ["mean", "logvar", "std", "var"])
+def test_moments_written_in_place_are_read_as_diffusers_reads_them(fastvae_noise, edit):
+    """A moment written in place (not assigned) after sample(): diffusers' results read
+    the attribute as it now is; the fused posterior's kl() returned the KL its sample()
+    had computed, and its sample() ignored an in-place std (temperature 0 still drew noise)."""
+    p = moments((2, 8, 4, 4), 8)
+    theirs, ours = DiagonalGaussianDistribution(p.clone()), Fused(p.clone())
+    for post in (theirs, ours):
+        post.sample()
+        moment = getattr(post, edit)
+        moment.mul_(0.0) if edit in ("mean", "std") else moment.fill_(0.25)
+    torch.testing.assert_close(ours.kl(), theirs.kl())
+    torch.testing.assert_close(ours.nll(p[:, :4]), theirs.nll(p[:, :4]))
+    z = []
+    for post in (theirs, ours):
+        torch.manual_seed(3)
+        z.append(post.sample())
+    torch.testing.assert_close(z[1], z[0])
+
+
+def test_switching_deterministic_after_construction_is_diffusers(fastvae_noise):
+    """diffusers fixes std and var (zeros if deterministic) when built and reads
+    ``deterministic`` again only in kl and nll."""
+    p = moments((2, 8, 4, 4), 9)
+    theirs, ours = both(p)  # built stochastic, switched on: still samples noise, kl is 0
+    z = []
+    for post in (theirs, ours):
+        post.deterministic = True
+        torch.manual_seed(4)
+        z.append(post.sample())
+    torch.testing.assert_close(z[1], z[0])
+    assert not torch.equal(z[1], ours.mean)
+    assert torch.equal(ours.kl().cpu(), theirs.kl().cpu())
+    theirs = DiagonalGaussianDistribution(p.clone(), deterministic=True)
+    ours = Fused(p.clone(), deterministic=True)
+    for post in (theirs, ours):  # built deterministic, switched off: var stays 0
+        post.deterministic = False
+    assert torch.equal(ours.sample(), ours.mean)
+    torch.testing.assert_close(ours.kl(), theirs.kl())
+    # (var = 0: 0 / 0 where the sample is the mean; NaN in both)
+    torch.testing.assert_close(ours.nll(p[:, :4]), theirs.nll(p[:, :4]), equal_nan=True)
+
+
 def test_video_posterior_sums_dims_1_to_3_like_diffusers():
     theirs, ours = both(moments((2, 8, 3, 4, 5), 6))
     want = theirs.kl()
