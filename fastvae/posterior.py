@@ -201,7 +201,8 @@ class GaussianPosterior:
         generator, one per sample in a list, or None for PyTorch's default)."""
         if self._deterministic_at_init and not self._moments_assigned:
             return self.mean.clone()  # a new tensor, as diffusers' mean + 0 * eps (z may be written)
-        generator, generators = _split_generators(generator, self.mean.shape[0])
+        generator, generators = _split_generators(generator, self.mean.shape[0],
+                                                  extra_ok=self.semantics == "diffusers")
         if self._moments_assigned:  # diffusers' formula on the attributes as they are now
             self._kl_of_sample = None
             zeros = torch.zeros_like(self.mean)  # fastvae's noise: 0 + exp(0) eps = eps
@@ -376,9 +377,10 @@ def _version_of(t):
     return t._version
 
 
-def _split_generators(generator, batch):
+def _split_generators(generator, batch, extra_ok=False):
     """``(generator, None)`` for one generator (or None, or a list of one);
-    ``(None, generators)`` for a list of one generator per sample."""
+    ``(None, generators)`` for a list of one generator per sample. ``extra_ok``: a
+    longer list gives its first ``batch`` (diffusers' randn_tensor reads those)."""
     if not isinstance(generator, (list, tuple)):
         _validate.check_generator(generator)
         return generator, None
@@ -386,6 +388,8 @@ def _split_generators(generator, batch):
         _validate.check_generator(g)
     if len(generator) == 1:
         return generator[0], None
+    if extra_ok and len(generator) > batch:
+        generator = generator[:batch]
     if len(generator) != batch:
         raise ValueError(f"generator: a list needs one generator per sample ({batch}) or exactly one, "
                          f"got {len(generator)}")

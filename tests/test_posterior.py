@@ -187,6 +187,12 @@ def test_sample_with_one_generator_per_sample(semantics):
         post.sample([torch.Generator(), torch.Generator()])
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         post.sample([1, 2, 3])
+    longer = [torch.Generator().manual_seed(s) for s in (10, 11, 12, 13)]
+    if semantics == "diffusers":  # diffusers' randn_tensor reads the first N of a longer list
+        assert torch.equal(post.sample(longer), z)
+    else:
+        with pytest.raises(ValueError, match="one generator per sample \\(3\\) or exactly one, got 4"):
+            post.sample(longer)
 
 
 @pytest.mark.parametrize("ndim", [4, 5])
