@@ -59,6 +59,13 @@ class FusedDiagonalGaussianDistribution(GaussianPosterior, DiagonalGaussianDistr
         GaussianPosterior.__init__(self, parameters, dim=1, logvar_clamp=(-30.0, 20.0),
                                    deterministic=deterministic, semantics=self.semantics_of_new)
 
+    def __setstate__(self, state):
+        # a diffusers posterior pickled unpatched and loaded patched: pickle finds this class
+        # under diffusers' name, but the state is diffusers' own (plain attributes)
+        if "_mean" not in state:
+            self.__class__ = DiagonalGaussianDistribution
+        self.__dict__.update(state)
+
 
 def _diffusers_modules():
     # a copy: looking modules up must not race an import that adds one

@@ -470,6 +470,24 @@ def test_switching_deterministic_after_construction_is_diffusers(fastvae_noise):
     torch.testing.assert_close(ours.nll(p[:, :4]), theirs.nll(p[:, :4]), equal_nan=True)
 
 
+def test_pickles_of_either_class_load_patched_as_what_they_were(patched):
+    """A posterior pickled before apply() loads after it as diffusers' own (it was a
+    fused posterior missing its state: mean raised AttributeError); a fused one pickles
+    and loads as fused."""
+    import pickle
+
+    p = moments((2, 8, 4, 4), 10)
+    fastvae_diffusers.revert()
+    own = pickle.dumps(DiagonalGaussianDistribution(p))
+    fastvae_diffusers.apply()
+    loaded = pickle.loads(own)
+    assert type(loaded) is DiagonalGaussianDistribution
+    assert torch.equal(loaded.mean, p[:, :4])
+    assert torch.equal(loaded.kl(), DiagonalGaussianDistribution(p).kl())
+    fused = pickle.loads(pickle.dumps(Fused(p)))
+    assert type(fused) is Fused and torch.equal(fused.kl(), Fused(p).kl())
+
+
 def test_video_posterior_sums_dims_1_to_3_like_diffusers():
     theirs, ours = both(moments((2, 8, 3, 4, 5), 6))
     want = theirs.kl()
