@@ -123,12 +123,30 @@ def vae_loss(x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, recon: str
     grad_enabled = torch.is_grad_enabled()
     grad_recon = grad_enabled and (x_hat.requires_grad or x.requires_grad
                                    or (obs_t is not None and obs_t.requires_grad))
+    if grad_recon and x.requires_grad and x.dtype != x_hat.dtype and recon in _TARGET_GRAD_OF_X_HAT:
+        x_hat = _widened_for_the_target(x_hat, x)
     outputs = ops.vae_loss_values(
         x_hat, x, mu, logvar, beta_t, obs_t, prior_mu, prior_logvar, beta_v, recon, obs_v,
         obs_optimal, reduction, lo, hi, free_bits, grad_recon,
         grad_enabled and (mu.requires_grad or logvar.requires_grad),
         _prior_needs_grad(prior_mu, prior_logvar), parts=return_parts)
     return LossParts(*outputs) if return_parts else outputs[0]
+
+
+# Recons whose target gradient is minus x_hat's (taken from x_hat's gradient buffer)
+_TARGET_GRAD_OF_X_HAT = ("mse", "l1", "gaussian", "laplace")
+
+
+def _widened_for_the_target(x_hat, x):
+    """``x_hat`` in a dtype whose gradient buffer is as precise as ``x``, where a target
+    requiring grad is more precise than x_hat's buffer (a float32 x with a bfloat16 x_hat):
+    its gradient, minus x_hat's, would otherwise be rounded to x_hat's precision. The
+    values do not change (both are computed in float32 or better); x_hat's gradient is
+    rounded once, by the conversion's backward. (Rare: targets seldom require grad.)"""
+    buffer = _numerics.grad_buffer_dtype(x_hat.dtype)
+    if torch.finfo(buffer).eps <= torch.finfo(x.dtype).eps:
+        return x_hat
+    return x_hat.to(torch.promote_types(buffer, x.dtype))
 
 
 def _prior_needs_grad(prior_mu, prior_logvar):
