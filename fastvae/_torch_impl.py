@@ -696,8 +696,8 @@ def small_loss_values(x_hat, x, mu, logvar, beta, beta_value, recon, reduction, 
     kl_out, var_m1, mu_c, logvar_c = small_kl_value(mu, logvar, lo, hi, dtype, reduction)
     if beta is None:
         loss = torch.add(recon_out, kl_out, alpha=beta_value)
-    else:
-        loss = recon_out + _as(beta, dtype) * kl_out
+    else:  # (rounded as add's alpha is: the same loss for a float and a tensor beta)
+        loss = torch.addcmul(recon_out, _as(beta, dtype), kl_out)
     return (loss, recon_out, kl_out), (p, target, mu_c, logvar_c, var_m1)
 
 
@@ -789,8 +789,8 @@ def vae_loss_forward(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
         kl_out = reduce_per_sample(kl_rows, reduction, kl_scale)
     if beta is None:
         loss = torch.add(recon_out, kl_out, alpha=beta_value)  # one op
-    else:
-        loss = recon_out + _as(beta, dtype) * kl_out
+    else:  # (rounded as add's alpha is: the same loss for a float and a tensor beta)
+        loss = torch.addcmul(recon_out, _as(beta, dtype), kl_out)
     return (loss, recon_out, kl_out, _grad_or_empty(g_xhat, x_hat),
             _grad_or_empty(g_mu, mu), _grad_or_empty(g_lv, logvar),
             _grad_or_empty(g_obs, x_hat if obs_logvar is None else obs_logvar))
