@@ -124,6 +124,7 @@ class GaussianPosterior:
         # is built under an autocast that widens exp: so are these, in its conventions
         device_type = parameters.device.type
         self._autocast_float32 = (semantics == "diffusers" and device_type in _AUTOCAST_WIDENS_EXP
+                                  and parameters.dtype in (torch.float16, torch.bfloat16)
                                   and torch.is_autocast_enabled(device_type))
 
     @property
@@ -176,7 +177,7 @@ class GaussianPosterior:
         is its own tensor; the parameters' half it was made from is intact)."""
         lv = self._logvar
         if self._clamp is not None and self._versions[1] is not None \
-                and lv._version != self._versions[1]:
+                and not torch.compiler.is_compiling() and lv._version != self._versions[1]:
             lv = self._raw_logvar.clamp(*self._clamp)
         return lv
 

@@ -491,3 +491,16 @@ def test_a_deterministic_posterior_samples_with_an_assigned_std():
     zeros = torch.zeros_like(post.mean)
     eps = fastvae.reparameterize(zeros, zeros, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(z, post.mean + eps, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("semantics", ["fastvae", "diffusers"])
+def test_std_and_var_first_read_in_compiled_code_of_a_posterior_built_outside(semantics):
+    """The logvar std and var are made from is checked for in-place writes by its version
+    counter, which compiled code cannot read: a posterior built eagerly whose std is first
+    read inside torch.compile(fullgraph=True) failed ("data-dependent expression")."""
+    p = params((2, 8, 4, 4), seed=13).detach()
+    post = GaussianPosterior(p, semantics=semantics)
+    got = torch.compile(lambda post: post.mean + post.std * post.var, fullgraph=True,
+                        backend="aot_eager")(post)
+    lv = p[:, 4:].clamp(-30.0, 20.0)
+    torch.testing.assert_close(got, p[:, :4] + torch.exp(0.5 * lv) * torch.exp(lv))

@@ -409,6 +409,10 @@ def test_built_under_an_autocast_that_widens_exp_the_results_are_float32(monkeyp
     # z's noise, read back from a float32 z, is standard normal (not rounded to the half dtype)
     eps = (z.double() - m) / torch.exp(0.5 * lv)
     assert eps.abs().max() < 6 and not torch.equal(z, z.to(dtype).float())
+    # autocast leaves float64 alone, and so does the rule
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        wide = Fused(p.double())
+    assert wide.std.dtype == wide.sample().dtype == wide.kl().dtype == torch.float64
 
 
 @pytest.mark.cuda
