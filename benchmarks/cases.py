@@ -52,9 +52,9 @@ Stable API (other modules import these names; keep them):
         grad_scaled       the backward receives GRAD_SCALE (AMP's GradScaler) instead of
                           1 (loss.backward()), which the gradients computed in the forward
                           must then be scaled by
-    REDUCTIONS  a loss case's reduction: "sum" (the headline: loss.backward() of a
-                summed loss, fastvae's cheapest backward), "none" (per sample) and
-                "batchmean" (sum / N; eager: the summed loss divided by N)
+    a loss case's reduction: "sum" (the headline: loss.backward() of a summed loss,
+        fastvae's cheapest backward), "none" (per sample) or "batchmean" (sum / N;
+        eager: the summed loss divided by N)
     Case(op, size, dtype, recon=None, reduction="sum", variant=None)   frozen dataclass
         .id                  e.g. "loss_fwd_bwd/mse/sum/cpu_target/float32",
                              "kl_fwd_bwd/prior_learned/ldm/float32"
@@ -108,7 +108,6 @@ LEARNED_OBS_LOGVAR = 0.3  # the learned scalar's value in the benchmarks
 KL_VARIANTS = ("prior_learned", "prior_per_sample", "free_bits", "samples4")
 LOSS_VARIANTS = ("grad_scaled",)
 GRAD_SCALE = 2.0 ** 16  # torch.amp.GradScaler's initial scale
-REDUCTIONS = ("sum", "none", "batchmean")
 FREE_BITS = 0.567  # about the mean KL per element of the benchmark latents (E[mu^2 + e^lv - 1 - lv] / 2
 # with mu ~ N(0, 1), lv ~ N(0, 1/4)): about half the elements are held at the floor
 NUM_SAMPLES = 4
@@ -840,11 +839,11 @@ def _loss_cases(sizes, dtypes, full_grid_size):
     # what the headline (a summed loss, loss.backward()) leaves out: the mean over the
     # batch, and AMP's scaled upstream gradient, both of which fastvae's gradients computed
     # in the forward must be scaled by (eager folds them into its backward)
-    grid = [s for s in sizes if s == full_grid_size]
-    for size in grid:
+    if full_grid_size in sizes:
         for recon in ("mse", "bce_logits"):
-            out += [Case("loss_fwd_bwd", size, dtype, recon, "batchmean") for dtype in dtypes[:2]]
-            out.append(Case("loss_fwd_bwd", size, torch.float32, recon, "sum", "grad_scaled"))
+            out += [Case("loss_fwd_bwd", full_grid_size, dtype, recon, "batchmean")
+                    for dtype in (torch.float32, torch.bfloat16)]
+            out.append(Case("loss_fwd_bwd", full_grid_size, torch.float32, recon, "sum", "grad_scaled"))
     return out
 
 

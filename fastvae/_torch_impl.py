@@ -700,9 +700,9 @@ def small_loss_values(x_hat, x, mu, logvar, beta, beta_value, recon, reduction, 
 
 def _weighted_sum(recon_out, kl_out, beta, beta_value, dtype):
     """recon + beta kl, rounded the same for a float and a tensor beta: add's alpha for a
-    float or a CPU tensor (whose value is read for free), else addcmul, rounded as alpha
-    is (a multiply and an add round twice: an ulp off, in 247 of 1920 losses). (addcmul
-    takes no CPU scalar with CUDA data; a multiply would, but that is the CPU case.)"""
+    float or a CPU tensor (its value read for free; addcmul would refuse a CPU scalar with
+    CUDA data), else addcmul, which rounds as alpha does (a multiply and an add round
+    twice: an ulp off in 247 of 1920 losses)."""
     if beta is None or beta.device.type == "cpu":
         return torch.add(recon_out, kl_out, alpha=beta_value if beta is None else float(beta))
     return torch.addcmul(recon_out, _as(beta, dtype), kl_out)

@@ -123,7 +123,8 @@ def vae_loss(x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, recon: str
     grad_enabled = torch.is_grad_enabled()
     grad_recon = grad_enabled and (x_hat.requires_grad or x.requires_grad
                                    or (obs_t is not None and obs_t.requires_grad))
-    if grad_recon and x.requires_grad and x.dtype != x_hat.dtype and recon in _TARGET_GRAD_OF_X_HAT:
+    if grad_recon and x.requires_grad and x.dtype != x_hat.dtype \
+            and recon not in ops._TARGET_GRAD_FROM_X_HAT:  # (d/dx = -d/dx_hat: from its buffer)
         x_hat = _widened_for_the_target(x_hat, x)
     outputs = ops.vae_loss_values(
         x_hat, x, mu, logvar, beta_t, obs_t, prior_mu, prior_logvar, beta_v, recon, obs_v,
@@ -131,10 +132,6 @@ def vae_loss(x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, recon: str
         grad_enabled and (mu.requires_grad or logvar.requires_grad),
         _prior_needs_grad(prior_mu, prior_logvar), parts=return_parts)
     return LossParts(*outputs) if return_parts else outputs[0]
-
-
-# Recons whose target gradient is minus x_hat's (taken from x_hat's gradient buffer)
-_TARGET_GRAD_OF_X_HAT = ("mse", "l1", "gaussian", "laplace")
 
 
 def _widened_for_the_target(x_hat, x):

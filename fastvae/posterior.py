@@ -370,6 +370,7 @@ class GaussianPosterior:
             out = torch.promote_types(out, dtype)
         return out
 
+
 def _version_of(t):
     """``t``'s version counter; None for an inference tensor (which has none) and while
     torch.compile traces (which reads neither)."""
