@@ -617,8 +617,8 @@ def test_the_export_flag_fastvae_reads_is_torchs(monkeypatch):
     except ImportError:  # a torch whose exporters keep their flags elsewhere: torch's function is asked
         assert functional._ONNX_FLAGS[0] is None
         return
-    # the two torches fastvae is tested with (2.13 here, 2.11 on the GPU machine; 2.11 checked
-    # on the CPU on 2026-12-06) read exactly these two: the shortcut is on
+    # the two torches fastvae is tested with (2.13 here, 2.11 on the GPU machine; 2.11 on the
+    # CPU by `make test-gpu-versions`) read exactly these two: the shortcut is on
     if torch.__version__.startswith(("2.11", "2.13")):
         assert functional._ONNX_FLAGS[0] is not None
     for legacy, dynamo in ((False, False), (True, False), (False, True), (True, True)):
