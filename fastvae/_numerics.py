@@ -48,6 +48,24 @@ LOG_2 = math.log(2.0)  # laplace: log(2 b) per element
 OBS_SCALE = {"gaussian": (0.5, LOG_2PI), "laplace": (1.0, LOG_2)}  # recon: (HALF, LOG_NORM)
 
 
+# ---- the KL against a prior: lv - plv = d + err (TwoSum), e^d err ----------
+
+
+def finite_error(d: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
+    """TwoSum's rounding error ``err`` of d = fl(lv - plv), 0 where d is not finite:
+    an infinite logvar or prior logvar leaves no error to carry (inf - inf made it NaN,
+    and with it the KL that is inf there). A where: its zero derivative stays zero."""
+    return torch.where(torch.isfinite(d), err, 0.0)
+
+
+def log_max(dtype: torch.dtype) -> float:
+    """A bound for d below which e^d is finite in ``dtype`` (0.01 under log of its
+    largest number, which rounds up in float32): the correction e^d err takes
+    e^min(d, bound), a term ~1e-7 relative that the cap changes by at most 1%, where
+    e^d alone would overflow and times an error of 0 give NaN."""
+    return math.log(torch.finfo(dtype).max) - 0.01
+
+
 def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype``, without a call when it has it already (a few us on a small tensor)."""
     if t.dtype == dtype:

@@ -1241,7 +1241,9 @@ def _prior_kl_block(mu, lv, pm, npl, enp, scratch, shape, homes, want_p):
         a = torch.sub(d, npl, out=scratch.get("a", shape))  # the part of d that came from lv
         err = torch.sub(lv, a, out=scratch.get("err", shape))
         a.sub_(d).add_(npl)  # npl - (d - lv part), rounded the same way
-        err.add_(a)
+        # no error to carry where d is not finite (an infinite logvar or prior logvar:
+        # inf - inf made it NaN, and the KL NaN where it is inf)
+        err.add_(a).nan_to_num_(0.0, 0.0, 0.0)
         torch.expm1(d, out=h)
         # e^d err = err + expm1(d) err, expm1(d) capped at the dtype's largest number: where
         # it overflowed (err may be 0: inf * 0 = NaN) the correction is finite, h stays inf
@@ -1410,7 +1412,7 @@ def _whole_prior_kl_terms(mu, logvar, prior_mu, prior_logvar, lo, hi, dtype):
         scratch = torch.sub(d, neg_plv)  # the part of d that came from lv
         err = torch.sub(lv, scratch).expand(mu.shape).contiguous()
         scratch.sub_(d).add_(neg_plv)  # neg_plv - (d - lv part), rounded the same way
-        err.add_(scratch)
+        err.add_(scratch).nan_to_num_(0.0, 0.0, 0.0)  # none where d is not finite, as above
         half_em1 = torch.expm1(d)
         # e^d err = (expm1(d) + 1) err, expm1(d) capped as in _prior_kl_block (inf * 0 = NaN)
         torch.clamp_max(half_em1, torch.finfo(dtype).max, out=scratch).mul_(err).add_(err)

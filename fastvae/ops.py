@@ -669,8 +669,10 @@ def _kl_terms(mu, logvar, clamp_lo, clamp_hi, dtype, prior_mu=None, prior_logvar
     # err's derivative is exactly 0 to autograd, so the transforms see the same math.
     d = lv - plv
     lv_part = d + plv  # the part of d that came from lv
-    err = (lv - lv_part) + ((d - lv_part) + plv).neg()
-    em1 = torch.expm1(d) + torch.exp(d) * err
+    err = _numerics.finite_error(d, (lv - lv_part) + ((d - lv_part) + plv).neg())
+    # e^d err with e^d from d capped where it overflows (expm1(d) is inf there anyway):
+    # inf * 0 would be NaN, in the value and in the gradient
+    em1 = torch.expm1(d) + torch.exp(d.clamp_max(_numerics.log_max(dtype))) * err
     return (0.5 * (sq * torch.exp(-plv) + em1 - (d + err))).expand(mu.shape)
 
 

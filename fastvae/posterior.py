@@ -46,7 +46,7 @@ import numbers
 
 import torch
 
-from fastvae import _validate
+from fastvae import _numerics, _validate
 from fastvae.functional import kl_divergence, reparameterize, sample_and_kl
 
 _LOG_2PI = math.log(2.0 * math.pi)
@@ -298,9 +298,11 @@ class GaussianPosterior:
         neg_olv = -olv
         d = lv + neg_olv
         lv_part = d - neg_olv
-        err = (lv - lv_part) + (neg_olv - (d - lv_part))
+        err = _numerics.finite_error(d, (lv - lv_part) + (neg_olv - (d - lv_part)))
         d_m1 = torch.expm1(d)
-        terms = (m - om).square() * torch.exp(neg_olv) + (d_m1 - d) + err * d_m1
+        # err expm1(d) from d capped where expm1 overflows (inf * 0 would be NaN)
+        capped_m1 = torch.expm1(d.clamp_max(_numerics.log_max(dtype)))
+        terms = (m - om).square() * torch.exp(neg_olv) + (d_m1 - d) + err * capped_m1
         per_sample = 0.5 * self._sum_dims(terms)
         return per_sample if self.semantics == "fastvae" else per_sample.to(result_dtype)
 

@@ -476,3 +476,62 @@ def test_a_kl_past_float32s_range_is_inf_not_nan(backend, rows):
     torch.testing.assert_close(g_lv[finite].double(), (0.5 * torch.expm1(lv - p))[finite],
                                rtol=2e-6, atol=1e-6)
     assert not torch.isnan(g_mu).any()
+
+
+@pytest.mark.parametrize("op", ["kl_divergence", "sample_and_kl"])
+@pytest.mark.parametrize("backend,rows", [
+    ("torch", 3), ("torch", "blocked"),
+    pytest.param("triton", 3, marks=NEEDS_INTERPRETER)])
+def test_an_infinite_prior_variance_gives_an_infinite_kl_and_finite_gradients(backend, rows, op):
+    """plv = +inf: KL = 1/2 [plv - lv + (e^lv + (mu - pm)^2) e^-plv - 1] = inf, with
+    d/dlv = 1/2 (e^lv e^-plv - 1) = -1/2, d/dplv = 1/2 (1 - (e^lv + (mu - pm)^2) e^-plv)
+    = 1/2 and d/dmu = (mu - pm) e^-plv = 0. The rounding-error correction of lv - plv
+    subtracted inf from inf: NaN value and gradients. Every other element keeps the
+    formula's value. Both backends, the PyTorch path's small and blocked latents."""
+    if rows == "blocked":
+        rows = ops._torch_impl.SMALL_NUMEL // 4 + 1
+    fastvae.set_backend(backend)
+    g = torch.Generator().manual_seed(11)
+    mu = torch.randn(rows, 4, generator=g, requires_grad=True)
+    logvar = torch.randn(rows, 4, generator=g, requires_grad=True)
+    pm = torch.randn(rows, 4, generator=g)
+    plv = torch.randn(rows, 4, generator=g)
+    plv[0, 2] = math.inf
+    plv.requires_grad_()
+    if op == "kl_divergence":
+        kl = fastvae.kl_divergence(mu, logvar, prior_mu=pm, prior_logvar=plv, reduction="none")
+    else:
+        kl = fastvae.sample_and_kl(mu, logvar, prior_mu=pm, prior_logvar=plv)[1]
+    g_mu, g_lv, g_plv = torch.autograd.grad(kl.sum(), [mu, logvar, plv])
+    assert kl[0] == math.inf
+    assert g_lv[0, 2] == -0.5 and g_plv[0, 2] == 0.5 and g_mu[0, 2] == 0.0
+    m, lv, p, q = (t.detach().double() for t in (mu, logvar, pm, plv))
+    want = 0.5 * (q - lv + (lv.exp() + (m - p) ** 2) * torch.exp(-q) - 1)
+    torch.testing.assert_close(kl[1:].double(), want[1:].sum(1), rtol=2e-6, atol=1e-6)
+    finite = torch.isfinite(q)
+    torch.testing.assert_close(g_lv[finite].double(), (0.5 * torch.expm1(lv - q))[finite],
+                               rtol=2e-6, atol=1e-6)
+    want_plv = -0.5 * (torch.expm1(lv - q) + (m - p) ** 2 * torch.exp(-q))
+    torch.testing.assert_close(g_plv[finite].double(), want_plv[finite], rtol=2e-6, atol=1e-6)
+
+
+def test_under_torch_func_an_overflowing_or_infinite_term_is_as_in_eager():
+    """torch.func runs the KL's composite formula: its correction e^d err took e^d
+    uncapped, so lv = 89 against N(0, 1) (e^89 overflows float32) gave a NaN gradient
+    where eager gives inf; an infinite prior variance gave NaN. Now the same as eager."""
+    mu = torch.tensor([[0.0, 0.5, -0.3]])
+    logvar = torch.tensor([[89.0, 0.1, 0.2]])
+    pm = torch.zeros(3)
+    plv = torch.tensor([0.0, 0.0, math.inf])
+
+    def kl(lv, q):
+        return fastvae.kl_divergence(mu, lv, prior_mu=pm, prior_logvar=q)
+
+    g_lv, g_plv = torch.func.grad(kl, argnums=(0, 1))(logvar, plv)
+    lv_eager, plv_eager = logvar.clone().requires_grad_(), plv.clone().requires_grad_()
+    value = kl(lv_eager, plv_eager)
+    value.backward()
+    assert value == math.inf and kl(logvar, plv) == math.inf
+    assert g_lv[0, 0] == math.inf and g_lv[0, 2] == -0.5 and g_plv[2] == 0.5
+    torch.testing.assert_close(g_lv, lv_eager.grad, rtol=1e-6, atol=0)
+    torch.testing.assert_close(g_plv, plv_eager.grad, rtol=1e-6, atol=0)

@@ -133,6 +133,27 @@ def test_kl_gradient_wrt_logvars_is_accurate_when_they_are_50_apart():
         assert rel < 4e-7, rel  # a few float32 roundings (eps 1.2e-7)
 
 
+def test_kl_of_the_attribute_formula_overflows_to_inf_not_nan():
+    """kl(other) where the fused op does not serve it (diffusers semantics over a 5-dim
+    video latent sums dims 1-3 only), without the clamp: a term past float32's range
+    (lv = 89 against lv = 0) and an infinite variance of other are inf, with the
+    gradients the formula has (inf; and -1/2, 1/2 for the logvars against the infinite
+    variance). The correction err * expm1(d) multiplied inf by an error of 0, and
+    inf - inf made that error NaN: NaN KL and gradients."""
+    a = torch.tensor([0.0, 0.5, 89.0, 0.1]).reshape(1, 4, 1, 1, 1).requires_grad_()
+    b = torch.zeros(1, 4, 1, 1, 1)
+    b[0, 3] = math.inf  # other's second logvar: infinite variance against a's 0.1
+    b.requires_grad_()
+    post = GaussianPosterior(a, logvar_clamp=None, semantics="diffusers")
+    other = GaussianPosterior(b, logvar_clamp=None, semantics="diffusers")
+    kl = post.kl(other)
+    kl.sum().backward()
+    assert kl.flatten().tolist() == [math.inf]
+    assert a.grad[0, 2].item() == math.inf and a.grad[0, 3].item() == -0.5
+    assert b.grad[0, 3].item() == 0.5 and b.grad[0, 2].item() == -math.inf
+    assert a.grad[0, 1].item() == 0.0  # (mu - omu) / ov with ov = e^inf
+
+
 # ---- issue 16: what diffusers code relies on, in both semantics ---------------
 
 @pytest.mark.parametrize("semantics", ["fastvae", "diffusers"])
