@@ -54,7 +54,8 @@ OBS_SCALE = {"gaussian": (0.5, LOG_2PI), "laplace": (1.0, LOG_2)}  # recon: (HAL
 def finite_error(d: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
     """TwoSum's rounding error ``err`` of d = fl(lv - plv), 0 where d is not finite:
     an infinite logvar or prior logvar leaves no error to carry (inf - inf made it NaN,
-    and with it the KL that is inf there). A where: its zero derivative stays zero."""
+    so a flat prior, plv = +inf, gave a NaN KL where the formula's is inf). A where: its
+    zero derivative stays zero."""
     return torch.where(torch.isfinite(d), err, 0.0)
 
 

@@ -1242,7 +1242,7 @@ def _prior_kl_block(mu, lv, pm, npl, enp, scratch, shape, homes, want_p):
         err = torch.sub(lv, a, out=scratch.get("err", shape))
         a.sub_(d).add_(npl)  # npl - (d - lv part), rounded the same way
         # no error to carry where d is not finite (an infinite logvar or prior logvar:
-        # inf - inf made it NaN, and the KL NaN where it is inf)
+        # inf - inf made it NaN, so a flat prior gave a NaN KL where the formula's is inf)
         err.add_(a).nan_to_num_(0.0, 0.0, 0.0)
         torch.expm1(d, out=h)
         # e^d err = err + expm1(d) err, expm1(d) capped at the dtype's largest number: where

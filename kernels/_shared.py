@@ -125,7 +125,7 @@ def prior_kl_terms(mu, logvar, prior_mu, prior_logvar, clamp_lo, clamp_hi,
     lv_part = d - neg_plv
     err = (lv - lv_part) + (neg_plv - (d - lv_part))
     # no error to carry where d is not finite (an infinite logvar or prior logvar:
-    # inf - inf made it NaN, and the KL NaN where it is inf)
+    # inf - inf made it NaN, so a flat prior gave a NaN KL where the formula's is inf)
     err = tl.where(tl.abs(d) < float("inf"), err, 0.0)
     em1 = expm1(d)
     # expm1(d) capped at float32's largest number in the correction: where it overflowed
