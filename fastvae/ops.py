@@ -663,17 +663,10 @@ def _kl_terms(mu, logvar, clamp_lo, clamp_hi, dtype, prior_mu=None, prior_logvar
     if prior_logvar is None:
         return (0.5 * (sq + torch.expm1(lv) - lv)).expand(mu.shape)
     plv = prior_logvar.to(dtype)
-    # lv - plv = d + err exactly (Knuth's TwoSum, as the fused ops compute it), and
-    # expm1(d + err) = expm1(d) + e^d err to first order: the rounded difference alone
-    # is off by |err| e^d, ~2e-6 relative in float32 when the logvars are 50 apart.
-    # err's derivative is exactly 0 to autograd, so the transforms see the same math.
-    d = lv - plv
-    lv_part = d + plv  # the part of d that came from lv
-    err = _numerics.finite_error(d, (lv - lv_part) + ((d - lv_part) + plv).neg())
-    # e^d err with e^d from d capped where it overflows (expm1(d) is inf there anyway):
-    # inf * 0 would be NaN, in the value and in the gradient
-    em1 = torch.expm1(d) + torch.exp(d.clamp_max(_numerics.log_max(dtype))) * err
-    return (0.5 * (sq * torch.exp(-plv) + em1 - (d + err))).expand(mu.shape)
+    # e^(lv - plv) - 1 and lv - plv with the difference's rounding error carried, as the
+    # fused ops compute them (its derivative is 0, so the transforms see the same math)
+    em1, lv_minus_plv = _numerics.expm1_of_difference(lv, plv)
+    return (0.5 * (sq * torch.exp(-plv) + em1 - lv_minus_plv)).expand(mu.shape)
 
 
 def _kl_rows(mu, logvar, clamp_lo, clamp_hi, dtype, prior_mu=None, prior_logvar=None):
