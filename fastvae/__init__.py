@@ -20,6 +20,7 @@ _LAZY = {
     "GaussianPosterior": "fastvae.posterior",
     "set_backend": "fastvae._dispatch",
     "use_backend": "fastvae._dispatch",
+    "set_cpu_fusion": "fastvae._cpu_fusion",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

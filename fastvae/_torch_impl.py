@@ -28,7 +28,7 @@ import threading
 
 import torch
 
-from fastvae import _numerics, _validate
+from fastvae import _cpu_fusion, _numerics, _validate
 from fastvae._numerics import BCE_LOG_FLOOR, compute_dtype, grad_buffer_dtype, reduction_scale
 
 
@@ -324,6 +324,14 @@ def recon_per_sample(x_hat, x, recon, dtype, grad_scale):
     """Per-sample reconstruction sums (N,) and, if ``grad_scale`` is not None,
     ``grad_scale`` times the gradient of their sum with respect to ``x_hat``."""
     want_grad = grad_scale is not None
+    # large half-precision mse/l1 and large bce/bce_logits: one fused loop (Inductor's
+    # C++), from a kernel's third call on (it compiles then; see _cpu_fusion)
+    if _cpu_fusion.applies(x_hat, x, recon, dtype):
+        fused = _cpu_fusion.fused_recon(x_hat, x, recon, grad_scale)
+        if fused is not None:
+            if recon == "bce" and torch.isnan(fused[0]).any():
+                _validate.check_probabilities(x_hat)  # as the chunked path checks
+            return fused
     # half-precision inputs: converted chunk by chunk, never copied whole to float32;
     # bce: its many passes (two logs, clamps, products, sums, the gradient) over cached chunks
     if dtype != x_hat.dtype or dtype != x.dtype or recon == "bce":

@@ -1,0 +1,233 @@
+"""Inductor's fused CPU loops for large reconstruction terms (fastvae/_cpu_fusion.py).
+
+Held to the float64 formulas of tests/reference.py and to the chunked torch ops
+they replace. MIN_NUMEL is lowered so that small tensors take the fused path (each
+kernel still compiles once, ~1-2 s with Inductor's disk cache warm).
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import fastvae
+from fastvae import _cpu_fusion
+from tests import reference
+
+SHAPE = (3, 3, 151, 149)  # past SMALL_NUMEL (2^17), whose calls take few whole ops; rows of
+# 67497 elements: not a multiple of a vector's width
+
+
+@pytest.fixture
+def fusion(monkeypatch):
+    """Fusion on, from 64 elements, with its state restored afterwards; yields a list
+    that records each call's outcome (True: the fused loop served it)."""
+    monkeypatch.setattr(_cpu_fusion, "MIN_NUMEL", 64)
+    monkeypatch.setattr(_cpu_fusion, "_enabled", True)
+    monkeypatch.setattr(_cpu_fusion, "_failed", False)
+    monkeypatch.setattr(_cpu_fusion, "_calls", {})
+    monkeypatch.setattr(_cpu_fusion, "_compiled", {})  # each test counts from the first call
+    outcomes = []
+    real = _cpu_fusion.fused_recon
+
+    def recorded(*args):
+        out = real(*args)
+        outcomes.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_cpu_fusion, "fused_recon", recorded)
+    return outcomes
+
+
+def _inputs(recon, shape, x_hat_dtype, x_dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if recon == "bce":
+        x_hat = torch.rand(shape, generator=gen, dtype=torch.float64) * 0.98 + 0.01
+    else:
+        x_hat = torch.randn(shape, generator=gen, dtype=torch.float64) * 2
+    x = torch.rand(shape, generator=gen, dtype=torch.float64)
+    return x_hat.to(x_hat_dtype), x.to(x_dtype)
+
+
+def _loss_and_grad(x_hat, x, recon, reduction, beta=1.0, **options):
+    x_hat = x_hat.clone().requires_grad_()
+    latent = torch.zeros(x_hat.shape[0], 3)
+    loss = fastvae.vae_loss(x_hat, x, latent, latent, recon=recon, reduction=reduction,
+                            beta=beta, **options)
+    grad, = torch.autograd.grad(loss.sum(), x_hat)
+    return loss.detach(), grad
+
+
+def _reference(x_hat, x, recon, reduction):
+    x_hat = x_hat.double().requires_grad_()
+    want = reference.reduce(reference.recon_elementwise(x_hat, x.double(), recon), reduction)
+    grad, = torch.autograd.grad(want.sum(), x_hat)
+    return want.detach(), grad
+
+
+CASES = [("mse", torch.bfloat16, torch.bfloat16), ("mse", torch.float16, torch.float16),
+         ("mse", torch.bfloat16, torch.float32), ("l1", torch.bfloat16, torch.bfloat16),
+         ("bce_logits", torch.float32, torch.float32),
+         ("bce_logits", torch.float16, torch.float16), ("bce", torch.bfloat16, torch.bfloat16),
+         ("bce", torch.float32, torch.float32)]
+
+
+@pytest.mark.parametrize("recon,x_hat_dtype,x_dtype", CASES, ids=str)
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_fused_loss_matches_the_formula_and_the_chunked_ops(fusion, recon, x_hat_dtype, x_dtype,
+                                                            reduction):
+    x_hat, x = _inputs(recon, SHAPE, x_hat_dtype, x_dtype)
+    calls = [_loss_and_grad(x_hat, x, recon, reduction) for _ in range(_cpu_fusion.COMPILE_AT_CALL)]
+    assert fusion == [False] * (_cpu_fusion.COMPILE_AT_CALL - 1) + [True]
+    (chunked, chunked_grad), (fused, fused_grad) = calls[0], calls[-1]
+
+    want, want_grad = _reference(x_hat, x, recon, reduction)
+    # float32 terms summed in float64: the float32 rounding of each term is what is left
+    assert torch.allclose(fused.double(), want, rtol=2e-7, atol=0)
+    assert torch.allclose(fused, chunked, rtol=1e-6, atol=0)
+    # the gradient: float32 math rounded once into its buffer's dtype (float16's is
+    # float32, rounded to float16 by the backward), the same bits as the chunked ops
+    assert fused_grad.dtype == x_hat_dtype
+    assert torch.equal(fused_grad, chunked_grad)
+    # (a gradient that is a difference, sigmoid(l) - x, cancels: its error is relative
+    # to the operands, so an absolute term on the scale of the largest gradient)
+    eps = torch.finfo(x_hat_dtype).eps
+    assert torch.allclose(fused_grad.double(), want_grad, rtol=eps,
+                          atol=4 * eps * want_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("recon,dtype", [("mse", torch.bfloat16), ("bce", torch.float32)])
+def test_a_value_without_a_gradient(fusion, recon, dtype):
+    x_hat, x = _inputs(recon, SHAPE, dtype, dtype)
+    latent = torch.zeros(SHAPE[0], 3)
+    with torch.no_grad():
+        got = [fastvae.vae_loss(x_hat, x, latent, latent, recon=recon, reduction="none")
+               for _ in range(_cpu_fusion.COMPILE_AT_CALL)]
+    assert fusion[-1]
+    want, _ = _reference(x_hat, x, recon, "none")
+    assert torch.allclose(got[-1].double(), want, rtol=2e-7, atol=0)
+    assert torch.allclose(got[-1], got[0], rtol=1e-6, atol=0)
+
+
+def test_a_row_of_a_million_squares_is_summed_accurately(fusion, monkeypatch):
+    # Inductor's own float32 row sum was 6e-6 off here; fastvae's rows sum in float64
+    monkeypatch.setattr(_cpu_fusion, "MIN_NUMEL", 1 << 20)
+    gen = torch.Generator().manual_seed(3)
+    x_hat = (torch.randn(1, 1 << 21, generator=gen) + 3).bfloat16()
+    x = torch.rand(1, 1 << 21, generator=gen).bfloat16()
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        got, _ = _loss_and_grad(x_hat, x, "mse", "sum", beta=0.0)
+    assert fusion[-1]
+    want = ((x_hat.double() - x.double()) ** 2).sum()
+    assert abs(got.double() - want) / want < 2e-7
+
+
+def test_a_batch_of_one_and_new_scales_compile_nothing_more(fusion):
+    x_hat, x = _inputs("mse", (1, 140000), torch.bfloat16, torch.bfloat16)
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        _loss_and_grad(x_hat, x, "mse", "sum")
+    assert fusion[-1]
+    counters = torch._dynamo.utils.counters
+    graphs = counters["stats"]["unique_graphs"]
+    # other reductions and betas scale the gradient by other numbers: a 0-dim tensor
+    # argument, never a specialized float (one graph per value)
+    for reduction, beta in [("mean", 1.0), ("batchmean", 0.5), ("sum", 3.0)]:
+        got, grad = _loss_and_grad(x_hat, x, "mse", reduction, beta=beta)
+        want, want_grad = _reference(x_hat, x, "mse", reduction)
+        assert torch.allclose(got.double(), want, rtol=2e-7)
+        assert torch.allclose(grad.double(), want_grad, rtol=2**-8, atol=0)
+    assert fusion[-3:] == [True] * 3
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_gaussian_with_a_float_scale_takes_the_fused_mse_pass(fusion):
+    x_hat, x = _inputs("mse", SHAPE, torch.bfloat16, torch.bfloat16)
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        got, grad = _loss_and_grad(x_hat, x, "gaussian", "sum", obs_logvar=-1.5)
+    assert fusion[-1]
+    x_hat64 = x_hat.double().requires_grad_()
+    want = reference.recon_elementwise(x_hat64, x.double(), "gaussian", -1.5).sum()
+    want_grad, = torch.autograd.grad(want, x_hat64)
+    assert torch.allclose(got.double(), want.detach(), rtol=2e-7)
+    assert torch.allclose(grad.double(), want_grad, rtol=2**-8, atol=0)
+
+
+def test_nan_propagates(fusion):
+    x_hat, x = _inputs("mse", SHAPE, torch.bfloat16, torch.bfloat16)
+    x_hat[1, 0, 0, 0] = float("nan")
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        got, grad = _loss_and_grad(x_hat, x, "mse", "none")
+    assert fusion[-1]
+    assert torch.isnan(got[1]) and torch.isfinite(got[[0, 2]]).all()
+    assert torch.isnan(grad[1, 0, 0, 0]) and torch.isfinite(grad[0]).all()
+
+
+def test_bce_probabilities_out_of_range_still_raise(fusion):
+    x_hat, x = _inputs("bce", SHAPE, torch.float32, torch.float32)
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        _loss_and_grad(x_hat, x, "bce", "sum")
+    assert fusion[-1]
+    x_hat[2, 1, 3, 4] = 1.5
+    with pytest.raises(ValueError, match="x_hat"):
+        _loss_and_grad(x_hat, x, "bce", "sum")
+    assert fusion[-1]  # (the fused loop ran, then its NaN row sent the check)
+
+
+def test_a_compiler_failure_warns_once_and_falls_back(fusion, monkeypatch):
+    def broken_kernel(key, recon):
+        def kernel(*args):
+            raise RuntimeError("no C++ compiler")
+        return kernel
+
+    monkeypatch.setattr(_cpu_fusion, "_kernel", broken_kernel)
+    x_hat, x = _inputs("mse", SHAPE, torch.bfloat16, torch.bfloat16)
+    first, first_grad = _loss_and_grad(x_hat, x, "mse", "sum")
+    _loss_and_grad(x_hat, x, "mse", "sum")
+    with pytest.warns(RuntimeWarning, match="no C.. compiler.*unfused torch ops"):
+        got, grad = _loss_and_grad(x_hat, x, "mse", "sum")
+    assert torch.equal(got, first) and torch.equal(grad, first_grad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _loss_and_grad(x_hat, x, "mse", "sum")  # no second warning, no second attempt
+    assert not any(fusion)
+
+
+def test_float32_mse_and_l1_keep_their_torch_ops(fusion):
+    x_hat, x = _inputs("mse", SHAPE, torch.float32, torch.float32)
+    for recon in ("mse", "l1"):
+        for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+            _loss_and_grad(x_hat, x, recon, "sum")
+    assert fusion == []  # not even asked
+
+
+def test_below_min_numel_nothing_compiles(fusion, monkeypatch):
+    monkeypatch.setattr(_cpu_fusion, "MIN_NUMEL", 1 << 20)
+    x_hat, x = _inputs("mse", SHAPE, torch.bfloat16, torch.bfloat16)
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        _loss_and_grad(x_hat, x, "mse", "sum")
+    assert fusion == []
+
+
+def test_switching_fusion_off(fusion, monkeypatch):
+    x_hat, x = _inputs("l1", SHAPE, torch.float16, torch.float16)
+    assert fastvae.set_cpu_fusion(False) is True
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        _loss_and_grad(x_hat, x, "l1", "sum")
+    assert fusion == []
+    assert fastvae.set_cpu_fusion(True) is False
+    with pytest.raises(TypeError, match="enabled must be a bool, got str"):
+        fastvae.set_cpu_fusion("off")
+
+
+@pytest.mark.parametrize("value,enabled", [("0", False), ("off", False), ("1", True), ("", True)])
+def test_the_environment_variable(monkeypatch, value, enabled):
+    monkeypatch.setattr(_cpu_fusion, "_enabled", _cpu_fusion._NOT_READ)
+    monkeypatch.setenv("FASTVAE_CPU_FUSION", value)
+    assert _cpu_fusion._is_enabled() is enabled
+
+
+def test_a_bad_environment_value_names_the_variable(monkeypatch):
+    monkeypatch.setattr(_cpu_fusion, "_enabled", _cpu_fusion._NOT_READ)
+    monkeypatch.setenv("FASTVAE_CPU_FUSION", "maybe")
+    with pytest.raises(ValueError, match="FASTVAE_CPU_FUSION must be 0 or 1, got 'maybe'"):
+        _cpu_fusion._is_enabled()
