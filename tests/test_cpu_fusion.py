@@ -15,7 +15,8 @@ from fastvae import _cpu_fusion
 from tests import reference
 
 SHAPE = (3, 3, 151, 149)  # past SMALL_NUMEL (2^17), whose calls take few whole ops; rows of
-# 67497 elements: not a multiple of a vector's width
+# 67497 elements: not a multiple of _cpu_fusion.ROW_BLOCK (padded) nor of a vector's width
+BLOCKED_SHAPE = (2, 3, 128, 192)  # rows of 288 whole ROW_BLOCKs (viewed, not padded)
 
 
 @pytest.fixture
@@ -74,9 +75,10 @@ CASES = [("mse", torch.bfloat16, torch.bfloat16), ("mse", torch.float16, torch.f
 
 @pytest.mark.parametrize("recon,x_hat_dtype,x_dtype", CASES, ids=str)
 @pytest.mark.parametrize("reduction", ["sum", "none"])
+@pytest.mark.parametrize("shape", [SHAPE, BLOCKED_SHAPE], ids=str)
 def test_fused_loss_matches_the_formula_and_the_chunked_ops(fusion, recon, x_hat_dtype, x_dtype,
-                                                            reduction):
-    x_hat, x = _inputs(recon, SHAPE, x_hat_dtype, x_dtype)
+                                                            reduction, shape):
+    x_hat, x = _inputs(recon, shape, x_hat_dtype, x_dtype)
     calls = [_loss_and_grad(x_hat, x, recon, reduction) for _ in range(_cpu_fusion.COMPILE_AT_CALL)]
     assert fusion == [False] * (_cpu_fusion.COMPILE_AT_CALL - 1) + [True]
     (chunked, chunked_grad), (fused, fused_grad) = calls[0], calls[-1]
