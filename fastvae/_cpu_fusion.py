@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvae._grad_scaling import in_torch_dispatch_mode
-from fastvae._numerics import BCE_GRAD_EPS, BCE_LOG_FLOOR, grad_buffer_dtype
+from fastvae._numerics import BCE_GRAD_EPS, BCE_LOG_FLOOR, CB_SERIES_BELOW, grad_buffer_dtype
 
 MIN_NUMEL = 1 << 20
 COMPILE_AT_CALL = 3
@@ -44,9 +44,10 @@ ENV_VAR = "FASTVAE_CPU_FUSION"
 
 # mse and l1 of float32 inputs stay on torch ops (one aten pass each already, and
 # their value is bit for bit the same with and without a gradient); a half-precision
-# input of theirs, and bce/bce_logits in any CPU dtype, gain from one fused pass.
+# input of theirs, and bce/bce_logits/the continuous Bernoulli in any CPU dtype
+# (several passes each on torch ops), gain from one fused pass.
 _HALF = (torch.bfloat16, torch.float16)
-_ANY_DTYPE_RECONS = ("bce", "bce_logits")
+_ANY_DTYPE_RECONS = ("bce", "bce_logits", "continuous_bernoulli")
 _HALF_ONLY_RECONS = ("mse", "l1")
 
 
@@ -105,7 +106,27 @@ def _bce(x_hat, x, scale, grad_dtype):
     return rows, grad.to(grad_dtype)
 
 
-_MATH = {"mse": _mse, "l1": _l1, "bce_logits": _bce_logits, "bce": _bce}
+def _continuous_bernoulli(x_hat, x, scale, grad_dtype):
+    # _torch_impl._continuous_bernoulli_recon's formulas, op for op (derivation there)
+    logit, target = x_hat.float(), x.float()
+    a = logit.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    m = -torch.expm1(-a)
+    rows = _row_sums((logit.clamp_min(0.0) - logit * target) - torch.log(a / m))
+    if scale is None:
+        return rows
+    e = 1.0 - m  # e^-a
+    p = 1.0 / (e + 1.0)
+    g = 1.0 / a - e * p * 2.0 / m  # 1/a - 1/sinh(a), closed form
+    t = a * a
+    series = ((((t * (73 / 3421440) + (-127 / 604800)) * t + 31 / 15120) * t
+               + (-7 / 360)) * t + 1 / 6) * a
+    g = torch.where(a < CB_SERIES_BELOW[torch.float32], series, g)
+    grad = ((p - g) - 0.5) * torch.sign(logit) + 0.5 - target
+    return rows, (grad * scale).to(grad_dtype)
+
+
+_MATH = {"mse": _mse, "l1": _l1, "bce_logits": _bce_logits, "bce": _bce,
+         "continuous_bernoulli": _continuous_bernoulli}
 
 
 # ---- the switch, the counters and the compiled kernels -------------------------

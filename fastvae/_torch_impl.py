@@ -465,6 +465,10 @@ def _continuous_bernoulli_recon(x_hat, x, dtype, grad_scale):
     with 1/a - 1/sinh a by its series below _numerics.CB_SERIES_BELOW (where the
     closed form cancels). a / m -> 1 as a -> 0 (a is floored at the smallest
     normal number, so l = 0 gives log 1 = 0: CB(1/2) is uniform); NaN stays NaN."""
+    if _cpu_fusion.applies(x_hat, x, "continuous_bernoulli", dtype):  # one fused loop
+        fused = _cpu_fusion.fused_recon(x_hat, x, "continuous_bernoulli", grad_scale)
+        if fused is not None:
+            return fused
     logit, target = _as(x_hat, dtype), _as(x, dtype)
     a = torch.abs(logit, out=_empty_like_contiguous(logit, dtype)).clamp_(min=torch.finfo(dtype).tiny)
     m = torch.neg(a).expm1_().neg_()

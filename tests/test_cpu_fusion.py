@@ -98,6 +98,28 @@ def test_fused_loss_matches_the_formula_and_the_chunked_ops(fusion, recon, x_hat
                           atol=4 * eps * want_grad.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [SHAPE, BLOCKED_SHAPE], ids=str)
+def test_fused_continuous_bernoulli(fusion, dtype, shape):
+    # logits ~ N(0, 4): many below 0.5 in magnitude, where the normaliser's gradient
+    # takes its series, and many above
+    x_hat, x = _inputs("continuous_bernoulli", shape, dtype, dtype)
+    calls = [_loss_and_grad(x_hat, x, "continuous_bernoulli", "sum")
+             for _ in range(_cpu_fusion.COMPILE_AT_CALL)]
+    assert fusion[-1] and not any(fusion[:-1])
+    (chunked, chunked_grad), (fused, fused_grad) = calls[0], calls[-1]
+    want, want_grad = _reference(x_hat, x, "continuous_bernoulli", "sum")
+    # terms of both signs (a density above 1 has a negative log): relative to their scale
+    scale = reference.recon_elementwise(x_hat, x, "continuous_bernoulli").abs().sum()
+    assert abs(fused.double() - want) < 1e-6 * scale
+    assert abs(fused.double() - chunked.double()) < 1e-6 * scale
+    assert fused_grad.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    atol = 16 * torch.finfo(torch.float32).eps * want_grad.abs().max().item()
+    assert torch.allclose(fused_grad.double(), want_grad, rtol=eps, atol=atol)
+    assert torch.allclose(fused_grad, chunked_grad, rtol=eps, atol=atol)
+
+
 @pytest.mark.parametrize("recon,dtype", [("mse", torch.bfloat16), ("bce", torch.float32)])
 def test_a_value_without_a_gradient(fusion, recon, dtype):
     x_hat, x = _inputs(recon, SHAPE, dtype, dtype)
