@@ -18,8 +18,9 @@ What it costs, and so when it is used (``fused_recon``):
   waits for a compiler, a training loop compiles once, early;
 - per call, ~26 us of guards and wrapper (measured on 2x256 inputs), against the
   chunked ops' ~0.5 ms for a bf16 mse forward of 2^20 elements (3.5 ms at 512x12288).
-If compiling fails (no compiler, say), fastvae warns once and keeps the chunked
-torch ops from then on. ``FASTVAE_CPU_FUSION=0`` (read on first use) or
+If compiling fails before any kernel has worked (no compiler, say), fastvae warns
+once and keeps the chunked torch ops from then on; a kernel that fails after another
+has worked is dropped alone. ``FASTVAE_CPU_FUSION=0`` (read on first use) or
 ``fastvae.set_cpu_fusion(False)`` turns it off.
 
 The kernels compute what the chunked path (_torch_impl._recon_chunk and
@@ -48,6 +49,7 @@ ENV_VAR = "FASTVAE_CPU_FUSION"
 # input of theirs, and bce/bce_logits/the continuous Bernoulli in any CPU dtype
 # (several passes each on torch ops), gain from one fused pass.
 _HALF = (torch.bfloat16, torch.float16)
+_DTYPES = (torch.float32, *_HALF)
 _ANY_DTYPE_RECONS = ("bce", "bce_logits", "continuous_bernoulli")
 _HALF_ONLY_RECONS = ("mse", "l1")
 
@@ -108,20 +110,28 @@ def _bce(x_hat, x, scale, grad_dtype):
 
 
 def _continuous_bernoulli(x_hat, x, scale, grad_dtype):
-    # _torch_impl._continuous_bernoulli_recon's formulas, op for op (derivation there)
+    # _torch_impl._continuous_bernoulli_recon's formulas (derivation there), but for
+    # log(a / m) below CB_SERIES_BELOW: Inductor's CPU expm1 loses its digits near 0
+    # (expm1(-1e-8) gave 0: m = 0 and a NaN term for a logit of 0 or 1e-8), so there
+    # log(a / m) = a/2 - log(sinh(u) / u), u = a/2, by the series of the latter
     logit, target = x_hat.float(), x.float()
     a = logit.abs().clamp_min(torch.finfo(torch.float32).tiny)
+    near = a < CB_SERIES_BELOW[torch.float32]
     m = -torch.expm1(-a)
-    rows = _row_sums((logit.clamp_min(0.0) - logit * target) - torch.log(a / m))
+    t = (a * 0.5) * (a * 0.5)
+    log_ratio_near = a * 0.5 - t * (1 / 6 + t * (-1 / 180 + t * (1 / 2835 + t * (
+        -1 / 37800 + t * (1 / 467775)))))
+    log_ratio = torch.where(near, log_ratio_near, torch.log(a / m))
+    rows = _row_sums((logit.clamp_min(0.0) - logit * target) - log_ratio)
     if scale is None:
         return rows
-    e = 1.0 - m  # e^-a
+    e = 1.0 - m  # e^-a (near 0 m's lost digits move p = 1 / (1 + e) by an ulp at most)
     p = 1.0 / (e + 1.0)
     g = 1.0 / a - e * p * 2.0 / m  # 1/a - 1/sinh(a), closed form
     t = a * a
     series = ((((t * (73 / 3421440) + (-127 / 604800)) * t + 31 / 15120) * t
                + (-7 / 360)) * t + 1 / 6) * a
-    g = torch.where(a < CB_SERIES_BELOW[torch.float32], series, g)
+    g = torch.where(near, series, g)
     grad = ((p - g) - 0.5) * torch.sign(logit) + 0.5 - target
     return rows, (grad * scale).to(grad_dtype)
 
@@ -134,10 +144,11 @@ _MATH = {"mse": _mse, "l1": _l1, "bce_logits": _bce_logits, "bce": _bce,
 
 _NOT_READ = object()
 _enabled = _NOT_READ
-_failed = False
+_failed = False  # compiling failed before any kernel worked: the toolchain, off for good
 _lock = threading.Lock()
 _calls = {}  # kernel key -> calls so far, until compiled
-_compiled = {}  # kernel key -> the torch.compile'd function
+_compiled = {}  # kernel key -> the torch.compile'd function, or None where it failed
+_worked = set()  # kernel keys that have run
 
 
 def set_cpu_fusion(enabled: bool) -> bool:
@@ -171,8 +182,12 @@ def applies(x_hat, x, recon, dtype):
         return False
     return (dtype == torch.float32 and x_hat.device.type == "cpu"
             and x_hat.numel() >= MIN_NUMEL and x_hat.dim() >= 1
+            # rows narrower than a block would be padded to one (3x slower at 2^17 rows of 8)
+            and x_hat.numel() // x_hat.shape[0] >= ROW_BLOCK
             and x_hat.is_contiguous() and x.is_contiguous() and x.shape == x_hat.shape
-            and x.dtype in (torch.float32, *_HALF) and x_hat.dtype in (torch.float32, *_HALF)
+            and x.dtype in _DTYPES and x_hat.dtype in _DTYPES
+            # (Inductor warns about a loop that mixes bf16 and fp16 loads)
+            and {x.dtype, x_hat.dtype} != set(_HALF)
             and not _failed and _is_enabled()
             and not torch.compiler.is_compiling() and not in_torch_dispatch_mode())
 
@@ -180,8 +195,9 @@ def applies(x_hat, x, recon, dtype):
 def _kernel(key, recon):
     """A torch.compile'd copy of recon's math for one key. Each key gets a code object
     of its own: Dynamo keeps its compiled graphs per code object and stops compiling
-    one past its recompile limit (8), which the dtype pairs of one function could
-    reach; a key's own holds one graph (two with a batch of 1)."""
+    one past its recompile limit (8). So the key holds what Dynamo would specialize on
+    (the dtypes, the input's rank: its guards see the reshaped view's base, a batch of
+    1, rows a whole number of blocks or not): one graph per code object."""
     math_fn = _MATH[recon]
     name = f"{math_fn.__name__}_{'_'.join(str(k).removeprefix('torch.') for k in key[1:])}"
     fn = types.FunctionType(math_fn.__code__.replace(co_name=name), math_fn.__globals__, name)
@@ -194,35 +210,48 @@ def fused_recon(x_hat, x, recon, grad_scale):
     COMPILE_AT_CALL-th call, or compiling failed. ``applies`` held."""
     global _failed
     grad_dtype = None if grad_scale is None else grad_buffer_dtype(x_hat.dtype)
-    key = (recon, x_hat.dtype, x.dtype, grad_dtype)
-    compiled = _compiled.get(key)
-    if compiled is None:
+    batch = x_hat.shape[0]
+    row = x_hat.numel() // batch
+    key = (recon, x_hat.dtype, x.dtype, grad_dtype, x_hat.dim(), batch == 1,
+           row % ROW_BLOCK == 0)
+    compiled = _compiled.get(key, _NOT_READ)
+    if compiled is None:  # this kernel failed before
+        return None
+    if compiled is _NOT_READ:
         with _lock:
             calls = _calls[key] = _calls.get(key, 0) + 1
             if calls < COMPILE_AT_CALL:
                 return None
-    rows_h = x_hat.detach().reshape(x_hat.shape[0], -1)
-    rows_x = x.detach().reshape(rows_h.shape)
+    rows_h = x_hat.detach().reshape(batch, row)
+    rows_x = x.detach().reshape(batch, row)
     scale = None if grad_scale is None else torch.tensor(grad_scale, dtype=torch.float32)
     try:
-        if compiled is None:
+        if compiled is _NOT_READ:
             with _lock:  # (torch.compile itself raises where Dynamo cannot run)
-                compiled = _compiled.get(key)
-                if compiled is None:
+                compiled = _compiled.get(key, _NOT_READ)
+                if compiled is _NOT_READ:
                     compiled = _compiled[key] = _kernel(key, recon)
-        if torch._dynamo.config.disable:
+        if compiled is None or torch._dynamo.config.disable:
             # (imported by torch.compile) with Dynamo off the "compiled" function would
             # run as torch ops on whole float32 copies: the chunked path is better then
             return None
         with torch.no_grad():
             out = compiled(rows_h, rows_x, scale, grad_dtype)
     except Exception as error:  # noqa: BLE001 - any failure of the compiler toolchain
-        _failed = True
-        warnings.warn(f"fastvae: Inductor could not build the fused CPU loss loop "
-                      f"({type(error).__name__}: {error}); the PyTorch path's unfused torch "
-                      "ops are used from now on (FASTVAE_CPU_FUSION=0 skips the attempt)",
+        with _lock:
+            _compiled[key] = None
+            # no kernel has ever run: the toolchain (no compiler, say), off for good;
+            # else this kernel alone (a recompile refused by a torch.compiler stance)
+            toolchain = not _worked
+            if toolchain:
+                _failed = True
+        what = "the fused CPU loss loops" if toolchain else f"the fused CPU loop {key}"
+        warnings.warn(f"fastvae: Inductor could not build {what} ({type(error).__name__}: "
+                      f"{error}); the PyTorch path's unfused torch ops are used there from "
+                      "now on (FASTVAE_CPU_FUSION=0 skips the attempt)",
                       RuntimeWarning, stacklevel=2)
         return None
+    _worked.add(key)
     if grad_scale is None:
         return out, None
     rows, grad = out

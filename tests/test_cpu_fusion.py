@@ -28,6 +28,7 @@ def fusion(monkeypatch):
     monkeypatch.setattr(_cpu_fusion, "_failed", False)
     monkeypatch.setattr(_cpu_fusion, "_calls", {})
     monkeypatch.setattr(_cpu_fusion, "_compiled", {})  # each test counts from the first call
+    monkeypatch.setattr(_cpu_fusion, "_worked", set())
     outcomes = []
     real = _cpu_fusion.fused_recon
 
@@ -118,6 +119,89 @@ def test_fused_continuous_bernoulli(fusion, dtype, shape):
     atol = 16 * torch.finfo(torch.float32).eps * want_grad.abs().max().item()
     assert torch.allclose(fused_grad.double(), want_grad, rtol=eps, atol=atol)
     assert torch.allclose(fused_grad, chunked_grad, rtol=eps, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_continuous_bernoulli_logits_at_and_near_zero(fusion, dtype):
+    # a zero logit (a zero-initialised decoder, a ReLU) is common; Inductor's expm1 gave
+    # 0 for -1e-8, which made log(a / m) NaN before the series took over below 0.5
+    x_hat, x = _inputs("continuous_bernoulli", SHAPE, dtype, dtype)
+    flat = x_hat.view(-1)
+    flat[:8] = torch.tensor([0.0, 1e-30, -1e-30, 1e-8, -1e-7, 1e-3, 0.4999, -0.5001])
+    flat[8:1000] *= 1e-2  # a row of small logits
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        got, grad = _loss_and_grad(x_hat, x, "continuous_bernoulli", "none")
+    assert fusion[-1]
+    want, want_grad = _reference(x_hat, x, "continuous_bernoulli", "none")
+    # at l = 0 exactly autograd takes the formula's max(l, 0) and |l| at their kinks
+    # (slopes 1 and 0): 1 - x; the derivative there is sigmoid(0) - x = 1/2 - x
+    want_grad.view(-1)[0] = 0.5 - x.view(-1)[0].double()
+    scale = reference.per_sample(
+        reference.recon_elementwise(x_hat, x, "continuous_bernoulli").abs())
+    assert ((got.double() - want).abs() < 1e-6 * scale).all()
+    atol = 16 * torch.finfo(torch.float32).eps * want_grad.abs().max().item()
+    assert torch.allclose(grad.double(), want_grad, rtol=torch.finfo(dtype).eps, atol=atol)
+
+
+def test_many_shapes_stay_fused_and_compile_once_each(fusion, recwarn):
+    # Dynamo specializes on the input's rank, a batch of 1 and rows a whole number of
+    # blocks; past 8 graphs in one code object it refuses to compile (fullgraph). Each
+    # of those is a kernel of its own, so no shape turns fusion off
+    shapes = [(3, 50000), (1, 140000), (2, 3, 128, 192), (1, 3, 256, 256), (2, 70000),
+              (4, 3, 100, 120), (2, 2, 3, 100, 120), (3, 4, 12800), (1, 131328), (5, 30000),
+              (2, 3, 151, 149), (6, 25000)]
+    for shape in shapes:
+        x_hat, x = _inputs("mse", shape, torch.bfloat16, torch.bfloat16)
+        for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+            got, grad = _loss_and_grad(x_hat, x, "mse", "sum")
+        want, want_grad = _reference(x_hat, x, "mse", "sum")
+        assert fusion[-1], shape
+        assert torch.allclose(got.double(), want, rtol=2e-7)
+        assert torch.allclose(grad.double(), want_grad, rtol=2**-8, atol=0)
+    assert not _cpu_fusion._failed
+    assert not [w for w in recwarn if "fastvae" in str(w.message)]
+
+
+def test_one_failing_kernel_leaves_the_others_fused(fusion, monkeypatch):
+    x_hat, x = _inputs("mse", SHAPE, torch.bfloat16, torch.bfloat16)
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        _loss_and_grad(x_hat, x, "mse", "sum")
+    assert fusion[-1]
+    real_kernel = _cpu_fusion._kernel
+
+    def refusing_kernel(key, recon):
+        if recon != "l1":
+            return real_kernel(key, recon)
+
+        def kernel(*args):
+            raise RuntimeError("recompile refused")
+        return kernel
+
+    monkeypatch.setattr(_cpu_fusion, "_kernel", refusing_kernel)
+    l1_hat, l1_x = _inputs("l1", SHAPE, torch.bfloat16, torch.bfloat16)
+    _loss_and_grad(l1_hat, l1_x, "l1", "sum")
+    _loss_and_grad(l1_hat, l1_x, "l1", "sum")
+    with pytest.warns(RuntimeWarning, match="fused CPU loop .'l1'.*recompile refused"):
+        got, _ = _loss_and_grad(l1_hat, l1_x, "l1", "sum")
+    want, _ = _reference(l1_hat, l1_x, "l1", "sum")
+    assert torch.allclose(got.double(), want, rtol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _loss_and_grad(l1_hat, l1_x, "l1", "sum")  # that kernel is not tried again
+        _loss_and_grad(x_hat, x, "mse", "sum")
+    assert fusion[-5:] == [False, False, False, False, True]
+    assert not _cpu_fusion._failed
+
+
+@pytest.mark.parametrize("shape,dtypes", [((20000, 8), (torch.bfloat16, torch.bfloat16)),
+                                          (SHAPE, (torch.bfloat16, torch.float16))], ids=str)
+def test_narrow_rows_and_mixed_half_types_keep_the_chunked_ops(fusion, shape, dtypes):
+    # rows narrower than a block would be padded 32-fold (slower than the chunked ops);
+    # a bf16/fp16 pair makes Inductor warn
+    x_hat, x = _inputs("mse", shape, *dtypes)
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        _loss_and_grad(x_hat, x, "mse", "sum")
+    assert fusion == []
 
 
 @pytest.mark.parametrize("recon,dtype", [("mse", torch.bfloat16), ("bce", torch.float32)])
