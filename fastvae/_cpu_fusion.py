@@ -30,6 +30,7 @@ summation differs (_row_sums: float32 blocks, then float64).
 """
 
 import os
+import sys
 import threading
 import types
 import warnings
@@ -204,6 +205,11 @@ def _kernel(key, recon):
     return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
+def _dynamo_disabled():
+    dynamo = sys.modules.get("torch._dynamo")  # (torch.compile imports it)
+    return dynamo is not None and dynamo.config.disable
+
+
 def fused_recon(x_hat, x, recon, grad_scale):
     """recon_per_sample's (per-row sums float32 (N,), gradient or None) from one fused
     loop, or None where the chunked torch ops are to run: not yet the kernel's
@@ -231,9 +237,9 @@ def fused_recon(x_hat, x, recon, grad_scale):
                 compiled = _compiled.get(key, _NOT_READ)
                 if compiled is _NOT_READ:
                     compiled = _compiled[key] = _kernel(key, recon)
-        if compiled is None or torch._dynamo.config.disable:
-            # (imported by torch.compile) with Dynamo off the "compiled" function would
-            # run as torch ops on whole float32 copies: the chunked path is better then
+        if compiled is None or _dynamo_disabled():
+            # with Dynamo off the "compiled" function would run as torch ops on whole
+            # float32 copies: the chunked path is better then
             return None
         with torch.no_grad():
             out = compiled(rows_h, rows_x, scale, grad_dtype)

@@ -316,6 +316,19 @@ def test_below_min_numel_nothing_compiles(fusion, monkeypatch):
     assert fusion == []
 
 
+def test_with_dynamo_disabled_the_chunked_ops_run(fusion, monkeypatch):
+    # the "compiled" function would run as torch ops on whole float32 copies
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+    x_hat, x = _inputs("mse", SHAPE, torch.bfloat16, torch.bfloat16)
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL + 1):
+        got, grad = _loss_and_grad(x_hat, x, "mse", "sum")
+    assert fusion == [False] * (_cpu_fusion.COMPILE_AT_CALL + 1)
+    want, _ = _reference(x_hat, x, "mse", "sum")
+    assert torch.allclose(got.double(), want, rtol=1e-6)
+
+
 def test_switching_fusion_off(fusion, monkeypatch):
     x_hat, x = _inputs("l1", SHAPE, torch.float16, torch.float16)
     assert fastvae.set_cpu_fusion(False) is True
