@@ -206,8 +206,13 @@ def _kernel(key, recon):
 
 
 def _dynamo_disabled():
+    """Dynamo switched off, or told to run compiled functions eagerly
+    (``torch.compiler.set_stance("force_eager")``, read where torch keeps it)."""
     dynamo = sys.modules.get("torch._dynamo")  # (torch.compile imports it)
-    return dynamo is not None and dynamo.config.disable
+    if dynamo is None:
+        return False
+    stance = getattr(getattr(dynamo.eval_frame, "_stance", None), "stance", None)
+    return getattr(dynamo.config, "disable", False) or stance == "force_eager"
 
 
 def fused_recon(x_hat, x, recon, grad_scale):

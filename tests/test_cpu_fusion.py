@@ -316,15 +316,20 @@ def test_below_min_numel_nothing_compiles(fusion, monkeypatch):
     assert fusion == []
 
 
-def test_with_dynamo_disabled_the_chunked_ops_run(fusion, monkeypatch):
+@pytest.mark.parametrize("how", ["config.disable", "force_eager stance"])
+def test_with_dynamo_off_the_chunked_ops_run(fusion, how):
     # the "compiled" function would run as torch ops on whole float32 copies
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "disable", True)
     x_hat, x = _inputs("mse", SHAPE, torch.bfloat16, torch.bfloat16)
-    for _ in range(_cpu_fusion.COMPILE_AT_CALL + 1):
-        got, grad = _loss_and_grad(x_hat, x, "mse", "sum")
+    # (config.patch, not monkeypatch: undoing a monkeypatch deletes a config entry)
+    off = torch._dynamo.config.patch(disable=True) if how == "config.disable" \
+        else torch.compiler.set_stance("force_eager")
+    with off:
+        for _ in range(_cpu_fusion.COMPILE_AT_CALL + 1):
+            got, grad = _loss_and_grad(x_hat, x, "mse", "sum")
     assert fusion == [False] * (_cpu_fusion.COMPILE_AT_CALL + 1)
+    assert not _cpu_fusion._failed  # (not taken for a broken toolchain)
     want, _ = _reference(x_hat, x, "mse", "sum")
     assert torch.allclose(got.double(), want, rtol=1e-6)
 
