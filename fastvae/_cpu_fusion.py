@@ -39,7 +39,13 @@ import torch
 import torch.nn.functional as F
 
 from fastvae._grad_scaling import in_torch_dispatch_mode
-from fastvae._numerics import BCE_GRAD_EPS, BCE_LOG_FLOOR, CB_SERIES_BELOW, grad_buffer_dtype
+from fastvae._numerics import (
+    BCE_GRAD_EPS,
+    BCE_LOG_FLOOR,
+    CB_SERIES_BELOW,
+    cb_log_normalizer_grad_series,
+    grad_buffer_dtype,
+)
 
 MIN_NUMEL = 1 << 20
 COMPILE_AT_CALL = 3
@@ -129,10 +135,7 @@ def _continuous_bernoulli(x_hat, x, scale, grad_dtype):
     e = 1.0 - m  # e^-a (near 0 m's lost digits move p = 1 / (1 + e) by an ulp at most)
     p = 1.0 / (e + 1.0)
     g = 1.0 / a - e * p * 2.0 / m  # 1/a - 1/sinh(a), closed form
-    t = a * a
-    series = ((((t * (73 / 3421440) + (-127 / 604800)) * t + 31 / 15120) * t
-               + (-7 / 360)) * t + 1 / 6) * a
-    g = torch.where(near, series, g)
+    g = torch.where(near, cb_log_normalizer_grad_series(a), g)
     grad = ((p - g) - 0.5) * torch.sign(logit) + 0.5 - target
     return rows, (grad * scale).to(grad_dtype)
 

@@ -147,8 +147,12 @@ def cb_log_normalizer_grad(logits: torch.Tensor) -> torch.Tensor:
     # 1/sinh(a) = 2 e^-a / (1 - e^-2a): no overflow for large a
     far = torch.sign(logits) * (far_l.reciprocal()
                                 - 2.0 * torch.exp(-far_l) / -torch.expm1(-2.0 * far_l))
-    near_l = logits.clamp(-below, below)
-    t = near_l.square()
-    near = near_l * (1 / 6 + t * (-7 / 360 + t * (31 / 15120 + t * (
-        -127 / 604800 + t * (73 / 3421440)))))
+    near = cb_log_normalizer_grad_series(logits.clamp(-below, below))
     return torch.where(logits.abs() < below, near, far)
+
+
+def cb_log_normalizer_grad_series(logits: torch.Tensor) -> torch.Tensor:
+    """1/l - 1/sinh(l) by its Taylor series, for |l| below CB_SERIES_BELOW."""
+    t = logits.square()
+    return logits * (1 / 6 + t * (-7 / 360 + t * (31 / 15120 + t * (
+        -127 / 604800 + t * (73 / 3421440)))))
