@@ -30,6 +30,7 @@ summation differs (_row_sums: float32 blocks, then float64).
 """
 
 import os
+import re
 import sys
 import threading
 import types
@@ -140,6 +141,85 @@ def _continuous_bernoulli(x_hat, x, scale, grad_dtype):
     return rows, (grad * scale).to(grad_dtype)
 
 
+# ---- the KL of the latents: (mu, logvar) as (N, M) rows, a prior as (1, M) or (N, M) ----
+#
+# _torch_impl's formulas (derivation above _prior_kl_blocked), per element with
+# d = lv - plv (plv = 0 without a prior logvar, pm = 0 without a prior mean):
+#     kl = 1/2 expm1(d) - 1/2 d + 1/2 (mu - pm)^2 e^-plv
+#     d/dmu = (mu - pm) e^-plv = -d/dpm,  d/dlv = 1/2 expm1(d),
+#     d/dplv = -(1/2 expm1(d) + 1/2 (mu - pm)^2 e^-plv)
+# d is lv - plv rounded to float32 plus its rounding error, found exactly (Knuth's
+# TwoSum; Inductor keeps float arithmetic as written): e^d - 1 of the rounded d alone
+# is off by |err| e^d, 2e-6 relative when the logvars are 50 apart. Inductor's CPU
+# expm1 is exp(x) - 1 (expm1(1e-8) gave 0, 1e-6 4% off), so below |x| = 1/2 a Taylor
+# polynomial takes its place (its remainder < 0.5^10 / 10! ~ 3e-10 of x). Exp and
+# this arithmetic bound the loop (~0.75 ns per element on 2 cores), not memory.
+
+KL_MIN_NUMEL = 1 << 16
+_EXPM1_SERIES_BELOW = 0.5
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _expm1(x):
+    series = x * (1 + x * (1 / 2 + x * (1 / 6 + x * (1 / 24 + x * (1 / 120 + x * (
+        1 / 720 + x * (1 / 5040 + x * (1 / 40320 + x * (1 / 362880)))))))))
+    return torch.where(x.abs() < _EXPM1_SERIES_BELOW, series, torch.exp(x) - 1)
+
+
+KL_SHORT_ROW = 1024
+
+
+def _kl_row_sums(terms):
+    """Per-row sums: Inductor's float32 row sum up to KL_SHORT_ROW elements (a few dozen
+    terms per vector lane, then its cascade; fused with the gradients' loop), longer
+    rows in _row_sums' blocks (a second loop: ~40% more time at 4096x512)."""
+    if terms.shape[1] <= KL_SHORT_ROW:
+        return terms.sum(dim=1)
+    return _row_sums(terms)
+
+
+def _kl(mu, logvar, prior_mu, prior_logvar, bounds, scale, grad_dtypes):
+    """Per-row KL sums (N,) float32 and, with ``scale``, scale times the gradients
+    (mu, logvar, prior_mu, prior_logvar: (N, M) each, in ``grad_dtypes``, None where
+    that dtype is None). ``bounds``: None or the logvar clamp (lo, hi), float32 (2,)."""
+    m, lv_raw = mu.float(), logvar.float()
+    lv = lv_raw if bounds is None else torch.clamp(lv_raw, bounds[0], bounds[1])
+    if prior_logvar is None:
+        d = lv
+        em1 = _expm1(d)
+        enp = None
+    else:
+        npl = -prior_logvar.float()
+        d = lv + npl
+        from_lv = d - npl
+        err = (lv - from_lv) + ((from_lv - d) + npl)
+        # (none where it is not finite: an infinite logvar made it inf - inf, no error)
+        err = torch.where(torch.isfinite(err), err, 0.0)
+        em1 = _expm1(d)
+        # expm1(d + err) = expm1(d) + e^d err; expm1 capped where it overflowed (0 * inf)
+        em1 = em1 + (err + torch.clamp_max(em1, _FLOAT32_MAX) * err)
+        d = d + err
+        enp = torch.exp(npl)
+    h = em1 * 0.5
+    diff = m if prior_mu is None else m - prior_mu.float()
+    gm = diff if enp is None else diff * enp
+    p = h + gm * diff * 0.5
+    rows = _kl_row_sums(p - d * 0.5)
+    if scale is None:
+        return rows
+    dt_mu, dt_lv, dt_pm, dt_plv = grad_dtypes
+    g_mu = None if dt_mu is None else (gm * scale).to(dt_mu)
+    g_lv = None
+    if dt_lv is not None:
+        g_lv = h * scale
+        if bounds is not None:  # zero where the clamp was active (a NaN logvar passes)
+            g_lv = torch.where((lv_raw < bounds[0]) | (lv_raw > bounds[1]), 0.0, g_lv)
+        g_lv = g_lv.to(dt_lv)
+    g_pm = None if dt_pm is None else (gm * -scale).to(dt_pm)
+    g_plv = None if dt_plv is None else (p * -scale).to(dt_plv)
+    return rows, g_mu, g_lv, g_pm, g_plv
+
+
 _MATH = {"mse": _mse, "l1": _l1, "bce_logits": _bce_logits, "bce": _bce,
          "continuous_bernoulli": _continuous_bernoulli}
 
@@ -196,14 +276,13 @@ def applies(x_hat, x, recon, dtype):
             and not torch.compiler.is_compiling() and not in_torch_dispatch_mode())
 
 
-def _kernel(key, recon):
-    """A torch.compile'd copy of recon's math for one key. Each key gets a code object
+def _kernel(key, math_fn):
+    """A torch.compile'd copy of ``math_fn`` for one key. Each key gets a code object
     of its own: Dynamo keeps its compiled graphs per code object and stops compiling
     one past its recompile limit (8). So the key holds what Dynamo would specialize on
     (the dtypes, the input's rank: its guards see the reshaped view's base, a batch of
     1, rows a whole number of blocks or not): one graph per code object."""
-    math_fn = _MATH[recon]
-    name = f"{math_fn.__name__}_{'_'.join(str(k).removeprefix('torch.') for k in key[1:])}"
+    name = re.sub(r"\W+", "_", "_".join(str(k).removeprefix("torch.") for k in key))
     fn = types.FunctionType(math_fn.__code__.replace(co_name=name), math_fn.__globals__, name)
     return torch.compile(fn, dynamic=True, fullgraph=True)
 
@@ -218,16 +297,11 @@ def _dynamo_disabled():
     return getattr(dynamo.config, "disable", False) or stance == "force_eager"
 
 
-def fused_recon(x_hat, x, recon, grad_scale):
-    """recon_per_sample's (per-row sums float32 (N,), gradient or None) from one fused
-    loop, or None where the chunked torch ops are to run: not yet the kernel's
-    COMPILE_AT_CALL-th call, or compiling failed. ``applies`` held."""
+def _run(key, math_fn, *args):
+    """``key``'s compiled copy of ``math_fn`` run on ``args`` (without grad), or None
+    where the torch ops are to run: not yet the key's COMPILE_AT_CALL-th call, its
+    compilation failed, or Dynamo is off."""
     global _failed
-    grad_dtype = None if grad_scale is None else grad_buffer_dtype(x_hat.dtype)
-    batch = x_hat.shape[0]
-    row = x_hat.numel() // batch
-    key = (recon, x_hat.dtype, x.dtype, grad_dtype, x_hat.dim(), batch == 1,
-           row % ROW_BLOCK == 0)
     compiled = _compiled.get(key, _NOT_READ)
     if compiled is None:  # this kernel failed before
         return None
@@ -236,21 +310,18 @@ def fused_recon(x_hat, x, recon, grad_scale):
             calls = _calls[key] = _calls.get(key, 0) + 1
             if calls < COMPILE_AT_CALL:
                 return None
-    rows_h = x_hat.detach().reshape(batch, row)
-    rows_x = x.detach().reshape(batch, row)
-    scale = None if grad_scale is None else torch.tensor(grad_scale, dtype=torch.float32)
     try:
         if compiled is _NOT_READ:
             with _lock:  # (torch.compile itself raises where Dynamo cannot run)
                 compiled = _compiled.get(key, _NOT_READ)
                 if compiled is _NOT_READ:
-                    compiled = _compiled[key] = _kernel(key, recon)
+                    compiled = _compiled[key] = _kernel(key, math_fn)
         if compiled is None or _dynamo_disabled():
             # with Dynamo off the "compiled" function would run as torch ops on whole
             # float32 copies: the chunked path is better then
             return None
         with torch.no_grad():
-            out = compiled(rows_h, rows_x, scale, grad_dtype)
+            out = compiled(*args)
     except Exception as error:  # noqa: BLE001 - any failure of the compiler toolchain
         with _lock:
             _compiled[key] = None
@@ -263,10 +334,93 @@ def fused_recon(x_hat, x, recon, grad_scale):
         warnings.warn(f"fastvae: Inductor could not build {what} ({type(error).__name__}: "
                       f"{error}); the PyTorch path's unfused torch ops are used there from "
                       "now on (FASTVAE_CPU_FUSION=0 skips the attempt)",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
         return None
     _worked.add(key)
-    if grad_scale is None:
-        return out, None
+    return out
+
+
+def fused_recon(x_hat, x, recon, grad_scale):
+    """recon_per_sample's (per-row sums float32 (N,), gradient or None) from one fused
+    loop, or None where the chunked torch ops are to run: not yet the kernel's
+    COMPILE_AT_CALL-th call, or compiling failed. ``applies`` held."""
+    grad_dtype = None if grad_scale is None else grad_buffer_dtype(x_hat.dtype)
+    batch = x_hat.shape[0]
+    row = x_hat.numel() // batch
+    key = (recon, x_hat.dtype, x.dtype, grad_dtype, x_hat.dim(), batch == 1,
+           row % ROW_BLOCK == 0)
+    scale = None if grad_scale is None else torch.tensor(grad_scale, dtype=torch.float32)
+    out = _run(key, _MATH[recon], x_hat.detach().reshape(batch, row),
+               x.detach().reshape(batch, row), scale, grad_dtype)
+    if out is None or grad_scale is None:
+        return None if out is None else (out, None)
     rows, grad = out
     return rows, grad.view(x_hat.shape)
+
+
+def _prior_rows(prior, mu, rows, cols):
+    """``prior`` (None, mu-shaped, or mu's shape without the batch dim, leading 1s
+    allowed) as (rows, cols) or (1, cols) rows; False if it is another broadcast."""
+    if prior is None:
+        return None
+    if prior.shape == mu.shape:
+        return prior.detach().reshape(rows, cols)
+    if prior.numel() == cols and tuple(prior.shape[prior.dim() - mu.dim() + 1:]) \
+            == tuple(mu.shape[1:]) and prior.dim() >= mu.dim() - 1:
+        return prior.detach().reshape(1, cols)
+    return False
+
+
+def applies_kl(mu, logvar, prior_mu, prior_logvar, dtype):
+    """Whether ``fused_kl`` may serve this KL (before counting): against a prior in any
+    CPU dtype (a dozen torch passes), against N(0, I) for half-precision latents (the
+    float32 torch ops, aten's expm1 and a norm, were faster than the loop: 3.3 against
+    5.6 ms at 4096x512 forward + backward)."""
+    tensors = [t for t in (mu, logvar, prior_mu, prior_logvar) if t is not None]
+    dtypes = {t.dtype for t in tensors}
+    if len(tensors) == 2 and dtypes == {torch.float32}:
+        return False
+    return (dtype == torch.float32 and mu.device.type == "cpu"
+            and mu.numel() >= KL_MIN_NUMEL and mu.dim() >= 1
+            and logvar.shape == mu.shape
+            and all(t.is_contiguous() and t.device.type == "cpu" for t in tensors)
+            and dtypes <= set(_DTYPES) and not set(_HALF) <= dtypes
+            and not _failed and _is_enabled()
+            and not torch.compiler.is_compiling() and not in_torch_dispatch_mode())
+
+
+def fused_kl(mu, logvar, prior_mu, prior_logvar, lo, hi, scale, want_grad, want_prior_grad):
+    """The KL of mu and logvar against N(prior_mu, e^prior_logvar) (None: 0, 1) from
+    one fused loop: (per-row sums float32 (N,), g_mu, g_lv, g_pm, g_plv), the gradients
+    of their sum times ``scale`` (a float) mu-shaped and contiguous in their buffers'
+    dtypes, None where not wanted (a prior's: where it is None); or None where the torch
+    ops are to run (not yet compiled, a failure, a prior of another broadcast).
+    ``applies_kl`` held."""
+    batch = mu.shape[0]
+    cols = mu.numel() // batch
+    pm, plv = _prior_rows(prior_mu, mu, batch, cols), _prior_rows(prior_logvar, mu, batch, cols)
+    if pm is False or plv is False:
+        return None
+
+    def grad_dtype(t, wanted):
+        return grad_buffer_dtype(t.dtype) if wanted and t is not None else None
+
+    dtypes = None
+    if want_grad or want_prior_grad:
+        dtypes = (grad_dtype(mu, want_grad), grad_dtype(logvar, want_grad),
+                  grad_dtype(prior_mu, want_prior_grad), grad_dtype(prior_logvar, want_prior_grad))
+    # the compiled function specializes on which inputs are None, each's rank and dtype,
+    # and a prior's broadcast (its batch dim 1)
+    key = ("kl", mu.dtype, logvar.dtype,
+           *(None if t is None else (t.dtype, t.shape[0] == 1) for t in (pm, plv)),
+           lo is not None, dtypes, batch == 1, cols >= ROW_BLOCK, cols % ROW_BLOCK == 0)
+    bounds = None if lo is None else torch.tensor([lo, hi], dtype=torch.float32)
+    grad_scale = None if dtypes is None else torch.tensor(scale, dtype=torch.float32)
+    out = _run(key, _kl, mu.detach().reshape(batch, cols), logvar.detach().reshape(batch, cols),
+               pm, plv, bounds, grad_scale, dtypes)
+    if out is None:
+        return None
+    if dtypes is None:
+        return out, None, None, None, None
+    rows, *grads = out
+    return (rows, *(None if g is None else g.view(mu.shape) for g in grads))

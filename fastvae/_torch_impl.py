@@ -535,6 +535,21 @@ def _zero_where_clamped(grad, logvar, lo, hi):
     return grad.masked_fill_((logvar < lo) | (logvar > hi), 0.0)
 
 
+def _fused_kl(mu, logvar, prior_mu, prior_logvar, lo, hi, dtype, reduction, scale, want_grad,
+              want_prior_grad):
+    """(kl reduced, g_mu, g_lv, g_pm, g_plv) from Inductor's fused CPU loop
+    (fastvae._cpu_fusion.fused_kl: one pass where the torch ops make a dozen), or None
+    where it does not serve this call."""
+    if not _cpu_fusion.applies_kl(mu, logvar, prior_mu, prior_logvar, dtype):
+        return None
+    fused = _cpu_fusion.fused_kl(mu, logvar, prior_mu, prior_logvar, lo, hi, scale, want_grad,
+                                 want_prior_grad)
+    if fused is None:
+        return None
+    rows, *grads = fused
+    return (reduce_per_sample(rows, reduction, scale), *grads)
+
+
 def kl_per_sample(mu, logvar, lo, hi, dtype, grad_scale):
     """Per-sample KL(N(mu, exp(logvar)) || N(0, I)) sums (N,) and, if
     ``grad_scale`` is not None, ``grad_scale`` times the gradients of their sum
@@ -799,7 +814,11 @@ def vae_loss_forward(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
             x_hat, x, recon, obs_logvar, obs_logvar_value, obs_logvar_optimal, dtype,
             recon_scale if grad_recon else None)
         recon_out = reduce_per_sample(recon_rows, reduction, recon_scale)
-    if mu.numel() <= SMALL_NUMEL:
+    fused = _fused_kl(mu, logvar, None, None, clamp_lo, clamp_hi, dtype, reduction, kl_scale,
+                      grad_kl, False)
+    if fused is not None:
+        kl_out, g_mu, g_lv, _, _ = fused
+    elif mu.numel() <= SMALL_NUMEL:
         kl_out, g_mu, g_lv = _small_kl(mu, logvar, clamp_lo, clamp_hi, dtype, reduction,
                                        kl_scale, grad_kl)
     else:
@@ -816,6 +835,11 @@ def kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
     """Returns (kl, grad_mu, grad_logvar) for the reduced KL; gradients empty if not asked for."""
     dtype = compute_dtype(mu, logvar)
     scale = reduction_scale(reduction, mu.shape[0], mu.numel())
+    fused = _fused_kl(mu, logvar, None, None, clamp_lo, clamp_hi, dtype, reduction, scale,
+                      want_grad, False)
+    if fused is not None:
+        kl, g_mu, g_lv, _, _ = fused
+        return kl, _grad_or_empty(g_mu, mu), _grad_or_empty(g_lv, logvar)
     if mu.numel() <= SMALL_NUMEL:
         kl, g_mu, g_lv = _small_kl(mu, logvar, clamp_lo, clamp_hi, dtype, reduction, scale,
                                    want_grad)
@@ -1484,6 +1508,11 @@ def kl_with_prior(mu, logvar, prior_mu, prior_logvar, reduction, lo, hi, free_bi
     free bits, and the gradients of the reduced value, contiguous, mu-shaped (the
     prior's are summed to its shape in the backward) and in their buffers' dtypes,
     None where not asked for."""
+    fused = None if free_bits > 0.0 else _fused_kl(
+        mu, logvar, prior_mu, prior_logvar, lo, hi, dtype, reduction,
+        reduction_scale(reduction, mu.shape[0], mu.numel()), want_grad, want_prior_grad)
+    if fused is not None:
+        return fused
     if mu.numel() <= SMALL_NUMEL:
         return _whole_kl_with_prior(mu, logvar, prior_mu, prior_logvar, reduction, lo, hi,
                                     free_bits, dtype, want_grad, want_prior_grad)

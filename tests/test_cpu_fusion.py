@@ -169,9 +169,9 @@ def test_one_failing_kernel_leaves_the_others_fused(fusion, monkeypatch):
     assert fusion[-1]
     real_kernel = _cpu_fusion._kernel
 
-    def refusing_kernel(key, recon):
-        if recon != "l1":
-            return real_kernel(key, recon)
+    def refusing_kernel(key, math_fn):
+        if key[0] != "l1":
+            return real_kernel(key, math_fn)
 
         def kernel(*args):
             raise RuntimeError("recompile refused")
@@ -282,7 +282,7 @@ def test_bce_probabilities_out_of_range_still_raise(fusion):
 
 
 def test_a_compiler_failure_warns_once_and_falls_back(fusion, monkeypatch):
-    def broken_kernel(key, recon):
+    def broken_kernel(key, math_fn):
         def kernel(*args):
             raise RuntimeError("no C++ compiler")
         return kernel

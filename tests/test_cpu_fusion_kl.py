@@ -1,0 +1,220 @@
+"""Inductor's fused CPU loop for the KL of the latents (fastvae/_cpu_fusion.py,
+``fused_kl``): against a diagonal Gaussian prior in any CPU dtype, against N(0, I)
+for half-precision latents.
+
+Held to the float64 textbook formula of tests/reference.py and to the torch ops it
+replaces (the first calls of a kind, before the kernel compiles). KL_MIN_NUMEL is
+lowered so that small latents take the fused path.
+"""
+
+import math
+
+import pytest
+import torch
+
+import fastvae
+from fastvae import _cpu_fusion, _torch_impl
+from tests import reference
+
+SHAPE = (6, 4, 8, 9)  # rows of 288 elements: Inductor's own row sum
+LONG_ROWS = (3, 2, 40, 40)  # rows of 3200, past KL_SHORT_ROW: summed in blocks
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture
+def fusion(monkeypatch):
+    """The fused KL from 64 latent elements, state restored afterwards; yields a list
+    recording each fused_kl call's outcome (True: the loop served it)."""
+    monkeypatch.setattr(_cpu_fusion, "KL_MIN_NUMEL", 64)
+    monkeypatch.setattr(_cpu_fusion, "_enabled", True)
+    monkeypatch.setattr(_cpu_fusion, "_failed", False)
+    monkeypatch.setattr(_cpu_fusion, "_calls", {})
+    monkeypatch.setattr(_cpu_fusion, "_compiled", {})
+    monkeypatch.setattr(_cpu_fusion, "_worked", set())
+    outcomes = []
+    real = _cpu_fusion.fused_kl
+
+    def recorded(*args):
+        out = real(*args)
+        outcomes.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_cpu_fusion, "fused_kl", recorded)
+    return outcomes
+
+
+def _latents(shape, dtype, prior, seed=0):
+    """mu, logvar and the prior's (prior_mu, prior_logvar): "learned" the shape of a
+    sample (broadcast over the batch), "per_sample" mu's shape, "mean_only" a learned
+    mean with unit variance, "none" the standard normal."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+
+    mu, logvar = draw(shape), draw(shape, 0.7)
+    prior_shape = shape[1:] if prior in ("learned", "mean_only") else shape
+    prior_mu = None if prior == "none" else draw(prior_shape, 0.5)
+    prior_logvar = None if prior in ("none", "mean_only") else draw(prior_shape, 0.5)
+    return mu, logvar, prior_mu, prior_logvar
+
+
+def _kl_and_grads(tensors, **options):
+    leaves = [None if t is None else t.clone().requires_grad_() for t in tensors]
+    mu, logvar, prior_mu, prior_logvar = leaves
+    kl = fastvae.kl_divergence(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar,
+                               **options)
+    present = [t for t in leaves if t is not None]
+    return kl.detach(), torch.autograd.grad(kl.sum(), present)
+
+
+def _reference(tensors, reduction="sum", logvar_clamp=None):
+    leaves = [None if t is None else t.double().requires_grad_() for t in tensors]
+    terms = reference.kl_elementwise_prior(*leaves, logvar_clamp=logvar_clamp)
+    want = reference.reduce(terms, reduction)
+    present = [t for t in leaves if t is not None]
+    return want.detach(), torch.autograd.grad(want.sum(), present)
+
+
+def _assert_grads_close(got, want, dtype, numel):
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype
+        eps = torch.finfo(dtype).eps
+        # float32 math rounded once into the gradient's dtype; differences (mu - pm)
+        # and expm1 cancel, so an absolute term on the scale of the largest gradient.
+        # A prior broadcast over the batch sums its per-sample gradients, each rounded
+        # into its dtype (as the torch ops do): their count times its eps
+        summed = numel // g.numel()
+        atol = 8 * torch.finfo(torch.float32).eps * w.abs().max().item()
+        if summed > 1:
+            atol += summed * eps * w.abs().max().item()
+        assert torch.allclose(g.double(), w, rtol=eps, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("prior", ["learned", "per_sample", "mean_only", "none"])
+@pytest.mark.parametrize("shape", [SHAPE, LONG_ROWS], ids=str)
+def test_fused_kl_matches_the_formula_and_the_torch_ops(fusion, monkeypatch, dtype, prior,
+                                                       shape):
+    if prior == "none":  # (up to SMALL_NUMEL elements its gradients come in the backward)
+        monkeypatch.setattr(_torch_impl, "SMALL_NUMEL", 16)
+    tensors = _latents(shape, dtype, prior)
+    calls = [_kl_and_grads(tensors) for _ in range(_cpu_fusion.COMPILE_AT_CALL)]
+    fused_here = not (prior == "none" and dtype == torch.float32)
+    assert fusion == ([False] * (_cpu_fusion.COMPILE_AT_CALL - 1) + [True] if fused_here else [])
+    (unfused, unfused_grads), (fused, fused_grads) = calls[0], calls[-1]
+    want, want_grads = _reference(tensors)
+    # float32 terms summed in float32 rows (short) or blocks then float64 (long)
+    assert torch.allclose(fused.double(), want, rtol=1e-6, atol=0)
+    assert torch.allclose(fused, unfused, rtol=2e-6, atol=0)
+    _assert_grads_close(fused_grads, want_grads, dtype, math.prod(shape))
+    _assert_grads_close(unfused_grads, want_grads, dtype, math.prod(shape))
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "batchmean"])
+def test_every_reduction_and_the_loss(fusion, reduction):
+    tensors = _latents(SHAPE, torch.bfloat16, "learned")
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        got, grads = _kl_and_grads(tensors, reduction=reduction)
+    assert fusion[-1]
+    want, want_grads = _reference(tensors, reduction)
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=0)
+    _assert_grads_close(grads, want_grads, torch.bfloat16, math.prod(SHAPE))
+    # vae_loss's KL term takes the same loop (another key: compiled at its own third call)
+    mu, logvar, prior_mu, prior_logvar = tensors
+    x = torch.rand(SHAPE[0], 5)
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        loss = fastvae.vae_loss(x, x, mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar,
+                                reduction=reduction)
+    assert fusion[-1] and len(fusion) == 2 * _cpu_fusion.COMPILE_AT_CALL
+    assert torch.allclose(loss.double(), want, rtol=1e-6, atol=0)
+
+
+def test_logvars_50_apart_keep_an_accurate_gradient(fusion):
+    """lv - plv is rounded in float32; the loop carries the rounding error into expm1
+    (TwoSum), else both logvar gradients would be ~2e-6 off (|err| e^d)."""
+    gen = torch.Generator().manual_seed(6)
+    logvar = 19 + torch.rand(8, 32, generator=gen)
+    prior_logvar = -30 + torch.rand(32, generator=gen)
+    mu, prior_mu = torch.randn(8, 32, generator=gen), torch.randn(32, generator=gen)
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        _, (g_mu, g_lv, g_pm, g_plv) = _kl_and_grads((mu, logvar, prior_mu, prior_logvar))
+    assert fusion[-1]
+    ratio = torch.exp(logvar.double() - prior_logvar.double())
+    want_lv = 0.5 * (ratio - 1)
+    want_plv = (0.5 * (1 - ratio - (mu.double() - prior_mu.double()) ** 2
+                       / prior_logvar.double().exp())).sum(0)
+    for got, want in ((g_lv, want_lv), (g_plv, want_plv)):
+        assert ((got.double() - want).abs() / want.abs()).max() < 4e-7
+
+
+def test_logvars_close_to_the_prior_keep_an_accurate_gradient(fusion):
+    """d/dlv = expm1(lv - plv) / 2, Inductor's expm1 is exp - 1 (1e-8 gave 0): the
+    loop's series below 1/2. Differences from 0 to 0.6, exactly 0 included."""
+    offsets = torch.tensor([0.0, 1e-30, -1e-12, 1e-8, -1e-7, 3e-6, 1e-4, -1e-3, 0.01, 0.2,
+                            0.4999, -0.5, 0.5001, 0.6])
+    prior_logvar = torch.full((offsets.numel(),), 0.3)
+    logvar = (prior_logvar + offsets).expand(8, -1).contiguous()
+    mu = torch.zeros(8, offsets.numel())
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        kl, (g_mu, g_lv, g_plv) = _kl_and_grads((mu, logvar, None, prior_logvar))
+    assert fusion[-1]
+    d = logvar[0].double() - prior_logvar.double()  # the float32 difference, exactly
+    want = 0.5 * torch.expm1(d)
+    assert g_lv[0, 0] == 0.0 and g_plv[0] == 0.0
+    nonzero = d != 0
+    rel = ((g_lv[0].double() - want).abs() / want.abs())[nonzero]
+    assert rel.max() < 2 * torch.finfo(torch.float32).eps
+    assert torch.allclose(kl.double(), _reference((mu, logvar, None, prior_logvar))[0],
+                          rtol=1e-6, atol=1e-30)
+
+
+def test_a_clamped_logvar_and_nan_rows(fusion):
+    """logvar_clamp zeroes the logvar's gradient where it is active; a NaN logvar makes
+    its sample's KL NaN and passes its NaN gradient, other rows stay finite."""
+    mu, logvar, prior_mu, prior_logvar = _latents(SHAPE, torch.float32, "learned")
+    logvar.view(SHAPE[0], -1)[1, :5] = torch.tensor([3.0, -3.0, 0.5, float("nan"), 2.5])
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        kl, (g_mu, g_lv, g_pm, g_plv) = _kl_and_grads(
+            (mu, logvar, prior_mu, prior_logvar), reduction="none", logvar_clamp=(-2.0, 2.0))
+    assert fusion[-1]
+    rows = g_lv.view(SHAPE[0], -1)
+    assert rows[1, 0] == 0 and rows[1, 1] == 0 and rows[1, 4] == 0 and rows[1, 2] != 0
+    assert torch.isnan(rows[1, 3]) and torch.isnan(kl[1])
+    finite = [0] + list(range(2, SHAPE[0]))
+    clean = [t[finite] for t in (mu, logvar)] + [prior_mu, prior_logvar]
+    want = _reference(clean, "none", logvar_clamp=(-2.0, 2.0))[0]
+    assert torch.allclose(kl[finite].double(), want, rtol=1e-6, atol=0)
+
+
+def test_other_broadcasts_and_layouts_take_the_torch_ops(fusion):
+    """A prior broadcast other than over the batch ((1, C, 1, 1), say) or
+    non-contiguous latents: the torch ops, with the same values."""
+    mu, logvar, _, _ = _latents(SHAPE, torch.float32, "none")
+    prior_logvar = torch.linspace(-0.5, 0.5, SHAPE[1]).view(1, SHAPE[1], 1, 1)
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        kl, _ = _kl_and_grads((mu, logvar, None, prior_logvar))
+    assert fusion == [False] * _cpu_fusion.COMPILE_AT_CALL  # (refused by its shape)
+    assert torch.allclose(kl.double(), _reference((mu, logvar, None, prior_logvar))[0],
+                          rtol=1e-6, atol=0)
+    transposed = [t.transpose(2, 3) for t in _latents(SHAPE, torch.bfloat16, "per_sample")]
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        kl, _ = _kl_and_grads(transposed)
+    assert len(fusion) == _cpu_fusion.COMPILE_AT_CALL  # (not asked: applies_kl said no)
+    assert torch.allclose(kl.double(), _reference(transposed)[0], rtol=1e-5, atol=0)
+
+
+def test_no_gradient_and_the_switch(fusion):
+    tensors = _latents(SHAPE, torch.float16, "per_sample")
+    mu, logvar, prior_mu, prior_logvar = tensors
+    with torch.no_grad():
+        for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+            kl = fastvae.kl_divergence(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
+    assert fusion[-1]
+    assert torch.allclose(kl.double(), _reference(tensors)[0], rtol=1e-6, atol=0)
+    previous = fastvae.set_cpu_fusion(False)
+    try:
+        fastvae.kl_divergence(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
+    finally:
+        fastvae.set_cpu_fusion(previous)
+    assert len(fusion) == _cpu_fusion.COMPILE_AT_CALL  # off: not asked
