@@ -340,6 +340,13 @@ def _run(key, math_fn, *args):
     return out
 
 
+def _global_state(*tensors):
+    """The state outside the arguments that Dynamo's guards check (each change is a
+    recompile): inference mode, inference tensors, the thread count."""
+    return (torch.is_inference_mode_enabled(),
+            any(t is not None and t.is_inference() for t in tensors), torch.get_num_threads())
+
+
 def fused_recon(x_hat, x, recon, grad_scale):
     """recon_per_sample's (per-row sums float32 (N,), gradient or None) from one fused
     loop, or None where the chunked torch ops are to run: not yet the kernel's
@@ -348,7 +355,7 @@ def fused_recon(x_hat, x, recon, grad_scale):
     batch = x_hat.shape[0]
     row = x_hat.numel() // batch
     key = (recon, x_hat.dtype, x.dtype, grad_dtype, x_hat.dim(), batch == 1,
-           row % ROW_BLOCK == 0)
+           row % ROW_BLOCK == 0, batch == row, *_global_state(x_hat, x))
     scale = None if grad_scale is None else torch.tensor(grad_scale, dtype=torch.float32)
     out = _run(key, _MATH[recon], x_hat.detach().reshape(batch, row),
                x.detach().reshape(batch, row), scale, grad_dtype)
@@ -376,12 +383,13 @@ def applies_kl(mu, logvar, prior_mu, prior_logvar, dtype):
     CPU dtype (a dozen torch passes), against N(0, I) for half-precision latents (the
     float32 torch ops, aten's expm1 and a norm, were faster than the loop: 3.3 against
     5.6 ms at 4096x512 forward + backward)."""
+    if mu.numel() < KL_MIN_NUMEL or dtype != torch.float32:  # (the common small call: first)
+        return False
     tensors = [t for t in (mu, logvar, prior_mu, prior_logvar) if t is not None]
     dtypes = {t.dtype for t in tensors}
     if len(tensors) == 2 and dtypes == {torch.float32}:
         return False
-    return (dtype == torch.float32 and mu.device.type == "cpu"
-            and mu.numel() >= KL_MIN_NUMEL and mu.dim() >= 1
+    return (mu.device.type == "cpu" and mu.dim() >= 1
             and logvar.shape == mu.shape
             and all(t.is_contiguous() and t.device.type == "cpu" for t in tensors)
             and dtypes <= set(_DTYPES) and not set(_HALF) <= dtypes
@@ -409,11 +417,17 @@ def fused_kl(mu, logvar, prior_mu, prior_logvar, lo, hi, scale, want_grad, want_
     if want_grad or want_prior_grad:
         dtypes = (grad_dtype(mu, want_grad), grad_dtype(logvar, want_grad),
                   grad_dtype(prior_mu, want_prior_grad), grad_dtype(prior_logvar, want_prior_grad))
-    # the compiled function specializes on which inputs are None, each's rank and dtype,
-    # and a prior's broadcast (its batch dim 1)
-    key = ("kl", mu.dtype, logvar.dtype,
-           *(None if t is None else (t.dtype, t.shape[0] == 1) for t in (pm, plv)),
-           lo is not None, dtypes, batch == 1, cols >= ROW_BLOCK, cols % ROW_BLOCK == 0)
+    if lo is not None and max(abs(lo), abs(hi)) > _FLOAT32_MAX:
+        return None  # (torch.clamp refuses a bound past float32's range: the torch ops say so)
+    long_rows = cols > KL_SHORT_ROW
+    # what the compiled function specializes on: which inputs are None, the dtypes, the
+    # ranks of the tensors viewed as rows (Dynamo guards on them), a prior's broadcast,
+    # the row sum's branch, sizes of 1 and equal sizes (one symbol), the global state
+    key = ("kl", mu.dtype, logvar.dtype, mu.dim(),
+           *(None if t is None else (t.dtype, t.dim(), r.shape[0] == 1)
+             for t, r in ((prior_mu, pm), (prior_logvar, plv))),
+           lo is not None, dtypes, batch == 1, cols == 1, batch == cols, long_rows,
+           long_rows and cols % ROW_BLOCK == 0, *_global_state(mu, logvar, prior_mu, prior_logvar))
     bounds = None if lo is None else torch.tensor([lo, hi], dtype=torch.float32)
     grad_scale = None if dtypes is None else torch.tensor(scale, dtype=torch.float32)
     out = _run(key, _kl, mu.detach().reshape(batch, cols), logvar.detach().reshape(batch, cols),

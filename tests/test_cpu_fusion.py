@@ -149,7 +149,8 @@ def test_many_shapes_stay_fused_and_compile_once_each(fusion, recwarn):
     # of those is a kernel of its own, so no shape turns fusion off
     shapes = [(3, 50000), (1, 140000), (2, 3, 128, 192), (1, 3, 256, 256), (2, 70000),
               (4, 3, 100, 120), (2, 2, 3, 100, 120), (3, 4, 12800), (1, 131328), (5, 30000),
-              (2, 3, 151, 149), (6, 25000)]
+              (2, 3, 151, 149), (6, 25000), (300, 300)]
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for shape in shapes:
         x_hat, x = _inputs("mse", shape, torch.bfloat16, torch.bfloat16)
         for _ in range(_cpu_fusion.COMPILE_AT_CALL):
@@ -160,6 +161,10 @@ def test_many_shapes_stay_fused_and_compile_once_each(fusion, recwarn):
         assert torch.allclose(grad.double(), want_grad, rtol=2**-8, atol=0)
     assert not _cpu_fusion._failed
     assert not [w for w in recwarn if "fastvae" in str(w.message)]
+    # one graph per kernel: none recompiled (a batch equal to the row length is a kind
+    # of its own: Dynamo gives equal sizes one symbol)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
+    assert graphs == len(_cpu_fusion._compiled)
 
 
 def test_one_failing_kernel_leaves_the_others_fused(fusion, monkeypatch):

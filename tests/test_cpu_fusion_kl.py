@@ -218,3 +218,45 @@ def test_no_gradient_and_the_switch(fusion):
     finally:
         fastvae.set_cpu_fusion(previous)
     assert len(fusion) == _cpu_fusion.COMPILE_AT_CALL  # off: not asked
+
+
+def test_many_shapes_stay_fused(fusion, recwarn):
+    """Past 8 graphs in one code object Dynamo refuses to compile and the kernel would be
+    dropped: the key holds what its guards check (ranks of the viewed tensors, a prior
+    of (M,) or (1, M), short or long rows, rows of 1, a batch equal to the row length,
+    inference mode), so each kind compiles once and every shape stays fused."""
+    # (all but the last three were one key before it held these: 10 graphs)
+    cases = [((8, 300), 1), ((8, 3, 100), 1), ((8, 3, 10, 10), 1), ((8, 3, 2, 5, 10), 1),
+             ((8, 3, 2, 5, 2, 5), 1), ((8, 2000), 1), ((300, 300), 1), ((8, 300), 2),
+             ((8, 3, 100), 2), ((100, 1), 1), ((100, 7), 1), ((1, 4096), 1)]
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for shape, prior_rank_extra in cases:
+        mu, logvar, prior_mu, prior_logvar = _latents(shape, torch.bfloat16, "learned")
+        if prior_rank_extra == 2:  # the prior with a leading batch dim of 1
+            prior_mu, prior_logvar = prior_mu.unsqueeze(0), prior_logvar.unsqueeze(0)
+        tensors = (mu, logvar, prior_mu, prior_logvar)
+        for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+            got, grads = _kl_and_grads(tensors)
+        assert fusion[-1], shape
+        want, want_grads = _reference(tensors)
+        assert torch.allclose(got.double(), want, rtol=1e-6, atol=0), shape
+        _assert_grads_close(grads, want_grads, torch.bfloat16, math.prod(shape))
+    with torch.inference_mode():
+        for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+            fastvae.kl_divergence(mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
+    assert fusion[-1]
+    assert not _cpu_fusion._failed and None not in _cpu_fusion._compiled.values()
+    assert not [w for w in recwarn if "fastvae" in str(w.message)]
+    # one graph per kernel: no kernel ever recompiled (each recompile is a compilation at
+    # some later call, and the ninth would make Dynamo give up on the kernel)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
+    assert graphs == len(_cpu_fusion._compiled)
+
+
+def test_a_clamp_past_float32s_range_is_refused_on_every_call(fusion):
+    """torch.clamp refuses a float32 bound it cannot hold; the loop must not turn it into
+    inf on the third call (the outcome would depend on the call count)."""
+    tensors = _latents(SHAPE, torch.float32, "learned")
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL + 1):
+        with pytest.raises(RuntimeError, match="overflow"):
+            _kl_and_grads(tensors, logvar_clamp=(-1e39, 1e39))
