@@ -990,6 +990,10 @@ def _take_noise(key):
 def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
     """z = mu + exp(lv / 2) * eps and, if ``with_kl``, the per-sample KL (N,)."""
     dtype = compute_dtype(mu, logvar)
+    if dtype == torch.float32 and _cpu_fusion.applies_sample(mu, logvar):
+        fused = _fused_sample(mu, logvar, seed, clamp_lo, clamp_hi, with_kl)
+        if fused is not None:
+            return fused
     lv = _clamped(_as(logvar, dtype), clamp_lo, clamp_hi)
     half_c = constant(0.5, dtype, lv.device)
     # a converted or clamped logvar is this call's buffer: std is written over it (the
@@ -1022,6 +1026,26 @@ def reparameterize_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
     # exp(lv) - 1 - lv elementwise, as in _small_sample_kl_rows
     kl = 0.5 * (_row_sum_of_squares(mu_c) + _row_sum(std.square_().sub_(1.0).sub_(lv)))
     return z, kl
+
+
+def _fused_sample(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
+    """reparameterize_forward's (z, kl or empty) for half-precision latents from
+    Inductor's fused CPU loop (fastvae._cpu_fusion.fused_sample) around the same draw of
+    noise, keeping eps std / 2 as that path does; None where the loop does not serve."""
+    seed = int(seed)
+    keep = mu.requires_grad or logvar.requires_grad
+    # with a gradient, eps / 2 drawn and eps std / 2 kept (see below); else eps
+    fused = _cpu_fusion.fused_sample(
+        mu, logvar,
+        lambda: standard_normal(seed, mu.shape, torch.float32, mu.device, 0.5 if keep else 1.0),
+        clamp_lo, clamp_hi, keep, keep, with_kl)
+    if fused is None:
+        return None
+    z, kept, rows = fused
+    if keep and not logvar.is_inference():
+        _keep_noise(_scaled_noise_key(seed, mu.shape, torch.float32, logvar, clamp_lo, clamp_hi),
+                    kept)
+    return z, (rows if with_kl else mu.new_empty(0, dtype=torch.float32))
 
 
 def _sample_dtype(mu, logvar):
