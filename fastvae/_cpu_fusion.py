@@ -329,8 +329,8 @@ def _run(key, math_fn, *args):
     """``key``'s compiled copy of ``math_fn`` run on ``args`` (without grad), or None
     where the torch ops are to run: not yet the key's COMPILE_AT_CALL-th call, its
     compilation failed, or Dynamo is off. ``args`` may be one zero-argument callable
-    returning them, called only when the kernel runs (work the torch ops would redo)."""
-    global _failed
+    returning them, called only when the kernel runs (work the torch ops would redo);
+    its own errors propagate (they are not the compiler's)."""
     compiled = _compiled.get(key, _NOT_READ)
     if compiled is None:  # this kernel failed before
         return None
@@ -345,37 +345,51 @@ def _run(key, math_fn, *args):
                 compiled = _compiled.get(key, _NOT_READ)
                 if compiled is _NOT_READ:
                     compiled = _compiled[key] = _kernel(key, math_fn)
-        if compiled is None or _dynamo_disabled():
-            # with Dynamo off the "compiled" function would run as torch ops on whole
-            # float32 copies: the chunked path is better then
-            return None
-        if len(args) == 1 and callable(args[0]):
-            args = args[0]()
-        with torch.no_grad():
+    except Exception as error:  # noqa: BLE001 - any failure of the compiler toolchain
+        return _failure(key, error)
+    if compiled is None or _dynamo_disabled():
+        # with Dynamo off the "compiled" function would run as torch ops on whole
+        # float32 copies: the chunked path is better then
+        return None
+    if len(args) == 1 and callable(args[0]):
+        args = args[0]()
+    try:
+        with torch.no_grad():  # (the first call compiles)
             out = compiled(*args)
     except Exception as error:  # noqa: BLE001 - any failure of the compiler toolchain
-        with _lock:
-            _compiled[key] = None
-            # no kernel has ever run: the toolchain (no compiler, say), off for good;
-            # else this kernel alone (a recompile refused by a torch.compiler stance)
-            toolchain = not _worked
-            if toolchain:
-                _failed = True
-        what = "the fused CPU loss loops" if toolchain else f"the fused CPU loop {key}"
-        warnings.warn(f"fastvae: Inductor could not build {what} ({type(error).__name__}: "
-                      f"{error}); the PyTorch path's unfused torch ops are used there from "
-                      "now on (FASTVAE_CPU_FUSION=0 skips the attempt)",
-                      RuntimeWarning, stacklevel=3)
-        return None
+        return _failure(key, error)
     _worked.add(key)
     return out
 
 
-def _global_state(*tensors):
-    """The state outside the arguments that Dynamo's guards check (each change is a
-    recompile): inference mode, inference tensors, the thread count."""
-    return (torch.is_inference_mode_enabled(),
-            any(t is not None and t.is_inference() for t in tensors), torch.get_num_threads())
+def _failure(key, error):
+    """Record that ``key``'s kernel failed, warn, and return None (the torch ops run)."""
+    global _failed
+    with _lock:
+        _compiled[key] = None
+        # no kernel has ever run: the toolchain (no compiler, say), off for good;
+        # else this kernel alone (a recompile refused by a torch.compiler stance)
+        toolchain = not _worked
+        if toolchain:
+            _failed = True
+    what = "the fused CPU loss loops" if toolchain else f"the fused CPU loop {key}"
+    warnings.warn(f"fastvae: Inductor could not build {what} ({type(error).__name__}: "
+                  f"{error}); the PyTorch path's unfused torch ops are used there from "
+                  "now on (FASTVAE_CPU_FUSION=0 skips the attempt)",
+                  RuntimeWarning, stacklevel=4)
+    return None
+
+
+def _guarded(*tensors):
+    """What Dynamo's guards check beyond dtypes (each change is a recompile, and 8 in
+    one code object make it give up): the tensors' ranks, which sizes are 1 and which
+    are equal (one symbol), which tensors are inference tensors, inference mode and the
+    thread count. Part of every kernel's key, so that each key compiles one graph."""
+    present = [t for t in tensors if t is not None]
+    sizes = [d for t in present for d in t.shape]
+    return (tuple(t.dim() for t in present), tuple(d == 1 for d in sizes),
+            tuple(sizes.index(d) for d in sizes), tuple(t.is_inference() for t in present),
+            torch.is_inference_mode_enabled(), torch.get_num_threads())
 
 
 def fused_recon(x_hat, x, recon, grad_scale):
@@ -385,8 +399,8 @@ def fused_recon(x_hat, x, recon, grad_scale):
     grad_dtype = None if grad_scale is None else grad_buffer_dtype(x_hat.dtype)
     batch = x_hat.shape[0]
     row = x_hat.numel() // batch
-    key = (recon, x_hat.dtype, x.dtype, grad_dtype, x_hat.dim(), batch == 1,
-           row % ROW_BLOCK == 0, batch == row, *_global_state(x_hat, x))
+    key = (recon, x_hat.dtype, x.dtype, grad_dtype, row % ROW_BLOCK == 0, batch == row,
+           *_guarded(x_hat, x))
     scale = None if grad_scale is None else torch.tensor(grad_scale, dtype=torch.float32)
     out = _run(key, _MATH[recon], x_hat.detach().reshape(batch, row),
                x.detach().reshape(batch, row), scale, grad_dtype)
@@ -454,11 +468,11 @@ def fused_kl(mu, logvar, prior_mu, prior_logvar, lo, hi, scale, want_grad, want_
     # what the compiled function specializes on: which inputs are None, the dtypes, the
     # ranks of the tensors viewed as rows (Dynamo guards on them), a prior's broadcast,
     # the row sum's branch, sizes of 1 and equal sizes (one symbol), the global state
-    key = ("kl", mu.dtype, logvar.dtype, mu.dim(),
-           *(None if t is None else (t.dtype, t.dim(), r.shape[0] == 1)
+    key = ("kl", mu.dtype, logvar.dtype,
+           *(None if t is None else (t.dtype, r.shape[0] == 1)
              for t, r in ((prior_mu, pm), (prior_logvar, plv))),
-           lo is not None, dtypes, batch == 1, cols == 1, batch == cols, long_rows,
-           long_rows and cols % ROW_BLOCK == 0, *_global_state(mu, logvar, prior_mu, prior_logvar))
+           lo is not None, dtypes, cols == 1, batch == cols, long_rows,
+           long_rows and cols % ROW_BLOCK == 0, *_guarded(mu, logvar, prior_mu, prior_logvar))
     bounds = None if lo is None else torch.tensor([lo, hi], dtype=torch.float32)
     grad_scale = None if dtypes is None else torch.tensor(scale, dtype=torch.float32)
     out = _run(key, _kl, mu.detach().reshape(batch, cols), logvar.detach().reshape(batch, cols),
@@ -493,9 +507,10 @@ def fused_sample(mu, logvar, draw_noise, lo, hi, doubled, keep, with_kl):
     batch = mu.shape[0]
     cols = mu.numel() // batch if batch else 0
     z_dtype = torch.promote_types(mu.dtype, logvar.dtype)
-    key = ("sample", mu.dtype, logvar.dtype, mu.dim(), lo is not None, doubled, keep, with_kl,
-           batch == 1, cols == 1, batch == cols, cols > KL_SHORT_ROW,
-           cols > KL_SHORT_ROW and cols % ROW_BLOCK == 0, *_global_state(mu, logvar))
+    rows_summed = with_kl and cols > KL_SHORT_ROW  # (the row sums' branch, with the KL only)
+    key = ("sample", mu.dtype, logvar.dtype, lo is not None, doubled, keep, with_kl,
+           with_kl and batch == cols, rows_summed, rows_summed and cols % ROW_BLOCK == 0,
+           *_guarded(mu, logvar))
     bounds = None if lo is None else torch.tensor([lo, hi], dtype=torch.float32)
     return _run(key, _sample, lambda: (mu.detach(), logvar.detach(), draw_noise(), bounds,
                                        doubled, keep, with_kl, z_dtype))

@@ -223,12 +223,14 @@ def test_no_gradient_and_the_switch(fusion):
 def test_many_shapes_stay_fused(fusion, recwarn):
     """Past 8 graphs in one code object Dynamo refuses to compile and the kernel would be
     dropped: the key holds what its guards check (ranks of the viewed tensors, a prior
-    of (M,) or (1, M), short or long rows, rows of 1, a batch equal to the row length,
-    inference mode), so each kind compiles once and every shape stays fused."""
+    of (M,) or (1, M), short or long rows, sizes of 1 and equal sizes, a batch equal to
+    the row length, inference mode), so each kind compiles once and every shape stays
+    fused."""
     # (all but the last three were one key before it held these: 10 graphs)
     cases = [((8, 300), 1), ((8, 3, 100), 1), ((8, 3, 10, 10), 1), ((8, 3, 2, 5, 10), 1),
              ((8, 3, 2, 5, 2, 5), 1), ((8, 2000), 1), ((300, 300), 1), ((8, 300), 2),
-             ((8, 3, 100), 2), ((100, 1), 1), ((100, 7), 1), ((1, 4096), 1)]
+             ((8, 3, 100), 2), ((100, 1), 1), ((100, 7), 1), ((1, 4096), 1),
+             ((4, 4, 8, 8), 1), ((8, 4, 8, 8), 1), ((8, 1, 8, 8), 1)]
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     for shape, prior_rank_extra in cases:
         mu, logvar, prior_mu, prior_logvar = _latents(shape, torch.bfloat16, "learned")

@@ -167,3 +167,43 @@ def test_the_noise_is_drawn_once_per_call_fused_or_not(fusion, monkeypatch):
         _sample(mu, logvar, True)
     assert len(draws) == _cpu_fusion.COMPILE_AT_CALL + 2
     assert fusion[-1] is False
+
+
+def test_many_shapes_compile_one_graph_each(fusion, recwarn):
+    """Dynamo guards on sizes of 1, equal sizes, ranks and inference tensors; each is
+    part of the key, so no kernel recompiles (a batch equal to the channels, a channel
+    dim of 1, the last smaller batch of an epoch: new kinds, not new graphs)."""
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    shapes = [(4, 4, 8, 8), (8, 4, 8, 8), (8, 1, 8, 8), (5, 4, 8, 8), (6, 300), (300, 300),
+              (7, 3, 100)]
+    for shape in shapes:
+        gen = torch.Generator().manual_seed(1)
+        mu, logvar = (torch.randn(shape, generator=gen).bfloat16() for _ in range(2))
+        for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+            z = fastvae.reparameterize(mu.requires_grad_(), logvar.requires_grad_())
+            z.float().sum().backward()
+        assert fusion[-1], shape
+    with torch.inference_mode():
+        frozen = torch.randn(8, 4, 8, 8).bfloat16()
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):  # an inference mu with an ordinary logvar
+        fastvae.reparameterize(frozen, torch.zeros(8, 4, 8, 8, dtype=torch.bfloat16))
+    assert fusion[-1]
+    assert not [w for w in recwarn if "fastvae" in str(w.message)]
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
+    assert graphs == len(_cpu_fusion._compiled)
+
+
+def test_an_error_of_the_draw_is_its_own_not_the_compilers(fusion, monkeypatch):
+    """The loop calls the draw it is handed; an error there (memory, say) propagates
+    and does not switch the fused loops off as a compiler failure would."""
+    mu, logvar = _latents(torch.bfloat16)
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL - 1):
+        _sample(mu, logvar, False)
+
+    def failing(*args, **kwargs):
+        raise MemoryError("no memory for the noise")
+
+    monkeypatch.setattr(_torch_impl, "standard_normal", failing)
+    with pytest.raises(MemoryError, match="noise"):
+        _sample(mu, logvar, False)
+    assert not _cpu_fusion._failed and None not in _cpu_fusion._compiled.values()
