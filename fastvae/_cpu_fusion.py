@@ -8,9 +8,11 @@ float32 copy took 25-37 us, a float32 mse_loss ~30 us, a sum ~20 us), and aten's
 half-precision kernels round every term to bf16/fp16.
 Inductor writes that one pass as a vectorized C++ loop: at 512x12288 bf16 mse forward
 + backward took 2.0 ms, 1.77x eager interleaved (the chunked torch ops: 1.05x); the
-continuous Bernoulli's seven passes became one (bf16 0.81x -> 4.9x eager). The KL
-against a diagonal Gaussian prior (value, four gradients, an accurate lv - plv: a
-dozen torch passes) is one loop too (``fused_kl``, from KL_MIN_NUMEL latent elements).
+continuous Bernoulli's seven passes became one (bf16 0.81x -> 4.9x eager). The
+latents have two loops too, from KL_MIN_NUMEL elements: the KL against a diagonal
+Gaussian prior, or of half-precision latents against N(0, I) (``fused_kl``: value, four
+gradients, an accurate lv - plv; a dozen torch passes), and the reparameterization of
+half-precision latents around torch's draw of noise (``fused_sample``).
 
 What it costs, and so when it is used (``fused_recon``):
 - a C++ compiler at run time and a compilation per kernel: 1-2 s each with
@@ -308,8 +310,8 @@ def _kernel(key, math_fn):
     """A torch.compile'd copy of ``math_fn`` for one key. Each key gets a code object
     of its own: Dynamo keeps its compiled graphs per code object and stops compiling
     one past its recompile limit (8). So the key holds what Dynamo would specialize on
-    (the dtypes, the input's rank: its guards see the reshaped view's base, a batch of
-    1, rows a whole number of blocks or not): one graph per code object."""
+    (the dtypes, the branches the math takes, and ``_guarded``: ranks, sizes of 1, equal
+    sizes, inference tensors and mode, the thread count): one graph per code object."""
     name = re.sub(r"\W+", "_", "_".join(str(k).removeprefix("torch.") for k in key))
     fn = types.FunctionType(math_fn.__code__.replace(co_name=name), math_fn.__globals__, name)
     return torch.compile(fn, dynamic=True, fullgraph=True)
