@@ -1034,7 +1034,8 @@ def _fused_sample(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
     noise, keeping eps std / 2 as that path does; None where the loop does not serve."""
     seed = int(seed)
     keep = mu.requires_grad or logvar.requires_grad
-    # with a gradient, eps / 2 drawn and eps std / 2 kept (see below); else eps
+    # with a gradient, eps / 2 drawn and eps std / 2 kept (why: reparameterize_forward's
+    # torch ops above); else eps
     fused = _cpu_fusion.fused_sample(
         mu, logvar,
         lambda: standard_normal(seed, mu.shape, torch.float32, mu.device, 0.5 if keep else 1.0),
