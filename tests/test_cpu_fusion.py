@@ -13,6 +13,7 @@ import torch
 import fastvae
 from fastvae import _cpu_fusion
 from tests import reference
+from tests.fusion import record_fused_calls
 
 SHAPE = (3, 3, 151, 149)  # past SMALL_NUMEL (2^17), whose calls take few whole ops; rows of
 # 67497 elements: not a multiple of _cpu_fusion.ROW_BLOCK (padded) nor of a vector's width
@@ -23,22 +24,7 @@ BLOCKED_SHAPE = (2, 3, 128, 192)  # rows of 288 whole ROW_BLOCKs (viewed, not pa
 def fusion(monkeypatch):
     """Fusion on, from 64 elements, with its state restored afterwards; yields a list
     that records each call's outcome (True: the fused loop served it)."""
-    monkeypatch.setattr(_cpu_fusion, "MIN_NUMEL", 64)
-    monkeypatch.setattr(_cpu_fusion, "_enabled", True)
-    monkeypatch.setattr(_cpu_fusion, "_failed", False)
-    monkeypatch.setattr(_cpu_fusion, "_calls", {})
-    monkeypatch.setattr(_cpu_fusion, "_compiled", {})  # each test counts from the first call
-    monkeypatch.setattr(_cpu_fusion, "_worked", set())
-    outcomes = []
-    real = _cpu_fusion.fused_recon
-
-    def recorded(*args):
-        out = real(*args)
-        outcomes.append(out is not None)
-        return out
-
-    monkeypatch.setattr(_cpu_fusion, "fused_recon", recorded)
-    return outcomes
+    return record_fused_calls(monkeypatch, "fused_recon", MIN_NUMEL=64)
 
 
 def _inputs(recon, shape, x_hat_dtype, x_dtype, seed=0):

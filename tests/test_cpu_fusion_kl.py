@@ -15,6 +15,7 @@ import torch
 import fastvae
 from fastvae import _cpu_fusion, _torch_impl
 from tests import reference
+from tests.fusion import record_fused_calls
 
 SHAPE = (6, 4, 8, 9)  # rows of 288 elements: Inductor's own row sum
 LONG_ROWS = (3, 2, 40, 40)  # rows of 3200, past KL_SHORT_ROW: summed in blocks
@@ -25,22 +26,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 def fusion(monkeypatch):
     """The fused KL from 64 latent elements, state restored afterwards; yields a list
     recording each fused_kl call's outcome (True: the loop served it)."""
-    monkeypatch.setattr(_cpu_fusion, "KL_MIN_NUMEL", 64)
-    monkeypatch.setattr(_cpu_fusion, "_enabled", True)
-    monkeypatch.setattr(_cpu_fusion, "_failed", False)
-    monkeypatch.setattr(_cpu_fusion, "_calls", {})
-    monkeypatch.setattr(_cpu_fusion, "_compiled", {})
-    monkeypatch.setattr(_cpu_fusion, "_worked", set())
-    outcomes = []
-    real = _cpu_fusion.fused_kl
-
-    def recorded(*args):
-        out = real(*args)
-        outcomes.append(out is not None)
-        return out
-
-    monkeypatch.setattr(_cpu_fusion, "fused_kl", recorded)
-    return outcomes
+    return record_fused_calls(monkeypatch, "fused_kl", KL_MIN_NUMEL=64)
 
 
 def _latents(shape, dtype, prior, seed=0):

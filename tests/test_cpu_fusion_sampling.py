@@ -11,6 +11,7 @@ import torch
 
 import fastvae
 from fastvae import _cpu_fusion, _torch_impl
+from tests.fusion import record_fused_calls
 
 SHAPE = (6, 2, 150)  # rows of 300 elements
 HALF = [torch.bfloat16, torch.float16]
@@ -20,23 +21,7 @@ HALF = [torch.bfloat16, torch.float16]
 def fusion(monkeypatch):
     """The fused sampling from 64 latent elements (and the general path, not the small
     one, from 16); yields a list recording each fused_sample outcome."""
-    monkeypatch.setattr(_cpu_fusion, "KL_MIN_NUMEL", 64)
-    monkeypatch.setattr(_torch_impl, "SMALL_NUMEL", 16)
-    monkeypatch.setattr(_cpu_fusion, "_enabled", True)
-    monkeypatch.setattr(_cpu_fusion, "_failed", False)
-    monkeypatch.setattr(_cpu_fusion, "_calls", {})
-    monkeypatch.setattr(_cpu_fusion, "_compiled", {})
-    monkeypatch.setattr(_cpu_fusion, "_worked", set())
-    outcomes = []
-    real = _cpu_fusion.fused_sample
-
-    def recorded(*args):
-        out = real(*args)
-        outcomes.append(out is not None)
-        return out
-
-    monkeypatch.setattr(_cpu_fusion, "fused_sample", recorded)
-    return outcomes
+    return record_fused_calls(monkeypatch, "fused_sample", KL_MIN_NUMEL=64, SMALL_NUMEL=16)
 
 
 def _latents(dtype, lv_dtype=None, seed=0):

@@ -1,0 +1,30 @@
+"""The fused CPU loops' state for a test (fastvae/_cpu_fusion.py): shared by the
+tests of the reconstruction, KL and sampling loops."""
+
+from fastvae import _cpu_fusion, _torch_impl
+
+
+def record_fused_calls(monkeypatch, entry, **thresholds):
+    """Fusion on with fresh state (each test counts from a kind's first call), the
+    given module thresholds set (``MIN_NUMEL=64``; ``SMALL_NUMEL`` is _torch_impl's),
+    all restored afterwards. Returns a list recording each call of the entry point
+    ``entry`` (``"fused_recon"``, ``"fused_kl"``, ``"fused_sample"``): True where the
+    fused loop served it."""
+    for name, value in thresholds.items():
+        module = _torch_impl if name == "SMALL_NUMEL" else _cpu_fusion
+        monkeypatch.setattr(module, name, value)
+    monkeypatch.setattr(_cpu_fusion, "_enabled", True)
+    monkeypatch.setattr(_cpu_fusion, "_failed", False)
+    monkeypatch.setattr(_cpu_fusion, "_calls", {})
+    monkeypatch.setattr(_cpu_fusion, "_compiled", {})
+    monkeypatch.setattr(_cpu_fusion, "_worked", set())
+    outcomes = []
+    real = getattr(_cpu_fusion, entry)
+
+    def recorded(*args):
+        out = real(*args)
+        outcomes.append(out is not None)
+        return out
+
+    monkeypatch.setattr(_cpu_fusion, entry, recorded)
+    return outcomes
