@@ -20,8 +20,10 @@ What it costs, and so when it is used (``fused_recon``):
   tensors of at least MIN_NUMEL elements (where a call takes milliseconds), and only
   from a kernel's COMPILE_AT_CALL-th call: a script that computes one loss never
   waits for a compiler, a training loop compiles once, early;
-- per call, ~26 us of guards and wrapper (measured on 2x256 inputs), against the
-  chunked ops' ~0.5 ms for a bf16 mse forward of 2^20 elements (3.5 ms at 512x12288).
+- per call, ~9 us of wrapper (measured on 2x256 inputs; ~26 us when the kernels were
+  torch.compile'd functions: Dynamo's guards and wrappers), against the chunked ops'
+  ~0.5 ms for a bf16 mse forward of 2^20 elements (3.5 ms at 512x12288). The kernels
+  are compiled graphs called directly (``_Kernel``), not through Dynamo.
 If compiling fails before any kernel has worked (no compiler, say), fastvae warns
 once and keeps the chunked torch ops from then on; a kernel that fails after another
 has worked is dropped alone. ``FASTVAE_CPU_FUSION=0`` (read on first use) or
@@ -34,14 +36,14 @@ summation differs (_row_sums: float32 blocks, then float64).
 """
 
 import os
-import re
 import sys
 import threading
-import types
 import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.utils import _pytree as pytree
 
 from fastvae._grad_scaling import in_torch_dispatch_mode
 from fastvae._numerics import (
@@ -261,7 +263,7 @@ _enabled = _NOT_READ
 _failed = False  # compiling failed before any kernel worked: the toolchain, off for good
 _lock = threading.Lock()
 _calls = {}  # kernel key -> calls so far, until compiled
-_compiled = {}  # kernel key -> the torch.compile'd function, or None where it failed
+_compiled = {}  # kernel key -> its _Kernel, or None where it failed
 _worked = set()  # kernel keys that have run
 
 
@@ -306,15 +308,100 @@ def applies(x_hat, x, recon, dtype):
             and not torch.compiler.is_compiling() and not in_torch_dispatch_mode())
 
 
+class _Kernel:
+    """``math_fn`` compiled by Inductor for one key, called without Dynamo.
+
+    The first call traces ``math_fn`` on its arguments into an ATen graph with symbolic
+    sizes (make_fx) and compiles that graph (``torch._inductor.standalone_compile``, the
+    entry point for graphs that did not come from Dynamo). A call then costs the
+    generated wrapper and its C++ loop: ~9 us on 2x256 inputs, against ~26 us through
+    torch.compile, whose per-call guards and wrappers are the difference (measured).
+
+    Without Dynamo nothing checks the assumptions the compiled code makes about sizes
+    (the tracer's and Inductor's guards: a size of 1 made a constant, two equal sizes
+    made one symbol, a branch on a row length). So they are kept as an expression and
+    evaluated once per new set of sizes and strides; a call whose sizes break one is
+    answered ``None`` (the torch ops run it). The tensors' dtypes and the arguments
+    other than tensors (dtypes, flags, absent tensors) are part of the graph: a call
+    must repeat the traced ones (the key holds them) or it is answered ``None`` too."""
+
+    MAX_CHECKED = 64  # sizes remembered per kernel (then the memory starts again)
+
+    def __init__(self, math_fn):
+        self.math_fn = math_fn
+        self.lock = threading.Lock()
+        self.compiled = None
+        self.layout = None  # _layout of the traced arguments
+        self.out_spec = self.none_at = self.guards = self.shape_env = None
+        self.checked = {}  # (each tensor's sizes, strides, offset) -> whether the guards hold
+
+    @staticmethod
+    def _layout(args):
+        """(where the tensors are, their dtypes, the other arguments)."""
+        tensor_at = tuple(i for i, a in enumerate(args) if isinstance(a, torch.Tensor))
+        return (tensor_at, tuple(args[i].dtype for i in tensor_at),
+                tuple(a for i, a in enumerate(args) if i not in tensor_at))
+
+    def _compile(self, args, layout):
+        tensor_at = layout[0]
+
+        def flat(*tensors):  # the graph's inputs are the tensors; its outputs a flat list
+            full = list(args)
+            for i, t in zip(tensor_at, tensors, strict=True):
+                full[i] = t
+            leaves, self.out_spec = pytree.tree_flatten(self.math_fn(*full))
+            self.none_at = [i for i, leaf in enumerate(leaves) if leaf is None]
+            return [leaf for leaf in leaves if leaf is not None]
+
+        tensors = [args[i] for i in tensor_at]
+        graph = make_fx(flat, tracing_mode="symbolic")(*tensors)
+        placeholders = [n.meta["val"] for n in graph.graph.nodes if n.op == "placeholder"]
+        for node in graph.graph.output_node().args[0]:
+            # where standalone_compile looks for the fake mode (and so the ShapeEnv) of a
+            # graph with symbolic sizes: Inductor's own guards then join the tracer's
+            node.meta["example_value"] = node.meta["val"]
+        compiled = torch._inductor.standalone_compile(graph, tensors, dynamic_shapes="from_graph")
+        self.shape_env = placeholders[0].fake_mode.shape_env
+        self.guards = self.shape_env.produce_guards_expression(placeholders, ignore_static=False)
+        self.layout, self.compiled = layout, compiled
+
+    def _sizes_hold(self, tensors):
+        sizes = tuple((t.shape, t.stride(), t.storage_offset()) for t in tensors)
+        held = self.checked.get(sizes)
+        if held is None:
+            try:
+                held = self.guards is None or bool(
+                    self.shape_env.evaluate_guards_expression(self.guards, tensors))
+            except Exception:  # noqa: BLE001 - sizes the expression cannot even read
+                held = False
+            if len(self.checked) >= self.MAX_CHECKED:
+                self.checked.clear()
+            self.checked[sizes] = held
+        return held
+
+    def __call__(self, *args):
+        layout = self._layout(args)
+        if self.compiled is None:
+            with self.lock:
+                if self.compiled is None:
+                    self._compile(args, layout)
+        if layout != self.layout:
+            return None
+        tensors = [args[i] for i in layout[0]]
+        if not self._sizes_hold(tensors):
+            return None
+        leaves = list(self.compiled(*tensors))
+        for i in self.none_at:
+            leaves.insert(i, None)
+        return pytree.tree_unflatten(leaves, self.out_spec)
+
+
 def _kernel(key, math_fn):
-    """A torch.compile'd copy of ``math_fn`` for one key. Each key gets a code object
-    of its own: Dynamo keeps its compiled graphs per code object and stops compiling
-    one past its recompile limit (8). So the key holds what Dynamo would specialize on
-    (the dtypes, the branches the math takes, and ``_guarded``: ranks, sizes of 1, equal
-    sizes, inference tensors and mode, the thread count): one graph per code object."""
-    name = re.sub(r"\W+", "_", "_".join(str(k).removeprefix("torch.") for k in key))
-    fn = types.FunctionType(math_fn.__code__.replace(co_name=name), math_fn.__globals__, name)
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    """The compiled kernel of ``math_fn`` for one key (compiled at its first call). The
+    key holds what its graph specializes on besides sizes (dtypes, the branches the
+    math takes, which tensors are absent) and ``_guarded``'s sizes of 1 and equal
+    sizes: one key, one graph that serves each of its calls."""
+    return _Kernel(math_fn)
 
 
 def _dynamo_disabled():
@@ -343,20 +430,20 @@ def _run(key, math_fn, *args):
                 return None
     try:
         if compiled is _NOT_READ:
-            with _lock:  # (torch.compile itself raises where Dynamo cannot run)
+            with _lock:
                 compiled = _compiled.get(key, _NOT_READ)
                 if compiled is _NOT_READ:
                     compiled = _compiled[key] = _kernel(key, math_fn)
     except Exception as error:  # noqa: BLE001 - any failure of the compiler toolchain
         return _failure(key, error)
     if compiled is None or _dynamo_disabled():
-        # with Dynamo off the "compiled" function would run as torch ops on whole
-        # float32 copies: the chunked path is better then
+        # Dynamo off, or compiled functions told to run eagerly: the user asked for no
+        # compilation (a debugging session, say), and gets torch ops
         return None
     if len(args) == 1 and callable(args[0]):
         args = args[0]()
     try:
-        with torch.no_grad():  # (the first call compiles)
+        with torch.no_grad():  # (the first call compiles; None: sizes it does not serve)
             out = compiled(*args)
     except Exception as error:  # noqa: BLE001 - any failure of the compiler toolchain
         return _failure(key, error)
@@ -383,15 +470,15 @@ def _failure(key, error):
 
 
 def _guarded(*tensors):
-    """What Dynamo's guards check beyond dtypes (each change is a recompile, and 8 in
-    one code object make it give up): the tensors' ranks, which sizes are 1 and which
-    are equal (one symbol), which tensors are inference tensors, inference mode and the
-    thread count. Part of every kernel's key, so that each key compiles one graph."""
+    """What a kernel's graph specializes on in the tensors it is given, beyond dtypes and
+    the branches of its math: their ranks, which sizes are 1 (constants in the graph)
+    and which are equal (one symbol), and the thread count (its C++ loop's). Part of
+    every kernel's key, so that each call of a key passes the guards of its graph
+    (``_Kernel``; one that did not would run the torch ops)."""
     present = [t for t in tensors if t is not None]
     sizes = [d for t in present for d in t.shape]
     return (tuple(t.dim() for t in present), tuple(d == 1 for d in sizes),
-            tuple(sizes.index(d) for d in sizes), tuple(t.is_inference() for t in present),
-            torch.is_inference_mode_enabled(), torch.get_num_threads())
+            tuple(sizes.index(d) for d in sizes), torch.get_num_threads())
 
 
 def fused_recon(x_hat, x, recon, grad_scale):
@@ -401,11 +488,11 @@ def fused_recon(x_hat, x, recon, grad_scale):
     grad_dtype = None if grad_scale is None else grad_buffer_dtype(x_hat.dtype)
     batch = x_hat.shape[0]
     row = x_hat.numel() // batch
-    key = (recon, x_hat.dtype, x.dtype, grad_dtype, row % ROW_BLOCK == 0, batch == row,
-           *_guarded(x_hat, x))
     scale = None if grad_scale is None else torch.tensor(grad_scale, dtype=torch.float32)
-    out = _run(key, _MATH[recon], x_hat.detach().reshape(batch, row),
-               x.detach().reshape(batch, row), scale, grad_dtype)
+    rows_hat, rows_x = x_hat.detach().reshape(batch, row), x.detach().reshape(batch, row)
+    key = (recon, x_hat.dtype, x.dtype, grad_dtype, row % ROW_BLOCK == 0, batch == row,
+           *_guarded(rows_hat, rows_x, scale))
+    out = _run(key, _MATH[recon], rows_hat, rows_x, scale, grad_dtype)
     if out is None or grad_scale is None:
         return None if out is None else (out, None)
     rows, grad = out
@@ -467,18 +554,19 @@ def fused_kl(mu, logvar, prior_mu, prior_logvar, lo, hi, scale, want_grad, want_
     if lo is not None and max(abs(lo), abs(hi)) > _FLOAT32_MAX:
         return None  # (torch.clamp refuses a bound past float32's range: the torch ops say so)
     long_rows = cols > KL_SHORT_ROW
-    # what the compiled function specializes on: which inputs are None, the dtypes, the
-    # ranks of the tensors viewed as rows (Dynamo guards on them), a prior's broadcast,
-    # the row sum's branch, sizes of 1 and equal sizes (one symbol), the global state
+    # what the compiled graph specializes on: which inputs are None, the dtypes, a
+    # prior's broadcast, the row sum's branch, sizes of 1 and equal sizes (one symbol),
+    # the global state
+    bounds = None if lo is None else torch.tensor([lo, hi], dtype=torch.float32)
+    grad_scale = None if dtypes is None else torch.tensor(scale, dtype=torch.float32)
+    mu_rows, lv_rows = mu.detach().reshape(batch, cols), logvar.detach().reshape(batch, cols)
     key = ("kl", mu.dtype, logvar.dtype,
            *(None if t is None else (t.dtype, r.shape[0] == 1)
              for t, r in ((prior_mu, pm), (prior_logvar, plv))),
            lo is not None, dtypes, cols == 1, batch == cols, long_rows,
-           long_rows and cols % ROW_BLOCK == 0, *_guarded(mu, logvar, prior_mu, prior_logvar))
-    bounds = None if lo is None else torch.tensor([lo, hi], dtype=torch.float32)
-    grad_scale = None if dtypes is None else torch.tensor(scale, dtype=torch.float32)
-    out = _run(key, _kl, mu.detach().reshape(batch, cols), logvar.detach().reshape(batch, cols),
-               pm, plv, bounds, grad_scale, dtypes)
+           long_rows and cols % ROW_BLOCK == 0,
+           *_guarded(mu_rows, lv_rows, pm, plv, bounds, grad_scale))
+    out = _run(key, _kl, mu_rows, lv_rows, pm, plv, bounds, grad_scale, dtypes)
     if out is None:
         return None
     if dtypes is None:
@@ -510,9 +598,15 @@ def fused_sample(mu, logvar, draw_noise, lo, hi, doubled, keep, with_kl):
     cols = mu.numel() // batch if batch else 0
     z_dtype = torch.promote_types(mu.dtype, logvar.dtype)
     rows_summed = with_kl and cols > KL_SHORT_ROW  # (the row sums' branch, with the KL only)
-    key = ("sample", mu.dtype, logvar.dtype, lo is not None, doubled, keep, with_kl,
-           with_kl and batch == cols, rows_summed, rows_summed and cols % ROW_BLOCK == 0,
-           *_guarded(mu, logvar))
     bounds = None if lo is None else torch.tensor([lo, hi], dtype=torch.float32)
-    return _run(key, _sample, lambda: (mu.detach(), logvar.detach(), draw_noise(), bounds,
-                                       doubled, keep, with_kl, z_dtype))
+    # as (N, M) rows: one kernel for the latents of a conv and of an MLP alike
+    mu_rows, lv_rows = mu.detach().reshape(batch, cols), logvar.detach().reshape(batch, cols)
+    key = ("sample", mu.dtype, logvar.dtype, lo is not None, doubled, keep, with_kl,
+           batch == cols, rows_summed, rows_summed and cols % ROW_BLOCK == 0,
+           *_guarded(mu_rows, lv_rows, bounds))
+    out = _run(key, _sample, lambda: (mu_rows, lv_rows, draw_noise().reshape(batch, cols),
+                                      bounds, doubled, keep, with_kl, z_dtype))
+    if out is None:
+        return None
+    z, kept, rows = out
+    return z.view(mu.shape), None if kept is None else kept.view(mu.shape), rows

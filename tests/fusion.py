@@ -28,3 +28,19 @@ def record_fused_calls(monkeypatch, entry, **thresholds):
 
     monkeypatch.setattr(_cpu_fusion, entry, recorded)
     return outcomes
+
+
+def count_compilations(monkeypatch):
+    """A list that grows by one entry per graph Inductor compiles for the fused loops
+    (``torch._inductor.standalone_compile``, their only way to the compiler)."""
+    import torch._inductor
+
+    compilations = []
+    real = torch._inductor.standalone_compile
+
+    def counted(*args, **kwargs):
+        compilations.append(args[0])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch._inductor, "standalone_compile", counted)
+    return compilations

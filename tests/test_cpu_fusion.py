@@ -13,7 +13,7 @@ import torch
 import fastvae
 from fastvae import _cpu_fusion
 from tests import reference
-from tests.fusion import record_fused_calls
+from tests.fusion import count_compilations, record_fused_calls
 
 SHAPE = (3, 3, 151, 149)  # past SMALL_NUMEL (2^17), whose calls take few whole ops; rows of
 # 67497 elements: not a multiple of _cpu_fusion.ROW_BLOCK (padded) nor of a vector's width
@@ -129,10 +129,11 @@ def test_continuous_bernoulli_logits_at_and_near_zero(fusion, dtype):
     assert torch.allclose(grad.double(), want_grad, rtol=torch.finfo(dtype).eps, atol=atol)
 
 
-def test_many_shapes_stay_fused_and_compile_once_each(fusion, recwarn):
-    # Dynamo specializes on the input's rank, a batch of 1 and rows a whole number of
-    # blocks; past 8 graphs in one code object it refuses to compile (fullgraph). Each
-    # of those is a kernel of its own, so no shape turns fusion off
+def test_many_shapes_stay_fused_and_compile_once_each(fusion, monkeypatch, recwarn):
+    # a graph specializes on a batch of 1, rows a whole number of blocks and a batch
+    # equal to the row length (one symbol); each is a key of its own, and every shape
+    # of a key passes its graph's guards: each shape runs fused, each key compiled once
+    compilations = count_compilations(monkeypatch)
     shapes = [(3, 50000), (1, 140000), (2, 3, 128, 192), (1, 3, 256, 256), (2, 70000),
               (4, 3, 100, 120), (2, 2, 3, 100, 120), (3, 4, 12800), (1, 131328), (5, 30000),
               (2, 3, 151, 149), (6, 25000), (300, 300)]
@@ -147,10 +148,43 @@ def test_many_shapes_stay_fused_and_compile_once_each(fusion, recwarn):
         assert torch.allclose(grad.double(), want_grad, rtol=2**-8, atol=0)
     assert not _cpu_fusion._failed
     assert not [w for w in recwarn if "fastvae" in str(w.message)]
-    # one graph per kernel: none recompiled (a batch equal to the row length is a kind
-    # of its own: Dynamo gives equal sizes one symbol)
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
-    assert graphs == len(_cpu_fusion._compiled)
+    assert len(compilations) == len(_cpu_fusion._compiled) < len(shapes)
+    # and Dynamo saw none of it (its guards and wrappers cost ~17 us a call)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before
+
+
+def _scaled_by_row_length(t, dtype):
+    """A branch on a size: the traced graph keeps one side and guards on it."""
+    return (t * 2 if t.shape[1] > 8 else t * 3).to(dtype)
+
+
+def test_sizes_that_break_a_graphs_guards_run_the_torch_ops(fusion, monkeypatch):
+    """No Dynamo checks what a compiled graph assumed about sizes: the kernel does, once
+    per new set of sizes, and answers None (the torch ops) where it does not hold, as it
+    does for arguments other than tensors that differ from the traced ones."""
+    key = ("guards test",)
+    wide = torch.arange(32.0).reshape(2, 16)
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL - 1):
+        assert _cpu_fusion._run(key, _scaled_by_row_length, wide, torch.float32) is None
+    assert torch.equal(_cpu_fusion._run(key, _scaled_by_row_length, wide, torch.float32),
+                       wide * 2)
+    kernel = _cpu_fusion._compiled[key]
+    evaluated = []
+    evaluate = kernel.shape_env.evaluate_guards_expression
+    monkeypatch.setattr(kernel.shape_env, "evaluate_guards_expression",
+                        lambda code, args: evaluated.append(args) or evaluate(code, args))
+    wider = torch.randn(3, 40)
+    for _ in range(3):
+        got = _cpu_fusion._run(key, _scaled_by_row_length, wider, torch.float32)
+        assert torch.equal(got, wider * 2)
+    assert len(evaluated) == 1  # the new sizes, checked once
+    narrow = torch.randn(2, 4)  # the graph took the other side of the branch
+    assert _cpu_fusion._run(key, _scaled_by_row_length, narrow, torch.float32) is None
+    strided = torch.randn(3, 80)[:, ::2]  # traced contiguous
+    assert _cpu_fusion._run(key, _scaled_by_row_length, strided, torch.float32) is None
+    assert _cpu_fusion._run(key, _scaled_by_row_length, wide, torch.float64) is None
+    assert len(evaluated) == 3 and _cpu_fusion._compiled[key] is kernel
+    assert not _cpu_fusion._failed
 
 
 def test_one_failing_kernel_leaves_the_others_fused(fusion, monkeypatch):

@@ -11,7 +11,7 @@ import torch
 
 import fastvae
 from fastvae import _cpu_fusion, _torch_impl
-from tests.fusion import record_fused_calls
+from tests.fusion import count_compilations, record_fused_calls
 
 SHAPE = (6, 2, 150)  # rows of 300 elements
 HALF = [torch.bfloat16, torch.float16]
@@ -154,10 +154,12 @@ def test_the_noise_is_drawn_once_per_call_fused_or_not(fusion, monkeypatch):
     assert fusion[-1] is False
 
 
-def test_many_shapes_compile_one_graph_each(fusion, recwarn):
-    """Dynamo guards on sizes of 1, equal sizes, ranks and inference tensors; each is
-    part of the key, so no kernel recompiles (a batch equal to the channels, a channel
-    dim of 1, the last smaller batch of an epoch: new kinds, not new graphs)."""
+def test_many_shapes_compile_one_graph_each(fusion, monkeypatch, recwarn):
+    """A graph specializes on sizes of 1 and equal sizes; both are part of the key, so
+    every shape passes its kernel's guards and stays fused (a batch equal to the
+    channels, a channel dim of 1, the last smaller batch of an epoch: new kinds, not
+    torch ops), and each kind compiles once."""
+    compilations = count_compilations(monkeypatch)
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     shapes = [(4, 4, 8, 8), (8, 4, 8, 8), (8, 1, 8, 8), (5, 4, 8, 8), (6, 300), (300, 300),
               (7, 3, 100)]
@@ -174,8 +176,8 @@ def test_many_shapes_compile_one_graph_each(fusion, recwarn):
         fastvae.reparameterize(frozen, torch.zeros(8, 4, 8, 8, dtype=torch.bfloat16))
     assert fusion[-1]
     assert not [w for w in recwarn if "fastvae" in str(w.message)]
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs_before
-    assert graphs == len(_cpu_fusion._compiled)
+    assert len(compilations) == len(_cpu_fusion._compiled) < len(shapes) + 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before  # (none)
 
 
 def test_an_error_of_the_draw_is_its_own_not_the_compilers(fusion, monkeypatch):
