@@ -12,7 +12,10 @@ continuous Bernoulli's seven passes became one (bf16 0.81x -> 4.9x eager). The
 latents have two loops too, from KL_MIN_NUMEL elements: the KL against a diagonal
 Gaussian prior, or of half-precision latents against N(0, I) (``fused_kl``: value, four
 gradients, an accurate lv - plv; a dozen torch passes), and the reparameterization of
-half-precision latents around torch's draw of noise (``fused_sample``).
+half-precision latents around torch's draw of noise (``fused_sample``). Small
+half-precision losses (from SMALL_MIN_NUMEL elements, where the large loops' torch
+ops are not used: fastvae.ops._SmallLossFunction) have two: the values in the
+forward, the gradients with grad_output folded in in the backward.
 
 What it costs, and so when it is used (``fused_recon``):
 - a C++ compiler at run time and a compilation per kernel: 1-2 s each with
@@ -23,7 +26,8 @@ What it costs, and so when it is used (``fused_recon``):
 - per call, ~9 us of wrapper (measured on 2x256 inputs; ~26 us when the kernels were
   torch.compile'd functions: Dynamo's guards and wrappers), against the chunked ops'
   ~0.5 ms for a bf16 mse forward of 2^20 elements (3.5 ms at 512x12288). The kernels
-  are compiled graphs called directly (``_Kernel``), not through Dynamo.
+  are compiled graphs called directly (``_Kernel``), not through Dynamo, and a call
+  whose exact signature was served before skips its key and checks (``_call``).
 If compiling fails before any kernel has worked (no compiler, say), fastvae warns
 once and keeps the chunked torch ops from then on; a kernel that fails after another
 has worked is dropped alone. ``FASTVAE_CPU_FUSION=0`` (read on first use) or
@@ -43,7 +47,6 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch.fx.experimental.proxy_tensor import make_fx
-from torch.utils import _pytree as pytree
 
 from fastvae._grad_scaling import in_torch_dispatch_mode
 from fastvae._numerics import (
@@ -252,6 +255,52 @@ def _sample(mu, logvar, noise, bounds, doubled, keep, with_kl, z_dtype):
     return z, kept, rows
 
 
+# ---- small losses against N(0, I): values in the forward, gradients in the backward ----
+#
+# At most SMALL_NUMEL elements, plain eager mse, l1 and bce_logits losses compute their
+# values in the forward and each gradient in the backward with grad_output folded in
+# (fastvae.ops._SmallLossFunction). There a call costs its number of ops: at MNIST size
+# (128x784, latents 128x20, bf16) the torch ops' conversions, recon, KL and gradients
+# took ~20 ops; these two loops take one call each (~25 us each). Half-precision
+# inputs only (their conversions are what the loops save: forward + backward 206
+# against 244-391 us, interleaved), from SMALL_MIN_NUMEL elements: below it a kernel's
+# fixed cost and its compilation buy little.
+
+SMALL_MIN_NUMEL = 1 << 14
+
+
+def _small_terms(x_hat, x, recon):
+    if recon == "bce_logits":  # F.softplus's beta 1, threshold 20, as aten's
+        logit = x_hat.float()
+        return F.softplus(logit) - logit * x.float()
+    d = x_hat.float() - x.float()
+    return d * d if recon == "mse" else d.abs()
+
+
+def _small_values(x_hat, x, mu, logvar, bounds, scales, recon, per_row):
+    """(recon, kl) float32 of (N, M) inputs and (N, K) latents: per-row sums (``per_row``)
+    or their totals (float64 sum of the row sums) times ``scales`` ((2,) float32: the
+    recon's and the KL's reduction scale)."""
+    recon_rows = _kl_row_sums(_small_terms(x_hat, x, recon))
+    kl_rows = _kl(mu, logvar, None, None, bounds, None, None)
+    if per_row:
+        return recon_rows, kl_rows
+    return (recon_rows.double().sum().float() * scales[0],
+            kl_rows.double().sum().float() * scales[1])
+
+
+def _small_grads(x_hat, x, mu, logvar, bounds, w_recon, w_kl, recon, grad_dtypes):
+    """(d/dx_hat, d/dmu, d/dlogvar) of w_recon times the recon's sum and w_kl times the
+    KL's (each weight 0-dim or (N, 1) float32: grad_output times the reduction's scale),
+    in ``grad_dtypes`` (None: not computed)."""
+    dt_xhat, dt_mu, dt_lv = grad_dtypes
+    g_xhat = None if dt_xhat is None else _MATH[recon](x_hat, x, w_recon, dt_xhat)[1]
+    g_mu = g_lv = None
+    if dt_mu is not None or dt_lv is not None:
+        _, g_mu, g_lv, _, _ = _kl(mu, logvar, None, None, bounds, w_kl, (dt_mu, dt_lv, None, None))
+    return g_xhat, g_mu, g_lv
+
+
 _MATH = {"mse": _mse, "l1": _l1, "bce_logits": _bce_logits, "bce": _bce,
          "continuous_bernoulli": _continuous_bernoulli}
 
@@ -262,9 +311,33 @@ _NOT_READ = object()
 _enabled = _NOT_READ
 _failed = False  # compiling failed before any kernel worked: the toolchain, off for good
 _lock = threading.Lock()
+# one compilation at a time (make_fx and Inductor keep global state while they work);
+# other threads' calls take the torch ops meanwhile, a compiled kernel's take no lock
+_compile_lock = threading.Lock()
 _calls = {}  # kernel key -> calls so far, until compiled
 _compiled = {}  # kernel key -> its _Kernel, or None where it failed
 _worked = set()  # kernel keys that have run
+_fast = {}  # a call's exact signature -> the _Kernel whose checked call served it (_call)
+MAX_FAST = 256  # then the table starts again
+_constants = {}  # (values) -> a float32 tensor of them (_constant)
+
+
+def _constant(*values):
+    """A cached float32 tensor of ``values`` (0-dim for one value), read by the kernels
+    only: a fresh torch.tensor costs ~3 us a call."""
+    t = _constants.get(values)
+    if t is None:
+        if len(_constants) >= MAX_FAST:
+            _constants.clear()
+        with torch.inference_mode(False):  # usable outside inference mode too
+            t = _constants[values] = torch.tensor(values[0] if len(values) == 1 else values,
+                                                  dtype=torch.float32)
+    return t
+
+
+def _rows(t, batch):
+    """A contiguous ``t`` as (batch, rest) rows: itself where it is that already."""
+    return t if t.dim() == 2 else t.view(batch, -1)
 
 
 def set_cpu_fusion(enabled: bool) -> bool:
@@ -319,20 +392,24 @@ class _Kernel:
 
     Without Dynamo nothing checks the assumptions the compiled code makes about sizes
     (the tracer's and Inductor's guards: a size of 1 made a constant, two equal sizes
-    made one symbol, a branch on a row length). So they are kept as an expression and
-    evaluated once per new set of sizes and strides; a call whose sizes break one is
-    answered ``None`` (the torch ops run it). The tensors' dtypes and the arguments
-    other than tensors (dtypes, flags, absent tensors) are part of the graph: a call
-    must repeat the traced ones (the key holds them) or it is answered ``None`` too."""
+    made one symbol, a branch on a row length). So a checked call (``__call__``)
+    evaluates them, once per new set of sizes and strides, and answers ``None`` (the
+    torch ops run it) where one breaks. The tensors' dtypes and the arguments other
+    than tensors (dtypes, flags, absent tensors) are part of the graph: a checked call
+    must repeat the traced ones (the key holds them) or it is answered ``None`` too.
+    ``fast`` skips the checks, for a call whose exact signature a checked call of this
+    kernel has served (``_call``)."""
 
     MAX_CHECKED = 64  # sizes remembered per kernel (then the memory starts again)
 
-    def __init__(self, math_fn):
-        self.math_fn = math_fn
-        self.lock = threading.Lock()
+    def __init__(self, key, math_fn):
+        self.key, self.math_fn = key, math_fn
         self.compiled = None
         self.layout = None  # _layout of the traced arguments
-        self.out_spec = self.none_at = self.guards = self.shape_env = None
+        self.tensor_at = ()  # where the tensors are among the arguments
+        self.outputs = None  # the math's outputs: None (one tensor) or, per output of a
+        # tuple, its index among the graph's outputs (None: an absent output)
+        self.guards = self.shape_env = None
         self.checked = {}  # (each tensor's sizes, strides, offset) -> whether the guards hold
 
     @staticmethod
@@ -345,15 +422,23 @@ class _Kernel:
     def _compile(self, args, layout):
         tensor_at = layout[0]
 
-        def flat(*tensors):  # the graph's inputs are the tensors; its outputs a flat list
+        def flat(*tensors):  # the graph's inputs are the tensors; its outputs a list
             full = list(args)
             for i, t in zip(tensor_at, tensors, strict=True):
                 full[i] = t
-            leaves, self.out_spec = pytree.tree_flatten(self.math_fn(*full))
-            self.none_at = [i for i, leaf in enumerate(leaves) if leaf is None]
-            return [leaf for leaf in leaves if leaf is not None]
+            out = self.math_fn(*full)
+            if isinstance(out, torch.Tensor):
+                self.outputs = None
+                return [out]
+            present, outputs = [], []
+            for t in out:
+                outputs.append(None if t is None else len(present))
+                if t is not None:
+                    present.append(t)
+            self.outputs = tuple(outputs)
+            return present
 
-        tensors = [args[i] for i in tensor_at]
+        tensors = [args[i].detach() for i in tensor_at]
         graph = make_fx(flat, tracing_mode="symbolic")(*tensors)
         placeholders = [n.meta["val"] for n in graph.graph.nodes if n.op == "placeholder"]
         for node in graph.graph.output_node().args[0]:
@@ -363,7 +448,7 @@ class _Kernel:
         compiled = torch._inductor.standalone_compile(graph, tensors, dynamic_shapes="from_graph")
         self.shape_env = placeholders[0].fake_mode.shape_env
         self.guards = self.shape_env.produce_guards_expression(placeholders, ignore_static=False)
-        self.layout, self.compiled = layout, compiled
+        self.tensor_at, self.layout, self.compiled = tensor_at, layout, compiled
 
     def _sizes_hold(self, tensors):
         sizes = tuple((t.shape, t.stride(), t.storage_offset()) for t in tensors)
@@ -382,18 +467,26 @@ class _Kernel:
     def __call__(self, *args):
         layout = self._layout(args)
         if self.compiled is None:
-            with self.lock:
+            # another thread compiling (this kernel or another): the torch ops meanwhile
+            if not _compile_lock.acquire(blocking=False):
+                return None
+            try:
                 if self.compiled is None:
                     self._compile(args, layout)
+            finally:
+                _compile_lock.release()
         if layout != self.layout:
             return None
-        tensors = [args[i] for i in layout[0]]
-        if not self._sizes_hold(tensors):
+        if not self._sizes_hold([args[i] for i in layout[0]]):
             return None
-        leaves = list(self.compiled(*tensors))
-        for i in self.none_at:
-            leaves.insert(i, None)
-        return pytree.tree_unflatten(leaves, self.out_spec)
+        return self.fast(args)
+
+    def fast(self, args):
+        """The outputs for ``args``, unchecked (see the class)."""
+        out = self.compiled(*[args[i] for i in self.tensor_at])
+        if self.outputs is None:
+            return out[0]
+        return tuple(None if i is None else out[i] for i in self.outputs)
 
 
 def _kernel(key, math_fn):
@@ -401,7 +494,7 @@ def _kernel(key, math_fn):
     key holds what its graph specializes on besides sizes (dtypes, the branches the
     math takes, which tensors are absent) and ``_guarded``'s sizes of 1 and equal
     sizes: one key, one graph that serves each of its calls."""
-    return _Kernel(math_fn)
+    return _Kernel(key, math_fn)
 
 
 def _dynamo_disabled():
@@ -414,7 +507,25 @@ def _dynamo_disabled():
     return getattr(dynamo.config, "disable", False) or stance == "force_eager"
 
 
-def _run(key, math_fn, *args):
+def _call(sig, key_of, math_fn, args):
+    """``_run``, by way of the kernel that served ``sig`` before where there is one:
+    ``sig``, the call's exact signature (its inputs' sizes and dtypes, its options and
+    the thread count; cheap to build), finds it without the key (``key_of()``, built
+    only on a miss) or the kernel's checks, which it passed for that signature."""
+    kernel = _fast.get(sig)
+    if kernel is None:
+        return _run(key_of(), math_fn, *args, sig=sig)
+    if _dynamo_disabled():
+        return None
+    if len(args) == 1 and callable(args[0]):
+        args = args[0]()
+    try:
+        return kernel.fast(args)
+    except Exception as error:  # noqa: BLE001 - any failure of the compiled code
+        return _failure(kernel.key, error)
+
+
+def _run(key, math_fn, *args, sig=None):
     """``key``'s compiled copy of ``math_fn`` run on ``args`` (without grad), or None
     where the torch ops are to run: not yet the key's COMPILE_AT_CALL-th call, its
     compilation failed, or Dynamo is off. ``args`` may be one zero-argument callable
@@ -447,7 +558,12 @@ def _run(key, math_fn, *args):
             out = compiled(*args)
     except Exception as error:  # noqa: BLE001 - any failure of the compiler toolchain
         return _failure(key, error)
-    _worked.add(key)
+    if out is not None:
+        _worked.add(key)
+        if sig is not None:
+            if len(_fast) >= MAX_FAST:
+                _fast.clear()
+            _fast[sig] = compiled
     return out
 
 
@@ -456,6 +572,7 @@ def _failure(key, error):
     global _failed
     with _lock:
         _compiled[key] = None
+        _fast.clear()
         # no kernel has ever run: the toolchain (no compiler, say), off for good;
         # else this kernel alone (a recompile refused by a torch.compiler stance)
         toolchain = not _worked
@@ -488,11 +605,12 @@ def fused_recon(x_hat, x, recon, grad_scale):
     grad_dtype = None if grad_scale is None else grad_buffer_dtype(x_hat.dtype)
     batch = x_hat.shape[0]
     row = x_hat.numel() // batch
-    scale = None if grad_scale is None else torch.tensor(grad_scale, dtype=torch.float32)
-    rows_hat, rows_x = x_hat.detach().reshape(batch, row), x.detach().reshape(batch, row)
-    key = (recon, x_hat.dtype, x.dtype, grad_dtype, row % ROW_BLOCK == 0, batch == row,
-           *_guarded(rows_hat, rows_x, scale))
-    out = _run(key, _MATH[recon], rows_hat, rows_x, scale, grad_dtype)
+    scale = None if grad_scale is None else _constant(grad_scale)
+    rows_hat, rows_x = _rows(x_hat, batch), _rows(x, batch)
+    sig = (recon, x_hat.shape, x_hat.dtype, x.dtype, grad_dtype, torch.get_num_threads())
+    out = _call(sig, lambda: (recon, x_hat.dtype, x.dtype, grad_dtype, row % ROW_BLOCK == 0,
+                              batch == row, *_guarded(rows_hat, rows_x, scale)),
+                _MATH[recon], (rows_hat, rows_x, scale, grad_dtype))
     if out is None or grad_scale is None:
         return None if out is None else (out, None)
     rows, grad = out
@@ -551,22 +669,27 @@ def fused_kl(mu, logvar, prior_mu, prior_logvar, lo, hi, scale, want_grad, want_
     if want_grad or want_prior_grad:
         dtypes = (grad_dtype(mu, want_grad), grad_dtype(logvar, want_grad),
                   grad_dtype(prior_mu, want_prior_grad), grad_dtype(prior_logvar, want_prior_grad))
-    if lo is not None and max(abs(lo), abs(hi)) > _FLOAT32_MAX:
-        return None  # (torch.clamp refuses a bound past float32's range: the torch ops say so)
+    bounds = _bounds(lo, hi)
+    if bounds is False:
+        return None
     long_rows = cols > KL_SHORT_ROW
-    # what the compiled graph specializes on: which inputs are None, the dtypes, a
-    # prior's broadcast, the row sum's branch, sizes of 1 and equal sizes (one symbol),
-    # the global state
-    bounds = None if lo is None else torch.tensor([lo, hi], dtype=torch.float32)
-    grad_scale = None if dtypes is None else torch.tensor(scale, dtype=torch.float32)
-    mu_rows, lv_rows = mu.detach().reshape(batch, cols), logvar.detach().reshape(batch, cols)
-    key = ("kl", mu.dtype, logvar.dtype,
-           *(None if t is None else (t.dtype, r.shape[0] == 1)
-             for t, r in ((prior_mu, pm), (prior_logvar, plv))),
-           lo is not None, dtypes, cols == 1, batch == cols, long_rows,
-           long_rows and cols % ROW_BLOCK == 0,
-           *_guarded(mu_rows, lv_rows, pm, plv, bounds, grad_scale))
-    out = _run(key, _kl, mu_rows, lv_rows, pm, plv, bounds, grad_scale, dtypes)
+    grad_scale = None if dtypes is None else _constant(scale)
+    mu_rows, lv_rows = _rows(mu, batch), _rows(logvar, batch)
+    sig = ("kl", mu.shape, mu.dtype, logvar.dtype,
+           *(None if t is None else (t.shape, t.dtype) for t in (prior_mu, prior_logvar)),
+           lo is None, dtypes, torch.get_num_threads())
+
+    def key():  # what the compiled graph specializes on: which inputs are None, the
+        # dtypes, a prior's broadcast, the row sum's branch, sizes of 1 and equal sizes
+        # (one symbol), the thread count
+        return ("kl", mu.dtype, logvar.dtype,
+                *(None if t is None else (t.dtype, r.shape[0] == 1)
+                  for t, r in ((prior_mu, pm), (prior_logvar, plv))),
+                lo is not None, dtypes, cols == 1, batch == cols, long_rows,
+                long_rows and cols % ROW_BLOCK == 0,
+                *_guarded(mu_rows, lv_rows, pm, plv, bounds, grad_scale))
+
+    out = _call(sig, key, _kl, (mu_rows, lv_rows, pm, plv, bounds, grad_scale, dtypes))
     if out is None:
         return None
     if dtypes is None:
@@ -592,21 +715,106 @@ def fused_sample(mu, logvar, draw_noise, lo, hi, doubled, keep, with_kl):
     eps std / 2 float32 or None, the per-sample KL (N,) float32 or None), or None where
     the torch ops are to run. ``applies_sample`` held; ``draw_noise()`` returns the
     float32 mu-shaped noise, called only if the loop runs (else the torch ops draw it)."""
-    if lo is not None and max(abs(lo), abs(hi)) > _FLOAT32_MAX:
-        return None  # (torch.clamp refuses it: the torch ops say so)
+    bounds = _bounds(lo, hi)
+    if bounds is False:
+        return None
     batch = mu.shape[0]
     cols = mu.numel() // batch if batch else 0
     z_dtype = torch.promote_types(mu.dtype, logvar.dtype)
     rows_summed = with_kl and cols > KL_SHORT_ROW  # (the row sums' branch, with the KL only)
-    bounds = None if lo is None else torch.tensor([lo, hi], dtype=torch.float32)
     # as (N, M) rows: one kernel for the latents of a conv and of an MLP alike
-    mu_rows, lv_rows = mu.detach().reshape(batch, cols), logvar.detach().reshape(batch, cols)
-    key = ("sample", mu.dtype, logvar.dtype, lo is not None, doubled, keep, with_kl,
-           batch == cols, rows_summed, rows_summed and cols % ROW_BLOCK == 0,
-           *_guarded(mu_rows, lv_rows, bounds))
-    out = _run(key, _sample, lambda: (mu_rows, lv_rows, draw_noise().reshape(batch, cols),
-                                      bounds, doubled, keep, with_kl, z_dtype))
+    mu_rows, lv_rows = _rows(mu, batch), _rows(logvar, batch)
+    sig = ("sample", mu.shape, mu.dtype, logvar.dtype, lo is None, doubled, keep, with_kl,
+           torch.get_num_threads())
+    out = _call(sig, lambda: ("sample", mu.dtype, logvar.dtype, lo is not None, doubled, keep,
+                              with_kl, batch == cols, rows_summed,
+                              rows_summed and cols % ROW_BLOCK == 0,
+                              *_guarded(mu_rows, lv_rows, bounds)),
+                _sample, (lambda: (mu_rows, lv_rows, draw_noise().view(batch, cols), bounds,
+                                   doubled, keep, with_kl, z_dtype),))
     if out is None:
         return None
     z, kept, rows = out
     return z.view(mu.shape), None if kept is None else kept.view(mu.shape), rows
+
+
+def applies_small(x_hat, x, mu, logvar, dtype):
+    """Whether ``fused_small_values`` / ``fused_small_grads`` may serve this small loss
+    (``_torch_impl.small_eager_applies`` held: mse, l1 or bce_logits against N(0, I))."""
+    if x_hat.numel() < SMALL_MIN_NUMEL or dtype != torch.float32:
+        return False
+    dtypes = {x_hat.dtype, x.dtype, mu.dtype, logvar.dtype}
+    # float32 alone stays on the torch ops: its values were faster fused (49 against
+    # 53-83 us at MNIST size), forward + backward slower (206 against 194 us)
+    return (not dtypes.isdisjoint(_HALF) and x_hat.device.type == "cpu" and mu.device.type == "cpu"
+            and x_hat.dim() >= 1 and mu.dim() >= 1 and x_hat.shape[0] > 0
+            and x.shape == x_hat.shape and logvar.shape == mu.shape
+            and x_hat.is_contiguous() and x.is_contiguous() and mu.is_contiguous()
+            and logvar.is_contiguous() and x.device.type == "cpu" and logvar.device.type == "cpu"
+            # (Inductor warns about a loop that mixes bf16 and fp16 loads)
+            and dtypes <= set(_DTYPES) and not set(_HALF) <= dtypes
+            and not _failed and _is_enabled()
+            and not torch.compiler.is_compiling() and not in_torch_dispatch_mode())
+
+
+def _small_rows(x_hat, x, mu, logvar):
+    batch = x_hat.shape[0]
+    return _rows(x_hat, batch), _rows(x, batch), _rows(mu, batch), _rows(logvar, batch)
+
+
+def _row_branches(rows):
+    """The row sums' branches (short rows or blocks; whole blocks or padded) for the
+    inputs' rows and the latents'."""
+    m, k = rows[0].shape[1], rows[2].shape[1]
+    return m > KL_SHORT_ROW, m % ROW_BLOCK == 0, k > KL_SHORT_ROW, k % ROW_BLOCK == 0
+
+
+def _bounds(lo, hi):
+    """The logvar clamp as a (2,) float32 tensor (None without one); False for a bound
+    past float32's range, which torch.clamp refuses (the torch ops say so)."""
+    if lo is None:
+        return None
+    if max(abs(lo), abs(hi)) > _FLOAT32_MAX:
+        return False
+    return _constant(lo, hi)
+
+
+def _small_sig(kind, x_hat, x, mu, logvar, *options):
+    return (kind, x_hat.shape, x_hat.dtype, x.dtype, mu.shape, mu.dtype, logvar.dtype,
+            *options, torch.get_num_threads())
+
+
+def fused_small_values(x_hat, x, mu, logvar, recon, per_row, recon_scale, kl_scale, lo, hi):
+    """(recon, kl) float32 of a small loss (``_small_values``), or None where the torch
+    ops are to run. ``applies_small`` held."""
+    bounds = _bounds(lo, hi)
+    if bounds is False:
+        return None
+    rows = _small_rows(x_hat, x, mu, logvar)
+    scales = _constant(recon_scale, kl_scale)
+    sig = _small_sig("small values", x_hat, x, mu, logvar, recon, per_row, lo is None)
+    return _call(sig, lambda: ("small values", recon, *(t.dtype for t in rows), lo is not None,
+                               per_row, *_row_branches(rows), *_guarded(*rows, bounds, scales)),
+                 _small_values, (*rows, bounds, scales, recon, per_row))
+
+
+def fused_small_grads(x_hat, x, mu, logvar, recon, w_recon, w_kl, lo, hi, grad_dtypes):
+    """(d/dx_hat, d/dmu, d/dlogvar) of a small loss (``_small_grads``; each None where
+    its dtype is None), shaped as the inputs, or None where the torch ops are to run.
+    ``applies_small`` held; the weights are float32, 0-dim or (N,)."""
+    bounds = _bounds(lo, hi)
+    if bounds is False:
+        return None
+    rows = _small_rows(x_hat, x, mu, logvar)
+    weights = [None if w is None else (w.view(-1, 1) if w.dim() == 1 else w)
+               for w in (w_recon, w_kl)]
+    sig = _small_sig("small grads", x_hat, x, mu, logvar, recon, lo is None, grad_dtypes,
+                     *(None if w is None else w.dim() for w in weights))
+    out = _call(sig, lambda: ("small grads", recon, *(t.dtype for t in rows), lo is not None,
+                              grad_dtypes, *_row_branches(rows),
+                              *_guarded(*rows, bounds, *weights)),
+                _small_grads, (*rows, bounds, *weights, recon, grad_dtypes))
+    if out is None:
+        return None
+    return tuple(None if g is None else g.view(t.shape)
+                 for g, t in zip(out, (x_hat, mu, logvar)))

@@ -712,10 +712,21 @@ def small_kl_value(mu, logvar, lo, hi, dtype, reduction):
 def small_loss_values(x_hat, x, mu, logvar, beta, beta_value, recon, reduction, lo, hi):
     """((loss, recon, kl), (x_hat, x, mu, logvar, exp(lv) - 1) in the compute dtype):
     the values of ``vae_loss_forward`` for the inputs ``small_eager_applies`` to, no
-    gradient, and what the backward needs (half-precision inputs converted once)."""
+    gradient, and what the backward needs (half-precision inputs converted once). From
+    the fused loop (_cpu_fusion.fused_small_values) the inputs as given and None for
+    exp(lv) - 1: the backward's own loop reads them (``small_fused_grads``)."""
     dtype = compute_dtype(x_hat, x, mu, logvar)
-    p, target = _as(x_hat, dtype), _as(x, dtype)
     recon_scale = reduction_scale(reduction, x_hat.shape[0], x_hat.numel())
+    if _cpu_fusion.applies_small(x_hat, x, mu, logvar, dtype):
+        # one fused loop (from its third call): the inputs kept as they are, no exp(lv) - 1
+        fused = _cpu_fusion.fused_small_values(
+            x_hat, x, mu, logvar, recon, reduction == "none", recon_scale,
+            reduction_scale(reduction, mu.shape[0], mu.numel()), lo, hi)
+        if fused is not None:
+            recon_out, kl_out = fused
+            return (_weighted_sum(recon_out, kl_out, beta, beta_value, dtype), recon_out,
+                    kl_out), (x_hat, x, mu, logvar, None)
+    p, target = _as(x_hat, dtype), _as(x, dtype)
     if recon in SMALL_RECONS:
         recon_out, _ = _small_recon(p, target, recon, dtype, reduction, recon_scale, False)
     else:
@@ -780,6 +791,32 @@ def small_kl_grads(mu, logvar, var_m1, lo, hi, reduction, dtype, w, need_mu, nee
         if lo is not None:
             _zero_where_clamped(grad_lv, _as(logvar, dtype), lo, hi)
     return grad_mu, grad_lv
+
+
+def small_var_m1(logvar, lo, hi, dtype):
+    """exp(lv) - 1 of the clamped logvar in ``dtype`` (for small_kl_grads, where the
+    forward's fused loop did not keep it)."""
+    return torch.expm1(_clamped(_as(logvar, dtype), lo, hi))
+
+
+def small_fused_grads(x_hat, x, mu, logvar, recon, reduction, lo, hi, w_recon, w_kl, dtypes):
+    """(d/dx_hat, d/dmu, d/dlogvar) in ``dtypes`` (None: not wanted) of w_recon times the
+    reduced recon and w_kl times the reduced KL (each grad_output, 0-dim or (N,); None
+    where no gradient flows) from one fused loop, or None where the torch ops are to run
+    (not yet its third call). The forward's fused loop ran (``applies_small`` held)."""
+    batch = x_hat.shape[0]
+    w_recon = None if w_recon is None else _scaled_weight(
+        w_recon, reduction_scale(reduction, batch, x_hat.numel()))
+    w_kl = None if w_kl is None else _scaled_weight(
+        w_kl, reduction_scale(reduction, batch, mu.numel()))
+    return _cpu_fusion.fused_small_grads(x_hat, x, mu, logvar, recon, w_recon, w_kl, lo, hi,
+                                         dtypes)
+
+
+def _scaled_weight(w, scale):
+    """grad_output w times a reduction's scale, float32 and contiguous for a fused loop."""
+    w = w if scale == 1.0 else w * scale
+    return w.float().contiguous()
 
 
 def _grad_or_empty(grad, like):

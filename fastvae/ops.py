@@ -840,14 +840,19 @@ class _SmallLossFunction(torch.autograd.Function):
         ctx.dtypes = (x_hat.dtype, x.dtype, mu.dtype, logvar.dtype)
         # the inputs in the compute dtype (converted once) and exp(lv) - 1, each only
         # where a gradient the backward computes reads it (as eager saves nothing for
-        # an input no gradient flows to: latents without one may be inference tensors)
+        # an input no gradient flows to: latents without one may be inference tensors).
+        # After the fused loop (no exp(lv) - 1) the inputs as given, all four: the
+        # backward's own loop reads them (the torch ops convert them until it runs)
         p, target, mu_c, logvar_c, var_m1 = converted
         need_xhat, need_x, need_mu, need_lv, need_beta = ctx.needs_input_grad[:5]
-        recon_grad = need_xhat or need_x
+        ctx.fused = var_m1 is None
+        every = ctx.fused and (need_xhat or need_x or need_mu or need_lv)
+        recon_grad = need_xhat or need_x or every
         ctx.save_for_backward(_saveable(p) if recon_grad else None,
                               _saveable(target) if recon_grad else None,
-                              _saveable(mu_c) if need_mu else None,
-                              _saveable(logvar_c) if need_lv and lo is not None else None,
+                              _saveable(mu_c) if need_mu or every else None,
+                              _saveable(logvar_c) if (need_lv and lo is not None) or every
+                              else None,
                               var_m1 if need_lv else None, _saveable(beta),
                               kl if need_beta else None)
         return (loss, recon_out, kl) if parts else loss
@@ -861,6 +866,22 @@ class _SmallLossFunction(torch.autograd.Function):
         need_xhat, need_x, need_mu, need_lv, need_beta = ctx.needs_input_grad[:5]
         grad_xhat = grad_x = grad_mu = grad_lv = None
         w_recon = _sum_present(g_loss, g_recon)
+        w_kl, grad_beta = _kl_weight_and_beta_grad(g_loss, g_kl, beta, beta_value, kl, need_beta)
+        if ctx.fused and not need_x:  # (a target's gradient: the torch ops below)
+            want_recon = w_recon is not None and need_xhat
+            want_kl = w_kl is not None and (need_mu or need_lv)
+            fused = _torch_impl.small_fused_grads(
+                x_hat, x, mu, logvar, recon, reduction, lo, hi,
+                w_recon if want_recon else None, w_kl if want_kl else None,
+                (xhat_dtype if want_recon else None,
+                 mu_dtype if want_kl and need_mu else None,
+                 lv_dtype if want_kl and need_lv else None))
+            if fused is not None:
+                grad_xhat, grad_mu, grad_lv = fused
+                return grad_xhat, None, grad_mu, grad_lv, grad_beta, None, None, None, None, \
+                    None, None
+        if ctx.fused and need_lv and w_kl is not None:
+            var_m1 = _torch_impl.small_var_m1(logvar, lo, hi, dtype)
         if w_recon is not None and (need_xhat or need_x):
             g = _torch_impl.small_recon_grad(x_hat, x, recon, reduction, dtype, w_recon) \
                 if need_xhat or recon in _torch_impl.SMALL_RECONS else None
@@ -869,7 +890,6 @@ class _SmallLossFunction(torch.autograd.Function):
                     x_hat, recon, reduction, dtype, w_recon, g), x_dtype)
             if need_xhat:
                 grad_xhat = _numerics.as_dtype(g, xhat_dtype)
-        w_kl, grad_beta = _kl_weight_and_beta_grad(g_loss, g_kl, beta, beta_value, kl, need_beta)
         if w_kl is not None and (need_mu or need_lv):
             grad_mu, grad_lv = _torch_impl.small_kl_grads(mu, logvar, var_m1, lo, hi, reduction,
                                                            dtype, w_kl, need_mu, need_lv)

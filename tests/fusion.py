@@ -18,6 +18,7 @@ def record_fused_calls(monkeypatch, entry, **thresholds):
     monkeypatch.setattr(_cpu_fusion, "_calls", {})
     monkeypatch.setattr(_cpu_fusion, "_compiled", {})
     monkeypatch.setattr(_cpu_fusion, "_worked", set())
+    monkeypatch.setattr(_cpu_fusion, "_fast", {})
     outcomes = []
     real = getattr(_cpu_fusion, entry)
 

@@ -187,6 +187,21 @@ def test_sizes_that_break_a_graphs_guards_run_the_torch_ops(fusion, monkeypatch)
     assert not _cpu_fusion._failed
 
 
+def test_calls_while_another_thread_compiles_take_the_torch_ops(fusion):
+    """One compilation at a time: a call that would compile while another is under way
+    (here: the lock held, as by another thread) runs the torch ops and compiles later."""
+    x_hat, x = _inputs("mse", SHAPE, torch.bfloat16, torch.bfloat16)
+    want, _ = _reference(x_hat, x, "mse", "sum")
+    with _cpu_fusion._compile_lock:
+        for _ in range(_cpu_fusion.COMPILE_AT_CALL + 1):
+            got, _ = _loss_and_grad(x_hat, x, "mse", "sum")
+            assert torch.allclose(got.double(), want, rtol=1e-6)
+    assert fusion == [False] * (_cpu_fusion.COMPILE_AT_CALL + 1)
+    got, _ = _loss_and_grad(x_hat, x, "mse", "sum")
+    assert fusion[-1] and torch.allclose(got.double(), want, rtol=1e-6)
+    assert not _cpu_fusion._failed
+
+
 def test_one_failing_kernel_leaves_the_others_fused(fusion, monkeypatch):
     x_hat, x = _inputs("mse", SHAPE, torch.bfloat16, torch.bfloat16)
     for _ in range(_cpu_fusion.COMPILE_AT_CALL):
