@@ -9,10 +9,11 @@ half-precision kernels round every term to bf16/fp16.
 Inductor writes that one pass as a vectorized C++ loop: at 512x12288 bf16 mse forward
 + backward took 2.0 ms, 1.77x eager interleaved (the chunked torch ops: 1.05x); the
 continuous Bernoulli's seven passes became one (bf16 0.81x -> 4.9x eager). The
-latents have two loops too, from KL_MIN_NUMEL elements: the KL against a diagonal
-Gaussian prior, or of half-precision latents against N(0, I) (``fused_kl``: value, four
-gradients, an accurate lv - plv; a dozen torch passes), and the reparameterization of
-half-precision latents around torch's draw of noise (``fused_sample``). Small
+latents have two loops too: the KL against a diagonal Gaussian prior, or of
+half-precision latents against N(0, I), from KL_MIN_NUMEL elements (``fused_kl``: value,
+four gradients, an accurate lv - plv; a dozen torch passes), and the reparameterization
+of half-precision latents around torch's draw of noise, from SAMPLE_MIN_NUMEL
+(``fused_sample``). Small
 half-precision losses (from SMALL_MIN_NUMEL elements, where the large loops' torch
 ops are not used: fastvae.ops._SmallLossFunction) have two: the values in the
 forward, the gradients with grad_output folded in in the backward.
@@ -164,7 +165,11 @@ def _continuous_bernoulli(x_hat, x, scale, grad_dtype):
 # polynomial takes its place (its remainder < 0.5^10 / 10! ~ 3e-10 of x). Exp and
 # this arithmetic bound the loop (~0.75 ns per element on 2 cores), not memory.
 
-KL_MIN_NUMEL = 1 << 16
+# From 2^14 latent elements: at the ldm latent size (8x4x32x32, 2^15) against a learned
+# or per-sample prior, forward + backward 252-297 us fused against the torch ops' 409-449
+# and eager's 288-328 (interleaved, float32 and bf16, 2026-12-07), once a call cost the
+# kernel's ~9 us instead of torch.compile's guards (at 2^16 before).
+KL_MIN_NUMEL = 1 << 14
 _EXPM1_SERIES_BELOW = 0.5
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 
@@ -236,6 +241,9 @@ def _kl(mu, logvar, prior_mu, prior_logvar, bounds, scale, grad_dtypes):
 # float32) for the backward, and the per-sample KL against N(0, I) if asked: the torch
 # ops made seven float32 passes around the draw (bf16 at 4096x512, 2 threads: the
 # no-grad forward took 9-11 ms, 5 of them the draw).
+
+
+SAMPLE_MIN_NUMEL = 1 << 16
 
 
 def _sample(mu, logvar, noise, bounds, doubled, keep, with_kl, z_dtype):
@@ -700,8 +708,8 @@ def fused_kl(mu, logvar, prior_mu, prior_logvar, lo, hi, scale, want_grad, want_
 
 def applies_sample(mu, logvar):
     """Whether ``fused_sample`` may serve this reparameterization (before counting):
-    half-precision latents of at least KL_MIN_NUMEL elements."""
-    if mu.numel() < KL_MIN_NUMEL or (mu.dtype not in _HALF and logvar.dtype not in _HALF):
+    half-precision latents of at least SAMPLE_MIN_NUMEL elements."""
+    if mu.numel() < SAMPLE_MIN_NUMEL or (mu.dtype not in _HALF and logvar.dtype not in _HALF):
         return False
     return (mu.device.type == "cpu" and mu.dim() >= 1 and logvar.shape == mu.shape
             and mu.is_contiguous() and logvar.is_contiguous()

@@ -3,7 +3,7 @@
 seed's own draw of noise, the kept eps std / 2 and the KL against N(0, I).
 
 Held to the float64 formula (from the same seed's noise) and to the torch ops it
-replaces. KL_MIN_NUMEL and SMALL_NUMEL are lowered so that small latents take it.
+replaces. SAMPLE_MIN_NUMEL and SMALL_NUMEL are lowered so that small latents take it.
 """
 
 import pytest
@@ -21,7 +21,7 @@ HALF = [torch.bfloat16, torch.float16]
 def fusion(monkeypatch):
     """The fused sampling from 64 latent elements (and the general path, not the small
     one, from 16); yields a list recording each fused_sample outcome."""
-    return record_fused_calls(monkeypatch, "fused_sample", KL_MIN_NUMEL=64, SMALL_NUMEL=16)
+    return record_fused_calls(monkeypatch, "fused_sample", SAMPLE_MIN_NUMEL=64, SMALL_NUMEL=16)
 
 
 def _latents(dtype, lv_dtype=None, seed=0):
