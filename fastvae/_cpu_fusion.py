@@ -349,9 +349,10 @@ def _rows(t, batch):
 
 
 def set_cpu_fusion(enabled: bool) -> bool:
-    """Turn Inductor's fused CPU loops (large reconstruction terms and latents) on or off, in
-    the whole process (overrides ``FASTVAE_CPU_FUSION``); returns the previous setting.
-    Off, the PyTorch path uses its chunked torch ops (same math, more passes)."""
+    """Turn Inductor's fused CPU loops (large reconstruction terms, latents, small
+    half-precision losses) on or off, in the whole process (overrides
+    ``FASTVAE_CPU_FUSION``); returns the previous setting. Off, the PyTorch path uses its
+    torch ops (same math, more passes)."""
     global _enabled
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
@@ -530,13 +531,14 @@ def _call(sig, key_of, math_fn, args):
     try:
         return kernel.fast(args)
     except Exception as error:  # noqa: BLE001 - any failure of the compiled code
-        return _failure(kernel.key, error)
+        return _failure(kernel.key, error, stacklevel=4)
 
 
 def _run(key, math_fn, *args, sig=None):
     """``key``'s compiled copy of ``math_fn`` run on ``args`` (without grad), or None
     where the torch ops are to run: not yet the key's COMPILE_AT_CALL-th call, its
-    compilation failed, or Dynamo is off. ``args`` may be one zero-argument callable
+    compilation failed, Dynamo is off, another thread is compiling, or the graph does not
+    serve these sizes or arguments (``_Kernel``). ``args`` may be one zero-argument callable
     returning them, called only when the kernel runs (work the torch ops would redo);
     its own errors propagate (they are not the compiler's)."""
     compiled = _compiled.get(key, _NOT_READ)
@@ -567,22 +569,23 @@ def _run(key, math_fn, *args, sig=None):
     except Exception as error:  # noqa: BLE001 - any failure of the compiler toolchain
         return _failure(key, error)
     if out is not None:
-        _worked.add(key)
-        if sig is not None:
-            if len(_fast) >= MAX_FAST:
-                _fast.clear()
-            _fast[sig] = compiled
+        with _lock:  # (not a kernel _failure dropped meanwhile)
+            _worked.add(key)
+            if sig is not None and _compiled.get(key) is compiled:
+                if len(_fast) >= MAX_FAST:
+                    _fast.clear()
+                _fast[sig] = compiled
     return out
 
 
-def _failure(key, error):
+def _failure(key, error, stacklevel=5):
     """Record that ``key``'s kernel failed, warn, and return None (the torch ops run)."""
     global _failed
     with _lock:
         _compiled[key] = None
         _fast.clear()
         # no kernel has ever run: the toolchain (no compiler, say), off for good;
-        # else this kernel alone (a recompile refused by a torch.compiler stance)
+        # else this kernel alone (a graph Inductor could not build, say)
         toolchain = not _worked
         if toolchain:
             _failed = True
@@ -590,7 +593,7 @@ def _failure(key, error):
     warnings.warn(f"fastvae: Inductor could not build {what} ({type(error).__name__}: "
                   f"{error}); the PyTorch path's unfused torch ops are used there from "
                   "now on (FASTVAE_CPU_FUSION=0 skips the attempt)",
-                  RuntimeWarning, stacklevel=4)
+                  RuntimeWarning, stacklevel=stacklevel)
     return None
 
 

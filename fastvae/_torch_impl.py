@@ -709,15 +709,17 @@ def small_kl_value(mu, logvar, lo, hi, dtype, reduction):
     return value.mul_(constant(scale, dtype, mu.device)), var_m1, mu_c, logvar_c
 
 
-def small_loss_values(x_hat, x, mu, logvar, beta, beta_value, recon, reduction, lo, hi):
+def small_loss_values(x_hat, x, mu, logvar, beta, beta_value, recon, reduction, lo, hi,
+                      fuse=True):
     """((loss, recon, kl), (x_hat, x, mu, logvar, exp(lv) - 1) in the compute dtype):
     the values of ``vae_loss_forward`` for the inputs ``small_eager_applies`` to, no
     gradient, and what the backward needs (half-precision inputs converted once). From
     the fused loop (_cpu_fusion.fused_small_values) the inputs as given and None for
-    exp(lv) - 1: the backward's own loop reads them (``small_fused_grads``)."""
+    exp(lv) - 1: the backward's own loop reads them (``small_fused_grads``); not
+    without ``fuse``."""
     dtype = compute_dtype(x_hat, x, mu, logvar)
     recon_scale = reduction_scale(reduction, x_hat.shape[0], x_hat.numel())
-    if _cpu_fusion.applies_small(x_hat, x, mu, logvar, dtype):
+    if fuse and _cpu_fusion.applies_small(x_hat, x, mu, logvar, dtype):
         # one fused loop (from its third call): the inputs kept as they are, no exp(lv) - 1
         fused = _cpu_fusion.fused_small_values(
             x_hat, x, mu, logvar, recon, reduction == "none", recon_scale,

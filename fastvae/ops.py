@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastvae import _dispatch, _numerics, _torch_impl, _validate
+from fastvae import _cpu_fusion, _dispatch, _numerics, _torch_impl, _validate
 from fastvae._grad_scaling import (
     in_torch_dispatch_mode,
     per_sample_view,
@@ -833,8 +833,12 @@ class _SmallLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_hat, x, mu, logvar, beta, beta_value, recon, reduction, lo, hi, parts):
         _validate.check_loss_values(x_hat, x, recon, beta)
+        # not the fused loops under saved-tensor hooks (checkpointing, offloading): what is
+        # saved (float32 copies or the inputs as given) would then depend on whether a
+        # loop had compiled yet, and a recomputed forward must save what the first did
         (loss, recon_out, kl), converted = _torch_impl.small_loss_values(
-            x_hat, x, mu, logvar, beta, beta_value, recon, reduction, lo, hi)
+            x_hat, x, mu, logvar, beta, beta_value, recon, reduction, lo, hi,
+            fuse=not saved_tensor_hooks_active())
         ctx.set_materialize_grads(False)
         ctx.options = (beta_value, recon, reduction, lo, hi, kl.dtype)
         ctx.dtypes = (x_hat.dtype, x.dtype, mu.dtype, logvar.dtype)
@@ -860,16 +864,20 @@ class _SmallLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, g_recon=None, g_kl=None):
         _refuse_double_backward("vae_loss")
-        x_hat, x, mu, logvar, var_m1, beta, kl = ctx.saved_tensors  # (compute dtype)
+        # (in the compute dtype; as given after the forward's fused loop, ctx.fused)
+        x_hat, x, mu, logvar, var_m1, beta, kl = ctx.saved_tensors
         beta_value, recon, reduction, lo, hi, dtype = ctx.options
         xhat_dtype, x_dtype, mu_dtype, lv_dtype = ctx.dtypes
         need_xhat, need_x, need_mu, need_lv, need_beta = ctx.needs_input_grad[:5]
         grad_xhat = grad_x = grad_mu = grad_lv = None
         w_recon = _sum_present(g_loss, g_recon)
         w_kl, grad_beta = _kl_weight_and_beta_grad(g_loss, g_kl, beta, beta_value, kl, need_beta)
-        if ctx.fused and not need_x:  # (a target's gradient: the torch ops below)
-            want_recon = w_recon is not None and need_xhat
-            want_kl = w_kl is not None and (need_mu or need_lv)
+        want_recon = w_recon is not None and need_xhat
+        want_kl = w_kl is not None and (need_mu or need_lv)
+        # (a target's gradient: the torch ops below; the loop's conditions asked again, as
+        # fusion may have been switched off since the forward)
+        if ctx.fused and not need_x and (want_recon or want_kl) \
+                and _cpu_fusion.applies_small(x_hat, x, mu, logvar, dtype):
             fused = _torch_impl.small_fused_grads(
                 x_hat, x, mu, logvar, recon, reduction, lo, hi,
                 w_recon if want_recon else None, w_kl if want_kl else None,

@@ -1,5 +1,5 @@
 """The fused CPU loops' state for a test (fastvae/_cpu_fusion.py): shared by the
-tests of the reconstruction, KL and sampling loops."""
+tests of the reconstruction, KL, sampling and small-loss loops."""
 
 from fastvae import _cpu_fusion, _torch_impl
 
@@ -8,8 +8,9 @@ def record_fused_calls(monkeypatch, entry, **thresholds):
     """Fusion on with fresh state (each test counts from a kind's first call), the
     given module thresholds set (``MIN_NUMEL=64``; ``SMALL_NUMEL`` is _torch_impl's),
     all restored afterwards. Returns a list recording each call of the entry point
-    ``entry`` (``"fused_recon"``, ``"fused_kl"``, ``"fused_sample"``): True where the
-    fused loop served it."""
+    ``entry`` (``"fused_recon"``, ``"fused_kl"``, ``"fused_sample"``,
+    ``"fused_small_values"``, ``"fused_small_grads"``): True where the fused loop served
+    it."""
     for name, value in thresholds.items():
         module = _torch_impl if name == "SMALL_NUMEL" else _cpu_fusion
         monkeypatch.setattr(module, name, value)

@@ -39,20 +39,29 @@ def _inputs(dtype, recon="mse", shape=SHAPE, latents=LATENTS, seed=0):
     return tuple(t.to(dtype) for t in (x_hat, x, mu, logvar))
 
 
-def _loss_and_grads(inputs, recon, reduction, beta=0.75, upstream=1.5, **options):
+def _upstream(loss):
+    """The loss's output gradient: 1.5, or a different weight per sample (reduction
+    "none": a weight applied to the wrong row would show)."""
+    if loss.dim() == 0:
+        return torch.tensor(1.5, dtype=loss.dtype)
+    return torch.linspace(0.25, 2.0, loss.shape[0], dtype=loss.dtype)
+
+
+def _loss_and_grads(inputs, recon, reduction, beta=0.75, **options):
     """(loss, its gradients for x_hat, mu and logvar); the target has none."""
     x_hat, x, mu, logvar = inputs
     wrt = [t.clone().requires_grad_() for t in (x_hat, mu, logvar)]
     loss = fastvae.vae_loss(wrt[0], x, wrt[1], wrt[2], recon=recon, reduction=reduction,
                             beta=beta, **options)
-    grads = torch.autograd.grad(loss.sum() * upstream, wrt)
+    grads = torch.autograd.grad(loss, wrt, _upstream(loss))
     return loss.detach(), grads
 
 
-def _reference(inputs, recon, reduction, beta=0.75, upstream=1.5, logvar_clamp=None):
+def _reference(inputs, recon, reduction, beta=0.75, logvar_clamp=None):
+    """(loss, gradients for x_hat, x, mu, logvar) in float64, the same output gradient."""
     x_hat, x, mu, logvar = (t.double().requires_grad_() for t in inputs)
     loss, _, _ = reference.vae_loss(x_hat, x, mu, logvar, recon, beta, reduction, logvar_clamp)
-    grads = torch.autograd.grad(loss.sum() * upstream, (x_hat, x, mu, logvar))
+    grads = torch.autograd.grad(loss, (x_hat, x, mu, logvar), _upstream(loss))
     return loss.detach(), grads
 
 
@@ -81,20 +90,22 @@ def test_fused_small_loss_matches_the_formula_and_the_torch_ops(fusion, dtype, r
     assert values == [False, False] + [True] * (CALLS - 2)
     assert grads == [False, False, True]  # asked from the forward's first fused call
     want, want_grads = _reference(inputs, recon, reduction)
-    (unfused, unfused_grads), (fused, fused_grads) = calls[0], calls[-1]
-    # row sums in float32 (short rows: Inductor's), totals in float64, then the scale
-    assert torch.allclose(fused.double(), want, rtol=2e-6, atol=0)
-    assert torch.allclose(fused, unfused, rtol=2e-6, atol=0)
-    for got, unfused_grad, wanted in zip(fused_grads, unfused_grads,
-                                         want_grads[:1] + want_grads[2:], strict=True):
-        _assert_close(got, wanted, dtype)
-        _assert_close(unfused_grad, wanted, dtype)
+    # every call: torch ops (1, 2), the fused forward with the torch ops' backward from
+    # the inputs as given (3, 4), both loops (5). Row sums in float32 (short rows:
+    # Inductor's), totals in float64, then the scale
+    for got, got_grads in calls:
+        assert torch.allclose(got.double(), want, rtol=2e-6, atol=0)
+        assert torch.allclose(got, calls[0][0], rtol=2e-6, atol=0)
+        for g, wanted in zip(got_grads, want_grads[:1] + want_grads[2:], strict=True):
+            _assert_close(g, wanted, dtype)
 
 
+@pytest.mark.parametrize("rows", [(LONG_ROWS, LONG_LATENTS), ((3, 1280), (3, 1536))],
+                         ids=["padded blocks", "whole blocks"])
 @pytest.mark.parametrize("reduction", ["sum", "none"])
-def test_long_rows_are_summed_in_blocks(fusion, reduction):
+def test_long_rows_are_summed_in_blocks(fusion, reduction, rows):
     values, grads = fusion
-    inputs = _inputs(torch.bfloat16, shape=LONG_ROWS, latents=LONG_LATENTS)
+    inputs = _inputs(torch.bfloat16, shape=rows[0], latents=rows[1])
     for _ in range(CALLS):
         got, got_grads = _loss_and_grads(inputs, "mse", reduction)
     assert values[-1] and grads[-1]
@@ -111,10 +122,15 @@ def test_a_clamped_logvar_gets_no_gradient_and_nan_propagates(fusion):
     logvar[0, :3] = torch.tensor([-12.0, 9.0, 0.5])
     logvar[1, 4] = float("nan")
     inputs = (x_hat, x, mu, logvar)
-    for _ in range(CALLS):
-        got, (_, _, g_lv) = _loss_and_grads(inputs, "mse", "none", logvar_clamp=(-6.0, 6.0))
+    calls = [_loss_and_grads(inputs, "mse", "none", logvar_clamp=(-6.0, 6.0))
+             for _ in range(CALLS)]
     assert values[-1] and grads[-1]
     want, want_grads = _reference(inputs, "mse", "none", logvar_clamp=(-6.0, 6.0))
+    for got, (_, _, g_lv) in calls:  # (torch ops, mixed, fused)
+        _assert_clamped_and_nan(got, g_lv, want, want_grads)
+
+
+def _assert_clamped_and_nan(got, g_lv, want, want_grads):
     assert torch.isnan(got[1]) and not torch.isnan(got[0]) and not torch.isnan(got[2:]).any()
     finite = ~torch.isnan(want)
     assert torch.allclose(got.double()[finite], want[finite], rtol=2e-6, atol=0)
@@ -139,6 +155,38 @@ def test_what_the_loops_do_not_serve(fusion):
         want, _ = _reference(inputs, "mse", "sum")
         assert torch.allclose(got.double(), want, rtol=2e-6)
     assert values == []
+
+
+@pytest.mark.parametrize("wanted", ["latents", "x_hat", "all"])
+def test_beta_tensor_parts_and_some_gradients_on_the_fused_backward(fusion, wanted):
+    """The fused backward with a tensor beta (its gradient from the KL value), the recon
+    and KL outputs used apart (return_parts), and only some inputs needing a gradient."""
+    values, grads = fusion
+    inputs = _inputs(torch.bfloat16, "bce_logits")
+    needs = {"latents": (False, True, True), "x_hat": (True, False, False),
+             "all": (True, True, True)}[wanted]
+    results = []
+    for _ in range(CALLS):
+        x_hat, mu, logvar = (t.clone().requires_grad_(need)
+                             for t, need in zip((inputs[0], inputs[2], inputs[3]), needs))
+        beta = torch.tensor(0.5, requires_grad=True)
+        parts = fastvae.vae_loss(x_hat, inputs[1], mu, logvar, recon="bce_logits",
+                                 reduction="none", beta=beta, return_parts=True)
+        weights = _upstream(parts.loss)
+        out = parts.loss.dot(weights) + parts.recon.sum() * 0.25 + parts.kl.sum() * 2.0
+        wrt = [t for t in (x_hat, mu, logvar) if t.requires_grad] + [beta]
+        results.append(torch.autograd.grad(out, wrt))
+    assert values[-1] and grads[-1]
+    ref = [t.double().requires_grad_() for t in inputs] + [torch.tensor(0.5, dtype=torch.float64,
+                                                                        requires_grad=True)]
+    _, recon, kl = reference.vae_loss(*ref[:4], "bce_logits", 1.0, "none")
+    want_out = (recon + ref[4] * kl).dot(weights.double()) + recon.sum() * 0.25 + kl.sum() * 2
+    want_all = torch.autograd.grad(want_out, [ref[0], ref[2], ref[3], ref[4]])
+    want = [w for w, need in zip(want_all[:3], needs) if need] + [want_all[3]]
+    for got in results:  # (torch ops, mixed, fused)
+        for g, w in zip(got[:-1], want[:-1], strict=True):
+            _assert_close(g, w, torch.bfloat16)
+        assert torch.allclose(got[-1].double(), want[-1], rtol=2e-6)
 
 
 def test_a_target_with_a_gradient_and_a_beta_tensor(fusion):
@@ -169,14 +217,58 @@ def test_frozen_latents_and_no_gradient(fusion):
     x_hat = x_hat.clone().requires_grad_()
     for _ in range(CALLS):
         loss = fastvae.vae_loss(x_hat, x, frozen_mu, frozen_logvar, recon="mse")
-        got, = torch.autograd.grad(loss, x_hat)
+        got, = torch.autograd.grad(loss, x_hat, _upstream(loss))
     assert values[-1] and grads[-1]
-    want, want_grads = _reference((x_hat.detach(), x, mu, logvar), "mse", "sum", beta=1.0,
-                                  upstream=1.0)
+    want, want_grads = _reference((x_hat.detach(), x, mu, logvar), "mse", "sum", beta=1.0)
     _assert_close(got, want_grads[0], torch.bfloat16)
     with torch.no_grad():
         value = fastvae.vae_loss(x_hat, x, mu, logvar, recon="mse")
     assert values[-1] and torch.allclose(value.double(), want, rtol=2e-6)
+
+
+def test_saved_tensor_hooks_and_checkpointing_keep_the_torch_ops(fusion):
+    """What the op saves must not depend on whether a loop has compiled yet: a forward
+    recomputed by checkpointing saves what the first one did (else a CheckpointError)."""
+    values, _ = fusion
+    inputs = _inputs(torch.bfloat16)
+    want, want_grads = _reference(inputs, "mse", "sum")
+
+    def loss_of(x_hat, mu, logvar):
+        return fastvae.vae_loss(x_hat, inputs[1], mu, logvar, recon="mse", beta=0.75)
+
+    _loss_and_grads(inputs, "mse", "sum")  # (so that a forward and its recomputation
+    for _ in range(CALLS):  # would be the calls before and at the loop's compilation)
+        wrt = [t.clone().requires_grad_() for t in (inputs[0], inputs[2], inputs[3])]
+        loss = torch.utils.checkpoint.checkpoint(loss_of, *wrt, use_reentrant=False)
+        got = torch.autograd.grad(loss, wrt, _upstream(loss))
+        assert torch.allclose(loss.detach().double(), want, rtol=2e-6)
+        for g, w in zip(got, want_grads[:1] + want_grads[2:], strict=True):
+            _assert_close(g, w, torch.bfloat16)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        for _ in range(CALLS):
+            _loss_and_grads(inputs, "mse", "sum")
+    assert values == [False]  # the plain call; under the hooks not even asked
+
+
+def test_fusion_switched_off_before_the_backward(fusion):
+    values, grads = fusion
+    inputs = _inputs(torch.bfloat16)
+    for _ in range(CALLS - 1):
+        _loss_and_grads(inputs, "mse", "none")
+    wrt = [t.clone().requires_grad_() for t in (inputs[0], inputs[2], inputs[3])]
+    loss = fastvae.vae_loss(wrt[0], inputs[1], wrt[1], wrt[2], recon="mse", reduction="none",
+                            beta=0.75)
+    assert values[-1]
+    asked = len(grads)
+    previous = fastvae.set_cpu_fusion(False)
+    try:
+        got = torch.autograd.grad(loss, wrt, _upstream(loss))
+    finally:
+        fastvae.set_cpu_fusion(previous)
+    assert len(grads) == asked  # not asked: the torch ops
+    _, want_grads = _reference(inputs, "mse", "none")
+    for g, w in zip(got, want_grads[:1] + want_grads[2:], strict=True):
+        _assert_close(g, w, torch.bfloat16)
 
 
 def test_repeated_calls_take_the_fast_path_and_dynamo_sees_nothing(fusion, monkeypatch):
