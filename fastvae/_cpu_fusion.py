@@ -516,14 +516,14 @@ def _dynamo_disabled():
     return getattr(dynamo.config, "disable", False) or stance == "force_eager"
 
 
-def _call(sig, key_of, math_fn, args):
+def _call(sig, key_of, math_fn, args, compile_at=COMPILE_AT_CALL):
     """``_run``, by way of the kernel that served ``sig`` before where there is one:
     ``sig``, the call's exact signature (its inputs' sizes and dtypes, its options and
     the thread count; cheap to build), finds it without the key (``key_of()``, built
     only on a miss) or the kernel's checks, which it passed for that signature."""
     kernel = _fast.get(sig)
     if kernel is None:
-        return _run(key_of(), math_fn, *args, sig=sig)
+        return _run(key_of(), math_fn, *args, sig=sig, compile_at=compile_at)
     if _dynamo_disabled():
         return None
     if len(args) == 1 and callable(args[0]):
@@ -534,9 +534,9 @@ def _call(sig, key_of, math_fn, args):
         return _failure(kernel.key, error, stacklevel=4)
 
 
-def _run(key, math_fn, *args, sig=None):
+def _run(key, math_fn, *args, sig=None, compile_at=COMPILE_AT_CALL):
     """``key``'s compiled copy of ``math_fn`` run on ``args`` (without grad), or None
-    where the torch ops are to run: not yet the key's COMPILE_AT_CALL-th call, its
+    where the torch ops are to run: not yet the key's ``compile_at``-th call, its
     compilation failed, Dynamo is off, another thread is compiling, or the graph does not
     serve these sizes or arguments (``_Kernel``). ``args`` may be one zero-argument callable
     returning them, called only when the kernel runs (work the torch ops would redo);
@@ -547,7 +547,7 @@ def _run(key, math_fn, *args, sig=None):
     if compiled is _NOT_READ:
         with _lock:
             calls = _calls[key] = _calls.get(key, 0) + 1
-            if calls < COMPILE_AT_CALL:
+            if calls < compile_at:
                 return None
     try:
         if compiled is _NOT_READ:
@@ -768,6 +768,21 @@ def applies_small(x_hat, x, mu, logvar, dtype):
             and not torch.compiler.is_compiling() and not in_torch_dispatch_mode())
 
 
+def warm_large_half(recon, x_hat, x, mu, logvar, per_row, clamped):
+    """Whether a large float16 loss of this kind (``_torch_impl.large_half_applies``) has
+    been called COMPILE_AT_CALL times, this call counted: from then on it takes the small
+    losses' two loops, both compiled at their first call there (``compile_at=1``). Its
+    first calls take the large path's chunked torch ops, as every fused loop's do: a
+    script that computes one loss never waits for a compiler, and no call makes the
+    whole float32 copies of its inputs that the small path's torch ops would."""
+    key = ("large half", recon, x_hat.dtype, x.dtype, mu.dtype, logvar.dtype, per_row, clamped)
+    if _calls.get(key, 0) >= COMPILE_AT_CALL:
+        return True
+    with _lock:
+        calls = _calls[key] = _calls.get(key, 0) + 1
+    return calls >= COMPILE_AT_CALL
+
+
 def _small_rows(x_hat, x, mu, logvar):
     batch = x_hat.shape[0]
     return _rows(x_hat, batch), _rows(x, batch), _rows(mu, batch), _rows(logvar, batch)
@@ -795,9 +810,11 @@ def _small_sig(kind, x_hat, x, mu, logvar, *options):
             *options, torch.get_num_threads())
 
 
-def fused_small_values(x_hat, x, mu, logvar, recon, per_row, recon_scale, kl_scale, lo, hi):
+def fused_small_values(x_hat, x, mu, logvar, recon, per_row, recon_scale, kl_scale, lo, hi,
+                       compile_at=COMPILE_AT_CALL):
     """(recon, kl) float32 of a small loss (``_small_values``), or None where the torch
-    ops are to run. ``applies_small`` held."""
+    ops are to run. ``applies_small`` held. ``compile_at``: the call that compiles it
+    (1 for a large float16 loss, ``warm_large_half``)."""
     bounds = _bounds(lo, hi)
     if bounds is False:
         return None
@@ -806,13 +823,15 @@ def fused_small_values(x_hat, x, mu, logvar, recon, per_row, recon_scale, kl_sca
     sig = _small_sig("small values", x_hat, x, mu, logvar, recon, per_row, lo is None)
     return _call(sig, lambda: ("small values", recon, *(t.dtype for t in rows), lo is not None,
                                per_row, *_row_branches(rows), *_guarded(*rows, bounds, scales)),
-                 _small_values, (*rows, bounds, scales, recon, per_row))
+                 _small_values, (*rows, bounds, scales, recon, per_row), compile_at)
 
 
-def fused_small_grads(x_hat, x, mu, logvar, recon, w_recon, w_kl, lo, hi, grad_dtypes):
+def fused_small_grads(x_hat, x, mu, logvar, recon, w_recon, w_kl, lo, hi, grad_dtypes,
+                      compile_at=COMPILE_AT_CALL):
     """(d/dx_hat, d/dmu, d/dlogvar) of a small loss (``_small_grads``; each None where
     its dtype is None), shaped as the inputs, or None where the torch ops are to run.
-    ``applies_small`` held; the weights are float32, 0-dim or (N,)."""
+    ``applies_small`` held; the weights are float32, 0-dim or (N,). ``compile_at`` as
+    for ``fused_small_values``."""
     bounds = _bounds(lo, hi)
     if bounds is False:
         return None
@@ -824,7 +843,7 @@ def fused_small_grads(x_hat, x, mu, logvar, recon, w_recon, w_kl, lo, hi, grad_d
     out = _call(sig, lambda: ("small grads", recon, *(t.dtype for t in rows), lo is not None,
                               grad_dtypes, *_row_branches(rows),
                               *_guarded(*rows, bounds, *weights)),
-                _small_grads, (*rows, bounds, *weights, recon, grad_dtypes))
+                _small_grads, (*rows, bounds, *weights, recon, grad_dtypes), compile_at)
     if out is None:
         return None
     return tuple(None if g is None else g.view(t.shape)

@@ -827,8 +827,9 @@ def _small_eager(backend_tensors):
 
 
 class _SmallLossFunction(torch.autograd.Function):
-    """(loss, recon, kl) of a loss that ``_torch_impl.small_eager_applies`` to; the
-    loss alone unless ``parts`` (autograd's cost per output is measurable here)."""
+    """(loss, recon, kl) of a loss that ``_torch_impl.small_eager_applies`` or
+    ``large_half_applies`` to; the loss alone unless ``parts`` (autograd's cost per output
+    is measurable here)."""
 
     @staticmethod
     def forward(ctx, x_hat, x, mu, logvar, beta, beta_value, recon, reduction, lo, hi, parts):
@@ -1049,8 +1050,9 @@ def reparameterize_value(mu, logvar, seed, num_samples):
 def vae_loss_values(x_hat, x, mu, logvar, *args, parts=True):
     """(loss, recon, kl): the first three outputs of ``vae_loss`` (same arguments),
     for the public API. A plain eager mse, l1 or bce_logits loss against N(0, I) of at most
-    SMALL_NUMEL elements on the PyTorch path computes its gradients in the backward
-    instead (``_SmallLossFunction``): the gradient buffers are never made. Without
+    SMALL_NUMEL elements on the PyTorch path, or a larger float16 one that the fused CPU
+    loops serve, computes its gradients in the backward instead (``_SmallLossFunction``):
+    the gradient buffers are never made. Without
     ``parts`` only the loss is wanted: recon and kl may be None."""
     beta, obs_logvar, prior_mu, prior_logvar = args[:4]
     # (beta_value, recon, obs_logvar_value, obs_logvar_optimal, reduction, lo, hi,
@@ -1059,7 +1061,12 @@ def vae_loss_values(x_hat, x, mu, logvar, *args, parts=True):
     # symbolic shapes (a dynamic batch could not cross SMALL_NUMEL in an export)
     if obs_logvar is None and prior_mu is None and prior_logvar is None and not args[11] \
             and _eager(x_hat, x, mu, logvar, beta) \
-            and _torch_impl.small_eager_applies(x_hat, mu, args[5]) \
+            and (_torch_impl.small_eager_applies(x_hat, mu, args[5]) or (
+                # a large float16 loss: its float16 gradient in the backward too
+                # (_torch_impl.large_half_applies), from its warm-up's last call
+                x_hat.dtype == torch.float16 and _small_eager((x_hat, x, mu, logvar))
+                and _torch_impl.large_half_applies(x_hat, x, mu, logvar, args[5], args[8],
+                                                   args[9]))) \
             and _small_eager((x_hat, x, mu, logvar)):
         small_args = (x_hat, x, mu, logvar, beta, args[4], args[5], args[8], args[9], args[10])
         if args[-3] or args[-2]:  # grad_recon, grad_kl

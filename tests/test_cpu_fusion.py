@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastvae
-from fastvae import _cpu_fusion
+from fastvae import _cpu_fusion, _torch_impl
 from tests import reference
 from tests.fusion import count_compilations, record_fused_calls
 
@@ -23,7 +23,10 @@ BLOCKED_SHAPE = (2, 3, 128, 192)  # rows of 288 whole ROW_BLOCKs (viewed, not pa
 @pytest.fixture
 def fusion(monkeypatch):
     """Fusion on, from 64 elements, with its state restored afterwards; yields a list
-    that records each call's outcome (True: the fused loop served it)."""
+    that records each call's outcome (True: the fused loop served it). Large float16
+    losses stay on this loop too (it still serves them under saved-tensor hooks, with a
+    prior or free bits; tests/test_cpu_fusion_small.py holds the small loops' split)."""
+    monkeypatch.setattr(_torch_impl, "large_half_applies", lambda *args: False)
     return record_fused_calls(monkeypatch, "fused_recon", MIN_NUMEL=64)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastvae
-from fastvae import _cpu_fusion
+from fastvae import _cpu_fusion, _torch_impl
 from tests import reference
 from tests.fusion import count_compilations, record_fused_calls
 
@@ -298,3 +298,55 @@ def test_repeated_calls_take_the_fast_path_and_dynamo_sees_nothing(fusion, monke
     assert torch.allclose(got.double(), want, rtol=2e-6)
     assert len(compilations) == 2  # (the same kernels)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+# ---- large float16 losses: the same two loops (_torch_impl.large_half_applies) ----
+
+
+@pytest.fixture
+def large_half(fusion, monkeypatch):
+    """``fusion`` with SMALL_NUMEL lowered below SHAPE's 2160 elements: its float16 losses
+    are large ones (the large path's own loop stays off: MIN_NUMEL is 2^20)."""
+    monkeypatch.setattr(_torch_impl, "SMALL_NUMEL", 1024)
+    return fusion
+
+
+@pytest.mark.parametrize("recon,reduction", [("mse", "sum"), ("mse", "none"), ("l1", "mean"),
+                                             ("bce_logits", "batchmean")])
+def test_large_float16_loss_takes_both_loops_after_its_warm_up(large_half, monkeypatch, recon,
+                                                               reduction):
+    values, grads = large_half
+    compilations = count_compilations(monkeypatch)
+    inputs = _inputs(torch.float16, recon)
+    calls = [_loss_and_grads(inputs, recon, reduction) for _ in range(CALLS)]
+    # the first COMPILE_AT_CALL - 1 calls on the large path (chunked torch ops, float32
+    # gradient buffers), then both loops, compiled at their first call there
+    served = CALLS - _cpu_fusion.COMPILE_AT_CALL + 1
+    assert values == [True] * served and grads == [True] * served
+    assert len(compilations) == 2
+    want, want_grads = _reference(inputs, recon, reduction)
+    for got, got_grads in calls:  # one rounding into float16 (two on the large path)
+        assert torch.allclose(got.double(), want, rtol=2e-6, atol=0)
+        for g, wanted in zip(got_grads, want_grads[:1] + want_grads[2:], strict=True):
+            _assert_close(g, wanted, torch.float16)
+
+
+def test_what_keeps_a_large_float16_loss_on_the_large_path(large_half):
+    """bfloat16 (its gradient buffer is its own dtype already), a target with a gradient,
+    saved-tensor hooks, a prior: the large path, never the small loops."""
+    values, grads = large_half
+    inputs = _inputs(torch.float16)
+    for _ in range(CALLS):
+        _loss_and_grads(_inputs(torch.bfloat16), "mse", "sum")
+        x_hat, x = (t.clone().requires_grad_() for t in inputs[:2])
+        loss = fastvae.vae_loss(x_hat, x, *inputs[2:], recon="mse")
+        got = torch.autograd.grad(loss, (x_hat, x))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            _loss_and_grads(inputs, "mse", "sum")
+        _loss_and_grads(inputs, "mse", "sum", prior_mu=torch.zeros(20, dtype=torch.float16))
+    assert values == [] and grads == []
+    ref = [t.double().requires_grad_() for t in inputs[:2]]
+    latents = (t.double() for t in inputs[2:])
+    want = torch.autograd.grad(reference.vae_loss(*ref, *latents, "mse", 1.0, "sum")[0], ref)
+    for g, w in zip(got, want, strict=True):
+        _assert_close(g, w, torch.float16)
