@@ -192,10 +192,24 @@ def _kl_row_sums(terms):
     return _row_sums(terms)
 
 
-def _kl(mu, logvar, prior_mu, prior_logvar, bounds, scale, grad_dtypes):
-    """Per-row KL sums (N,) float32 and, with ``scale``, scale times the gradients
-    (mu, logvar, prior_mu, prior_logvar: (N, M) each, in ``grad_dtypes``, None where
-    that dtype is None). ``bounds``: None or the logvar clamp (lo, hi), float32 (2,)."""
+def _column_sums(terms):
+    """Per-column sums (M,) float32 of (N, M) float32 terms (free bits' batch sums, N K_k):
+    up to ROW_BLOCK rows Inductor's float32 sum down the column, more in blocks of
+    ROW_BLOCK rows summed in float32, then the block sums in float64 (as ``_row_sums``;
+    a batch that is not a multiple of ROW_BLOCK is zero-padded, terms not inputs)."""
+    n, m = terms.shape
+    if n <= ROW_BLOCK:
+        return terms.sum(dim=0)
+    if n % ROW_BLOCK:
+        terms = F.pad(terms, (0, 0, 0, -n % ROW_BLOCK))
+    return terms.view(-1, ROW_BLOCK, m).sum(dim=1).double().sum(dim=0).float()
+
+
+def _kl(mu, logvar, prior_mu, prior_logvar, bounds, scale, grad_dtypes, columns=False):
+    """Per-row KL sums (N,) float32 (``columns``: per-column sums (M,), for free bits)
+    and, with ``scale``, scale times the gradients (mu, logvar, prior_mu, prior_logvar:
+    (N, M) each, in ``grad_dtypes``, None where that dtype is None). ``bounds``: None or
+    the logvar clamp (lo, hi), float32 (2,)."""
     m, lv_raw = mu.float(), logvar.float()
     lv = lv_raw if bounds is None else torch.clamp(lv_raw, bounds[0], bounds[1])
     if prior_logvar is None:
@@ -218,7 +232,7 @@ def _kl(mu, logvar, prior_mu, prior_logvar, bounds, scale, grad_dtypes):
     diff = m if prior_mu is None else m - prior_mu.float()
     gm = diff if enp is None else diff * enp
     p = h + gm * diff * 0.5
-    rows = _kl_row_sums(p - d * 0.5)
+    rows = _column_sums(p - d * 0.5) if columns else _kl_row_sums(p - d * 0.5)
     if scale is None:
         return rows
     dt_mu, dt_lv, dt_pm, dt_plv = grad_dtypes
@@ -660,13 +674,15 @@ def applies_kl(mu, logvar, prior_mu, prior_logvar, dtype):
             and not torch.compiler.is_compiling() and not in_torch_dispatch_mode())
 
 
-def fused_kl(mu, logvar, prior_mu, prior_logvar, lo, hi, scale, want_grad, want_prior_grad):
+def fused_kl(mu, logvar, prior_mu, prior_logvar, lo, hi, scale, want_grad, want_prior_grad,
+             columns=False):
     """The KL of mu and logvar against N(prior_mu, e^prior_logvar) (None: 0, 1) from
     one fused loop: (per-row sums float32 (N,), g_mu, g_lv, g_pm, g_plv), the gradients
     of their sum times ``scale`` (a float) mu-shaped and contiguous in their buffers'
     dtypes, None where not wanted (a prior's: where it is None); or None where the torch
     ops are to run (not yet compiled, a failure, a prior of another broadcast).
-    ``applies_kl`` held."""
+    ``columns``: per-column sums over the batch instead (mu.shape[1:], float32: free
+    bits' N K_k). ``applies_kl`` held."""
     batch = mu.shape[0]
     cols = mu.numel() // batch
     pm, plv = _prior_rows(prior_mu, mu, batch, cols), _prior_rows(prior_logvar, mu, batch, cols)
@@ -688,25 +704,26 @@ def fused_kl(mu, logvar, prior_mu, prior_logvar, lo, hi, scale, want_grad, want_
     mu_rows, lv_rows = _rows(mu, batch), _rows(logvar, batch)
     sig = ("kl", mu.shape, mu.dtype, logvar.dtype,
            *(None if t is None else (t.shape, t.dtype) for t in (prior_mu, prior_logvar)),
-           lo is None, dtypes, torch.get_num_threads())
+           lo is None, dtypes, columns, torch.get_num_threads())
 
     def key():  # what the compiled graph specializes on: which inputs are None, the
-        # dtypes, a prior's broadcast, the row sum's branch, sizes of 1 and equal sizes
-        # (one symbol), the thread count
+        # dtypes, a prior's broadcast, the row (or column) sum's branch, sizes of 1 and
+        # equal sizes (one symbol), the thread count
+        sum_branch = (batch <= ROW_BLOCK, batch % ROW_BLOCK == 0) if columns \
+            else (long_rows, long_rows and cols % ROW_BLOCK == 0)
         return ("kl", mu.dtype, logvar.dtype,
                 *(None if t is None else (t.dtype, r.shape[0] == 1)
                   for t, r in ((prior_mu, pm), (prior_logvar, plv))),
-                lo is not None, dtypes, cols == 1, batch == cols, long_rows,
-                long_rows and cols % ROW_BLOCK == 0,
+                lo is not None, dtypes, cols == 1, batch == cols, columns, *sum_branch,
                 *_guarded(mu_rows, lv_rows, pm, plv, bounds, grad_scale))
 
-    out = _call(sig, key, _kl, (mu_rows, lv_rows, pm, plv, bounds, grad_scale, dtypes))
+    out = _call(sig, key, _kl, (mu_rows, lv_rows, pm, plv, bounds, grad_scale, dtypes, columns))
     if out is None:
         return None
-    if dtypes is None:
-        return out, None, None, None, None
-    rows, *grads = out
-    return (rows, *(None if g is None else g.view(mu.shape) for g in grads))
+    sums, *grads = (out, None, None, None, None) if dtypes is None else out
+    if columns:
+        sums = sums.view(mu.shape[1:])
+    return (sums, *(None if g is None else g.view(mu.shape) for g in grads))
 
 
 def applies_sample(mu, logvar):

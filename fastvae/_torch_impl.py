@@ -543,6 +543,13 @@ def _fused_kl(mu, logvar, prior_mu, prior_logvar, lo, hi, dtype, reduction, scal
     where it does not serve this call."""
     if not _cpu_fusion.applies_kl(mu, logvar, prior_mu, prior_logvar, dtype):
         return None
+    return _fused_kl_applied(mu, logvar, prior_mu, prior_logvar, lo, hi, reduction, scale,
+                             want_grad, want_prior_grad)
+
+
+def _fused_kl_applied(mu, logvar, prior_mu, prior_logvar, lo, hi, reduction, scale, want_grad,
+                      want_prior_grad):
+    """``_fused_kl`` where ``applies_kl`` held."""
     fused = _cpu_fusion.fused_kl(mu, logvar, prior_mu, prior_logvar, lo, hi, scale, want_grad,
                                  want_prior_grad)
     if fused is None:
@@ -1606,21 +1613,26 @@ def kl_with_prior(mu, logvar, prior_mu, prior_logvar, reduction, lo, hi, free_bi
     free bits, and the gradients of the reduced value, contiguous, mu-shaped (the
     prior's are summed to its shape in the backward) and in their buffers' dtypes,
     None where not asked for."""
-    fused = None if free_bits > 0.0 else _fused_kl(
-        mu, logvar, prior_mu, prior_logvar, lo, hi, dtype, reduction,
-        reduction_scale(reduction, mu.shape[0], mu.numel()), want_grad, want_prior_grad)
-    if fused is not None:
-        return fused
-    if mu.numel() <= SMALL_NUMEL:
-        return _whole_kl_with_prior(mu, logvar, prior_mu, prior_logvar, reduction, lo, hi,
-                                    free_bits, dtype, want_grad, want_prior_grad)
     batch = mu.shape[0]
     scale = reduction_scale(reduction, batch, mu.numel())
+    fused = None
+    if _cpu_fusion.applies_kl(mu, logvar, prior_mu, prior_logvar, dtype):
+        if free_bits > 0.0:  # the columns' sums N K_k (free bits, below) from the loop
+            fused = _cpu_fusion.fused_kl(mu, logvar, prior_mu, prior_logvar, lo, hi, scale,
+                                         want_grad, want_prior_grad, columns=True)
+        else:
+            fused = _fused_kl_applied(mu, logvar, prior_mu, prior_logvar, lo, hi, reduction,
+                                      scale, want_grad, want_prior_grad)
+            if fused is not None:
+                return fused
+    if fused is None and mu.numel() <= SMALL_NUMEL:
+        return _whole_kl_with_prior(mu, logvar, prior_mu, prior_logvar, reduction, lo, hi,
+                                    free_bits, dtype, want_grad, want_prior_grad)
     if free_bits > 0.0:  # (validation refused it with reduction="none")
         # N K_k: the batch's KL of each latent element
-        columns, *grads = _prior_kl_blocked(mu, logvar, prior_mu, prior_logvar, lo, hi, dtype,
-                                            scale, want_grad or want_prior_grad,
-                                            want_prior_grad, "columns")
+        columns, *grads = fused if fused is not None else _prior_kl_blocked(
+            mu, logvar, prior_mu, prior_logvar, lo, hi, dtype, scale,
+            want_grad or want_prior_grad, want_prior_grad, "columns")
         floor = batch * free_bits
         kl = torch.clamp_min(columns, floor).sum() * scale
         # the gradient is zero for the elements held at the floor; the mask is also 0

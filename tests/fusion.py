@@ -23,8 +23,8 @@ def record_fused_calls(monkeypatch, entry, **thresholds):
     outcomes = []
     real = getattr(_cpu_fusion, entry)
 
-    def recorded(*args):
-        out = real(*args)
+    def recorded(*args, **kwargs):
+        out = real(*args, **kwargs)
         outcomes.append(out is not None)
         return out
 

@@ -71,7 +71,9 @@ def _assert_grads_close(got, want, dtype, numel):
         # A prior broadcast over the batch sums its per-sample gradients, each rounded
         # into its dtype (as the torch ops do): their count times its eps
         summed = numel // g.numel()
-        atol = 8 * torch.finfo(torch.float32).eps * w.abs().max().item()
+        # (plus the spacing of dtype's subnormals, which a float16 batch mean reaches)
+        atol = 8 * torch.finfo(torch.float32).eps * w.abs().max().item() \
+            + torch.finfo(dtype).tiny * eps
         if summed > 1:
             atol += summed * eps * w.abs().max().item()
         assert torch.allclose(g.double(), w, rtol=eps, atol=atol)
@@ -246,3 +248,70 @@ def test_a_clamp_past_float32s_range_is_refused_on_every_call(fusion):
     for _ in range(_cpu_fusion.COMPILE_AT_CALL + 1):
         with pytest.raises(RuntimeError, match="overflow"):
             _kl_and_grads(tensors, logvar_clamp=(-1e39, 1e39))
+
+
+# ---- free bits: the columns' sums from the same loop ----
+
+
+def _free_bits_between(tensors):
+    """A floor between the smallest and largest batch-mean KL of the latent elements:
+    some elements held at it (zero gradient), others above."""
+    leaves = [None if t is None else t.double() for t in tensors]
+    per_element = reference.kl_elementwise_prior(*leaves).mean(0)
+    # (halfway between extremes: equal to none, where the reference's maximum would split
+    # the gradient between the two sides)
+    return float(per_element.min() + per_element.max()) / 2
+
+
+def _free_bits_reference(tensors, free_bits, reduction):
+    leaves = [None if t is None else t.double().requires_grad_() for t in tensors]
+    terms = reference.kl_elementwise_prior(*leaves)
+    want = reference.kl_free_bits(terms, free_bits, reduction)
+    present = [t for t in leaves if t is not None]
+    return want.detach(), torch.autograd.grad(want, present)
+
+
+# each dtype, prior and branch of the column sums (a batch within one block of ROW_BLOCK
+# rows; 300: padded blocks; 512: whole blocks); float32 latents against N(0, I) stay on
+# the torch ops (applies_kl)
+@pytest.mark.parametrize("dtype,prior,batch", [
+    (torch.bfloat16, "none", 300), (torch.float16, "none", 6), (torch.float32, "learned", 512),
+    (torch.bfloat16, "learned", 6), (torch.float32, "per_sample", 300),
+    (torch.float16, "per_sample", 512)], ids=str)
+def test_free_bits_take_the_loop_with_column_sums(fusion, dtype, prior, batch):
+    tensors = _latents((batch, 4, 3, 3), dtype, prior)
+    free_bits = _free_bits_between(tensors)
+    calls = [_kl_and_grads(tensors, free_bits=free_bits, reduction="batchmean")
+             for _ in range(_cpu_fusion.COMPILE_AT_CALL)]
+    assert fusion == [False] * (_cpu_fusion.COMPILE_AT_CALL - 1) + [True]
+    want, want_grads = _free_bits_reference(tensors, free_bits, "batchmean")
+    for got, grads in calls:  # the torch ops (1, 2), the loop (3)
+        assert torch.allclose(got.double(), want, rtol=1e-6, atol=0)
+        _assert_grads_close(grads, want_grads, dtype, tensors[0].numel())
+    held = (reference.kl_elementwise_prior(*[None if t is None else t.double()
+                                             for t in tensors]).mean(0) < free_bits)
+    assert held.any() and (~held).any()
+    assert (calls[-1][1][0][:, held] == 0).all()  # no gradient at the floor
+    assert torch.equal(calls[-1][1][0][:, held], calls[0][1][0][:, held])
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_free_bits_every_reduction_and_the_loss(fusion, reduction):
+    tensors = _latents((6, 4, 8, 9), torch.bfloat16, "learned")
+    free_bits = _free_bits_between(tensors)
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        got, grads = _kl_and_grads(tensors, free_bits=free_bits, reduction=reduction)
+    assert fusion[-1]
+    want, want_grads = _free_bits_reference(tensors, free_bits, reduction)
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=0)
+    _assert_grads_close(grads, want_grads, torch.bfloat16, tensors[0].numel())
+    # in vae_loss, the KL term with free bits: the loop's too
+    x_hat, x = torch.zeros(6, 5), torch.zeros(6, 5)
+    mu, logvar, prior_mu, prior_logvar = (t.clone().requires_grad_() for t in tensors)
+    loss = fastvae.vae_loss(x_hat, x, mu, logvar, reduction=reduction, free_bits=free_bits,
+                            prior_mu=prior_mu, prior_logvar=prior_logvar, beta=0.5)
+    assert fusion[-1] and len(fusion) == _cpu_fusion.COMPILE_AT_CALL + 1
+    assert torch.allclose(loss.double(), 0.5 * want, rtol=1e-6, atol=0)
+    got_loss_grads = torch.autograd.grad(loss, (mu, logvar, prior_mu, prior_logvar))
+    _assert_grads_close(got_loss_grads, [0.5 * w for w in want_grads], torch.bfloat16,
+                        tensors[0].numel())
