@@ -340,6 +340,7 @@ _calls = {}  # kernel key -> calls so far, until compiled
 _compiled = {}  # kernel key -> its _Kernel, or None where it failed
 _worked = set()  # kernel keys that have run
 _fast = {}  # a call's exact signature -> the _Kernel whose checked call served it (_call)
+_small_failed = False  # a small loss loop failed: large float16 losses keep the large path
 MAX_FAST = 256  # then the table starts again
 _constants = {}  # (values) -> a float32 tensor of them (_constant)
 
@@ -526,8 +527,9 @@ def _dynamo_disabled():
     dynamo = sys.modules.get("torch._dynamo")  # (torch.compile imports it)
     if dynamo is None:
         return False
-    stance = getattr(getattr(dynamo.eval_frame, "_stance", None), "stance", None)
-    return getattr(dynamo.config, "disable", False) or stance == "force_eager"
+    # (getattr throughout: another thread may be importing it, the module half made)
+    stance = getattr(getattr(getattr(dynamo, "eval_frame", None), "_stance", None), "stance", None)
+    return getattr(getattr(dynamo, "config", None), "disable", False) or stance == "force_eager"
 
 
 def _call(sig, key_of, math_fn, args, compile_at=COMPILE_AT_CALL):
@@ -594,10 +596,12 @@ def _run(key, math_fn, *args, sig=None, compile_at=COMPILE_AT_CALL):
 
 def _failure(key, error, stacklevel=5):
     """Record that ``key``'s kernel failed, warn, and return None (the torch ops run)."""
-    global _failed
+    global _failed, _small_failed
     with _lock:
         _compiled[key] = None
         _fast.clear()
+        if key[0] in ("small values", "small grads"):
+            _small_failed = True
         # no kernel has ever run: the toolchain (no compiler, say), off for good;
         # else this kernel alone (a graph Inductor could not build, say)
         toolchain = not _worked
@@ -791,7 +795,10 @@ def warm_large_half(recon, x_hat, x, mu, logvar, per_row, clamped):
     losses' two loops, both compiled at their first call there (``compile_at=1``). Its
     first calls take the large path's chunked torch ops, as every fused loop's do: a
     script that computes one loss never waits for a compiler, and no call makes the
-    whole float32 copies of its inputs that the small path's torch ops would."""
+    whole float32 copies of its inputs that the small path's torch ops would. Never where
+    the loops would not run: Dynamo off (or told to run eagerly), a small loop failed."""
+    if _small_failed or _dynamo_disabled():
+        return False
     key = ("large half", recon, x_hat.dtype, x.dtype, mu.dtype, logvar.dtype, per_row, clamped)
     if _calls.get(key, 0) >= COMPILE_AT_CALL:
         return True

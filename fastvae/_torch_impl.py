@@ -716,8 +716,10 @@ def large_half_applies(x_hat, x, mu, logvar, recon, reduction, lo):
             or x_hat.numel() <= SMALL_NUMEL:
         return False
     # (not under saved-tensor hooks, where the small path takes its torch ops, nor for a
-    # target with a gradient, which they compute)
+    # target with a gradient, which they compute, nor for an inference-mode target, which
+    # the split would copy to save it)
     return not saved_tensor_hooks_active() and not (x.requires_grad and torch.is_grad_enabled()) \
+        and not x.is_inference() \
         and _cpu_fusion.applies_small(x_hat, x, mu, logvar, compute_dtype(x_hat, x, mu, logvar)) \
         and _cpu_fusion.warm_large_half(recon, x_hat, x, mu, logvar, reduction == "none",
                                         lo is not None)

@@ -16,6 +16,7 @@ def record_fused_calls(monkeypatch, entry, **thresholds):
         monkeypatch.setattr(module, name, value)
     monkeypatch.setattr(_cpu_fusion, "_enabled", True)
     monkeypatch.setattr(_cpu_fusion, "_failed", False)
+    monkeypatch.setattr(_cpu_fusion, "_small_failed", False)
     monkeypatch.setattr(_cpu_fusion, "_calls", {})
     monkeypatch.setattr(_cpu_fusion, "_compiled", {})
     monkeypatch.setattr(_cpu_fusion, "_worked", set())

@@ -350,3 +350,57 @@ def test_what_keeps_a_large_float16_loss_on_the_large_path(large_half):
     want = torch.autograd.grad(reference.vae_loss(*ref, *latents, "mse", 1.0, "sum")[0], ref)
     for g, w in zip(got, want, strict=True):
         _assert_close(g, w, torch.float16)
+
+
+def test_where_the_loops_would_not_run_a_large_float16_loss_keeps_the_large_path(large_half,
+                                                                                  monkeypatch):
+    """Dynamo off, compiled code told to run eagerly, an inference-mode target, a small loop
+    that failed: the split's forward would take whole-tensor torch ops (float32 copies of
+    the inputs) on every call; the large path serves these instead."""
+    values, grads = large_half
+    inputs = _inputs(torch.float16)
+    want, want_grads = _reference(inputs, "mse", "sum")
+
+    def check():
+        got, got_grads = _loss_and_grads(inputs, "mse", "sum")
+        assert torch.allclose(got.double(), want, rtol=2e-6, atol=0)
+        for g, w in zip(got_grads, want_grads[:1] + want_grads[2:], strict=True):
+            _assert_close(g, w, torch.float16)
+
+    with torch._dynamo.config.patch(disable=True):
+        for _ in range(CALLS):
+            check()
+    with torch.compiler.set_stance("force_eager"):
+        for _ in range(CALLS):
+            check()
+    with torch.inference_mode():
+        frozen_target = inputs[1].clone()
+    for _ in range(CALLS):
+        x_hat = inputs[0].clone().requires_grad_()
+        fastvae.vae_loss(x_hat, frozen_target, *inputs[2:], recon="mse").backward()
+    assert values == [] and grads == []
+    # a small loop that fails once another has worked: a warning, then the large path
+    monkeypatch.setattr(_cpu_fusion, "_worked", {"another kernel"})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler today")
+
+    monkeypatch.setattr(torch._inductor, "standalone_compile", broken)
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL - 1):  # (the warm-up: nothing counted above)
+        check()
+    with pytest.warns(RuntimeWarning, match="no compiler today"):
+        check()  # (the warm-up's last call: the values loop fails, its torch ops serve)
+    asked = len(values)
+    for _ in range(CALLS):
+        check()
+    assert len(values) == asked == 1 and values == [False]
+
+
+def test_a_partly_imported_dynamo_reads_as_on(monkeypatch):
+    """Another thread importing torch._dynamo leaves a module without its attributes for
+    a moment: asking whether Dynamo is off must not raise."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "torch._dynamo", types.ModuleType("torch._dynamo"))
+    assert _cpu_fusion._dynamo_disabled() is False
