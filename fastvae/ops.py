@@ -1060,14 +1060,12 @@ def vae_loss_values(x_hat, x, mu, logvar, *args, parts=True):
     # _eager first: under tracing the size comparisons would become guards on the
     # symbolic shapes (a dynamic batch could not cross SMALL_NUMEL in an export)
     if obs_logvar is None and prior_mu is None and prior_logvar is None and not args[11] \
-            and _eager(x_hat, x, mu, logvar, beta) \
-            and (_torch_impl.small_eager_applies(x_hat, mu, args[5]) or (
-                # a large float16 loss: its float16 gradient in the backward too
-                # (_torch_impl.large_half_applies), from its warm-up's last call
-                x_hat.dtype == torch.float16 and _small_eager((x_hat, x, mu, logvar))
-                and _torch_impl.large_half_applies(x_hat, x, mu, logvar, args[5], args[8],
-                                                   args[9]))) \
-            and _small_eager((x_hat, x, mu, logvar)):
+            and _eager(x_hat, x, mu, logvar, beta) and _small_eager((x_hat, x, mu, logvar)) \
+            and (_torch_impl.small_eager_applies(x_hat, mu, args[5])
+                 # a large float16 loss: its float16 gradient in the backward too, from its
+                 # warm-up's last call
+                 or _torch_impl.large_half_applies(x_hat, x, mu, logvar, args[5], args[8],
+                                                   args[9])):
         small_args = (x_hat, x, mu, logvar, beta, args[4], args[5], args[8], args[9], args[10])
         if args[-3] or args[-2]:  # grad_recon, grad_kl
             out = _apply(_SmallLossFunction, 5, *small_args, parts)
