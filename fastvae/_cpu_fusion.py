@@ -57,6 +57,7 @@ from fastvae._numerics import (
     cb_log_normalizer_grad_series,
     grad_buffer_dtype,
 )
+from fastvae._validate import check_target_range
 
 MIN_NUMEL = 1 << 20
 COMPILE_AT_CALL = 3
@@ -119,7 +120,9 @@ def _bce(x_hat, x, scale, grad_dtype):
     p, target = x_hat.float(), x.float()
     log_p = torch.log(p).clamp_min(BCE_LOG_FLOOR)
     log_q = torch.log1p(-p).clamp_min(BCE_LOG_FLOOR)
-    rows = -_row_sums(target * log_p + (log_q - log_q * target))
+    # (1 - x) log(1 - p), not log q - log q x: a log read twice was stored whole by
+    # Inductor, a float32 buffer written and read again (its reuse rule for heavy ops)
+    rows = -_row_sums(target * log_p + (1.0 - target) * log_q)
     if scale is None:
         return rows
     # F.binary_cross_entropy's gradient: (p - x) / max(p (1 - p), 1e-12)
@@ -305,10 +308,12 @@ def _small_values(x_hat, x, mu, logvar, bounds, scales, recon, per_row):
     recon's and the KL's reduction scale)."""
     recon_rows = _kl_row_sums(_small_terms(x_hat, x, recon))
     kl_rows = _kl(mu, logvar, None, None, bounds, None, None)
-    if per_row:
-        return recon_rows, kl_rows
-    return (recon_rows.double().sum().float() * scales[0],
-            kl_rows.double().sum().float() * scales[1])
+    if not per_row:
+        recon_rows = recon_rows.double().sum().float() * scales[0]
+        kl_rows = kl_rows.double().sum().float() * scales[1]
+    if recon in _ANY_DTYPE_RECONS:  # bce_logits: its targets' range too
+        return recon_rows, kl_rows, _target_excess(x.float(), x.shape[1] > KL_SHORT_ROW)
+    return recon_rows, kl_rows
 
 
 def _small_grads(x_hat, x, mu, logvar, bounds, w_recon, w_kl, recon, grad_dtypes):
@@ -325,6 +330,44 @@ def _small_grads(x_hat, x, mu, logvar, bounds, w_recon, w_kl, recon, grad_dtypes
 
 _MATH = {"mse": _mse, "l1": _l1, "bce_logits": _bce_logits, "bce": _bce,
          "continuous_bernoulli": _continuous_bernoulli}
+
+
+# ---- the targets' [0, 1] check, folded into the loop that reads them anyway ----------
+#
+# bce, bce_logits and the continuous Bernoulli need targets in [0, 1]; checked by a pass
+# of its own (aminmax) that took 1.3 ms of a 13 ms bce forward + backward at 512x12288
+# float32. The loops below return how far the targets reach out of [0, 1] beside the loss
+# instead, and the caller checks that (fastvae._validate.check_target_range).
+
+def _target_excess(target, blocked):
+    """(2,) float32: how far (N, M) float32 targets reach below 0 and above 1, max(-x) and
+    max(x - 1) (both <= 0 exactly when every x is in [0, 1]: x - 1 is exact near 1, and
+    rounds no value across 0; NaN if an x is), reduced in the shape of the row sums made
+    beside them, so that one loop reads x for both: blocks of ROW_BLOCK, then rows
+    (``blocked``: ``_row_sums``; a row padded with an excess of -1/2: in range) or whole rows
+    (``_kl_row_sums``' short rows). (-x and x - 1, not x: a reduction of the input
+    itself had its loop flattened by Inductor, a loop of its own.)"""
+    def row_max(t):
+        if blocked:
+            n, m = t.shape
+            if m % ROW_BLOCK:
+                t = F.pad(t, (0, -m % ROW_BLOCK), value=-0.5)
+            t = t.view(n, -1, ROW_BLOCK).amax(dim=2)
+        return t.amax(dim=1)
+
+    return torch.stack((row_max(-target).amax(), row_max(target - 1.0).amax()))
+
+
+def _with_target_excess(math_fn):
+    """``math_fn`` (an entry of _MATH) returning also its targets' ``_target_excess``."""
+    def checked(x_hat, x, scale, grad_dtype):
+        out = math_fn(x_hat, x, scale, grad_dtype)
+        excess = _target_excess(x.float(), blocked=True)
+        return (out, excess) if scale is None else (*out, excess)
+    return checked
+
+
+_MATH_CHECKING_TARGETS = {recon: _with_target_excess(_MATH[recon]) for recon in _ANY_DTYPE_RECONS}
 
 
 # ---- the switch, the counters and the compiled kernels -------------------------
@@ -630,18 +673,27 @@ def _guarded(*tensors):
 def fused_recon(x_hat, x, recon, grad_scale):
     """recon_per_sample's (per-row sums float32 (N,), gradient or None) from one fused
     loop, or None where the chunked torch ops are to run: not yet the kernel's
-    COMPILE_AT_CALL-th call, or compiling failed. ``applies`` held."""
+    COMPILE_AT_CALL-th call, or compiling failed. ``applies`` held. bce, bce_logits and
+    the continuous Bernoulli: the targets are checked here, from how far the loop found
+    them out of [0, 1] (ValueError if at all)."""
     grad_dtype = None if grad_scale is None else grad_buffer_dtype(x_hat.dtype)
     batch = x_hat.shape[0]
     row = x_hat.numel() // batch
     scale = None if grad_scale is None else _constant(grad_scale)
     rows_hat, rows_x = _rows(x_hat, batch), _rows(x, batch)
     sig = (recon, x_hat.shape, x_hat.dtype, x.dtype, grad_dtype, torch.get_num_threads())
+    checks_targets = recon in _ANY_DTYPE_RECONS
     out = _call(sig, lambda: (recon, x_hat.dtype, x.dtype, grad_dtype, row % ROW_BLOCK == 0,
                               batch == row, *_guarded(rows_hat, rows_x, scale)),
-                _MATH[recon], (rows_hat, rows_x, scale, grad_dtype))
-    if out is None or grad_scale is None:
-        return None if out is None else (out, None)
+                (_MATH_CHECKING_TARGETS if checks_targets else _MATH)[recon],
+                (rows_hat, rows_x, scale, grad_dtype))
+    if out is None:
+        return None
+    if checks_targets:  # (rows, [grad,] the targets' excess over [0, 1])
+        check_target_range(x, out[-1])
+        out = out[:-1] if grad_scale is not None else out[0]
+    if grad_scale is None:
+        return out, None
     rows, grad = out
     return rows, grad.view(x_hat.shape)
 
@@ -838,16 +890,21 @@ def fused_small_values(x_hat, x, mu, logvar, recon, per_row, recon_scale, kl_sca
                        compile_at=COMPILE_AT_CALL):
     """(recon, kl) float32 of a small loss (``_small_values``), or None where the torch
     ops are to run. ``applies_small`` held. ``compile_at``: the call that compiles it
-    (1 for a large float16 loss, ``warm_large_half``)."""
+    (1 for a large float16 loss, ``warm_large_half``). bce_logits: the targets are checked
+    here, from how far the loop found them out of [0, 1] (ValueError if at all)."""
     bounds = _bounds(lo, hi)
     if bounds is False:
         return None
     rows = _small_rows(x_hat, x, mu, logvar)
     scales = _constant(recon_scale, kl_scale)
     sig = _small_sig("small values", x_hat, x, mu, logvar, recon, per_row, lo is None)
-    return _call(sig, lambda: ("small values", recon, *(t.dtype for t in rows), lo is not None,
-                               per_row, *_row_branches(rows), *_guarded(*rows, bounds, scales)),
-                 _small_values, (*rows, bounds, scales, recon, per_row), compile_at)
+    out = _call(sig, lambda: ("small values", recon, *(t.dtype for t in rows), lo is not None,
+                              per_row, *_row_branches(rows), *_guarded(*rows, bounds, scales)),
+                _small_values, (*rows, bounds, scales, recon, per_row), compile_at)
+    if out is None or recon not in _ANY_DTYPE_RECONS:
+        return out
+    check_target_range(x, out[2])
+    return out[:2]
 
 
 def fused_small_grads(x_hat, x, mu, logvar, recon, w_recon, w_kl, lo, hi, grad_dtypes,

@@ -328,11 +328,14 @@ def recon_per_sample(x_hat, x, recon, dtype, grad_scale):
     # large half-precision mse/l1 and large bce/bce_logits: one fused loop (Inductor's
     # C++), from a kernel's third call on (it compiles then; see _cpu_fusion)
     if _cpu_fusion.applies(x_hat, x, recon, dtype):
-        fused = _cpu_fusion.fused_recon(x_hat, x, recon, grad_scale)
+        fused = _cpu_fusion.fused_recon(x_hat, x, recon, grad_scale)  # (checks x)
         if fused is not None:
             if recon == "bce" and torch.isnan(fused[0]).any():
                 _validate.check_probabilities(x_hat)  # as the chunked path checks
             return fused
+    # the [0, 1] targets (bce, bce_logits), which the caller leaves to this path: the fused
+    # loop above reads their range while it computes the loss; here a pass of its own
+    _validate.check_targets(x, recon)
     # half-precision inputs: converted chunk by chunk, never copied whole to float32;
     # bce: its many passes (two logs, clamps, products, sums, the gradient) over cached chunks
     if dtype != x_hat.dtype or dtype != x.dtype or recon == "bce":
@@ -468,8 +471,9 @@ def _continuous_bernoulli_recon(x_hat, x, dtype, grad_scale):
     normal number, so l = 0 gives log 1 = 0: CB(1/2) is uniform); NaN stays NaN."""
     if _cpu_fusion.applies(x_hat, x, "continuous_bernoulli", dtype):  # one fused loop
         fused = _cpu_fusion.fused_recon(x_hat, x, "continuous_bernoulli", grad_scale)
-        if fused is not None:
+        if fused is not None:  # (it checked the targets)
             return fused
+    _validate.check_targets(x, "continuous_bernoulli")  # (recon_per_sample's why)
     logit, target = _as(x_hat, dtype), _as(x, dtype)
     a = torch.abs(logit, out=_empty_like_contiguous(logit, dtype)).clamp_(min=torch.finfo(dtype).tiny)
     m = torch.neg(a).expm1_().neg_()
@@ -767,10 +771,11 @@ def small_loss_values(x_hat, x, mu, logvar, beta, beta_value, recon, reduction, 
         fused = _cpu_fusion.fused_small_values(
             x_hat, x, mu, logvar, recon, reduction == "none", recon_scale,
             reduction_scale(reduction, mu.shape[0], mu.numel()), lo, hi, _compile_at(x_hat))
-        if fused is not None:
+        if fused is not None:  # (it checked the targets)
             recon_out, kl_out = fused
             return (_weighted_sum(recon_out, kl_out, beta, beta_value, dtype), recon_out,
                     kl_out), (x_hat, x, mu, logvar, None)
+    _validate.check_targets(x, recon)  # (recon_per_sample's why)
     p, target = _as(x_hat, dtype), _as(x, dtype)
     if recon in SMALL_RECONS:
         recon_out, _ = _small_recon(p, target, recon, dtype, reduction, recon_scale, False)

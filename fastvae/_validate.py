@@ -395,18 +395,38 @@ def _torch_path_checks_probabilities(x_hat, x):
     return _dispatch.backend_for(x_hat, x) == "torch"
 
 
-def check_loss_values(x_hat, x, recon, beta, loss_pass_checks_x_hat=True):
+def check_loss_values(x_hat, x, recon, beta, loss_pass_checks_x_hat=True, check_x=True):
     """Value checks that PyTorch's own losses also make; skipped for CUDA tensors.
     ``loss_pass_checks_x_hat=False``: the caller's bce is not the PyTorch path's pass,
-    which checks x_hat itself (the composite formula for torch.func is not)."""
+    which checks x_hat itself (the composite formula for torch.func is not).
+    ``check_x=False``: the caller's PyTorch path checks the targets itself (``check_targets``
+    before its torch ops, or ``check_target_range`` on the range its fused loop read)."""
     if beta is not None and beta.device.type == "cpu" and not torch.isfinite(beta):
         raise ValueError(f"beta must be finite, got {beta.item()}")
     if x.device.type != "cpu":
         return
-    if recon in UNIT_TARGET_RECONS:
-        _check_unit_interval("x", x, "targets")
+    if check_x:
+        check_targets(x, recon)
     if recon == "bce" and not (loss_pass_checks_x_hat and _torch_path_checks_probabilities(x_hat, x)):
         check_probabilities(x_hat)
+
+
+def check_targets(x, recon):
+    """ValueError unless a CPU ``x`` holds targets in [0, 1] where ``recon`` needs them
+    (NaN is not one): one pass over x (``aminmax``)."""
+    if recon in UNIT_TARGET_RECONS and x.device.type == "cpu":
+        _check_unit_interval("x", x, "targets")
+
+
+def check_target_range(x, excess):
+    """``check_targets`` from how far x reaches below 0 and above 1, (max(-x), max(x - 1))
+    (a (2,) tensor; NaN where x holds one), read by a fused loop while it computed the
+    loss: no pass of its own. Out of range (an excess above 0, or NaN), ``check_targets``
+    makes the error, a second pass on the error's path only, so that it names x's own
+    range."""
+    below, above = excess.tolist()
+    if not (below <= 0 and above <= 0):  # also true for NaN
+        _check_unit_interval("x", x, "targets")
 
 
 def check_generator(generator, data_device=None):

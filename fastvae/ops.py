@@ -136,8 +136,10 @@ def _vae_loss_impl(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """LossOutputs: (loss, recon, kl, d recon/d x_hat, d kl/d mu, d kl/d logvar,
     d recon/d obs_logvar, d kl/d prior_mu, d kl/d prior_logvar)."""
-    _validate.check_loss_values(x_hat, x, recon, beta)
     impl = _dispatch.implementation(x_hat, x, mu, logvar)
+    # (the PyTorch path checks the targets itself: in the pass that computes the loss
+    # where a fused loop serves it)
+    _validate.check_loss_values(x_hat, x, recon, beta, check_x=impl is not _torch_impl)
     if _free_bits_call(free_bits) or _with_prior(prior_mu, prior_logvar):
         return impl.vae_loss_forward_with_prior(
             x_hat, x, mu, logvar, beta, obs_logvar, prior_mu, prior_logvar, beta_value, recon,
@@ -833,7 +835,7 @@ class _SmallLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_hat, x, mu, logvar, beta, beta_value, recon, reduction, lo, hi, parts):
-        _validate.check_loss_values(x_hat, x, recon, beta)
+        _validate.check_loss_values(x_hat, x, recon, beta, check_x=False)  # (as below)
         # not the fused loops under saved-tensor hooks (checkpointing, offloading): what is
         # saved (float32 copies or the inputs as given) would then depend on whether a
         # loop had compiled yet, and a recomputed forward must save what the first did
@@ -1072,7 +1074,8 @@ def vae_loss_values(x_hat, x, mu, logvar, *args, parts=True):
             return out if parts else (out, None, None)
         if beta is None or not (beta.requires_grad and torch.is_grad_enabled()):
             # nothing to differentiate: the values alone, no gradient buffers
-            _validate.check_loss_values(x_hat, x, args[5], beta)
+            # (small_loss_values checks the targets: in its fused loop where one serves)
+            _validate.check_loss_values(x_hat, x, args[5], beta, check_x=False)
             return _torch_impl.small_loss_values(*small_args)[0]
     return vae_loss(x_hat, x, mu, logvar, *args)[:3]
 

@@ -1,7 +1,7 @@
 """The fused CPU loops' state for a test (fastvae/_cpu_fusion.py): shared by the
 tests of the reconstruction, KL, sampling and small-loss loops."""
 
-from fastvae import _cpu_fusion, _torch_impl
+from fastvae import _cpu_fusion, _torch_impl, _validate
 
 
 def record_fused_calls(monkeypatch, entry, **thresholds):
@@ -47,3 +47,17 @@ def count_compilations(monkeypatch):
 
     monkeypatch.setattr(torch._inductor, "standalone_compile", counted)
     return compilations
+
+
+def count_target_passes(monkeypatch):
+    """A list that grows by one entry (the name checked) per pass made over a tensor to
+    check that it lies in [0, 1] (``_validate._check_unit_interval``: aminmax)."""
+    passes = []
+    real = _validate._check_unit_interval
+
+    def counted(name, t, what):
+        passes.append(name)
+        return real(name, t, what)
+
+    monkeypatch.setattr(_validate, "_check_unit_interval", counted)
+    return passes
