@@ -10,7 +10,7 @@ def record_fused_calls(monkeypatch, entry, **thresholds):
     all restored afterwards. Returns a list recording each call of the entry point
     ``entry`` (``"fused_recon"``, ``"fused_kl"``, ``"fused_sample"``,
     ``"fused_small_values"``, ``"fused_small_grads"``): True where the fused loop served
-    it."""
+    it, False where the torch ops are to, "raised" where it raised (its targets' check)."""
     for name, value in thresholds.items():
         module = _torch_impl if name == "SMALL_NUMEL" else _cpu_fusion
         monkeypatch.setattr(module, name, value)
@@ -25,7 +25,11 @@ def record_fused_calls(monkeypatch, entry, **thresholds):
     real = getattr(_cpu_fusion, entry)
 
     def recorded(*args, **kwargs):
-        out = real(*args, **kwargs)
+        try:
+            out = real(*args, **kwargs)
+        except Exception:
+            outcomes.append("raised")
+            raise
         outcomes.append(out is not None)
         return out
 
