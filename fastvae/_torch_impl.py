@@ -1224,8 +1224,9 @@ def _sampling_grads(grad_z, grad_kl, mu, logvar, scaled, clamp_lo, clamp_hi, own
 # most SMALL_NUMEL elements in the compute dtype (float32 for half-precision latents).
 
 
-def small_sample_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
-    """(z, the per-sample KL (N,) or None without ``with_kl``, eps std / 2)."""
+def small_sample_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl, keep=True):
+    """(z, the per-sample KL (N,) or None without ``with_kl``, eps std / 2 or None without
+    ``keep``: a call without gradients)."""
     dtype = compute_dtype(mu, logvar)
     half_c = constant(0.5, dtype, mu.device)
     # Half-precision latents without the KL (which reads lv) or a clamp: the converted
@@ -1252,7 +1253,7 @@ def small_sample_forward(mu, logvar, seed, clamp_lo, clamp_hi, with_kl):
                           out=None if mu_c.is_contiguous() and std.is_contiguous()
                           else _empty_like_contiguous(half_eps, dtype))
         z = _as(z, z_dtype)
-    kept = half_eps.mul_(std)
+    kept = half_eps.mul_(std) if keep else None
     if not with_kl:
         return z, None, kept
     return z, _small_sample_kl_rows(mu_c, lv, std, dtype), kept

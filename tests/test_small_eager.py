@@ -192,6 +192,52 @@ def test_small_sampling_is_what_the_public_api_runs_on_small_cpu_latents():
     assert "_ReparameterizeFunction" in type(z.grad_fn).__name__
 
 
+@pytest.mark.parametrize("with_kl", [False, True], ids=["z", "z_and_kl"])
+@pytest.mark.parametrize("clamp", [None, (-1.0, 0.5)], ids=["no_clamp", "clamp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_small_sampling_without_gradients_equals_the_general_op_bit_for_bit(with_kl, clamp,
+                                                                            dtype):
+    """A call without gradients runs the small path's arithmetic alone
+    (ops._small_sample_value): the same z and KL, bits and dtypes, as the general op."""
+    from fastvae import ops
+
+    gen = torch.Generator().manual_seed(5)
+    mu = torch.randn(6, 4, generator=gen).t().to(dtype)  # (a transposed layout)
+    logvar = (torch.randn(4, 6, generator=gen) * 2).to(dtype)
+    seed = torch.tensor([987654321])
+    lo, hi = clamp or (None, None)
+    z, kl = ops._small_sample_value(mu, logvar, seed, lo, hi, with_kl)
+    want_z, want_kl = ops._reparameterize_impl(mu, logvar, None, None, seed, lo, hi, with_kl, 0)
+    assert z.is_contiguous()
+    torch.testing.assert_close(z, want_z, rtol=0, atol=0)
+    torch.testing.assert_close(kl, want_kl, rtol=0, atol=0)  # (an empty one without the KL)
+
+
+def test_the_public_api_samples_small_cpu_latents_without_gradients_on_the_small_path(
+        monkeypatch):
+    from fastvae import ops
+
+    general = []
+    real = ops._reparameterize_impl
+    monkeypatch.setattr(ops, "_reparameterize_impl", lambda *a: general.append(1) or real(*a))
+    _, _, mu, logvar = leaves(torch.float32)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        z, kl = fastvae.sample_and_kl(mu, logvar)
+    torch.manual_seed(0)
+    z_grad, kl_grad = fastvae.sample_and_kl(mu, logvar)  # (the small Function: same bits)
+    with torch.inference_mode():
+        fastvae.reparameterize(mu, logvar)
+    fastvae.reparameterize(mu.detach(), logvar.detach())
+    assert general == []
+    torch.testing.assert_close(z, z_grad.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(kl, kl_grad.detach(), rtol=0, atol=0)
+    big = torch.zeros(3, _torch_impl.SMALL_NUMEL // 3 + 1)
+    fastvae.reparameterize(big, big)
+    fastvae.sample_and_kl(mu.detach(), logvar.detach(), prior_mu=torch.zeros(4))
+    assert general == [1, 1]
+
+
 @pytest.mark.parametrize("bad", [1.5, -0.25, float("nan")])
 def test_bce_probabilities_outside_the_unit_interval_are_refused_by_name(bad):
     x_hat, x, mu, logvar = leaves(torch.float32, recon="bce")
