@@ -1,6 +1,9 @@
 """The fused CPU loops' state for a test (fastvae/_cpu_fusion.py): shared by the
 tests of the reconstruction, KL, sampling and small-loss loops."""
 
+import pytest
+import torch
+
 from fastvae import _cpu_fusion, _torch_impl, _validate
 
 
@@ -65,3 +68,23 @@ def count_target_passes(monkeypatch):
 
     monkeypatch.setattr(_validate, "_check_unit_interval", counted)
     return passes
+
+
+def assert_the_loop_checks_the_targets(monkeypatch, loss_of, x, outcomes):
+    """``loss_of(target)`` (a loss of bce, bce_logits or the continuous Bernoulli, whose
+    fused entry point ``outcomes`` records) checks its targets in the fused loop's pass:
+    the torch ops' warm-up calls make a pass of their own over x, the fused call none, and
+    a target of 1.5, -0.25 or NaN raises from inside the loop's call, naming x's range."""
+    passes = count_target_passes(monkeypatch)
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        loss_of(x)
+    assert outcomes[-1] is True
+    assert passes == ["x"] * (_cpu_fusion.COMPILE_AT_CALL - 1)
+    for bad in (1.5, -0.25, float("nan")):
+        bad_x = x.clone()
+        bad_x.view(-1)[-1] = bad  # (in a padded row's last block where rows are padded)
+        lo, hi = (float(v) for v in torch.aminmax(bad_x.float()))
+        with pytest.raises(ValueError, match=rf"^x must hold targets in \[0, 1\] for this recon, "
+                                             rf"got values in \[{lo:.6g}, {hi:.6g}\]$"):
+            loss_of(bad_x)
+        assert outcomes[-1] == "raised"  # (the loop ran and its excess sent the check)

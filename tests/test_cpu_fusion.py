@@ -13,7 +13,11 @@ import torch
 import fastvae
 from fastvae import _cpu_fusion, _torch_impl
 from tests import reference
-from tests.fusion import count_compilations, count_target_passes, record_fused_calls
+from tests.fusion import (
+    assert_the_loop_checks_the_targets,
+    count_compilations,
+    record_fused_calls,
+)
 
 SHAPE = (3, 3, 151, 149)  # past SMALL_NUMEL (2^17), whose calls take few whole ops; rows of
 # 67497 elements: not a multiple of _cpu_fusion.ROW_BLOCK (padded) nor of a vector's width
@@ -330,7 +334,6 @@ def test_bce_probabilities_out_of_range_still_raise(fusion):
 @pytest.mark.parametrize("with_grad", [True, False], ids=["grad", "no_grad"])
 def test_the_fused_loop_checks_the_targets_without_a_pass_of_its_own(
         fusion, monkeypatch, recon, dtype, shape, with_grad):
-    passes = count_target_passes(monkeypatch)
     x_hat, x = _inputs(recon, shape, dtype, dtype)
     latent = torch.zeros(shape[0], 3)
 
@@ -339,19 +342,7 @@ def test_the_fused_loop_checks_the_targets_without_a_pass_of_its_own(
             return fastvae.vae_loss(x_hat, target, latent, latent, recon=recon)
         return _loss_and_grad(x_hat, target, recon, "sum")
 
-    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
-        loss_of(x)
-    assert fusion[-1]
-    # the torch ops' calls checked x by a pass of their own; the fused one read its range
-    assert passes == ["x"] * (_cpu_fusion.COMPILE_AT_CALL - 1)
-    for bad in (1.5, -0.25, float("nan")):
-        bad_x = x.clone()
-        bad_x.view(-1)[-1] = bad  # a padded row's last block (SHAPE), or a whole one
-        lo, hi = (float(v) for v in torch.aminmax(bad_x.float()))
-        with pytest.raises(ValueError, match=rf"^x must hold targets in \[0, 1\] for this recon, "
-                                             rf"got values in \[{lo:.6g}, {hi:.6g}\]$"):
-            loss_of(bad_x)
-        assert fusion[-1] == "raised"  # (the loop ran and its excess sent the check)
+    assert_the_loop_checks_the_targets(monkeypatch, loss_of, x, fusion)
 
 
 def test_a_compiler_failure_warns_once_and_falls_back(fusion, monkeypatch):

@@ -13,7 +13,11 @@ import torch
 import fastvae
 from fastvae import _cpu_fusion, _torch_impl
 from tests import reference
-from tests.fusion import count_compilations, count_target_passes, record_fused_calls
+from tests.fusion import (
+    assert_the_loop_checks_the_targets,
+    count_compilations,
+    record_fused_calls,
+)
 
 SHAPE, LATENTS = (6, 3, 10, 12), (6, 20)  # rows of 360 inputs and 20 latents
 LONG_ROWS, LONG_LATENTS = (3, 1300), (3, 1100)  # rows past KL_SHORT_ROW (blocked sums)
@@ -164,7 +168,6 @@ def test_what_the_loops_do_not_serve(fusion):
 def test_the_values_loop_checks_bce_logits_targets_without_a_pass_of_its_own(
         fusion, monkeypatch, dtype, rows, with_grad):
     values, _ = fusion
-    passes = count_target_passes(monkeypatch)
     x_hat, x, mu, logvar = _inputs(dtype, "bce_logits", *rows)
 
     def loss_of(target):
@@ -172,19 +175,7 @@ def test_the_values_loop_checks_bce_logits_targets_without_a_pass_of_its_own(
             return fastvae.vae_loss(x_hat, target, mu, logvar, recon="bce_logits")
         return _loss_and_grads((x_hat, target, mu, logvar), "bce_logits", "sum")
 
-    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
-        loss_of(x)
-    assert values[-1]
-    # the torch ops' calls checked x by a pass of their own; the fused one read its excess
-    assert passes == ["x"] * (_cpu_fusion.COMPILE_AT_CALL - 1)
-    for bad in (1.5, -0.25, float("nan")):
-        bad_x = x.clone()
-        bad_x.view(-1)[-1] = bad
-        lo, hi = (float(v) for v in torch.aminmax(bad_x.float()))
-        with pytest.raises(ValueError, match=rf"^x must hold targets in \[0, 1\] for this recon, "
-                                             rf"got values in \[{lo:.6g}, {hi:.6g}\]$"):
-            loss_of(bad_x)
-        assert values[-1] == "raised"  # (the loop ran and its excess sent the check)
+    assert_the_loop_checks_the_targets(monkeypatch, loss_of, x, values)
 
 
 @pytest.mark.parametrize("wanted", ["latents", "x_hat", "all"])
