@@ -1092,13 +1092,25 @@ def vae_loss_values(x_hat, x, mu, logvar, *args, parts=True):
     return vae_loss(x_hat, x, mu, logvar, *args)[:3]
 
 
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _half_kl_fused(mu, logvar):
+    """Half-precision latents of SMALL_HALF_KL_NUMEL elements or more that the general
+    path's fused KL loop serves: faster there than the small path's float32 ops."""
+    return mu.numel() >= _torch_impl.SMALL_HALF_KL_NUMEL \
+        and (mu.dtype in _HALF_DTYPES or logvar.dtype in _HALF_DTYPES) \
+        and _cpu_fusion.applies_kl(mu, logvar, None, None, torch.float32)
+
+
 def kl_divergence_value(mu, logvar, *args):
     """The KL: the first output of ``kl_divergence`` (same arguments), for the public
     API; at most SMALL_NUMEL latent elements against N(0, I), plain eager, on the
     PyTorch path, with its gradients computed in the backward (``_SmallKLFunction``)."""
     # (prior_mu, prior_logvar, reduction, lo, hi, free_bits, want_grad, want_prior_grad)
     if args[0] is None and args[1] is None and not args[5] and _eager(mu, logvar) \
-            and mu.numel() <= _torch_impl.SMALL_NUMEL and _small_eager((mu, logvar)):
+            and mu.numel() <= _torch_impl.SMALL_NUMEL and _small_eager((mu, logvar)) \
+            and not _half_kl_fused(mu, logvar):
         if args[6]:
             return _apply(_SmallKLFunction, 2, mu, logvar, *args[2:5])
         return _torch_impl.small_kl_value(mu, logvar, args[3], args[4],

@@ -99,6 +99,31 @@ def test_fused_kl_matches_the_formula_and_the_torch_ops(fusion, monkeypatch, dty
     _assert_grads_close(unfused_grads, want_grads, dtype, math.prod(shape))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_half_precision_latents_from_small_half_kl_numel_take_the_loop(fusion, monkeypatch,
+                                                                       dtype):
+    """Below SMALL_NUMEL, the KL alone of half-precision latents of SMALL_HALF_KL_NUMEL
+    elements or more goes to the general path (its fused loop from the third call);
+    fewer elements, and float32 latents, stay on the small path (no fused_kl call)."""
+    numel = math.prod(SHAPE)
+    assert numel < _torch_impl.SMALL_NUMEL
+    monkeypatch.setattr(_torch_impl, "SMALL_HALF_KL_NUMEL", numel)
+    fewer = _latents((SHAPE[0] - 1, *SHAPE[1:]), dtype, "none")
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        _kl_and_grads(fewer)
+    assert fusion == []
+    tensors = _latents(SHAPE, dtype, "none")
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):
+        got, grads = _kl_and_grads(tensors)
+    if dtype == torch.float32:
+        assert fusion == []
+    else:
+        assert fusion == [False] * (_cpu_fusion.COMPILE_AT_CALL - 1) + [True]
+    want, want_grads = _reference(tensors)
+    assert torch.allclose(got.double(), want, rtol=1e-6, atol=0)
+    _assert_grads_close(grads, want_grads, dtype, numel)
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean", "batchmean"])
 def test_every_reduction_and_the_loss(fusion, reduction):
     tensors = _latents(SHAPE, torch.bfloat16, "learned")
