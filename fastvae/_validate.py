@@ -207,6 +207,21 @@ def check_fits_loss_dtype(name, value, *tensors):
                          f"dtype of this loss (float64 inputs make a float64 loss)")
 
 
+def check_free_bits_floor(free_bits, mu, *tensors):
+    """free_bits times the batch size, the floor of each latent element's KL summed over
+    the batch (where the KL's column sums meet it), must fit the loss's dtype too: a
+    larger one failed inside torch. (Only a huge free_bits can overflow: below 2^-40 of
+    float32's maximum no batch reaches it, and the shape is not read.)"""
+    if free_bits > FLOAT32_MAX / 2**40 and free_bits * mu.shape[0] > FLOAT32_MAX:
+        for t in tensors:
+            if t is not None and t.dtype == torch.float64:
+                return
+        raise ValueError(f"free_bits={free_bits} times the batch size {mu.shape[0]} (the floor "
+                         f"of each latent element's KL summed over the batch) is beyond "
+                         f"float32's range (+-{FLOAT32_MAX:.4g}), the dtype of this loss "
+                         f"(float64 inputs make a float64 loss)")
+
+
 def check_num_samples(num_samples):
     """0 for None (one sample, mu's shape), else the int K >= 1."""
     if num_samples is None:

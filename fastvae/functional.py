@@ -113,6 +113,7 @@ def vae_loss(x_hat: Tensor, x: Tensor, mu: Tensor, logvar: Tensor, *, recon: str
     free_bits = _validate.check_free_bits(free_bits, reduction)
     _validate.check_fits_loss_dtype("beta", beta_v, x_hat, x, mu, logvar)
     _validate.check_fits_loss_dtype("free_bits", free_bits, x_hat, x, mu, logvar)
+    _validate.check_free_bits_floor(free_bits, mu, x_hat, x, mu, logvar)
     prior_mu = _validate.check_prior("prior_mu", prior_mu, mu)
     prior_logvar = _validate.check_prior("prior_logvar", prior_logvar, mu)
     if _in_onnx_export():
@@ -163,6 +164,7 @@ def kl_divergence(mu: Tensor, logvar: Tensor, *, reduction: str = "sum",
     lo, hi = _validate.latent_plan(mu, logvar, logvar_clamp, reduction)
     free_bits = _validate.check_free_bits(free_bits, reduction)
     _validate.check_fits_loss_dtype("free_bits", free_bits, mu, logvar)
+    _validate.check_free_bits_floor(free_bits, mu, mu, logvar)
     prior_mu = _validate.check_prior("prior_mu", prior_mu, mu)
     prior_logvar = _validate.check_prior("prior_logvar", prior_logvar, mu)
     if _in_onnx_export():

@@ -197,6 +197,33 @@ def test_a_weight_past_float32_is_refused_by_a_float32_loss(kwargs, name):
     assert fastvae.vae_loss(x_hat, x, mu, logvar, beta=3e38).dtype == torch.float32
 
 
+def test_free_bits_whose_batch_floor_passes_float32_are_refused():
+    """free_bits fits float32, but times the batch size (the floor the KL's column sums
+    meet) it does not: torch raised "value cannot be converted to type float without
+    overflow" from inside the computation. A float64 loss holds it; a float32 loss
+    computes half of it."""
+    x_hat, x, mu, logvar = good()  # (a batch of N)
+    n = mu.shape[0]
+    too_large = 3.4e38 / n * 1.01
+    with pytest.raises(ValueError, match=rf"free_bits=.* times the batch size {n} .* beyond "
+                                         r"float32's range"):
+        fastvae.vae_loss(x_hat, x, mu, logvar, free_bits=too_large)
+    with pytest.raises(ValueError, match=rf"times the batch size {n}"):
+        fastvae.kl_divergence(mu, logvar, free_bits=too_large, reduction="batchmean")
+    with pytest.raises(ValueError, match=rf"times the batch size {n}"):
+        fastvae.VAELoss(free_bits=too_large)(x_hat, x, mu, logvar)
+    wide = fastvae.kl_divergence(mu.double(), logvar.double(), free_bits=too_large,
+                                 reduction="batchmean")
+    assert wide.dtype == torch.float64 and wide.item() == pytest.approx(mu.shape[1] * too_large)
+    half = fastvae.kl_divergence(mu, logvar, free_bits=too_large / 2, reduction="batchmean")
+    assert half.dtype == torch.float32 and not torch.isnan(half)
+    fn = torch.compile(lambda m, lv, fb: fastvae.kl_divergence(m, lv, free_bits=fb),
+                       dynamic=True, backend="eager")
+    fn(mu, logvar, 0.5)
+    with pytest.raises(Exception, match=rf"times the batch size {n}"):
+        fn(mu, logvar, too_large)
+
+
 def test_huge_but_finite_python_int_beta_is_a_float():
     x_hat, x, mu, logvar = good()
     loss = call(x_hat, x, mu, logvar, beta=10**20)

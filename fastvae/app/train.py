@@ -80,6 +80,10 @@ class TrainConfig:
             if not (math.isfinite(value) and 0 <= value <= _validate.FLOAT32_MAX):
                 raise ValueError(f"{name} must be >= 0 and at most float32's maximum "
                                  f"({_validate.FLOAT32_MAX:.4g}), got {value}")
+        # the loss compares each latent element's KL summed over a batch with this floor
+        if self.free_bits * self.batch_size > _validate.FLOAT32_MAX:
+            raise ValueError(f"free_bits times the batch size ({self.free_bits:g} x {self.batch_size}) "
+                             f"must be at most float32's maximum ({_validate.FLOAT32_MAX:.4g})")
 
 
 def check_seed(seed):
