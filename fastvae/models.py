@@ -176,6 +176,8 @@ class _Autoencoding(nn.Module):
         _validate.check_beta(beta)
         if isinstance(beta, torch.Tensor):
             raise TypeError("beta of a model must be a float (it is saved in the JSON config)")
+        if beta < 0:  # (a negative KL weight rewards a KL without bound: the loss has no minimum)
+            raise ValueError(f"beta of a model must be >= 0, got {beta}")
         latent_dim = _check_size("latent_dim", latent_dim)
         # (hidden sizes, channels): checked once, built with and recorded as the same lists
         arch = {k: _check_sizes(k, v, allow_empty=k == "hidden") for k, v in arch.items()}

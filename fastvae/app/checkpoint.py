@@ -182,7 +182,9 @@ def build_model(config, tensors, where):
         with torch.device("meta"):
             skeleton = model_from_config(config)
     except (TypeError, ValueError, KeyError, OverflowError, RuntimeError) as err:
-        raise ValueError(f"{where}: the model config is invalid: {err}") from None
+        # (the first line: torch's own messages may carry a C++ stack trace below it)
+        reason = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{where}: the model config is invalid: {reason}") from None
     check_weights(skeleton, model_state(tensors), where)
     model = model_from_config(config)
     model.load_state_dict(model_state(tensors))

@@ -39,7 +39,8 @@ def _reason(err):
     """The error's message; an OSError's without its "[Errno N]" prefix, with its file."""
     if isinstance(err, OSError) and err.strerror:
         return err.strerror + (f": {err.filename}" if err.filename else "")
-    return str(err)
+    # (a message from torch's C++ may carry its stack trace: not for the user)
+    return str(err).split("\nException raised from ")[0]
 
 
 def _out_of_memory(err):

@@ -603,8 +603,15 @@ def _check_extra_tensors(model, tensors, train, where, device):
                 raise ValueError(f"{where}: {name} is not a generator state: {err}") from None
         else:
             raise ValueError(f"{where}: unexpected tensor {name} in the checkpoint")
-    missing = [f"rng.noise.{r}" for r in range(train["world_size"]) if f"rng.noise.{r}" not in tensors]
-    missing += [f"optim.{i}.{key}" for i, keys in state.items() for key in ADAM_STATE if key not in keys]
+    # (the loop above refused any rng.noise.R with R >= world_size: the states present are
+    # distinct ranks below it, so a world_size past their count lacks some. Counted, not
+    # listed: a tampered world_size of 10^12 would make a list of 10^12 names)
+    stored = sum(1 for name in tensors if name.startswith("rng.noise."))
+    if stored < train["world_size"]:
+        first = next(r for r in range(stored + 1) if f"rng.noise.{r}" not in tensors)
+        raise ValueError(f"{where}: the checkpoint lacks rng.noise.{first}: its train.world_size "
+                         f"is {train['world_size']}, and it holds {stored} generator states")
+    missing = [f"optim.{i}.{key}" for i, keys in state.items() for key in ADAM_STATE if key not in keys]
     if missing:
         raise ValueError(f"{where}: the checkpoint lacks {', '.join(missing[:4])}"
                          + (f" and {len(missing) - 4} more" if len(missing) > 4 else ""))

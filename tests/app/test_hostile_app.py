@@ -195,6 +195,15 @@ TAMPERED = [
     ("optim-avg-nan", lambda c, t: t["optim.1.exp_avg"].fill_(float("nan")), "optim.1.exp_avg"),
     ("lr-negative", lambda c, t: c["train"]["optimizer"]["param_groups"][0].update(lr=-1.0),
      "out of Adam's range"),
+    # found by a third review: a world size of 10^8 took a minute and 8.8 GB listing the
+    # generator states it lacked; a huge input shape printed torch's C++ stack trace; a
+    # negative beta (which the command line refuses) trained
+    ("world-size-huge", lambda c, t: c["train"].update(world_size=10**12),
+     "lacks rng.noise.1: its train.world_size is 1000000000000, and it holds 1"),
+    ("input-shape-huge", lambda c, t: c["model"].update(input_shape=[1, 2**40, 2**40]),
+     "the model config is invalid"),
+    ("model-beta-negative", lambda c, t: c["model"].update(beta=-1.0),
+     "beta of a model must be >= 0"),
 ]
 
 
@@ -215,6 +224,19 @@ def test_a_tampered_resume_checkpoint_is_a_one_line_error(trained, tmp_path, cap
     capsys.readouterr()
     one_line_error(capsys, train("--resume", str(run), "--epochs", "2", *SMALL), field)
     assert (run / checkpoint.FILENAME).read_bytes() == before
+
+
+def test_free_bits_whose_batch_floor_passes_float32_are_a_one_line_error(tmp_path, capsys):
+    """--free-bits 3e38 fits float32, but not times the batch size: torch's "value cannot be
+    converted to type float without overflow" traceback came out of the first step."""
+    run = tmp_path / "run"
+    one_line_error(capsys, train("--out", str(run), *SMALL, "--free-bits", "3e38",
+                                 "--batch-size", "2"),
+                   "--free-bits times the batch size (3e+38 x 2) must be at most")
+    assert not run.exists()
+    with pytest.raises(ValueError, match="free_bits times the batch size"):
+        TrainConfig(free_bits=2e38, batch_size=2)
+    assert TrainConfig(free_bits=1.7e38, batch_size=2).free_bits == 1.7e38
 
 
 # ---- item 9: 16-bit images -------------------------------------------------------------
