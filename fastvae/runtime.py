@@ -354,8 +354,12 @@ class VAERuntime:
         if prior is not None:
             shape = self.latent_shape
             mu = np.asarray(prior["mu"], dtype=np.float32).reshape(shape)
-            std = np.exp(0.5 * np.asarray(prior["logvar"], dtype=np.float32)).reshape(shape)
-            z = mu + std * z
+            with np.errstate(over="ignore", invalid="ignore"):
+                std = np.exp(0.5 * np.asarray(prior["logvar"], dtype=np.float32)).reshape(shape)
+                z = mu + std * z
+            if not np.isfinite(z).all():  # (each number was checked finite: their sum overflowed)
+                raise ValueError("the metadata's prior overflows float32 in its samples "
+                                 "mu + exp(logvar / 2) * eps: its mu or logvar is too large")
         return self._run("decoder", z)[0]
 
     def score(self, x: npt.ArrayLike) -> np.ndarray:

@@ -329,7 +329,12 @@ def test_corrupt_or_foreign_metadata(broken):
         with pytest.raises(ValueError, match="prior.(mu|logvar) must be a list of 3 finite float32"):
             VAERuntime(broken)
     meta_path.write_text(json.dumps({**meta, "prior": {"mu": [1.0] * 3, "logvar": [177.0] * 3}}))
-    assert VAERuntime(broken).metadata["prior"]["logvar"] == [177.0] * 3  # std 4e38: finite
+    wide = VAERuntime(broken)
+    assert wide.metadata["prior"]["logvar"] == [177.0] * 3  # std 4e38: finite
+    # ... but its samples mu + std eps overflow: refused, not decoded from inf (into NaN
+    # images that a PNG painted black and white)
+    with pytest.raises(ValueError, match="prior overflows float32 in its samples"):
+        wide.sample(4, seed=0)
 
 
 def test_missing_onnx_file(broken):

@@ -118,6 +118,10 @@ def write_grid_png(path, batch, sample_shape, min_tile=32):
     """Tile a batch of images (values clipped to [0, 1]) into one PNG, each image
     enlarged by an integer factor to at least ``min_tile`` pixels."""
     images = images_hwc(np.asarray(batch, dtype=np.float32), sample_shape)
+    if not np.isfinite(images).all():  # (clipping would paint NaN black and inf white)
+        bad = int(np.count_nonzero(~np.isfinite(images)))
+        raise ValueError(f"the images to write hold {bad} NaN or infinite values of "
+                         f"{images.size}; write .npy to keep them")
     n, h, w, c = images.shape
     scale = max(1, math.ceil(min_tile / max(h, w)))
     images = images.repeat(scale, axis=1).repeat(scale, axis=2)

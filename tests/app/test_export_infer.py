@@ -188,3 +188,21 @@ def test_infer_and_export_name_their_options(runs, exported, tmp_path, capsys):
         capsys.readouterr()
         assert_one_line(cli.main(args), capsys.readouterr().err, 2, *words)
     assert not (tmp_path / "s.npy").exists() and not (tmp_path / "o").exists()
+
+
+# ---- found by a third CLI review ---------------------------------------------------------
+
+
+def test_a_png_of_non_finite_images_is_refused_and_not_written(tmp_path):
+    """Clipping painted NaN black and inf white: a PNG of samples decoded from an
+    overflowing prior looked like images (exit 0). It is refused; .npy keeps the values."""
+    pytest.importorskip("PIL")
+    from fastvae.app.infer import write_grid_png
+
+    batch = np.full((2, 1, 4, 4), 0.5, np.float32)
+    write_grid_png(str(tmp_path / "ok.png"), batch, (1, 4, 4))
+    for bad in (np.nan, np.inf, -np.inf):
+        batch[1, 0, 2, 3] = bad
+        with pytest.raises(ValueError, match="1 NaN or infinite values of 32; write .npy"):
+            write_grid_png(str(tmp_path / "bad.png"), batch, (1, 4, 4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.png"]
