@@ -207,6 +207,8 @@ def run(args):
     start = time.time()
     if args.quick:
         args.epochs, args.samples = min(args.epochs, 3), min(args.samples, 200)
+    if args.epochs < 1:  # (named as the command line names it, not as TrainConfig does)
+        raise ValueError(f"--epochs must be >= 1, got {args.epochs}")
     if args.samples < 10:
         raise ValueError(f"--samples must be >= 10 (Fréchet distance needs a covariance), "
                          f"got {args.samples}")

@@ -102,6 +102,14 @@ def test_unwritable_out_fails_before_training(tmp_path, capsys):
     assert "is not writable" in err and len(err.strip().splitlines()) == 1
 
 
+def test_a_bad_epoch_count_names_the_option(tmp_path, capsys):
+    """It said "epochs must be >= 1" (TrainConfig's name for it), not --epochs."""
+    assert cli.main(["demo", "--epochs", "0", "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert "--epochs must be >= 1, got 0" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "demo").exists()
+
+
 def test_the_vae_generates_better_than_the_autoencoder():
     """The demo's claim on a short budget: same architecture and epochs, the VAE's
     prior samples are closer to real digits and its codes fit the prior."""
