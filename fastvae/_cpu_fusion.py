@@ -59,6 +59,7 @@ from fastvae._numerics import (
     CB_SERIES_BELOW,
     cb_log_normalizer_grad_series,
     grad_buffer_dtype,
+    summed_grad_dtype,
 )
 from fastvae._validate import check_target_range
 
@@ -748,8 +749,8 @@ def fused_kl(mu, logvar, prior_mu, prior_logvar, lo, hi, scale, want_grad, want_
     if pm is False or plv is False:
         return None
 
-    def grad_dtype(t, wanted):
-        return grad_buffer_dtype(t.dtype) if wanted and t is not None else None
+    def grad_dtype(t, wanted):  # (a prior's: float32 where it broadcasts, summed_grad_dtype)
+        return summed_grad_dtype(t, mu) if wanted and t is not None else None
 
     dtypes = None
     if want_grad or want_prior_grad:

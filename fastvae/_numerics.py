@@ -37,6 +37,18 @@ def grad_buffer_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
+def summed_grad_dtype(t: torch.Tensor, full: torch.Tensor) -> torch.dtype:
+    """dtype of the ``full``-shaped gradient buffer of ``t`` (a prior, an obs_logvar),
+    which the backward sums to ``t``'s shape where ``t`` broadcasts: float32 then for
+    a half-precision ``t``, so that the sum of the per-element gradients is rounded
+    once into its dtype, not each of its terms first (bfloat16 terms that cancel lost
+    up to 87% of a prior's gradient); else ``grad_buffer_dtype``. (Shapes compared, not
+    sizes: under tracing a broadcast prior's differing dims decide it without a guard.)"""
+    if t.dtype in (torch.bfloat16, torch.float16) and tuple(t.shape) != tuple(full.shape):
+        return torch.float32
+    return grad_buffer_dtype(t.dtype)
+
+
 # ---- the observation models with a scale, and the continuous Bernoulli ----
 
 LOG_2PI = math.log(2.0 * math.pi)  # gaussian: 1/2 log(2 pi sigma^2) per element

@@ -30,7 +30,13 @@ import torch
 
 from fastvae import _cpu_fusion, _numerics, _validate
 from fastvae._grad_scaling import saved_tensor_hooks_active
-from fastvae._numerics import BCE_LOG_FLOOR, compute_dtype, grad_buffer_dtype, reduction_scale
+from fastvae._numerics import (
+    BCE_LOG_FLOOR,
+    compute_dtype,
+    grad_buffer_dtype,
+    reduction_scale,
+    summed_grad_dtype,
+)
 
 
 def reduce_per_sample(per_sample, reduction, scale):
@@ -885,6 +891,13 @@ def _grad_or_empty(grad, like):
     return like.new_empty(0) if grad is None else _as(grad, grad_buffer_dtype(like.dtype))
 
 
+def _summed_grad_or_empty(grad, like, full):
+    """``_grad_or_empty`` for the ``full``-shaped gradient of ``like`` (a prior, an
+    obs_logvar), in ``summed_grad_dtype``: float32 where a half-precision ``like``
+    broadcasts, so that the backward's sum over its broadcast dims rounds once."""
+    return like.new_empty(0) if grad is None else _as(grad, summed_grad_dtype(like, full))
+
+
 def vae_loss_forward(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
                      obs_logvar_value, obs_logvar_optimal, reduction,
                      clamp_lo, clamp_hi, grad_recon, grad_kl):
@@ -925,7 +938,7 @@ def vae_loss_forward(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
     loss = _weighted_sum(recon_out, kl_out, beta, beta_value, dtype)  # one op
     return (loss, recon_out, kl_out, _grad_or_empty(g_xhat, x_hat),
             _grad_or_empty(g_mu, mu), _grad_or_empty(g_lv, logvar),
-            _grad_or_empty(g_obs, x_hat if obs_logvar is None else obs_logvar))
+            _summed_grad_or_empty(g_obs, x_hat if obs_logvar is None else obs_logvar, x_hat))
 
 
 def kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
@@ -1470,11 +1483,11 @@ def _prior_kl_blocked(mu, logvar, prior_mu, prior_logvar, lo, hi, dtype, scale, 
     height = max(1, LATENT_CHUNK // max(cols, 1))
     scratch = _Scratch(min(height, batch) * cols, dtype, device)
 
-    def buffer(like, wanted):
+    def buffer(like, wanted):  # (a prior's: summed_grad_dtype, float32 where it broadcasts)
         if not wanted:
             return None
         return torch.empty(mu.shape, device=device,
-                           dtype=grad_dtype or grad_buffer_dtype(like.dtype))
+                           dtype=grad_dtype or summed_grad_dtype(like, mu))
 
     g_mu, g_lv = buffer(mu, want_grad), buffer(logvar, want_grad)
     g_pm = buffer(prior_mu, want_prior_grad and prior_mu is not None)
@@ -1681,10 +1694,6 @@ def _dense(t):
     return None if t is None else t.contiguous()
 
 
-def _empty_unless(grad, like):
-    return _grad_or_empty(grad, like) if grad is not None else like.new_empty(0)
-
-
 def vae_loss_forward_with_prior(x_hat, x, mu, logvar, beta, obs_logvar, prior_mu, prior_logvar,
                                 beta_value, recon, obs_logvar_value, obs_logvar_optimal,
                                 reduction, clamp_lo, clamp_hi, free_bits, grad_recon, grad_kl,
@@ -1706,9 +1715,9 @@ def vae_loss_forward_with_prior(x_hat, x, mu, logvar, beta, obs_logvar, prior_mu
     loss = recon_out + beta_c * kl_out
     return (loss, recon_out, kl_out, _grad_or_empty(g_xhat, x_hat),
             _grad_or_empty(g_mu, mu), _grad_or_empty(g_lv, logvar),
-            _grad_or_empty(g_obs, x_hat if obs_logvar is None else obs_logvar),
-            _empty_unless(g_pm, mu if prior_mu is None else prior_mu),
-            _empty_unless(g_plv, mu if prior_logvar is None else prior_logvar))
+            _summed_grad_or_empty(g_obs, x_hat if obs_logvar is None else obs_logvar, x_hat),
+            _summed_grad_or_empty(g_pm, mu if prior_mu is None else prior_mu, mu),
+            _summed_grad_or_empty(g_plv, mu if prior_logvar is None else prior_logvar, mu))
 
 
 def kl_forward_with_prior(mu, logvar, prior_mu, prior_logvar, reduction, clamp_lo, clamp_hi,
@@ -1720,8 +1729,8 @@ def kl_forward_with_prior(mu, logvar, prior_mu, prior_logvar, reduction, clamp_l
         mu, logvar, prior_mu, prior_logvar, reduction, clamp_lo, clamp_hi, free_bits, dtype,
         want_grad, want_prior_grad)
     return (kl, _grad_or_empty(g_mu, mu), _grad_or_empty(g_lv, logvar),
-            _empty_unless(g_pm, mu if prior_mu is None else prior_mu),
-            _empty_unless(g_plv, mu if prior_logvar is None else prior_logvar))
+            _summed_grad_or_empty(g_pm, mu if prior_mu is None else prior_mu, mu),
+            _summed_grad_or_empty(g_plv, mu if prior_logvar is None else prior_logvar, mu))
 
 
 def _noise_shape(mu, num_samples):

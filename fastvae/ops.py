@@ -168,10 +168,11 @@ def _elementwise_obs_logvar(obs_logvar):
 
 
 def _prior_grad_buffer(prior, mu, wanted):
-    """The fake of a prior's gradient buffer: mu-shaped in the prior's buffer dtype."""
+    """The fake of a prior's gradient buffer: mu-shaped in the prior's buffer dtype
+    (``_numerics.summed_grad_dtype``)."""
     if prior is None or not wanted:
         return (mu if prior is None else prior).new_empty(0)
-    return torch.empty(mu.shape, dtype=_numerics.grad_buffer_dtype(prior.dtype), device=mu.device)
+    return torch.empty(mu.shape, dtype=_numerics.summed_grad_dtype(prior, mu), device=mu.device)
 
 
 @vae_loss_op.register_fake
@@ -182,7 +183,7 @@ def _(x_hat, x, mu, logvar, beta, obs_logvar, prior_mu, prior_logvar, beta_value
     shape = (x_hat.shape[0],) if reduction == "none" else ()
     values = [x_hat.new_empty(shape, dtype=dtype) for _ in range(3)]
     if grad_recon and _elementwise_obs_logvar(obs_logvar):
-        grad_obs = torch.empty(x_hat.shape, dtype=_numerics.grad_buffer_dtype(obs_logvar.dtype),
+        grad_obs = torch.empty(x_hat.shape, dtype=_numerics.summed_grad_dtype(obs_logvar, x_hat),
                                device=x_hat.device)
     else:
         grad_obs = (x_hat if obs_logvar is None else obs_logvar).new_empty(0)

@@ -515,7 +515,7 @@ def _beta_arguments(beta, beta_value, device):
 def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
             grad_recon, grad_kl, beta, beta_value, obs_layout="value", obs_logvar=None,
             obs_logvar_value=0.0, per_sample_values=False, prior=None, grad_prior=False,
-            free_bits=0.0):
+            free_bits=0.0, obs_grad_dtype=None, prior_grad_dtypes=None):
     """Run both stages; returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar,
     grad_obs_logvar, grad_prior_mu, grad_prior_logvar, col_sums) (loss, recon and
     grad_x_hat are None without x_hat; the prior's gradients None unless ``grad_prior``;
@@ -526,7 +526,10 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
     reduction (whose scale the gradients still carry; with free bits the kl rows are
     not the free-bits KL). ``free_bits`` > 0: first the column sums (a pre-pass over
     the latents), then the KL gradients zeroed where a column is held at the floor,
-    and the KL value sum_k max(C_k, N free_bits), scaled."""
+    and the KL value sum_k max(C_k, N free_bits), scaled. ``obs_grad_dtype``,
+    ``prior_grad_dtypes``: the dtypes of those gradient buffers (the inputs here are
+    materialized to x's / mu's shape: the caller knows whether they broadcast,
+    ``_numerics.summed_grad_dtype``); None: ``grad_buffer_dtype`` of theirs."""
     has_recon = x_hat is not None
     if has_recon and recon not in RECON_KINDS:
         raise ValueError(f"recon must be one of {RECON_KINDS}, got {recon!r}")
@@ -551,7 +554,7 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
     write_obs_grad = bool(has_recon and grad_recon and obs_layout == "elementwise")
     if write_obs_grad:
         grad_obs = torch.empty(x_hat.shape, device=device,
-                               dtype=_numerics.grad_buffer_dtype(obs_logvar.dtype))
+                               dtype=obs_grad_dtype or _numerics.grad_buffer_dtype(obs_logvar.dtype))
     else:
         # empty, in the dtype the op's fake implementation gives it (x_hat's, or obs_logvar's)
         like = obs_logvar if obs_logvar is not None else (x_hat if has_recon else mu)
@@ -564,8 +567,9 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
     grad_pm = grad_plv = None
     if has_prior and grad_prior:
         grad_pm, grad_plv = (torch.empty(mu.shape, device=device,
-                                         dtype=_numerics.grad_buffer_dtype(p.dtype))
-                             for p in prior)
+                                         dtype=_numerics.grad_buffer_dtype(p.dtype)
+                                         if prior_grad_dtypes is None else prior_grad_dtypes[i])
+                             for i, p in enumerate(prior))
     per_sample = reduction == "none" or per_sample_values
     out_shape = (batch,) if per_sample else ()
     new_value = lambda: torch.empty(out_shape, dtype=torch.float32, device=device)  # noqa: E731
@@ -614,7 +618,7 @@ def _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
 
 def _fitted_scale_loss(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
                        clamp_lo, clamp_hi, grad_recon, grad_kl, prior=None, grad_prior=False,
-                       free_bits=0.0):
+                       free_bits=0.0, prior_grad_dtypes=None):
     """obs_logvar="optimal": the mse / l1 kernel's per-sample sums S_n and gradient,
     then (N,)-sized torch ops (no host sync) for sigma^2 = sum S_n / (N D) and the
     values, and one more pass over the gradient for its factor 1/sigma^2, known
@@ -624,7 +628,8 @@ def _fitted_scale_loss(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
     (_, err_rows, kl_rows, grad_x_hat, grad_mu, grad_logvar, grad_obs, grad_pm, grad_plv,
      col_sums) = _launch(x_hat, x, mu, logvar, base, reduction, clamp_lo, clamp_hi, grad_recon,
                          grad_kl, None, 0.0, per_sample_values=True, prior=prior,
-                         grad_prior=grad_prior, free_bits=free_bits)
+                         grad_prior=grad_prior, free_bits=free_bits,
+                         prior_grad_dtypes=prior_grad_dtypes)
     rows, inv_scale = _numerics.fitted_recon_rows(err_rows, recon, x_hat.numel())
     if grad_recon:  # mse's gradient is 2 (x_hat - x): the gaussian's is HALF of it / sigma^2
         grad_x_hat.mul_(inv_scale * _numerics.OBS_SCALE[recon][0])
@@ -667,6 +672,13 @@ def _prior_tiles_or_none(mu, prior_mu, prior_logvar):
     return _prior_tiles(mu, prior_mu, prior_logvar)
 
 
+def _prior_grad_dtypes(mu, prior_mu, prior_logvar):
+    """The dtypes of the prior's mu-shaped gradient buffers (``_numerics.summed_grad_dtype``:
+    float32 for a broadcast half-precision prior); mu's for an absent one (not returned)."""
+    return tuple(mu.dtype if p is None else _numerics.summed_grad_dtype(p, mu)
+                 for p in (prior_mu, prior_logvar))
+
+
 def _prior_grads_or_empty(grad_pm, grad_plv, prior_mu, prior_logvar, mu):
     return tuple(g if g is not None and p is not None else (mu if p is None else p).new_empty(0)
                  for g, p in ((grad_pm, prior_mu), (grad_plv, prior_logvar)))
@@ -683,14 +695,14 @@ def vae_loss_forward_with_prior(x_hat, x, mu, logvar, beta, obs_logvar, prior_mu
     out = _vae_loss(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
                     obs_logvar_value, obs_logvar_optimal, reduction, clamp_lo, clamp_hi,
                     grad_recon, grad_kl, _prior_tiles_or_none(mu, prior_mu, prior_logvar),
-                    grad_prior, free_bits)
+                    grad_prior, free_bits, _prior_grad_dtypes(mu, prior_mu, prior_logvar))
     return (*out[:7], *_prior_grads_or_empty(out[7], out[8], prior_mu, prior_logvar, mu))
 
 
 def _vae_loss(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
               obs_logvar_value, obs_logvar_optimal, reduction,
               clamp_lo, clamp_hi, grad_recon, grad_kl, prior=None, grad_prior=False,
-              free_bits=0.0):
+              free_bits=0.0, prior_grad_dtypes=None):
     """Returns (loss, recon, kl, grad_x_hat, grad_mu, grad_logvar, grad_obs_logvar)
     like ``fastvae._torch_impl.vae_loss_forward``: values in float32, gradients of
     the reduced recon and kl (beta not applied), each in the
@@ -700,8 +712,8 @@ def _vae_loss(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
         if obs_logvar_optimal:
             return _fitted_scale_loss(x_hat, x, mu, logvar, beta, beta_value, recon, reduction,
                                       clamp_lo, clamp_hi, grad_recon, grad_kl, prior, grad_prior,
-                                      free_bits)
-        layout = "value"
+                                      free_bits, prior_grad_dtypes)
+        layout, obs_grad_dtype = "value", None
         if obs_logvar is not None and obs_logvar.numel() == 1:
             layout = "scalar"  # read by the kernel: a learned scalar costs no host sync
         elif obs_logvar is not None:
@@ -710,11 +722,13 @@ def _vae_loss(x_hat, x, mu, logvar, beta, obs_logvar, beta_value, recon,
             # of x's shape is used as it is), and their gradient is x-sized until
             # the backward's sum_to_size reduces it.
             layout = "elementwise"
+            obs_grad_dtype = _numerics.summed_grad_dtype(obs_logvar, x_hat)  # (before expanding)
             obs_logvar = obs_logvar.expand(x_hat.shape).contiguous()
         return _launch(x_hat, x, mu, logvar, recon, reduction, clamp_lo, clamp_hi,
                        grad_recon, grad_kl, beta, beta_value, layout, obs_logvar,
                        obs_logvar_value, prior=prior, grad_prior=grad_prior,
-                       free_bits=free_bits)
+                       free_bits=free_bits, obs_grad_dtype=obs_grad_dtype,
+                       prior_grad_dtypes=prior_grad_dtypes)
 
 
 def kl_forward(mu, logvar, reduction, clamp_lo, clamp_hi, want_grad):
@@ -736,6 +750,7 @@ def kl_forward_with_prior(mu, logvar, prior_mu, prior_logvar, reduction, clamp_l
         out = _launch(None, None, mu, logvar, "mse", reduction, clamp_lo, clamp_hi, False,
                       want_grad, None, 0.0,
                       prior=_prior_tiles_or_none(mu, prior_mu, prior_logvar),
-                      grad_prior=want_prior_grad, free_bits=free_bits)
+                      grad_prior=want_prior_grad, free_bits=free_bits,
+                      prior_grad_dtypes=_prior_grad_dtypes(mu, prior_mu, prior_logvar))
     return (out[2], out[4], out[5],
             *_prior_grads_or_empty(out[7], out[8], prior_mu, prior_logvar, mu))

@@ -139,3 +139,66 @@ def test_user_module_with_prior_free_bits_and_samples_exports_to_onnx(tmp_path):
         want_kl = ref.per_sample(terms)
     np.testing.assert_allclose(loss, want_loss.numpy(), rtol=1e-4)
     np.testing.assert_allclose(kl, want_kl.numpy(), rtol=1e-4)
+
+
+# ---- broadcast half-precision gradients: summed in float32, rounded once -------------
+#
+# A broadcast prior's (or obs_logvar's) gradient is the sum of per-element terms over
+# its broadcast dims. Each term was rounded to bfloat16 before the sum: where the terms
+# cancel, a (256,) prior's gradient came out 196 ulps (87%) off (found by a numerics
+# review). Now the terms are summed in float32 and rounded once: within half an ulp of
+# the exact sum, up to float32's own rounding of the terms.
+
+
+def _ulps(got, exact, dtype):
+    """|got - exact| in units of ``dtype``'s spacing at ``exact`` (normal numbers)."""
+    spacing = torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(exact.abs())))
+    return ((got.double() - exact).abs() / spacing).max().item()
+
+
+def _cancelling_prior_case(dtype, batch, d):
+    g = torch.Generator().manual_seed(0)
+    mu = torch.randn(batch, d, generator=g).to(dtype)
+    lv = torch.randn(batch, d, generator=g).to(dtype)
+    pm = torch.zeros(d, dtype=dtype, requires_grad=True)  # sum of -mu e^-plv: cancels
+    plv = torch.full((d,), -3.0, dtype=dtype, requires_grad=True)
+    m, v, q = mu.double(), lv.double(), plv.detach().double()
+    exact_pm = (-m * torch.exp(-q)).sum(0)
+    exact_plv = (0.5 * (1 - (v.exp() + m ** 2) * torch.exp(-q))).sum(0)
+    return mu, lv, pm, plv, exact_pm, exact_plv
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("path", ["whole_tensor_ops", "fused_loop", "blocks_of_rows"])
+def test_a_broadcast_half_precision_prior_gradient_is_rounded_once(dtype, path):
+    from fastvae import _cpu_fusion
+
+    batch, d = {"whole_tensor_ops": (64, 16), "fused_loop": (64, 256),
+                "blocks_of_rows": (520, 256)}[path]  # (2^10; 2^14, KL_MIN_NUMEL; > 2^17)
+    mu, lv, pm, plv, exact_pm, exact_plv = _cancelling_prior_case(dtype, batch, d)
+    previous = fastvae.set_cpu_fusion(path == "fused_loop")
+    try:
+        for _ in range(_cpu_fusion.COMPILE_AT_CALL):  # (the loop serves the third call)
+            kl = fastvae.kl_divergence(mu, lv, prior_mu=pm, prior_logvar=plv)
+            g_pm, g_plv = torch.autograd.grad(kl, (pm, plv))
+    finally:
+        fastvae.set_cpu_fusion(previous)
+    assert g_pm.dtype == g_plv.dtype == dtype
+    assert _ulps(g_pm, exact_pm, dtype) <= 0.6 and _ulps(g_plv, exact_plv, dtype) <= 0.6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_per_channel_half_precision_obs_logvar_gradient_is_rounded_once(dtype):
+    g = torch.Generator().manual_seed(1)
+    s = torch.tensor([-0.5, 0.0, 0.5]).reshape(1, 3, 1, 1).to(dtype).requires_grad_()
+    x_hat = torch.randn(16, 3, 8, 8, generator=g)
+    # errors of variance e^s: the terms 1/2 (1 - err e^-s) have mean 0 and cancel
+    x = (x_hat + torch.exp(0.5 * s.detach().float()) * torch.randn(16, 3, 8, 8, generator=g))
+    x_hat, x = x_hat.to(dtype), x.to(dtype)
+    mu = lv = torch.zeros(16, 2, dtype=dtype)
+    loss = fastvae.vae_loss(x_hat, x, mu, lv, recon="gaussian", obs_logvar=s)
+    g_s, = torch.autograd.grad(loss, s)
+    err = (x_hat.double() - x.double()) ** 2
+    # d/ds of 1/2 [err e^-s + s]: 1/2 (1 - err e^-s), summed over all but the channels
+    exact = (0.5 * (1 - err * torch.exp(-s.detach().double()))).sum(dim=(0, 2, 3), keepdim=True)
+    assert g_s.dtype == dtype and _ulps(g_s, exact, dtype) <= 0.6

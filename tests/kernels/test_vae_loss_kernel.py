@@ -552,3 +552,34 @@ def test_opcheck_with_the_kernels_and_mixed_dtypes(backends, device, obs):
     backends.kernels(torch.library.opcheck, ops.vae_loss_op,
                      ops.LossInputs(x_hat, x, mu, logvar, None, obs_logvar, None, None, 1.0, recon, 0.0,
                                     obs == "optimal", "sum", None, None, 0.0, True, True, False))
+
+
+@pytest.mark.parametrize("part", ["prior", "obs_logvar"])
+def test_broadcast_bfloat16_gradients_are_summed_in_float32(backends, device, part):
+    """A (d,) prior's and a per-channel obs_logvar's gradient buffers are float32 for
+    bfloat16 inputs (the kernel writes what the backward sums over the broadcast dims):
+    the sum is rounded once, within half a bfloat16 ulp of the exact one (bfloat16
+    buffers put each term's rounding into it: 196 ulps off where the terms cancel)."""
+    g = torch.Generator().manual_seed(0)
+    if part == "prior":
+        mu = torch.randn(64, 8, generator=g).to(device, torch.bfloat16)
+        lv = torch.randn(64, 8, generator=g).to(device, torch.bfloat16)
+        pm = torch.zeros(8, device=device, dtype=torch.bfloat16, requires_grad=True)
+        plv = torch.full((8,), -3.0, device=device, dtype=torch.bfloat16, requires_grad=True)
+        got = backends.kernels(lambda: torch.autograd.grad(
+            fastvae.kl_divergence(mu, lv, prior_mu=pm, prior_logvar=plv), (pm,))[0])
+        exact = (-mu.double() * torch.exp(-plv.detach().double())).sum(0)
+    else:
+        s = torch.tensor([-0.5, 0.5], device=device).reshape(1, 2, 1).to(torch.bfloat16)
+        s.requires_grad_()
+        x_hat = torch.randn(32, 2, 8, generator=g).to(device)
+        x = x_hat + torch.exp(0.5 * s.detach().float()) * torch.randn(32, 2, 8, generator=g).to(device)
+        x_hat, x = x_hat.to(torch.bfloat16), x.to(torch.bfloat16)
+        zeros = torch.zeros(32, 2, device=device, dtype=torch.bfloat16)
+        got = backends.kernels(lambda: torch.autograd.grad(fastvae.vae_loss(
+            x_hat, x, zeros, zeros, recon="gaussian", obs_logvar=s), (s,))[0])
+        err = (x_hat.double() - x.double()) ** 2
+        exact = (0.5 * (1 - err * torch.exp(-s.detach().double()))).sum(dim=(0, 2), keepdim=True)
+    spacing = torch.finfo(torch.bfloat16).eps * torch.exp2(torch.floor(torch.log2(exact.abs())))
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - exact).abs() / spacing).max().item() <= 0.6
