@@ -717,15 +717,23 @@ def run(args):
     elif cfg.epochs < resume[0]["train"]["epoch"]:
         raise ValueError(f"--epochs {cfg.epochs}: the resumed run has already trained "
                          f"{resume[0]['train']['epoch']} epochs")
+    created = not os.path.exists(out)
     checkpoint.prepare_dir(out)
-    with distributed(device) as device:
-        history = fit(model, data, cfg, out=out, resume=resume, device=device,
-                      progress=not args.no_progress)
-        if _world()[0] == 0:
-            if history:
-                last = history[-1]
-                print(f"epoch {last['epoch']}/{cfg.epochs}: loss {last['loss']:.4g} (recon "
-                      f"{last['recon']:.4g}, KL {last['kl']:.4g}), test loss {last['test_loss']:.4g}")
-            print(f"checkpoint: {os.path.join(out, checkpoint.FILENAME)}")
-            print(f"config:     {os.path.join(out, checkpoint.CONFIG_FILENAME)}")
+    try:
+        with distributed(device) as device:
+            history = fit(model, data, cfg, out=out, resume=resume, device=device,
+                          progress=not args.no_progress)
+            if _world()[0] == 0:
+                if history:
+                    last = history[-1]
+                    print(f"epoch {last['epoch']}/{cfg.epochs}: loss {last['loss']:.4g} (recon "
+                          f"{last['recon']:.4g}, KL {last['kl']:.4g}), test loss "
+                          f"{last['test_loss']:.4g}")
+                print(f"checkpoint: {os.path.join(out, checkpoint.FILENAME)}")
+                print(f"config:     {os.path.join(out, checkpoint.CONFIG_FILENAME)}")
+    except BaseException:
+        if created:  # a run that wrote nothing leaves no folder behind (under torchrun each
+            with contextlib.suppress(OSError):  # rank tries; rmdir removes only an empty one)
+                os.rmdir(out)
+        raise
     return 0

@@ -346,6 +346,19 @@ def test_a_diverged_run_stops_and_keeps_its_last_finite_checkpoint(tmp_path, cap
     assert (out / checkpoint.FILENAME).read_bytes() == good
 
 
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path, capsys):
+    """--out was created up front and stayed behind, empty, when the first epoch diverged
+    (found by a CLI review); a folder that existed before is kept."""
+    out = tmp_path / "new" / "run"
+    one_line_error(capsys, train("--out", str(out), "--epochs", "1", "--lr", "1e30", *SMALL),
+                   "training diverged at epoch 1")
+    assert not out.exists()
+    out.mkdir(parents=True)
+    one_line_error(capsys, train("--out", str(out), "--epochs", "1", "--lr", "1e30", *SMALL),
+                   "training diverged at epoch 1")
+    assert out.is_dir() and list(out.iterdir()) == []
+
+
 def test_a_run_with_a_seed_from_before_the_bound_resumes(trained, tmp_path, capsys):
     """A fresh run's --seed is 0..2^32-1, but runs trained before that bound (--seed -1) still
     resume with the seed they hold (the review of the bound found them refused)."""
