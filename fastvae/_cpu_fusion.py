@@ -57,6 +57,7 @@ from fastvae._numerics import (
     BCE_GRAD_EPS,
     BCE_LOG_FLOOR,
     CB_SERIES_BELOW,
+    HALF_DTYPES,
     cb_log_normalizer_grad_series,
     grad_buffer_dtype,
     summed_grad_dtype,
@@ -71,7 +72,7 @@ ENV_VAR = "FASTVAE_CPU_FUSION"
 # their value is bit for bit the same with and without a gradient); a half-precision
 # input of theirs, and bce/bce_logits/the continuous Bernoulli in any CPU dtype
 # (several passes each on torch ops), gain from one fused pass.
-_HALF = (torch.bfloat16, torch.float16)
+_HALF = HALF_DTYPES
 _DTYPES = (torch.float32, *_HALF)
 _ANY_DTYPE_RECONS = ("bce", "bce_logits", "continuous_bernoulli")
 _HALF_ONLY_RECONS = ("mse", "l1")

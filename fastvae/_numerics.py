@@ -37,6 +37,9 @@ def grad_buffer_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def summed_grad_dtype(t: torch.Tensor, full: torch.Tensor) -> torch.dtype:
     """dtype of the ``full``-shaped gradient buffer of ``t`` (a prior, an obs_logvar),
     which the backward sums to ``t``'s shape where ``t`` broadcasts: float32 then for
@@ -44,7 +47,7 @@ def summed_grad_dtype(t: torch.Tensor, full: torch.Tensor) -> torch.dtype:
     once into its dtype, not each of its terms first (bfloat16 terms that cancel lost
     up to 87% of a prior's gradient); else ``grad_buffer_dtype``. (Shapes compared, not
     sizes: under tracing a broadcast prior's differing dims decide it without a guard.)"""
-    if t.dtype in (torch.bfloat16, torch.float16) and tuple(t.shape) != tuple(full.shape):
+    if t.dtype in HALF_DTYPES and tuple(t.shape) != tuple(full.shape):
         return torch.float32
     return grad_buffer_dtype(t.dtype)
 

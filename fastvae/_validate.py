@@ -194,14 +194,16 @@ def check_free_bits(free_bits, reduction):
 FLOAT32_MAX = 3.4028234663852886e38
 
 
+def _float64_loss(tensors):
+    """Whether these inputs make a float64 loss (any of them is float64)."""
+    return any(t is not None and t.dtype == torch.float64 for t in tensors)
+
+
 def check_fits_loss_dtype(name, value, *tensors):
     """A float weight (beta, free_bits) of a float32 loss must be a float32 number: a
     larger one failed inside torch ("cannot be converted to type float without
     overflow"). Float64 inputs make a float64 loss, which holds it."""
-    if value > FLOAT32_MAX or value < -FLOAT32_MAX:
-        for t in tensors:
-            if t is not None and t.dtype == torch.float64:
-                return
+    if (value > FLOAT32_MAX or value < -FLOAT32_MAX) and not _float64_loss(tensors):
         # ({value}, not {value:g}: under torch.compile(dynamic=True) value is a symbolic float)
         raise ValueError(f"{name}={value} is beyond float32's range (+-{FLOAT32_MAX:.4g}), the "
                          f"dtype of this loss (float64 inputs make a float64 loss)")
@@ -212,10 +214,8 @@ def check_free_bits_floor(free_bits, mu, *tensors):
     the batch (where the KL's column sums meet it), must fit the loss's dtype too: a
     larger one failed inside torch. (Only a huge free_bits can overflow: below 2^-40 of
     float32's maximum no batch reaches it, and the shape is not read.)"""
-    if free_bits > FLOAT32_MAX / 2**40 and free_bits * mu.shape[0] > FLOAT32_MAX:
-        for t in tensors:
-            if t is not None and t.dtype == torch.float64:
-                return
+    if free_bits > FLOAT32_MAX / 2**40 and free_bits * mu.shape[0] > FLOAT32_MAX \
+            and not _float64_loss(tensors):
         raise ValueError(f"free_bits={free_bits} times the batch size {mu.shape[0]} (the floor "
                          f"of each latent element's KL summed over the batch) is beyond "
                          f"float32's range (+-{FLOAT32_MAX:.4g}), the dtype of this loss "

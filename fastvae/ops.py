@@ -1093,14 +1093,11 @@ def vae_loss_values(x_hat, x, mu, logvar, *args, parts=True):
     return vae_loss(x_hat, x, mu, logvar, *args)[:3]
 
 
-_HALF_DTYPES = (torch.bfloat16, torch.float16)
-
-
 def _half_kl_fused(mu, logvar):
     """Half-precision latents of SMALL_HALF_KL_NUMEL elements or more that the general
     path's fused KL loop serves: faster there than the small path's float32 ops."""
     return mu.numel() >= _torch_impl.SMALL_HALF_KL_NUMEL \
-        and (mu.dtype in _HALF_DTYPES or logvar.dtype in _HALF_DTYPES) \
+        and (mu.dtype in _numerics.HALF_DTYPES or logvar.dtype in _numerics.HALF_DTYPES) \
         and _cpu_fusion.applies_kl(mu, logvar, None, None, torch.float32)
 
 

@@ -9,6 +9,7 @@ import torch
 import fastvae
 from fastvae import models
 from fastvae.app import checkpoint, cli
+from tests.fusion import record_fused_calls
 
 
 def test_learned_prior_model_loss_gradient_config_and_sampling():
@@ -170,19 +171,18 @@ def _cancelling_prior_case(dtype, batch, d):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("path", ["whole_tensor_ops", "fused_loop", "blocks_of_rows"])
-def test_a_broadcast_half_precision_prior_gradient_is_rounded_once(dtype, path):
+def test_a_broadcast_half_precision_prior_gradient_is_rounded_once(dtype, path, monkeypatch):
     from fastvae import _cpu_fusion
 
     batch, d = {"whole_tensor_ops": (64, 16), "fused_loop": (64, 256),
                 "blocks_of_rows": (520, 256)}[path]  # (2^10; 2^14, KL_MIN_NUMEL; > 2^17)
     mu, lv, pm, plv, exact_pm, exact_plv = _cancelling_prior_case(dtype, batch, d)
-    previous = fastvae.set_cpu_fusion(path == "fused_loop")
-    try:
-        for _ in range(_cpu_fusion.COMPILE_AT_CALL):  # (the loop serves the third call)
-            kl = fastvae.kl_divergence(mu, lv, prior_mu=pm, prior_logvar=plv)
-            g_pm, g_plv = torch.autograd.grad(kl, (pm, plv))
-    finally:
-        fastvae.set_cpu_fusion(previous)
+    fused = record_fused_calls(monkeypatch, "fused_kl")  # (fusion on, fresh state)
+    monkeypatch.setattr(_cpu_fusion, "_enabled", path == "fused_loop")
+    for _ in range(_cpu_fusion.COMPILE_AT_CALL):  # (the loop serves the third call)
+        kl = fastvae.kl_divergence(mu, lv, prior_mu=pm, prior_logvar=plv)
+        g_pm, g_plv = torch.autograd.grad(kl, (pm, plv))
+    assert fused[-1:] == ([True] if path == "fused_loop" else [])
     assert g_pm.dtype == g_plv.dtype == dtype
     assert _ulps(g_pm, exact_pm, dtype) <= 0.6 and _ulps(g_plv, exact_plv, dtype) <= 0.6
 
